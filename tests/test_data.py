@@ -1,0 +1,114 @@
+"""Prompt formatting, label masking, truncation and subsets on real rows of every shipped dataset."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qlora_lab.config import ConfigError
+from qlora_lab.data import IGNORE_INDEX, format_prompt, load_splits, tokenize_example, tokenize_split
+
+from .conftest import make_cfg
+
+
+@pytest.mark.parametrize("dataset", ["alpaca", "alpaca_zh", "gsm8k"])
+@pytest.mark.parametrize("template", ["chat", "plain"])
+def test_labels_cover_the_response_only(tokenizer, dataset, template):
+    cfg = make_cfg([f"dataset={dataset}", f"dataset.template={template}", "dataset.size=20", "dataset.eval_size=5"])
+    rows = load_splits(cfg).train
+    for row in rows.select(range(5)):
+        ex = tokenize_example(row, tokenizer, cfg.dataset)
+        ids, labels = ex["input_ids"], ex["labels"]
+        if ex["truncated"]:
+            continue
+        n_prompt = next(i for i, t in enumerate(labels) if t != IGNORE_INDEX)
+        prompt_text = tokenizer.decode(ids[:n_prompt])
+        # the prompt carries the instruction (and input), the labels exactly the response + EOS
+        assert row["instruction"][:20] in prompt_text
+        if row["input"]:
+            assert row["input"][:20] in prompt_text
+        assert all(t == IGNORE_INDEX for t in labels[:n_prompt])
+        assert labels[n_prompt:] == ids[n_prompt:]
+        assert ids[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(ids[n_prompt:-1]) == row["output"]
+        if template == "chat":
+            assert prompt_text.endswith("<|im_start|>assistant\n")
+        else:
+            assert prompt_text.startswith("### Instruction:\n") and prompt_text.endswith("### Answer:\n")
+
+
+def test_empty_input_leaves_no_input_section(tokenizer):
+    cfg = make_cfg(["dataset.template=plain"])
+    text = format_prompt({"instruction": "Say hi.", "input": "", "output": "hi"}, tokenizer, cfg.dataset)
+    assert text == "### Instruction:\nSay hi.\n\n### Answer:\n"
+    text = format_prompt({"instruction": "Add.", "input": "2 and 3", "output": "5"}, tokenizer, cfg.dataset)
+    assert "### Input:\n2 and 3\n\n" in text
+
+
+def test_train_on_prompt_keeps_prompt_labels(tokenizer):
+    cfg = make_cfg(["dataset.train_on_prompt=true"])
+    ex = tokenize_example({"instruction": "Say hi.", "input": "", "output": "hi"}, tokenizer, cfg.dataset)
+    assert ex["labels"] == ex["input_ids"]
+
+
+def test_truncation_is_counted_and_fully_cut_responses_dropped(tokenizer):
+    cfg = make_cfg(["dataset=gsm8k", "dataset.size=30", "dataset.eval_size=5", "dataset.max_seq_length=120"])
+    splits = load_splits(cfg)
+    ds, stats = tokenize_split(splits.train, tokenizer, cfg.dataset, "train")
+    assert stats["data/train_truncated"] > 0
+    assert all(len(x) <= 120 for x in ds["input_ids"])
+    assert stats["data/train_examples"] == 30 - stats["data/train_dropped"]
+    assert all(any(t != IGNORE_INDEX for t in labels) for labels in ds["labels"])
+
+
+def test_subsets_are_prefixes_and_eval_does_not_depend_on_size():
+    small, large = (load_splits(make_cfg([f"dataset.size={n}"])) for n in (16, 64))
+    assert len(small.train) == 16 and len(large.train) == 64
+    assert small.train["instruction"] == large.train["instruction"][:16]
+    assert small.eval["instruction"] == large.eval["instruction"]
+    assert not set(small.eval["instruction"]) & set(large.train["instruction"])
+    reseeded = load_splits(make_cfg(["dataset.size=16", "dataset.seed=7"]))
+    assert reseeded.train["instruction"] != small.train["instruction"]
+
+
+def test_gsm8k_evaluates_on_the_test_split():
+    splits = load_splits(make_cfg(["dataset=gsm8k", "dataset.size=10", "dataset.eval_size=7"]))
+    assert len(splits.eval) == 7 and splits.files[1].name == "test.jsonl"
+    assert "####" in splits.train["output"][0]
+
+
+@pytest.mark.parametrize("suffix,writer", [
+    (".jsonl", lambda rows: "\n".join(json.dumps(r) for r in rows)),
+    (".csv", lambda rows: "q,a\n" + "\n".join(f"{r['q']},{r['a']}" for r in rows)),
+])
+def test_generic_column_mapping(tmp_path, suffix, writer):
+    rows = [{"q": f"question {i}", "a": f"answer {i}"} for i in range(12)]
+    path = tmp_path / f"data{suffix}"
+    path.write_text(writer(rows))
+    cfg = make_cfg(["dataset=custom", f"dataset.path={path}", "dataset.columns.instruction=q",
+                    "dataset.columns.output=a", "dataset.eval_size=2"])
+    splits = load_splits(cfg)
+    assert len(splits.train) == 10 and len(splits.eval) == 2
+    assert set(splits.train["input"]) == {""}
+    assert all(o.startswith("answer") for o in splits.train["output"])
+
+
+@pytest.mark.parametrize("content,message", [
+    ("[]", "holds no records"),
+    ('[{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": ""}]', "record 1"),
+    ('[{"instruction": "a", "output": "b"}, {"instruction": "", "output": "d"}]', "record 1"),
+    ('[{"prompt": "a", "output": "b"}]', "dataset.columns.instruction"),
+])
+def test_bad_records_are_named(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        load_splits(make_cfg([f"dataset.path={path}", "dataset.eval_size=1"]))
+
+
+def test_missing_file_and_too_large_size_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="dataset.path=.*nope.json: no such file"):
+        load_splits(make_cfg([f"dataset.path={tmp_path}/nope.json"]))
+    with pytest.raises(ConfigError, match="dataset.size=5000"):
+        load_splits(make_cfg(["dataset.size=5000"]))
