@@ -1,0 +1,176 @@
+"""Loading a trained run for generation in each inference mode, batched generation, and eval prompts.
+
+The three ways of running a QLoRA fine-tune (plus the base alone as the "before"):
+  merged            <run>/merged/ from disk (written by the merge stage), quantized per cfg.quantization
+  adapter           the base quantized as in training + the unmerged PEFT adapter (what was trained)
+  merge_and_unload  the same base + adapter, merged in memory by PEFT (on a 4-bit base PEFT dequantizes,
+                    adds the LoRA delta and quantizes again)
+  base              the base model alone
+"""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig as HFGenerationConfig
+from transformers.generation.streamers import BaseStreamer
+
+from .config import Config, ConfigError, GenerationConfig, InferenceMode
+from .data import format_prompt, load_splits, uses_chat_template
+from .models import load_model, load_tokenizer, model_path, tokenizer_path
+
+
+def as_mode(mode: InferenceMode | str) -> InferenceMode:
+    value = mode.value if isinstance(mode, Enum) else str(mode)
+    try:
+        return InferenceMode(value)
+    except ValueError:
+        raise ConfigError(f"inference mode {value!r} is unknown; use one of "
+                          f"{', '.join(m.value for m in InferenceMode)}.") from None
+
+
+# ---------------------------------------------------------------- loading
+
+def adapter_dir(source: Path) -> Path:
+    path = Path(source) / "adapter"
+    if not (path / "adapter_config.json").is_file():
+        raise ConfigError(f"{source} has no trained adapter (adapter/adapter_config.json); pass run_dir= a finished "
+                          f"training run, or put the train stage first in pipeline.stages.")
+    return path
+
+
+def merged_dir(source: Path) -> Path:
+    path = Path(source) / "merged"
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{source} has no merged model (merged/config.json); run `python -m qlora_lab "
+                          f"pipeline=merge run_dir={source}` first, or put the merge stage before this one.")
+    return path
+
+
+def resize_embeddings(model, tokenizer) -> None:
+    """Grow the embeddings when the tokenizer has more tokens than the model (e.g. an added pad token)."""
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+
+
+def load_for_inference(cfg: Config, source: Path, mode: InferenceMode | str):
+    """(model in eval mode, tokenizer with left padding) for one inference mode of the run in `source`."""
+    from peft import PeftModel
+
+    mode = as_mode(mode)
+    source = Path(source)
+    if mode is InferenceMode.merged:
+        folder = merged_dir(source)
+        tokenizer = load_tokenizer(str(folder), cfg.model.trust_remote_code)
+        model = load_model(str(folder), cfg)  # quantized per cfg.quantization, like loading merged weights in 4-bit
+    elif mode is InferenceMode.base:
+        tokenizer = load_tokenizer(tokenizer_path(cfg), cfg.model.trust_remote_code)
+        model = load_model(model_path(cfg), cfg)
+    else:
+        adapter = adapter_dir(source)
+        tokenizer = load_tokenizer(str(adapter), cfg.model.trust_remote_code)  # saved with the adapter by train
+        model = load_model(model_path(cfg), cfg)  # quantized exactly as in training
+        resize_embeddings(model, tokenizer)
+        model = PeftModel.from_pretrained(model, adapter)
+        if mode is InferenceMode.merge_and_unload:
+            model = model.merge_and_unload()
+    tokenizer.padding_side = "left"  # batched generation: every prompt ends right where generation starts
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+# ---------------------------------------------------------------- generation
+
+class _FirstTokenClock(BaseStreamer):
+    """Records when generate() emits its first new token. generate() calls put() once with the prompt, then
+    once per decoding step; we only need the time of the second call."""
+
+    def __init__(self):
+        self.calls = 0
+        self.first_token_at: float | None = None
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == 2:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.first_token_at = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+def hf_generation_config(gen: GenerationConfig, tokenizer) -> HFGenerationConfig:
+    """Our generation group as a transformers GenerationConfig (sampling knobs only when sampling)."""
+    kwargs = {"max_new_tokens": gen.max_new_tokens, "do_sample": gen.do_sample,
+              "repetition_penalty": gen.repetition_penalty, "no_repeat_ngram_size": gen.no_repeat_ngram_size,
+              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if gen.do_sample:
+        kwargs.update(temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p)
+    else:
+        kwargs.update(temperature=None, top_k=None, top_p=None)  # unset: greedy ignores them (and would warn)
+    if gen.max_new_tokens < 1:
+        raise ConfigError(f"generation.max_new_tokens must be at least 1 (got {gen.max_new_tokens}).")
+    return HFGenerationConfig(**kwargs)
+
+
+def count_new_tokens(ids: list[int], eos_ids: set[int]) -> int:
+    """Generated tokens up to and including the first end-of-sequence token (what follows is padding)."""
+    for i, t in enumerate(ids):
+        if t in eos_ids:
+            return i + 1
+    return len(ids)
+
+
+def generate(model, tokenizer, prompts: list[str], gen: GenerationConfig, batch_size: int,
+             add_special_tokens: bool | None = None) -> list[dict]:
+    """Generate for already formatted prompts, `batch_size` at a time with left padding.
+
+    Returns one dict per prompt: prompt, output (new text, special tokens skipped), new_tokens, latency_s (the
+    whole batch's wall time) and ttft_s (the batch's time to first token). `add_special_tokens` follows
+    data.prompt_ids: a chat template already wrote any BOS it needs; None = decide from the tokenizer (False when
+    it has a chat template).
+    """
+    if add_special_tokens is None:
+        add_special_tokens = not uses_chat_template(tokenizer, "chat")
+    if batch_size < 1:
+        raise ConfigError(f"inference.batch_size must be a positive integer (got {batch_size}).")
+    config = hf_generation_config(gen, tokenizer)
+    eos = config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    results = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
+        clock = _FirstTokenClock()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**enc, generation_config=config, streamer=clock)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        latency = time.perf_counter() - t0
+        ttft = (clock.first_token_at - t0) if clock.first_token_at else latency
+        new = out[:, enc["input_ids"].shape[1]:].tolist()
+        for prompt, ids in zip(batch, new, strict=True):
+            n = count_new_tokens(ids, eos_ids)
+            results.append({"prompt": prompt, "output": tokenizer.decode(ids[:n], skip_special_tokens=True),
+                            "new_tokens": n, "latency_s": latency, "ttft_s": ttft})
+    return results
+
+
+# ---------------------------------------------------------------- prompts
+
+def eval_prompts(cfg: Config, tokenizer, n: int) -> list[dict]:
+    """The first n rows of the eval split: prompt (formatted as in training), reference (the expected output), row."""
+    rows = load_splits(cfg).eval
+    rows = rows.select(range(min(n, len(rows))))
+    return [{"prompt": format_prompt(row, tokenizer, cfg.dataset), "reference": row["output"], "row": row}
+            for row in rows]
