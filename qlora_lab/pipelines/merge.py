@@ -1,0 +1,130 @@
+"""Merge: base (unquantized) + trained LoRA adapter -> <run>/merged/, a plain Hugging Face model.
+
+The result loads with `AutoModelForCausalLM.from_pretrained(merged)` without peft. Reads top to bottom:
+check, load the base, (optionally) swap in the quantize->dequantize weights, merge, save, report.
+
+merge.base=original merges into the full-precision base; merge.base=dequantized first replaces every weight that
+training saw quantized by dequantize(quantize(W)), so the merged model computes what the QLoRA adapter was
+trained against. The report gives the size of that difference next to the size of the LoRA update itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers.utils.hub import convert_file_size_to_int
+
+from ..config import Config, ConfigError, MergeBase, QuantMethod
+from ..inference import adapter_dir, resize_embeddings
+from ..models import load_model, load_tokenizer, model_path
+from ..rundir import Run
+
+log = logging.getLogger(__name__)
+
+
+def check_target(target: Path, overwrite: bool) -> None:
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise ConfigError(f"{target} already exists and is not empty; remove it or pass merge.overwrite=true "
+                          f"to replace it.")
+
+
+def quantization_round_trip(model, cfg: Config, replace: bool) -> dict:
+    """Compare every weight bitsandbytes quantizes with dequantize(quantize(W)), loaded exactly as training did.
+
+    With `replace`, the base's weights are swapped for the round-tripped ones (merge.base=dequantized).
+    Layer by layer, so memory stays at one full-precision model plus one quantized model.
+    """
+    from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
+
+    quantized = load_model(model_path(cfg), cfg)
+    modules = dict(model.named_modules())
+    max_abs, err_sq, norm_sq, layers = 0.0, 0.0, 0.0, 0
+    for name, qmodule in quantized.named_modules():
+        qweight = getattr(qmodule, "weight", None)
+        if qweight is None or not get_bnb_param_type(qweight):
+            continue
+        weight = modules[name].weight
+        round_trip = dequantize_bnb_weight(qweight, getattr(qmodule, "state", None)).to(weight.device, torch.float32)
+        diff = weight.detach().float() - round_trip
+        max_abs = max(max_abs, diff.abs().max().item())
+        err_sq += diff.pow(2).sum().item()
+        norm_sq += weight.detach().float().pow(2).sum().item()
+        layers += 1
+        if replace:
+            with torch.no_grad():
+                weight.copy_(round_trip.to(weight.dtype))
+    del quantized
+    return {"merge/quantized_layers": layers, "merge/base_diff_max_abs": max_abs,
+            "merge/base_diff_rel": (err_sq / norm_sq) ** 0.5 if norm_sq else 0.0}
+
+
+def lora_update_size(peft_model) -> dict:
+    """The size of the LoRA update B@A*scale summed over every adapted layer, relative to the base weights."""
+    max_abs, delta_sq, norm_sq = 0.0, 0.0, 0.0
+    for module in peft_model.modules():
+        if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
+            delta = module.get_delta_weight("default").detach().float()
+            max_abs = max(max_abs, delta.abs().max().item())
+            delta_sq += delta.pow(2).sum().item()
+            norm_sq += module.get_base_layer().weight.detach().float().pow(2).sum().item()
+    return {"merge/lora_delta_max_abs": max_abs, "merge/lora_delta_rel": (delta_sq / norm_sq) ** 0.5 if norm_sq else 0.0}
+
+
+def run(cfg: Config, run: Run) -> Path:
+    from peft import PeftModel
+
+    m = cfg.merge
+    base_choice = MergeBase(m.base.value if hasattr(m.base, "value") else m.base)
+    quant = QuantMethod(cfg.quantization.method.value if hasattr(cfg.quantization.method, "value")
+                        else cfg.quantization.method)
+    adapter = adapter_dir(run.source)
+    target = run.source / "merged"
+    check_target(target, m.overwrite)
+    try:
+        convert_file_size_to_int(m.max_shard_size)
+    except ValueError:
+        raise ConfigError(f"merge.max_shard_size={m.max_shard_size!r} is not a size; write e.g. 2GB or 500MB.") from None
+    if base_choice is MergeBase.dequantized and quant is QuantMethod.none:
+        raise ConfigError("merge.base=dequantized needs the run's quantization, but this run trained with "
+                          "quantization=none; use merge.base=original (the two are the same here).")
+
+    # ---- base, unquantized (merging into 4-bit weights would round the result to 4 bits)
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(str(adapter), cfg.model.trust_remote_code)
+    model = load_model(model_path(cfg), cfg, quantize=False)
+    report = {"merge/base": base_choice.value, "merge/quantization": quant.value}
+    if quant is not QuantMethod.none:
+        report |= quantization_round_trip(model, cfg, replace=base_choice is MergeBase.dequantized)
+    resize_embeddings(model, tokenizer)
+
+    # ---- merge
+    model = PeftModel.from_pretrained(model, adapter)
+    report |= lora_update_size(model)
+    model = model.merge_and_unload()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    # ---- save into a temporary folder, then swap it in: a half-written merge never looks finished
+    tmp = target.with_name("merged.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, max_shard_size=m.max_shard_size)  # also writes generation_config.json
+    tokenizer.save_pretrained(tmp)
+    report["merge/time_s"] = time.perf_counter() - t0
+    (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if target.exists():  # only reached with merge.overwrite=true (or an empty folder)
+        shutil.rmtree(target)
+    tmp.rename(target)
+
+    run.log({k: v for k, v in report.items() if not isinstance(v, str)})
+    line = f"merged {adapter} into the {base_choice.value} base -> {target} ({report['merge/time_s']:.1f} s)"
+    if "merge/base_diff_rel" in report:
+        line += (f"\nweight difference original vs dequantized base ({quant.value}): max |dW| "
+                 f"{report['merge/base_diff_max_abs']:.3g}, relative {report['merge/base_diff_rel']:.3%}; "
+                 f"LoRA update: max {report['merge/lora_delta_max_abs']:.3g}, relative "
+                 f"{report['merge/lora_delta_rel']:.3%}")
+    print(line, flush=True)
+    return target
