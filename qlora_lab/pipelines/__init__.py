@@ -9,6 +9,10 @@ import importlib
 
 STAGES = {
     "train": "qlora_lab.pipelines.train",
+    "merge": "qlora_lab.pipelines.merge",
+    "infer": "qlora_lab.pipelines.infer",
+    "compare": "qlora_lab.pipelines.compare",
+    "chat": "qlora_lab.pipelines.chat",
 }
 
 
