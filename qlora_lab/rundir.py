@@ -121,5 +121,6 @@ def inherit_from_run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Di
     cfg = cfg.copy()
     for group in INHERITED_GROUPS:
         if group not in named and group in old:
-            OmegaConf.update(cfg, group, old[group], merge=False)
+            # a fresh typed node: assigning the plain saved dict to a structured field fails validation
+            cfg[group] = OmegaConf.merge(OmegaConf.structured(OmegaConf.get_type(cfg, group)), old[group])
     return cfg
