@@ -142,6 +142,8 @@ class InferenceConfig:
     num_prompts: int = 8
     batch_size: int = 8
     modes: list[str] = field(default_factory=lambda: ["merged", "adapter", "merge_and_unload"])  # for the comparison
+    before_after: bool = False  # infer: also answer with the base model and print both side by side
+    agreement_examples: int = 4  # compare: eval examples whose full logits are compared with the adapter mode's
 
 
 @dataclass
