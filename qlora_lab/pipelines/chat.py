@@ -1,0 +1,100 @@
+"""Chat: talk to a trained run. `python -m qlora_lab pipeline=chat run_dir=RUN [inference=merged] [generation=sampling]`
+
+A REPL with streamed replies, the model's chat template with the whole history, `/reset` and `/exit`. With piped
+stdin (no TTY) it reads one message a line, echoes it, and ends cleanly at EOF.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+
+import torch
+from transformers import TextStreamer, set_seed
+
+from ..config import Config
+from ..data import uses_chat_template
+from ..inference import as_mode, hf_generation_config, load_for_inference
+from ..rundir import Run
+
+HELP = "/reset clears the history, /exit (or Ctrl-D) quits"
+
+
+def user_lines() -> Iterator[str]:
+    """Lines typed at a prompt, or piped lines (echoed so that a transcript reads like a conversation)."""
+    if sys.stdin.isatty():
+        while True:
+            try:
+                yield input("you> ")
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return
+    else:
+        for line in sys.stdin:
+            line = line.rstrip("\n")
+            print(f"you> {line}", flush=True)
+            yield line
+
+
+def render(messages: list[dict], tokenizer, template) -> str:
+    """The conversation so far as the model's input: its chat template, else the plain training format."""
+    if uses_chat_template(tokenizer, template):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = ""
+    for m in messages:
+        if m["role"] == "user":
+            text += f"### Instruction:\n{m['content']}\n\n### Answer:\n"
+        elif m["role"] == "assistant":
+            text += f"{m['content']}\n\n"
+    return text
+
+
+def run(cfg: Config, run: Run) -> list[dict]:
+    mode = as_mode(cfg.inference.mode)
+    model, tokenizer = load_for_inference(cfg, run.source, mode)
+    config = hf_generation_config(cfg.generation, tokenizer)
+    special = not uses_chat_template(tokenizer, cfg.dataset.template)
+    max_len = getattr(model.config, "max_position_embeddings", None) or 2048
+    device = next(model.parameters()).device
+    system = [{"role": "system", "content": cfg.dataset.system_prompt}] if cfg.dataset.system_prompt else []
+    history: list[dict] = []
+    set_seed(cfg.train.seed)
+    print(f"chat with {run.source} ({mode.value}); {HELP}", flush=True)
+
+    turns = 0
+    for line in user_lines():
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            history = []
+            print("(history cleared)", flush=True)
+            continue
+        if text.startswith("/"):
+            print(f"unknown command {text}; {HELP}", flush=True)
+            continue
+        history.append({"role": "user", "content": text})
+        ids = tokenizer(render(system + history, tokenizer, cfg.dataset.template), return_tensors="pt",
+                        add_special_tokens=special)["input_ids"]
+        while ids.shape[1] + config.max_new_tokens > max_len and len(history) > 1:
+            history = history[2:]  # forget the oldest exchange so the conversation fits the context
+            ids = tokenizer(render(system + history, tokenizer, cfg.dataset.template), return_tensors="pt",
+                            add_special_tokens=special)["input_ids"]
+        print("assistant> ", end="", flush=True)
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        try:
+            with torch.no_grad():
+                out = model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
+                                     generation_config=config, streamer=streamer)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
+            print("\n(interrupted)", flush=True)
+            history.pop()
+            continue
+        reply = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        history.append({"role": "assistant", "content": reply})
+        turns += 1
+    print("bye", flush=True)
+    run.log({"chat/turns": turns})
+    return history

@@ -1,0 +1,194 @@
+"""Compare: the inference modes of one trained run, measured against each other on the same prompts and data.
+
+For every mode in inference.modes (the `adapter` mode, the model as trained, is the reference and runs first):
+  cost       load time, time to first token, generated tokens/s, peak memory, model footprint
+  agreement  greedy exact-match rate with the adapter's outputs, max |logit difference| and mean KL(adapter || mode)
+             over every position of the first inference.agreement_examples eval examples
+  quality    eval perplexity (response tokens only, as the training loss)
+Writes comparison.csv, comparison.md (also printed) and comparison_generations.jsonl in the job dir.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import json
+import math
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from ..config import Config, ConfigError, InferenceMode
+from ..data import IGNORE_INDEX, load_splits, tokenize_example, user_message, uses_chat_template
+from ..inference import adapter_dir, as_mode, eval_prompts, generate, load_for_inference
+from ..models import load_tokenizer, memory_footprint_gib, resolve_dtype
+from ..rundir import Run, hardware
+from .infer import read_prompts_file
+
+REFERENCE = InferenceMode.adapter
+COLUMNS = ["mode", "load_s", "ttft_s", "tokens_per_s", "peak_memory_gib", "footprint_gib", "exact_match",
+           "max_abs_logit_diff", "mean_kl", "eval_perplexity", "new_tokens"]
+
+
+# ---------------------------------------------------------------- peak memory per mode
+
+def reset_peak_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:  # Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM) to its current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_gib() -> float:
+    """GPU: allocator peak since the reset. CPU: the process's peak RSS since the reset (runtime included)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# ---------------------------------------------------------------- teacher-forced pass over the eval split
+
+def eval_batches(examples: list[dict], batch_size: int, pad_id: int):
+    """Right-padded batches of tokenized examples (prompt labels already -100)."""
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        width = max(len(e["input_ids"]) for e in batch)
+        pad = [width - len(e["input_ids"]) for e in batch]
+        yield (torch.tensor([e["input_ids"] + [pad_id] * p for e, p in zip(batch, pad, strict=True)]),
+               torch.tensor([[1] * len(e["input_ids"]) + [0] * p for e, p in zip(batch, pad, strict=True)]),
+               torch.tensor([e["labels"] + [IGNORE_INDEX] * p for e, p in zip(batch, pad, strict=True)]))
+
+
+@torch.no_grad()
+def teacher_forced(model, examples: list[dict], batch_size: int, pad_id: int, keep: int):
+    """(eval perplexity over the response tokens, fp32 logits of the first `keep` examples without padding)."""
+    device = next(model.parameters()).device
+    nll, tokens, kept = 0.0, 0, []
+    for ids, mask, labels in eval_batches(examples, batch_size, pad_id):
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        shift_labels = labels[:, 1:].to(device)
+        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum").item()
+        tokens += int((shift_labels != IGNORE_INDEX).sum())
+        for row, m in zip(logits, mask, strict=True):
+            if len(kept) < keep:
+                kept.append(row[: int(m.sum())].cpu())
+    return math.exp(nll / tokens), kept
+
+
+def agreement(reference: list[torch.Tensor], logits: list[torch.Tensor]) -> tuple[float, float]:
+    """Max |logit difference| and mean KL(reference || mode) per position, over all kept positions."""
+    ref, cur = torch.cat(reference), torch.cat(logits)
+    ref_logp, cur_logp = F.log_softmax(ref, -1), F.log_softmax(cur, -1)
+    kl = (ref_logp.exp() * (ref_logp - cur_logp)).sum(-1).mean().item()
+    return (ref - cur).abs().max().item(), kl
+
+
+# ---------------------------------------------------------------- report
+
+def markdown(rows: list[dict], header: str) -> str:
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+        return str(v)
+
+    lines = [header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: Config, run: Run) -> list[dict]:
+    inf = cfg.inference
+    modes = [as_mode(m) for m in inf.modes]
+    if REFERENCE not in modes:
+        raise ConfigError(f"inference.modes={list(inf.modes)} must include adapter, the reference the other modes "
+                          f"are compared with.")
+    modes = [REFERENCE] + [m for m in dict.fromkeys(modes) if m is not REFERENCE]
+    outputs = [run.dir / name for name in ("comparison.csv", "comparison.md", "comparison_generations.jsonl")]
+    for path in outputs:
+        if path.exists():
+            raise ConfigError(f"{path} already exists; run the comparison in a new job directory so that it is kept.")
+    # Exact match only means something for deterministic decoding: the comparison always decodes greedily.
+    gen = OmegaConf.merge(cfg.generation, {"do_sample": False})
+
+    # ---- the same prompts and eval examples for every mode
+    tokenizer = load_tokenizer(str(adapter_dir(run.source)), cfg.model.trust_remote_code)
+    if inf.prompts_file:
+        items = read_prompts_file(inf.prompts_file, cfg.paths.root, cfg, tokenizer)[: inf.num_prompts]
+    else:
+        items = eval_prompts(cfg, tokenizer, inf.num_prompts)
+    prompts = [it["prompt"] for it in items]
+    special = not uses_chat_template(tokenizer, cfg.dataset.template)
+    examples = [tokenize_example(row, tokenizer, cfg.dataset) for row in load_splits(cfg).eval]
+    examples = [e for e in examples if e["trainable"]]
+
+    rows, outputs_by_mode, reference_logits = [], {}, None
+    for mode in modes:
+        reset_peak_memory()
+        t0 = time.perf_counter()
+        model, tok = load_for_inference(cfg, run.source, mode)
+        load_s = time.perf_counter() - t0
+        generate(model, tok, prompts[:1], OmegaConf.merge(gen, {"max_new_tokens": 2}), 1, special)  # warm-up
+        results = generate(model, tok, prompts, gen, inf.batch_size, special)
+        ppl, logits = teacher_forced(model, examples, inf.batch_size, tok.pad_token_id, inf.agreement_examples)
+        batches = {r["latency_s"]: r["ttft_s"] for r in results}  # one latency and ttft per batch
+        new_tokens = sum(r["new_tokens"] for r in results)
+        row = {"mode": mode.value, "load_s": load_s, "ttft_s": sum(batches.values()) / len(batches),
+               "tokens_per_s": new_tokens / sum(batches), "peak_memory_gib": peak_memory_gib(),
+               "footprint_gib": memory_footprint_gib(model), "eval_perplexity": ppl, "new_tokens": new_tokens}
+        outputs_by_mode[mode.value] = [r["output"] for r in results]
+        if mode is REFERENCE:
+            reference_logits = logits
+            row |= {"exact_match": 1.0, "max_abs_logit_diff": 0.0, "mean_kl": 0.0}
+        else:
+            ref_out = outputs_by_mode[REFERENCE.value]
+            max_diff, kl = agreement(reference_logits, logits)
+            row |= {"exact_match": sum(a == b for a, b in zip(ref_out, outputs_by_mode[mode.value], strict=True))
+                    / len(ref_out), "max_abs_logit_diff": max_diff, "mean_kl": kl}
+        rows.append(row)
+        print(f"{mode.value}: loaded in {load_s:.1f} s, {row['tokens_per_s']:.1f} tokens/s, "
+              f"perplexity {ppl:.3f}", flush=True)
+        del model, logits
+        gc.collect()
+
+    # ---- write
+    merge_report = run.source / "merged" / "merge_report.json"
+    merge_base = json.loads(merge_report.read_text()).get("merge/base") if merge_report.is_file() else None
+    q = cfg.quantization
+    header = (f"Inference modes of {run.source.name}: model {cfg.model.name_or_path}, quantization "
+              f"{q.method.value}{' (double quant)' if q.double_quant else ''}, dtype {resolve_dtype(cfg.model.dtype)}, "
+              f"merge.base {merge_base or '-'}, device {hardware()['device']}; {len(prompts)} prompts, greedy, "
+              f"max_new_tokens {gen.max_new_tokens}, batch {inf.batch_size}; agreement over "
+              f"{sum(len(x) for x in reference_logits)} positions of {len(reference_logits)} eval examples; "
+              f"perplexity over {len(examples)} eval examples. Reference: adapter.")
+    table = markdown(rows, header)
+    with outputs[0].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    outputs[1].write_text(table)
+    with outputs[2].open("w", encoding="utf-8") as f:
+        for i, item in enumerate(items):
+            record = {"message": user_message(item["row"]), "reference": item["reference"]}
+            record |= {m: outs[i] for m, outs in outputs_by_mode.items()}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    run.log({f"compare/{r['mode']}/{k}": v for r in rows for k, v in r.items() if k != "mode"})
+    print("\n" + table, flush=True)
+    return rows
