@@ -1,4 +1,4 @@
-"""Hydra callbacks: guard run directories before Hydra writes into them."""
+"""Hydra callbacks: guard run directories before Hydra writes into them; report a sweep when it ends."""
 
 from __future__ import annotations
 
@@ -27,3 +27,20 @@ class RunDirGuard(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _refuse_if_not_empty(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+
+class SweepReport(Callback):
+    """When a multirun ends, write summary.csv, summary.md and plots into the sweep dir and print the table."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from .config import ConfigError
+        from .report import write_report  # imported here: single runs never pay for matplotlib
+
+        sweep_dir = config.hydra.sweep.dir
+        try:
+            print(write_report(sweep_dir), flush=True)
+        except ConfigError as e:  # e.g. every job stopped before Hydra wrote its folder
+            print(f"error: no sweep report: {e}", file=sys.stderr)
+            return
+        print(f"report: {Path(sweep_dir) / 'summary.md'} (rebuild it with `python -m qlora_lab.report {sweep_dir}`)",
+              flush=True)

@@ -98,6 +98,7 @@ class DatasetConfig:
     eval_size: int = 50
     seed: int = 42  # subset selection; the same for every job of a sweep
     train_on_prompt: bool = False  # false: labels are -100 on the prompt, the loss covers the response only
+    pack: bool = False  # concatenate tokenized examples into max_seq_length blocks (standard packing, no padding)
 
 
 @dataclass
@@ -157,7 +158,8 @@ class MergeConfig:
 class EvalConfig:
     max_samples: int = 50  # generations scored with ROUGE/BLEU/accuracy
     batch_size: int = 8
-    metrics: list[str] = field(default_factory=lambda: ["perplexity", "rouge", "bleu"])
+    # accuracy is computed only where every reference has a GSM8K `#### N` answer
+    metrics: list[str] = field(default_factory=lambda: ["perplexity", "rouge", "bleu", "accuracy"])
     modes: list[str] = field(default_factory=lambda: ["base", "adapter"])  # before/after comparison
     language: str = "auto"  # auto | en | zh: zh scores over characters
 

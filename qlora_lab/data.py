@@ -157,4 +157,23 @@ def tokenize_split(rows: Dataset, tokenizer, d: DatasetConfig, split: str) -> tu
                     "response was left)", split, truncated, len(ds), d.max_seq_length, dropped)
     stats = {f"data/{split}_examples": len(kept), f"data/{split}_truncated": truncated,
              f"data/{split}_dropped": dropped, f"data/{split}_tokens": sum(len(x) for x in kept["input_ids"])}
-    return kept.remove_columns(["truncated", "trainable"]), stats
+    kept = kept.remove_columns(["truncated", "trainable"])
+    if d.pack:
+        kept = pack_blocks(kept, d.max_seq_length, split)
+        stats[f"data/{split}_blocks"] = len(kept)
+    return kept, stats
+
+
+def pack_blocks(ds: Dataset, block: int, split: str) -> Dataset:
+    """Standard packing (transformers' run_clm `group_texts`): concatenate the examples, each ending in EOS, and cut
+    the stream into rows of exactly `block` tokens, so that no step wastes time on padding. The last partial block
+    is dropped. The prompt masking of every example is kept."""
+    ids = [t for row in ds["input_ids"] for t in row]
+    labels = [t for row in ds["labels"] for t in row]
+    n = len(ids) // block
+    if n == 0:
+        raise ConfigError(f"dataset.pack: the {split} split has {len(ids)} tokens, less than one block of "
+                          f"dataset.max_seq_length={block}; use more examples or a smaller max_seq_length.")
+    return Dataset.from_dict({"input_ids": [ids[i * block:(i + 1) * block] for i in range(n)],
+                              "attention_mask": [[1] * block for _ in range(n)],
+                              "labels": [labels[i * block:(i + 1) * block] for i in range(n)]})

@@ -70,14 +70,20 @@ def _random_folder(model_cfg: ModelConfig, cache_dir: Path) -> Path:
     """Build an architecture with random weights (seed 0) once and save it like a real checkpoint."""
     spec = dict(model_cfg.random_init)
     digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
-    target = cache_dir / "models" / f"{Path(model_cfg.name_or_path).name}-{digest}"
+    # On a GPU: built there in the model dtype (an 8B model in fp32 on a CPU takes far too long). Its weights
+    # differ from a CPU build's (another RNG), hence its own folder.
+    on_gpu = torch.cuda.is_available()
+    dtype = resolve_dtype(model_cfg.dtype) if on_gpu else torch.float32
+    suffix = f"-cuda-{str(dtype).removeprefix('torch.')}" if on_gpu else ""
+    target = cache_dir / "models" / f"{Path(model_cfg.name_or_path).name}-{digest}{suffix}"
     if (target / "config.json").is_file():
         return target
     model_type = spec.pop("model_type", "llama")
     config = AutoConfig.for_model(model_type, **spec)
     torch.manual_seed(0)
     print(f"Building {model_cfg.name_or_path} ({model_type}) with random weights in {target}...", flush=True)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.device("cuda" if on_gpu else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     tmp = target.with_name(target.name + ".tmp")
     model.save_pretrained(tmp)
     tmp.rename(target)

@@ -79,8 +79,9 @@ def run(cfg: Config, run: Run):
     run.log(train_stats | eval_stats)
 
     # ---- model
+    path = model_path(cfg)  # outside the timer: a random-weight model is built on first use
     t0 = time.perf_counter()
-    model = load_model(model_path(cfg), cfg)
+    model = load_model(path, cfg)
     load_s = time.perf_counter() - t0
     footprint = memory_footprint_gib(model)
     model = attach_lora(model, cfg)

@@ -1,0 +1,251 @@
+"""Sweep report: every job of a multirun -> summary.csv, summary.md (LoRA vs QLoRA per data size) and plots.
+
+    python -m qlora_lab.report outputs/multirun/lora_vs_qlora/<time>     # (re)write the report of a sweep
+
+The SweepReport Hydra callback (qlora_lab/callbacks.py) calls `write_report` when a multirun ends. Each job is
+read from its own folder only (.hydra/config.yaml, .hydra/overrides.yaml, run.json, metrics.json), so the
+report can be rebuilt at any time, and a failed job shows up as failed with its error next to the others.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from .config import ConfigError
+
+SUMMARY_FILES = ["summary.csv", "summary.md", "time_vs_size.png", "peak_memory.png", "eval_loss.png"]
+
+# summary.csv column -> metrics.json key
+METRICS = {
+    "wall_s": "time/wall_s", "train_s": "train/runtime_s", "tokens_per_s": "train/tokens_per_s",
+    "samples_per_s": "train/samples_per_s", "step_time_median_s": "train/step_time_median_s",
+    "train_steps": "train/steps", "timed_steps": "train/timed_steps", "train_examples": "data/train_examples",
+    "train_tokens": "data/train_tokens", "peak_gib": "memory/peak_gib", "peak_reserved_gib": "memory/peak_reserved_gib",
+    "load_s": "model/load_s", "footprint_gib": "model/footprint_gib", "train_loss": "train/loss",
+    "train_loss_last": "train/loss_last", "eval_loss_before": "eval/loss_before", "eval_loss": "eval/loss",
+    "trainable_params": "params/trainable",
+}
+# Each job compared with the LoRA job (quantization=none) that differs from it only in quantization.
+RATIOS = ["time_ratio", "lora_speedup", "memory_ratio"]
+COLUMNS = ["job", "status", "error", "group", "quantization", "dataset_size", "model", "max_seq_length", "pack",
+           "batch_size", "grad_accum", "gradient_checkpointing", "seed", "data_seed", "device",
+           *METRICS, *RATIOS]
+RATIO_NOTE = ("time ÷ LoRA: this job's wall time ÷ the LoRA job's. LoRA speed-up: LoRA's tokens/s ÷ this job's "
+              "(above 1: LoRA trains faster). memory ÷ LoRA: this job's peak memory ÷ the LoRA job's (below 1: "
+              "it needs less). Peak memory is `torch.cuda.max_memory_allocated` on a GPU, the job process's peak "
+              "RSS on a CPU; tokens/s counts real (non-padding) tokens over the timed steps (warm-up left out).")
+
+
+# ---------------------------------------------------------------- reading the jobs
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """Job folders (those Hydra wrote a config into), in job-number order."""
+    dirs = [p for p in sweep_dir.iterdir() if (p / ".hydra" / "config.yaml").is_file()]
+    return sorted(dirs, key=lambda p: (int(p.name.split("_", 1)[0]) if p.name.split("_", 1)[0].isdigit() else 1 << 30,
+                                       p.name))
+
+
+def _overrides(job_dir: Path) -> dict[str, str]:
+    path = job_dir / ".hydra" / "overrides.yaml"
+    items = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
+    return dict(item.split("=", 1) for item in items if "=" in item)
+
+
+def job_row(job_dir: Path) -> dict:
+    cfg = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
+    info, metrics = _read_json(job_dir / "run.json"), _read_json(job_dir / "metrics.json")
+    status, error = info.get("status"), info.get("error", "")
+    if status is None:
+        status, error = "failed", "no run.json: the job stopped before it started (see its __main__.log)"
+    elif status == "running":
+        status, error = "failed", "the job never finished (its process died?)"
+    hardware = info.get("hardware", {})
+    row = {
+        "job": job_dir.name, "status": status, "error": error,
+        "quantization": str(OmegaConf.select(cfg, "quantization.method")),
+        "dataset_size": OmegaConf.select(cfg, "dataset.size"),
+        "model": OmegaConf.select(cfg, "model.name_or_path"),
+        "max_seq_length": OmegaConf.select(cfg, "dataset.max_seq_length"),
+        "pack": OmegaConf.select(cfg, "dataset.pack", default=False),
+        "batch_size": OmegaConf.select(cfg, "train.batch_size"), "grad_accum": OmegaConf.select(cfg, "train.grad_accum"),
+        "gradient_checkpointing": OmegaConf.select(cfg, "train.gradient_checkpointing"),
+        "seed": OmegaConf.select(cfg, "train.seed"), "data_seed": OmegaConf.select(cfg, "dataset.seed"),
+        "device": hardware.get("gpu") or hardware.get("device", ""),
+    }
+    row |= {column: metrics.get(key) for column, key in METRICS.items()}
+    row["_overrides"] = _overrides(job_dir)
+    row["_info"] = info
+    return row
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def add_groups_and_ratios(rows: list[dict]) -> None:
+    """Group jobs that differ only in quantization; compare each with its group's LoRA job."""
+    keys = {k for r in rows for k in r["_overrides"]}
+    varying = sorted(k for k in keys - {"quantization", "dataset.size"}
+                     if len({r["_overrides"].get(k) for r in rows}) > 1)
+    for r in rows:
+        others = ", ".join(f"{k}={r['_overrides'].get(k)}" for k in varying)
+        size = "all" if r["dataset_size"] is None else str(r["dataset_size"])
+        r["group"] = f"{size} ({others})" if others else size
+    for r in rows:
+        lora = next((b for b in rows if b["group"] == r["group"] and b["quantization"] == "none"
+                     and b["status"] == "completed"), None)
+        ok = lora is not None and r["status"] == "completed"
+        r["time_ratio"] = _ratio(r["wall_s"], lora["wall_s"]) if ok else None
+        r["lora_speedup"] = _ratio(lora["tokens_per_s"], r["tokens_per_s"]) if ok else None
+        r["memory_ratio"] = _ratio(r["peak_gib"], lora["peak_gib"]) if ok else None
+
+
+def collect(sweep_dir: Path) -> list[dict]:
+    rows = [job_row(d) for d in job_dirs(sweep_dir)]
+    add_groups_and_ratios(rows)
+    return rows
+
+
+# ---------------------------------------------------------------- writing
+
+def _mode(quantization: str) -> str:
+    return "LoRA" if quantization == "none" else f"QLoRA {quantization}"
+
+
+def _order(rows: list[dict]) -> list[dict]:
+    """By data size, then LoRA first and the quantized modes after it."""
+    size = lambda r: (r["dataset_size"] is None, r["dataset_size"] or 0)  # noqa: E731
+    return sorted(rows, key=lambda r: (*size(r), r["group"], r["quantization"] != "none", r["quantization"]))
+
+
+def _fmt(value, digits: int = 2, thousands: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:,.{digits}f}" if thousands else f"{value:.{digits}f}"
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown(rows: list[dict], sweep_dir: Path) -> str:
+    done = [r for r in rows if r["status"] == "completed"]
+    failed = [r for r in rows if r["status"] != "completed"]
+    first = (done or rows)[0]["_info"] if rows else {}
+    hw, versions = first.get("hardware", {}), first.get("versions", {})
+    hardware = (f"{hw.get('gpu')} ({hw.get('gpu_memory_gib')} GiB)" if hw.get("gpu")
+                else f"CPU, {hw.get('cpu_count')} cores" if hw else "unknown")
+    models = ", ".join(sorted({str(r["model"]) for r in rows}))
+    lines = [
+        f"# Sweep report: {sweep_dir.name}", "",
+        f"`{sweep_dir}`: {len(rows)} jobs, {len(done)} completed, {len(failed)} failed. Model: {models}. "
+        f"Hardware: {hardware}. torch {versions.get('torch')}, transformers {versions.get('transformers')}, "
+        f"peft {versions.get('peft')}, bitsandbytes {versions.get('bitsandbytes')}.", "",
+        "## LoRA vs QLoRA per data size", "",
+        "| data size | mode | steps | wall s | train s | tokens/s | peak GiB | eval loss | time ÷ LoRA "
+        "| LoRA speed-up | memory ÷ LoRA |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in _order(done):
+        lines.append(
+            f"| {r['group']} | {_mode(r['quantization'])} | {r['train_steps'] or '–'} | {_fmt(r['wall_s'], 1)} "
+            f"| {_fmt(r['train_s'], 1)} | {_fmt(r['tokens_per_s'], 0, True)} | {_fmt(r['peak_gib'])} "
+            f"| {_fmt(r['eval_loss'], 4)} | {_fmt(r['time_ratio'])} | {_fmt(r['lora_speedup'])} "
+            f"| {_fmt(r['memory_ratio'])} |")
+    lines += ["", RATIO_NOTE]
+    if failed:
+        lines += ["", "## Failed jobs", "", "| job | error |", "| --- | --- |"]
+        lines += [f"| {r['job']} | {str(r['error']).replace('|', '/').splitlines()[0] if r['error'] else '?'} |"
+                  for r in failed]
+    lines += ["", "Plots: `time_vs_size.png`, `peak_memory.png`, `eval_loss.png`. Every job: `summary.csv`.", ""]
+    return "\n".join(lines)
+
+
+def plots(rows: list[dict], sweep_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    done = [r for r in _order(rows) if r["status"] == "completed"]
+    series: dict[str, list[dict]] = {}
+    for r in done:
+        other = r["group"].partition(" (")[2].rstrip(")")
+        series.setdefault(_mode(r["quantization"]) + (f" ({other})" if other else ""), []).append(r)
+
+    def x(r):
+        return r["dataset_size"] if r["dataset_size"] is not None else r["train_examples"]
+
+    def panel(ax, key: str, ylabel: str) -> None:
+        for label, rs in series.items():
+            pts = [(x(r), r[key]) for r in rs if r[key] is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        ax.set_xlabel("training examples (dataset.size)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    panel(a, "wall_s", "job wall time (s)")
+    panel(b, "tokens_per_s", "training tokens/s")
+    fig.suptitle("Time vs data size")
+    fig.tight_layout()
+    fig.savefig(sweep_dir / "time_vs_size.png", dpi=110)
+    for key, ylabel, name, title in (("peak_gib", "peak memory (GiB)", "peak_memory.png", "Peak memory"),
+                                     ("eval_loss", "eval loss", "eval_loss.png", "Eval loss after training")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        panel(ax, key, ylabel)
+        ax.set_title(title)
+        fig.tight_layout()
+        fig.savefig(sweep_dir / name, dpi=110)
+    plt.close("all")
+
+
+def write_report(sweep_dir: str | Path) -> str:
+    """Write summary.csv, summary.md and the plots into the sweep dir; return the markdown."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise ConfigError(f"{sweep_dir} is not a folder; pass a sweep dir (outputs/multirun/<name>/<time>).")
+    rows = collect(sweep_dir)
+    if not rows:
+        raise ConfigError(f"{sweep_dir} holds no Hydra job folders (none with .hydra/config.yaml); pass the sweep "
+                          f"dir of a `python -m qlora_lab -m ...` run.")
+    write_csv(rows, sweep_dir / "summary.csv")
+    text = markdown(rows, sweep_dir)
+    (sweep_dir / "summary.md").write_text(text)
+    plots(rows, sweep_dir)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print("usage: python -m qlora_lab.report SWEEP_DIR   (re)writes " + ", ".join(SUMMARY_FILES) + " there",
+              file=sys.stderr)
+        return 2
+    try:
+        text = write_report(argv[0])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    print(f"wrote {', '.join(SUMMARY_FILES)} in {argv[0]} (replacing any earlier report)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
