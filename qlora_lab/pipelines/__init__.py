@@ -13,6 +13,7 @@ STAGES = {
     "infer": "qlora_lab.pipelines.infer",
     "compare": "qlora_lab.pipelines.compare",
     "chat": "qlora_lab.pipelines.chat",
+    "evaluate": "qlora_lab.pipelines.evaluate",
 }
 
 

@@ -1,0 +1,132 @@
+"""Evaluate: perplexity, ROUGE, BLEU-4 and GSM8K accuracy of each model in eval.modes, as a before/after table.
+
+For every mode (e.g. `base` = before fine-tuning, `adapter` = after) on the same eval split:
+  perplexity  exp(mean NLL over the response tokens of the eval split), token-weighted
+  rouge/bleu  greedy (or cfg.generation) outputs for the first eval.max_samples prompts vs the references
+  accuracy    GSM8K: the number after `####` matches the reference's (strict); also the last number (lenient)
+The mode named by inference.mode writes `eval/<metric>`; every other mode `eval_<mode>/<metric>`.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import json
+import logging
+import math
+
+import torch
+from transformers import DataCollatorForSeq2Seq
+
+from ..config import Config, ConfigError, InferenceMode
+from ..data import load_splits, tokenize_split
+from ..inference import as_mode, eval_prompts, generate, load_for_inference
+from ..metrics import bleu4, detect_language, gsm8k_accuracy, rouge
+from ..rundir import Run
+
+log = logging.getLogger(__name__)
+
+KNOWN_METRICS = ("perplexity", "rouge", "bleu", "accuracy")
+# Rows of the before/after table, in order: (metric key, label, higher is better)
+TABLE_ROWS = [("perplexity", "perplexity", False), ("rouge1", "ROUGE-1", True), ("rouge2", "ROUGE-2", True),
+              ("rougeL", "ROUGE-L", True), ("bleu4", "BLEU-4", True), ("accuracy", "accuracy (####)", True),
+              ("accuracy_lenient", "accuracy (last number)", True), ("answer_format_rate", "answers with ####", True)]
+
+
+def perplexity(model, tokenizer, cfg: Config) -> float:
+    """Token-weighted perplexity of the eval split's responses (labels as in training: the prompt is masked)."""
+    eval_ds, _ = tokenize_split(load_splits(cfg).eval, tokenizer, cfg.dataset, "eval")
+    collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    tokenizer.padding_side = "right"
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(eval_ds), cfg.eval.batch_size):
+            batch = collate([eval_ds[i] for i in range(start, min(start + cfg.eval.batch_size, len(eval_ds)))])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            labels = batch["labels"][:, 1:]
+            nll += torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                                     ignore_index=-100, reduction="sum").item()
+            count += int((labels != -100).sum())
+    tokenizer.padding_side = "left"
+    return math.exp(nll / count)
+
+
+def evaluate_mode(cfg: Config, run: Run, mode: InferenceMode, metrics: list[str]) -> tuple[dict, list[dict]]:
+    model, tokenizer = load_for_inference(cfg, run.source, mode)
+    scores: dict[str, float] = {}
+    if "perplexity" in metrics:
+        scores["perplexity"] = perplexity(model, tokenizer, cfg)
+    generations: list[dict] = []
+    if {"rouge", "bleu", "accuracy"} & set(metrics):
+        examples = eval_prompts(cfg, tokenizer, cfg.eval.max_samples)
+        outputs = generate(model, tokenizer, [e["prompt"] for e in examples], cfg.generation, cfg.eval.batch_size)
+        predictions = [o["output"] for o in outputs]
+        references = [e["reference"] for e in examples]
+        language = detect_language(references) if cfg.eval.language == "auto" else cfg.eval.language
+        if "rouge" in metrics:
+            scores |= rouge(predictions, references, language)
+        if "bleu" in metrics:
+            scores["bleu4"] = bleu4(predictions, references, language)
+        if "accuracy" in metrics and all("####" in r for r in references):  # GSM8K-style references only
+            scores |= gsm8k_accuracy(predictions, references)
+        generations = [{"mode": mode.value, "prompt": e["prompt"], "reference": e["reference"], "output": o["output"],
+                        "new_tokens": o["new_tokens"]} for e, o in zip(examples, outputs, strict=True)]
+    del model
+    gc.collect()
+    return scores, generations
+
+
+def table(results: dict[str, dict], main: str) -> tuple[list[str], list[list[str]]]:
+    """Rows of metric x mode, plus `change` (main mode minus base) when the base was evaluated."""
+    modes = list(results)
+    header = ["metric", *modes] + (["change"] if "base" in results and main != "base" else [])
+    rows = []
+    for key, label, _ in TABLE_ROWS:
+        if not any(key in r for r in results.values()):
+            continue
+        row = [label] + [f"{results[m][key]:.2f}" if key in results[m] else "" for m in modes]
+        if len(header) > len(modes) + 1:
+            row.append(f"{results[main][key] - results['base'][key]:+.2f}")
+        rows.append(row)
+    return header, rows
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def run(cfg: Config, run: Run) -> dict:
+    unknown = set(cfg.eval.metrics) - set(KNOWN_METRICS)
+    if unknown:
+        raise ConfigError(f"eval.metrics has unknown entries {sorted(unknown)}; choose from {', '.join(KNOWN_METRICS)}.")
+    main = as_mode(cfg.inference.mode).value
+    modes = [as_mode(m) for m in cfg.eval.modes]
+    if main not in [m.value for m in modes]:
+        modes.append(as_mode(main))
+
+    results: dict[str, dict] = {}
+    all_generations: list[dict] = []
+    for mode in modes:
+        print(f"evaluating {mode.value} ...", flush=True)
+        results[mode.value], generations = evaluate_mode(cfg, run, mode, list(cfg.eval.metrics))
+        all_generations += generations
+        prefix = "eval" if mode.value == main else f"eval_{mode.value}"
+        run.log({f"{prefix}/{k}": v for k, v in results[mode.value].items()})
+
+    with open(run.dir / "eval_generations.jsonl", "w") as f:
+        for g in all_generations:
+            f.write(json.dumps(g, ensure_ascii=False) + "\n")
+    header, rows = table(results, main)
+    with open(run.dir / "evaluation.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    text = markdown(header, rows)
+    n_gen = len(all_generations) // len(modes)
+    note = (f"\nEval split: {cfg.dataset.name}, perplexity over its response tokens; generation metrics on "
+            f"{n_gen} prompts ({'sampling' if cfg.generation.do_sample else 'greedy'}, max {cfg.generation.max_new_tokens} "
+            f"new tokens). Scores are 0-100 except perplexity (lower is better).\n")
+    (run.dir / "evaluation.md").write_text(f"# Evaluation: {', '.join(results)}\n\n" + text + note)
+    print("\n" + text + note, flush=True)
+    return results

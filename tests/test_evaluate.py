@@ -1,0 +1,84 @@
+"""The evaluate stage on a tiny_random run: before/after table, metrics keys, GSM8K accuracy, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+from omegaconf import OmegaConf
+
+from qlora_lab.config import ConfigError
+from qlora_lab.pipelines import evaluate, train
+from qlora_lab.rundir import Run
+
+from .conftest import TINY, cli, make_cfg
+
+
+@pytest.fixture(scope="module")
+def trained_gsm8k(tmp_path_factory):
+    """A tiny run trained on GSM8K (quantization none: fast and exact)."""
+    run_dir = tmp_path_factory.mktemp("train")
+    cfg = make_cfg([*TINY, "dataset=gsm8k", "dataset.max_seq_length=160", "quantization=none",
+                    "dataset.eval_size=6", "train.max_steps=12"])
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")  # as Hydra does for a CLI run
+    run = Run(dir=run_dir, source=run_dir)
+    run.start(cfg)
+    train.run(cfg, run)
+    run.finish()
+    return cfg, run_dir
+
+
+def test_before_after_table_and_metric_keys(trained_gsm8k, tmp_path):
+    cfg, run_dir = trained_gsm8k
+    cfg.eval.max_samples = 4
+    cfg.generation.max_new_tokens = 8
+    run = Run(dir=tmp_path, source=run_dir)
+    run.start(cfg)
+    results = evaluate.run(cfg, run)
+
+    assert list(results) == ["base", "adapter"]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("perplexity", "rouge1", "rouge2", "rougeL", "bleu4", "accuracy", "accuracy_lenient"):
+        assert f"eval/{key}" in metrics and f"eval_base/{key}" in metrics, key
+    # fine-tuning lowered the eval perplexity; the training run's own eval loss agrees with it
+    train_metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["eval/perplexity"] < metrics["eval_base/perplexity"]
+    assert math.log(metrics["eval/perplexity"]) == pytest.approx(train_metrics["eval/loss"], rel=0.05)
+    assert math.log(metrics["eval_base/perplexity"]) == pytest.approx(train_metrics["eval/loss_before"], rel=0.05)
+
+    rows = list(csv.reader(open(tmp_path / "evaluation.csv")))
+    assert rows[0] == ["metric", "base", "adapter", "change"]
+    ppl = next(r for r in rows if r[0] == "perplexity")
+    assert float(ppl[3]) == pytest.approx(float(ppl[2]) - float(ppl[1]), abs=0.02)
+    assert "| perplexity |" in (tmp_path / "evaluation.md").read_text()
+    generations = [json.loads(line) for line in open(tmp_path / "eval_generations.jsonl")]
+    assert len(generations) == 8 and {g["mode"] for g in generations} == {"base", "adapter"}
+    assert all("####" in g["reference"] for g in generations)
+
+
+def test_base_model_alone_needs_no_run(tmp_path):
+    cfg = make_cfg([*TINY, "quantization=none", "eval.modes=[base]", "inference=base", "eval.metrics=[perplexity]"])
+    run = Run(dir=tmp_path, source=tmp_path)
+    run.start(cfg)
+    results = evaluate.run(cfg, run)
+    assert list(results) == ["base"] and results["base"]["perplexity"] > 1
+    assert "eval/perplexity" in json.loads((tmp_path / "metrics.json").read_text())
+
+
+def test_unknown_metric_is_named(tmp_path):
+    cfg = make_cfg([*TINY, "eval.metrics=[perplexity,meteor]"])
+    with pytest.raises(ConfigError, match="meteor"):
+        evaluate.run(cfg, Run(dir=tmp_path, source=tmp_path))
+
+
+def test_cli_evaluate_on_a_run_dir(trained_gsm8k, tmp_path):
+    _, run_dir = trained_gsm8k
+    result = cli("pipeline=evaluate", f"run_dir={run_dir}", "eval.max_samples=2", "eval.metrics=[perplexity,rouge]",
+                 "generation.max_new_tokens=4", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| perplexity |" in result.stdout and "ROUGE-1" in result.stdout
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["eval/perplexity"] < metrics["eval_base/perplexity"]
