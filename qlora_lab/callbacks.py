@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, read_write
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
 def _refuse_if_not_empty(path: str, key: str) -> None:
     p = Path(path)
-    if p.is_dir() and any(p.iterdir()):
+    # In a distributed launch the other ranks start in the same folder at the same moment and may already have
+    # opened their log file there: only earlier results count.
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if p.is_dir() and any(not (distributed and f.suffix == ".log") for f in p.iterdir()):
         print(f"error: {key}={p} already exists and is not empty; choose a new {key} "
               f"(or leave it unset for a fresh timestamped folder) so that no earlier result is overwritten.",
               file=sys.stderr)
@@ -23,6 +31,11 @@ class RunDirGuard(Callback):
     """Refuse to start in a non-empty run/sweep dir: Hydra would otherwise overwrite `.hydra/` and our results."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if _rank() > 0:
+            # rank 0 checks the folder and writes .hydra/; the others must not race it
+            with read_write(config.hydra):
+                config.hydra.output_subdir = None
+            return
         _refuse_if_not_empty(config.hydra.run.dir, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:

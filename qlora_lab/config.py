@@ -8,7 +8,10 @@ Cross-field rules that a type cannot express live in `validate()`, called before
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -200,10 +203,23 @@ def project_root() -> str:
     return str(here if (here / "conf").is_dir() else Path.cwd())
 
 
+def launch_time(fmt: str) -> str:
+    """Like Hydra's `now`, but the same in every rank of a distributed launch: there it is the start time of the
+    launcher (the ranks' common parent process), so all ranks agree on one run dir."""
+    stamp = time.time()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import psutil
+
+        stamp = psutil.Process(os.getppid()).create_time()
+    return datetime.fromtimestamp(stamp).strftime(fmt)
+
+
 def register() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", project_root)
+    if not OmegaConf.has_resolver("launch_time"):
+        OmegaConf.register_new_resolver("launch_time", launch_time, use_cache=True)
 
 
 def validate(cfg: Config) -> None:

@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -22,7 +23,10 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.f
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's device: under `accelerate launch`/torchrun each rank takes the GPU of its LOCAL_RANK."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -142,6 +146,11 @@ def bnb_config(q: QuantizationConfig, model_dtype: torch.dtype) -> BitsAndBytesC
                               bnb_4bit_compute_dtype=compute, **kwargs)
 
 
+def fsdp_enabled() -> bool:
+    """True under `accelerate launch` with an FSDP config (accelerate tells the ranks through this variable)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def load_model(path: str, cfg: Config, quantize: bool = True):
     """Load a causal LM from a folder/id, quantized per cfg.quantization unless `quantize=False`."""
     dtype = resolve_dtype(cfg.model.dtype)
@@ -150,7 +159,14 @@ def load_model(path: str, cfg: Config, quantize: bool = True):
               "trust_remote_code": cfg.model.trust_remote_code}
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": device().index or 0} if torch.cuda.is_available() else {"": "cpu"}
+        if fsdp_enabled():
+            # FSDP shards flat parameters of one dtype: the 4-bit weights must be stored in the model dtype
+            if not cfg.quantization.storage_dtype:
+                raise ConfigError("FSDP with a 4-bit base needs quantization.storage_dtype (e.g. bfloat16, the "
+                                  "model dtype) so that FSDP can shard the quantized weights; set it.")
+        else:
+            # DDP / single device: each rank loads its own quantized copy on its own device
+            kwargs["device_map"] = {"": device()}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
@@ -182,10 +198,11 @@ def attach_lora(model, cfg: Config):
     """
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if QuantMethod(cfg.quantization.method) is not QuantMethod.none:
+    if QuantMethod(cfg.quantization.method) is not QuantMethod.none and not fsdp_enabled():
+        # (not under FSDP: its fp32 upcast of norms/embeddings would mix dtypes in the shards)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif cfg.train.gradient_checkpointing:
+    elif cfg.train.gradient_checkpointing:  # LoRA, or QLoRA under FSDP
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     try:

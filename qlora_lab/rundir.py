@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import socket
@@ -43,8 +44,14 @@ def _git_sha() -> str | None:
         return None
 
 
+def is_main_process() -> bool:
+    """False on the non-zero ranks of a distributed launch: only rank 0 writes files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def hardware() -> dict:
-    info = {"host": socket.gethostname(), "platform": platform.platform(), "cpu_count": __import__("os").cpu_count()}
+    info = {"host": socket.gethostname(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
     if torch.cuda.is_available():
         info.update(device="cuda", gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count(),
                     gpu_memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
@@ -85,7 +92,8 @@ class Run:
     def log(self, metrics: dict) -> None:
         # .item(): numpy/torch scalars become plain numbers so that json can write them
         self.metrics.update({k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()})
-        (self.dir / "metrics.json").write_text(json.dumps(self.metrics, indent=2, sort_keys=True) + "\n")
+        if is_main_process():
+            (self.dir / "metrics.json").write_text(json.dumps(self.metrics, indent=2, sort_keys=True) + "\n")
 
     def finish(self, error: BaseException | None = None) -> None:
         wall = time.perf_counter() - self.started
@@ -97,7 +105,8 @@ class Run:
         self._write_info()
 
     def _write_info(self) -> None:
-        (self.dir / "run.json").write_text(json.dumps(self.info, indent=2) + "\n")
+        if is_main_process():
+            (self.dir / "run.json").write_text(json.dumps(self.info, indent=2) + "\n")
 
 
 def read_json(path: Path) -> dict:

@@ -5,6 +5,7 @@ Reads top to bottom like a recipe: setup, data, model, loop, save.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -17,7 +18,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 from ..config import Config, QuantMethod
 from ..data import file_sha256, load_splits, tokenize_split
 from ..models import attach_lora, count_params, load_model, load_tokenizer, memory_footprint_gib, model_path, tokenizer_path
-from ..rundir import Run
+from ..rundir import Run, peak_memory_gib
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,19 @@ class StepTimer(TrainerCallback):
             return {}
         return {"train/tokens_per_s": sum(t) / sum(s), "train/samples_per_s": samples_per_step * len(s) / sum(s),
                 "train/step_time_median_s": statistics.median(s), "train/timed_steps": len(s)}
+
+
+def check_ranks_agree(model, world_size: int) -> dict:
+    """Distributed runs: gather every rank's adapter digest and peak memory. DDP must leave identical adapters."""
+    from accelerate.utils import gather_object
+
+    h = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if param.requires_grad:
+            h.update(name.encode() + param.detach().float().cpu().numpy().tobytes())
+    gathered = gather_object([(h.hexdigest(), peak_memory_gib()["memory/peak_gib"])])
+    return {"distributed/world_size": world_size, "distributed/adapters_identical": len({d for d, _ in gathered}) == 1,
+            "distributed/adapter_sha256": [d[:16] for d, _ in gathered], "memory/peak_gib_per_rank": [p for _, p in gathered]}
 
 
 def precision_flags(precision: str) -> dict:
@@ -105,6 +119,9 @@ def run(cfg: Config, run: Run):
         logging_steps=t.logging_steps, logging_first_step=True,
         eval_strategy="steps" if t.eval_steps else "no", eval_steps=t.eval_steps,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        # eval_before runs inside train(), after the model is wrapped: a trainer.evaluate() before train() left
+        # DDP ranks unsynchronised (measured: different adapters on 2 gloo ranks).
+        eval_on_start=t.eval_before,
         report_to=list(t.report_to), include_num_input_tokens_seen="non_padding",
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False,
         **precision_flags(t.precision),
@@ -115,23 +132,25 @@ def run(cfg: Config, run: Run):
                       callbacks=[timer])
 
     # ---- loop
-    if t.eval_before:
-        # LoRA's B matrices start at zero, so the wrapped model still computes exactly the base model here.
-        loss_before = trainer.evaluate(metric_key_prefix="eval_before")["eval_before_loss"]
-        run.log({"eval/loss_before": loss_before, "eval/perplexity_before": math.exp(loss_before)})
-        print(f"eval loss before training: {loss_before:.4f}", flush=True)
     result = trainer.train()
+    if t.eval_before:
+        # The step-0 evaluation: LoRA's B matrices start at zero, so this is exactly the base model.
+        loss_before = next(h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h)
+        run.log({"eval/loss_before": loss_before, "eval/perplexity_before": math.exp(loss_before)})
     eval_loss = trainer.evaluate()["eval_loss"]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     run.log({"train/loss": result.training_loss, "train/loss_first": losses[0] if losses else None,
              "train/loss_last": losses[-1] if losses else None, "train/steps": trainer.state.global_step,
              "train/runtime_s": result.metrics.get("train_runtime"), "train/tokens_seen": trainer.state.num_input_tokens_seen,
              "eval/loss": eval_loss, "eval/perplexity": math.exp(eval_loss)}
-            | timer.summary(t.speed_skip_steps, t.batch_size * t.grad_accum))
+            | timer.summary(t.speed_skip_steps, t.batch_size * t.grad_accum * trainer.accelerator.num_processes))
+    if trainer.accelerator.num_processes > 1:
+        run.log(check_ranks_agree(model, trainer.accelerator.num_processes))
 
     # ---- save: standard PEFT folder (adapter_config.json + adapter_model.safetensors) with the tokenizer
-    model.save_pretrained(run.dir / "adapter")
-    tokenizer.save_pretrained(run.dir / "adapter")
+    if trainer.is_world_process_zero():
+        model.save_pretrained(run.dir / "adapter")
+        tokenizer.save_pretrained(run.dir / "adapter")
     before = run.metrics.get("eval/loss_before")
     print(f"eval loss: {before:.4f} -> {eval_loss:.4f}" if before is not None else f"eval loss: {eval_loss:.4f}",
           f"| adapter saved to {run.dir / 'adapter'}", flush=True)
