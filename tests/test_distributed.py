@@ -32,3 +32,16 @@ def test_two_process_ddp_ranks_agree(tmp_path, quant):
     assert metrics["train/steps"] == 8 and metrics["train/tokens_seen"] > 0
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((run_dir / "run.json").read_text())["hardware"]["world_size"] == 2
+
+
+def test_slurm_launcher_preset_composes():
+    from hydra import compose, initialize_config_dir
+
+    from .conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.timeout_min == 240
