@@ -36,7 +36,10 @@ RATIOS = ["time_ratio", "lora_speedup", "memory_ratio"]
 COLUMNS = ["job", "status", "error", "group", "quantization", "dataset_size", "model", "max_seq_length", "pack",
            "batch_size", "grad_accum", "gradient_checkpointing", "seed", "data_seed", "device",
            *METRICS, *RATIOS]
-RATIO_NOTE = ("time ÷ LoRA: this job's wall time ÷ the LoRA job's. LoRA speed-up: LoRA's tokens/s ÷ this job's "
+RATIO_NOTE = ("wall s: the job from its start to its end (data, model load, evaluation before and after, training, "
+              "saving; not the process start-up); "
+              "train s: the training loop; weights GiB: the loaded base model (`get_memory_footprint`). "
+              "time ÷ LoRA: this job's wall time ÷ the LoRA job's. LoRA speed-up: LoRA's tokens/s ÷ this job's "
               "(above 1: LoRA trains faster). memory ÷ LoRA: this job's peak memory ÷ the LoRA job's (below 1: "
               "it needs less). Peak memory is `torch.cuda.max_memory_allocated` on a GPU, the job process's peak "
               "RSS on a CPU; tokens/s counts real (non-padding) tokens over the timed steps (warm-up left out).")
@@ -155,14 +158,15 @@ def markdown(rows: list[dict], sweep_dir: Path) -> str:
         f"Hardware: {hardware}. torch {versions.get('torch')}, transformers {versions.get('transformers')}, "
         f"peft {versions.get('peft')}, bitsandbytes {versions.get('bitsandbytes')}.", "",
         "## LoRA vs QLoRA per data size", "",
-        "| data size | mode | steps | wall s | train s | tokens/s | peak GiB | eval loss | time ÷ LoRA "
+        "| data size | mode | steps | wall s | train s | tokens/s | weights GiB | peak GiB | eval loss | time ÷ LoRA "
         "| LoRA speed-up | memory ÷ LoRA |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in _order(done):
         lines.append(
             f"| {r['group']} | {_mode(r['quantization'])} | {r['train_steps'] or '–'} | {_fmt(r['wall_s'], 1)} "
-            f"| {_fmt(r['train_s'], 1)} | {_fmt(r['tokens_per_s'], 0, True)} | {_fmt(r['peak_gib'])} "
+            f"| {_fmt(r['train_s'], 1)} | {_fmt(r['tokens_per_s'], 0, True)} | {_fmt(r['footprint_gib'])} "
+            f"| {_fmt(r['peak_gib'])} "
             f"| {_fmt(r['eval_loss'], 4)} | {_fmt(r['time_ratio'])} | {_fmt(r['lora_speedup'])} "
             f"| {_fmt(r['memory_ratio'])} |")
     lines += ["", RATIO_NOTE]
@@ -193,7 +197,7 @@ def plots(rows: list[dict], sweep_dir: Path) -> None:
         for label, rs in series.items():
             pts = [(x(r), r[key]) for r in rs if r[key] is not None]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=label)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         ax.set_xlabel("training examples (dataset.size)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

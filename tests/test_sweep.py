@@ -1,0 +1,107 @@
+"""Multirun sweeps through the real CLI: one row per job, ratios that match the jobs' own metrics, failures reported."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from qlora_lab.report import write_report
+
+from .conftest import ROOT, cli
+
+# 2 modes x 2 sizes on the tiny model, plus a size the data cannot supply: a job that fails at run time.
+SWEEP = ["-m", "+experiment=lora_vs_qlora", "model=tiny_random", "quantization=none,nf4", "dataset.size=8,16,5000",
+         "dataset.eval_size=4", "dataset.max_seq_length=64", "train.max_steps=2", "train.speed_skip_steps=0"]
+
+
+def read_rows(sweep_dir):
+    with (sweep_dir / "summary.csv").open() as f:
+        return {row["job"]: row for row in csv.DictReader(f)}
+
+
+def metrics(sweep_dir, job):
+    return json.loads((sweep_dir / job / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    sweep_dir = tmp_path_factory.mktemp("sweeps") / "lora_vs_qlora"
+    result = cli(*SWEEP, f"hydra.sweep.dir={sweep_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return sweep_dir, result
+
+
+def test_sweep_writes_one_row_per_job_with_ratios_from_metrics(sweep):
+    sweep_dir, result = sweep
+    rows = read_rows(sweep_dir)
+    assert len(rows) == 6 and len(list(sweep_dir.glob("*/.hydra"))) == 6
+    done = {job: r for job, r in rows.items() if r["status"] == "completed"}
+    assert sorted((r["quantization"], r["dataset_size"]) for r in done.values()) == [
+        ("nf4", "16"), ("nf4", "8"), ("none", "16"), ("none", "8")]
+    # same seeds in every job, whatever the mode or size
+    assert {(r["seed"], r["data_seed"]) for r in rows.values()} == {("42", "42")}
+    for job, r in done.items():
+        lora = next(j for j, b in done.items() if b["quantization"] == "none" and b["dataset_size"] == r["dataset_size"])
+        mine, base = metrics(sweep_dir, job), metrics(sweep_dir, lora)
+        assert float(r["tokens_per_s"]) == pytest.approx(mine["train/tokens_per_s"])
+        assert float(r["time_ratio"]) == pytest.approx(mine["time/wall_s"] / base["time/wall_s"])
+        assert float(r["lora_speedup"]) == pytest.approx(base["train/tokens_per_s"] / mine["train/tokens_per_s"])
+        assert float(r["memory_ratio"]) == pytest.approx(mine["memory/peak_gib"] / base["memory/peak_gib"])
+        assert 0 < int(r["train_examples"]) <= int(r["dataset_size"])  # a prompt longer than 64 tokens is dropped
+    # the markdown table holds both modes at both sizes, and the callback printed it
+    md = (sweep_dir / "summary.md").read_text()
+    for size in ("8", "16"):
+        assert f"| {size} | LoRA |" in md and f"| {size} | QLoRA nf4 |" in md
+    assert "## LoRA vs QLoRA per data size" in result.stdout and "summary.md" in result.stdout
+    for name in ("time_vs_size.png", "peak_memory.png", "eval_loss.png"):
+        assert (sweep_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_failed_job_is_reported_with_its_error(sweep):
+    sweep_dir, _ = sweep
+    failed = [r for r in read_rows(sweep_dir).values() if r["status"] != "completed"]
+    assert len(failed) == 2 and {r["quantization"] for r in failed} == {"none", "nf4"}
+    for r in failed:
+        assert r["status"] == "failed" and "dataset.size=5000" in r["error"] and not r["time_ratio"]
+    md = (sweep_dir / "summary.md").read_text()
+    assert "## Failed jobs" in md and md.count("dataset.size=5000 but") == 2
+
+
+def test_report_command_rebuilds_the_same_summary(sweep, tmp_path):
+    sweep_dir, _ = sweep
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep_dir, copy)
+    for name in ("summary.csv", "summary.md", "eval_loss.png"):
+        (copy / name).unlink()
+    out = subprocess.run([sys.executable, "-m", "qlora_lab.report", str(copy)], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert read_rows(copy) == read_rows(sweep_dir) and (copy / "eval_loss.png").is_file()
+    assert "| 16 | QLoRA nf4 |" in out.stdout
+
+
+def test_report_marks_dead_and_unstarted_jobs_failed(sweep, tmp_path):
+    """A job whose process died leaves run.json at `running`; one stopped before it started leaves none."""
+    sweep_dir, _ = sweep
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep_dir, copy)
+    done = [job for job, r in read_rows(sweep_dir).items() if r["status"] == "completed"]
+    info = json.loads((copy / done[0] / "run.json").read_text()) | {"status": "running"}
+    (copy / done[0] / "run.json").write_text(json.dumps(info))
+    (copy / done[1] / "run.json").unlink()
+    write_report(copy)
+    rows = read_rows(copy)
+    assert rows[done[0]]["status"] == "failed" and "never finished" in rows[done[0]]["error"]
+    assert rows[done[1]]["status"] == "failed" and "no run.json" in rows[done[1]]["error"]
+    assert sum(r["status"] == "completed" for r in rows.values()) == 2
+
+
+def test_report_command_rejects_a_folder_without_jobs(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "qlora_lab.report", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 2 and out.stderr.startswith("error: ") and "no Hydra job folders" in out.stderr
+    assert "Traceback" not in out.stderr
