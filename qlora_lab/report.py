@@ -198,6 +198,8 @@ def plots(rows: list[dict], sweep_dir: Path) -> None:
             pts = [(x(r), r[key]) for r in rs if r[key] is not None]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        if key != "eval_loss":
+            ax.set_ylim(bottom=0)  # time and memory from zero, so that the gap between modes reads true
         ax.set_xlabel("training examples (dataset.size)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

@@ -105,3 +105,56 @@ def test_report_command_rejects_a_folder_without_jobs(tmp_path):
                          text=True)
     assert out.returncode == 2 and out.stderr.startswith("error: ") and "no Hydra job folders" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+TOY_APP = '''
+import os
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+
+
+@hydra.main(version_base=None, config_path=None)
+def main(cfg):
+    Path(HydraConfig.get().runtime.output_dir, "pid").write_text(str(os.getpid()))
+    if cfg.n == 2:
+        os._exit(9)  # the process dies as if killed (out of memory): no exception, nothing written
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def test_isolated_launcher_runs_each_job_in_its_own_process_and_survives_a_dead_one(tmp_path):
+    (tmp_path / "app.py").write_text(TOY_APP)
+    sweep_dir = tmp_path / "sweep"
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "app.py", "-m", "+n=1,2,3", f"hydra.sweep.dir={sweep_dir}",
+                          "hydra.launcher._target_=hydra_plugins.qlora_lab_launcher.isolated_launcher.IsolatedLauncher"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs = [sweep_dir / str(num) for num in range(3)]  # Hydra's default subdir: the job number
+    pids = [int((j / "pid").read_text()) for j in jobs]
+    assert len(set(pids)) == 3  # a fresh process per job, and the job after the dead one still ran
+    dead = json.loads((jobs[1] / "run.json").read_text())
+    assert dead["status"] == "failed" and "process died" in dead["error"]
+    assert not (jobs[0] / "run.json").exists() and not (jobs[2] / "run.json").exists()
+
+
+def test_pack_blocks_concatenates_examples_into_full_blocks():
+    from datasets import Dataset
+
+    from qlora_lab.config import ConfigError
+    from qlora_lab.data import pack_blocks
+
+    ds = Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9]],
+                            "attention_mask": [[1] * 3, [1] * 2, [1] * 4],
+                            "labels": [[-100, 2, 3], [-100, 5], [-100, -100, 8, 9]]})
+    packed = pack_blocks(ds, 4, "train")
+    assert packed["input_ids"] == [[1, 2, 3, 4], [5, 6, 7, 8]]  # the last partial block (9) is dropped
+    assert packed["labels"] == [[-100, 2, 3, -100], [5, -100, -100, 8]]  # prompt masking kept
+    assert packed["attention_mask"] == [[1] * 4] * 2
+    with pytest.raises(ConfigError, match="dataset.max_seq_length=16"):
+        pack_blocks(ds, 16, "eval")
