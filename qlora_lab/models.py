@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from .config import Config, ConfigError, ModelConfig, QuantMethod, QuantizationConfig
+from .config import Config, ConfigError, ModelConfig, QuantizationConfig, QuantMethod
 
 log = logging.getLogger(__name__)
 

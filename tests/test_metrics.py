@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from qlora_lab.metrics import bleu4, detect_language, gsm8k_accuracy, gsm8k_answer, last_number, normalize_number, rouge
+from qlora_lab.metrics import (
+    bleu4,
+    detect_language,
+    gsm8k_accuracy,
+    gsm8k_answer,
+    last_number,
+    normalize_number,
+    rouge,
+)
 
 
 def test_rouge_english_hand_checked():

@@ -17,7 +17,15 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 
 from ..config import Config, QuantMethod
 from ..data import file_sha256, load_splits, tokenize_split
-from ..models import attach_lora, count_params, load_model, load_tokenizer, memory_footprint_gib, model_path, tokenizer_path
+from ..models import (
+    attach_lora,
+    count_params,
+    load_model,
+    load_tokenizer,
+    memory_footprint_gib,
+    model_path,
+    tokenizer_path,
+)
 from ..rundir import Run, peak_memory_gib
 
 log = logging.getLogger(__name__)
