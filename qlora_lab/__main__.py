@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, register, validate
-from .rundir import Run, inherit_from_run
+from .rundir import Run, inherit_from_run, is_main_process
 
 register()
 log = logging.getLogger("qlora_lab")
@@ -26,7 +26,8 @@ def main(cfg: DictConfig) -> None:
     try:
         if cfg.run_dir:
             cfg = inherit_from_run(cfg, run.source, list(hc.overrides.task))
-            OmegaConf.save(cfg, job_dir / ".hydra" / "config.yaml")  # what this job really used
+            if (job_dir / ".hydra").is_dir() and is_main_process():
+                OmegaConf.save(cfg, job_dir / ".hydra" / "config.yaml")  # what this job really used
         validate(cfg)
         run.start(cfg)
         from .pipelines import get_stage
