@@ -30,7 +30,12 @@ METRICS = {
     "load_s": "model/load_s", "footprint_gib": "model/footprint_gib", "train_loss": "train/loss",
     "train_loss_last": "train/loss_last", "eval_loss_before": "eval/loss_before", "eval_loss": "eval/loss",
     "trainable_params": "params/trainable",
+    # quality: eval/perplexity comes from the train stage too; the rest from the evaluate stage, if the sweep runs it
+    "eval_perplexity": "eval/perplexity", "eval_rougeL": "eval/rougeL", "eval_bleu4": "eval/bleu4",
+    "eval_accuracy": "eval/accuracy", "base_perplexity": "eval_base/perplexity", "base_accuracy": "eval_base/accuracy",
 }
+QUALITY = [("eval_perplexity", "perplexity"), ("base_perplexity", "base perplexity"), ("eval_rougeL", "ROUGE-L"),
+           ("eval_bleu4", "BLEU-4"), ("eval_accuracy", "accuracy"), ("base_accuracy", "base accuracy")]
 # Each job compared with the LoRA job (quantization=none) that differs from it only in quantization.
 RATIOS = ["time_ratio", "lora_speedup", "memory_ratio"]
 COLUMNS = ["job", "status", "error", "group", "quantization", "dataset_size", "model", "max_seq_length", "pack",
@@ -170,6 +175,13 @@ def markdown(rows: list[dict], sweep_dir: Path) -> str:
             f"| {_fmt(r['eval_loss'], 4)} | {_fmt(r['time_ratio'])} | {_fmt(r['lora_speedup'])} "
             f"| {_fmt(r['memory_ratio'])} |")
     lines += ["", RATIO_NOTE]
+    quality = [(col, label) for col, label in QUALITY if any(r[col] is not None for r in done)]
+    if quality:
+        lines += ["", "## Quality", "",
+                  "| data size | mode | " + " | ".join(label for _, label in quality) + " |",
+                  "| --- | --- |" + " ---: |" * len(quality)]
+        lines += [f"| {r['group']} | {_mode(r['quantization'])} | " + " | ".join(_fmt(r[c]) for c, _ in quality) + " |"
+                  for r in _order(done)]
     if failed:
         lines += ["", "## Failed jobs", "", "| job | error |", "| --- | --- |"]
         lines += [f"| {r['job']} | {str(r['error']).replace('|', '/').splitlines()[0] if r['error'] else '?'} |"

@@ -100,6 +100,21 @@ def test_report_marks_dead_and_unstarted_jobs_failed(sweep, tmp_path):
     assert sum(r["status"] == "completed" for r in rows.values()) == 2
 
 
+def test_report_shows_evaluate_metrics_when_jobs_have_them(sweep, tmp_path):
+    sweep_dir, _ = sweep
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep_dir, copy)
+    done = [job for job, r in read_rows(sweep_dir).items() if r["status"] == "completed"]
+    for i, job in enumerate(done):
+        m = metrics(copy, job) | {"eval/perplexity": 10.0 + i, "eval/accuracy": 2.5 * i, "eval_base/accuracy": 0.0}
+        (copy / job / "metrics.json").write_text(json.dumps(m))
+    write_report(copy)
+    rows = read_rows(copy)
+    assert [float(rows[job]["eval_perplexity"]) for job in done] == [10.0 + i for i in range(len(done))]
+    summary = (copy / "summary.md").read_text()
+    assert "## Quality" in summary and "| base accuracy |" in summary
+
+
 def test_report_command_rejects_a_folder_without_jobs(tmp_path):
     out = subprocess.run([sys.executable, "-m", "qlora_lab.report", str(tmp_path)], cwd=ROOT, capture_output=True,
                          text=True)
