@@ -27,6 +27,7 @@ def test_every_experiment_composes_and_validates(name):
     ("dataset", ["alpaca", "alpaca_zh", "gsm8k"]),
     ("generation", ["greedy", "sampling"]),
     ("inference", ["adapter", "merged", "merge_and_unload", "base"]),
+    ("pipeline", ["train", "merge", "infer", "compare", "evaluate", "chat", "benchmark"]),
 ])
 def test_every_group_option_composes(group, options):
     for option in options:
