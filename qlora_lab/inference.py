@@ -10,16 +10,18 @@ The three ways of running a QLoRA fine-tune (plus the base alone as the "before"
 
 from __future__ import annotations
 
+import math
 import time
 from enum import Enum
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import GenerationConfig as HFGenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from .config import Config, ConfigError, GenerationConfig, InferenceMode
-from .data import format_prompt, load_splits, uses_chat_template
+from .data import IGNORE_INDEX, format_prompt, load_splits, uses_chat_template
 from .models import load_model, load_tokenizer, model_path, tokenizer_path
 
 
@@ -174,3 +176,33 @@ def eval_prompts(cfg: Config, tokenizer, n: int) -> list[dict]:
     rows = rows.select(range(min(n, len(rows))))
     return [{"prompt": format_prompt(row, tokenizer, cfg.dataset), "reference": row["output"], "row": row}
             for row in rows]
+
+
+# ---------------------------------------------------------------- teacher-forced pass over the eval split
+
+def eval_batches(examples: list[dict], batch_size: int, pad_id: int):
+    """Right-padded batches of tokenized examples (prompt labels already -100)."""
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        width = max(len(e["input_ids"]) for e in batch)
+        pad = [width - len(e["input_ids"]) for e in batch]
+        yield (torch.tensor([e["input_ids"] + [pad_id] * p for e, p in zip(batch, pad, strict=True)]),
+               torch.tensor([[1] * len(e["input_ids"]) + [0] * p for e, p in zip(batch, pad, strict=True)]),
+               torch.tensor([e["labels"] + [IGNORE_INDEX] * p for e, p in zip(batch, pad, strict=True)]))
+
+
+@torch.no_grad()
+def teacher_forced(model, examples: list[dict], batch_size: int, pad_id: int, keep: int):
+    """(eval perplexity over the response tokens, fp32 logits of the first `keep` examples without padding)."""
+    device = next(model.parameters()).device
+    nll, tokens, kept = 0.0, 0, []
+    for ids, mask, labels in eval_batches(examples, batch_size, pad_id):
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        shift_labels = labels[:, 1:].to(device)
+        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum").item()
+        tokens += int((shift_labels != IGNORE_INDEX).sum())
+        for row, m in zip(logits, mask, strict=True):
+            if len(kept) < keep:
+                kept.append(row[: int(m.sum())].cpu())
+    return math.exp(nll / tokens), kept

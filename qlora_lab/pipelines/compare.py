@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import gc
 import json
-import math
 import resource
 import time
 from pathlib import Path
@@ -23,8 +22,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from ..config import Config, ConfigError, InferenceMode
-from ..data import IGNORE_INDEX, load_splits, tokenize_example, user_message, uses_chat_template
-from ..inference import adapter_dir, as_mode, eval_prompts, generate, load_for_inference
+from ..data import load_splits, tokenize_example, user_message, uses_chat_template
+from ..inference import adapter_dir, as_mode, eval_prompts, generate, load_for_inference, teacher_forced
 from ..models import load_tokenizer, memory_footprint_gib, resolve_dtype
 from ..rundir import Run, hardware
 from .infer import read_prompts_file
@@ -59,36 +58,6 @@ def peak_memory_gib() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-# ---------------------------------------------------------------- teacher-forced pass over the eval split
-
-def eval_batches(examples: list[dict], batch_size: int, pad_id: int):
-    """Right-padded batches of tokenized examples (prompt labels already -100)."""
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start:start + batch_size]
-        width = max(len(e["input_ids"]) for e in batch)
-        pad = [width - len(e["input_ids"]) for e in batch]
-        yield (torch.tensor([e["input_ids"] + [pad_id] * p for e, p in zip(batch, pad, strict=True)]),
-               torch.tensor([[1] * len(e["input_ids"]) + [0] * p for e, p in zip(batch, pad, strict=True)]),
-               torch.tensor([e["labels"] + [IGNORE_INDEX] * p for e, p in zip(batch, pad, strict=True)]))
-
-
-@torch.no_grad()
-def teacher_forced(model, examples: list[dict], batch_size: int, pad_id: int, keep: int):
-    """(eval perplexity over the response tokens, fp32 logits of the first `keep` examples without padding)."""
-    device = next(model.parameters()).device
-    nll, tokens, kept = 0.0, 0, []
-    for ids, mask, labels in eval_batches(examples, batch_size, pad_id):
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        shift_labels = labels[:, 1:].to(device)
-        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum").item()
-        tokens += int((shift_labels != IGNORE_INDEX).sum())
-        for row, m in zip(logits, mask, strict=True):
-            if len(kept) < keep:
-                kept.append(row[: int(m.sum())].cpu())
-    return math.exp(nll / tokens), kept
 
 
 def agreement(reference: list[torch.Tensor], logits: list[torch.Tensor]) -> tuple[float, float]:

@@ -13,14 +13,10 @@ import csv
 import gc
 import json
 import logging
-import math
-
-import torch
-from transformers import DataCollatorForSeq2Seq
 
 from ..config import Config, ConfigError, InferenceMode
 from ..data import load_splits, tokenize_split
-from ..inference import as_mode, eval_prompts, generate, load_for_inference
+from ..inference import as_mode, eval_prompts, generate, load_for_inference, teacher_forced
 from ..metrics import bleu4, detect_language, gsm8k_accuracy, rouge
 from ..rundir import Run
 
@@ -36,21 +32,7 @@ TABLE_ROWS = [("perplexity", "perplexity", False), ("rouge1", "ROUGE-1", True), 
 def perplexity(model, tokenizer, cfg: Config) -> float:
     """Token-weighted perplexity of the eval split's responses (labels as in training: the prompt is masked)."""
     eval_ds, _ = tokenize_split(load_splits(cfg).eval, tokenizer, cfg.dataset, "eval")
-    collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    tokenizer.padding_side = "right"
-    device = next(model.parameters()).device
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(eval_ds), cfg.eval.batch_size):
-            batch = collate([eval_ds[i] for i in range(start, min(start + cfg.eval.batch_size, len(eval_ds)))])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            labels = batch["labels"][:, 1:]
-            nll += torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                                     ignore_index=-100, reduction="sum").item()
-            count += int((labels != -100).sum())
-    tokenizer.padding_side = "left"
-    return math.exp(nll / count)
+    return teacher_forced(model, list(eval_ds), cfg.eval.batch_size, tokenizer.pad_token_id, keep=0)[0]
 
 
 def evaluate_mode(cfg: Config, run: Run, mode: InferenceMode, metrics: list[str]) -> tuple[dict, list[dict]]:
