@@ -43,6 +43,19 @@ class InferenceMode(Enum):
     base = "base"  # the base model alone, no adapter (the "before" of a comparison)
 
 
+class KbitPreparation(Enum):
+    # The QLoRA paper's peft.prepare_model_for_kbit_training: norms, embedding and LM head upcast to fp32.
+    # Costs ~2x step time and, with a large vocabulary, more memory than LoRA itself.
+    fp32_upcast = "fp32_upcast"
+    keep_dtype = "keep_dtype"  # every weight stays in the model dtype (bf16 on a GPU): the fast recipe
+
+
+class Kernels(Enum):
+    auto = "auto"  # Liger kernels on CUDA when liger-kernel is installed and knows the architecture, else none
+    liger = "liger"  # require Liger kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy): fail if unavailable
+    none = "none"  # transformers' own modules
+
+
 class MergeBase(Enum):
     original = "original"  # merge into the unquantized base weights
     dequantized = "dequantized"  # merge into quantize->dequantize(base): the weights QLoRA trained against
@@ -57,7 +70,8 @@ class ModelConfig:
     random_init: dict[str, Any] | None = None
     tokenizer: str | None = None  # defaults to name_or_path
     dtype: str = "auto"  # auto: bf16 on a GPU that supports it, else fp32
-    attn_implementation: str = "sdpa"
+    # auto: flex_attention on CUDA for packed rows (example boundaries cost nothing there), else sdpa
+    attn_implementation: str = "auto"
     trust_remote_code: bool = False
 
 
@@ -66,7 +80,10 @@ class QuantizationConfig:
     method: QuantMethod = QuantMethod.none
     double_quant: bool | None = None  # 4-bit only; the QLoRA paper uses true
     compute_dtype: str = "auto"  # 4-bit matmul dtype; auto = the model dtype
-    storage_dtype: str | None = None  # 4-bit packed storage dtype (bnb_4bit_quant_storage), e.g. bfloat16 for FSDP
+    # 4-bit packed storage dtype (bnb_4bit_quant_storage): auto = the model dtype (one dtype in the whole model, as
+    # FSDP needs); null = bitsandbytes' uint8. The same bits either way: it changes the container, not the maths.
+    storage_dtype: str | None = None
+    preparation: KbitPreparation = KbitPreparation.keep_dtype  # set by the recipe group (recipe=paper|fast)
     int8_threshold: float | None = None  # int8 only: LLM.int8() outlier threshold (bitsandbytes default 6.0)
 
 
@@ -101,23 +118,29 @@ class DatasetConfig:
     eval_size: int = 50
     seed: int = 42  # subset selection; the same for every job of a sweep
     train_on_prompt: bool = False  # false: labels are -100 on the prompt, the loss covers the response only
-    pack: bool = False  # concatenate tokenized examples into max_seq_length blocks (standard packing, no padding)
+    # true: whole examples share rows of up to max_seq_length tokens with no padding; position ids restart and
+    # attention stops at every example boundary, so each example's loss is what it would be alone
+    pack: bool = False
 
 
 @dataclass
 class TrainConfig:
     max_steps: int = -1  # > 0 overrides epochs
     epochs: float = 1.0
-    batch_size: int = 4
+    batch_size: Any = 4  # rows per device and step, or `auto`: the largest that fits, halving from 64 on OOM
     grad_accum: int = 1
     learning_rate: float = 2e-4
     scheduler: str = "constant"
     warmup_steps: float = 0  # an int: steps; a float in (0, 1): a fraction of training (HF 5.x)
     weight_decay: float = 0.0
     max_grad_norm: float = 0.3  # QLoRA paper
-    optim: str = "adamw_torch"
+    optim: str = "auto"  # any TrainingArguments optim; auto: adamw_torch_fused on CUDA, adamw_torch on CPU
     seed: int = 42
     gradient_checkpointing: bool = False
+    checkpoint_every_n_layers: int = 1  # with gradient_checkpointing: recompute only every n-th decoder layer
+    activation_offload: bool = False  # with gradient_checkpointing: keep the checkpointed inputs in host memory
+    kernels: Kernels = Kernels.auto
+    peak_tflops: float | None = None  # for MFU; None: the datasheet's dense bf16 figure for known GPUs
     logging_steps: int = 5
     eval_steps: int | None = None  # None: evaluate at the end only
     save_steps: int | None = None  # None: save the final adapter only
@@ -183,6 +206,7 @@ class PathsConfig:
 @dataclass
 class Config:
     name: str = "run"  # names the output folder; experiments set it
+    recipe: str = "fast"  # the name of the training recipe group chosen (conf/recipe/), for reports
     run_dir: str | None = None  # an earlier run to continue from (merge/infer/evaluate/chat); None = this job's dir
     model: ModelConfig = field(default_factory=ModelConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
@@ -242,10 +266,31 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "quantization.compute_dtype needs a quantized base; with quantization=none set model.dtype instead."
         )
-    for key, value in (("lora.r", cfg.lora.r), ("train.batch_size", cfg.train.batch_size),
-                       ("train.grad_accum", cfg.train.grad_accum), ("dataset.max_seq_length", cfg.dataset.max_seq_length)):
+    if q.storage_dtype not in (None, "auto", "uint8", "bfloat16", "float16", "float32"):
+        raise ConfigError(f"quantization.storage_dtype={q.storage_dtype} is not a storage dtype; use auto (the model "
+                          f"dtype), uint8, bfloat16, float16, float32 or null.")
+    batch = cfg.train.batch_size
+    if batch != "auto" and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise ConfigError(f"train.batch_size must be a positive integer or auto (got {batch!r}).")
+    for key, value in (("lora.r", cfg.lora.r), ("train.grad_accum", cfg.train.grad_accum),
+                       ("train.checkpoint_every_n_layers", cfg.train.checkpoint_every_n_layers),
+                       ("dataset.max_seq_length", cfg.dataset.max_seq_length)):
         if value < 1:
             raise ConfigError(f"{key} must be a positive integer (got {value}).")
+    if cfg.train.activation_offload and not cfg.train.gradient_checkpointing:
+        raise ConfigError("train.activation_offload moves the checkpointed activations to the host, so it needs "
+                          "train.gradient_checkpointing=true; set that or drop train.activation_offload.")
+    if Kernels(cfg.train.kernels) is Kernels.liger:
+        import importlib.util
+
+        import torch
+
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise ConfigError("train.kernels=liger needs the liger-kernel package: `pip install liger-kernel` (or "
+                              "`make setup EXTRAS=gpu`), or use train.kernels=auto to run without it.")
+        if not torch.cuda.is_available():
+            raise ConfigError("train.kernels=liger needs a CUDA GPU (Liger's kernels are Triton GPU kernels); use "
+                              "train.kernels=auto, which turns them off on a CPU.")
     if cfg.dataset.size is not None and cfg.dataset.size < 1:
         raise ConfigError(f"dataset.size must be a positive number of examples or null for all (got {cfg.dataset.size}).")
     if cfg.dataset.eval_size < 1:

@@ -159,21 +159,54 @@ def tokenize_split(rows: Dataset, tokenizer, d: DatasetConfig, split: str) -> tu
              f"data/{split}_dropped": dropped, f"data/{split}_tokens": sum(len(x) for x in kept["input_ids"])}
     kept = kept.remove_columns(["truncated", "trainable"])
     if d.pack:
-        kept = pack_blocks(kept, d.max_seq_length, split)
-        stats[f"data/{split}_blocks"] = len(kept)
+        kept = pack_examples(kept, d.max_seq_length)
+        stats[f"data/{split}_rows"] = len(kept)
+        stats[f"data/{split}_row_fill"] = stats[f"data/{split}_tokens"] / (len(kept) * d.max_seq_length)
     return kept, stats
 
 
-def pack_blocks(ds: Dataset, block: int, split: str) -> Dataset:
-    """Standard packing (transformers' run_clm `group_texts`): concatenate the examples, each ending in EOS, and cut
-    the stream into rows of exactly `block` tokens, so that no step wastes time on padding. The last partial block
-    is dropped. The prompt masking of every example is kept."""
-    ids = [t for row in ds["input_ids"] for t in row]
-    labels = [t for row in ds["labels"] for t in row]
-    n = len(ids) // block
-    if n == 0:
-        raise ConfigError(f"dataset.pack: the {split} split has {len(ids)} tokens, less than one block of "
-                          f"dataset.max_seq_length={block}; use more examples or a smaller max_seq_length.")
-    return Dataset.from_dict({"input_ids": [ids[i * block:(i + 1) * block] for i in range(n)],
-                              "attention_mask": [[1] * block for _ in range(n)],
-                              "labels": [labels[i * block:(i + 1) * block] for i in range(n)]})
+def pack_examples(ds: Dataset, max_len: int) -> Dataset:
+    """Packing that keeps examples apart: whole examples, in data order, fill rows of up to `max_len` tokens (a new
+    row starts when the next example does not fit). Each row keeps its examples' lengths, so that the collator can
+    restart position ids and attention at every boundary. Written by hand: transformers' DataCollatorWithFlattening
+    flattens a batch of examples, but has no notion of fixed-size rows to batch by."""
+    rows, current = [], {"input_ids": [], "labels": [], "lengths": []}
+    for ids, labels in zip(ds["input_ids"], ds["labels"], strict=True):
+        if current["lengths"] and len(current["input_ids"]) + len(ids) > max_len:
+            rows.append(current)
+            current = {"input_ids": [], "labels": [], "lengths": []}
+        current["input_ids"] += ids
+        current["labels"] += labels
+        current["lengths"].append(len(ids))
+    rows.append(current)
+    return Dataset.from_list(rows)
+
+
+class PackedCollator:
+    """A batch of packed rows -> one [1, tokens] sequence with position ids restarting at every example, no
+    attention mask and no padding (transformers' DataCollatorWithFlattening, fed the rows' examples). The attention
+    implementations read the restarts as boundaries; the first label of each example is -100, so no token is
+    predicted across one."""
+
+    def __init__(self):
+        from transformers import DataCollatorWithFlattening
+
+        self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+
+    def __call__(self, rows: list[dict]) -> dict:
+        examples = []
+        for row in rows:
+            start = 0
+            for n in row["lengths"]:
+                examples.append({"input_ids": row["input_ids"][start:start + n],
+                                 "labels": row["labels"][start:start + n]})
+                start += n
+        return self.flatten(examples)
+
+
+def mean_context(ds: Dataset) -> float:
+    """Mean number of tokens each token attends to (itself and those before it in its example): the attention
+    term of the FLOPs per token. Packed rows count per example, since attention stops at each boundary."""
+    lengths = [n for row in ds["lengths"] for n in row] if "lengths" in ds.column_names else \
+        [len(ids) for ids in ds["input_ids"]]
+    return sum(n * (n + 1) / 2 for n in lengths) / max(sum(lengths), 1)

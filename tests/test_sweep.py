@@ -156,20 +156,3 @@ def test_isolated_launcher_runs_each_job_in_its_own_process_and_survives_a_dead_
     dead = json.loads((jobs[1] / "run.json").read_text())
     assert dead["status"] == "failed" and "process died" in dead["error"]
     assert not (jobs[0] / "run.json").exists() and not (jobs[2] / "run.json").exists()
-
-
-def test_pack_blocks_concatenates_examples_into_full_blocks():
-    from datasets import Dataset
-
-    from qlora_lab.config import ConfigError
-    from qlora_lab.data import pack_blocks
-
-    ds = Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9]],
-                            "attention_mask": [[1] * 3, [1] * 2, [1] * 4],
-                            "labels": [[-100, 2, 3], [-100, 5], [-100, -100, 8, 9]]})
-    packed = pack_blocks(ds, 4, "train")
-    assert packed["input_ids"] == [[1, 2, 3, 4], [5, 6, 7, 8]]  # the last partial block (9) is dropped
-    assert packed["labels"] == [[-100, 2, 3, -100], [5, -100, -100, 8]]  # prompt masking kept
-    assert packed["attention_mask"] == [[1] * 4] * 2
-    with pytest.raises(ConfigError, match="dataset.max_seq_length=16"):
-        pack_blocks(ds, 16, "eval")

@@ -9,26 +9,28 @@ import hashlib
 import logging
 import math
 import os
-import statistics
 import time
 
 import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from ..config import Config, QuantMethod
-from ..data import file_sha256, load_splits, tokenize_split
+from ..data import PackedCollator, file_sha256, load_splits, mean_context, tokenize_split
 from ..models import (
     attach_lora,
     count_params,
+    liger_kernels,
     load_model,
     load_tokenizer,
     memory_footprint_gib,
     model_path,
     tokenizer_path,
 )
+from ..perf import flops_per_token, peak_tflops, step_time_spread
 from ..rundir import Run, peak_memory_gib
 
 log = logging.getLogger(__name__)
+AUTO_BATCH_START = 64  # train.batch_size=auto tries this many rows per device first, then halves on OOM
 
 
 class StepTimer(TrainerCallback):
@@ -48,6 +50,10 @@ class StepTimer(TrainerCallback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # train.batch_size=auto restarts the loop with a smaller batch after an out-of-memory error
+        self.step_s, self.step_tokens, self._seen = [], [], state.num_input_tokens_seen
+
     def on_step_begin(self, args, state, control, **kwargs):
         self._sync()
         self._t0 = time.perf_counter()
@@ -58,13 +64,28 @@ class StepTimer(TrainerCallback):
         self.step_tokens.append(state.num_input_tokens_seen - self._seen)
         self._seen = state.num_input_tokens_seen
 
-    def summary(self, skip: int, samples_per_step: int) -> dict:
+    def summary(self, skip: int, samples_per_step: int, world_size: int) -> dict:
         """Speed over the steps after the first `skip` (all steps if there are not more than that)."""
         s, t = (self.step_s[skip:], self.step_tokens[skip:]) if len(self.step_s) > skip else (self.step_s, self.step_tokens)
         if not s:
             return {}
-        return {"train/tokens_per_s": sum(t) / sum(s), "train/samples_per_s": samples_per_step * len(s) / sum(s),
-                "train/step_time_median_s": statistics.median(s), "train/timed_steps": len(s)}
+        return {"train/tokens_per_s": sum(t) / sum(s), "train/tokens_per_s_per_gpu": sum(t) / sum(s) / world_size,
+                "train/samples_per_s": samples_per_step * len(s) / sum(s), "train/timed_steps": len(s),
+                "train/timed_tokens": sum(t)} | step_time_spread(s)
+
+
+def utilisation(metrics: dict, model, trainable: int, context: float, peak_override: float | None) -> dict:
+    """Model FLOPs per token and, on a GPU with a known peak, MFU (formula in qlora_lab/perf.py)."""
+    per_gpu = metrics.get("train/tokens_per_s_per_gpu")
+    if per_gpu is None:
+        return {}
+    flops = flops_per_token(model.config, trainable, context)
+    out = {"perf/flops_per_token": flops, "perf/mean_context": context,
+           "perf/model_tflops_per_s_per_gpu": per_gpu * flops / 1e12}
+    peak, source = peak_tflops(peak_override)
+    if peak:
+        out |= {"perf/peak_tflops": peak, "perf/peak_source": source, "perf/mfu": per_gpu * flops / 1e12 / peak}
+    return out
 
 
 def check_ranks_agree(model, world_size: int) -> dict:
@@ -78,6 +99,13 @@ def check_ranks_agree(model, world_size: int) -> dict:
     gathered = gather_object([(h.hexdigest(), peak_memory_gib()["memory/peak_gib"])])
     return {"distributed/world_size": world_size, "distributed/adapters_identical": len({d for d, _ in gathered}) == 1,
             "distributed/adapter_sha256": [d[:16] for d, _ in gathered], "memory/peak_gib_per_rank": [p for _, p in gathered]}
+
+
+def optimizer(name: str) -> str:
+    """`auto`: fused AdamW on CUDA (one kernel for all adapter tensors, not several per tensor), else adamw_torch."""
+    if name != "auto":
+        return name
+    return "adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch"
 
 
 def precision_flags(precision: str) -> dict:
@@ -108,21 +136,33 @@ def run(cfg: Config, run: Run):
     footprint = memory_footprint_gib(model)
     model = attach_lora(model, cfg)
     trainable, total = count_params(model)
-    mode = "LoRA" if QuantMethod(cfg.quantization.method) is QuantMethod.none else f"QLoRA ({cfg.quantization.method.value})"
+    quantized = QuantMethod(cfg.quantization.method) is not QuantMethod.none
+    mode = f"QLoRA ({cfg.quantization.method.value})" if quantized else "LoRA"
     print(f"{mode}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
           f"base footprint {footprint:.3f} GiB, loaded in {load_s:.1f} s", flush=True)
     run.log({"model/load_s": load_s, "model/footprint_gib": footprint, "params/trainable": trainable,
              "params/total": total})
+    # No KV cache in training: with one, transformers ignores packed position ids and lets examples attend across
+    # their boundaries (recent Trainers set this too)
+    model.config.use_cache = False
+    liger = liger_kernels(cfg, model.config.model_type)
+    print(f"recipe {cfg.recipe}: attention {model.config._attn_implementation}, k-bit preparation "
+          f"{cfg.quantization.preparation.value if quantized else 'n/a (not quantized)'}, optimizer {optimizer(t.optim)}, "
+          f"kernels {'Liger (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy)' if liger else 'transformers'}, "
+          f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}", flush=True)
 
     # ---- trainer
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.dir / "tensorboard")
+    auto_batch = t.batch_size == "auto"
     args = TrainingArguments(
         output_dir=str(run.dir / "checkpoints"),
         max_steps=t.max_steps, num_train_epochs=t.epochs,
-        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+        # batch_size=auto: accelerate's find_executable_batch_size, halving from AUTO_BATCH_START on each OOM
+        per_device_train_batch_size=AUTO_BATCH_START if auto_batch else t.batch_size,
+        per_device_eval_batch_size=1 if auto_batch else t.batch_size, auto_find_batch_size=auto_batch,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate, lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_steps,
-        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, optim=t.optim,
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, optim=optimizer(t.optim),
         seed=t.seed, data_seed=t.seed,  # same seed, same data order in every job of a sweep
         logging_steps=t.logging_steps, logging_first_step=True,
         eval_strategy="steps" if t.eval_steps else "no", eval_steps=t.eval_steps,
@@ -130,13 +170,17 @@ def run(cfg: Config, run: Run):
         # eval_before runs inside train(), after the model is wrapped: a trainer.evaluate() before train() left
         # DDP ranks unsynchronised (measured: different adapters on 2 gloo ranks).
         eval_on_start=t.eval_before,
-        report_to=list(t.report_to), include_num_input_tokens_seen="non_padding",
+        # packed rows hold no padding, and without an attention mask the "non_padding" count would skip every
+        # token equal to the pad token (EOS, for most tokenizers)
+        report_to=list(t.report_to), include_num_input_tokens_seen="all" if cfg.dataset.pack else "non_padding",
+        use_liger_kernel=liger,
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False,
         **precision_flags(t.precision),
     )
     timer = StepTimer()
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+                      data_collator=PackedCollator() if cfg.dataset.pack else
+                      DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
                       callbacks=[timer])
 
     # ---- loop
@@ -146,12 +190,15 @@ def run(cfg: Config, run: Run):
         loss_before = next(h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h)
         run.log({"eval/loss_before": loss_before, "eval/perplexity_before": math.exp(loss_before)})
     eval_loss = trainer.evaluate()["eval_loss"]
+    batch, world = trainer.state.train_batch_size, trainer.accelerator.num_processes  # batch: as found, with auto
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     run.log({"train/loss": result.training_loss, "train/loss_first": losses[0] if losses else None,
              "train/loss_last": losses[-1] if losses else None, "train/steps": trainer.state.global_step,
              "train/runtime_s": result.metrics.get("train_runtime"), "train/tokens_seen": trainer.state.num_input_tokens_seen,
-             "eval/loss": eval_loss, "eval/perplexity": math.exp(eval_loss)}
-            | timer.summary(t.speed_skip_steps, t.batch_size * t.grad_accum * trainer.accelerator.num_processes))
+             "eval/loss": eval_loss, "eval/perplexity": math.exp(eval_loss),
+             "train/batch_size": batch}
+            | timer.summary(t.speed_skip_steps, batch * t.grad_accum * world, world))
+    run.log(utilisation(run.metrics, model, trainable, mean_context(train_ds), t.peak_tflops))
     if trainer.accelerator.num_processes > 1:
         run.log(check_ranks_agree(model, trainer.accelerator.num_processes))
 

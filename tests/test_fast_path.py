@@ -1,0 +1,140 @@
+"""The GPU fast path's CPU-checkable parts: packing that keeps examples apart, recipe options, batch_size=auto,
+the FLOPs count behind MFU. GPU-only checks are marked `gpu` and skip without CUDA."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qlora_lab.config import ConfigError, KbitPreparation, Kernels, validate
+from qlora_lab.data import IGNORE_INDEX, PackedCollator, load_splits, mean_context, pack_examples, tokenize_split
+from qlora_lab.models import load_model, load_tokenizer, model_path, tokenizer_path
+
+from .conftest import TINY, make_cfg
+
+
+def test_pack_examples_fills_rows_in_order_without_splitting_examples():
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]],
+                            "labels": [[-100, 2, 3], [-100, 5], [-100, -100, 8, 9], [10]]})
+    rows = pack_examples(ds, 5)
+    assert rows["input_ids"] == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
+    assert rows["lengths"] == [[3, 2], [4, 1]]
+    assert rows["labels"] == [[-100, 2, 3, -100, 5], [-100, -100, 8, 9, 10]]  # prompt masking kept
+    batch = PackedCollator()(list(rows))
+    assert batch["input_ids"].shape == (1, 10) and "attention_mask" not in batch
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3, 0]]  # restarts at every example
+    # the first token of each example is never a target: nothing is predicted across a boundary
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5, IGNORE_INDEX, -100, 8, 9, IGNORE_INDEX]]
+    assert mean_context(rows) == pytest.approx((6 + 3 + 10 + 1) / 10)
+
+
+def _per_example_losses(logits: torch.Tensor, labels: torch.Tensor, lengths: list[int]) -> list[float]:
+    """Mean next-token loss of each example in one flat sequence (the HF shift: logits[i] predicts labels[i+1])."""
+    losses, start = [], 0
+    for n in lengths:
+        lg, lb = logits[start:start + n - 1], labels[start + 1:start + n]
+        losses.append(torch.nn.functional.cross_entropy(lg.double(), lb, ignore_index=IGNORE_INDEX).item())
+        start += n
+    return losses
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_losses_equal_unpacked_per_example(attn):
+    cfg = make_cfg([*TINY, "quantization=none", "dataset.pack=true", "dataset.max_seq_length=1024",
+                    f"model.attn_implementation={attn}"])
+    tokenizer = load_tokenizer(tokenizer_path(cfg))
+    split = load_splits(cfg).train.select(range(12))
+    rows, _ = tokenize_split(split, tokenizer, cfg.dataset, "train")
+    assert all(len(lengths) > 1 for lengths in rows["lengths"][:2])  # the rows really hold several examples
+    torch.manual_seed(0)
+    model = load_model(model_path(cfg), cfg).float().eval()
+    batch = PackedCollator()(list(rows.select(range(2))))
+    lengths = [n for row in rows["lengths"][:2] for n in row]
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        packed_losses = _per_example_losses(packed, batch["labels"][0], lengths)
+        alone_losses, start = [], 0
+        for n in lengths:
+            ids = batch["input_ids"][:, start:start + n]
+            logits = model(input_ids=ids).logits[0]
+            alone_losses += _per_example_losses(logits, batch["labels"][0, start:start + n], [n])
+            start += n
+    assert len(packed_losses) == len(lengths) > 2
+    assert packed_losses == pytest.approx(alone_losses, abs=1e-5)
+
+
+def test_recipes_compose_and_validate():
+    fast, paper = make_cfg([]), make_cfg(["recipe=paper"])
+    validate(fast), validate(paper)
+    assert (fast.recipe, paper.recipe) == ("fast", "paper")
+    assert fast.quantization.preparation is KbitPreparation.keep_dtype
+    assert paper.quantization.preparation is KbitPreparation.fp32_upcast
+    assert (fast.train.optim, paper.train.optim) == ("auto", "adamw_torch")
+    assert (fast.train.kernels, paper.train.kernels) == (Kernels.auto, Kernels.none)
+    assert (fast.model.attn_implementation, paper.model.attn_implementation) == ("auto", "sdpa")
+    assert fast.lora == paper.lora and fast.train.learning_rate == paper.train.learning_rate  # no hyperparameters
+    # a command-line value still wins over the recipe
+    assert make_cfg(["recipe=paper", "train.optim=adamw_torch_fused"]).train.optim == "adamw_torch_fused"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU / no-package message")
+def test_liger_requested_where_it_cannot_run_is_one_sentence():
+    with pytest.raises(ConfigError, match=r"^train\.kernels=liger needs .*train\.kernels=auto"):
+        validate(make_cfg(["train.kernels=liger"]))
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["train.batch_size=0"], "train.batch_size"),
+    (["train.batch_size=biggest"], "train.batch_size"),
+    (["train.checkpoint_every_n_layers=0"], "train.checkpoint_every_n_layers"),
+    (["train.activation_offload=true"], "train.activation_offload"),
+    (["quantization.storage_dtype=int4"], "quantization.storage_dtype"),
+])
+def test_fast_path_options_are_checked(overrides, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        validate(make_cfg(overrides))
+
+
+def test_llama3_8b_matmul_weights_and_flops_per_token():
+    from transformers import AutoConfig
+
+    from qlora_lab.perf import flops_per_token, matmul_params
+
+    spec = dict(make_cfg(["model=llama3_8b_random"]).model.random_init)
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    # Llama-3-8B: 8,030,261,248 parameters, less the embedding (a lookup) and 65 RMSNorm weights of 4,096
+    assert matmul_params(config) == 8_030_261_248 - 128_256 * 4_096 - 65 * 4_096 == 7_504_658_432
+    assert flops_per_token(config, 0, 100.0) == 4 * 7_504_658_432 + 12 * 32 * 4096 * 100
+
+
+@pytest.mark.slow
+def test_batch_size_auto_and_speed_figures_on_cpu(tmp_path):
+    from .conftest import cli
+
+    out = cli(*TINY, "quantization=none", "dataset.pack=true", "train.batch_size=auto", "train.max_steps=3",
+              "train.speed_skip_steps=0", "train.eval_before=false", f"hydra.run.dir={tmp_path / 'run'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["train/batch_size"] == 64  # nothing runs out of memory on a CPU: the first size tried
+    assert metrics["train/step_time_min_s"] <= metrics["train/step_time_median_s"] <= metrics["train/step_time_max_s"]
+    assert metrics["train/timed_steps"] == 3 and metrics["perf/flops_per_token"] > 0
+    assert "perf/mfu" not in metrics  # no peak figure for a CPU
+    assert "recipe fast: attention sdpa" in out.stdout and "kernels transformers" in out.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fast_recipe_on_cuda_uses_liger_flex_and_fused_adamw(tmp_path):
+    from .conftest import cli
+
+    pytest.importorskip("liger_kernel")
+    out = cli(*TINY, "quantization=nf4", "dataset.pack=true", "train.max_steps=3", f"hydra.run.dir={tmp_path / 'r'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "attention flex_attention" in out.stdout and "optimizer adamw_torch_fused" in out.stdout
+    assert "kernels Liger" in out.stdout
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert 0 < metrics["perf/mfu"] < 1 and metrics["memory/peak_reserved_gib"] >= metrics["memory/peak_gib"]
