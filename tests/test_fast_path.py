@@ -30,6 +30,9 @@ def test_pack_examples_fills_rows_in_order_without_splitting_examples():
     # the first token of each example is never a target: nothing is predicted across a boundary
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5, IGNORE_INDEX, -100, 8, 9, IGNORE_INDEX]]
     assert mean_context(rows) == pytest.approx((6 + 3 + 10 + 1) / 10)
+    # first fit: a short example fills the gap an earlier long one left open
+    ds = Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5, 6, 7], [8, 9]], "labels": [[1, 2, 3], [4, 5, 6, 7], [8, 9]]})
+    assert pack_examples(ds, 5)["lengths"] == [[3, 2], [4]]
 
 
 def _per_example_losses(logits: torch.Tensor, labels: torch.Tensor, lengths: list[int]) -> list[float]:
