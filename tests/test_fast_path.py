@@ -78,7 +78,6 @@ def test_recipes_compose_and_validate():
     assert paper.quantization.preparation is KbitPreparation.fp32_upcast
     assert (fast.train.optim, paper.train.optim) == ("auto", "adamw_torch")
     assert (fast.train.kernels, paper.train.kernels) == (Kernels.auto, Kernels.none)
-    assert (fast.model.attn_implementation, paper.model.attn_implementation) == ("auto", "sdpa")
     assert fast.lora == paper.lora and fast.train.learning_rate == paper.train.learning_rate  # no hyperparameters
     # a command-line value still wins over the recipe
     assert make_cfg(["recipe=paper", "train.optim=adamw_torch_fused"]).train.optim == "adamw_torch_fused"
@@ -127,17 +126,18 @@ def test_batch_size_auto_and_speed_figures_on_cpu(tmp_path):
     assert metrics["train/timed_steps"] == 3 and metrics["perf/flops_per_token"] > 0
     assert "perf/mfu" not in metrics  # no peak figure for a CPU
     assert "recipe fast: attention sdpa" in out.stdout and "kernels transformers" in out.stdout
+    assert len(metrics["train/step_times_s"]) == 3
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fast_recipe_on_cuda_uses_liger_flex_and_fused_adamw(tmp_path):
+def test_fast_recipe_on_cuda_uses_liger_and_fused_adamw(tmp_path):
     from .conftest import cli
 
     pytest.importorskip("liger_kernel")
     out = cli(*TINY, "quantization=nf4", "dataset.pack=true", "train.max_steps=3", f"hydra.run.dir={tmp_path / 'r'}")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "attention flex_attention" in out.stdout and "optimizer adamw_torch_fused" in out.stdout
+    assert "optimizer adamw_torch_fused" in out.stdout
     assert "kernels Liger" in out.stdout
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert 0 < metrics["perf/mfu"] < 1 and metrics["memory/peak_reserved_gib"] >= metrics["memory/peak_gib"]

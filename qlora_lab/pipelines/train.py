@@ -71,7 +71,7 @@ class StepTimer(TrainerCallback):
             return {}
         return {"train/tokens_per_s": sum(t) / sum(s), "train/tokens_per_s_per_gpu": sum(t) / sum(s) / world_size,
                 "train/samples_per_s": samples_per_step * len(s) / sum(s), "train/timed_steps": len(s),
-                "train/timed_tokens": sum(t)} | step_time_spread(s)
+                "train/timed_tokens": sum(t), "train/step_times_s": [round(x, 4) for x in s]} | step_time_spread(s)
 
 
 def utilisation(metrics: dict, model, trainable: int, context: float, peak_override: float | None) -> dict:
