@@ -48,6 +48,12 @@ case $stage in
     python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference_probe.jsonl"
     python3 experiments/fast_path/probe.py +experiment=lora_vs_qlora_gpu_8b quantization=nf4 dataset.size=400 2>&1 |
       tee "$OUT/probe.log" | grep -E '^\{|packed rows' ;;
+  profile)
+    m=$(model_dir +experiment=lora_vs_qlora_gpu_8b)
+    python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference_profile.jsonl"
+    one profiled +experiment=lora_vs_qlora_gpu_8b quantization=nf4 dataset.size=400 train.profile=true
+    cp /root/runs/profiled/profile.txt "$OUT/"; head -n 50 "$OUT/profile.txt"
+    one noclip +experiment=lora_vs_qlora_gpu_8b quantization=nf4 dataset.size=400 train.max_grad_norm=0 ;;
   packing)
     m=$(model_dir +experiment=lora_vs_qlora_gpu_8b)
     python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference_packing.jsonl"

@@ -142,6 +142,7 @@ class TrainConfig:
     activation_offload: bool = False  # with gradient_checkpointing: keep the checkpointed inputs in host memory
     kernels: Kernels = Kernels.auto
     peak_tflops: float | None = None  # for MFU; None: the datasheet's dense bf16 figure for known GPUs
+    profile: bool = False  # torch.profiler over 3 steps after the warm-up: profile.txt + a Chrome trace in the run dir
     logging_steps: int = 5
     eval_steps: int | None = None  # None: evaluate at the end only
     save_steps: int | None = None  # None: save the final adapter only

@@ -30,6 +30,7 @@ from ..perf import flops_per_token, peak_tflops, step_time_spread
 from ..rundir import Run, peak_memory_gib
 
 log = logging.getLogger(__name__)
+PROFILE_STEPS = 3  # train.profile: optimizer steps recorded
 AUTO_BATCH_START = 64  # train.batch_size=auto tries this many rows per device first, then halves on OOM
 
 
@@ -86,6 +87,31 @@ def utilisation(metrics: dict, model, trainable: int, context: float, peak_overr
     if peak:
         out |= {"perf/peak_tflops": peak, "perf/peak_source": source, "perf/mfu": per_gpu * flops / 1e12 / peak}
     return out
+
+
+class StepProfiler(TrainerCallback):
+    """train.profile: torch.profiler over PROFILE_STEPS optimizer steps after the warm-up; writes profile.txt (ops
+    by total device time, then by CPU time) and a Chrome trace (profile_trace.json) into the run dir."""
+
+    def __init__(self, out_dir, start: int):
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self.out_dir, self.start = out_dir, start
+        self.prof = profile(activities=activities, schedule=schedule(wait=start, warmup=1, active=PROFILE_STEPS))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.prof.start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.prof.step()
+        if state.global_step == self.start + 1 + PROFILE_STEPS:
+            self.prof.stop()
+            device_sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+            table = self.prof.key_averages()
+            (self.out_dir / "profile.txt").write_text(
+                table.table(sort_by=device_sort, row_limit=40) + "\n" + table.table(sort_by="cpu_time_total", row_limit=40))
+            self.prof.export_chrome_trace(str(self.out_dir / "profile_trace.json"))
 
 
 def check_ranks_agree(model, world_size: int) -> dict:
@@ -181,7 +207,7 @@ def run(cfg: Config, run: Run):
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                       data_collator=PackedCollator() if cfg.dataset.pack else
                       DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-                      callbacks=[timer])
+                      callbacks=[timer] + ([StepProfiler(run.dir, t.speed_skip_steps)] if t.profile else []))
 
     # ---- loop
     result = trainer.train()
