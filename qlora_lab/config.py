@@ -148,6 +148,7 @@ class TrainConfig:
     save_steps: int | None = None  # None: save the final adapter only
     save_total_limit: int = 2
     precision: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: bf16 on a GPU that supports it, fp32 on CPU)
+    autocast: bool = True  # set by the recipe; false: no torch.autocast, each op in its weights' dtype
     eval_before: bool = True  # eval/loss_before: the base model's eval loss, before any training
     speed_skip_steps: int = 2  # first steps left out of the speed figures (compilation, allocator warm-up)
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])

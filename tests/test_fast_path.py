@@ -78,6 +78,7 @@ def test_recipes_compose_and_validate():
     assert paper.quantization.preparation is KbitPreparation.fp32_upcast
     assert (fast.train.optim, paper.train.optim) == ("auto", "adamw_torch")
     assert (fast.train.kernels, paper.train.kernels) == (Kernels.auto, Kernels.none)
+    assert (fast.train.autocast, paper.train.autocast) == (False, True)
     assert fast.lora == paper.lora and fast.train.learning_rate == paper.train.learning_rate  # no hyperparameters
     # a command-line value still wins over the recipe
     assert make_cfg(["recipe=paper", "train.optim=adamw_torch_fused"]).train.optim == "adamw_torch_fused"

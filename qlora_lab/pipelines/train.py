@@ -134,7 +134,12 @@ def optimizer(name: str) -> str:
     return "adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch"
 
 
-def precision_flags(precision: str) -> dict:
+def precision_flags(precision: str, autocast: bool) -> dict:
+    """The Trainer's mixed-precision flags. Without autocast the step runs in the weights' own dtypes (bf16 base,
+    fp32 adapters, as PEFT keeps them): the same maths with about half the CPU work per op, and the 8B step was
+    CPU-bound (profiled: 0.58 s of GPU work in a 0.95 s step)."""
+    if not autocast:
+        return {"bf16": False, "fp16": False}
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
@@ -175,6 +180,7 @@ def run(cfg: Config, run: Run):
     print(f"recipe {cfg.recipe}: attention {model.config._attn_implementation}, k-bit preparation "
           f"{cfg.quantization.preparation.value if quantized else 'n/a (not quantized)'}, optimizer {optimizer(t.optim)}, "
           f"kernels {'Liger (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy)' if liger else 'transformers'}, "
+          f"autocast {'on' if t.autocast else 'off'}, "
           f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}", flush=True)
 
     # ---- trainer
@@ -201,7 +207,7 @@ def run(cfg: Config, run: Run):
         report_to=list(t.report_to), include_num_input_tokens_seen="all" if cfg.dataset.pack else "non_padding",
         use_liger_kernel=liger,
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False,
-        **precision_flags(t.precision),
+        **precision_flags(t.precision, t.autocast),
     )
     timer = StepTimer()
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
