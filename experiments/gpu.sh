@@ -42,7 +42,11 @@ case $stage in
     m=$(model_dir +experiment=lora_vs_qlora_gpu_$size)
     echo "model folder: $m"
     python3 experiments/lora_vs_qlora/reference_loop.py "$m" | tee "$OUT/reference_$size.jsonl"
-    sweep gpu_$size +experiment=lora_vs_qlora_gpu_$size ;;
+    sweep gpu_$size +experiment=lora_vs_qlora_gpu_$size
+    # the sweep's fast QLoRA job against padded batches of the same 400 examples (16 hold about as many real
+    # tokens as 2 packed rows)
+    [ "$size" = 8b ] && one padded_$size +experiment=lora_vs_qlora_gpu_$size quantization=nf4 dataset.size=400 \
+      dataset.pack=false train.batch_size=16 ;;
   probe)
     m=$(model_dir +experiment=lora_vs_qlora_gpu_8b)
     python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference_probe.jsonl"

@@ -24,11 +24,14 @@ def test_pack_examples_fills_rows_in_order_without_splitting_examples():
     assert rows["input_ids"] == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
     assert rows["lengths"] == [[3, 2], [4, 1]]
     assert rows["labels"] == [[-100, 2, 3, -100, 5], [-100, -100, 8, 9, 10]]  # prompt masking kept
-    batch = PackedCollator()(list(rows))
-    assert batch["input_ids"].shape == (1, 10) and "attention_mask" not in batch
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3, 0]]  # restarts at every example
+    batch = PackedCollator(pad_id=0)(list(rows))
+    assert batch["input_ids"].shape == (1, 64) and "attention_mask" not in batch  # aligned to 64 tokens
+    # restarts at every example; the alignment tokens continue the last example
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3, *range(55)]]
+    assert batch["input_ids"][0, 10:].tolist() == [0] * 54
     # the first token of each example is never a target: nothing is predicted across a boundary
-    assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5, IGNORE_INDEX, -100, 8, 9, IGNORE_INDEX]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5, IGNORE_INDEX, -100, 8, 9, IGNORE_INDEX]
+                                        + [IGNORE_INDEX] * 54]
     assert mean_context(rows) == pytest.approx((6 + 3 + 10 + 1) / 10)
     # first fit: a short example fills the gap an earlier long one left open
     ds = Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5, 6, 7], [8, 9]], "labels": [[1, 2, 3], [4, 5, 6, 7], [8, 9]]})
@@ -55,8 +58,9 @@ def test_packed_losses_equal_unpacked_per_example(attn):
     assert all(len(lengths) > 1 for lengths in rows["lengths"][:2])  # the rows really hold several examples
     torch.manual_seed(0)
     model = load_model(model_path(cfg), cfg).float().eval()
-    batch = PackedCollator()(list(rows.select(range(2))))
+    batch = PackedCollator(tokenizer.pad_token_id)(list(rows.select(range(2))))
     lengths = [n for row in rows["lengths"][:2] for n in row]
+    lengths[-1] = batch["input_ids"].shape[1] - sum(lengths[:-1])  # the alignment tokens: part of the last example
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
         packed_losses = _per_example_losses(packed, batch["labels"][0], lengths)

@@ -49,7 +49,7 @@ def timed(name, make_batch, model, opt, n_tokens):
 
 tokenizer = load_tokenizer(tokenizer_path(cfg))
 rows, _ = tokenize_split(load_splits(cfg).train, tokenizer, cfg.dataset, "train")
-collate = PackedCollator()
+collate = PackedCollator(tokenizer.pad_token_id)
 batches = [collate([rows[2 * i], rows[2 * i + 1]]) for i in range(len(rows) // 2)]
 fill = sum(b["input_ids"].shape[1] for b in batches) / (len(batches) * 4096)
 print(f"packed rows: {len(rows)}, batches {len(batches)}, mean fill {fill:.3f}", flush=True)
