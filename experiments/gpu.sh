@@ -42,7 +42,7 @@ case $stage in
     m=$(model_dir +experiment=lora_vs_qlora_gpu_$size)
     echo "model folder: $m"
     python3 experiments/lora_vs_qlora/reference_loop.py "$m" | tee "$OUT/reference_$size.jsonl"
-    sweep gpu_$size +experiment=lora_vs_qlora_gpu_$size
+    sweep gpu_$size +experiment=lora_vs_qlora_gpu_$size "${@:2}"
     # the sweep's fast QLoRA job against padded batches of the same 400 examples (16 hold about as many real
     # tokens as 2 packed rows)
     [ "$size" = 8b ] && one padded_$size +experiment=lora_vs_qlora_gpu_$size quantization=nf4 dataset.size=400 \
