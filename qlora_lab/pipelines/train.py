@@ -26,6 +26,7 @@ from ..models import (
     model_path,
     tokenizer_path,
 )
+from ..resume import Progress, last_checkpoint
 from ..rundir import Run, peak_memory_gib
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,8 @@ def run(cfg: Config, run: Run):
     set_seed(t.seed)
 
     # ---- data
+    splits = load_splits(cfg)  # first: a bad data file stops the run before the tokenizer (or a model) loads
     tokenizer = load_tokenizer(tokenizer_path(cfg), cfg.model.trust_remote_code)
-    splits = load_splits(cfg)
     train_ds, train_stats = tokenize_split(splits.train, tokenizer, cfg.dataset, "train")
     eval_ds, eval_stats = tokenize_split(splits.eval, tokenizer, cfg.dataset, "eval")
     run.note(dataset={"files": [str(f) for f in splits.files], "sha256": file_sha256(splits.files),
@@ -115,6 +116,7 @@ def run(cfg: Config, run: Run):
              "params/total": total})
 
     # ---- trainer
+    checkpoint = last_checkpoint(run.dir / "checkpoints") if t.resume else None
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.dir / "tensorboard")
     args = TrainingArguments(
         output_dir=str(run.dir / "checkpoints"),
@@ -129,7 +131,7 @@ def run(cfg: Config, run: Run):
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         # eval_before runs inside train(), after the model is wrapped: a trainer.evaluate() before train() left
         # DDP ranks unsynchronised (measured: different adapters on 2 gloo ranks).
-        eval_on_start=t.eval_before,
+        eval_on_start=t.eval_before and checkpoint is None,  # a resumed run has it in its restored log history
         report_to=list(t.report_to), include_num_input_tokens_seen="non_padding",
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False,
         **precision_flags(t.precision),
@@ -137,10 +139,12 @@ def run(cfg: Config, run: Run):
     timer = StepTimer()
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-                      callbacks=[timer])
+                      callbacks=[timer, Progress(run)])
 
     # ---- loop
-    result = trainer.train()
+    if checkpoint:
+        print(f"resuming from {checkpoint}", flush=True)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if t.eval_before:
         # The step-0 evaluation: LoRA's B matrices start at zero, so this is exactly the base model.
         loss_before = next(h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h)
