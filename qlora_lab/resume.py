@@ -112,8 +112,6 @@ def resume_config(cfg: DictConfig, run_dir: Path, job_dir: Path, overrides: list
         raise ConfigError(f"train.resume=true trains into run_dir={run_dir} itself, but this job's folder is "
                           f"{job_dir}; drop hydra.run.dir.")
     status, _ = run_status(read_json(run_dir / "run.json"))
-    if status == "completed":
-        return None
     if status == "running":
         info = read_json(run_dir / "run.json")
         raise ConfigError(f"run_dir={run_dir} is still running (pid {info.get('pid')} on "
@@ -131,7 +129,7 @@ def resume_config(cfg: DictConfig, run_dir: Path, job_dir: Path, overrides: list
         raise ConfigError(f"{key}={new.get(key)} differs from the run being resumed ({key}={old.get(key)} in "
                           f"{run_dir}/.hydra/config.yaml); a resumed run keeps its own config: drop {key} from the "
                           f"command line, or start a new run.")
-    return resumed
+    return None if status == "completed" else resumed
 
 
 def _flat(tree, prefix: str = "") -> dict:
