@@ -34,9 +34,31 @@ def preflight(cfg: DictConfig) -> None:
         read_prompt_rows(cfg.inference.prompts_file, cfg.paths.root, cfg)
 
 
+def checked_config(cfg: DictConfig, job_dir: Path, overrides: list[str]) -> DictConfig | None:
+    """The config this job really runs, every rule checked and every input file read, before any model loads:
+    the run's own config when resuming (None: it already completed), the fields taken from run_dir otherwise."""
+    from .resume import resume_config
+
+    inherited: list[str] = []
+    try:
+        if cfg.train.resume and cfg.run_dir:
+            cfg = resume_config(cfg, Path(cfg.run_dir), job_dir, overrides)
+            if cfg is None:
+                return None
+        elif cfg.run_dir:
+            cfg, inherited = inherit_from_run(cfg, Path(cfg.run_dir).resolve(), overrides)
+        validate(cfg)
+        preflight(cfg)
+    except ConfigError as e:
+        if inherited:
+            raise ConfigError(explain_inherited(str(e), inherited, cfg.run_dir)) from None
+        raise
+    return cfg
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from .resume import install_signal_handlers, job_to_resume, resume_config
+    from .resume import install_signal_handlers, job_to_resume
 
     hc = HydraConfig.get()
     job_dir = Path(hc.runtime.output_dir)
@@ -47,20 +69,14 @@ def main(cfg: DictConfig) -> None:
         cfg = job_to_resume(cfg, job_dir)
     resume = bool(cfg.train.resume and cfg.run_dir)
     run = Run(dir=job_dir, source=Path(cfg.run_dir).resolve() if cfg.run_dir else job_dir)
-    inherited: list[str] = []
     try:
-        if resume:
-            resumed = resume_config(cfg, Path(cfg.run_dir), job_dir, overrides)
-            if resumed is None:
-                print(f"{cfg.run_dir} already completed: nothing to resume.", flush=True)
-                return
-            cfg = resumed
-        elif cfg.run_dir:
-            cfg, inherited = inherit_from_run(cfg, run.source, overrides)
-            if (job_dir / ".hydra").is_dir() and is_main_process():
-                OmegaConf.save(cfg, job_dir / ".hydra" / "config.yaml")  # what this job really used
-        validate(cfg)
-        preflight(cfg)
+        checked = checked_config(cfg, job_dir, overrides)
+        if checked is None:
+            print(f"{cfg.run_dir} already completed: nothing to resume.", flush=True)
+            return
+        cfg = checked
+        if cfg.run_dir and not resume and (job_dir / ".hydra").is_dir() and is_main_process():
+            OmegaConf.save(cfg, job_dir / ".hydra" / "config.yaml")  # what this job really used
         run.start(cfg, resume=resume)
         from .pipelines import get_stage
 
@@ -81,8 +97,7 @@ def main(cfg: DictConfig) -> None:
             if multirun:
                 return
             sys.exit(130)
-        message = explain_inherited(str(e), inherited, cfg.run_dir) if inherited else str(e)
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         if multirun:
             return  # the sweep goes on; the report lists this job as failed with its error
         sys.exit(2)

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
 from .config import Config, ConfigError
-from .rundir import Run, inherit_from_run, read_json, run_status
+from .rundir import Run, inherit_from_run, named_on_command_line, read_json, run_status
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +120,17 @@ def resume_config(cfg: DictConfig, run_dir: Path, job_dir: Path, overrides: list
     # `+experiment=...` sets fields the command line does not list: then every field counts as named and must match
     keys_named = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
     global_groups = any("." not in k and k not in cfg for k in keys_named)
+    groups, _ = named_on_command_line(cfg, overrides)
     resumed, _ = inherit_from_run(cfg, run_dir, overrides, keys=keys, all_named=global_groups)
     saved, _ = inherit_from_run(cfg, run_dir, [], keys=keys)
     new, old = (_flat(OmegaConf.to_container(c, enum_to_str=True)) for c in (resumed, saved))
     for key in sorted(set(new) | set(old)):
         if key in ("run_dir", "train.resume") or key.startswith("paths.") or new.get(key) == old.get(key):
             continue
-        raise ConfigError(f"{key}={new.get(key)} differs from the run being resumed ({key}={old.get(key)} in "
-                          f"{run_dir}/.hydra/config.yaml); a resumed run keeps its own config: drop {key} from the "
+        group = key.split(".", 1)[0]
+        named = f"{group}=..." if group in groups else "+experiment=..." if global_groups else key
+        raise ConfigError(f"{key}={new.get(key)} differs from the run being resumed (run_dir={run_dir} has "
+                          f"{key}={old.get(key)}); a resumed run keeps its own config: drop {named} from the "
                           f"command line, or start a new run.")
     return None if status == "completed" else resumed
 
