@@ -123,7 +123,8 @@ class Run:
     def finish(self, error: BaseException | None = None) -> None:
         """completed; interrupted (Ctrl-C / SIGTERM: a KeyboardInterrupt); or failed, with the error."""
         wall = time.perf_counter() - self.started
-        self.log({"time/wall_s": wall} | peak_memory_gib())
+        if self.metrics or error is None:  # a run refused before any stage measured anything leaves run.json only
+            self.log({"time/wall_s": wall} | peak_memory_gib())
         status = "completed" if error is None else "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
         self.info.update(status=status, wall_time_s=round(wall, 2),
                          ended_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))

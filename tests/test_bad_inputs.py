@@ -61,7 +61,7 @@ def test_bad_input_is_refused_up_front(bad_dir, name, args, fragments, monkeypat
         assert fragment in message, message
 
 
-CLI_ROWS = ["zero lora rank", "unknown scheduler", "+ on a typo", "non-UTF-8 prompts file", "truncated JSON"]
+CLI_ROWS = ["zero lora rank", "+ on a typo", "non-UTF-8 prompts file"]  # ~10 s each: a representative few
 
 
 def assert_refused(result, fragments):
@@ -94,11 +94,7 @@ def test_non_utf8_stdin_to_chat_is_named(tmp_path):
     assert "error: stdin line 2 is not UTF-8 text" in stderr
 
 
-def test_trust_remote_code_warns_naming_the_folder(tmp_path):
-    result = cli(*TINY, "model.trust_remote_code=true", "lora.r=0", f"hydra.run.dir={tmp_path / 'run'}")
-    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: model.trust_remote_code")]
-    assert result.returncode == 2 and not warnings  # refused before: nothing will run
-
+def test_trust_remote_code_warns_naming_the_folder():
     cfg = make_cfg([*TINY, "model.trust_remote_code=true", "train.max_steps=1"])
     import io
     from contextlib import redirect_stderr

@@ -115,3 +115,30 @@ def test_resume_refuses_a_changed_hyperparameter_and_leaves_the_run_alone(tmp_pa
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error: train.learning_rate=0.001 differs from the run being resumed" in result.stderr
     assert (uninterrupted / "run.json").read_text() == before
+
+
+def test_resumed_sweep_skips_completed_jobs_resumes_interrupted_and_runs_missing(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    # the basic launcher runs the jobs in this process: cheaper than a fresh process per job
+    sweep = ["-m", *TINY, "quantization=none", "train.max_steps=2", "train.eval_before=false", "hydra/launcher=basic",
+             "dataset.size=8,12,16", f"hydra.sweep.dir={sweep_dir}"]
+    first = cli(*sweep)
+    assert first.returncode == 0, first.stderr[-3000:]
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
+    assert len(jobs) == 3
+    done, interrupted, missing = jobs
+    done_record = (done / "run.json").read_text()
+    record = info(interrupted) | {"status": "interrupted", "error": "SIGTERM received at step 1"}
+    (interrupted / "run.json").write_text(json.dumps(record))
+    import shutil
+
+    shutil.rmtree(missing)
+
+    again = cli(*sweep, "train.resume=true")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (done / "run.json").read_text() == done_record  # skipped: not even its record was touched
+    assert f"{done} already completed" in again.stdout
+    resumed = info(interrupted)
+    assert resumed["status"] == "completed" and resumed["attempts"][-1]["status"] == "interrupted"
+    assert info(missing)["status"] == "completed" and "attempts" not in info(missing)
+    assert sorted(p for p in sweep_dir.iterdir() if p.is_dir()) == jobs  # the same job folders, no new ones
