@@ -59,12 +59,7 @@ class RunDirGuard(Callback):
     never one shared with a run started in the same second. `train.resume=true run_dir=R` trains in R itself."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if _rank() > 0:
-            # rank 0 checks the folder and writes .hydra/; the others must not race it
-            with read_write(config.hydra):
-                config.hydra.output_subdir = None
-            return
-        if OmegaConf.select(config, "train.resume") and config.run_dir:
+        if OmegaConf.select(config, "train.resume") and config.run_dir:  # every rank trains on in the run's folder
             run_dir = Path(str(config.run_dir)).resolve()
             if not (run_dir / ".hydra" / "config.yaml").is_file():
                 _refuse(f"run_dir={config.run_dir} is not a QLoRA Lab run folder (no .hydra/config.yaml); pass "
@@ -72,6 +67,11 @@ class RunDirGuard(Callback):
             with read_write(config.hydra):
                 config.hydra.run.dir = str(run_dir)
                 config.hydra.output_subdir = None  # keep the run's own config: the resumed run is checked against it
+            return
+        if _rank() > 0:
+            # rank 0 checks the folder and writes .hydra/; the others must not race it
+            with read_write(config.hydra):
+                config.hydra.output_subdir = None
             return
         subdir = config.hydra.output_subdir or ".hydra"
         path = claim(Path(str(config.hydra.run.dir)), subdir, _given(config, "hydra.run.dir"), "hydra.run.dir")
