@@ -35,7 +35,8 @@ def sweep(tmp_path_factory):
     # a sweep with failed jobs fails, and says which and why
     assert result.returncode == 1, result.stderr[-3000:]
     assert "error: 2 of 6 jobs did not complete:" in result.stderr
-    assert result.stderr.count("dataset.size=5000 but") == 2 and "Traceback" not in result.stderr
+    listed = result.stderr.split("jobs did not complete:", 1)[1]
+    assert listed.count("dataset.size=5000 but") == 2 and "Traceback" not in result.stderr
     return sweep_dir, result
 
 
