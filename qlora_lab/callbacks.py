@@ -8,38 +8,86 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, read_write
+from omegaconf import DictConfig, OmegaConf, read_write
 
 
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _refuse_if_not_empty(path: str, key: str) -> None:
-    p = Path(path)
+def _refuse(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _holds_results(p: Path) -> bool:
     # In a distributed launch the other ranks start in the same folder at the same moment and may already have
     # opened their log file there: only earlier results count.
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if p.is_dir() and any(not (distributed and f.suffix == ".log") for f in p.iterdir()):
-        print(f"error: {key}={p} already exists and is not empty; choose a new {key} "
-              f"(or leave it unset for a fresh timestamped folder) so that no earlier result is overwritten.",
-              file=sys.stderr)
-        sys.exit(2)
+    return p.is_dir() and any(not (distributed and f.suffix == ".log") for f in p.iterdir())
+
+
+def _given(config: DictConfig, key: str) -> bool:
+    return any(o.lstrip("+").startswith(f"{key}=") for o in config.hydra.overrides.hydra)
+
+
+def claim(path: Path, marker: str, explicit: bool, key: str) -> Path:
+    """Take a run/sweep folder for this process alone. Creating `marker` in it (the folder Hydra writes next) with
+    O_EXCL/mkdir is atomic: of two processes started in the same second only one succeeds; the other takes the
+    next free `_1`, `_2`, ... sibling (or, for a folder the user named, stops)."""
+    for n in range(1000):
+        candidate = path if n == 0 else path.with_name(f"{path.name}_{n}")
+        if not _holds_results(candidate):
+            candidate.mkdir(parents=True, exist_ok=True)
+            try:
+                if marker.endswith(".yaml"):
+                    os.close(os.open(candidate / marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                else:
+                    (candidate / marker).mkdir()
+                return candidate
+            except FileExistsError:
+                pass  # another process took it between our look and our claim
+        if explicit:
+            _refuse(f"{key}={path} already exists and is not empty; choose a new {key} (or leave it unset for a "
+                    f"fresh timestamped folder) so that no earlier result is overwritten.")
+    _refuse(f"no free folder next to {path}; choose {key}.")
+    raise AssertionError  # unreachable: _refuse exits
 
 
 class RunDirGuard(Callback):
-    """Refuse to start in a non-empty run/sweep dir: Hydra would otherwise overwrite `.hydra/` and our results."""
+    """Each run gets a folder of its own: never a non-empty one (Hydra would overwrite `.hydra/` and our results),
+    never one shared with a run started in the same second. `train.resume=true run_dir=R` trains in R itself."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if OmegaConf.select(config, "train.resume") and config.run_dir:  # every rank trains on in the run's folder
+            run_dir = Path(str(config.run_dir)).resolve()
+            if not (run_dir / ".hydra" / "config.yaml").is_file():
+                _refuse(f"run_dir={config.run_dir} is not a QLoRA Lab run folder (no .hydra/config.yaml); pass "
+                        f"the folder of the run to resume.")
+            with read_write(config.hydra):
+                config.hydra.run.dir = str(run_dir)
+                config.hydra.output_subdir = None  # keep the run's own config: the resumed run is checked against it
+            return
         if _rank() > 0:
             # rank 0 checks the folder and writes .hydra/; the others must not race it
             with read_write(config.hydra):
                 config.hydra.output_subdir = None
             return
-        _refuse_if_not_empty(config.hydra.run.dir, "hydra.run.dir")
+        subdir = config.hydra.output_subdir or ".hydra"
+        path = claim(Path(str(config.hydra.run.dir)), subdir, _given(config, "hydra.run.dir"), "hydra.run.dir")
+        with read_write(config.hydra):
+            config.hydra.run.dir = str(path)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _refuse_if_not_empty(config.hydra.sweep.dir, "hydra.sweep.dir")
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if OmegaConf.select(config, "train.resume"):
+            if not _given(config, "hydra.sweep.dir") or not sweep_dir.is_dir():
+                _refuse(f"train.resume=true in a sweep continues an earlier sweep: give its folder as "
+                        f"hydra.sweep.dir=DIR (got {sweep_dir}, {'missing' if not sweep_dir.is_dir() else 'unset'}).")
+            return  # completed jobs are skipped, the others resumed or run (qlora_lab.resume.job_to_resume)
+        path = claim(sweep_dir, "multirun.yaml", _given(config, "hydra.sweep.dir"), "hydra.sweep.dir")
+        with read_write(config.hydra):
+            config.hydra.sweep.dir = str(path)
 
 
 class SweepReport(Callback):
@@ -54,6 +102,15 @@ class SweepReport(Callback):
             print(write_report(sweep_dir), flush=True)
         except ConfigError as e:  # e.g. every job stopped before Hydra wrote its folder
             print(f"error: no sweep report: {e}", file=sys.stderr)
-            return
+            sys.exit(1)
         print(f"report: {Path(sweep_dir) / 'summary.md'} (rebuild it with `python -m qlora_lab.report {sweep_dir}`)",
               flush=True)
+        from .report import collect
+
+        rows = collect(Path(sweep_dir))
+        bad = [r for r in rows if r["status"] != "completed"]
+        if bad:  # a sweep with failed jobs is a failed sweep: exit non-zero, every job's reason listed
+            print(f"error: {len(bad)} of {len(rows)} jobs did not complete:", file=sys.stderr)
+            for r in bad:
+                print(f"  {r['job']}: {r['status']}: {r['error'] or '?'}", file=sys.stderr)
+            sys.exit(1)

@@ -145,13 +145,14 @@ class TrainConfig:
     profile: bool = False  # torch.profiler over 3 steps after the warm-up: profile.txt + a Chrome trace in the run dir
     logging_steps: int = 5
     eval_steps: int | None = None  # None: evaluate at the end only
-    save_steps: int | None = None  # None: save the final adapter only
+    save_steps: int | None = 50  # checkpoints (adapter, optimizer, scheduler, RNG) to resume from; None: none
     save_total_limit: int = 2
     precision: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: bf16 on a GPU that supports it, fp32 on CPU)
     autocast: bool = True  # set by the recipe; false: no torch.autocast, each op in its weights' dtype
     eval_before: bool = True  # eval/loss_before: the base model's eval loss, before any training
     speed_skip_steps: int = 2  # first steps left out of the speed figures (compilation, allocator warm-up)
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    resume: bool = False  # with run_dir=RUN: continue RUN's training from its last checkpoint, in RUN
 
 
 @dataclass
@@ -251,6 +252,7 @@ def register() -> None:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks a schema cannot express; each failure names the field and the fix."""
+    check_added_keys(cfg)
     q = cfg.quantization
     method = QuantMethod(q.method.value if isinstance(q.method, Enum) else q.method)
     four_bit_opts = {"double_quant": q.double_quant, "storage_dtype": q.storage_dtype}
@@ -304,3 +306,82 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"lora.dropout must be in [0, 1) (got {cfg.lora.dropout}).")
     if cfg.lora.bias not in ("none", "all", "lora_only"):
         raise ConfigError(f"lora.bias must be none, all or lora_only (got {cfg.lora.bias!r}).")
+    check_values(cfg)
+    check_run_dir(cfg)
+
+
+def check_added_keys(cfg: Config) -> None:
+    """`+lora.rank=8` adds a key the schema does not have: Hydra accepts it (its own typo hint suggests the `+`),
+    and nothing would ever read it. Refuse it, pointing at the closest real field."""
+    import dataclasses
+    import difflib
+    import typing
+
+    def walk(node, schema: type, prefix: str):
+        hints = typing.get_type_hints(schema)
+        for key in node.keys():
+            path = f"{prefix}{key}"
+            if key not in hints:
+                names = list(hints)
+                close = [n for n in names if str(key).startswith(n) or n.startswith(str(key))][:1] or \
+                    difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+                hint = f"did you mean {prefix}{close[0]}?" if close else f"known fields: {', '.join(names)}."
+                raise ConfigError(f"{path} is not a field of the config (added with +{path}=...?), so nothing would "
+                                  f"read it; {hint}")
+            if dataclasses.is_dataclass(hints[key]) and OmegaConf.is_dict(node[key]):
+                walk(node[key], hints[key], f"{path}.")
+
+    walk(cfg, Config, "")
+
+
+def check_values(cfg: Config) -> None:
+    """Values that would only fail deep inside a library (a traceback after the model loaded)."""
+    from transformers.trainer_utils import SchedulerType
+
+    t, g = cfg.train, cfg.generation
+    if OmegaConf.is_missing(cfg.dataset, "path"):
+        raise ConfigError(f"dataset.path is not set (dataset={OmegaConf.select(cfg, 'dataset.name')} needs it); "
+                          f"give dataset.path=FILE (JSON, JSONL, CSV or Parquet).")
+    if not t.learning_rate > 0:
+        raise ConfigError(f"train.learning_rate must be positive (got {t.learning_rate}).")
+    schedulers = [s.value for s in SchedulerType]
+    if t.scheduler not in schedulers:
+        raise ConfigError(f"train.scheduler={t.scheduler} is not a transformers scheduler; use one of "
+                          f"{', '.join(schedulers)}.")
+    if t.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps must be 0 or more (got {t.warmup_steps}).")
+    if t.precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError(f"train.precision must be auto, bf16, fp16 or fp32 (got {t.precision!r}).")
+    for key in ("logging_steps", "eval_steps", "save_steps", "save_total_limit"):
+        value = getattr(t, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"train.{key} must be a positive integer or null (got {value}).")
+    if g.do_sample and not g.temperature > 0:
+        raise ConfigError(f"generation.temperature must be positive when sampling (got {g.temperature}); "
+                          f"use generation=greedy for deterministic output.")
+    if not 0 < g.top_p <= 1:
+        raise ConfigError(f"generation.top_p must be in (0, 1] (got {g.top_p}).")
+    if not g.repetition_penalty > 0:
+        raise ConfigError(f"generation.repetition_penalty must be positive (got {g.repetition_penalty}).")
+    for key, value in (("generation.max_new_tokens", g.max_new_tokens), ("inference.batch_size", cfg.inference.batch_size),
+                       ("inference.num_prompts", cfg.inference.num_prompts), ("eval.batch_size", cfg.eval.batch_size),
+                       ("eval.max_samples", cfg.eval.max_samples)):
+        if value < 1:
+            raise ConfigError(f"{key} must be a positive integer (got {value}).")
+    if g.top_k < 0 or g.no_repeat_ngram_size < 0:
+        raise ConfigError("generation.top_k and generation.no_repeat_ngram_size must be 0 or more.")
+
+
+def check_run_dir(cfg: Config) -> None:
+    """A stage acts on exactly one run: the one it trains, or the one named by run_dir, never a mix."""
+    stages = f"[{','.join(cfg.pipeline.stages)}]"
+    if cfg.train.resume and "train" not in cfg.pipeline.stages:
+        raise ConfigError(f"train.resume=true continues a training run, but pipeline.stages={stages} has no train "
+                          f"stage; drop train.resume.")
+    if cfg.train.resume and not cfg.run_dir:
+        raise ConfigError("train.resume=true needs run_dir=RUN, the run folder to continue.")
+    if cfg.run_dir and "train" in cfg.pipeline.stages and not cfg.train.resume:
+        raise ConfigError(f"run_dir={cfg.run_dir} names an earlier run, but pipeline.stages={stages} starts by "
+                          f"training a new adapter; add train.resume=true to continue that run, drop the train "
+                          f"stage (e.g. pipeline.stages=[{','.join(s for s in cfg.pipeline.stages if s != 'train')}]) to use its "
+                          f"adapter, or drop run_dir to train a new run.")

@@ -42,8 +42,9 @@ def load_rows(path: Path, field_name: str) -> Dataset:
         raise ConfigError(f"{field_name}={path} holds no records; give a file with at least one example.")
     try:
         ds = load_dataset(builder, data_files=str(path), split="train")
-    except Exception as e:  # datasets raises many types for a malformed file
-        raise ConfigError(f"{field_name}={path} could not be read as {builder}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # datasets raises many types for a malformed file, mostly "An error occurred ..."
+        problem = diagnose_file(path, builder) or str(e).splitlines()[0]
+        raise ConfigError(f"{field_name}={path} could not be read as {builder}: {problem}") from None
     if len(ds) == 0:
         raise ConfigError(f"{field_name}={path} holds no records; give a file with at least one example.")
     return ds
@@ -53,6 +54,7 @@ def normalise(ds: Dataset, cfg: DatasetConfig, path: Path) -> Dataset:
     """Map the file's columns to instruction/input/output, checking every record has what we need."""
     cols = cfg.columns
     required = {"instruction": cols.instruction, "output": cols.output}
+    check_record_shapes(ds, cfg, path)
     for role, col in required.items():
         if col not in ds.column_names:
             raise ConfigError(f"{path}: no column {col!r} (dataset.columns.{role}); the file has "
@@ -70,6 +72,56 @@ def normalise(ds: Dataset, cfg: DatasetConfig, path: Path) -> Dataset:
         "output": [str(v) for v in ds[cols.output]],
     }
     return Dataset.from_dict(out)
+
+
+def diagnose_file(path: Path, builder: str) -> str | None:
+    """Why `datasets` could not read a file, as the line to fix (it says only "An error occurred ...")."""
+    import json
+
+    raw = path.read_bytes()
+    if builder not in ("json", "csv"):
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        return f"line {line} is not UTF-8 text (byte {e.start}); save the file as UTF-8."
+    if builder != "json":
+        return None
+    if text.lstrip().startswith("["):  # one JSON document (a list of records)
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            return (f"line {e.lineno}, column {e.colno}: {e.msg} (a truncated or malformed file); fix the JSON, "
+                    f"a list of records.")
+        return None
+    for number, line in enumerate(text.splitlines(), 1):  # JSON Lines: one record a line
+        try:
+            if line.strip():
+                json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {number} is not valid JSON ({e.msg}, column {e.colno}); write one JSON object a line."
+    return None
+
+
+def check_record_shapes(ds: Dataset, cfg: DatasetConfig, path: Path) -> None:
+    """Records must be flat text fields. A list or dict in a mapped column would be trained on as its Python str()."""
+    cols = cfg.columns
+    if len(ds.column_names) == 1 and cols.instruction not in ds.column_names:
+        only = ds.column_names[0]
+        value = ds[0][only]
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            raise ConfigError(f"{path} is one JSON object whose {only!r} key holds the records; write the records "
+                              f"as a top-level JSON list (or JSON Lines, one record a line).")
+    for role, col in (("instruction", cols.instruction), ("input", cols.input), ("output", cols.output)):
+        if col is None or col not in ds.column_names:
+            continue
+        for i, value in enumerate(ds[col]):
+            if isinstance(value, (list, dict)):
+                kind = "list" if isinstance(value, list) else "dict"
+                raise ConfigError(f"{path}: record {i}'s {col!r} column (dataset.columns.{role}) holds a {kind}, not "
+                                  f"text (a conversation?); map dataset.columns.{role} to a text column: "
+                                  f"conversation formats such as ShareGPT are not read.")
 
 
 def file_sha256(paths: list[Path]) -> str:

@@ -50,7 +50,8 @@ def _build_once(target: Path, done, build) -> Path:
     with FileLock(f"{target}.lock"):
         if not done(target):
             tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-            build(tmp)
+            with torch.random.fork_rng():  # building on first use must not shift this run's random stream
+                build(tmp)
             tmp.rename(target)  # atomic: a half-written folder is never taken for a finished one
     return target
 

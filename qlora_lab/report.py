@@ -18,6 +18,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .config import ConfigError
+from .rundir import run_status
 
 SUMMARY_FILES = ["summary.csv", "summary.md", "time_vs_size.png", "peak_memory.png", "eval_loss.png"]
 
@@ -75,11 +76,9 @@ def _overrides(job_dir: Path) -> dict[str, str]:
 def job_row(job_dir: Path) -> dict:
     cfg = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
     info, metrics = _read_json(job_dir / "run.json"), _read_json(job_dir / "metrics.json")
-    status, error = info.get("status"), info.get("error", "")
+    status, error = run_status(info)  # a `running` record whose process is gone is `died`
     if status is None:
-        status, error = "failed", "no run.json: the job stopped before it started (see its __main__.log)"
-    elif status == "running":
-        status, error = "failed", "the job never finished (its process died?)"
+        status, error = "failed", "no run.json: the job stopped before its config was composed (see its __main__.log)"
     hardware = info.get("hardware", {})
     row = {
         "job": job_dir.name, "status": status, "error": error,

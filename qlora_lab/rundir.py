@@ -16,13 +16,14 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .config import ConfigError
 
 PACKAGES = ["torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "hydra-core", "omegaconf"]
-# Groups a later stage takes from the run it continues, unless the command line names them.
-INHERITED_GROUPS = ["model", "quantization", "lora", "dataset"]
+# Groups that describe what a run trained: a later stage takes them from the run, field by field (the command line
+# changes only the fields it names). Stage settings (generation, inference, eval, merge, pipeline) are this job's own.
+INHERITED_GROUPS = ["model", "quantization", "lora", "dataset", "train"]
 
 
 def _versions() -> dict:
@@ -75,14 +76,30 @@ class Run:
     info: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    step: int | None = None  # the last finished optimizer step (training stages keep it up to date)
+    last_checkpoint: str | None = None
 
-    def start(self, cfg: DictConfig) -> None:
+    def start(self, cfg: DictConfig, resume: bool = False) -> None:
+        """Write run.json with status `running`. `resume`: keep the record (and metrics) of the earlier attempts."""
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        self.info = {"status": "running", "stages": list(cfg.pipeline.stages), "source_run": str(self.source),
-                     "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                     "command": " ".join(sys.argv), "git_sha": _git_sha(), "seed": cfg.train.seed,
-                     "data_seed": cfg.dataset.seed, "versions": _versions(), "hardware": hardware()}
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        earlier = read_json(self.dir / "run.json") if resume else {}
+        if resume:
+            self.metrics = read_json(self.dir / "metrics.json")
+            attempt = {k: earlier.get(k) for k in ("status", "error", "step", "last_checkpoint", "ended_at")}
+            earlier["attempts"] = earlier.get("attempts", []) + [attempt]
+            for key in ("error", "step", "last_checkpoint", "ended_at", "wall_time_s"):
+                earlier.pop(key, None)
+        self.info = earlier | {
+            "status": "running", "stages": list(OmegaConf.select(cfg, "pipeline.stages", default=[]) or []),
+            "source_run": str(self.source), "started_at": earlier.get("started_at", now), "command": " ".join(sys.argv),
+            "git_sha": _git_sha(), "seed": OmegaConf.select(cfg, "train.seed"),
+            "data_seed": OmegaConf.select(cfg, "dataset.seed"), "versions": _versions(), "hardware": hardware(),
+            # pid + host + the process's start time tell a live run from one whose process died (see run_status)
+            "pid": os.getpid(), "process_started": _process_start(os.getpid())}
+        if resume:
+            self.info["resumed_at"] = now
         self._write_info()
 
     def note(self, **info) -> None:
@@ -95,13 +112,25 @@ class Run:
         if is_main_process():
             (self.dir / "metrics.json").write_text(json.dumps(self.metrics, indent=2, sort_keys=True) + "\n")
 
+    def progress(self, step: int | None = None, checkpoint: str | None = None) -> None:
+        """Training progress; a new checkpoint is written to run.json at once (the process may be killed next)."""
+        if step is not None:
+            self.step = step
+        if checkpoint is not None:
+            self.last_checkpoint = checkpoint
+            self.note(step=self.step, last_checkpoint=checkpoint)
+
     def finish(self, error: BaseException | None = None) -> None:
+        """completed; interrupted (Ctrl-C / SIGTERM: a KeyboardInterrupt); or failed, with the error."""
         wall = time.perf_counter() - self.started
-        self.log({"time/wall_s": wall} | peak_memory_gib())
-        self.info.update(status="failed" if error else "completed", wall_time_s=round(wall, 2),
+        if self.metrics or error is None:  # a run refused before any stage measured anything leaves run.json only
+            self.log({"time/wall_s": wall} | peak_memory_gib())
+        status = "completed" if error is None else "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        self.info.update(status=status, wall_time_s=round(wall, 2),
                          ended_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        if error:
-            self.info["error"] = f"{type(error).__name__}: {error}"
+        if error is not None:
+            self.info["error"] = str(error) if status == "interrupted" else f"{type(error).__name__}: {error}"
+            self.info.update(step=self.step, last_checkpoint=self.last_checkpoint)
         self._write_info()
 
     def _write_info(self) -> None:
@@ -110,26 +139,97 @@ class Run:
 
 
 def read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:  # a file cut short by a crash reads as no record
+        return {}
 
 
-def inherit_from_run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> DictConfig:
-    """Take model/quantization/lora/dataset from the run being continued, except groups named on the command line.
+def _process_start(pid: int) -> float | None:
+    import psutil
 
-    `pipeline=merge run_dir=X` must merge into the base X was trained on, not into today's defaults.
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def run_status(info: dict) -> tuple[str, str]:
+    """(status, error) as they really are: a `running` record whose process is gone becomes `died`.
+
+    The pid is checked only on the host that wrote it; its start time tells a reused pid from the original process.
     """
+    status, error = info.get("status"), info.get("error", "")
+    if status != "running":
+        return status, error
+    host, pid, started = info.get("hardware", {}).get("host"), info.get("pid"), info.get("process_started")
+    if host != socket.gethostname() or pid is None:
+        return ("running", f"on {host}") if pid is not None else ("died", "the run recorded no process to check")
+    alive = _process_start(pid)
+    if alive is not None and (started is None or abs(alive - started) < 1):
+        return "running", ""
+    when = datetime.fromtimestamp(started).isoformat(timespec="seconds") if started else "?"
+    step = f" at step {info['step']}" if info.get("step") is not None else ""
+    return "died", (f"its process (pid {pid} on {host}, started {when}) is gone without recording an ending{step}; "
+                    f"last checkpoint: {info.get('last_checkpoint')}")
+
+
+def saved_config(run_dir: Path) -> DictConfig:
     saved = run_dir / ".hydra" / "config.yaml"
     if not run_dir.is_dir():
-        raise ConfigError(f"run_dir={run_dir} does not exist; pass the folder of a finished training run "
+        raise ConfigError(f"run_dir={run_dir} does not exist; pass the folder of a training run "
                           f"(the one holding adapter/).")
     if not saved.is_file():
         raise ConfigError(f"run_dir={run_dir} is not a QLoRA Lab run (no .hydra/config.yaml); pass the folder of a "
                           f"training run.")
-    old = OmegaConf.load(saved)
-    named = {o.split("=", 1)[0].lstrip("+~").split(".", 1)[0].split("/", 1)[0] for o in overrides}
-    cfg = cfg.copy()
-    for group in INHERITED_GROUPS:
-        if group not in named and group in old:
+    return OmegaConf.load(saved)
+
+
+def named_on_command_line(cfg: DictConfig, overrides: list[str]) -> tuple[set[str], list[str]]:
+    """(groups whose option the command line picks, e.g. `dataset=gsm8k`; fields it sets, e.g. `dataset.size`)."""
+    groups, fields = set(), []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if "." not in key and key in cfg and OmegaConf.is_dict(cfg[key]):
+            groups.add(key)
+        else:
+            fields.append(key)
+    return groups, fields
+
+
+def inherit_from_run(cfg: DictConfig, run_dir: Path, overrides: list[str], keys: list[str] = INHERITED_GROUPS,
+                     all_named: bool = False) -> tuple[DictConfig, list[str]]:
+    """Take `keys` (groups or top-level fields) from the run's saved config, then apply the command line's own:
+    a field it names (`dataset.eval_size=4`) replaces that field only; a group option it picks (`dataset=gsm8k`)
+    replaces the whole group. `all_named`: every field counts as named (the composed config wins everywhere).
+
+    Returns the config and the fields that came from the run (to say so when one of them is refused).
+    """
+    old = saved_config(run_dir)
+    groups, fields = named_on_command_line(cfg, overrides)
+    out = cfg.copy()
+    inherited: list[str] = []
+    for key in keys:
+        if key not in old or key in groups or all_named:
+            continue
+        if OmegaConf.is_dict(cfg[key]):
             # a fresh typed node: assigning the plain saved dict to a structured field fails validation
-            cfg[group] = OmegaConf.merge(OmegaConf.structured(OmegaConf.get_type(cfg, group)), old[group])
-    return cfg
+            out[key] = OmegaConf.merge(OmegaConf.structured(OmegaConf.get_type(cfg, key)), old[key])
+        elif key not in fields:
+            out[key] = old[key]
+        mine = [f for f in fields if f == key or f.startswith(f"{key}.")]
+        for path in mine:
+            with open_dict(out):  # a `+key` the schema lacks is kept, for validate() to name it
+                OmegaConf.update(out, path, OmegaConf.select(cfg, path), merge=False)
+        leaves = OmegaConf.to_container(out[key]) if OmegaConf.is_dict(out[key]) else None
+        paths = [f"{key}.{k}" for k in leaves] if isinstance(leaves, dict) else [key]
+        inherited += [p for p in paths if not any(p == f or p.startswith(f"{f}.") for f in mine)]
+    return out, inherited
+
+
+def explain_inherited(message: str, inherited: list[str], run_dir: str) -> str:
+    """Say so when a refused value was not on the command line but came from run_dir's config."""
+    named = [f for f in sorted(inherited, key=len, reverse=True) if f in message]
+    if not named:
+        return message
+    return f"{message.rstrip('.')} ({named[0]} came from run_dir={run_dir}; set it on the command line to change it)."

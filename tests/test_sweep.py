@@ -32,7 +32,11 @@ def metrics(sweep_dir, job):
 def sweep(tmp_path_factory):
     sweep_dir = tmp_path_factory.mktemp("sweeps") / "lora_vs_qlora"
     result = cli(*SWEEP, f"hydra.sweep.dir={sweep_dir}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    # a sweep with failed jobs fails, and says which and why
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "error: 2 of 6 jobs did not complete:" in result.stderr
+    listed = result.stderr.split("jobs did not complete:", 1)[1]
+    assert listed.count("dataset.size=5000 but") == 2 and "Traceback" not in result.stderr
     return sweep_dir, result
 
 
@@ -85,7 +89,8 @@ def test_report_command_rebuilds_the_same_summary(sweep, tmp_path):
 
 
 def test_report_marks_dead_and_unstarted_jobs_failed(sweep, tmp_path):
-    """A job whose process died leaves run.json at `running`; one stopped before it started leaves none."""
+    """A job whose process died leaves run.json at `running` (its pid is gone: `died`); one stopped before it started
+    leaves none."""
     sweep_dir, _ = sweep
     copy = tmp_path / "copy"
     shutil.copytree(sweep_dir, copy)
@@ -95,7 +100,7 @@ def test_report_marks_dead_and_unstarted_jobs_failed(sweep, tmp_path):
     (copy / done[1] / "run.json").unlink()
     write_report(copy)
     rows = read_rows(copy)
-    assert rows[done[0]]["status"] == "failed" and "never finished" in rows[done[0]]["error"]
+    assert rows[done[0]]["status"] == "died" and "is gone without recording an ending" in rows[done[0]]["error"]
     assert rows[done[1]]["status"] == "failed" and "no run.json" in rows[done[1]]["error"]
     assert sum(r["status"] == "completed" for r in rows.values()) == 2
 

@@ -103,6 +103,9 @@ class IsolatedLauncher(Launcher):
                 sweep_config.hydra.job.num = idx
             ret = JobReturn(overrides=list(overrides), cfg=sweep_config, task_name=str(sweep_config.hydra.job.name),
                             working_dir=str(Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)))
+            if sweep_config.get("train", {}).get("resume") and (Path(ret.working_dir) / "run.json").is_file():
+                with open_dict(sweep_config):
+                    sweep_config.hydra.output_subdir = None  # a resumed job is checked against its own saved config
             with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
                 future = pool.submit(_execute_job, sweep_config, self.hydra_context, task,
                                      Singleton.get_state()["instances"], list(sys.argv))

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 from transformers import TextStreamer, set_seed
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data import uses_chat_template
 from ..inference import as_mode, hf_generation_config, load_for_inference
 from ..rundir import Run
@@ -30,8 +30,12 @@ def user_lines() -> Iterator[str]:
                 print()
                 return
     else:
-        for line in sys.stdin:
-            line = line.rstrip("\n")
+        for number, raw in enumerate(sys.stdin.buffer, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\n")
+            except UnicodeDecodeError:
+                raise ConfigError(f"stdin line {number} is not UTF-8 text; pipe UTF-8 text to pipeline=chat, "
+                                  f"one message a line.") from None
             print(f"you> {line}", flush=True)
             yield line
 

@@ -21,11 +21,24 @@ from ..rundir import Run
 
 def read_prompts_file(path_str: str, root: str, cfg: Config, tokenizer) -> list[dict]:
     """Plain text: one user message a line. JSONL: {"prompt": ...} or a dataset record (instruction/input/output)."""
+    return [{"prompt": format_prompt(row, tokenizer, cfg.dataset), "reference": row["output"], "row": row}
+            for row in read_prompt_rows(path_str, root, cfg)]
+
+
+def read_prompt_rows(path_str: str, root: str, cfg: Config) -> list[dict]:
+    """The prompts file's rows, checked (no tokenizer needed: runs before any model loads)."""
     path = next((p for p in (Path(path_str).expanduser(), Path(root) / path_str) if p.is_file()), None)
     if path is None:
         raise ConfigError(f"inference.prompts_file={path_str}: no such file; give a text file (one prompt a line) "
                           f"or a JSONL file with a `prompt` field.")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"inference.prompts_file={path}: line {line} is not UTF-8 text (byte {e.start}); "
+                          f"save the file as UTF-8.") from None
+    lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise ConfigError(f"inference.prompts_file={path} holds no prompts; write one prompt a line.")
     cols = cfg.dataset.columns
@@ -48,8 +61,7 @@ def read_prompts_file(path_str: str, root: str, cfg: Config, tokenizer) -> list[
         else:
             raise ConfigError(f"inference.prompts_file={path}: line {i} has neither a `prompt` nor a "
                               f"{cols.instruction!r} field; add one.")
-    return [{"prompt": format_prompt(row, tokenizer, cfg.dataset), "reference": row["output"], "row": row}
-            for row in rows]
+    return rows
 
 
 def run(cfg: Config, run: Run) -> list[dict]:

@@ -28,6 +28,7 @@ from ..models import (
     tokenizer_path,
 )
 from ..perf import flops_per_token, peak_tflops, step_time_spread
+from ..resume import Progress, last_checkpoint
 from ..rundir import Run, peak_memory_gib
 
 log = logging.getLogger(__name__)
@@ -163,8 +164,8 @@ def run(cfg: Config, run: Run):
     set_seed(t.seed)
 
     # ---- data
+    splits = load_splits(cfg)  # first: a bad data file stops the run before the tokenizer (or a model) loads
     tokenizer = load_tokenizer(tokenizer_path(cfg), cfg.model.trust_remote_code)
-    splits = load_splits(cfg)
     train_ds, train_stats = tokenize_split(splits.train, tokenizer, cfg.dataset, "train")
     eval_ds, eval_stats = tokenize_split(splits.eval, tokenizer, cfg.dataset, "eval")
     run.note(dataset={"files": [str(f) for f in splits.files], "sha256": file_sha256(splits.files),
@@ -196,6 +197,7 @@ def run(cfg: Config, run: Run):
           f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}", flush=True)
 
     # ---- trainer
+    checkpoint = last_checkpoint(run.dir / "checkpoints") if t.resume else None
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.dir / "tensorboard")
     auto_batch = t.batch_size == "auto"
     args = TrainingArguments(
@@ -213,7 +215,7 @@ def run(cfg: Config, run: Run):
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         # eval_before runs inside train(), after the model is wrapped: a trainer.evaluate() before train() left
         # DDP ranks unsynchronised (measured: different adapters on 2 gloo ranks).
-        eval_on_start=t.eval_before,
+        eval_on_start=t.eval_before and checkpoint is None,  # a resumed run has it in its restored log history
         # tokens/s counts real tokens: the attention mask's ones; packed rows have no mask, and the count is of
         # the tokens that are not the pad token (where the pad token is EOS, EOS tokens too: ~0.5% on Alpaca)
         report_to=list(t.report_to), include_num_input_tokens_seen="non_padding",
@@ -225,11 +227,13 @@ def run(cfg: Config, run: Run):
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                       data_collator=PackedCollator(tokenizer.pad_token_id) if cfg.dataset.pack else
                       DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-                      callbacks=[timer] + ([StepProfiler(run.dir, t.speed_skip_steps)] if t.profile else []))
+                      callbacks=[timer, Progress(run)] + ([StepProfiler(run.dir, t.speed_skip_steps)] if t.profile else []))
 
     # ---- loop
+    if checkpoint:
+        print(f"resuming from {checkpoint}", flush=True)
     with attention_backends(cfg):
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if t.eval_before:
         # The step-0 evaluation: LoRA's B matrices start at zero, so this is exactly the base model.
         loss_before = next(h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h)

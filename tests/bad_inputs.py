@@ -1,0 +1,77 @@
+"""The battery of user mistakes and the sentence each must get. Add a row with every new option.
+
+Each row: (id, command-line arguments, fragments the one `error:` line must contain). `{tmp}` stands for a folder
+holding the files written by `write_bad_files`; `{run}` for a saved run (its .hydra/config.yaml) trained on GSM8K.
+Rows without run_dir get the tiny test model's settings (tests/conftest.py TINY) in front.
+Every row must fail before any data or model is loaded: tests/test_bad_inputs.py checks each in-process through the
+functions `python -m qlora_lab` runs first, and a few through the real command line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RECORD = {"instruction": "Say hi.", "input": "", "output": "Hi."}
+
+BAD_INPUTS = [
+    # config values
+    ("negative learning rate", ["train.learning_rate=-1"], ["train.learning_rate", "positive"]),
+    ("unknown scheduler", ["train.scheduler=bogus"], ["train.scheduler=bogus", "cosine"]),
+    ("zero lora rank", ["lora.r=0"], ["lora.r"]),
+    ("sampling at temperature 0", ["generation=sampling", "generation.temperature=0"], ["generation.temperature"]),
+    ("top_p above 1", ["generation.top_p=1.5"], ["generation.top_p"]),
+    ("zero inference batch", ["pipeline=infer", "inference.batch_size=0"], ["inference.batch_size"]),
+    ("zero prompts", ["pipeline=infer", "inference.num_prompts=0"], ["inference.num_prompts"]),
+    ("bad precision", ["train.precision=fp8"], ["train.precision"]),
+    ("custom dataset without a path", ["dataset=custom"], ["dataset.path", "dataset=custom"]),
+    # `+key` for a key the schema lacks: Hydra accepts it, nothing would read it
+    ("+ on a typo", ["+lora.rank=8"], ["lora.rank", "lora.r?"]),
+    ("+ on an unknown train key", ["+train.resume_from_checkpoint=outputs/x"], ["train.resume_from_checkpoint",
+                                                                             "train.resume"]),
+    # one run per stage: run_dir with a training pipeline, resume without a run
+    ("train into another run", ["+experiment=inference_modes", "run_dir={run}"], ["run_dir=", "train.resume=true",
+                                                                                  "pipeline.stages=[merge,compare]"]),
+    ("resume without run_dir", ["train.resume=true"], ["train.resume=true needs run_dir"]),
+    ("resume with another pipeline", ["pipeline=evaluate", "run_dir={run}", "train.resume=true"],
+     ["pipeline.name=evaluate", "differs from the run being resumed", "run_dir=", "drop pipeline=..."]),
+    ("missing run_dir", ["pipeline=evaluate", "run_dir={tmp}/no_such_run"], ["run_dir=", "does not exist"]),
+    ("inherited dataset file gone", ["pipeline=evaluate", "run_dir={tmp}/run_lost_data"],
+     ["dataset.path=", "no such file", "came from run_dir="]),
+    # data files
+    ("missing data file", ["dataset.path={tmp}/no_such.json"], ["dataset.path=", "no such file"]),
+    ("records under a key", ["dataset.path={tmp}/wrapped.json"], ["wrapped.json", "'data' key", "top-level JSON list"]),
+    ("truncated JSON", ["dataset.path={tmp}/truncated.json"], ["truncated.json", "line 3", "truncated"]),
+    ("non-UTF-8 JSON", ["dataset.path={tmp}/latin1.json"], ["latin1.json", "line 3", "not UTF-8"]),
+    ("bad JSONL line", ["dataset.path={tmp}/bad_line.jsonl"], ["bad_line.jsonl", "line 4", "not valid JSON"]),
+    ("list-valued column", ["dataset=custom", "dataset.path={tmp}/sharegpt.json",
+                            "dataset.columns.instruction=conversations"],
+     ["record 0", "'conversations'", "dataset.columns.instruction", "list"]),
+    ("empty file", ["dataset.path={tmp}/empty.jsonl"], ["empty.jsonl", "no records"]),
+    # prompts file: checked before the model loads
+    ("missing prompts file", ["pipeline=infer", "inference.prompts_file={tmp}/no_prompts.txt"],
+     ["inference.prompts_file=", "no such file"]),
+    ("empty prompts file", ["pipeline=infer", "inference.prompts_file={tmp}/blank.txt"],
+     ["inference.prompts_file=", "no prompts"]),
+    ("non-UTF-8 prompts file", ["pipeline=infer", "inference.prompts_file={tmp}/latin1_prompts.txt"],
+     ["inference.prompts_file=", "line 2", "not UTF-8"]),
+]
+
+
+def write_bad_files(tmp: Path, saved_run_config) -> None:
+    """The files the rows above refer to. `saved_run_config(dir, overrides)` saves a run's .hydra/config.yaml."""
+    good = [dict(RECORD, instruction=f"Say hi {i}.") for i in range(12)]
+    (tmp / "wrapped.json").write_text(json.dumps({"data": good}))
+    (tmp / "truncated.json").write_text("[\n" + json.dumps(good[0]) + ",\n" + json.dumps(good[1])[:20])
+    (tmp / "latin1.json").write_bytes(("[\n" + json.dumps(good[0]) + ",\n").encode()
+                                      + b'{"instruction": "caf\xe9", "output": "x"}\n]')
+    (tmp / "bad_line.jsonl").write_text("\n".join(json.dumps(r) for r in good[:3]) + '\n{"instruction": "x" "output"}\n')
+    (tmp / "sharegpt.json").write_text(json.dumps([{"conversations": [{"from": "human", "value": "hi"}],
+                                                    "output": "Hi."}] * 12))
+    (tmp / "empty.jsonl").write_text("")
+    (tmp / "blank.txt").write_text("\n  \n")
+    (tmp / "latin1_prompts.txt").write_bytes(b"Hello\nGr\xfc\xdf Gott\n")
+    lost = tmp / "lost.json"
+    lost.write_text(json.dumps(good))
+    saved_run_config(tmp / "run_lost_data", ["model=tiny_random", f"dataset.path={lost}", "dataset.eval_size=4"])
+    lost.unlink()
