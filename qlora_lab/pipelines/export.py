@@ -4,7 +4,7 @@
 Reads top to bottom: check everything a user can get wrong, merge the adapter if the run has no merged/ yet
 (with the run's merge.base choice), write each export, then load each one back on the CPU and measure it
 against the unquantized merged model:
-  cost       file size, load time, generated tokens/s, peak RSS (reset before each load, as in compare)
+  cost       file size, load time, generated tokens/s, peak RSS (each export is measured in a fresh process)
   quality    eval perplexity (response tokens, as the training loss)
   agreement  greedy exact-match rate of the outputs with merged's, max |logit difference| and mean
              KL(merged || export) of next-token distributions over every position of inference.agreement_examples
@@ -18,9 +18,9 @@ of that path, not of llama.cpp (their file size is what llama.cpp and Ollama loa
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
+import multiprocessing
 import shutil
 import time
 from enum import Enum
@@ -37,7 +37,7 @@ from ..inference import adapter_dir, eval_prompts, generate, teacher_forced
 from ..models import load_tokenizer, model_path
 from ..rundir import Run, hardware
 from . import merge
-from .compare import agreement, peak_memory_gib, reset_peak_memory
+from .compare import agreement, peak_memory_gib
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +151,11 @@ def load_export(name: str, path: Path, cfg: Config):
 
 
 def measure(name: str, path: Path, cfg: Config, prompts: list[str], examples: list[dict], special: bool,
-            source_tokenizer, reference: dict | None) -> tuple[dict, dict]:
-    """One row of the table, and what the next rows are compared with (outputs and logits, for merged)."""
+            source_tokenizer) -> tuple[dict, list[str], list[torch.Tensor]]:
+    """One export's costs: (row, greedy outputs, fp32 logits of the first agreement examples)."""
     gen = OmegaConf.merge(cfg.generation, {"do_sample": False})  # exact match needs deterministic decoding
     batch = cfg.inference.batch_size
-    reset_peak_memory()
+    runtime_gib = peak_memory_gib()  # the fresh process before loading: Python, torch, transformers
     t0 = time.perf_counter()
     model, tokenizer = load_export(name, path, cfg)
     load_s = time.perf_counter() - t0
@@ -166,24 +166,21 @@ def measure(name: str, path: Path, cfg: Config, prompts: list[str], examples: li
     batches = {r["latency_s"] for r in results}  # one latency per batch
     new_tokens = sum(r["new_tokens"] for r in results)
     row = {"export": name, "size_mib": size_mib(path), "load_s": load_s, "tokens_per_s": new_tokens / sum(batches),
-           "peak_rss_gib": peak_memory_gib(), "eval_perplexity": ppl, "new_tokens": new_tokens}
-    outputs = [r["output"] for r in results]
-    if reference is None:
-        row |= {"exact_match": 1.0, "mean_kl": 0.0, "max_abs_logit_diff": 0.0}
-        reference = {"outputs": outputs, "logits": logits}
-    else:
-        max_diff, kl = agreement(reference["logits"], logits)
-        row |= {"exact_match": sum(a == b for a, b in zip(reference["outputs"], outputs, strict=True)) / len(outputs),
-                "mean_kl": kl, "max_abs_logit_diff": max_diff}
-    if tokenizer is not source_tokenizer and path.suffix == ".gguf":
+           "peak_rss_gib": peak_memory_gib(), "runtime_rss_gib": runtime_gib, "eval_perplexity": ppl,
+           "new_tokens": new_tokens}
+    if path.suffix == ".gguf":  # the tokenizer embedded in the file, against the run's
         same = [tokenizer(p, add_special_tokens=special)["input_ids"] ==
                 source_tokenizer(p, add_special_tokens=special)["input_ids"] for p in prompts]
         row["tokenizer_match"] = sum(same) / len(same)
         row["chat_template_match"] = tokenizer.chat_template == source_tokenizer.chat_template
-    row["outputs"] = outputs
-    del model
-    gc.collect()
-    return row, reference
+    return row, [r["output"] for r in results], logits
+
+
+def measure_in_fresh_process(*args):
+    """measure() in a new Python process: its peak RSS is that export's alone (a process that loaded an earlier model
+    keeps the freed memory, so its peak would carry over), and nothing is warm from an earlier row."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(measure, args)
 
 
 # ---------------------------------------------------------------- report
@@ -235,7 +232,12 @@ def run(cfg: Config, run: Run) -> list[dict]:
     rows, reference = [], None
     for name, (path, info) in {"merged": (merged, {}), **written}.items():
         print(f"measuring {name} ...", flush=True)
-        row, reference = measure(name, path, cfg, prompts, examples, special, source_tokenizer, reference)
+        row, outputs, logits = measure_in_fresh_process(name, path, cfg, prompts, examples, special, source_tokenizer)
+        if reference is None:  # merged, the first row
+            reference = {"outputs": outputs, "logits": logits}
+        max_diff, kl = agreement(reference["logits"], logits)
+        row |= {"exact_match": sum(a == b for a, b in zip(reference["outputs"], outputs, strict=True)) / len(outputs),
+                "mean_kl": kl, "max_abs_logit_diff": max_diff, "outputs": outputs}
         rows.append(row | info)
 
     # ---- write the report
@@ -245,13 +247,14 @@ def run(cfg: Config, run: Run) -> list[dict]:
     report |= {r["export"]: r | {"file": str(written[r["export"]][0])} for r in rows[1:]}
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     merge_report = json.loads((merged / "merge_report.json").read_text()) if (merged / "merge_report.json").is_file() else {}
+    runtime = min(r["runtime_rss_gib"] for r in rows)
     header = (f"Exports of {source.name}: model {cfg.model.name_or_path}, merged into the "
               f"{merge_report.get('merge/base', '?')} base; CPU ({hardware().get('cpu_count')} cores, {threads} torch "
               f"threads); {len(prompts)} eval prompts, greedy, max_new_tokens {cfg.generation.max_new_tokens}, batch "
-              f"{cfg.inference.batch_size}; agreement with merged (fp32) over "
-              f"{sum(len(x) for x in reference['logits'])} positions of {len(reference['logits'])} eval examples; "
-              f"perplexity over {len(examples)} eval examples. GGUF rows: read back and run by transformers "
-              f"(dequantized to fp32).")
+              f"{cfg.inference.batch_size}; peak RSS of a fresh process per export, {runtime:.2f} GiB of it before "
+              f"loading (the runtime); agreement with merged (fp32) over {sum(len(x) for x in reference['logits'])} "
+              f"positions of {len(reference['logits'])} eval examples; perplexity over {len(examples)} eval examples. "
+              f"GGUF rows: read back and run by transformers (dequantized to fp32).")
     table = markdown(rows, header)
     (run.dir / "export.md").write_text(table)
     if cfg.export.table_dir:
