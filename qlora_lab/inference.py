@@ -54,9 +54,9 @@ def merged_dir(source: Path) -> Path:
 
 
 def int8_export_dir(source: Path) -> Path:
-    from .int8_dynamic import is_export
+    from .int8_dynamic import RUN_SUBDIR, is_export
 
-    path = Path(source) / "export" / "int8_dynamic"
+    path = Path(source) / RUN_SUBDIR
     if not is_export(path):
         raise ConfigError(f"{source} has no int8 export (export/int8_dynamic); run `python -m qlora_lab "
                           f"pipeline=export run_dir={source} export=int8_dynamic` first.")

@@ -19,6 +19,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 WEIGHTS = "model_int8.pt"
+RUN_SUBDIR = Path("export") / "int8_dynamic"  # where the export stage writes it in a run
 
 
 def quantize(model):

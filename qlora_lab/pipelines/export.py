@@ -74,8 +74,9 @@ def export_name(fmt: str, gguf_type: str | None) -> str:
 
 
 def export_path(source: Path, fmt: str, gguf_type: str | None) -> Path:
-    folder = source / "export"
-    return folder / f"model-{gguf_type}.gguf" if fmt == ExportFormat.gguf.value else folder / "int8_dynamic"
+    if fmt == ExportFormat.gguf.value:
+        return source / "export" / f"model-{gguf_type}.gguf"
+    return source / int8_dynamic.RUN_SUBDIR
 
 
 def model_config(cfg: Config, source: Path) -> dict:
@@ -88,9 +89,10 @@ def model_config(cfg: Config, source: Path) -> dict:
 
 def check(cfg: Config, source: Path, todo: list[tuple[str, str | None]]) -> None:
     """Everything a user can get wrong, before any merge, load or write."""
-    adapter_dir(source)  # a finished training run
+    adapter = adapter_dir(source)  # a finished training run
     if any(fmt == ExportFormat.gguf.value for fmt, _ in todo):
         gguf_export.check_supported(model_config(cfg, source))
+        gguf_export.check_tokenizer(adapter)  # train saves the tokenizer with the adapter; merge copies it
     for fmt, gguf_type in todo:
         path = export_path(source, fmt, gguf_type)
         if path.exists() and not cfg.export.overwrite:
