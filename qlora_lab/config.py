@@ -41,6 +41,7 @@ class InferenceMode(Enum):
     adapter = "adapter"  # base (quantized as in training) + unmerged PEFT adapter
     merge_and_unload = "merge_and_unload"  # base + adapter merged in memory
     base = "base"  # the base model alone, no adapter (the "before" of a comparison)
+    int8_dynamic = "int8_dynamic"  # <run_dir>/export/int8_dynamic (written by the export stage), on the CPU
 
 
 class KbitPreparation(Enum):
@@ -184,6 +185,30 @@ class MergeConfig:
     overwrite: bool = False
 
 
+class ExportFormat(Enum):
+    gguf = "gguf"  # one .gguf file for llama.cpp / Ollama (weights, tokenizer, chat template)
+    int8_dynamic = "int8_dynamic"  # PyTorch dynamic int8 linear layers, for CPU inference in Python
+
+
+class GgufType(Enum):
+    f32 = "f32"
+    f16 = "f16"
+    q8_0 = "q8_0"
+    q4_0 = "q4_0"
+
+
+@dataclass
+class ExportConfig:
+    format: ExportFormat = ExportFormat.gguf
+    gguf_type: GgufType = GgufType.q8_0
+    # Several exports measured in one job (one table row each), e.g. [gguf:f16, gguf:q8_0, int8_dynamic];
+    # when set it replaces format/gguf_type.
+    targets: list[str] | None = None
+    overwrite: bool = False  # replace an existing export file (never done otherwise)
+    measure: bool = True  # load each export back and measure its costs and its agreement with merged/
+    table_dir: str | None = None  # also write the comparison table (export.md, export_report.json) here
+
+
 @dataclass
 class EvalConfig:
     max_samples: int = 50  # generations scored with ROUGE/BLEU/accuracy
@@ -197,7 +222,7 @@ class EvalConfig:
 @dataclass
 class PipelineConfig:
     name: str = MISSING
-    stages: list[str] = MISSING  # run in order: train, merge, infer, compare, evaluate, benchmark, chat
+    stages: list[str] = MISSING  # run in order: train, merge, infer, compare, evaluate, benchmark, chat, export
 
 
 @dataclass
@@ -221,6 +246,7 @@ class Config:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 

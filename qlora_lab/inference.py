@@ -6,6 +6,7 @@ The three ways of running a QLoRA fine-tune (plus the base alone as the "before"
   merge_and_unload  the same base + adapter, merged in memory by PEFT (on a 4-bit base PEFT dequantizes,
                     adds the LoRA delta and quantizes again)
   base              the base model alone
+  int8_dynamic      <run>/export/int8_dynamic (written by the export stage): dynamic int8 linear layers, CPU only
 """
 
 from __future__ import annotations
@@ -52,6 +53,16 @@ def merged_dir(source: Path) -> Path:
     return path
 
 
+def int8_export_dir(source: Path) -> Path:
+    from .int8_dynamic import RUN_SUBDIR, is_export
+
+    path = Path(source) / RUN_SUBDIR
+    if not is_export(path):
+        raise ConfigError(f"{source} has no int8 export (export/int8_dynamic); run `python -m qlora_lab "
+                          f"pipeline=export run_dir={source} export=int8_dynamic` first.")
+    return path
+
+
 def resize_embeddings(model, tokenizer) -> None:
     """Grow the embeddings when the tokenizer has more tokens than the model (e.g. an added pad token)."""
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -68,6 +79,12 @@ def load_for_inference(cfg: Config, source: Path, mode: InferenceMode | str):
         folder = merged_dir(source)
         tokenizer = load_tokenizer(str(folder), cfg.model.trust_remote_code)
         model = load_model(str(folder), cfg)  # quantized per cfg.quantization, like loading merged weights in 4-bit
+    elif mode is InferenceMode.int8_dynamic:
+        from . import int8_dynamic
+
+        folder = int8_export_dir(source)
+        tokenizer = load_tokenizer(str(folder), cfg.model.trust_remote_code)
+        model = int8_dynamic.load(folder)  # PyTorch's int8 kernels are CPU kernels: it stays on the CPU
     elif mode is InferenceMode.base:
         tokenizer = load_tokenizer(tokenizer_path(cfg), cfg.model.trust_remote_code)
         model = load_model(model_path(cfg), cfg)

@@ -14,6 +14,7 @@ STAGES = {
     "compare": "qlora_lab.pipelines.compare",
     "chat": "qlora_lab.pipelines.chat",
     "evaluate": "qlora_lab.pipelines.evaluate",
+    "export": "qlora_lab.pipelines.export",
 }
 
 

@@ -1,0 +1,270 @@
+"""Export: a trained run -> a GGUF file for llama.cpp / Ollama, or a dynamic-int8 model for CPUs, with its costs.
+
+`python -m qlora_lab pipeline=export run_dir=RUN export.format=gguf|int8_dynamic [export.gguf_type=f16|q8_0|q4_0]`
+Reads top to bottom: check everything a user can get wrong, merge the adapter if the run has no merged/ yet
+(with the run's merge.base choice), write each export, then load each one back on the CPU and measure it
+against the unquantized merged model:
+  cost       file size, load time, generated tokens/s, peak RSS (each export is measured in a fresh process)
+  quality    eval perplexity (response tokens, as the training loss)
+  agreement  greedy exact-match rate of the outputs with merged's, max |logit difference| and mean
+             KL(merged || export) of next-token distributions over every position of inference.agreement_examples
+             eval examples; for GGUF also whether its embedded tokenizer gives the same ids as the run's
+Writes RUN/export/<files>, RUN/export/export_report.json (one entry per export, kept across jobs) and a table
+(export.md in the job dir, also printed; also into export.table_dir when set).
+
+GGUF files are read back with transformers, which dequantizes them to fp32: their load time and speed are those
+of that path, not of llama.cpp (their file size is what llama.cpp and Ollama load).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import shutil
+import time
+from enum import Enum
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from .. import gguf_export, int8_dynamic
+from ..config import Config, ConfigError, ExportFormat, GgufType
+from ..data import load_splits, tokenize_example, uses_chat_template
+from ..inference import adapter_dir, eval_prompts, generate, teacher_forced
+from ..models import load_tokenizer, model_path
+from ..rundir import Run, hardware
+from . import merge
+from .compare import agreement, peak_memory_gib
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["export", "size_mib", "export_s", "load_s", "tokens_per_s", "peak_rss_gib", "eval_perplexity",
+           "exact_match", "mean_kl", "max_abs_logit_diff"]
+
+
+# ---------------------------------------------------------------- what to write, and where
+
+def targets(cfg: Config) -> list[tuple[str, str | None]]:
+    """[(format, gguf_type or None)], from export.targets (`gguf:q8_0`, `int8_dynamic`) or format/gguf_type."""
+    def value(v):
+        return v.value if isinstance(v, Enum) else str(v)
+
+    e = cfg.export
+    if not e.targets:
+        fmt = value(e.format)
+        return [(fmt, value(e.gguf_type) if fmt == ExportFormat.gguf.value else None)]
+    out = []
+    for spec in e.targets:
+        fmt, _, gguf_type = str(spec).partition(":")
+        if fmt == ExportFormat.int8_dynamic.value and not gguf_type:
+            out.append((fmt, None))
+        elif fmt == ExportFormat.gguf.value and gguf_type in {t.value for t in GgufType}:
+            out.append((fmt, gguf_type))
+        else:
+            raise ConfigError(f"export.targets has {spec!r}; write int8_dynamic or gguf:TYPE with TYPE one of "
+                              f"{', '.join(t.value for t in GgufType)}.")
+    return list(dict.fromkeys(out))
+
+
+def export_name(fmt: str, gguf_type: str | None) -> str:
+    return f"gguf-{gguf_type}" if fmt == ExportFormat.gguf.value else fmt
+
+
+def export_path(source: Path, fmt: str, gguf_type: str | None) -> Path:
+    if fmt == ExportFormat.gguf.value:
+        return source / "export" / f"model-{gguf_type}.gguf"
+    return source / int8_dynamic.RUN_SUBDIR
+
+
+def model_config(cfg: Config, source: Path) -> dict:
+    """The config.json of what will be exported: merged/ if it exists, else the base the run was trained on."""
+    merged = source / "merged" / "config.json"
+    if merged.is_file():
+        return json.loads(merged.read_text())
+    return AutoConfig.from_pretrained(model_path(cfg), trust_remote_code=cfg.model.trust_remote_code).to_dict()
+
+
+def check(cfg: Config, source: Path, todo: list[tuple[str, str | None]]) -> None:
+    """Everything a user can get wrong, before any merge, load or write."""
+    adapter = adapter_dir(source)  # a finished training run
+    if any(fmt == ExportFormat.gguf.value for fmt, _ in todo):
+        gguf_export.check_supported(model_config(cfg, source))
+        gguf_export.check_tokenizer(adapter)  # train saves the tokenizer with the adapter; merge copies it
+    for fmt, gguf_type in todo:
+        path = export_path(source, fmt, gguf_type)
+        if path.exists() and not cfg.export.overwrite:
+            raise ConfigError(f"{path} already exists; remove it or pass export.overwrite=true to replace it.")
+    if cfg.export.measure and cfg.inference.agreement_examples < 1:
+        raise ConfigError(f"inference.agreement_examples must be at least 1 to measure an export "
+                          f"(got {cfg.inference.agreement_examples}); or pass export.measure=false.")
+
+
+# ---------------------------------------------------------------- writing
+
+def write_export(merged: Path, fmt: str, gguf_type: str | None, target: Path, name: str) -> dict:
+    """Write into a temporary path, then swap it in: a half-written export never looks finished."""
+    tmp = target.with_name(target.name + ".tmp")
+    if tmp.is_dir():
+        shutil.rmtree(tmp)
+    tmp.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    if fmt == ExportFormat.gguf.value:
+        info = gguf_export.write_gguf(merged, tmp, gguf_type, name)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+        int8_dynamic.save(model, AutoTokenizer.from_pretrained(merged), tmp)
+        info = {}
+        del model
+    info["export_s"] = time.perf_counter() - t0
+    if target.is_dir():  # only reached with export.overwrite=true
+        shutil.rmtree(target)
+    target.unlink(missing_ok=True)
+    tmp.rename(target)
+    return info
+
+
+def size_mib(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.iterdir() if p.suffix in (".safetensors", ".pt", ".gguf")]
+    return sum(p.stat().st_size for p in files) / 2**20
+
+
+# ---------------------------------------------------------------- measuring
+
+def load_export(name: str, path: Path, cfg: Config):
+    """(model on the CPU in eval mode, tokenizer) for merged/ (fp32), a GGUF file or an int8 folder."""
+    if name == "merged":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = load_tokenizer(str(path), cfg.model.trust_remote_code)
+    elif path.suffix == ".gguf":
+        # transformers dequantizes the file to fp32; the tokenizer is the one embedded in the file
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    else:
+        model = int8_dynamic.load(path)
+        tokenizer = load_tokenizer(str(path), cfg.model.trust_remote_code)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+def measure(name: str, path: Path, cfg: Config, prompts: list[str], examples: list[dict], special: bool,
+            source_tokenizer) -> tuple[dict, list[str], list[torch.Tensor]]:
+    """One export's costs: (row, greedy outputs, fp32 logits of the first agreement examples)."""
+    gen = OmegaConf.merge(cfg.generation, {"do_sample": False})  # exact match needs deterministic decoding
+    batch = cfg.inference.batch_size
+    runtime_gib = peak_memory_gib()  # the fresh process before loading: Python, torch, transformers
+    t0 = time.perf_counter()
+    model, tokenizer = load_export(name, path, cfg)
+    load_s = time.perf_counter() - t0
+    generate(model, tokenizer, prompts[:1], OmegaConf.merge(gen, {"max_new_tokens": 2}), 1, special)  # warm-up
+    results = generate(model, tokenizer, prompts, gen, batch, special)
+    # the same token ids for every export, so that the logits line up position by position
+    ppl, logits = teacher_forced(model, examples, batch, source_tokenizer.pad_token_id, cfg.inference.agreement_examples)
+    batches = {r["latency_s"] for r in results}  # one latency per batch
+    new_tokens = sum(r["new_tokens"] for r in results)
+    row = {"export": name, "size_mib": size_mib(path), "load_s": load_s, "tokens_per_s": new_tokens / sum(batches),
+           "peak_rss_gib": peak_memory_gib(), "runtime_rss_gib": runtime_gib, "eval_perplexity": ppl,
+           "new_tokens": new_tokens}
+    if path.suffix == ".gguf":  # the tokenizer embedded in the file, against the run's
+        same = [tokenizer(p, add_special_tokens=special)["input_ids"] ==
+                source_tokenizer(p, add_special_tokens=special)["input_ids"] for p in prompts]
+        row["tokenizer_match"] = sum(same) / len(same)
+        row["chat_template_match"] = tokenizer.chat_template == source_tokenizer.chat_template
+    return row, [r["output"] for r in results], logits
+
+
+def measure_in_fresh_process(*args):
+    """measure() in a new Python process: its peak RSS is that export's alone (a process that loaded an earlier model
+    keeps the freed memory, so its peak would carry over), and nothing is warm from an earlier row."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(measure, args)
+
+
+# ---------------------------------------------------------------- report
+
+def markdown(rows: list[dict], header: str) -> str:
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+        return str(v)
+
+    lines = [header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: Config, run: Run) -> list[dict]:
+    source = run.source
+    todo = targets(cfg)
+    check(cfg, source, todo)
+
+    # ---- the merged model everything is exported from (merge.base as configured)
+    merged = source / "merged"
+    if not (merged / "config.json").is_file():
+        base = cfg.merge.base.value if isinstance(cfg.merge.base, Enum) else cfg.merge.base
+        print(f"{source} has no merged/ yet: merging the adapter first (merge.base={base})", flush=True)
+        merge.run(cfg, run)
+
+    # ---- write
+    folder = source / "export"
+    folder.mkdir(exist_ok=True)
+    written = {}
+    for fmt, gguf_type in todo:
+        name, path = export_name(fmt, gguf_type), export_path(source, fmt, gguf_type)
+        written[name] = (path, write_export(merged, fmt, gguf_type, path, f"{cfg.model.name_or_path} ({source.name})"))
+        print(f"{name}: wrote {path} ({size_mib(path):.1f} MiB, {written[name][1]['export_s']:.1f} s)", flush=True)
+    if not cfg.export.measure:
+        return []
+
+    # ---- measure each export against merged/, on the same prompts and eval examples
+    source_tokenizer = load_tokenizer(str(merged), cfg.model.trust_remote_code)
+    items = eval_prompts(cfg, source_tokenizer, cfg.inference.num_prompts)
+    prompts = [it["prompt"] for it in items]
+    special = not uses_chat_template(source_tokenizer, cfg.dataset.template)
+    examples = [tokenize_example(row, source_tokenizer, cfg.dataset) for row in load_splits(cfg).eval]
+    examples = [e for e in examples if e["trainable"]]
+    threads = torch.get_num_threads()
+    rows, reference = [], None
+    for name, (path, info) in {"merged": (merged, {}), **written}.items():
+        print(f"measuring {name} ...", flush=True)
+        row, outputs, logits = measure_in_fresh_process(name, path, cfg, prompts, examples, special, source_tokenizer)
+        if reference is None:  # merged, the first row
+            reference = {"outputs": outputs, "logits": logits}
+        max_diff, kl = agreement(reference["logits"], logits)
+        row |= {"exact_match": sum(a == b for a, b in zip(reference["outputs"], outputs, strict=True)) / len(outputs),
+                "mean_kl": kl, "max_abs_logit_diff": max_diff, "outputs": outputs}
+        rows.append(row | info)
+
+    # ---- write the report
+    report_path = folder / "export_report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    report["merged"] = rows[0]
+    report |= {r["export"]: r | {"file": str(written[r["export"]][0])} for r in rows[1:]}
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    merge_report = json.loads((merged / "merge_report.json").read_text()) if (merged / "merge_report.json").is_file() else {}
+    runtime = min(r["runtime_rss_gib"] for r in rows)
+    header = (f"Exports of {source.name}: model {cfg.model.name_or_path}, merged into the "
+              f"{merge_report.get('merge/base', '?')} base; CPU ({hardware().get('cpu_count')} cores, {threads} torch "
+              f"threads); {len(prompts)} eval prompts, greedy, max_new_tokens {cfg.generation.max_new_tokens}, batch "
+              f"{cfg.inference.batch_size}; peak RSS of a fresh process per export, {runtime:.2f} GiB of it before "
+              f"loading (the runtime); agreement with merged (fp32) over {sum(len(x) for x in reference['logits'])} "
+              f"positions of {len(reference['logits'])} eval examples; perplexity over {len(examples)} eval examples. "
+              f"GGUF rows: read back and run by transformers (dequantized to fp32).")
+    table = markdown(rows, header)
+    (run.dir / "export.md").write_text(table)
+    if cfg.export.table_dir:
+        out = Path(cfg.export.table_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "export.md").write_text(table)
+        (out / "export_report.json").write_text(json.dumps({r["export"]: r for r in rows}, indent=2) + "\n")
+    run.log({f"export/{r['export']}/{k}": v for r in rows for k, v in r.items()
+             if isinstance(v, int | float) and not isinstance(v, bool)})
+    print("\n" + table, flush=True)
+    return rows
