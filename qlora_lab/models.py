@@ -13,7 +13,15 @@ import torch
 from filelock import FileLock
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from .config import Config, ConfigError, Kernels, KbitPreparation, ModelConfig, QuantizationConfig, QuantMethod
+from .config import (
+    Config,
+    ConfigError,
+    KbitPreparation,
+    Kernels,
+    ModelConfig,
+    QuantizationConfig,
+    QuantMethod,
+)
 
 log = logging.getLogger(__name__)
 

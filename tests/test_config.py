@@ -54,7 +54,7 @@ def test_unknown_group_option_fails_at_compose_time():
 
 def test_wrong_type_fails_at_compose_time():
     with pytest.raises((ConfigCompositionException, ValidationError, ConfigKeyError)):
-        make_cfg(["train.batch_size=four"])
+        make_cfg(["train.grad_accum=four"])  # (train.batch_size also takes `auto`: validate() checks it)
     with pytest.raises((ConfigCompositionException, ValidationError)):
         make_cfg(["quantization.method=nf5"])
 

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from qlora_lab.config import ConfigError, KbitPreparation, Kernels, validate
-from qlora_lab.data import IGNORE_INDEX, PackedCollator, load_splits, mean_context, pack_examples, tokenize_split
+from qlora_lab.data import (
+    IGNORE_INDEX,
+    PackedCollator,
+    load_splits,
+    mean_context,
+    pack_examples,
+    tokenize_split,
+)
 from qlora_lab.models import load_model, load_tokenizer, model_path, tokenizer_path
 
 from .conftest import TINY, make_cfg

@@ -75,7 +75,6 @@ for attn in ["sdpa", "flex_attention"]:
     torch.cuda.reset_peak_memory_stats()
     model = attach_lora(load_model(model_path(cfg), cfg), cfg)
     model.config.use_cache = False
-    from transformers.trainer_pt_utils import get_parameter_names  # noqa: F401 (import check only)
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
     _apply_liger_kernel_to_instance(model=model.get_base_model())
