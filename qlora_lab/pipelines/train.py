@@ -129,6 +129,15 @@ def check_ranks_agree(model, world_size: int) -> dict:
             "distributed/adapter_sha256": [d[:16] for d, _ in gathered], "memory/peak_gib_per_rank": [p for _, p in gathered]}
 
 
+class LabTrainer(Trainer):
+    """The HF Trainer, less one per-step cost: its `floating_point_ops` walks every module and parameter of the
+    model on every step (~40 ms of CPU for 32 PEFT-wrapped layers, measured with cProfile), time in which the GPU
+    waits. QLoRA Lab counts model FLOPs once, from the architecture (qlora_lab/perf.py)."""
+
+    def floating_point_ops(self, inputs) -> int:
+        return 0
+
+
 def attention_backends(cfg: Config):
     """Packed rows change shape every step, and cuDNN's SDPA builds a new graph for every new shape (profiled on
     8B shapes: ~2 ms of CPU per attention call, ~0.3 s a step, in a step that was CPU-bound). For packed rows,
@@ -224,7 +233,7 @@ def run(cfg: Config, run: Run):
         **precision_flags(t.precision, t.autocast),
     )
     timer = StepTimer()
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+    trainer = LabTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                       data_collator=PackedCollator(tokenizer.pad_token_id) if cfg.dataset.pack else
                       DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
                       callbacks=[timer, Progress(run)] + ([StepProfiler(run.dir, t.speed_skip_steps)] if t.profile else []))
