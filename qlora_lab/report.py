@@ -145,6 +145,20 @@ def _fmt(value, digits: int = 2, thousands: bool = False) -> str:
     return f"{value:,.{digits}f}" if thousands else f"{value:.{digits}f}"
 
 
+def markdown_table(rows: list[dict], columns: list[str], header: str) -> str:
+    """A header line, then one markdown row per dict over `columns` (3 significant digits, "-" for missing)."""
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+        return str(v)
+
+    lines = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")

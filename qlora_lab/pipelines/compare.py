@@ -25,6 +25,7 @@ from ..config import Config, ConfigError, InferenceMode
 from ..data import load_splits, tokenize_example, user_message, uses_chat_template
 from ..inference import adapter_dir, as_mode, eval_prompts, generate, load_for_inference, teacher_forced
 from ..models import load_tokenizer, memory_footprint_gib, resolve_dtype
+from ..report import markdown_table
 from ..rundir import Run, hardware
 from .infer import read_prompts_file
 
@@ -71,16 +72,7 @@ def agreement(reference: list[torch.Tensor], logits: list[torch.Tensor]) -> tupl
 # ---------------------------------------------------------------- report
 
 def markdown(rows: list[dict], header: str) -> str:
-    def fmt(v):
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
-        return str(v)
-
-    lines = [header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table(rows, COLUMNS, header)
 
 
 def run(cfg: Config, run: Run) -> list[dict]:

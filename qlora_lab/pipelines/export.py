@@ -35,6 +35,7 @@ from ..config import Config, ConfigError, ExportFormat, GgufType
 from ..data import load_splits, tokenize_example, uses_chat_template
 from ..inference import adapter_dir, eval_prompts, generate, teacher_forced
 from ..models import load_tokenizer, model_path
+from ..report import markdown_table
 from ..rundir import Run, hardware
 from . import merge
 from .compare import agreement, peak_memory_gib
@@ -188,16 +189,7 @@ def measure_in_fresh_process(*args):
 # ---------------------------------------------------------------- report
 
 def markdown(rows: list[dict], header: str) -> str:
-    def fmt(v):
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
-        return str(v)
-
-    lines = [header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table(rows, COLUMNS, header)
 
 
 def run(cfg: Config, run: Run) -> list[dict]:
