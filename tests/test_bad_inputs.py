@@ -100,7 +100,9 @@ def test_trust_remote_code_warns_naming_the_folder():
     from contextlib import redirect_stderr
 
     from qlora_lab.__main__ import preflight
+    from qlora_lab.models import model_path, tokenizer_path
 
+    model_path(cfg), tokenizer_path(cfg)  # a cold cache builds these first, with messages of its own
     err = io.StringIO()
     with redirect_stderr(err):
         preflight(cfg)
