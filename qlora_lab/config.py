@@ -1,8 +1,10 @@
 """Config schemas: one dataclass per Hydra config group, registered in Hydra's ConfigStore.
 
-`conf/config.yaml` lists `base_config` (the `Config` below) first in its defaults, so every YAML of every
-group is merged into these typed nodes: an unknown key (`lora.rank=8`) or a wrong type fails at compose
-time with Hydra's own message. Fields with a fixed set of values are Enums for the same reason.
+`conf/config.yaml` lists `base_config` (the `Config` below) first in its defaults, and every option file of a
+group starts from that group's schema (`defaults: [base_quantization, _self_]`, stored by `register()`), so an
+option file holds only what differs from the defaults written here, and every value is merged into these typed
+nodes: an unknown key (`lora.rank=8`) or a wrong type fails at compose time with Hydra's own message. Fields
+with a fixed set of values are Enums for the same reason.
 Cross-field rules that a type cannot express live in `validate()`, called before any heavy work.
 """
 
@@ -268,8 +270,19 @@ def launch_time(fmt: str) -> str:
     return datetime.fromtimestamp(stamp).strftime(fmt)
 
 
+# Each group's schema, stored under the group as `base_<group>`: every option file starts with
+# `defaults: [base_<group>, _self_]` and holds only what differs from these dataclasses' defaults.
+GROUP_SCHEMAS = {"model": ModelConfig, "quantization": QuantizationConfig, "lora": LoraConfig,
+                 "dataset": DatasetConfig, "train": TrainConfig, "generation": GenerationConfig,
+                 "inference": InferenceConfig, "export": ExportConfig, "pipeline": PipelineConfig,
+                 "paths": PathsConfig}
+
+
 def register() -> None:
-    ConfigStore.instance().store(name="base_config", node=Config)
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=Config)
+    for group, schema in GROUP_SCHEMAS.items():
+        store.store(group=group, name=f"base_{group}", node=schema)
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", project_root)
     if not OmegaConf.has_resolver("launch_time"):
