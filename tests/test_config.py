@@ -71,3 +71,51 @@ def test_wrong_type_fails_at_compose_time():
 def test_unsupported_combinations_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         validate(make_cfg(overrides))
+
+
+# A misspelt key and a misspelt option in every group, and a misspelt value of every field with a fixed set of
+# values: (override, the word the error must name).
+TYPOS = [
+    ("model.name_or_pth=x", "name_or_pth"), ("model=tiny_randm", "tiny_randm"), ("model.dtype=bf61", "bf61"),
+    ("quantization.doublequant=true", "doublequant"), ("quantization=nf5", "nf5"), ("quantization.method=nf5", "nf5"),
+    ("quantization.compute_dtype=fp8", "fp8"), ("quantization.storage_dtype=int4", "int4"),
+    ("quantization.preparation=upcast", "upcast"),
+    ("lora.rank=8", "rank"), ("lora=qk", "qk"), ("lora.bias=lora_onyl", "lora_onyl"),
+    ("dataset.max_seq_len=64", "max_seq_len"), ("dataset=alpacca", "alpacca"), ("dataset.template=chatml", "chatml"),
+    ("train.lr=1e-4", "lr"), ("train=fastest", "fastest"), ("train.precision=fp8", "fp8"),
+    ("train.kernels=triton", "triton"),
+    ("generation.temp=0.5", "temp"), ("generation=beam", "beam"),
+    ("inference.mode=mergd", "mergd"), ("inference=mergd", "mergd"), ("inference.modes=[adapter,mergd]", "mergd"),
+    ("export.format=ggml", "ggml"), ("export=onnx", "onnx"), ("export.gguf_type=q5_k", "q5_k"),
+    ("pipeline.stage=[train]", "stage"), ("pipeline=trian", "trian"),
+    ("paths.out_dir=x", "out_dir"), ("paths=local", "local"),
+    ("recipe=fastest", "fastest"),
+    ("merge.base=orig", "orig"), ("merge.shard_size=1GB", "shard_size"),
+    ("eval.metrics=[rouge,bleuu]", "bleuu"), ("eval.modes=[bse]", "bse"), ("eval.language=fr", "fr"),
+    ("eval.max_sample=3", "max_sample"),
+    ("+experiment=gsm8", "gsm8"),
+]
+
+
+@pytest.mark.parametrize("override,typo", TYPOS, ids=[t[0] for t in TYPOS])
+def test_typo_in_every_group_fails_at_compose_time(override, typo):
+    with pytest.raises(ConfigCompositionException) as e:
+        make_cfg([override])
+    message = f"{e.value} {e.value.__cause__}"
+    assert f"'{typo}'" in message or f"={typo}" in message or f"/{typo}" in message, message
+
+
+def test_issue_example_fails_before_training(tmp_path):
+    """`+experiment=gsm8k eval.metrics=[rouge,bleuu]` used to fail after training: now Hydra refuses it at once."""
+    from .conftest import cli
+
+    result = cli("+experiment=gsm8k", "eval.metrics=[rouge,bleuu]", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 1 and "Invalid value 'bleuu', expected one of" in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "run").exists()  # nothing ran, nothing was written
+
+
+def test_fsdp_with_a_4bit_base_needs_a_storage_dtype(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match=r"quantization\.storage_dtype"):
+        validate(make_cfg(["quantization=nf4", "quantization.storage_dtype=null"]))
+    validate(make_cfg(["quantization=nf4", "quantization.storage_dtype=bfloat16"]))

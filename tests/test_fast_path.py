@@ -106,7 +106,6 @@ def test_liger_requested_where_it_cannot_run_is_one_sentence():
     (["train.batch_size=biggest"], "train.batch_size"),
     (["train.checkpoint_every_n_layers=0"], "train.checkpoint_every_n_layers"),
     (["train.activation_offload=true"], "train.activation_offload"),
-    (["quantization.storage_dtype=int4"], "quantization.storage_dtype"),
 ])
 def test_fast_path_options_are_checked(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -103,16 +103,6 @@ def test_existing_merge_is_never_overwritten_silently(fp32_run, tmp_path):
     assert not (run_dir / "merged.tmp").exists()
 
 
-def test_merge_config_mistakes_are_one_sentence(fp32_run, tmp_path):
-    cfg, run_dir = fp32_run
-    with pytest.raises(ConfigError, match="merge.base=dequantized needs the run's quantization"):
-        merge.run(make_cfg([*TINY, "quantization=none", "merge.base=dequantized", "merge.overwrite=true"]),
-                  Run(dir=tmp_path, source=run_dir))
-    with pytest.raises(ConfigError, match="merge.max_shard_size='lots'"):
-        merge.run(make_cfg([*TINY, "quantization=none", "merge.max_shard_size=lots", "merge.overwrite=true"]),
-                  Run(dir=tmp_path, source=run_dir))
-
-
 def test_dequantized_merge_reloaded_in_nf4_equals_in_memory_merge(nf4_run):
     """merge.base=dequantized writes Q(W) + BA; quantizing that on load is what PEFT's in-memory merge into the
     4-bit base does, so the two give the same model. The unmerged adapter computes Q(W) + BA unrounded."""

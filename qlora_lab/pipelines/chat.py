@@ -14,7 +14,7 @@ from transformers import TextStreamer, set_seed
 
 from ..config import Config, ConfigError
 from ..data import uses_chat_template
-from ..inference import as_mode, hf_generation_config, load_for_inference
+from ..inference import hf_generation_config, load_for_inference
 from ..rundir import Run
 
 HELP = "/reset clears the history, /exit (or Ctrl-D) quits"
@@ -54,7 +54,7 @@ def render(messages: list[dict], tokenizer, template) -> str:
 
 
 def run(cfg: Config, run: Run) -> list[dict]:
-    mode = as_mode(cfg.inference.mode)
+    mode = cfg.inference.mode
     model, tokenizer = load_for_inference(cfg, run.source, mode)
     config = hf_generation_config(cfg.generation, tokenizer)
     special = not uses_chat_template(tokenizer, cfg.dataset.template)

@@ -14,15 +14,14 @@ import gc
 import json
 import logging
 
-from ..config import Config, ConfigError, InferenceMode
+from ..config import Config, EvalMetric, InferenceMode, Language
 from ..data import load_splits, tokenize_split
-from ..inference import as_mode, eval_prompts, generate, load_for_inference, teacher_forced
+from ..inference import eval_prompts, generate, load_for_inference, teacher_forced
 from ..metrics import bleu4, detect_language, gsm8k_accuracy, rouge
 from ..rundir import Run
 
 log = logging.getLogger(__name__)
 
-KNOWN_METRICS = ("perplexity", "rouge", "bleu", "accuracy")
 # Rows of the before/after table, in order: (metric key, label, higher is better)
 TABLE_ROWS = [("perplexity", "perplexity", False), ("rouge1", "ROUGE-1", True), ("rouge2", "ROUGE-2", True),
               ("rougeL", "ROUGE-L", True), ("bleu4", "BLEU-4", True), ("accuracy", "accuracy (####)", True),
@@ -35,23 +34,23 @@ def perplexity(model, tokenizer, cfg: Config) -> float:
     return teacher_forced(model, list(eval_ds), cfg.eval.batch_size, tokenizer.pad_token_id, keep=0)[0]
 
 
-def evaluate_mode(cfg: Config, run: Run, mode: InferenceMode, metrics: list[str]) -> tuple[dict, list[dict]]:
+def evaluate_mode(cfg: Config, run: Run, mode: InferenceMode, metrics: list[EvalMetric]) -> tuple[dict, list[dict]]:
     model, tokenizer = load_for_inference(cfg, run.source, mode)
     scores: dict[str, float] = {}
-    if "perplexity" in metrics:
+    if EvalMetric.perplexity in metrics:
         scores["perplexity"] = perplexity(model, tokenizer, cfg)
     generations: list[dict] = []
-    if {"rouge", "bleu", "accuracy"} & set(metrics):
+    if {EvalMetric.rouge, EvalMetric.bleu, EvalMetric.accuracy} & set(metrics):
         examples = eval_prompts(cfg, tokenizer, cfg.eval.max_samples)
         outputs = generate(model, tokenizer, [e["prompt"] for e in examples], cfg.generation, cfg.eval.batch_size)
         predictions = [o["output"] for o in outputs]
         references = [e["reference"] for e in examples]
-        language = detect_language(references) if cfg.eval.language == "auto" else cfg.eval.language
-        if "rouge" in metrics:
+        language = detect_language(references) if cfg.eval.language is Language.auto else cfg.eval.language.value
+        if EvalMetric.rouge in metrics:
             scores |= rouge(predictions, references, language)
-        if "bleu" in metrics:
+        if EvalMetric.bleu in metrics:
             scores["bleu4"] = bleu4(predictions, references, language)
-        if "accuracy" in metrics and all("####" in r for r in references):  # GSM8K-style references only
+        if EvalMetric.accuracy in metrics and all("####" in r for r in references):  # GSM8K-style references only
             scores |= gsm8k_accuracy(predictions, references)
         generations = [{"mode": mode.value, "prompt": e["prompt"], "reference": e["reference"], "output": o["output"],
                         "new_tokens": o["new_tokens"]} for e, o in zip(examples, outputs, strict=True)]
@@ -81,13 +80,10 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def run(cfg: Config, run: Run) -> dict:
-    unknown = set(cfg.eval.metrics) - set(KNOWN_METRICS)
-    if unknown:
-        raise ConfigError(f"eval.metrics has unknown entries {sorted(unknown)}; choose from {', '.join(KNOWN_METRICS)}.")
-    main = as_mode(cfg.inference.mode).value
-    modes = [as_mode(m) for m in cfg.eval.modes]
-    if main not in [m.value for m in modes]:
-        modes.append(as_mode(main))
+    main = cfg.inference.mode.value
+    modes = list(dict.fromkeys(cfg.eval.modes))
+    if cfg.inference.mode not in modes:
+        modes.append(cfg.inference.mode)
 
     results: dict[str, dict] = {}
     all_generations: list[dict] = []

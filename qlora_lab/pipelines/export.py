@@ -23,7 +23,6 @@ import logging
 import multiprocessing
 import shutil
 import time
-from enum import Enum
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .. import gguf_export, int8_dynamic
-from ..config import Config, ConfigError, ExportFormat, GgufType
+from ..config import Config, ConfigError, ExportFormat, export_targets
 from ..data import load_splits, tokenize_example, uses_chat_template
 from ..inference import adapter_dir, eval_prompts, generate, teacher_forced
 from ..models import load_tokenizer, model_path
@@ -49,25 +48,8 @@ COLUMNS = ["export", "size_mib", "export_s", "load_s", "tokens_per_s", "peak_rss
 # ---------------------------------------------------------------- what to write, and where
 
 def targets(cfg: Config) -> list[tuple[str, str | None]]:
-    """[(format, gguf_type or None)], from export.targets (`gguf:q8_0`, `int8_dynamic`) or format/gguf_type."""
-    def value(v):
-        return v.value if isinstance(v, Enum) else str(v)
-
-    e = cfg.export
-    if not e.targets:
-        fmt = value(e.format)
-        return [(fmt, value(e.gguf_type) if fmt == ExportFormat.gguf.value else None)]
-    out = []
-    for spec in e.targets:
-        fmt, _, gguf_type = str(spec).partition(":")
-        if fmt == ExportFormat.int8_dynamic.value and not gguf_type:
-            out.append((fmt, None))
-        elif fmt == ExportFormat.gguf.value and gguf_type in {t.value for t in GgufType}:
-            out.append((fmt, gguf_type))
-        else:
-            raise ConfigError(f"export.targets has {spec!r}; write int8_dynamic or gguf:TYPE with TYPE one of "
-                              f"{', '.join(t.value for t in GgufType)}.")
-    return list(dict.fromkeys(out))
+    """[(format, gguf_type or None)] as plain names, e.g. [("gguf", "q8_0"), ("int8_dynamic", None)]."""
+    return [(fmt.value, gguf_type.value if gguf_type else None) for fmt, gguf_type in export_targets(cfg.export)]
 
 
 def export_name(fmt: str, gguf_type: str | None) -> str:
@@ -98,9 +80,6 @@ def check(cfg: Config, source: Path, todo: list[tuple[str, str | None]]) -> None
         path = export_path(source, fmt, gguf_type)
         if path.exists() and not cfg.export.overwrite:
             raise ConfigError(f"{path} already exists; remove it or pass export.overwrite=true to replace it.")
-    if cfg.export.measure and cfg.inference.agreement_examples < 1:
-        raise ConfigError(f"inference.agreement_examples must be at least 1 to measure an export "
-                          f"(got {cfg.inference.agreement_examples}); or pass export.measure=false.")
 
 
 # ---------------------------------------------------------------- writing
@@ -200,8 +179,7 @@ def run(cfg: Config, run: Run) -> list[dict]:
     # ---- the merged model everything is exported from (merge.base as configured)
     merged = source / "merged"
     if not (merged / "config.json").is_file():
-        base = cfg.merge.base.value if isinstance(cfg.merge.base, Enum) else cfg.merge.base
-        print(f"{source} has no merged/ yet: merging the adapter first (merge.base={base})", flush=True)
+        print(f"{source} has no merged/ yet: merging the adapter first (merge.base={cfg.merge.base.value})", flush=True)
         merge.run(cfg, run)
 
     # ---- write

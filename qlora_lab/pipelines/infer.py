@@ -14,7 +14,7 @@ from transformers import set_seed
 
 from ..config import Config, ConfigError, InferenceMode
 from ..data import format_prompt, user_message, uses_chat_template
-from ..inference import as_mode, eval_prompts, generate, load_for_inference
+from ..inference import eval_prompts, generate, load_for_inference
 from ..models import memory_footprint_gib
 from ..rundir import Run
 
@@ -66,12 +66,10 @@ def read_prompt_rows(path_str: str, root: str, cfg: Config) -> list[dict]:
 
 def run(cfg: Config, run: Run) -> list[dict]:
     inf = cfg.inference
-    mode = as_mode(inf.mode)
+    mode = inf.mode
     out_path = run.dir / "generations.jsonl"
     if out_path.exists():
         raise ConfigError(f"{out_path} already exists; run infer in a new job directory so that it is kept.")
-    if inf.num_prompts < 1:
-        raise ConfigError(f"inference.num_prompts must be at least 1 (got {inf.num_prompts}).")
 
     # ---- model and prompts
     t0 = time.perf_counter()

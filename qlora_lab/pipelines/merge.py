@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-from transformers.utils.hub import convert_file_size_to_int
 
 from ..config import Config, ConfigError, MergeBase, QuantMethod
 from ..inference import adapter_dir, resize_embeddings
@@ -79,19 +78,10 @@ def run(cfg: Config, run: Run) -> Path:
     from peft import PeftModel
 
     m = cfg.merge
-    base_choice = MergeBase(m.base.value if hasattr(m.base, "value") else m.base)
-    quant = QuantMethod(cfg.quantization.method.value if hasattr(cfg.quantization.method, "value")
-                        else cfg.quantization.method)
+    base_choice, quant = m.base, cfg.quantization.method
     adapter = adapter_dir(run.source)
     target = run.source / "merged"
     check_target(target, m.overwrite)
-    try:
-        convert_file_size_to_int(m.max_shard_size)
-    except ValueError:
-        raise ConfigError(f"merge.max_shard_size={m.max_shard_size!r} is not a size; write e.g. 2GB or 500MB.") from None
-    if base_choice is MergeBase.dequantized and quant is QuantMethod.none:
-        raise ConfigError("merge.base=dequantized needs the run's quantization, but this run trained with "
-                          "quantization=none; use merge.base=original (the two are the same here).")
 
     # ---- base, unquantized (merging into 4-bit weights would round the result to 4 bits)
     t0 = time.perf_counter()

@@ -15,7 +15,7 @@ import time
 import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from ..config import Config, QuantMethod
+from ..config import Config, Precision, QuantMethod
 from ..data import PackedCollator, file_sha256, load_splits, mean_context, tokenize_split
 from ..models import (
     attach_lora,
@@ -156,15 +156,16 @@ def optimizer(name: str) -> str:
     return "adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch"
 
 
-def precision_flags(precision: str, autocast: bool) -> dict:
+def precision_flags(precision: Precision, autocast: bool) -> dict:
     """The Trainer's mixed-precision flags. Without autocast the step runs in the weights' own dtypes (bf16 base,
     fp32 adapters, as PEFT keeps them), as the reference loop does; on 8B shapes it measured neither faster nor
     slower (experiments/fast_path)."""
     if not autocast:
         return {"bf16": False, "fp16": False}
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+    if precision is Precision.auto:
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        precision = Precision.bf16 if bf16 else Precision.fp32
+    return {"bf16": precision is Precision.bf16, "fp16": precision is Precision.fp16}
 
 
 def run(cfg: Config, run: Run):
@@ -189,7 +190,7 @@ def run(cfg: Config, run: Run):
     footprint = memory_footprint_gib(model)
     model = attach_lora(model, cfg)
     trainable, total = count_params(model)
-    quantized = QuantMethod(cfg.quantization.method) is not QuantMethod.none
+    quantized = cfg.quantization.method is not QuantMethod.none
     mode = f"QLoRA ({cfg.quantization.method.value})" if quantized else "LoRA"
     print(f"{mode}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
           f"base footprint {footprint:.3f} GiB, loaded in {load_s:.1f} s", flush=True)
