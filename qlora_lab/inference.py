@@ -180,7 +180,7 @@ def eval_prompts(cfg: Config, tokenizer, n: int) -> list[dict]:
             for row in rows]
 
 
-# ---------------------------------------------------------------- teacher-forced pass over the eval split
+# ---------------------------------------------------------------- teacher-forced pass over the eval split, agreement
 
 def eval_batches(examples: list[dict], batch_size: int, pad_id: int):
     """Right-padded batches of tokenized examples (prompt labels already -100)."""
@@ -208,3 +208,11 @@ def teacher_forced(model, examples: list[dict], batch_size: int, pad_id: int, ke
             if len(kept) < keep:
                 kept.append(row[: int(m.sum())].cpu())
     return math.exp(nll / tokens), kept
+
+
+def agreement(reference: list[torch.Tensor], logits: list[torch.Tensor]) -> tuple[float, float]:
+    """Max |logit difference| and mean KL(reference || other) per position, over all kept positions."""
+    ref, cur = torch.cat(reference), torch.cat(logits)
+    ref_logp, cur_logp = F.log_softmax(ref, -1), F.log_softmax(cur, -1)
+    kl = (ref_logp.exp() * (ref_logp - cur_logp)).sum(-1).mean().item()
+    return (ref - cur).abs().max().item(), kl

@@ -10,7 +10,6 @@ report can be rebuilt at any time, and a failed job shows up as failed with its 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .config import ConfigError
-from .rundir import run_status
+from .rundir import read_json, run_status
 
 SUMMARY_FILES = ["summary.csv", "summary.md", "time_vs_size.png", "peak_memory.png", "eval_loss.png"]
 
@@ -56,10 +55,6 @@ RATIO_NOTE = ("wall s: the job from its start to its end (data, model load, eval
 
 # ---------------------------------------------------------------- reading the jobs
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def job_dirs(sweep_dir: Path) -> list[Path]:
     """Job folders (those Hydra wrote a config into), in job-number order."""
     dirs = [p for p in sweep_dir.iterdir() if (p / ".hydra" / "config.yaml").is_file()]
@@ -75,7 +70,7 @@ def _overrides(job_dir: Path) -> dict[str, str]:
 
 def job_row(job_dir: Path) -> dict:
     cfg = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
-    info, metrics = _read_json(job_dir / "run.json"), _read_json(job_dir / "metrics.json")
+    info, metrics = read_json(job_dir / "run.json"), read_json(job_dir / "metrics.json")
     status, error = run_status(info)  # a `running` record whose process is gone is `died`
     if status is None:
         status, error = "failed", "no run.json: the job stopped before its config was composed (see its __main__.log)"

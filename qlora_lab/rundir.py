@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -61,12 +62,31 @@ def hardware() -> dict:
     return info
 
 
-def peak_memory_gib() -> dict:
-    """GPU: allocator peaks since the job started. CPU: this process's peak RSS (one process per job)."""
+def reset_peak_memory() -> None:
+    """Start measuring a new peak (peak_memory_gib): the GPU allocator's, or on a CPU the process's peak RSS."""
+    gc.collect()
     if torch.cuda.is_available():
-        return {"memory/peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-                "memory/peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
-    return {"memory/peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:  # Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM) to its current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_gib() -> float:
+    """GPU: the allocator's peak since the job started or the last reset_peak_memory(). CPU: this process's peak
+    RSS since then (the Python runtime included; one process per job)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 @dataclass
@@ -124,7 +144,9 @@ class Run:
         """completed; interrupted (Ctrl-C / SIGTERM: a KeyboardInterrupt); or failed, with the error."""
         wall = time.perf_counter() - self.started
         if self.metrics or error is None:  # a run refused before any stage measured anything leaves run.json only
-            self.log({"time/wall_s": wall} | peak_memory_gib())
+            reserved = {"memory/peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30} \
+                if torch.cuda.is_available() else {}
+            self.log({"time/wall_s": wall, "memory/peak_gib": peak_memory_gib()} | reserved)
         status = "completed" if error is None else "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
         self.info.update(status=status, wall_time_s=round(wall, 2),
                          ended_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))

@@ -119,3 +119,14 @@ def test_fsdp_with_a_4bit_base_needs_a_storage_dtype(monkeypatch):
     with pytest.raises(ConfigError, match=r"quantization\.storage_dtype"):
         validate(make_cfg(["quantization=nf4", "quantization.storage_dtype=null"]))
     validate(make_cfg(["quantization=nf4", "quantization.storage_dtype=bfloat16"]))
+
+
+def test_int8_threshold_zero_is_kept():
+    """0.0 is a threshold (no fp16 outlier path), not "unset": only null means bitsandbytes' default 6.0."""
+    import torch
+
+    from qlora_lab.models import bnb_config
+
+    assert bnb_config(make_cfg(["quantization=int8", "quantization.int8_threshold=0.0"]).quantization,
+                      torch.float32).llm_int8_threshold == 0.0
+    assert bnb_config(make_cfg(["quantization=int8"]).quantization, torch.float32).llm_int8_threshold == 6.0

@@ -13,60 +13,21 @@ from __future__ import annotations
 import csv
 import gc
 import json
-import resource
 import time
-from pathlib import Path
 
-import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from ..config import Config, ConfigError, InferenceMode
 from ..data import load_splits, tokenize_example, user_message, uses_chat_template
-from ..inference import adapter_dir, eval_prompts, generate, load_for_inference, teacher_forced
+from ..inference import adapter_dir, agreement, eval_prompts, generate, load_for_inference, teacher_forced
 from ..models import load_tokenizer, memory_footprint_gib, resolve_dtype
 from ..report import markdown_table
-from ..rundir import Run, hardware
+from ..rundir import Run, hardware, peak_memory_gib, reset_peak_memory
 from .infer import read_prompts_file
 
 REFERENCE = InferenceMode.adapter
 COLUMNS = ["mode", "load_s", "ttft_s", "tokens_per_s", "peak_memory_gib", "footprint_gib", "exact_match",
            "max_abs_logit_diff", "mean_kl", "eval_perplexity", "new_tokens"]
-
-
-# ---------------------------------------------------------------- peak memory per mode
-
-def reset_peak_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:  # Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM) to its current RSS
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_memory_gib() -> float:
-    """GPU: allocator peak since the reset. CPU: the process's peak RSS since the reset (runtime included)."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def agreement(reference: list[torch.Tensor], logits: list[torch.Tensor]) -> tuple[float, float]:
-    """Max |logit difference| and mean KL(reference || mode) per position, over all kept positions."""
-    ref, cur = torch.cat(reference), torch.cat(logits)
-    ref_logp, cur_logp = F.log_softmax(ref, -1), F.log_softmax(cur, -1)
-    kl = (ref_logp.exp() * (ref_logp - cur_logp)).sum(-1).mean().item()
-    return (ref - cur).abs().max().item(), kl
 
 
 # ---------------------------------------------------------------- report

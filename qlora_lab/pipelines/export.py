@@ -32,12 +32,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from .. import gguf_export, int8_dynamic
 from ..config import Config, ConfigError, ExportFormat, export_targets
 from ..data import load_splits, tokenize_example, uses_chat_template
-from ..inference import adapter_dir, eval_prompts, generate, teacher_forced
+from ..inference import adapter_dir, agreement, eval_prompts, generate, teacher_forced
 from ..models import load_tokenizer, model_path
 from ..report import markdown_table
-from ..rundir import Run, hardware
+from ..rundir import Run, hardware, peak_memory_gib
 from . import merge
-from .compare import agreement, peak_memory_gib
 
 log = logging.getLogger(__name__)
 

@@ -124,7 +124,7 @@ def check_ranks_agree(model, world_size: int) -> dict:
     for name, param in sorted(model.named_parameters()):
         if param.requires_grad:
             h.update(name.encode() + param.detach().float().cpu().numpy().tobytes())
-    gathered = gather_object([(h.hexdigest(), peak_memory_gib()["memory/peak_gib"])])
+    gathered = gather_object([(h.hexdigest(), peak_memory_gib())])
     return {"distributed/world_size": world_size, "distributed/adapters_identical": len({d for d, _ in gathered}) == 1,
             "distributed/adapter_sha256": [d[:16] for d, _ in gathered], "memory/peak_gib_per_rank": [p for _, p in gathered]}
 
