@@ -57,7 +57,9 @@ def checked_config(cfg: DictConfig, job_dir: Path, overrides: list[str]) -> Dict
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """Run the job; return its objective (cfg.objective.metric from metrics.json), None when it failed or has none:
+    a search (hydra/sweeper=optuna) records such a trial as failed and goes on."""
     from .resume import install_signal_handlers, job_to_resume
 
     hc = HydraConfig.get()
@@ -73,7 +75,9 @@ def main(cfg: DictConfig) -> None:
         checked = checked_config(cfg, job_dir, overrides)
         if checked is None:
             print(f"{cfg.run_dir} already completed: nothing to resume.", flush=True)
-            return
+            from .rundir import read_json
+
+            return read_json(Path(cfg.run_dir) / "metrics.json").get(cfg.objective.metric)
         cfg = checked
         if cfg.run_dir and not resume and (job_dir / ".hydra").is_dir() and is_main_process():
             OmegaConf.save(cfg, job_dir / ".hydra" / "config.yaml")  # what this job really used
@@ -95,11 +99,11 @@ def main(cfg: DictConfig) -> None:
                 if run.last_checkpoint else ""
             print(f"interrupted{where} ({e or 'KeyboardInterrupt'}){again}", file=sys.stderr, flush=True)
             if multirun:
-                return
+                return None
             sys.exit(130)
         print(f"error: {e}", file=sys.stderr)
         if multirun:
-            return  # the sweep goes on; the report lists this job as failed with its error
+            return None  # the sweep goes on; the report lists this job as failed with its error
         sys.exit(2)
     except Exception as e:
         if not run.info and not resume:
@@ -108,9 +112,14 @@ def main(cfg: DictConfig) -> None:
             run.finish(e)
         if multirun:
             log.exception("job failed")
-            return
+            return None
         raise
     run.finish()
+    objective = run.metrics.get(cfg.objective.metric)
+    if objective is None:
+        log.warning("objective.metric=%s is not among this run's metrics (%s): no objective to return",
+                    cfg.objective.metric, ", ".join(sorted(k for k in run.metrics if "/" in k)))
+    return objective
 
 
 if __name__ == "__main__":

@@ -284,6 +284,14 @@ class EvalConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What `python -m qlora_lab` returns: the number a hyperparameter search (hydra/sweeper=optuna) optimizes."""
+
+    metric: str = "eval/loss"  # a key of the run's metrics.json
+    direction: Direction = Direction.minimize
+
+
+@dataclass
 class PipelineConfig:
     name: str = MISSING
     stages: list[str] = MISSING  # run in order; the names are those of qlora_lab/pipelines STAGES
@@ -313,6 +321,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
 
 def project_root() -> str:

@@ -1,4 +1,6 @@
-"""Sweep report: every job of a multirun -> summary.csv, summary.md (LoRA vs QLoRA per data size) and plots.
+"""Sweep report: every job of a multirun -> summary.csv, summary.md (LoRA vs QLoRA per data size) and plots;
+for a hyperparameter search (hydra/sweeper=optuna) also every trial's parameters and objective, the best trial
+and objective.png.
 
     python -m qlora_lab.report outputs/multirun/lora_vs_qlora/<time>     # (re)write the report of a sweep
 
@@ -20,6 +22,7 @@ from .config import ConfigError
 from .rundir import read_json, run_status
 
 SUMMARY_FILES = ["summary.csv", "summary.md", "time_vs_size.png", "peak_memory.png", "eval_loss.png"]
+SEARCH_PLOT = "objective.png"  # Optuna sweeps only
 
 # summary.csv column -> metrics.json key
 METRICS = {
@@ -42,7 +45,7 @@ QUALITY = [("eval_perplexity", "perplexity"), ("base_perplexity", "base perplexi
 # Each job compared with the LoRA job (quantization=none) that differs from it only in quantization.
 RATIOS = ["time_ratio", "lora_speedup", "memory_ratio"]
 COLUMNS = ["job", "status", "error", "group", "recipe", "quantization", "dataset_size", "model", "max_seq_length", "pack",
-           "batch_size", "grad_accum", "gradient_checkpointing", "seed", "data_seed", "device",
+           "batch_size", "grad_accum", "gradient_checkpointing", "seed", "data_seed", "device", "objective",
            *METRICS, *RATIOS]
 RATIO_NOTE = ("wall s: the job from its start to its end (data, model load, evaluation before and after, training, "
               "saving; not the process start-up); "
@@ -89,9 +92,24 @@ def job_row(job_dir: Path) -> dict:
         "device": hardware.get("gpu") or hardware.get("device", ""),
     }
     row |= {column: metrics.get(key) for column, key in METRICS.items()}
+    # what `python -m qlora_lab` returned: the number a search optimizes (objective.metric, eval/loss by default)
+    row["objective"] = metrics.get(OmegaConf.select(cfg, "objective.metric", default="eval/loss"))
+    row["_direction"] = OmegaConf.select(cfg, "objective.direction", default="minimize")
     row["_overrides"] = _overrides(job_dir)
     row["_info"] = info
     return row
+
+
+def search_settings(sweep_dir: Path) -> dict | None:
+    """The Optuna sweeper's settings as a job recorded them (.hydra/hydra.yaml); None for any other sweeper."""
+    for job_dir in job_dirs(sweep_dir):
+        path = job_dir / ".hydra" / "hydra.yaml"
+        if path.is_file():
+            sweeper = OmegaConf.load(path).hydra.sweeper
+            if "optuna" not in str(sweeper.get("_target_", "")):
+                return None
+            return {"params": list(sweeper.get("params") or {}), "sampler": str(sweeper.sampler._target_).split(".")[-1]}
+    return None
 
 
 def _ratio(a, b):
@@ -203,6 +221,47 @@ def markdown(rows: list[dict], sweep_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def trial_number(row: dict) -> int:
+    return int(row["job"].split("_", 1)[0])
+
+
+def best_trial(rows: list[dict]) -> dict | None:
+    scored = [r for r in rows if r["status"] == "completed" and r["objective"] is not None]
+    if not scored:
+        return None
+    pick = max if scored[0]["_direction"] == "maximize" else min
+    return pick(scored, key=lambda r: r["objective"])
+
+
+def search_params(rows: list[dict], settings: dict) -> list[str]:
+    """The searched parameters: the sweeper's params, and any other override that differs between trials."""
+    keys = {k for r in rows for k in r["_overrides"]}
+    varying = [k for k in sorted(keys) if len({r["_overrides"].get(k) for r in rows}) > 1]
+    return list(dict.fromkeys([k for k in settings["params"] if k in keys] + varying))
+
+
+def search_section(rows: list[dict], settings: dict, metric: str) -> list[str]:
+    """An Optuna search: every trial with its parameters and objective (a failed trial as failed), and the best."""
+    params = search_params(rows, settings)
+    best = best_trial(rows)
+    direction = rows[0]["_direction"]
+    lines = [f"## Search ({settings['sampler']}): {metric}, {direction}", "",
+             "| trial | status | " + " | ".join(params) + f" | {metric} |",
+             "| ---: | --- |" + " --- |" * len(params) + " ---: |"]
+    for r in sorted(rows, key=trial_number):
+        mark = " (best)" if r is best else ""
+        lines.append(f"| {trial_number(r)}{mark} | {r['status']} | "
+                     + " | ".join(str(r["_overrides"].get(p, "–")) for p in params)
+                     + f" | {_fmt(r['objective'], 4)} |")
+    if best is None:
+        lines += ["", "No trial completed with an objective: no best trial."]
+    else:
+        chosen = ", ".join(f"{p}={best['_overrides'].get(p)}" for p in params)
+        lines += ["", f"Best trial: {trial_number(best)} ({chosen}): {metric} = {best['objective']:.4f}. "
+                      f"Objective over the trials: `{SEARCH_PLOT}`."]
+    return lines + [""]
+
+
 def performance(done: list[dict]) -> list[str]:
     """Throughput with its spread, MFU and both memory peaks; and, when the sweep ran both recipes, what the fast
     recipe buys over the paper's for each mode."""
@@ -280,6 +339,37 @@ def plots(rows: list[dict], sweep_dir: Path) -> None:
     plt.close("all")
 
 
+def search_plot(rows: list[dict], sweep_dir: Path, metric: str) -> None:
+    """The objective of each trial in trial order, the best so far as a step line, failed trials as crosses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    ordered = sorted(rows, key=trial_number)
+    done = [(trial_number(r), r["objective"]) for r in ordered if r["status"] == "completed" and r["objective"] is not None]
+    failed = [trial_number(r) for r in ordered if r["status"] != "completed" or r["objective"] is None]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if done:
+        pick = max if rows[0]["_direction"] == "maximize" else min
+        best_so_far = [pick(v for _, v in done[: i + 1]) for i in range(len(done))]
+        ax.plot([t for t, _ in done], [v for _, v in done], "o", label="trial")
+        ax.step([t for t, _ in done], best_so_far, where="post", label="best so far")
+    if failed:
+        y = min(v for _, v in done) if done else 0.0
+        ax.plot(failed, [y] * len(failed), "x", color="red", label="failed")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("trial")
+    ax.set_ylabel(metric)
+    ax.set_title("Objective over the trials")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(sweep_dir / SEARCH_PLOT, dpi=110)
+    plt.close(fig)
+
+
 def write_report(sweep_dir: str | Path) -> str:
     """Write summary.csv, summary.md and the plots into the sweep dir; return the markdown."""
     sweep_dir = Path(sweep_dir)
@@ -291,6 +381,13 @@ def write_report(sweep_dir: str | Path) -> str:
                           f"dir of a `python -m qlora_lab -m ...` run.")
     write_csv(rows, sweep_dir / "summary.csv")
     text = markdown(rows, sweep_dir)
+    settings = search_settings(sweep_dir)
+    if settings:
+        metric = OmegaConf.select(OmegaConf.load(job_dirs(sweep_dir)[0] / ".hydra" / "config.yaml"),
+                                  "objective.metric", default="eval/loss")
+        head, _, rest = text.partition("\n## ")
+        text = head + "\n" + "\n".join(search_section(rows, settings, metric)) + "\n## " + rest
+        search_plot(rows, sweep_dir, metric)
     (sweep_dir / "summary.md").write_text(text)
     plots(rows, sweep_dir)
     return text
@@ -308,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(text)
-    print(f"wrote {', '.join(SUMMARY_FILES)} in {argv[0]} (replacing any earlier report)")
+    files = SUMMARY_FILES + ([SEARCH_PLOT] if (Path(argv[0]) / SEARCH_PLOT).is_file() else [])
+    print(f"wrote {', '.join(files)} in {argv[0]} (replacing any earlier report)")
     return 0
 
 
