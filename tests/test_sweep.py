@@ -66,6 +66,31 @@ def test_sweep_writes_one_row_per_job_with_ratios_from_metrics(sweep):
         assert (sweep_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_submitit_local_launcher_gives_the_same_jobs_and_summary(sweep, tmp_path):
+    """hydra/launcher=submitit_local runs the cluster launcher's code path (submitit pickles each job and runs it in
+    a process of its own, as on Slurm) on this machine: two jobs of the isolated sweep above, run again through it,
+    give the same job folders, the same files in them and the same summary columns, filled the same way."""
+    isolated_dir, _ = sweep
+    submitit_dir = tmp_path / "submitit"
+    args = [a for a in SWEEP if not a.startswith(("quantization=", "dataset.size="))]
+    result = cli(*args, "hydra/launcher=submitit_local", "quantization=none", "dataset.size=8,16",
+                 f"hydra.sweep.dir={submitit_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    isolated, submitit = read_rows(isolated_dir), read_rows(submitit_dir)
+    assert set(submitit) <= set(isolated) and len(submitit) == 2  # the same folder names: <n>_<overrides>
+    with (isolated_dir / "summary.csv").open() as a, (submitit_dir / "summary.csv").open() as b:
+        assert a.readline() == b.readline()  # the same columns
+    for job, row in submitit.items():
+        assert row["status"] == "completed"
+        filled = {k for k, v in row.items() if v not in ("", None)}
+        assert filled == {k for k, v in isolated[job].items() if v not in ("", None)}, job
+        assert metrics(submitit_dir, job).keys() == metrics(isolated_dir, job).keys()
+        for name in ("run.json", "__main__.log", ".hydra/config.yaml", "adapter/adapter_config.json"):
+            assert (submitit_dir / job / name).is_file(), name
+        assert (submitit_dir / job / ".hydra" / "config.yaml").read_text() == \
+            (isolated_dir / job / ".hydra" / "config.yaml").read_text()
+
+
 def test_failed_job_is_reported_with_its_error(sweep):
     sweep_dir, _ = sweep
     failed = [r for r in read_rows(sweep_dir).values() if r["status"] != "completed"]
