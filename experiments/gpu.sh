@@ -7,12 +7,14 @@
 #   bash experiments/gpu.sh quality     # paper vs fast recipe on the real SmolLM2-135M-Instruct (GSM8K)
 # Results go to $OUT (default /tmp/gpu-out): logs, reference_*.jsonl and one .tgz per sweep.
 set -uo pipefail
-stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|packing|quality}
+stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|quality}
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT" /root/smolparts
 cp .gpu/smolpart.* /root/smolparts/ 2>/dev/null  # the SmolLM2 GGUF travels in parts, one per call (64 MiB a call)
 [ -d /tmp/site/bitsandbytes ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
   --upgrade --target /tmp/site .whl/*.whl || exit 1
+# py-spy (a sampling profiler of the Python stacks) travels in .gpu/pyspy for the diagnose stage only
+ls .gpu/pyspy/*.whl >/dev/null 2>&1 && { command -v py-spy >/dev/null || python3 -m pip install -q --no-index --no-deps .gpu/pyspy/*.whl; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export QLORA_LAB_CACHE=${QLORA_LAB_CACHE:-/root/qlcache}
 # The random-weight models borrow SmolLM2's tokenizer: its files (no weights) travel in .gpu/smollm2-tokenizer.
@@ -52,6 +54,22 @@ case $stage in
     python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference_probe.jsonl"
     python3 experiments/fast_path/probe.py +experiment=lora_vs_qlora_gpu_8b quantization=nf4 dataset.size=400 2>&1 |
       tee "$OUT/probe.log" | grep -E '^\{|packed rows' ;;
+  diagnose)
+    # Where the Trainer's step spends its CPU time: py-spy stacks of one 8B QLoRA job, and the same packed step in
+    # a plain loop with the Trainer's extras added one at a time (probe.py)
+    m=$(model_dir +experiment=lora_vs_qlora_gpu_8b)
+    python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference_diagnose.jsonl"
+    base=(+experiment=lora_vs_qlora_gpu_8b quantization=nf4 dataset.size=400)
+    spy() {  # spy NAME CMD...: CMD under py-spy where the machine allows tracing, plainly where not
+      local name=$1; shift
+      if py-spy record --format raw -o /tmp/spytest.txt -- python3 -c "import time; time.sleep(1)" >/dev/null 2>&1; then
+        py-spy record --idle --rate 200 --format raw -o "$OUT/pyspy_$name.txt" -- "$@"
+      else echo "py-spy cannot trace here: running $name without it"; "$@"; fi
+    }
+    spy trainer python3 -m qlora_lab "${base[@]}" hydra.run.dir=/root/runs/spy 2>&1 | tee "$OUT/spy.log" | grep -E "recipe|eval loss|error|Error" | tail -n 5
+    python3 -c "import json; m=json.load(open('/root/runs/spy/metrics.json')); print({k: m.get(k) for k in ['train/tokens_per_s','train/step_time_median_s','train/step_times_s','memory/peak_gib']})" | tee "$OUT/spy_metrics.txt"
+    export PROBE_STEPS=12 PROBE_VARIANTS=random_sdpa,packed_sdpa,packed_sdpa_train,packed_sdpa_clip,packed_sdpa_zero,packed_sdpa_trainerlike
+    spy probe python3 experiments/fast_path/probe.py "${base[@]}" 2>&1 | tee "$OUT/probe.log" | grep -E '^\{|packed rows' ;;
   profile)
     m=$(model_dir +experiment=lora_vs_qlora_gpu_8b)
     python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference_profile.jsonl"

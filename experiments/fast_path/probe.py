@@ -3,12 +3,15 @@ the same step, each timed like reference_loop.py (median of the steps after 2 wa
 
     python experiments/fast_path/probe.py +experiment=lora_vs_qlora_gpu_8b quantization=nf4 dataset.size=400
 
+PROBE_VARIANTS=packed_sdpa (comma-separated) runs only those; PROBE_STEPS sets the steps per variant (10).
 Variants: `random_sdpa` (the reference: random ids, 2 x 2048, sdpa), `random_flex` (the same ids, flex attention),
 `packed_flex` / `packed_sdpa` (our packed Alpaca rows, boundaries kept), `packed_fixed_flex` (rows padded to
-exactly 2 x 2048 with a filler example: one shape for every step), and `trainer` (the Trainer with our settings).
+exactly 2 x 2048 with a filler example: one shape for every step), and `packed_sdpa_{train,clip,zero,trainerlike}`
+(the packed sdpa step plus what the Trainer does around it, one piece at a time, then all together).
 """
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -21,23 +24,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from qlora_lab.config import project_root, register  # noqa: E402
 from qlora_lab.data import IGNORE_INDEX, PackedCollator, load_splits, tokenize_split  # noqa: E402
 from qlora_lab.models import attach_lora, load_model, load_tokenizer, model_path, tokenizer_path  # noqa: E402
+from qlora_lab.pipelines.train import attention_backends  # noqa: E402
 
 register()
 with initialize_config_dir(config_dir=str(Path(project_root()) / "conf"), version_base="1.3"):
     cfg = compose(config_name="config", overrides=sys.argv[1:])
-steps = 10
+steps = int(os.environ.get("PROBE_STEPS", 10))
+wanted = set(filter(None, os.environ.get("PROBE_VARIANTS", "").split(",")))
 
 
-def timed(name, make_batch, model, opt, n_tokens):
+def timed(name, make_batch, model, opt, n_tokens, extras=()):
+    """extras: what the Trainer adds around the same step ("train": model.train(), "clip": clip_grad_norm_ over
+    model.parameters() read back as a float, "zero": model.zero_grad() instead of the optimizer's)."""
+    if wanted and name not in wanted:
+        return
     times = []
     for i in range(steps):
         batch = make_batch(i)
         torch.cuda.synchronize()
         t = time.perf_counter()
+        if "train" in extras:
+            model.train()
         loss = model(**batch).loss
         loss.backward()
+        if "clip" in extras:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.3).item()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        model.zero_grad() if "zero" in extras else opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     med = statistics.median(times[2:])
@@ -71,6 +84,9 @@ def on_gpu(b):
 
 ids = torch.randint(0, 32000, (2, 2048), device="cuda")
 for attn in ["sdpa", "flex_attention"]:
+    short = "sdpa" if attn == "sdpa" else "flex"
+    if wanted and not any(short in v for v in wanted):
+        continue
     cfg.model.attn_implementation = attn
     torch.cuda.reset_peak_memory_stats()
     model = attach_lora(load_model(model_path(cfg), cfg), cfg)
@@ -80,10 +96,15 @@ for attn in ["sdpa", "flex_attention"]:
     _apply_liger_kernel_to_instance(model=model.get_base_model())
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-    short = "sdpa" if attn == "sdpa" else "flex"
     timed(f"random_{short}", lambda i: {"input_ids": ids, "labels": ids}, model, opt, lambda i: 4096)
-    timed(f"packed_{short}", lambda i: on_gpu(batches[i % len(batches)]), model, opt,
-          lambda i: round(fill * 4096))
+    with attention_backends(cfg):  # as the train stage runs packed rows
+        timed(f"packed_{short}", lambda i: on_gpu(batches[i % len(batches)]), model, opt,
+              lambda i: round(fill * 4096))
+        for extra in ["train", "clip", "zero"]:
+            timed(f"packed_{short}_{extra}", lambda i: on_gpu(batches[i % len(batches)]), model, opt,
+                  lambda i: round(fill * 4096), (extra,))
+        timed(f"packed_{short}_trainerlike", lambda i: on_gpu(batches[i % len(batches)]), model, opt,
+              lambda i: round(fill * 4096), ("train", "clip", "zero"))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         timed(f"packed_{short}_autocast", lambda i: on_gpu(batches[i % len(batches)]), model, opt,
               lambda i: round(fill * 4096))
