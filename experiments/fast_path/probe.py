@@ -38,7 +38,7 @@ def timed(name, make_batch, model, opt, n_tokens, extras=()):
     model.parameters() read back as a float, "zero": model.zero_grad() instead of the optimizer's)."""
     if wanted and name not in wanted:
         return
-    times = []
+    times, launch = [], []
     for i in range(steps):
         batch = make_batch(i)
         torch.cuda.synchronize()
@@ -51,12 +51,14 @@ def timed(name, make_batch, model, opt, n_tokens, extras=()):
             torch.nn.utils.clip_grad_norm_(model.parameters(), 0.3).item()
         opt.step()
         model.zero_grad() if "zero" in extras else opt.zero_grad(set_to_none=True)
+        launch.append(time.perf_counter() - t)  # CPU time to issue the step: close to step_s when CPU-bound
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     med = statistics.median(times[2:])
     toks = n_tokens(0)
     print(json.dumps({"variant": name, "step_s": round(med, 4), "min": round(min(times[2:]), 4),
-                      "max": round(max(times[2:]), 4), "tokens_per_step": toks, "tokens_per_s": round(toks / med),
+                      "max": round(max(times[2:]), 4),
+                      "launch_s": round(statistics.median(launch[2:]), 4), "tokens_per_step": toks, "tokens_per_s": round(toks / med),
                       "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}), flush=True)
 
 
@@ -105,6 +107,20 @@ for attn in ["sdpa", "flex_attention"]:
                   lambda i: round(fill * 4096), (extra,))
         timed(f"packed_{short}_trainerlike", lambda i: on_gpu(batches[i % len(batches)]), model, opt,
               lambda i: round(fill * 4096), ("train", "clip", "zero"))
+    if short == "sdpa":  # every SDPA backend, cuDNN included (the train stage leaves cuDNN out for packed rows)
+        timed("packed_sdpa_cudnn", lambda i: on_gpu(batches[i % len(batches)]), model, opt,
+              lambda i: round(fill * 4096))
+    if short == "sdpa" and any("compiled" in v for v in wanted):
+        # torch.compile of each decoder layer (dynamic shapes: packed rows change length every step)
+        try:
+            for layer in model.get_base_model().model.layers:
+                layer.compile(dynamic=True)
+            timed("random_sdpa_compiled", lambda i: {"input_ids": ids, "labels": ids}, model, opt, lambda i: 4096)
+            with attention_backends(cfg):
+                timed("packed_sdpa_compiled", lambda i: on_gpu(batches[i % len(batches)]), model, opt,
+                      lambda i: round(fill * 4096))
+        except Exception as e:  # noqa: BLE001 - a probe: report and go on
+            print(json.dumps({"variant": "compiled", "error": f"{type(e).__name__}: {e}"[:2000]}), flush=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         timed(f"packed_{short}_autocast", lambda i: on_gpu(batches[i % len(batches)]), model, opt,
               lambda i: round(fill * 4096))
