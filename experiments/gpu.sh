@@ -52,10 +52,10 @@ case $stage in
   probe)
     m=$(model_dir +experiment=lora_vs_qlora_gpu_8b)
     python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference_probe.jsonl"
+    one trainer_8b +experiment=lora_vs_qlora_gpu_8b quantization=nf4 dataset.size=400
     PROBE_VARIANTS=${PROBE_VARIANTS:-random_sdpa,packed_sdpa,packed_sdpa_cudnn,packed_sdpa_trainerlike,random_sdpa_compiled,packed_sdpa_compiled} \
-      python3 experiments/fast_path/probe.py +experiment=lora_vs_qlora_gpu_8b quantization=nf4 dataset.size=400 2>&1 |
-      tee "$OUT/probe.log" | grep -E '^\{|packed rows'
-    one trainer_8b +experiment=lora_vs_qlora_gpu_8b quantization=nf4 dataset.size=400 ;;
+      timeout ${PROBE_TIMEOUT:-300} python3 experiments/fast_path/probe.py +experiment=lora_vs_qlora_gpu_8b quantization=nf4 \
+      dataset.size=400 2>&1 | tee "$OUT/probe.log" | grep -E '^\{|packed rows' ;;
   diagnose)
     # Where the Trainer's step spends its CPU time: py-spy stacks of one 8B QLoRA job, and the same packed step in
     # a plain loop with the Trainer's extras added one at a time (probe.py)
