@@ -3,6 +3,7 @@
 # machine has no network: the wheels it lacks travel in .whl/, see README "GPU runs"). From the checkout root:
 #   bash experiments/gpu.sh bench8b     # reference loop + LoRA/QLoRA x paper/fast sweep, Llama-3-8B shapes
 #   bash experiments/gpu.sh bench1b     # the same on Llama-3.2-1B shapes
+#   REF_RECIPES=fast_qlora,fast_lora SKIP_PADDED=1 bash experiments/gpu.sh bench8b recipe=fast   # the fast recipe only
 #   bash experiments/gpu.sh packing     # packed rows vs padded batches; cheaper checkpointing variants (8B)
 #   bash experiments/gpu.sh quality     # paper vs fast recipe on the real SmolLM2-135M-Instruct (GSM8K)
 # Results go to $OUT (default /tmp/gpu-out): logs, reference_*.jsonl and one .tgz per sweep.
@@ -43,11 +44,11 @@ case $stage in
     size=${stage#bench}
     m=$(model_dir +experiment=lora_vs_qlora_gpu_$size)
     echo "model folder: $m"
-    python3 experiments/lora_vs_qlora/reference_loop.py "$m" | tee "$OUT/reference_$size.jsonl"
+    python3 experiments/lora_vs_qlora/reference_loop.py "$m" ${REF_RECIPES:+--recipes $REF_RECIPES} | tee "$OUT/reference_$size.jsonl"
     sweep gpu_$size +experiment=lora_vs_qlora_gpu_$size "${@:2}"
     # the sweep's fast QLoRA job against padded batches of the same 400 examples (16 hold about as many real
     # tokens as 2 packed rows)
-    [ "$size" = 8b ] && one padded_$size +experiment=lora_vs_qlora_gpu_$size quantization=nf4 dataset.size=400 \
+    [ "$size" = 8b ] && [ -z "${SKIP_PADDED:-}" ] && one padded_$size +experiment=lora_vs_qlora_gpu_$size quantization=nf4 dataset.size=400 \
       dataset.pack=false train.batch_size=16 ;;
   probe)
     m=$(model_dir +experiment=lora_vs_qlora_gpu_8b)

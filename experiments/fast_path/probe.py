@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from qlora_lab.config import project_root, register  # noqa: E402
 from qlora_lab.data import IGNORE_INDEX, PackedCollator, load_splits, tokenize_split  # noqa: E402
 from qlora_lab.models import attach_lora, load_model, load_tokenizer, model_path, tokenizer_path  # noqa: E402
-from qlora_lab.pipelines.train import attention_backends  # noqa: E402
 
 register()
 with initialize_config_dir(config_dir=str(Path(project_root()) / "conf"), version_base="1.3"):
@@ -101,7 +100,9 @@ for attn in ["sdpa", "flex_attention"]:
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     timed(f"random_{short}", lambda i: {"input_ids": ids, "labels": ids}, model, opt, lambda i: 4096)
-    with attention_backends(cfg):  # as the train stage runs packed rows
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):  # no cuDNN
         timed(f"packed_{short}", lambda i: on_gpu(batches[i % len(batches)]), model, opt,
               lambda i: round(fill * 4096))
         for extra in ["train", "clip", "zero"]:
