@@ -95,8 +95,19 @@ def inference_modes(run_dir: Path | None) -> list[str]:
 # ---------------------------------------------------------------- one run
 
 def loss_history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """{"train": [(step, loss)], "eval": [(step, loss)]}: the Trainer's log history from the newest checkpoint's
-    trainer_state.json, else the TensorBoard event files; empty lists when the run kept neither."""
+    """{"train": [(step, loss)], "eval": [(step, loss)]}: the Trainer's log history, with the final eval loss of
+    metrics.json (measured after the last checkpoint was saved) as the last eval point."""
+    history = _logged_losses(run_dir)
+    metrics = read_json(run_dir / "metrics.json")
+    steps, final = metrics.get("train/steps"), metrics.get("eval/loss")
+    if history["train"] and steps is not None and final is not None and \
+            (not history["eval"] or history["eval"][-1][0] < steps):
+        history["eval"].append((steps, final))
+    return history
+
+
+def _logged_losses(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """The newest checkpoint's trainer_state.json, else the TensorBoard event files; empty lists without either."""
     states = sorted(run_dir.glob("checkpoints/checkpoint-*/trainer_state.json"),
                     key=lambda p: int(p.parent.name.rsplit("-", 1)[-1]) if p.parent.name.rsplit("-", 1)[-1].isdigit() else -1)
     if states:

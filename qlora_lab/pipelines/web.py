@@ -22,10 +22,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from queue import Queue
 
 import torch
 from omegaconf import OmegaConf
-from transformers import TextIteratorStreamer, set_seed
+from transformers import set_seed
+from transformers.generation.streamers import BaseStreamer
 
 from .. import web_pages
 from ..config import Config, ConfigError, GenerationConfig, InferenceMode
@@ -103,20 +105,34 @@ class ModelSlot:
 
 # ---------------------------------------------------------------- streaming
 
-class _TimedStreamer(TextIteratorStreamer):
-    """TextIteratorStreamer that also counts the new tokens and notes when the first one came."""
+class _TokenStreamer(BaseStreamer):
+    """Hands the answer so far to the reading thread after every new token, and times the first one.
+    (TextIteratorStreamer holds text back until a space, which Chinese text or a random test model may never write.)"""
 
     def __init__(self, tokenizer):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        self.new_tokens = 0
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.prompt_seen = False
         self.first_token_at: float | None = None
+        self.texts: Queue = Queue()
 
     def put(self, value):
-        if not self.next_tokens_are_prompt:  # the first call carries the prompt
-            if self.first_token_at is None:
-                self.first_token_at = time.perf_counter()
-            self.new_tokens += value.numel()
-        super().put(value)
+        if not self.prompt_seen:  # generate() first hands over the prompt
+            self.prompt_seen = True
+            return
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.tokens += value.reshape(-1).tolist()
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # not in the middle of a multi-byte character
+            self.texts.put(text)
+
+    def end(self):
+        self.texts.put(None)
+
+    def __iter__(self):
+        while (text := self.texts.get(timeout=600)) is not None:
+            yield text
 
 
 def stream_reply(loaded: Loaded, ids, gen: GenerationConfig) -> Iterator[tuple[str, dict]]:
@@ -124,7 +140,7 @@ def stream_reply(loaded: Loaded, ids, gen: GenerationConfig) -> Iterator[tuple[s
     tokens_per_s (new tokens ÷ the answer's wall time). An error inside generate() is raised here."""
     model, tokenizer = loaded.model, loaded.tokenizer
     config = hf_generation_config(gen, tokenizer)
-    streamer = _TimedStreamer(tokenizer)
+    streamer = _TokenStreamer(tokenizer)
     device = next(model.parameters()).device
     failure: list[BaseException] = []
 
@@ -140,16 +156,15 @@ def stream_reply(loaded: Loaded, ids, gen: GenerationConfig) -> Iterator[tuple[s
     t0 = time.perf_counter()
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
-    text = ""
+    text = ""  # no new token at all: an empty answer
 
     def stats() -> dict:
         seconds = time.perf_counter() - t0
         ttft = streamer.first_token_at - t0 if streamer.first_token_at else None
-        return {"new_tokens": streamer.new_tokens, "ttft_s": ttft, "seconds": seconds,
-                "tokens_per_s": streamer.new_tokens / seconds if seconds > 0 else 0.0}
+        return {"new_tokens": len(streamer.tokens), "ttft_s": ttft, "seconds": seconds,
+                "tokens_per_s": len(streamer.tokens) / seconds if seconds > 0 else 0.0}
 
-    for piece in streamer:
-        text += piece
+    for text in streamer:
         yield text, stats()
     thread.join()
     if failure:
@@ -198,15 +213,17 @@ def build_app(cfg: Config, source: Path | None):
     def modes_for(choice: str | None) -> list[str]:
         return web_pages.inference_modes(run_path(choice))
 
-    def model_for(choice, mode) -> Iterator[tuple[str, Loaded | None]]:
-        """Yields status lines while the model loads, then (the loaded line, the model)."""
+    def loading_line(choice, mode) -> str | None:
+        """What the page says while a model loads; None when the one asked for is already loaded."""
         run_dir = run_path(choice)
-        key = (str(run_dir or ""), mode)
-        if slot.loaded is None or slot.loaded.key != key:
-            where = f" of {run_dir}" if run_dir else f" ({slot.run_config(run_dir).model.name_or_path})"
-            yield f"⏳ loading the {mode} model{where} (the previous model is unloaded first) ...", None
-        loaded = slot.get(run_dir, mode)
-        yield f"{mode} model{' of ' + str(run_dir) if run_dir else ''}, loaded in {loaded.load_s:.1f} s", loaded
+        if slot.loaded is not None and slot.loaded.key == (str(run_dir or ""), mode):
+            return None
+        where = f" of {run_dir}" if run_dir else f" ({slot.run_config(run_dir).model.name_or_path})"
+        return f"⏳ loading the {mode} model{where} (the previous model is unloaded first) ..."
+
+    def loaded_line(loaded: Loaded) -> str:
+        run_dir, mode = loaded.key
+        return f"{mode} model{' of ' + run_dir if run_dir else ''}, loaded in {loaded.load_s:.1f} s"
 
     def error_line(e: BaseException) -> str:
         log.exception("web app: generation failed")
@@ -261,8 +278,10 @@ def build_app(cfg: Config, source: Path | None):
                     yield "", shown, messages, "…"
                     with slot.lock:
                         try:
-                            for status, loaded in model_for(choice, mode):
-                                yield "", shown, messages, status
+                            if line := loading_line(choice, mode):
+                                yield "", shown, messages, line
+                            loaded = slot.get(run_path(choice), mode)
+                            status = loaded_line(loaded)
                             gen = generation_settings(gen0, *values)
                             prompt = [{"role": "system", "content": system}] if system.strip() else []
                             max_len = getattr(loaded.model.config, "max_position_embeddings", None) or 2048
@@ -275,7 +294,7 @@ def build_app(cfg: Config, source: Path | None):
                             messages = messages + [{"role": "assistant", "content": answer}]
                             yield "", messages, messages, f"{status} · {stats_line(stats)}"
                         except Exception as e:  # the page shows it; the app keeps serving
-                            yield "", messages[:-1], messages[:-1], error_line(e)
+                            yield text, messages[:-1], messages[:-1], error_line(e)  # the message back, to retry
 
                 chat_inputs = [message, history, run_box, chat_mode, system_box, *settings]
                 chat_outputs = [message, chatbot, history, chat_status]
@@ -311,8 +330,9 @@ def build_app(cfg: Config, source: Path | None):
                     with slot.lock:
                         for mode, answer, stats in ((left, answer_a, stats_a), (right, answer_b, stats_b)):
                             try:
-                                for status, loaded in model_for(choice, mode):
-                                    yield out | {stats: status}
+                                if line := loading_line(choice, mode):
+                                    yield out | {stats: line}
+                                loaded = slot.get(run_path(choice), mode)
                                 max_len = getattr(loaded.model.config, "max_position_embeddings", None) or 2048
                                 ids, _ = conversation_ids(messages, loaded.tokenizer, loaded.cfg.dataset.template,
                                                           gen.max_new_tokens, max_len)
