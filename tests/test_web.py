@@ -297,6 +297,28 @@ def test_chat_page_streams_a_reply(browser):
              what="the reset to clear the conversation")
 
 
+def choose(browser, element_id: str, value: str) -> None:
+    """Pick an option of a Gradio dropdown as a user does: open it, click the option."""
+    from selenium.webdriver.common.by import By
+
+    browser.find_element(By.CSS_SELECTOR, f"#{element_id} input").click()
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, f'#{element_id} li[role="option"][aria-label="{value}"]'),
+             what=f"option {value} of {element_id}")[0].click()
+
+
+def compare_answers(browser, left: str, right: str) -> tuple[tuple[str, str], tuple[str, str]]:
+    """Click the button; wait until each side shows its mode's numbers; ((stats, answer) left, (stats, answer) right)."""
+    from selenium.webdriver.common.by import By
+
+    browser.find_element(By.ID, "sbs-send").click()
+    wait_for(lambda: all(text_of(browser, f"{side}-stats").startswith(f"{mode}: ")
+                         and "tokens/s" in text_of(browser, f"{side}-stats")
+                         for side, mode in (("sbs-a", left), ("sbs-b", right))), what="both answers' numbers")
+    return tuple((text_of(browser, f"{side}-stats"),
+                  browser.find_element(By.CSS_SELECTOR, f"#{side} textarea").get_attribute("value"))
+                 for side in ("sbs-a", "sbs-b"))
+
+
 def test_side_by_side_page_shows_two_answers(browser):
     from selenium.webdriver.common.by import By
 
@@ -304,20 +326,18 @@ def test_side_by_side_page_shows_two_answers(browser):
     box = wait_for(lambda: [b for b in browser.find_elements(By.CSS_SELECTOR, "#sbs-input textarea") if b.is_displayed()],
                    what="the side-by-side prompt")[0]
     box.send_keys("Name a colour.")
-    browser.find_element(By.ID, "sbs-send").click()
-    wait_for(lambda: "tokens/s" in text_of(browser, "sbs-a-stats") and "tokens/s" in text_of(browser, "sbs-b-stats"),
-             what="both answers' numbers")
-    left, right = text_of(browser, "sbs-a-stats"), text_of(browser, "sbs-b-stats")
-    assert left.startswith("base:") and right.startswith("adapter:"), (left, right)
-    for side in ("sbs-a", "sbs-b"):
-        answer = browser.find_element(By.CSS_SELECTOR, f"#{side} textarea").get_attribute("value")
-        assert answer.strip(), side
+    # base vs fine-tuned by default (the random base model answers with newlines only: its text is blank)
+    (left, _), (right, answer) = compare_answers(browser, "base", "adapter")
     browser.save_screenshot(str(ARTIFACTS / "side_by_side.png"))
+    assert int(left.split()[1]) > 0 and int(right.split()[1]) > 0 and answer.strip()  # "<mode>: N tokens in ..."
+    # the adapter merged in memory is the same model: the same greedy answer on the left
+    choose(browser, "sbs-mode-a", "merge_and_unload")
+    (left, left_answer), (right, right_answer) = compare_answers(browser, "merge_and_unload", "adapter")
+    assert left_answer == right_answer and left_answer.strip()
 
 
 def test_runs_page_lists_the_run_and_its_eval_loss(browser, outputs):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
 
     metrics = json.loads((outputs / "tiny" / "run1" / "metrics.json").read_text())
     open_tab(browser, "Runs")
@@ -325,9 +345,7 @@ def test_runs_page_lists_the_run_and_its_eval_loss(browser, outputs):
                      what="the run in the runs table")
     assert f"{metrics['eval/loss']:.4f}" in table and f"{metrics['eval/loss_before']:.4f}" in table, table
     assert "multirun/demo/0_quantization=none" in table
-    box = browser.find_element(By.CSS_SELECTOR, "#run-open input")
-    box.click()
-    box.send_keys("tiny/run1", Keys.ENTER)
+    choose(browser, "run-open", "tiny/run1")
     wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#run-loss img, #run-loss svg"), what="the loss curve")
     wait_for(lambda: "eval/loss_before" in text_of(browser, "run-metrics"), what="metrics.json")
     browser.save_screenshot(str(ARTIFACTS / "runs.png"))
