@@ -59,7 +59,7 @@ def run_row(run_dir: Path, output_dir: Path) -> dict:
     size = OmegaConf.select(cfg, "dataset.size", default=None)
     return {
         "run": run_dir.relative_to(output_dir).as_posix(),
-        "date": _started(run_dir).replace("T", " ")[:19],
+        "date": _started(run_dir).replace("T", " ")[:16],
         "model": OmegaConf.select(cfg, "model.name_or_path", default="?"),
         "quantization": str(OmegaConf.select(cfg, "quantization.method", default="?")),
         "dataset": f"{dataset} ({size})" if size is not None else str(dataset),

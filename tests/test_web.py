@@ -71,7 +71,7 @@ def test_runs_table_lists_runs_newest_first_without_the_web_app_itself(tmp_path)
     rows = web_pages.runs_table(tmp_path)
     assert [r["run"] for r in rows] == ["multirun/s/0_x=1", "a/old"]
     old = rows[1]
-    assert old == {"run": "a/old", "date": "2026-11-01 10:00:00", "model": "m", "quantization": "nf4",
+    assert old == {"run": "a/old", "date": "2026-11-01 10:00", "model": "m", "quantization": "nf4",
                    "dataset": "alpaca (8)", "stages": "train", "status": "completed",
                    "eval loss before": "2.5000", "eval loss after": "1.2500"}
     assert rows[0]["status"] == "failed: boom" and rows[0]["eval loss after"] == "–"

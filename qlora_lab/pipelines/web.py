@@ -198,10 +198,17 @@ def build_app(cfg: Config, source: Path | None):
         else cfg.generation
     set_seed(cfg.train.seed)
 
+    def run_name(path: Path) -> str:
+        """A run's name in the page: its folder relative to output_dir (where the Runs page lists it)."""
+        try:
+            return path.resolve().relative_to(output_dir.resolve()).as_posix()
+        except ValueError:
+            return str(path)
+
     def run_choices() -> list[str]:
-        names = [r["run"] for r in web_pages.runs_table(output_dir) if r["stages"] and "train" in r["stages"]]
+        names = [r["run"] for r in web_pages.runs_table(output_dir) if "train" in r["stages"].split(",")]
         if source is not None:
-            names.insert(0, str(source))
+            names.insert(0, run_name(source))
         return [NO_RUN] + list(dict.fromkeys(names))
 
     def run_path(choice: str | None) -> Path | None:
@@ -218,18 +225,18 @@ def build_app(cfg: Config, source: Path | None):
         run_dir = run_path(choice)
         if slot.loaded is not None and slot.loaded.key == (str(run_dir or ""), mode):
             return None
-        where = f" of {run_dir}" if run_dir else f" ({slot.run_config(run_dir).model.name_or_path})"
+        where = f" of {run_name(run_dir)}" if run_dir else f" ({slot.cfg.model.name_or_path})"
         return f"⏳ loading the {mode} model{where} (the previous model is unloaded first) ..."
 
     def loaded_line(loaded: Loaded) -> str:
         run_dir, mode = loaded.key
-        return f"{mode} model{' of ' + run_dir if run_dir else ''}, loaded in {loaded.load_s:.1f} s"
+        return f"{mode} model{' of ' + run_name(Path(run_dir)) if run_dir else ''}, loaded in {loaded.load_s:.1f} s"
 
     def error_line(e: BaseException) -> str:
         log.exception("web app: generation failed")
         return f"❌ **error:** {type(e).__name__}: {e}"
 
-    start_choice = str(source) if source is not None else NO_RUN
+    start_choice = run_name(source) if source is not None else NO_RUN
     start_modes = modes_for(start_choice)
     start_mode = as_mode(cfg.inference.mode).value
     start_mode = start_mode if start_mode in start_modes else start_modes[0]
@@ -355,6 +362,7 @@ def build_app(cfg: Config, source: Path | None):
                 rows = web_pages.runs_table(output_dir)
                 runs_df = gr.Dataframe([[r[c] for c in web_pages.RUN_COLUMNS] for r in rows],
                                        headers=web_pages.RUN_COLUMNS, interactive=False, wrap=True,
+                                       column_widths=["22%", "12%", "14%", "8%", "12%", "8%", "10%", "7%", "7%"],
                                        elem_id="runs-table")
                 with gr.Row():
                     open_box = gr.Dropdown([r["run"] for r in rows], value=None, label="open a run", scale=3,
