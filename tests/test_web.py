@@ -195,6 +195,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_a_port_in_use_is_refused_in_one_sentence():
+    from qlora_lab.config import ConfigError
+    from qlora_lab.pipelines.web import check_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=rf"^web.host=127.0.0.1 web.port={port} cannot be served .*; pick a "
+                                              rf"free port with web.port=N, or a local address for web.host.$"):
+            check_port("127.0.0.1", port)
+    check_port("127.0.0.1", port)  # free again
+
+
 @pytest.fixture(scope="module")
 def app_url(outputs, tmp_path_factory):
     """`python -m qlora_lab pipeline=web` on a free port, stopped with Ctrl-C (SIGINT) at the end."""

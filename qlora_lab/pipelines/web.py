@@ -442,6 +442,7 @@ def check_port(host: str, port: int) -> None:
 
 def run(cfg: Config, run: Run) -> None:
     host, port = cfg.web.host, int(cfg.web.port)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up requests to itself
     check_port(host, port)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("web.host=%s: the app listens on that interface, so anyone who can reach it on port %d can "
