@@ -237,7 +237,7 @@ def app_url(outputs, tmp_path_factory):
     assert url == f"http://127.0.0.1:{port}"
     yield url
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(60) == 0, "".join(lines)[-3000:]
+    assert proc.wait(120) == 0, "".join(lines)[-3000:]
     assert "web app stopped" in "".join(lines)
     assert json.loads((job / "run.json").read_text())["status"] == "completed"
 
@@ -320,14 +320,14 @@ def choose(browser, element_id: str, value: str) -> None:
              what=f"option {value} of {element_id}")[0].click()
 
 
-def compare_answers(browser, left: str, right: str) -> tuple[tuple[str, str], tuple[str, str]]:
+def compare_answers(browser, left: str, right: str, timeout: float = 60) -> tuple[tuple[str, str], tuple[str, str]]:
     """Click the button; wait until each side shows its mode's numbers; ((stats, answer) left, (stats, answer) right)."""
     from selenium.webdriver.common.by import By
 
     browser.find_element(By.ID, "sbs-send").click()
     wait_for(lambda: all(text_of(browser, f"{side}-stats").startswith(f"{mode}: ")
                          and "tokens/s" in text_of(browser, f"{side}-stats")
-                         for side, mode in (("sbs-a", left), ("sbs-b", right))), what="both answers' numbers")
+                         for side, mode in (("sbs-a", left), ("sbs-b", right))), timeout, "both answers' numbers")
     return tuple((text_of(browser, f"{side}-stats"),
                   browser.find_element(By.CSS_SELECTOR, f"#{side} textarea").get_attribute("value"))
                  for side in ("sbs-a", "sbs-b"))

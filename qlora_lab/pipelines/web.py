@@ -178,6 +178,10 @@ def stats_line(stats: dict) -> str:
             f"time to first token **{ttft}**")
 
 
+def progress_line(stats: dict) -> str:
+    return f"⏳ generating: {stats['new_tokens']} tokens so far"
+
+
 def generation_settings(base: GenerationConfig, sampling: bool, temperature: float, top_k: int, top_p: float,
                         max_new_tokens: int, repetition_penalty: float) -> GenerationConfig:
     """The generation group with the page's values; the page's controls keep each in its valid range."""
@@ -215,7 +219,7 @@ def build_app(cfg: Config, source: Path | None):
         if not choice or choice == NO_RUN:
             return None
         path = Path(choice)
-        return path if path.is_absolute() else output_dir / path
+        return (path if path.is_absolute() else output_dir / path).resolve()  # one key per run in ModelSlot
 
     def modes_for(choice: str | None) -> list[str]:
         return web_pages.inference_modes(run_path(choice))
@@ -265,14 +269,16 @@ def build_app(cfg: Config, source: Path | None):
         with gr.Tabs():
             # ---------------------------------------------------------------- chat
             with gr.Tab("Chat", id="chat"):
-                chat_mode = gr.Dropdown(start_modes, value=start_mode, label="inference mode", elem_id="chat-mode")
-                chatbot = gr.Chatbot(label="conversation", elem_id="chat-history", height=380)
+                with gr.Row(equal_height=True):
+                    chat_mode = gr.Dropdown(start_modes, value=start_mode, label="inference mode", scale=1,
+                                            elem_id="chat-mode")
+                    chat_status = gr.Markdown("", elem_id="chat-status")
+                chatbot = gr.Chatbot(label="conversation", elem_id="chat-history", height=360)
                 with gr.Row():
                     message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=5,
                                          elem_id="chat-input")
                     send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
                     reset = gr.Button("Reset", scale=1, elem_id="chat-reset")
-                chat_status = gr.Markdown("", elem_id="chat-status")
                 history = gr.State([])
 
                 def respond(text, messages, choice, mode, system, *values):
@@ -286,7 +292,7 @@ def build_app(cfg: Config, source: Path | None):
                     with slot.lock:
                         try:
                             if line := loading_line(choice, mode):
-                                yield "", shown, messages, line
+                                yield gr.skip(), shown, messages, line
                             loaded = slot.get(run_path(choice), mode)
                             status = loaded_line(loaded)
                             gen = generation_settings(gen0, *values)
@@ -296,10 +302,11 @@ def build_app(cfg: Config, source: Path | None):
                                                          loaded.cfg.dataset.template, gen.max_new_tokens, max_len)
                             messages = kept[len(prompt):]
                             for answer, stats in stream_reply(loaded, ids, gen):
-                                yield "", messages + [{"role": "assistant", "content": answer}], messages, \
-                                    f"{status} · {stats_line(stats)}"
+                                # gr.skip(): the box keeps what the user types next while this answer streams
+                                yield gr.skip(), messages + [{"role": "assistant", "content": answer}], messages, \
+                                    f"{status} · {progress_line(stats)}"
                             messages = messages + [{"role": "assistant", "content": answer}]
-                            yield "", messages, messages, f"{status} · {stats_line(stats)}"
+                            yield gr.skip(), messages, messages, f"{status} · {stats_line(stats)}"
                         except Exception as e:  # the page shows it; the app keeps serving
                             yield text, messages[:-1], messages[:-1], error_line(e)  # the message back, to retry
 
@@ -345,8 +352,10 @@ def build_app(cfg: Config, source: Path | None):
                                                           gen.max_new_tokens, max_len)
                                 set_seed(cfg.train.seed)  # both sides sample from the same random state
                                 for partial, numbers in stream_reply(loaded, ids, gen):
-                                    out |= {answer: partial, stats: f"{mode}: {stats_line(numbers)}"}
+                                    out |= {answer: partial, stats: f"{mode}: {progress_line(numbers)}"}
                                     yield out
+                                out |= {stats: f"{mode}: {stats_line(numbers)}"}
+                                yield out
                             except Exception as e:  # the page shows it; the app keeps serving
                                 out |= {stats: error_line(e)}
                                 yield out
