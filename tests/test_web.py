@@ -44,6 +44,7 @@ def outputs(tmp_path_factory):
     result = cli(*TINY, "quantization=none", "train.max_steps=4", f"paths.output_dir={out}",
                  f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
+    shutil.copytree(run_dir, out / "tiny" / "run2", ignore=shutil.ignore_patterns("checkpoints"))  # loses its adapter
     job = out / "multirun" / "demo" / "0_quantization=none"
     shutil.copytree(run_dir, job, ignore=shutil.ignore_patterns("adapter", "checkpoints"))
     write_report(job.parent)
@@ -309,6 +310,22 @@ def test_chat_page_streams_a_reply(browser):
     browser.find_element(By.ID, "chat-reset").click()
     wait_for(lambda: not browser.find_elements(By.CSS_SELECTOR, '#chat-history [data-testid="bot"]'),
              what="the reset to clear the conversation")
+
+
+def test_a_failed_load_shows_its_error_and_the_app_keeps_serving(browser, outputs):
+    from selenium.webdriver.common.by import By
+
+    choose(browser, "run-select", "tiny/run2")
+    shutil.rmtree(outputs / "tiny" / "run2" / "adapter")  # gone after the page listed it
+    browser.find_element(By.CSS_SELECTOR, "#chat-input textarea").send_keys("Hello?")
+    browser.find_element(By.ID, "chat-send").click()
+    status = wait_for(lambda: "error" in (s := text_of(browser, "chat-status")) and s, what="the error in the page")
+    assert "run2 has no trained adapter" in status, status
+    browser.save_screenshot(str(ARTIFACTS / "chat_error.png"))
+    choose(browser, "run-select", "tiny/run1")
+    browser.find_element(By.ID, "chat-send").click()  # the message was handed back to the box
+    wait_for(lambda: "tokens/s" in text_of(browser, "chat-status"), what="a reply from the other run")
+    browser.find_element(By.ID, "chat-reset").click()
 
 
 def choose(browser, element_id: str, value: str) -> None:

@@ -179,7 +179,7 @@ def stats_line(stats: dict) -> str:
 
 
 def progress_line(stats: dict) -> str:
-    return f"⏳ generating: {stats['new_tokens']} tokens so far"
+    return f"generating: {stats['new_tokens']} tokens so far"
 
 
 def generation_settings(base: GenerationConfig, sampling: bool, temperature: float, top_k: int, top_p: float,
@@ -230,7 +230,7 @@ def build_app(cfg: Config, source: Path | None):
         if slot.loaded is not None and slot.loaded.key == (str(run_dir or ""), mode):
             return None
         where = f" of {run_name(run_dir)}" if run_dir else f" ({slot.cfg.model.name_or_path})"
-        return f"⏳ loading the {mode} model{where} (the previous model is unloaded first) ..."
+        return f"loading the {mode} model{where} (the previous model is unloaded first) ..."
 
     def loaded_line(loaded: Loaded) -> str:
         run_dir, mode = loaded.key
@@ -238,7 +238,7 @@ def build_app(cfg: Config, source: Path | None):
 
     def error_line(e: BaseException) -> str:
         log.exception("web app: generation failed")
-        return f"❌ **error:** {type(e).__name__}: {e}"
+        return f"**error:** {type(e).__name__}: {e}"
 
     start_choice = run_name(source) if source is not None else NO_RUN
     start_modes = modes_for(start_choice)
