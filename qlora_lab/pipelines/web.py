@@ -14,6 +14,7 @@ config this job already composed, with no second command line. Only one model is
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import socket
@@ -357,7 +358,7 @@ def build_app(cfg: Config, source: Path | None):
                                 out |= {stats: f"{mode}: {stats_line(numbers)}"}
                                 yield out
                             except Exception as e:  # the page shows it; the app keeps serving
-                                out |= {stats: error_line(e)}
+                                out |= {stats: f"{mode}: {error_line(e)}"}
                                 yield out
 
                 compare.click(side_by_side, [prompt_box, run_box, mode_a, mode_b, system_box, *settings],
@@ -393,8 +394,6 @@ def build_app(cfg: Config, source: Path | None):
                         return None, "", "", ""
                     details = web_pages.run_details(output_dir / name)
                     figure = web_pages.loss_figure(details["history"], name)
-                    import json
-
                     evaluation_text = details["evaluation"]
                     if figure is None:
                         evaluation_text = "No loss history (no checkpoint's trainer_state.json, no TensorBoard " \
