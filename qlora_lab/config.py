@@ -220,9 +220,17 @@ class EvalConfig:
 
 
 @dataclass
+class WebConfig:
+    """pipeline=web: the local web app (chat, side by side, runs, sweeps)."""
+
+    host: str = "127.0.0.1"  # this machine only; another interface (e.g. 0.0.0.0) exposes the app to the network
+    port: int = 7860
+
+
+@dataclass
 class PipelineConfig:
     name: str = MISSING
-    stages: list[str] = MISSING  # run in order: train, merge, infer, compare, evaluate, benchmark, chat, export
+    stages: list[str] = MISSING  # run in order: train, merge, infer, compare, evaluate, benchmark, chat, export, web
 
 
 @dataclass
@@ -247,6 +255,7 @@ class Config:
     merge: MergeConfig = field(default_factory=MergeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
@@ -334,6 +343,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"lora.bias must be none, all or lora_only (got {cfg.lora.bias!r}).")
     check_values(cfg)
     check_run_dir(cfg)
+    if "web" in cfg.pipeline.stages and not 1 <= cfg.web.port <= 65535:
+        raise ConfigError(f"web.port must be a TCP port from 1 to 65535 (got {cfg.web.port}); the default is 7860.")
 
 
 def check_added_keys(cfg: Config) -> None:

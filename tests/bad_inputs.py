@@ -24,6 +24,7 @@ BAD_INPUTS = [
     ("zero inference batch", ["pipeline=infer", "inference.batch_size=0"], ["inference.batch_size"]),
     ("zero prompts", ["pipeline=infer", "inference.num_prompts=0"], ["inference.num_prompts"]),
     ("bad precision", ["train.precision=fp8"], ["train.precision"]),
+    ("web port out of range", ["pipeline=web", "web.port=70000"], ["web.port", "65535"]),
     ("custom dataset without a path", ["dataset=custom"], ["dataset.path", "dataset=custom"]),
     # `+key` for a key the schema lacks: Hydra accepts it, nothing would read it
     ("+ on a typo", ["+lora.rank=8"], ["lora.rank", "lora.r?"]),
