@@ -12,8 +12,9 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from qlora_lab.config import ConfigError
+from qlora_lab.data import render_prompt
 from qlora_lab.inference import eval_prompts, generate, load_for_inference
-from qlora_lab.pipelines import chat, compare, infer, merge, train
+from qlora_lab.pipelines import compare, infer, merge, train
 from qlora_lab.rundir import Run
 
 from .conftest import TINY, cli, make_cfg
@@ -215,10 +216,10 @@ def test_chat_through_piped_stdin(fp32_run, tmp_path):
 def test_chat_renders_the_whole_history(tokenizer):
     history = [{"role": "user", "content": "first question"}, {"role": "assistant", "content": "first answer"},
                {"role": "user", "content": "second question"}]
-    text = chat.render(history, tokenizer, "chat")
+    text = render_prompt(history, tokenizer, make_cfg().dataset)  # what pipeline=chat gives the model
     assert text.index("first question") < text.index("first answer") < text.index("second question")
     assert text.endswith("<|im_start|>assistant\n")
-    plain = chat.render(history, tokenizer, "plain")
+    plain = render_prompt(history, tokenizer, make_cfg(["dataset.template=plain"]).dataset)
     assert plain.endswith("### Instruction:\nsecond question\n\n### Answer:\n") and "first answer" in plain
 
 
