@@ -195,9 +195,8 @@ def to_conversations(records: list[dict], d: DatasetConfig, source: str,
         where = f"{source}: {label(i)}"
         found = record_format(record, cols)
         if found not in (None, fmt):
-            raise ConfigError(f"{where} is in {describe(found, cols)} format but {label(0)} set the file's format "
-                              f"to {fmt.value}; "
-                              f"a file must hold one format: convert that record or split the file.")
+            raise ConfigError(f"{where} is in {describe(found, cols)} format, but {label(0)} made the file "
+                              f"{fmt.value}; a file must hold one format: convert that record or split the file.")
         row = convert(record, cols, where, need_answer)
         check_conversation(row["messages"], where, cols.messages or TURNS_COLUMN.get(fmt, "messages"), need_answer)
         rows.append(row)
@@ -323,8 +322,8 @@ def content_text(content, where: str, name: str) -> str:
     for k, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else type(part).__name__
         if kind != "text" or not isinstance(part.get("text"), str):
-            raise ConfigError(f"{where}'s {name}[{k}] is a {kind!r} part; only text parts are read, so remove it or "
-                              f"the record.")
+            raise ConfigError(f"{where}'s {name}[{k}] is a part of type {kind!r}; only text parts are read, so remove "
+                              f"it or the record.")
         texts.append(part["text"])
     return "\n\n".join(texts)
 
