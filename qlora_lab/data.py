@@ -138,31 +138,31 @@ def present(value) -> bool:
     return value is not None and not (isinstance(value, str) and not value.strip())
 
 
-def record_format(record: dict, cols) -> DataFormat | None:
-    """The format one record is written in, from its keys and the shape of its list of turns (None: no format)."""
+def record_format(record: dict, cols) -> tuple[DataFormat, str] | None:
+    """The format one record is written in and the column that shows it (None: no format), from its keys and the
+    shape of its list of turns: a 'conversations' list of {role, content} is openai, whatever its name."""
     if record.get(cols.instruction) is not None:
-        return DataFormat.alpaca
+        return DataFormat.alpaca, cols.instruction
     for key in [cols.messages] if cols.messages else TURNS_COLUMN.values():
         turns = record.get(key)
         if not isinstance(turns, list):
             continue
         first = turns[0] if turns and isinstance(turns[0], dict) else {}
         if "role" in first:
-            return DataFormat.openai
+            return DataFormat.openai, key
         if "from" in first:
-            return DataFormat.sharegpt
+            return DataFormat.sharegpt, key
         if "input" in first or "output" in first:
-            return DataFormat.xtuner
-        return next((f for f, k in TURNS_COLUMN.items() if k == key), DataFormat.openai)  # an empty or odd list
+            return DataFormat.xtuner, key
+        return next((f for f, k in TURNS_COLUMN.items() if k == key), DataFormat.openai), key  # empty or odd list
     return None
 
 
-def describe(fmt: DataFormat, cols) -> str:
-    turns = cols.messages or TURNS_COLUMN.get(fmt)
-    return {DataFormat.alpaca: f"alpaca (an {cols.instruction!r} column)",
-            DataFormat.openai: f"openai (a {turns!r} list of {{role, content}})",
-            DataFormat.sharegpt: f"sharegpt (a {turns!r} list of {{from, value}})",
-            DataFormat.xtuner: f"xtuner (a {turns!r} list of {{input, output}})"}[fmt]
+def describe(fmt: DataFormat, key: str) -> str:
+    return {DataFormat.alpaca: f"alpaca (an {key!r} column)",
+            DataFormat.openai: f"openai (a {key!r} list of {{role, content}})",
+            DataFormat.sharegpt: f"sharegpt (a {key!r} list of {{from, value}})",
+            DataFormat.xtuner: f"xtuner (a {key!r} list of {{input, output}})"}[fmt]
 
 
 def to_conversations(records: list[dict], d: DatasetConfig, source: str,
@@ -178,14 +178,17 @@ def to_conversations(records: list[dict], d: DatasetConfig, source: str,
         if isinstance(value, list) and value and isinstance(value[0], dict):
             raise ConfigError(f"{source} is one JSON object whose {only!r} key holds the records; write the records "
                               f"as a top-level JSON list (or JSON Lines, one record a line).")
-    if fmt is DataFormat.auto:
-        fmt = record_format(records[0], cols)
-        if fmt is None:
+    detected = fmt is DataFormat.auto
+    if detected:
+        found = record_format(records[0], cols)
+        if found is None:
             keys = ", ".join(map(str, records[0])) or "none"
             raise ConfigError(f"{source}: {label(0)} (keys: {keys}) is in none of the formats read: alpaca needs an "
-                              f"{cols.instruction!r} column (dataset.columns.instruction), openai a 'messages' list, sharegpt a 'conversations' "
-                              f"list, xtuner a 'conversation' list; set dataset.format and dataset.columns to match.")
-        log.info("dataset.format=auto: %s is %s, detected from its first record", source, describe(fmt, cols))
+                              f"{cols.instruction!r} column (dataset.columns.instruction), openai a 'messages' list, "
+                              f"sharegpt a 'conversations' list, xtuner a 'conversation' list; set dataset.format "
+                              f"and dataset.columns to match.")
+        fmt = found[0]
+        log.info("dataset.format=auto: %s is %s, detected from its first record", source, describe(*found))
     elif fmt is DataFormat.alpaca:
         check_columns(records, d, source)
     convert = {DataFormat.alpaca: from_alpaca, DataFormat.openai: from_openai, DataFormat.sharegpt: from_sharegpt,
@@ -194,11 +197,13 @@ def to_conversations(records: list[dict], d: DatasetConfig, source: str,
     for i, record in enumerate(records):
         where = f"{source}: {label(i)}"
         found = record_format(record, cols)
-        if found not in (None, fmt):
-            raise ConfigError(f"{where} is in {describe(found, cols)} format, but {label(0)} made the file "
-                              f"{fmt.value}; a file must hold one format: convert that record or split the file.")
-        row = convert(record, cols, where, need_answer)
-        check_conversation(row["messages"], where, cols.messages or TURNS_COLUMN.get(fmt, "messages"), need_answer)
+        if found and found[0] is not fmt:
+            why = f"but {label(0)} made the file {fmt.value}" if detected else f"not dataset.format={fmt.value}"
+            raise ConfigError(f"{where} is in {describe(*found)} format, {why}; a file must hold one format: "
+                              f"convert that record or split the file (or set dataset.format to the file's format).")
+        key = found[1] if found and fmt is not DataFormat.alpaca else cols.messages or TURNS_COLUMN.get(fmt)
+        row = convert(record, cols, key, where, need_answer)
+        check_conversation(row["messages"], where, key or cols.history or "history", need_answer)
         rows.append(row)
     return rows
 
@@ -216,7 +221,8 @@ def json_field(value, where: str, name: str):
     try:
         return json.loads(value)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{where}'s {name} is not valid JSON ({e.msg} at column {e.colno}); fix that value.") from None
+        raise ConfigError(f"{where}'s {name} is not valid JSON ({e.msg} at column {e.colno}); fix that "
+                          f"value.") from None
 
 
 def tools_field(record: dict, cols, where: str) -> list | None:
@@ -251,8 +257,9 @@ def check_columns(records: list[dict], d: DatasetConfig, source: str) -> None:
                               f"dataset.format to the file's format.")
 
 
-def from_alpaca(record: dict, cols, where: str, need_answer: bool = True) -> dict:
-    """instruction (+ input) -> user, output -> assistant; `system` and `history` ([prompt, response] pairs) optional."""
+def from_alpaca(record: dict, cols, key: str | None, where: str, need_answer: bool = True) -> dict:
+    """instruction (+ input) -> user, output -> assistant; optional `system`, and `history`: earlier [prompt,
+    response] pairs."""
     for role, col in (("instruction", cols.instruction), ("input", cols.input), ("output", cols.output)):
         value = record.get(col) if col else None
         if isinstance(value, (list, dict)):
@@ -282,8 +289,7 @@ def from_alpaca(record: dict, cols, where: str, need_answer: bool = True) -> dic
     return {"messages": messages, "tools": None}
 
 
-def turns_list(record: dict, cols, fmt: DataFormat, where: str) -> tuple[str, list]:
-    key = cols.messages or TURNS_COLUMN[fmt]
+def turns_list(record: dict, key: str, where: str) -> list:
     turns = record.get(key)
     if not isinstance(turns, list):
         what = "missing" if turns is None else f"a {type(turns).__name__}, not a list"
@@ -291,11 +297,11 @@ def turns_list(record: dict, cols, fmt: DataFormat, where: str) -> tuple[str, li
     for j, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise ConfigError(f"{where}'s {key}[{j}] is a {type(turn).__name__}, not a JSON object; fix that turn.")
-    return key, turns
+    return turns
 
 
-def from_openai(record: dict, cols, where: str, need_answer: bool = True) -> dict:
-    key, turns = turns_list(record, cols, DataFormat.openai, where)
+def from_openai(record: dict, cols, key: str, where: str, need_answer: bool = True) -> dict:
+    turns = turns_list(record, key, where)
     messages = []
     for j, turn in enumerate(turns):
         name = f"{key}[{j}]"
@@ -328,8 +334,8 @@ def content_text(content, where: str, name: str) -> str:
     return "\n\n".join(texts)
 
 
-def from_sharegpt(record: dict, cols, where: str, need_answer: bool = True) -> dict:
-    key, turns = turns_list(record, cols, DataFormat.sharegpt, where)
+def from_sharegpt(record: dict, cols, key: str, where: str, need_answer: bool = True) -> dict:
+    turns = turns_list(record, key, where)
     messages = []
     if cols.system and present(record.get(cols.system)):
         messages.append({"role": "system", "content": text_field(record[cols.system], where, cols.system)})
@@ -350,8 +356,8 @@ def from_sharegpt(record: dict, cols, where: str, need_answer: bool = True) -> d
     return {"messages": messages, "tools": tools_field(record, cols, where)}
 
 
-def from_xtuner(record: dict, cols, where: str, need_answer: bool = True) -> dict:
-    key, turns = turns_list(record, cols, DataFormat.xtuner, where)
+def from_xtuner(record: dict, cols, key: str, where: str, need_answer: bool = True) -> dict:
+    turns = turns_list(record, key, where)
     messages = []
     for j, turn in enumerate(turns):
         name = f"{key}[{j}]"

@@ -56,7 +56,8 @@ TOOL_CHAT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", 
              {"role": "tool", "content": "{\"temp\": 18}"}, {"role": "assistant", "content": "18 degrees."}]
 EXPECTED = {"alpaca": (ARITHMETIC, None), "xtuner": (ARITHMETIC, None),
             "openai": ([*TOOL_CHAT[:2], {**TOOL_CHAT[2], "tool_calls": [CALL | {"id": "c1"}]},
-                        {**TOOL_CHAT[3], "tool_call_id": "c1"}, TOOL_CHAT[4]], [{"type": "function", "function": WEATHER}]),
+                        {**TOOL_CHAT[3], "tool_call_id": "c1"}, TOOL_CHAT[4]],
+                       [{"type": "function", "function": WEATHER}]),
             "sharegpt": (TOOL_CHAT, [WEATHER])}
 
 
@@ -75,6 +76,10 @@ def test_sharegpt_tools_may_be_a_list_and_columns_are_configurable():
                   "dataset.columns.tools=functions", "dataset.columns.system=sys"]).dataset
     (row,) = to_conversations([record], d, "file.json")
     assert (row["messages"], row["tools"]) == EXPECTED["sharegpt"]
+    # a 'conversations' list of {role, content} is openai, whatever its name
+    record = {"conversations": RECORDS["openai"]["messages"], "tools": RECORDS["openai"]["tools"]}
+    (row,) = to_conversations([record], make_cfg(["dataset=custom", "dataset.path=x"]).dataset, "file.json")
+    assert (row["messages"], row["tools"]) == EXPECTED["openai"]
 
 
 # ---------------------------------------------------------------- labels under three template families
@@ -266,7 +271,8 @@ def test_every_format_trains_and_evaluates_through_the_cli(tmp_path):
     sweep = tmp_path / "sweep"
     # one multirun: the process starts once, each format is one job
     result = cli("-m", *TINY, "dataset=custom", f"dataset.path={','.join(paths.values())}", "dataset.size=8",
-                 "dataset.eval_size=4", "dataset.max_seq_length=256", "train.max_steps=2", "train.eval_before=false", "pipeline.stages=[train,evaluate]",
+                 "dataset.eval_size=4", "dataset.max_seq_length=256", "train.max_steps=2", "train.eval_before=false",
+                 "pipeline.stages=[train,evaluate]",
                  "eval.modes=[adapter]", "eval.metrics=[perplexity,rouge]", "eval.max_samples=2",
                  "generation.max_new_tokens=3", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -69,7 +69,8 @@ def run(cfg: Config, run: Run) -> list[dict]:
             print(f"unknown command {text}; {HELP}", flush=True)
             continue
         history.append({"role": "user", "content": text})
-        ids = encode(render_prompt(system + history, tokenizer, cfg.dataset), tokenizer, return_tensors="pt")["input_ids"]
+        ids = encode(render_prompt(system + history, tokenizer, cfg.dataset), tokenizer,
+                     return_tensors="pt")["input_ids"]
         while ids.shape[1] + config.max_new_tokens > max_len and len(history) > 1:
             history = history[2:]  # forget the oldest exchange so the conversation fits the context
             ids = encode(render_prompt(system + history, tokenizer, cfg.dataset), tokenizer,

@@ -153,7 +153,8 @@ def load_export(name: str, path: Path, cfg: Config):
     return model.eval(), tokenizer
 
 
-def measure(name: str, path: Path, cfg: Config, prompts: list[str], examples: list[dict], source_tokenizer) -> tuple[dict, list[str], list[torch.Tensor]]:
+def measure(name: str, path: Path, cfg: Config, prompts: list[str], examples: list[dict],
+            source_tokenizer) -> tuple[dict, list[str], list[torch.Tensor]]:
     """One export's costs: (row, greedy outputs, fp32 logits of the first agreement examples)."""
     gen = OmegaConf.merge(cfg.generation, {"do_sample": False})  # exact match needs deterministic decoding
     batch = cfg.inference.batch_size
