@@ -533,10 +533,6 @@ def end_of_turn_id(tokenizer) -> int | None:
     return ids[-1] if ids and ids[-1] in special_ids(tokenizer) else None
 
 
-def assistant_text(message: dict) -> str:
-    return calls_text(message)
-
-
 def prompt_and_reference(row: dict, tokenizer, d: DatasetConfig) -> dict:
     """A row as a generation task: the prompt is the conversation up to its last assistant turn, the reference that
     turn (its text, function calls as JSON); a row with no assistant turn is all prompt, with no reference."""
@@ -544,7 +540,7 @@ def prompt_and_reference(row: dict, tokenizer, d: DatasetConfig) -> dict:
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     context = messages if last is None else messages[:last]
     return {"prompt": render_prompt(context, tokenizer, d, row.get("tools")),
-            "reference": None if last is None else assistant_text(messages[last]),
+            "reference": None if last is None else calls_text(messages[last]),
             "message": next((m["content"] for m in reversed(context) if m["role"] == "user"), ""), "row": row}
 
 
