@@ -35,7 +35,20 @@ class QuantMethod(Enum):
 
 class Template(Enum):
     chat = "chat"  # the tokenizer's chat template (falls back to `plain` when the tokenizer has none)
-    plain = "plain"  # "### Instruction / ### Input / ### Answer" text
+    plain = "plain"  # "### Instruction / ### Answer" text (qlora_lab/data.py render_plain)
+
+
+class DataFormat(Enum):
+    auto = "auto"  # detected from the file's first record (and logged); every record must then be in that format
+    alpaca = "alpaca"  # {instruction, input, output} (+ optional system, history = earlier [prompt, response] pairs)
+    sharegpt = "sharegpt"  # {conversations: [{from, value}], system, tools}
+    openai = "openai"  # {messages: [{role, content, tool_calls}], tools}
+    xtuner = "xtuner"  # {conversation: [{system, input, output}]}, one dict per turn
+
+
+class TrainOn(Enum):
+    all_assistant = "all_assistant"  # every assistant turn (answers and function calls) is in the loss
+    last_assistant = "last_assistant"  # only the last one; earlier turns are context
 
 
 class InferenceMode(Enum):
@@ -156,11 +169,16 @@ class LoraConfig:
 
 @dataclass
 class ColumnsConfig:
-    """Which columns of the file hold the instruction, the optional input and the response."""
+    """Which columns of the file hold each part of a record. A column that a record lacks is left out (optional
+    ones), or named in the error (required ones)."""
 
-    instruction: str = "instruction"
-    input: str | None = "input"
-    output: str = "output"
+    instruction: str = "instruction"  # alpaca
+    input: str | None = "input"  # alpaca, optional
+    output: str = "output"  # alpaca
+    history: str | None = "history"  # alpaca, optional: earlier [prompt, response] pairs
+    system: str | None = "system"  # alpaca / sharegpt, optional: the record's system prompt
+    messages: str | None = None  # the list of turns; null: the format's own (messages, conversations, conversation)
+    tools: str | None = "tools"  # openai / sharegpt, optional: the functions the model may call (a list or JSON text)
 
 
 @dataclass
@@ -169,13 +187,15 @@ class DatasetConfig:
     path: str = MISSING  # JSON, JSONL, CSV or Parquet; relative paths are tried from the cwd, then the project root
     eval_path: str | None = None  # a separate eval file (e.g. GSM8K test); else held out from `path`
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    format: DataFormat = DataFormat.auto
     template: Template = Template.chat
-    system_prompt: str | None = None
+    system_prompt: str | None = None  # used for every conversation that has no system turn of its own
     max_seq_length: int = 512
     size: int | None = None  # training examples; a seeded subset, smaller sizes are prefixes of larger ones
     eval_size: int = 50
     seed: int = 42  # subset selection; the same for every job of a sweep
     train_on_prompt: bool = False  # false: labels are -100 on the prompt, the loss covers the response only
+    train_on: TrainOn = TrainOn.all_assistant  # which assistant turns of a conversation are in the loss
     # true: whole examples share rows of up to max_seq_length tokens with no padding; position ids restart and
     # attention stops at every example boundary, so each example's loss is what it would be alone. Buys: no
     # compute spent on padding (more tokens/s on short examples). Costs: a varying number of examples per step,
@@ -300,6 +320,11 @@ class WebConfig:
 
 
 @dataclass
+class ChatConfig:
+    system_prompt: str | None = None  # pipeline=chat: the system turn; null: dataset.system_prompt
+
+
+@dataclass
 class PipelineConfig:
     name: str = MISSING
     stages: list[str] = MISSING  # run in order; the names are those of qlora_lab/pipelines STAGES
@@ -327,6 +352,7 @@ class Config:
     merge: MergeConfig = field(default_factory=MergeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
     web: WebConfig = field(default_factory=WebConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)

@@ -1,26 +1,45 @@
-"""Data: a file -> checked rows -> seeded train/eval split -> prompt text -> tokens with the prompt masked."""
+"""Data: a file in one of four formats -> conversations -> seeded train/eval split -> the text the model sees, rendered
+by one function for every stage -> tokens whose labels cover the assistant turns only.
+
+The canonical row, which every format converts to and every stage reads:
+    {"messages": [{"role": "system" | "user" | "assistant" | "tool", "content": str,
+                   "tool_calls": [{"type": "function", "function": {"name": str, "arguments": dict}}],  # optional
+                   "name": str, "tool_call_id": str},  # optional, on tool results
+                  ...],
+     "tools": [function schema, ...] | None}
+These are the messages and tools of transformers' chat templates, so a row renders with `apply_chat_template` as is.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from datasets import Dataset, load_dataset
 
-from .config import Config, ConfigError, DatasetConfig, Template
+from .config import Config, ConfigError, DataFormat, DatasetConfig, Template, TrainOn
 
 log = logging.getLogger(__name__)
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 IGNORE_INDEX = -100  # labels with this value are left out of the loss
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "function_call": "assistant",
+                  "observation": "tool"}
+TURNS_COLUMN = {DataFormat.openai: "messages", DataFormat.sharegpt: "conversations", DataFormat.xtuner: "conversation"}
 
 
 @dataclass
 class Splits:
-    train: Dataset  # raw rows: instruction / input / output, renamed from the file's columns
-    eval: Dataset
+    # Canonical rows as plain dicts, not Arrow tables: Arrow gives every dict in a column the union of all records'
+    # keys, which would add other records' keys (as nulls) to tool-call arguments and tool schemas.
+    train: list[dict]
+    eval: list[dict]
     files: list[Path]
 
 
@@ -34,50 +53,47 @@ def resolve_file(path: str, root: str, field_name: str) -> Path:
     raise ConfigError(f"{field_name}={path}: no such file; give a path to a JSON, JSONL, CSV or Parquet file.")
 
 
-def load_rows(path: Path, field_name: str) -> Dataset:
+def read_records(path: Path, field_name: str) -> list[dict]:
+    """The file's records, each a dict exactly as written. JSON is read with the json module (records keep their own
+    keys, see Splits); CSV and Parquet with `datasets`."""
     builder = BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise ConfigError(f"{field_name}={path} has an unsupported extension; use .json, .jsonl, .csv or .parquet.")
-    if path.stat().st_size == 0 or (builder == "json" and path.read_text(errors="ignore").strip() in ("", "[]")):
+    if path.stat().st_size == 0:
         raise ConfigError(f"{field_name}={path} holds no records; give a file with at least one example.")
+    if builder == "json":
+        records = read_json(path, field_name)
+    else:
+        try:
+            records = load_dataset(builder, data_files=str(path), split="train").to_list()
+        except Exception as e:  # datasets raises many types for a malformed file, mostly "An error occurred ..."
+            problem = diagnose_file(path, builder) or str(e).splitlines()[0]
+            raise ConfigError(f"{field_name}={path} could not be read as {builder}: {problem}") from None
+    if not records:
+        raise ConfigError(f"{field_name}={path} holds no records; give a file with at least one example.")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ConfigError(f"{field_name}={path}: record {i} is a JSON {type(record).__name__}, not an object; "
+                              f"write one object (e.g. {{\"instruction\": ..., \"output\": ...}}) a record.")
+    return records
+
+
+def read_json(path: Path, field_name: str) -> list:
+    """A JSON list of records, one JSON object, or JSON Lines (one object a line, whatever the extension)."""
+    problem = diagnose_file(path, "json")
+    if problem:
+        raise ConfigError(f"{field_name}={path} could not be read as json: {problem}")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        return json.loads(text)
     try:
-        ds = load_dataset(builder, data_files=str(path), split="train")
-    except Exception as e:  # datasets raises many types for a malformed file, mostly "An error occurred ..."
-        problem = diagnose_file(path, builder) or str(e).splitlines()[0]
-        raise ConfigError(f"{field_name}={path} could not be read as {builder}: {problem}") from None
-    if len(ds) == 0:
-        raise ConfigError(f"{field_name}={path} holds no records; give a file with at least one example.")
-    return ds
-
-
-def normalise(ds: Dataset, cfg: DatasetConfig, path: Path) -> Dataset:
-    """Map the file's columns to instruction/input/output, checking every record has what we need."""
-    cols = cfg.columns
-    required = {"instruction": cols.instruction, "output": cols.output}
-    check_record_shapes(ds, cfg, path)
-    for role, col in required.items():
-        if col not in ds.column_names:
-            raise ConfigError(f"{path}: no column {col!r} (dataset.columns.{role}); the file has "
-                              f"{', '.join(ds.column_names)}; set dataset.columns.{role} to one of them.")
-    for i, row in enumerate(ds):
-        for role, col in required.items():
-            value = row[col]
-            if value is None or (isinstance(value, str) and not value.strip()):
-                raise ConfigError(f"{path}: record {i} has an empty or missing {col!r} field "
-                                  f"(dataset.columns.{role}); fix or remove that record.")
-    out = {
-        "instruction": [str(v) for v in ds[cols.instruction]],
-        # `input` is optional: many Alpaca-style files leave the column out when it is always empty
-        "input": [str(v or "") for v in ds[cols.input]] if cols.input in ds.column_names else [""] * len(ds),
-        "output": [str(v) for v in ds[cols.output]],
-    }
-    return Dataset.from_dict(out)
+        return [json.loads(text)]
+    except json.JSONDecodeError:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def diagnose_file(path: Path, builder: str) -> str | None:
-    """Why `datasets` could not read a file, as the line to fix (it says only "An error occurred ...")."""
-    import json
-
+    """Why a file cannot be read, as the line to fix (`datasets` says only "An error occurred ...")."""
     raw = path.read_bytes()
     if builder not in ("json", "csv"):
         return None
@@ -95,6 +111,11 @@ def diagnose_file(path: Path, builder: str) -> str | None:
             return (f"line {e.lineno}, column {e.colno}: {e.msg} (a truncated or malformed file); fix the JSON, "
                     f"a list of records.")
         return None
+    try:  # one JSON object
+        json.loads(text)
+        return None
+    except json.JSONDecodeError:
+        pass
     for number, line in enumerate(text.splitlines(), 1):  # JSON Lines: one record a line
         try:
             if line.strip():
@@ -104,26 +125,6 @@ def diagnose_file(path: Path, builder: str) -> str | None:
     return None
 
 
-def check_record_shapes(ds: Dataset, cfg: DatasetConfig, path: Path) -> None:
-    """Records must be flat text fields. A list or dict in a mapped column would be trained on as its Python str()."""
-    cols = cfg.columns
-    if len(ds.column_names) == 1 and cols.instruction not in ds.column_names:
-        only = ds.column_names[0]
-        value = ds[0][only]
-        if isinstance(value, list) and value and isinstance(value[0], dict):
-            raise ConfigError(f"{path} is one JSON object whose {only!r} key holds the records; write the records "
-                              f"as a top-level JSON list (or JSON Lines, one record a line).")
-    for role, col in (("instruction", cols.instruction), ("input", cols.input), ("output", cols.output)):
-        if col is None or col not in ds.column_names:
-            continue
-        for i, value in enumerate(ds[col]):
-            if isinstance(value, (list, dict)):
-                kind = "list" if isinstance(value, list) else "dict"
-                raise ConfigError(f"{path}: record {i}'s {col!r} column (dataset.columns.{role}) holds a {kind}, not "
-                                  f"text (a conversation?); map dataset.columns.{role} to a text column: "
-                                  f"conversation formats such as ShareGPT are not read.")
-
-
 def file_sha256(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for p in paths:
@@ -131,90 +132,493 @@ def file_sha256(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
+# ---------------------------------------------------------------- formats -> canonical rows
+
+def present(value) -> bool:
+    return value is not None and not (isinstance(value, str) and not value.strip())
+
+
+def record_format(record: dict, cols) -> tuple[DataFormat, str] | None:
+    """The format one record is written in and the column that shows it (None: no format), from its keys and the
+    shape of its list of turns: a 'conversations' list of {role, content} is openai, whatever its name."""
+    if record.get(cols.instruction) is not None:
+        return DataFormat.alpaca, cols.instruction
+    for key in [cols.messages] if cols.messages else TURNS_COLUMN.values():
+        turns = record.get(key)
+        if not isinstance(turns, list):
+            continue
+        first = turns[0] if turns and isinstance(turns[0], dict) else {}
+        if "role" in first:
+            return DataFormat.openai, key
+        if "from" in first:
+            return DataFormat.sharegpt, key
+        if "input" in first or "output" in first:
+            return DataFormat.xtuner, key
+        return next((f for f, k in TURNS_COLUMN.items() if k == key), DataFormat.openai), key  # empty or odd list
+    return None
+
+
+def describe(fmt: DataFormat, key: str) -> str:
+    return {DataFormat.alpaca: f"alpaca (an {key!r} column)",
+            DataFormat.openai: f"openai (a {key!r} list of {{role, content}})",
+            DataFormat.sharegpt: f"sharegpt (a {key!r} list of {{from, value}})",
+            DataFormat.xtuner: f"xtuner (a {key!r} list of {{input, output}})"}[fmt]
+
+
+def to_conversations(records: list[dict], d: DatasetConfig, source: str,
+                     label: Callable[[int], str] = lambda i: f"record {i}", fmt: DataFormat | None = None,
+                     need_answer: bool = True) -> list[dict]:
+    """Every record as a canonical row. Format `auto` (dataset.format unless `fmt` is given) takes the format of the
+    first record and logs it; a record in another format is refused, as is any record the converter cannot read.
+    `need_answer=False` (prompts to generate for) accepts conversations with no assistant turn."""
+    cols = d.columns
+    fmt = DataFormat(fmt or d.format)
+    if len(records) == 1 and len(records[0]) == 1 and record_format(records[0], cols) is None:
+        only, value = next(iter(records[0].items()))
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            raise ConfigError(f"{source} is one JSON object whose {only!r} key holds the records; write the records "
+                              f"as a top-level JSON list (or JSON Lines, one record a line).")
+    detected = fmt is DataFormat.auto
+    if detected:
+        found = record_format(records[0], cols)
+        if found is None:
+            keys = ", ".join(map(str, records[0])) or "none"
+            raise ConfigError(f"{source}: {label(0)} (keys: {keys}) is in none of the formats read: alpaca needs an "
+                              f"{cols.instruction!r} column (dataset.columns.instruction), openai a 'messages' list, "
+                              f"sharegpt a 'conversations' list, xtuner a 'conversation' list; set dataset.format "
+                              f"and dataset.columns to match.")
+        fmt = found[0]
+        log.info("dataset.format=auto: %s is %s, detected from its first record", source, describe(*found))
+    elif fmt is DataFormat.alpaca:
+        check_columns(records, d, source)
+    convert = {DataFormat.alpaca: from_alpaca, DataFormat.openai: from_openai, DataFormat.sharegpt: from_sharegpt,
+               DataFormat.xtuner: from_xtuner}[fmt]
+    rows = []
+    for i, record in enumerate(records):
+        where = f"{source}: {label(i)}"
+        found = record_format(record, cols)
+        if found and found[0] is not fmt:
+            why = f"but {label(0)} made the file {fmt.value}" if detected else f"not dataset.format={fmt.value}"
+            raise ConfigError(f"{where} is in {describe(*found)} format, {why}; a file must hold one format: "
+                              f"convert that record or split the file (or set dataset.format to the file's format).")
+        key = found[1] if found and fmt is not DataFormat.alpaca else cols.messages or TURNS_COLUMN.get(fmt)
+        row = convert(record, cols, key, where, need_answer)
+        check_conversation(row["messages"], where, key or cols.history or "history", need_answer)
+        rows.append(row)
+    return rows
+
+
+def text_field(value, where: str, name: str) -> str:
+    if isinstance(value, (list, dict)):
+        raise ConfigError(f"{where}'s {name} holds a {type(value).__name__}, not text; write it as a string.")
+    return "" if value is None else str(value)
+
+
+def json_field(value, where: str, name: str):
+    """A value that may be written as JSON text (tools, function-call arguments): parsed, or named if broken."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}'s {name} is not valid JSON ({e.msg} at column {e.colno}); fix that "
+                          f"value.") from None
+
+
+def tools_field(record: dict, cols, where: str) -> list | None:
+    if not cols.tools or not present(record.get(cols.tools)):
+        return None
+    tools = json_field(record[cols.tools], where, cols.tools)
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ConfigError(f"{where}'s {cols.tools} is not a list of function schemas (JSON objects); fix it or set "
+                          f"dataset.columns.tools=null to leave tools out.")
+    return tools or None
+
+
+def tool_call(call, where: str, name: str) -> dict:
+    """One function call, OpenAI's {type, function: {name, arguments}} or a bare {name, arguments}, in canonical form
+    (arguments a dict, as chat templates render them)."""
+    fn = call.get("function", call) if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise ConfigError(f"{where}'s {name} is not a function call {{\"name\": ..., \"arguments\": {{...}}}}; fix it.")
+    arguments = json_field(fn.get("arguments", {}), where, f"{name}.arguments")
+    out = {"type": "function", "function": {"name": fn["name"], "arguments": arguments}}
+    return out | ({"id": call["id"]} if isinstance(call, dict) and call.get("id") else {})
+
+
+def check_columns(records: list[dict], d: DatasetConfig, source: str) -> None:
+    """Alpaca: the required columns exist somewhere in the file, and no mapped column holds a list or dict."""
+    cols = d.columns
+    keys = {k for r in records for k in r}
+    for role, col in (("instruction", cols.instruction), ("output", cols.output)):
+        if col not in keys:
+            raise ConfigError(f"{source}: no column {col!r} (dataset.columns.{role}); the file has "
+                              f"{', '.join(map(str, records[0]))}; set dataset.columns.{role} to one of them, or "
+                              f"dataset.format to the file's format.")
+
+
+def from_alpaca(record: dict, cols, key: str | None, where: str, need_answer: bool = True) -> dict:
+    """instruction (+ input) -> user, output -> assistant; optional `system`, and `history`: earlier [prompt,
+    response] pairs."""
+    for role, col in (("instruction", cols.instruction), ("input", cols.input), ("output", cols.output)):
+        value = record.get(col) if col else None
+        if isinstance(value, (list, dict)):
+            kind = "list" if isinstance(value, list) else "dict"
+            raise ConfigError(f"{where}'s {col!r} column (dataset.columns.{role}) holds a {kind}, not text (a "
+                              f"conversation?); map dataset.columns.{role} to a text column, or set dataset.format "
+                              f"to the conversation format it is in.")
+        if (role == "instruction" or (role == "output" and need_answer)) and not present(value):
+            raise ConfigError(f"{where} has an empty or missing {col!r} field (dataset.columns.{role}); fix or remove "
+                              f"that record.")
+    messages = []
+    if cols.system and present(record.get(cols.system)):
+        messages.append({"role": "system", "content": text_field(record[cols.system], where, cols.system)})
+    history = record.get(cols.history) if cols.history else None
+    for j, pair in enumerate(history or []):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise ConfigError(f"{where}'s {cols.history}[{j}] is not a [prompt, response] pair of strings; fix it or "
+                              f"set dataset.columns.history=null.")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    user = str(record[cols.instruction])
+    extra = record.get(cols.input) if cols.input else None
+    if present(extra):
+        user = f"{user}\n\n{extra}"
+    messages.append({"role": "user", "content": user})
+    if present(record.get(cols.output)):
+        messages.append({"role": "assistant", "content": str(record[cols.output])})
+    return {"messages": messages, "tools": None}
+
+
+def turns_list(record: dict, key: str, where: str) -> list:
+    turns = record.get(key)
+    if not isinstance(turns, list):
+        what = "missing" if turns is None else f"a {type(turns).__name__}, not a list"
+        raise ConfigError(f"{where}'s {key!r} (dataset.columns.messages) is {what}; give every record a list of turns.")
+    for j, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise ConfigError(f"{where}'s {key}[{j}] is a {type(turn).__name__}, not a JSON object; fix that turn.")
+    return turns
+
+
+def from_openai(record: dict, cols, key: str, where: str, need_answer: bool = True) -> dict:
+    turns = turns_list(record, key, where)
+    messages = []
+    for j, turn in enumerate(turns):
+        name = f"{key}[{j}]"
+        role = turn.get("role")
+        if role not in ROLES:
+            raise ConfigError(f"{where}'s {name}.role is {role!r}, not one of {', '.join(ROLES)}; fix that turn.")
+        message = {"role": role, "content": content_text(turn.get("content"), where, f"{name}.content")}
+        if role == "assistant" and turn.get("tool_calls"):
+            calls = turn["tool_calls"]
+            if not isinstance(calls, list):
+                raise ConfigError(f"{where}'s {name}.tool_calls is not a list of calls; fix that turn.")
+            message["tool_calls"] = [tool_call(c, where, f"{name}.tool_calls[{k}]") for k, c in enumerate(calls)]
+        if role == "tool":
+            message |= {k: str(turn[k]) for k in ("name", "tool_call_id") if turn.get(k)}
+        messages.append(message)
+    return {"messages": messages, "tools": tools_field(record, cols, where)}
+
+
+def content_text(content, where: str, name: str) -> str:
+    """A message's content: a string, or a list of typed parts of which only text parts are read."""
+    if not isinstance(content, list):
+        return text_field(content, where, name)
+    texts = []
+    for k, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise ConfigError(f"{where}'s {name}[{k}] is a part of type {kind!r}; only text parts are read, so remove "
+                              f"it or the record.")
+        texts.append(part["text"])
+    return "\n\n".join(texts)
+
+
+def from_sharegpt(record: dict, cols, key: str, where: str, need_answer: bool = True) -> dict:
+    turns = turns_list(record, key, where)
+    messages = []
+    if cols.system and present(record.get(cols.system)):
+        messages.append({"role": "system", "content": text_field(record[cols.system], where, cols.system)})
+    for j, turn in enumerate(turns):
+        name = f"{key}[{j}]"
+        sender = turn.get("from")
+        if sender not in SHAREGPT_ROLES:
+            raise ConfigError(f"{where}'s {name}.from is {sender!r}, not one of {', '.join(SHAREGPT_ROLES)}; fix "
+                              f"that turn.")
+        value = text_field(turn.get("value"), where, f"{name}.value")
+        if sender == "function_call":
+            calls = json_field(value, where, f"{name}.value")
+            calls = calls if isinstance(calls, list) else [calls]
+            messages.append({"role": "assistant", "content": "",
+                             "tool_calls": [tool_call(c, where, f"{name}.value") for c in calls]})
+        else:
+            messages.append({"role": SHAREGPT_ROLES[sender], "content": value})
+    return {"messages": messages, "tools": tools_field(record, cols, where)}
+
+
+def from_xtuner(record: dict, cols, key: str, where: str, need_answer: bool = True) -> dict:
+    turns = turns_list(record, key, where)
+    messages = []
+    for j, turn in enumerate(turns):
+        name = f"{key}[{j}]"
+        if present(turn.get("system")):
+            messages.append({"role": "system", "content": text_field(turn["system"], where, f"{name}.system")})
+        for field_name, role in (("input", "user"), ("output", "assistant")):
+            if field_name == "output" and not need_answer and j == len(turns) - 1 and not present(turn.get("output")):
+                continue  # a prompt: the last turn's answer is what is to be generated
+            if not present(turn.get(field_name)):
+                raise ConfigError(f"{where}'s {name}.{field_name} is empty or missing; fix or remove that record.")
+            messages.append({"role": role, "content": text_field(turn[field_name], where, f"{name}.{field_name}")})
+    return {"messages": messages, "tools": None}
+
+
+def check_conversation(messages: list[dict], where: str, key: str, need_answer: bool = True) -> None:
+    """What every format must give: turns, a user turn before the first answer, an assistant turn to train on, and
+    no empty user or assistant turn."""
+    if not messages or all(m["role"] == "system" for m in messages):
+        raise ConfigError(f"{where}'s {key!r} holds no turns (an empty conversation); fix or remove that record.")
+    first = next(m for m in messages if m["role"] != "system")
+    if first["role"] == "assistant":
+        raise ConfigError(f"{where}'s {key!r} starts with an assistant turn; a user turn must come first, so fix or "
+                          f"remove that record.")
+    if need_answer and not any(m["role"] == "assistant" for m in messages):
+        raise ConfigError(f"{where}'s {key!r} has no assistant turn, so nothing in it could be trained or scored; "
+                          f"add one or remove that record.")
+    for j, m in enumerate(messages):
+        if m["role"] in ("user", "assistant") and not m["content"].strip() and not m.get("tool_calls"):
+            raise ConfigError(f"{where}'s {key!r} has an empty {m['role']} turn (turn {j} of the conversation); fix "
+                              f"or remove that record.")
+
+
+def shuffled(rows: list, seed: int) -> list:
+    """The permutation datasets' Dataset.shuffle(seed=seed) draws, so that a seed gives the same split either way."""
+    return [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))]
+
+
+def load_conversations(path: str, d: DatasetConfig, root: str, field_name: str) -> tuple[Path, list[dict]]:
+    file = resolve_file(path, root, field_name)
+    return file, to_conversations(read_records(file, field_name), d, str(file))
+
+
 def load_splits(cfg: Config) -> Splits:
     """Seeded split. The eval set never depends on dataset.size, and a smaller size is a prefix of a larger one."""
     d = cfg.dataset
-    train_file = resolve_file(d.path, cfg.paths.root, "dataset.path")
-    rows = normalise(load_rows(train_file, "dataset.path"), d, train_file).shuffle(seed=d.seed)
+    train_file, rows = load_conversations(d.path, d, cfg.paths.root, "dataset.path")
+    rows = shuffled(rows, d.seed)
     files = [train_file]
     if d.eval_path:
-        eval_file = resolve_file(d.eval_path, cfg.paths.root, "dataset.eval_path")
-        eval_rows = normalise(load_rows(eval_file, "dataset.eval_path"), d, eval_file).shuffle(seed=d.seed)
-        eval_rows = eval_rows.select(range(min(d.eval_size, len(eval_rows))))
+        eval_file, eval_rows = load_conversations(d.eval_path, d, cfg.paths.root, "dataset.eval_path")
+        eval_rows = shuffled(eval_rows, d.seed)[: d.eval_size]
         pool = rows
         files.append(eval_file)
     else:
         if len(rows) <= d.eval_size:
             raise ConfigError(f"dataset.path={d.path} has {len(rows)} records, not more than dataset.eval_size="
                               f"{d.eval_size}; lower dataset.eval_size or give dataset.eval_path.")
-        eval_rows = rows.select(range(d.eval_size))
-        pool = rows.select(range(d.eval_size, len(rows)))
+        eval_rows = rows[: d.eval_size]
+        pool = rows[d.eval_size:]
     size = d.size or len(pool)
     if size > len(pool):
         raise ConfigError(f"dataset.size={size} but {d.path} has only {len(pool)} training records after holding out "
                           f"the eval split; lower dataset.size.")
-    return Splits(train=pool.select(range(size)), eval=eval_rows, files=files)
+    return Splits(train=pool[:size], eval=eval_rows, files=files)
 
 
-# ---------------------------------------------------------------- prompts and tokens
-
-def user_message(row: dict) -> str:
-    return row["instruction"] if not row.get("input") else f"{row['instruction']}\n\n{row['input']}"
-
+# ---------------------------------------------------------------- rendering: the one place text is made for the model
 
 def uses_chat_template(tokenizer, template: Template | str) -> bool:
     return Template(template) is Template.chat and bool(getattr(tokenizer, "chat_template", None))
 
 
-def format_prompt(row: dict, tokenizer, d: DatasetConfig) -> str:
-    """The text the model sees before its answer (also used for generation at inference time)."""
-    if uses_chat_template(tokenizer, d.template):
-        messages = ([{"role": "system", "content": d.system_prompt}] if d.system_prompt else [])
-        messages.append({"role": "user", "content": user_message(row)})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    text = f"### Instruction:\n{row['instruction']}\n\n"
-    if row.get("input"):
-        text += f"### Input:\n{row['input']}\n\n"
-    return text + "### Answer:\n"
+def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """dataset.system_prompt for a conversation that has no system turn of its own."""
+    if system_prompt and not any(m["role"] == "system" for m in messages):
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return list(messages)
 
 
-def prompt_ids(prompt: str, tokenizer, d: DatasetConfig) -> list[int]:
-    # A chat template already writes any BOS it needs; plain text gets the tokenizer's special tokens.
-    return tokenizer(prompt, add_special_tokens=not uses_chat_template(tokenizer, d.template))["input_ids"]
+def calls_text(message: dict) -> str:
+    """An assistant turn as text: its content, then each function call as one JSON object a line."""
+    calls = [json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]}, ensure_ascii=False)
+             for c in message.get("tool_calls") or []]
+    return "\n".join([message["content"]] * bool(message["content"]) + calls)
+
+
+def tools_as_text(messages: list[dict], tools: list | None, keep_calls: bool) -> list[dict]:
+    """For a template that does not render tools (or tool calls): the tools go into the system turn as text, and each
+    call becomes the assistant's text (calls_text). Tool results keep the role `tool`."""
+    out = [m if keep_calls or not m.get("tool_calls") else {"role": "assistant", "content": calls_text(m)}
+           for m in messages]
+    if tools:
+        listing = ("You can call these functions; to call one, answer with a JSON object {\"name\": ..., "
+                   "\"arguments\": {...}}:\n" + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{listing}"}
+        else:
+            out.insert(0, {"role": "system", "content": listing})
+    return out
+
+
+def leading_special_text(tokenizer) -> str:
+    """The special tokens the tokenizer puts in front of a text by itself (e.g. Llama's BOS), written out: the plain
+    rendering carries them in its text, so that every rendered text is tokenized alike (see encode)."""
+    with_special = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for k in range(len(with_special) - len(plain) + 1):
+        if with_special[k:k + len(plain)] == plain:
+            return "".join(tokenizer.convert_ids_to_tokens(with_special[:k]))
+    return ""
+
+
+PLAIN_HEADERS = {"user": "### Instruction:\n", "tool": "### Tool result:\n", "assistant": "### Answer:\n"}
+
+
+def render_plain(messages: list[dict], tokenizer, add_generation_prompt: bool) -> str:
+    """The plain rendering, for dataset.template=plain or a tokenizer without a chat template: a system turn as
+    text, then `### Instruction:` / `### Tool result:` / `### Answer:` sections; an answer ends with EOS."""
+    text = leading_special_text(tokenizer)
+    for m in messages:
+        if m["role"] == "system":
+            text += f"{m['content']}\n\n"
+        elif m["role"] == "assistant":
+            text += f"{PLAIN_HEADERS['assistant']}{m['content']}{tokenizer.eos_token or ''}\n\n"
+        else:
+            text += f"{PLAIN_HEADERS[m['role']]}{m['content']}\n\n"
+    return text + (PLAIN_HEADERS["assistant"] if add_generation_prompt else "")
+
+
+def render(messages: list[dict], tools: list | None, tokenizer, template: Template | str,
+           add_generation_prompt: bool = False) -> str:
+    """The conversation as the model's input text, every special token written in: the chat template (tools passed
+    to it when it renders them, else written as text by tools_as_text), or the plain rendering."""
+    if not uses_chat_template(tokenizer, template):
+        return render_plain(tools_as_text(messages, tools, keep_calls=False), tokenizer, add_generation_prompt)
+    source = tokenizer.get_chat_template(None, tools)
+    takes_tools = "tools" in source
+    messages = tools_as_text(messages, None if takes_tools else tools, keep_calls="tool_calls" in source)
+    try:
+        return tokenizer.apply_chat_template(messages, tools=tools if takes_tools else None, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja's TemplateError, or a template's own raise_exception()
+        raise ConfigError(f"the model's chat template refused a conversation ({str(e).splitlines()[0]}); check its "
+                          f"roles and their order, or use dataset.template=plain.") from None
+
+
+def render_prompt(messages: list[dict], tokenizer, d: DatasetConfig, tools: list | None = None) -> str:
+    """What every stage that generates (infer, evaluate, compare, export, chat) gives the model: the conversation so
+    far (dataset.system_prompt added when it has no system turn) and the start of the assistant's turn."""
+    return render(with_system(messages, d.system_prompt), tools, tokenizer, d.template, add_generation_prompt=True)
+
+
+def encode(text: str | list[str], tokenizer, **kwargs):
+    """Rendered text -> tokens. The renderer writes every special token (BOS included), so none is added here."""
+    return tokenizer(text, add_special_tokens=False, **kwargs)
+
+
+def special_ids(tokenizer) -> set[int]:
+    return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The token the chat template closes an assistant turn with (e.g. <|eot_id|>, <end_of_turn>), which may not be
+    EOS: generation stops at it too. None without a chat template, or when it closes turns with no special token."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "tools": None}
+    try:
+        answer = turn_pieces(row, tokenizer, Template.chat, None, TrainOn.last_assistant)[-1][0]
+    except ConfigError:
+        return None
+    ids = encode(answer, tokenizer)["input_ids"]
+    return ids[-1] if ids and ids[-1] in special_ids(tokenizer) else None
+
+
+def prompt_and_reference(row: dict, tokenizer, d: DatasetConfig) -> dict:
+    """A row as a generation task: the prompt is the conversation up to its last assistant turn, the reference that
+    turn (its text, function calls as JSON); a row with no assistant turn is all prompt, with no reference."""
+    messages = row["messages"]
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    context = messages if last is None else messages[:last]
+    return {"prompt": render_prompt(context, tokenizer, d, row.get("tools")),
+            "reference": None if last is None else calls_text(messages[last]),
+            "message": next((m["content"] for m in reversed(context) if m["role"] == "user"), ""), "row": row}
+
+
+# ---------------------------------------------------------------- tokens and labels
+
+def turn_pieces(row: dict, tokenizer, template, system_prompt: str | None, train_on) -> list[tuple[str, bool]]:
+    """The conversation's text cut into (text, trained) pieces, up to its last assistant turn. A trained piece is one
+    assistant turn exactly as the template renders it, through its end-of-turn token; the whitespace the template puts
+    between turns is context. Found by rendering the conversation up to each turn: the text before the turn (with the
+    generation prompt) and the text through it must both begin the whole text."""
+    messages = with_system(row["messages"], system_prompt)
+    tools = row.get("tools")
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    trained = answers if TrainOn(train_on) is TrainOn.all_assistant else answers[-1:]
+    whole = render(messages[: answers[-1] + 1], tools, tokenizer, template)
+    pieces, pos = [], 0
+    for i in trained:
+        start = render(messages[:i], tools, tokenizer, template, add_generation_prompt=True)
+        through = render(messages[: i + 1], tools, tokenizer, template).rstrip()
+        if not (whole.startswith(start) and whole.startswith(through) and pos <= len(start) < len(through)):
+            raise ConfigError(f"the chat template renders a conversation's turns differently once later turns follow "
+                              f"(turn {i}), so its assistant turns cannot be found in the text; use "
+                              f"dataset.train_on=last_assistant or dataset.template=plain.")
+        pieces += [(whole[pos:len(start)], False), (whole[len(start):len(through)], True)]
+        pos = len(through)
+    return [p for p in pieces if p[0]]
 
 
 def tokenize_example(row: dict, tokenizer, d: DatasetConfig) -> dict:
-    p_ids = prompt_ids(format_prompt(row, tokenizer, d), tokenizer, d)
-    r_ids = tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = p_ids + r_ids
-    labels = ids.copy() if d.train_on_prompt else [IGNORE_INDEX] * len(p_ids) + r_ids
-    truncated = len(ids) > d.max_seq_length
-    ids, labels = ids[: d.max_seq_length], labels[: d.max_seq_length]
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels,
-            "truncated": truncated, "trainable": any(t != IGNORE_INDEX for t in labels)}
+    """Tokens and labels of one conversation. Labels cover the trained assistant turns (dataset.train_on), each with
+    the end-of-turn token its template renders (EOS is added only where a template closes a turn with no special
+    token, so that generation can stop). A conversation longer than dataset.max_seq_length keeps whole turns from
+    its start; when even its first turn is too long, that turn is cut at the limit."""
+    eos, special = tokenizer.eos_token_id, special_ids(tokenizer)
+    turns, ids, labels = [], [], []  # turns: (ids, labels) of the context before an assistant turn + that turn
+    for text, trained in turn_pieces(row, tokenizer, d.template, d.system_prompt, d.train_on):
+        piece = encode(text, tokenizer)["input_ids"]
+        if trained and piece[-1] not in special:
+            piece = piece + [eos]
+        ids += piece
+        labels += piece if trained or d.train_on_prompt else [IGNORE_INDEX] * len(piece)
+        if trained:
+            turns.append((ids, labels))
+            ids, labels = [], []
+    ids, labels, kept = [], [], 0
+    for turn_ids, turn_labels in turns:
+        if len(ids) + len(turn_ids) > d.max_seq_length:
+            if kept == 0:
+                ids, labels = turn_ids[: d.max_seq_length], turn_labels[: d.max_seq_length]
+            break
+        ids, labels, kept = ids + turn_ids, labels + turn_labels, kept + 1
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "truncated": kept < len(turns),
+            "turns_cut": len(turns) - kept, "trainable": any(t != IGNORE_INDEX for t in labels)}
 
 
-def tokenize_split(rows: Dataset, tokenizer, d: DatasetConfig, split: str) -> tuple[Dataset, dict]:
-    """Tokenize; count truncated examples and drop those whose whole response was cut off."""
-    ds = rows.map(lambda r: tokenize_example(r, tokenizer, d), remove_columns=rows.column_names,
-                  desc=f"tokenizing {split}")
-    truncated = sum(ds["truncated"])
-    kept = ds.filter(lambda r: r["trainable"])
-    dropped = len(ds) - len(kept)
-    if len(kept) == 0:
+def tokenize_split(rows: list[dict], tokenizer, d: DatasetConfig, split: str) -> tuple[Dataset, dict]:
+    """Tokenize; count truncated examples and the turns cut, and drop those whose whole response was cut off."""
+    examples = [tokenize_example(r, tokenizer, d) for r in rows]
+    kept = [e for e in examples if e["trainable"]]
+    truncated = sum(e["truncated"] for e in examples)
+    turns_cut = sum(e["turns_cut"] for e in examples)
+    dropped = len(examples) - len(kept)
+    if not kept:
         raise ConfigError(f"Every {split} example's prompt is longer than dataset.max_seq_length={d.max_seq_length}; "
                           f"raise dataset.max_seq_length.")
     if truncated:
-        log.warning("%s: %d of %d examples truncated to dataset.max_seq_length=%d (%d dropped: nothing of the "
-                    "response was left)", split, truncated, len(ds), d.max_seq_length, dropped)
+        log.warning("%s: %d of %d examples truncated to dataset.max_seq_length=%d: %d assistant turns cut, %d "
+                    "examples dropped (nothing of their first response was left)", split, truncated, len(examples),
+                    d.max_seq_length, turns_cut, dropped)
     stats = {f"data/{split}_examples": len(kept), f"data/{split}_truncated": truncated,
-             f"data/{split}_dropped": dropped, f"data/{split}_tokens": sum(len(x) for x in kept["input_ids"])}
-    kept = kept.remove_columns(["truncated", "trainable"])
+             f"data/{split}_turns_cut": turns_cut, f"data/{split}_dropped": dropped,
+             f"data/{split}_tokens": sum(len(e["input_ids"]) for e in kept)}
+    ds = Dataset.from_list([{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in kept])
     if d.pack:
-        kept = pack_examples(kept, d.max_seq_length)
-        stats[f"data/{split}_rows"] = len(kept)
-        stats[f"data/{split}_row_fill"] = stats[f"data/{split}_tokens"] / (len(kept) * d.max_seq_length)
-    return kept, stats
+        ds = pack_examples(ds, d.max_seq_length)
+        stats[f"data/{split}_rows"] = len(ds)
+        stats[f"data/{split}_row_fill"] = stats[f"data/{split}_tokens"] / (len(ds) * d.max_seq_length)
+    return ds, stats
 
 
 PACK_WINDOW = 64  # open rows an example may join: bounds packing time, keeps rows close to the data order

@@ -21,7 +21,7 @@ from transformers import GenerationConfig as HFGenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from .config import Config, ConfigError, GenerationConfig, InferenceMode
-from .data import IGNORE_INDEX, format_prompt, load_splits, uses_chat_template
+from .data import IGNORE_INDEX, encode, end_of_turn_id, load_splits, prompt_and_reference
 from .models import load_model, load_tokenizer, model_path, tokenizer_path
 
 # ---------------------------------------------------------------- loading
@@ -114,9 +114,11 @@ class _FirstTokenClock(BaseStreamer):
 
 def hf_generation_config(gen: GenerationConfig, tokenizer) -> HFGenerationConfig:
     """Our generation group as a transformers GenerationConfig (sampling knobs only when sampling)."""
+    # stop at EOS and at the token the chat template ends a turn with, where that is another (as trained: data.py)
+    stop = list(dict.fromkeys([tokenizer.eos_token_id, end_of_turn_id(tokenizer) or tokenizer.eos_token_id]))
     kwargs = {"max_new_tokens": gen.max_new_tokens, "do_sample": gen.do_sample,
               "repetition_penalty": gen.repetition_penalty, "no_repeat_ngram_size": gen.no_repeat_ngram_size,
-              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": stop[0] if len(stop) == 1 else stop}
     if gen.do_sample:
         kwargs.update(temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p)
     else:
@@ -132,17 +134,12 @@ def count_new_tokens(ids: list[int], eos_ids: set[int]) -> int:
     return len(ids)
 
 
-def generate(model, tokenizer, prompts: list[str], gen: GenerationConfig, batch_size: int,
-             add_special_tokens: bool | None = None) -> list[dict]:
-    """Generate for already formatted prompts, `batch_size` at a time with left padding.
+def generate(model, tokenizer, prompts: list[str], gen: GenerationConfig, batch_size: int) -> list[dict]:
+    """Generate for prompts rendered by data.render_prompt, `batch_size` at a time with left padding.
 
     Returns one dict per prompt: prompt, output (new text, special tokens skipped), new_tokens, latency_s (the
-    whole batch's wall time) and ttft_s (the batch's time to first token). `add_special_tokens` follows
-    data.prompt_ids: a chat template already wrote any BOS it needs; None = decide from the tokenizer (False when
-    it has a chat template).
+    whole batch's wall time) and ttft_s (the batch's time to first token).
     """
-    if add_special_tokens is None:
-        add_special_tokens = not uses_chat_template(tokenizer, "chat")
     config = hf_generation_config(gen, tokenizer)
     eos = config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
@@ -151,7 +148,7 @@ def generate(model, tokenizer, prompts: list[str], gen: GenerationConfig, batch_
     results = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
-        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
+        enc = encode(batch, tokenizer, return_tensors="pt", padding=True).to(device)
         clock = _FirstTokenClock()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -173,11 +170,9 @@ def generate(model, tokenizer, prompts: list[str], gen: GenerationConfig, batch_
 # ---------------------------------------------------------------- prompts
 
 def eval_prompts(cfg: Config, tokenizer, n: int) -> list[dict]:
-    """The first n rows of the eval split: prompt (formatted as in training), reference (the expected output), row."""
-    rows = load_splits(cfg).eval
-    rows = rows.select(range(min(n, len(rows))))
-    return [{"prompt": format_prompt(row, tokenizer, cfg.dataset), "reference": row["output"], "row": row}
-            for row in rows]
+    """The first n rows of the eval split as generation tasks: prompt (the conversation up to its last assistant
+    turn, rendered as in training), reference (that turn), message (the last user turn), row."""
+    return [prompt_and_reference(row, tokenizer, cfg.dataset) for row in load_splits(cfg).eval[:n]]
 
 
 # ---------------------------------------------------------------- teacher-forced pass over the eval split, agreement

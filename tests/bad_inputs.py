@@ -62,6 +62,22 @@ BAD_INPUTS = [
                             "dataset.columns.instruction=conversations"],
      ["record 0", "'conversations'", "dataset.columns.instruction", "list"]),
     ("empty file", ["dataset.path={tmp}/empty.jsonl"], ["empty.jsonl", "no records"]),
+    # conversation records: the record and the field
+    ("unknown role", ["dataset=custom", "dataset.path={tmp}/unknown_role.json"],
+     ["record 2", "conversations[1].from is 'bot'", "human, gpt"]),
+    ("empty conversation", ["dataset=custom", "dataset.path={tmp}/empty_conversation.jsonl"],
+     ["record 1", "'messages'", "empty conversation"]),
+    ("no assistant turn", ["dataset=custom", "dataset.path={tmp}/no_answer.jsonl"],
+     ["record 3", "'messages'", "no assistant turn"]),
+    ("two formats in one file", ["dataset=custom", "dataset.path={tmp}/mixed.jsonl"],
+     ["record 4", "openai", "record 0", "sharegpt", "one format"]),
+    ("tools not JSON", ["dataset=custom", "dataset.path={tmp}/bad_tools.json"],
+     ["record 1", "tools is not valid JSON"]),
+    ("function call not JSON", ["dataset=custom", "dataset.path={tmp}/bad_call.json"],
+     ["record 0", "conversations[1].value is not valid JSON"]),
+    ("image part", ["dataset=custom", "dataset.path={tmp}/image_part.jsonl"],
+     ["record 0", "messages[0].content[1]", "type 'image_url'", "only text parts"]),
+    ("alpaca history not pairs", ["dataset.path={tmp}/bad_history.json"], ["record 0", "history[0]", "pair"]),
     # prompts file: checked before the model loads
     ("missing prompts file", ["pipeline=infer", "inference.prompts_file={tmp}/no_prompts.txt"],
      ["inference.prompts_file=", "no such file"]),
@@ -83,6 +99,23 @@ def write_bad_files(tmp: Path, saved_run_config) -> None:
     (tmp / "sharegpt.json").write_text(json.dumps([{"conversations": [{"from": "human", "value": "hi"}],
                                                     "output": "Hi."}] * 12))
     (tmp / "empty.jsonl").write_text("")
+    chat = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}], "tools": "[]"}
+    (tmp / "unknown_role.json").write_text(json.dumps([chat, chat, {"conversations": [
+        {"from": "human", "value": "Hi"}, {"from": "bot", "value": "Hello"}]}] + [chat] * 9))
+    messages = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    lines = [messages, {"messages": []}, messages, {"messages": [{"role": "user", "content": "Hi"}]}]
+    (tmp / "empty_conversation.jsonl").write_text("\n".join(json.dumps(r) for r in lines[:2] + [messages] * 10))
+    (tmp / "no_answer.jsonl").write_text("\n".join(json.dumps(r) for r in [messages] * 3 + lines[3:] + [messages] * 8))
+    (tmp / "mixed.jsonl").write_text("\n".join(json.dumps(r) for r in [chat] * 4 + [messages] + [chat] * 7))
+    (tmp / "bad_tools.json").write_text(json.dumps([chat, dict(chat, tools='[{"name": "f",')] + [chat] * 10))
+    call = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "function_call", "value": "f(x=1)"},
+                              {"from": "observation", "value": "1"}, {"from": "gpt", "value": "One."}]}
+    (tmp / "bad_call.json").write_text(json.dumps([call] + [chat] * 11))
+    image = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                                       {"type": "image_url", "image_url": {"url": "x.png"}}]},
+                          {"role": "assistant", "content": "A cat."}]}
+    (tmp / "image_part.jsonl").write_text("\n".join(json.dumps(r) for r in [image] + [messages] * 11))
+    (tmp / "bad_history.json").write_text(json.dumps([dict(RECORD, history=[["only a prompt"]])] + [RECORD] * 11))
     (tmp / "blank.txt").write_text("\n  \n")
     (tmp / "latin1_prompts.txt").write_bytes(b"Hello\nGr\xfc\xdf Gott\n")
     lost = tmp / "lost.json"

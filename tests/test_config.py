@@ -24,7 +24,7 @@ def test_every_experiment_composes_and_validates(name):
     ("model", ["smollm2_135m", "tiny_random"]),
     ("quantization", ["none", "nf4", "fp4", "int8"]),
     ("lora", ["default", "qv"]),
-    ("dataset", ["alpaca", "alpaca_zh", "gsm8k"]),
+    ("dataset", ["alpaca", "alpaca_zh", "gsm8k", "glaive_toolcall_zh"]),
     ("generation", ["greedy", "sampling"]),
     ("inference", ["adapter", "merged", "merge_and_unload", "base"]),
     ("pipeline", ["train", "merge", "infer", "compare", "evaluate", "chat", "benchmark"]),

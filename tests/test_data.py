@@ -7,7 +7,7 @@ import json
 import pytest
 
 from qlora_lab.config import ConfigError
-from qlora_lab.data import IGNORE_INDEX, format_prompt, load_splits, tokenize_example, tokenize_split
+from qlora_lab.data import IGNORE_INDEX, load_splits, render_prompt, tokenize_example, tokenize_split
 
 from .conftest import make_cfg
 
@@ -17,38 +17,42 @@ from .conftest import make_cfg
 def test_labels_cover_the_response_only(tokenizer, dataset, template):
     cfg = make_cfg([f"dataset={dataset}", f"dataset.template={template}", "dataset.size=20", "dataset.eval_size=5"])
     rows = load_splits(cfg).train
-    for row in rows.select(range(5)):
+    for row in rows[:5]:
         ex = tokenize_example(row, tokenizer, cfg.dataset)
         ids, labels = ex["input_ids"], ex["labels"]
         if ex["truncated"]:
             continue
         n_prompt = next(i for i, t in enumerate(labels) if t != IGNORE_INDEX)
         prompt_text = tokenizer.decode(ids[:n_prompt])
+        user, answer = row["messages"][-2:]
         # the prompt carries the instruction (and input), the labels exactly the response + EOS
-        assert row["instruction"][:20] in prompt_text
-        if row["input"]:
-            assert row["input"][:20] in prompt_text
+        assert user["role"] == "user" and answer["role"] == "assistant"
+        assert user["content"][:20] in prompt_text
         assert all(t == IGNORE_INDEX for t in labels[:n_prompt])
         assert labels[n_prompt:] == ids[n_prompt:]
         assert ids[-1] == tokenizer.eos_token_id
-        assert tokenizer.decode(ids[n_prompt:-1]) == row["output"]
+        assert tokenizer.decode(ids[n_prompt:-1]) == answer["content"]
         if template == "chat":
             assert prompt_text.endswith("<|im_start|>assistant\n")
         else:
             assert prompt_text.startswith("### Instruction:\n") and prompt_text.endswith("### Answer:\n")
 
 
-def test_empty_input_leaves_no_input_section(tokenizer):
+def test_plain_rendering(tokenizer):
     cfg = make_cfg(["dataset.template=plain"])
-    text = format_prompt({"instruction": "Say hi.", "input": "", "output": "hi"}, tokenizer, cfg.dataset)
+    text = render_prompt([{"role": "user", "content": "Say hi."}], tokenizer, cfg.dataset)
     assert text == "### Instruction:\nSay hi.\n\n### Answer:\n"
-    text = format_prompt({"instruction": "Add.", "input": "2 and 3", "output": "5"}, tokenizer, cfg.dataset)
-    assert "### Input:\n2 and 3\n\n" in text
+    text = render_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add."},
+                          {"role": "assistant", "content": "5"}, {"role": "user", "content": "Again."}],
+                         tokenizer, cfg.dataset)
+    assert text == ("Be brief.\n\n### Instruction:\nAdd.\n\n### Answer:\n5<|im_end|>\n\n### Instruction:\nAgain.\n\n"
+                    "### Answer:\n")
 
 
 def test_train_on_prompt_keeps_prompt_labels(tokenizer):
     cfg = make_cfg(["dataset.train_on_prompt=true"])
-    ex = tokenize_example({"instruction": "Say hi.", "input": "", "output": "hi"}, tokenizer, cfg.dataset)
+    row = {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}], "tools": None}
+    ex = tokenize_example(row, tokenizer, cfg.dataset)
     assert ex["labels"] == ex["input_ids"]
 
 
@@ -65,17 +69,17 @@ def test_truncation_is_counted_and_fully_cut_responses_dropped(tokenizer):
 def test_subsets_are_prefixes_and_eval_does_not_depend_on_size():
     small, large = (load_splits(make_cfg([f"dataset.size={n}"])) for n in (16, 64))
     assert len(small.train) == 16 and len(large.train) == 64
-    assert small.train["instruction"] == large.train["instruction"][:16]
-    assert small.eval["instruction"] == large.eval["instruction"]
-    assert not set(small.eval["instruction"]) & set(large.train["instruction"])
+    assert small.train == large.train[:16]
+    assert small.eval == large.eval
+    assert not {str(r) for r in small.eval} & {str(r) for r in large.train}
     reseeded = load_splits(make_cfg(["dataset.size=16", "dataset.seed=7"]))
-    assert reseeded.train["instruction"] != small.train["instruction"]
+    assert reseeded.train != small.train
 
 
 def test_gsm8k_evaluates_on_the_test_split():
     splits = load_splits(make_cfg(["dataset=gsm8k", "dataset.size=10", "dataset.eval_size=7"]))
     assert len(splits.eval) == 7 and splits.files[1].name == "test.jsonl"
-    assert "####" in splits.train["output"][0]
+    assert "####" in splits.train[0]["messages"][-1]["content"]
 
 
 @pytest.mark.parametrize("suffix,writer", [
@@ -90,8 +94,9 @@ def test_generic_column_mapping(tmp_path, suffix, writer):
                     "dataset.columns.output=a", "dataset.eval_size=2"])
     splits = load_splits(cfg)
     assert len(splits.train) == 10 and len(splits.eval) == 2
-    assert set(splits.train["input"]) == {""}
-    assert all(o.startswith("answer") for o in splits.train["output"])
+    assert all(r["messages"][0] == {"role": "user", "content": r["messages"][0]["content"]} for r in splits.train)
+    assert all(r["messages"][0]["content"].startswith("question") for r in splits.train)
+    assert all(r["messages"][1]["content"].startswith("answer") for r in splits.train)
 
 
 @pytest.mark.parametrize("content,message", [

@@ -12,8 +12,9 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from qlora_lab.config import ConfigError
+from qlora_lab.data import render_prompt
 from qlora_lab.inference import eval_prompts, generate, load_for_inference
-from qlora_lab.pipelines import chat, compare, infer, merge, train
+from qlora_lab.pipelines import compare, infer, merge, train
 from qlora_lab.rundir import Run
 
 from .conftest import TINY, cli, make_cfg
@@ -202,13 +203,33 @@ def test_chat_through_piped_stdin(fp32_run, tmp_path):
     assert json.loads((tmp_path / "job" / "metrics.json").read_text())["chat/turns"] == 3
 
 
+def test_chat_keeps_a_system_prompt_and_the_history_as_a_conversation(fp32_run, tmp_path, monkeypatch, tokenizer):
+    import io
+    import sys
+
+    from qlora_lab.pipelines import chat
+
+    _, run_dir = fp32_run
+    seen = []
+    monkeypatch.setattr(chat, "render_prompt", lambda *a, **k: seen.append(render_prompt(*a, **k)) or seen[-1])
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Name a fruit.\nAnd another?\n")))
+    cfg = make_cfg([*TINY, "quantization=none", "pipeline=chat", "chat.system_prompt=Answer in one word.",
+                    "dataset.system_prompt=never used", "generation.max_new_tokens=3"])
+    conversation = chat.run(cfg, Run(dir=tmp_path, source=run_dir))
+    assert [m["role"] for m in conversation] == ["system", "user", "assistant", "user", "assistant"]
+    assert conversation[0]["content"] == "Answer in one word." and conversation[3]["content"] == "And another?"
+    # the second prompt is the whole conversation so far, rendered as training renders it
+    assert seen[1] == render_prompt(conversation[:4], tokenizer, cfg.dataset)
+    assert seen[1].startswith("<|im_start|>system\nAnswer in one word.<|im_end|>") and "never used" not in seen[1]
+
+
 def test_chat_renders_the_whole_history(tokenizer):
     history = [{"role": "user", "content": "first question"}, {"role": "assistant", "content": "first answer"},
                {"role": "user", "content": "second question"}]
-    text = chat.render(history, tokenizer, "chat")
+    text = render_prompt(history, tokenizer, make_cfg().dataset)  # what pipeline=chat gives the model
     assert text.index("first question") < text.index("first answer") < text.index("second question")
     assert text.endswith("<|im_start|>assistant\n")
-    plain = chat.render(history, tokenizer, "plain")
+    plain = render_prompt(history, tokenizer, make_cfg(["dataset.template=plain"]).dataset)
     assert plain.endswith("### Instruction:\nsecond question\n\n### Answer:\n") and "first answer" in plain
 
 

@@ -40,7 +40,7 @@ def test_tiny_training_learns_and_adapter_reloads(tmp_path, quant, caplog):
 
     # The saved adapter on a freshly loaded (and freshly quantized) base reproduces the trained model's logits.
     tokenizer = load_tokenizer(tokenizer_path(cfg))
-    batch = tokenize_split(load_splits(cfg).eval.select(range(2)), tokenizer, cfg.dataset, "eval")[0]
+    batch = tokenize_split(load_splits(cfg).eval[:2], tokenizer, cfg.dataset, "eval")[0]
     ids = torch.tensor([batch["input_ids"][0]])
     model.eval()
     with torch.no_grad():

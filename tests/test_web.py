@@ -24,9 +24,9 @@ import torch
 from omegaconf import OmegaConf
 
 from qlora_lab import web_pages
-from qlora_lab.config import GenerationConfig
+from qlora_lab.config import DatasetConfig, GenerationConfig
+from qlora_lab.data import encode, render_prompt
 from qlora_lab.inference import generate, load_for_inference
-from qlora_lab.pipelines import chat
 from qlora_lab.pipelines.web import ModelSlot, conversation_ids, generation_settings, stream_reply
 from qlora_lab.report import write_report
 
@@ -112,15 +112,16 @@ def test_sweep_page_shows_the_report_and_its_plots(outputs):
     assert [p.name for p in plots] == ["eval_loss.png", "peak_memory.png", "time_vs_size.png"]
 
 
-def test_conversation_is_rendered_by_chat_and_trimmed_to_fit(tokenizer):
+def test_conversation_is_rendered_as_in_training_and_trimmed_to_fit(tokenizer):
+    d = DatasetConfig()
     messages = [{"role": "system", "content": "Be brief."}]
     for i in range(4):
         messages += [{"role": "user", "content": f"question {i} " * 20}, {"role": "assistant", "content": f"answer {i}"}]
     messages.append({"role": "user", "content": "last question"})
-    ids, kept = conversation_ids(messages, tokenizer, "chat", max_new_tokens=16, max_len=10_000)
+    ids, kept = conversation_ids(messages, tokenizer, d, max_new_tokens=16, max_len=10_000)
     assert kept == messages
-    assert tokenizer.decode(ids[0]) == chat.render(messages, tokenizer, "chat")
-    short, kept = conversation_ids(messages, tokenizer, "chat", max_new_tokens=16, max_len=ids.shape[1] - 40)
+    assert tokenizer.decode(ids[0]) == render_prompt(messages, tokenizer, d)
+    short, kept = conversation_ids(messages, tokenizer, d, max_new_tokens=16, max_len=ids.shape[1] - 40)
     # the oldest exchanges go first; the system prompt and the newest message stay
     assert kept[0] == messages[0] and kept[-1] == messages[-1] and len(kept) < len(messages)
     assert kept[1:] == messages[len(messages) - len(kept) + 1:]
@@ -131,12 +132,13 @@ def test_stream_reply_streams_what_generate_returns(outputs):
     cfg = make_cfg([*TINY, "quantization=none"])
     slot = ModelSlot(cfg, None)
     loaded = slot.get(None, "base")
-    ids = loaded.tokenizer("Name a colour.", return_tensors="pt")["input_ids"]
+    prompt = render_prompt([{"role": "user", "content": "Name a colour."}], loaded.tokenizer, cfg.dataset)
+    ids = encode(prompt, loaded.tokenizer, return_tensors="pt")["input_ids"]
     steps = list(stream_reply(loaded, ids, GREEDY))
     texts = [text for text, _ in steps]
     assert len({t for t in texts[:-1] if t}) >= 2  # the answer grows piece by piece
     final, stats = steps[-1]
-    expected = generate(loaded.model, loaded.tokenizer, ["Name a colour."], GREEDY, 1, add_special_tokens=True)[0]
+    expected = generate(loaded.model, loaded.tokenizer, [prompt], GREEDY, 1)[0]
     assert final == expected["output"].strip() and stats["new_tokens"] == expected["new_tokens"]
     assert 0 < stats["ttft_s"] <= stats["seconds"] and stats["tokens_per_s"] > 0
 

@@ -1,7 +1,9 @@
 """Chat: talk to a trained run. `python -m qlora_lab pipeline=chat run_dir=RUN [inference=merged] [generation=sampling]`
 
-A REPL with streamed replies, the model's chat template with the whole history, `/reset` and `/exit`. With piped
-stdin (no TTY) it reads one message a line, echoes it, and ends cleanly at EOF.
+A REPL with streamed replies, `/reset` and `/exit`. The history is a conversation in the canonical form of data.py
+(a system turn from chat.system_prompt, else dataset.system_prompt, then user and assistant turns), rendered by
+data.render_prompt exactly as training rendered its conversations. With piped stdin (no TTY) it reads one message a
+line, echoes it, and ends cleanly at EOF.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from transformers import TextStreamer, set_seed
 
 from ..config import Config, ConfigError
-from ..data import uses_chat_template
+from ..data import encode, render_prompt
 from ..inference import hf_generation_config, load_for_inference
 from ..rundir import Run
 
@@ -40,27 +42,14 @@ def user_lines() -> Iterator[str]:
             yield line
 
 
-def render(messages: list[dict], tokenizer, template) -> str:
-    """The conversation so far as the model's input: its chat template, else the plain training format."""
-    if uses_chat_template(tokenizer, template):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    text = ""
-    for m in messages:
-        if m["role"] == "user":
-            text += f"### Instruction:\n{m['content']}\n\n### Answer:\n"
-        elif m["role"] == "assistant":
-            text += f"{m['content']}\n\n"
-    return text
-
-
 def run(cfg: Config, run: Run) -> list[dict]:
     mode = cfg.inference.mode
     model, tokenizer = load_for_inference(cfg, run.source, mode)
     config = hf_generation_config(cfg.generation, tokenizer)
-    special = not uses_chat_template(tokenizer, cfg.dataset.template)
     max_len = getattr(model.config, "max_position_embeddings", None) or 2048
     device = next(model.parameters()).device
-    system = [{"role": "system", "content": cfg.dataset.system_prompt}] if cfg.dataset.system_prompt else []
+    system_prompt = cfg.chat.system_prompt or cfg.dataset.system_prompt
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     history: list[dict] = []
     set_seed(cfg.train.seed)
     print(f"chat with {run.source} ({mode.value}); {HELP}", flush=True)
@@ -80,12 +69,12 @@ def run(cfg: Config, run: Run) -> list[dict]:
             print(f"unknown command {text}; {HELP}", flush=True)
             continue
         history.append({"role": "user", "content": text})
-        ids = tokenizer(render(system + history, tokenizer, cfg.dataset.template), return_tensors="pt",
-                        add_special_tokens=special)["input_ids"]
+        ids = encode(render_prompt(system + history, tokenizer, cfg.dataset), tokenizer,
+                     return_tensors="pt")["input_ids"]
         while ids.shape[1] + config.max_new_tokens > max_len and len(history) > 1:
             history = history[2:]  # forget the oldest exchange so the conversation fits the context
-            ids = tokenizer(render(system + history, tokenizer, cfg.dataset.template), return_tensors="pt",
-                            add_special_tokens=special)["input_ids"]
+            ids = encode(render_prompt(system + history, tokenizer, cfg.dataset), tokenizer,
+                         return_tensors="pt")["input_ids"]
         print("assistant> ", end="", flush=True)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         try:
@@ -101,4 +90,4 @@ def run(cfg: Config, run: Run) -> list[dict]:
         turns += 1
     print("bye", flush=True)
     run.log({"chat/turns": turns})
-    return history
+    return system + history

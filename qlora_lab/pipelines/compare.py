@@ -18,7 +18,7 @@ import time
 from omegaconf import OmegaConf
 
 from ..config import Config, ConfigError, InferenceMode
-from ..data import load_splits, tokenize_example, user_message, uses_chat_template
+from ..data import load_splits, tokenize_example
 from ..inference import adapter_dir, agreement, eval_prompts, generate, load_for_inference, teacher_forced
 from ..models import load_tokenizer, memory_footprint_gib, resolve_dtype
 from ..report import markdown_table
@@ -53,7 +53,6 @@ def run(cfg: Config, run: Run) -> list[dict]:
     else:
         items = eval_prompts(cfg, tokenizer, inf.num_prompts)
     prompts = [it["prompt"] for it in items]
-    special = not uses_chat_template(tokenizer, cfg.dataset.template)
     examples = [tokenize_example(row, tokenizer, cfg.dataset) for row in load_splits(cfg).eval]
     examples = [e for e in examples if e["trainable"]]
 
@@ -63,8 +62,8 @@ def run(cfg: Config, run: Run) -> list[dict]:
         t0 = time.perf_counter()
         model, tok = load_for_inference(cfg, run.source, mode)
         load_s = time.perf_counter() - t0
-        generate(model, tok, prompts[:1], OmegaConf.merge(gen, {"max_new_tokens": 2}), 1, special)  # warm-up
-        results = generate(model, tok, prompts, gen, inf.batch_size, special)
+        generate(model, tok, prompts[:1], OmegaConf.merge(gen, {"max_new_tokens": 2}), 1)  # warm-up
+        results = generate(model, tok, prompts, gen, inf.batch_size)
         ppl, logits = teacher_forced(model, examples, inf.batch_size, tok.pad_token_id, inf.agreement_examples)
         batches = {r["latency_s"]: r["ttft_s"] for r in results}  # one latency and ttft per batch
         new_tokens = sum(r["new_tokens"] for r in results)
@@ -104,7 +103,7 @@ def run(cfg: Config, run: Run) -> list[dict]:
     outputs[1].write_text(table)
     with outputs[2].open("w", encoding="utf-8") as f:
         for i, item in enumerate(items):
-            record = {"message": user_message(item["row"]), "reference": item["reference"]}
+            record = {"message": item["message"], "reference": item["reference"]}
             record |= {m: outs[i] for m, outs in outputs_by_mode.items()}
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     run.log({f"compare/{r['mode']}/{k}": v for r in rows for k, v in r.items() if k != "mode"})

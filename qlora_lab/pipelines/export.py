@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .. import gguf_export, int8_dynamic
 from ..config import Config, ConfigError, ExportFormat, export_targets
-from ..data import load_splits, tokenize_example, uses_chat_template
+from ..data import encode, load_splits, tokenize_example
 from ..inference import adapter_dir, agreement, eval_prompts, generate, teacher_forced
 from ..models import load_tokenizer, model_path
 from ..report import markdown_table
@@ -131,7 +131,7 @@ def load_export(name: str, path: Path, cfg: Config):
     return model.eval(), tokenizer
 
 
-def measure(name: str, path: Path, cfg: Config, prompts: list[str], examples: list[dict], special: bool,
+def measure(name: str, path: Path, cfg: Config, prompts: list[str], examples: list[dict],
             source_tokenizer) -> tuple[dict, list[str], list[torch.Tensor]]:
     """One export's costs: (row, greedy outputs, fp32 logits of the first agreement examples)."""
     gen = OmegaConf.merge(cfg.generation, {"do_sample": False})  # exact match needs deterministic decoding
@@ -140,8 +140,8 @@ def measure(name: str, path: Path, cfg: Config, prompts: list[str], examples: li
     t0 = time.perf_counter()
     model, tokenizer = load_export(name, path, cfg)
     load_s = time.perf_counter() - t0
-    generate(model, tokenizer, prompts[:1], OmegaConf.merge(gen, {"max_new_tokens": 2}), 1, special)  # warm-up
-    results = generate(model, tokenizer, prompts, gen, batch, special)
+    generate(model, tokenizer, prompts[:1], OmegaConf.merge(gen, {"max_new_tokens": 2}), 1)  # warm-up
+    results = generate(model, tokenizer, prompts, gen, batch)
     # the same token ids for every export, so that the logits line up position by position
     ppl, logits = teacher_forced(model, examples, batch, source_tokenizer.pad_token_id, cfg.inference.agreement_examples)
     batches = {r["latency_s"] for r in results}  # one latency per batch
@@ -150,8 +150,7 @@ def measure(name: str, path: Path, cfg: Config, prompts: list[str], examples: li
            "peak_rss_gib": peak_memory_gib(), "runtime_rss_gib": runtime_gib, "eval_perplexity": ppl,
            "new_tokens": new_tokens}
     if path.suffix == ".gguf":  # the tokenizer embedded in the file, against the run's
-        same = [tokenizer(p, add_special_tokens=special)["input_ids"] ==
-                source_tokenizer(p, add_special_tokens=special)["input_ids"] for p in prompts]
+        same = [encode(p, tokenizer)["input_ids"] == encode(p, source_tokenizer)["input_ids"] for p in prompts]
         row["tokenizer_match"] = sum(same) / len(same)
         row["chat_template_match"] = tokenizer.chat_template == source_tokenizer.chat_template
     return row, [r["output"] for r in results], logits
@@ -196,14 +195,13 @@ def run(cfg: Config, run: Run) -> list[dict]:
     source_tokenizer = load_tokenizer(str(merged), cfg.model.trust_remote_code)
     items = eval_prompts(cfg, source_tokenizer, cfg.inference.num_prompts)
     prompts = [it["prompt"] for it in items]
-    special = not uses_chat_template(source_tokenizer, cfg.dataset.template)
     examples = [tokenize_example(row, source_tokenizer, cfg.dataset) for row in load_splits(cfg).eval]
     examples = [e for e in examples if e["trainable"]]
     threads = torch.get_num_threads()
     rows, reference = [], None
     for name, (path, info) in {"merged": (merged, {}), **written}.items():
         print(f"measuring {name} ...", flush=True)
-        row, outputs, logits = measure_in_fresh_process(name, path, cfg, prompts, examples, special, source_tokenizer)
+        row, outputs, logits = measure_in_fresh_process(name, path, cfg, prompts, examples, source_tokenizer)
         if reference is None:  # merged, the first row
             reference = {"outputs": outputs, "logits": logits}
         max_diff, kl = agreement(reference["logits"], logits)

@@ -12,21 +12,22 @@ from pathlib import Path
 
 from transformers import set_seed
 
-from ..config import Config, ConfigError, InferenceMode
-from ..data import format_prompt, user_message, uses_chat_template
+from ..config import Config, ConfigError, DataFormat, InferenceMode
+from ..data import prompt_and_reference, record_format, to_conversations
 from ..inference import eval_prompts, generate, load_for_inference
 from ..models import memory_footprint_gib
 from ..rundir import Run
 
 
 def read_prompts_file(path_str: str, root: str, cfg: Config, tokenizer) -> list[dict]:
-    """Plain text: one user message a line. JSONL: {"prompt": ...} or a dataset record (instruction/input/output)."""
-    return [{"prompt": format_prompt(row, tokenizer, cfg.dataset), "reference": row["output"], "row": row}
-            for row in read_prompt_rows(path_str, root, cfg)]
+    """Generation tasks (data.prompt_and_reference) for the prompts file's rows."""
+    return [prompt_and_reference(row, tokenizer, cfg.dataset) for row in read_prompt_rows(path_str, root, cfg)]
 
 
 def read_prompt_rows(path_str: str, root: str, cfg: Config) -> list[dict]:
-    """The prompts file's rows, checked (no tokenizer needed: runs before any model loads)."""
+    """The prompts file's rows as conversations, checked (no tokenizer needed: runs before any model loads). Plain
+    text: one user message a line. JSONL: {"prompt": ..., "reference": ...} or a record in any dataset format
+    (detected from the first such line); a conversation ending in an assistant turn has it as its reference."""
     path = next((p for p in (Path(path_str).expanduser(), Path(root) / path_str) if p.is_file()), None)
     if path is None:
         raise ConfigError(f"inference.prompts_file={path_str}: no such file; give a text file (one prompt a line) "
@@ -41,26 +42,34 @@ def read_prompt_rows(path_str: str, root: str, cfg: Config) -> list[dict]:
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise ConfigError(f"inference.prompts_file={path} holds no prompts; write one prompt a line.")
-    cols = cfg.dataset.columns
-    rows = []
+    if path.suffix.lower() != ".jsonl":
+        return [{"messages": [{"role": "user", "content": line.strip()}], "tools": None} for line in lines]
+    rows, records, numbers = [], [], []
     for i, line in enumerate(lines, 1):
-        if path.suffix.lower() != ".jsonl":
-            rows.append({"instruction": line.strip(), "input": "", "output": None})
-            continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             raise ConfigError(f"inference.prompts_file={path}: line {i} is not valid JSON; write one JSON object "
                               f"a line.") from None
-        if isinstance(record, dict) and "prompt" in record:
-            rows.append({"instruction": str(record["prompt"]), "input": "", "output": record.get("reference")})
-        elif isinstance(record, dict) and cols.instruction in record:
-            rows.append({"instruction": str(record[cols.instruction]),
-                         "input": str(record.get(cols.input) or "") if cols.input else "",
-                         "output": record.get(cols.output)})
+        if not isinstance(record, dict):
+            raise ConfigError(f"inference.prompts_file={path}: line {i} is not a JSON object; write one object a "
+                              f"line, e.g. {{\"prompt\": ...}}.")
+        if "prompt" not in record and record_format(record, cfg.dataset.columns) is None:
+            raise ConfigError(f"inference.prompts_file={path}: line {i} has neither a `prompt` field nor a dataset "
+                              f"record's list of turns or {cfg.dataset.columns.instruction!r} field; add one.")
+        if "prompt" in record:
+            reference = record.get("reference")
+            answer = [{"role": "assistant", "content": str(reference)}] if reference is not None else []
+            rows.append({"messages": [{"role": "user", "content": str(record["prompt"])}, *answer], "tools": None})
         else:
-            raise ConfigError(f"inference.prompts_file={path}: line {i} has neither a `prompt` nor a "
-                              f"{cols.instruction!r} field; add one.")
+            rows.append(None)  # filled below, in file order
+            records.append(record)
+            numbers.append(i)
+    if records:  # records in a dataset format: read as the training data is, whatever format the dataset has
+        converted = iter(to_conversations(records, cfg.dataset, f"inference.prompts_file={path}",
+                                          label=lambda k: f"line {numbers[k]}", fmt=DataFormat.auto,
+                                          need_answer=False))
+        rows = [row or next(converted) for row in rows]
     return rows
 
 
@@ -80,22 +89,21 @@ def run(cfg: Config, run: Run) -> list[dict]:
         items = read_prompts_file(inf.prompts_file, cfg.paths.root, cfg, tokenizer)[: inf.num_prompts]
     else:
         items = eval_prompts(cfg, tokenizer, inf.num_prompts)
-    special = not uses_chat_template(tokenizer, cfg.dataset.template)  # as data.prompt_ids: plain text gets BOS
 
     # ---- generate
     set_seed(cfg.train.seed)  # reproducible sampling
-    results = generate(model, tokenizer, [it["prompt"] for it in items], cfg.generation, inf.batch_size, special)
+    results = generate(model, tokenizer, [it["prompt"] for it in items], cfg.generation, inf.batch_size)
     before = None
     if inf.before_after and mode is not InferenceMode.base:
         del model
         base, base_tok = load_for_inference(cfg, run.source, InferenceMode.base)
         set_seed(cfg.train.seed)
-        before = generate(base, base_tok, [it["prompt"] for it in items], cfg.generation, inf.batch_size, special)
+        before = generate(base, base_tok, [it["prompt"] for it in items], cfg.generation, inf.batch_size)
 
     # ---- write and report
     with out_path.open("w", encoding="utf-8") as f:
         for i, (item, res) in enumerate(zip(items, results, strict=True)):
-            record = {"mode": mode.value, "message": user_message(item["row"])} | res | {"reference": item["reference"]}
+            record = {"mode": mode.value, "message": item["message"]} | res | {"reference": item["reference"]}
             if before:
                 record["base_output"] = before[i]["output"]
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -105,7 +113,7 @@ def run(cfg: Config, run: Run) -> list[dict]:
              "infer/tokens_per_s": new_tokens / sum(batches), "infer/ttft_s": sum(batches.values()) / len(batches),
              "infer/footprint_gib": footprint})
     for i, (item, res) in enumerate(zip(items[:3], results[:3], strict=False)):
-        print(f"\n--- prompt {i + 1}: {user_message(item['row'])[:300]}", flush=True)
+        print(f"\n--- prompt {i + 1}: {item['message'][:300]}", flush=True)
         if before:
             print(f"[base]  {before[i]['output'].strip()}")
             print(f"[{mode.value}]  {res['output'].strip()}", flush=True)

@@ -1,7 +1,7 @@
 """Web app: `python -m qlora_lab pipeline=web [run_dir=RUN] [web.host=...] [web.port=...]`
 
 Four pages in one Gradio app, served on web.host:web.port (this machine only by default) until Ctrl-C:
-  Chat          streamed replies from a run in any inference mode, the history rendered as pipeline=chat does
+  Chat          streamed replies from a run in any inference mode, the history rendered as in training and chat
   Side by side  one prompt, two inference modes (base vs fine-tuned by default), with time to first token and tokens/s
   Runs          the runs under paths.output_dir; one run's config, metrics.json, evaluation table and loss curve
   Sweeps        a sweep's summary.md tables and plots
@@ -31,11 +31,10 @@ from transformers import set_seed
 from transformers.generation.streamers import BaseStreamer
 
 from .. import web_pages
-from ..config import Config, ConfigError, GenerationConfig, InferenceMode
-from ..data import uses_chat_template
+from ..config import Config, ConfigError, DatasetConfig, GenerationConfig, InferenceMode
+from ..data import encode, render_prompt
 from ..inference import hf_generation_config, load_for_inference
 from ..rundir import Run, inherit_from_run
-from . import chat
 
 log = logging.getLogger(__name__)
 NO_RUN = "(no run: the base model)"
@@ -43,15 +42,14 @@ NO_RUN = "(no run: the base model)"
 
 # ---------------------------------------------------------------- prompt
 
-def conversation_ids(messages: list[dict], tokenizer, template, max_new_tokens: int, max_len: int):
-    """(input ids, the messages they hold): rendered by pipeline=chat's own function, with the oldest exchanges
-    dropped until the prompt and the answer fit the context, as chat does. The one place the app renders a prompt."""
+def conversation_ids(messages: list[dict], tokenizer, d: DatasetConfig, max_new_tokens: int, max_len: int):
+    """(input ids, the messages they hold): rendered by data.render_prompt, as pipeline=chat and training render,
+    with the oldest exchanges dropped until the prompt and the answer fit the context, as chat does. The one place
+    the app renders a prompt."""
     system = [m for m in messages[:1] if m["role"] == "system"]
     history = messages[len(system):]
-    special = not uses_chat_template(tokenizer, template)
     while True:
-        ids = tokenizer(chat.render(system + history, tokenizer, template), return_tensors="pt",
-                        add_special_tokens=special)["input_ids"]
+        ids = encode(render_prompt(system + history, tokenizer, d), tokenizer, return_tensors="pt")["input_ids"]
         if ids.shape[1] + max_new_tokens <= max_len or len(history) <= 1:
             return ids, system + history
         history = history[2:]
@@ -300,7 +298,7 @@ def build_app(cfg: Config, source: Path | None):
                             prompt = [{"role": "system", "content": system}] if system.strip() else []
                             max_len = getattr(loaded.model.config, "max_position_embeddings", None) or 2048
                             ids, kept = conversation_ids(prompt + messages, loaded.tokenizer,
-                                                         loaded.cfg.dataset.template, gen.max_new_tokens, max_len)
+                                                         loaded.cfg.dataset, gen.max_new_tokens, max_len)
                             messages = kept[len(prompt):]
                             for answer, stats in stream_reply(loaded, ids, gen):
                                 # gr.skip(): the box keeps what the user types next while this answer streams
@@ -349,7 +347,7 @@ def build_app(cfg: Config, source: Path | None):
                                     yield out | {stats: line}
                                 loaded = slot.get(run_path(choice), mode)
                                 max_len = getattr(loaded.model.config, "max_position_embeddings", None) or 2048
-                                ids, _ = conversation_ids(messages, loaded.tokenizer, loaded.cfg.dataset.template,
+                                ids, _ = conversation_ids(messages, loaded.tokenizer, loaded.cfg.dataset,
                                                           gen.max_new_tokens, max_len)
                                 set_seed(cfg.train.seed)  # both sides sample from the same random state
                                 for partial, numbers in stream_reply(loaded, ids, gen):
