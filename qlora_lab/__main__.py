@@ -116,7 +116,7 @@ def main(cfg: DictConfig) -> float | None:
         raise
     run.finish()
     objective = run.metrics.get(cfg.objective.metric)
-    if objective is None:
+    if objective is None and multirun:  # a search needs it; a single chat, infer or web run has none to give
         log.warning("objective.metric=%s is not among this run's metrics (%s): no objective to return",
                     cfg.objective.metric, ", ".join(sorted(k for k in run.metrics if "/" in k)))
     return objective
