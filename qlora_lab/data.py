@@ -62,7 +62,7 @@ def read_records(path: Path, field_name: str) -> list[dict]:
     if path.stat().st_size == 0:
         raise ConfigError(f"{field_name}={path} holds no records; give a file with at least one example.")
     if builder == "json":
-        records = read_json(path, field_name)
+        records = read_json_records(path, field_name)
     else:
         try:
             records = load_dataset(builder, data_files=str(path), split="train").to_list()
@@ -78,7 +78,7 @@ def read_records(path: Path, field_name: str) -> list[dict]:
     return records
 
 
-def read_json(path: Path, field_name: str) -> list:
+def read_json_records(path: Path, field_name: str) -> list:
     """A JSON list of records, one JSON object, or JSON Lines (one object a line, whatever the extension)."""
     problem = diagnose_file(path, "json")
     if problem:
