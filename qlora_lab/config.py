@@ -72,6 +72,13 @@ class Kernels(Enum):
     none = "none"  # transformers' own modules
 
 
+class PackedAttention(Enum):
+    # How the examples of a packed row are kept apart (dataset.pack=true); each example sees only itself either way.
+    auto = "auto"  # varlen on a CUDA GPU with torch >= 2.10 and a 16-bit model, else mask
+    varlen = "varlen"  # PyTorch's FlashAttention varlen kernel: no mask, no work on other examples' tokens
+    mask = "mask"  # model.attn_implementation with a block-diagonal mask built from the restarting position ids
+
+
 class DType(Enum):
     auto = "auto"  # bf16 on a GPU that supports it, else fp32 (bf16 matmuls are ~15x slower on our CPUs)
     bfloat16 = "bfloat16"
@@ -224,6 +231,7 @@ class TrainConfig:
     checkpoint_every_n_layers: int = 1  # with gradient_checkpointing: recompute only every n-th decoder layer
     activation_offload: bool = False  # with gradient_checkpointing: keep the checkpointed inputs in host memory
     kernels: Kernels = Kernels.auto
+    packed_attention: PackedAttention = PackedAttention.auto
     peak_tflops: float | None = None  # for MFU; None: the datasheet's dense bf16 figure for known GPUs
     profile: bool = False  # torch.profiler over 3 steps after the warm-up: profile.txt + a Chrome trace in the run dir
     logging_steps: int = 5
@@ -451,6 +459,17 @@ def validate(cfg: Config) -> None:
         if not torch.cuda.is_available():
             raise ConfigError("train.kernels=liger needs a CUDA GPU (Liger's kernels are Triton GPU kernels); use "
                               "train.kernels=auto, which turns them off on a CPU.")
+    if cfg.train.packed_attention is PackedAttention.varlen:
+        from .attention import available, varlen_kernel
+        from .models import resolve_dtype
+
+        if not cfg.dataset.pack:
+            raise ConfigError("train.packed_attention=varlen keeps packed examples apart, but dataset.pack=false; set "
+                              "dataset.pack=true or train.packed_attention=auto.")
+        if not available(resolve_dtype(cfg.model.dtype)):
+            why = "this torch has no torch.nn.attention.varlen (torch >= 2.10)" if varlen_kernel() is None else \
+                "it needs a CUDA GPU and a bf16 or fp16 model.dtype"
+            raise ConfigError(f"train.packed_attention=varlen is not available: {why}; use train.packed_attention=auto.")
     if cfg.dataset.size is not None and cfg.dataset.size < 1:
         raise ConfigError(f"dataset.size must be a positive number of examples or null for all (got {cfg.dataset.size}).")
     if cfg.dataset.eval_size < 1:

@@ -645,23 +645,26 @@ def pack_examples(ds: Dataset, max_len: int) -> Dataset:
 
 
 class PackedCollator:
-    """A batch of packed rows -> one [1, tokens] sequence with position ids restarting at every example, no
-    attention mask and no padding between examples (transformers' DataCollatorWithFlattening, fed the rows'
-    examples). The attention implementations read the restarts as boundaries; the first label of each example is
-    -100, so no token is predicted across one.
+    """A batch of packed rows -> one [1, tokens] sequence with position ids restarting at every example and no
+    padding between examples (transformers' DataCollatorWithFlattening, fed the rows' examples). The first label of
+    each example is -100, so no token is predicted across a boundary. Two ways to keep the examples apart:
 
-    The sequence is then extended to a multiple of ALIGN tokens: SDPA's fused kernels need an aligned mask, and an
-    unaligned length fell back to the unfused kernel (measured on 8B shapes: 0.99 s steps instead of 0.69 s). The
-    extension continues the last example with `pad_id` tokens, labelled -100: causal attention keeps them out of
-    every real token's view, so no real loss changes, and the Trainer's non-padding count leaves them out."""
+    - `varlen=True`: the boundaries also travel as FlashAttention's cu_seq_lens/max_length, which the varlen
+      kernel reads (qlora_lab/attention.py); every token of the batch is a real one.
+    - `varlen=False`: the attention implementation turns the restarts into a block-diagonal mask. The sequence is
+      then extended to a multiple of ALIGN tokens: SDPA's fused kernels need an aligned mask, and an unaligned
+      length fell back to the unfused kernel (measured on 8B shapes: 0.99 s steps instead of 0.69 s). The
+      extension continues the last example with `pad_id` tokens, labelled -100: causal attention keeps them out of
+      every real token's view, so no real loss changes, and the Trainer's non-padding count leaves them out."""
 
     ALIGN = 64
 
-    def __init__(self, pad_id: int):
+    def __init__(self, pad_id: int, varlen: bool = False):
         from transformers import DataCollatorWithFlattening
 
-        self.pad_id = pad_id
-        self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+        self.pad_id, self.varlen = pad_id, varlen
+        self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX,
+                                                  return_flash_attn_kwargs=varlen)
 
     def __call__(self, rows: list[dict]) -> dict:
         import torch
@@ -675,7 +678,7 @@ class PackedCollator:
                 start += n
         batch = self.flatten(examples)
         extra = -batch["input_ids"].shape[1] % self.ALIGN
-        if extra:
+        if extra and not self.varlen:
             last = batch["position_ids"][0, -1].item()
             batch["input_ids"] = torch.cat([batch["input_ids"], torch.full((1, extra), self.pad_id)], 1)
             batch["labels"] = torch.cat([batch["labels"], torch.full((1, extra), IGNORE_INDEX)], 1)

@@ -81,6 +81,89 @@ def test_packed_losses_equal_unpacked_per_example(attn):
     assert packed_losses == pytest.approx(alone_losses, abs=1e-5)
 
 
+def segment_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+    """A CPU stand-in for torch's FlashAttention varlen kernel (CUDA only), same signature and layout
+    ([tokens, heads, dim]): causal attention within each segment of cu_q."""
+    assert window_size == (-1, 0) and enable_gqa and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
+    k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    bounds = cu_q.tolist()
+    assert max_q == max_k == max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+    out = [torch.nn.functional.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)),
+                                                            is_causal=True, scale=scale).transpose(0, 1)
+           for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return torch.cat(out)
+
+
+@pytest.fixture
+def cpu_varlen(monkeypatch):
+    """Route packed_attention=varlen to segment_sdpa on a CPU: the collator, the kwargs through the model and the
+    attention plumbing run as on a GPU; only the kernel differs."""
+    import qlora_lab.attention
+    import qlora_lab.pipelines.train
+
+    monkeypatch.setattr(qlora_lab.attention, "varlen_kernel", lambda: segment_sdpa)
+    monkeypatch.setattr(qlora_lab.attention, "available", lambda dtype: True)
+    monkeypatch.setattr(qlora_lab.pipelines.train, "varlen_available", lambda dtype: True)
+
+
+def test_varlen_packed_losses_equal_unpacked_per_example(cpu_varlen):
+    from qlora_lab.attention import use_varlen
+
+    cfg = make_cfg([*TINY, "quantization=none", "dataset.pack=true", "dataset.max_seq_length=1024"])
+    tokenizer = load_tokenizer(tokenizer_path(cfg))
+    rows, _ = tokenize_split(load_splits(cfg).train[:12], tokenizer, cfg.dataset, "train")
+    torch.manual_seed(0)
+    model = load_model(model_path(cfg), cfg).float().eval()
+    batch = PackedCollator(tokenizer.pad_token_id, varlen=True)(list(rows.select(range(2))))
+    lengths = [n for row in rows["lengths"][:2] for n in row]
+    assert batch["input_ids"].shape[1] == sum(lengths)  # no alignment tokens: every token is a real one
+    assert batch["cu_seq_lens_q"].tolist() == [sum(lengths[:i]) for i in range(len(lengths) + 1)]
+    with torch.no_grad():
+        alone = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        use_varlen(model)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        packed = model(**inputs, use_cache=False).logits[0]
+    labels = batch["labels"][0]
+    # sdpa's mask (the same boundaries) and varlen agree, and each example alone gives the same losses
+    assert _per_example_losses(packed, labels, lengths) == pytest.approx(_per_example_losses(alone, labels, lengths),
+                                                                        abs=1e-5)
+    start, alone_losses = 0, []
+    for n in lengths:
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"][:, start:start + n]).logits[0]  # no cu_seq_lens: sdpa
+        alone_losses += _per_example_losses(logits, labels[start:start + n], [n])
+        start += n
+    assert _per_example_losses(packed, labels, lengths) == pytest.approx(alone_losses, abs=1e-5)
+
+
+def test_varlen_training_steps_equal_masked_ones(cpu_varlen, tmp_path):
+    """The whole train stage with packed_attention=varlen (gradient checkpointing on, so the boundaries must also
+    reach the recomputed layers) gives the same per-step losses as the masked packing, and counts every token."""
+    from qlora_lab.pipelines import train
+    from qlora_lab.rundir import Run
+
+    results = {}
+    for mode in ("mask", "varlen"):
+        cfg = make_cfg(["model=tiny_random", "quantization=none", "model.dtype=float32", "train.precision=fp32",
+                        "dataset.size=8", "dataset.eval_size=4", "dataset.max_seq_length=768", "dataset.pack=true",
+                        "train.max_steps=2", "train.batch_size=2", "train.learning_rate=5e-3", "train.report_to=[]",
+                        "train.logging_steps=1", "train.eval_before=false", "train.gradient_checkpointing=true",
+                        "lora.dropout=0", f"train.packed_attention={mode}"])  # dropout draws per token: off
+        (tmp_path / mode).mkdir()
+        run = Run(dir=tmp_path / mode, source=tmp_path / mode)
+        run.start(cfg)
+        train.run(cfg, run)
+        run.finish()
+        state = json.loads((tmp_path / mode / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+        assert run.metrics["data/train_rows"] in (3, 4)  # 2 steps of 2 rows see them all
+        results[mode] = ([h["loss"] for h in state["log_history"] if "loss" in h], run.metrics["train/tokens_seen"],
+                         run.metrics["data/train_tokens"])
+    (mask_losses, mask_seen, tokens), (varlen_losses, varlen_seen, _) = results["mask"], results["varlen"]
+    assert varlen_losses == pytest.approx(mask_losses, abs=1e-5)
+    assert varlen_seen == tokens  # every real token of every row counted
+    assert varlen_seen > mask_seen  # the masked count leaves out EOS, SmolLM2's pad token
+
+
 def test_recipes_compose_and_validate():
     fast, paper = make_cfg([]), make_cfg(["recipe=paper"])
     validate(fast), validate(paper)
@@ -106,6 +189,8 @@ def test_liger_requested_where_it_cannot_run_is_one_sentence():
     (["train.batch_size=biggest"], "train.batch_size"),
     (["train.checkpoint_every_n_layers=0"], "train.checkpoint_every_n_layers"),
     (["train.activation_offload=true"], "train.activation_offload"),
+    (["train.packed_attention=varlen", "dataset.pack=false"], "train.packed_attention"),
+    (["train.packed_attention=varlen"], "train.packed_attention"),
 ])
 def test_fast_path_options_are_checked(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -14,7 +14,9 @@ import time
 import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from ..config import Config, Precision, QuantMethod
+from ..attention import available as varlen_available
+from ..attention import use_varlen
+from ..config import Config, PackedAttention, Precision, QuantMethod
 from ..data import PackedCollator, file_sha256, load_splits, mean_context, tokenize_split
 from ..models import (
     attach_lora,
@@ -154,6 +156,12 @@ def optimizer(name: str) -> str:
     return "adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch"
 
 
+def packed_varlen(cfg: Config, dtype: torch.dtype) -> bool:
+    """Whether packed rows use the varlen kernel (train.packed_attention; validate() refused an unmet `varlen`)."""
+    mode = cfg.train.packed_attention
+    return cfg.dataset.pack and (mode is PackedAttention.varlen or (mode is PackedAttention.auto and varlen_available(dtype)))
+
+
 def precision_flags(precision: Precision, autocast: bool) -> dict:
     """The Trainer's mixed-precision flags. Without autocast the step runs in the weights' own dtypes (bf16 base,
     fp32 adapters, as PEFT keeps them), as the reference loop does; on 8B shapes it measured neither faster nor
@@ -198,7 +206,12 @@ def run(cfg: Config, run: Run):
     # their boundaries (recent Trainers set this too)
     model.config.use_cache = False
     liger = liger_kernels(cfg, model.config.model_type)
-    print(f"recipe {cfg.recipe}: attention {model.config._attn_implementation}, k-bit preparation "
+    varlen = packed_varlen(cfg, model.dtype)
+    if varlen:
+        use_varlen(model)
+    attention = "varlen (PyTorch FlashAttention) for packed rows" if varlen else model.config._attn_implementation + (
+        " with a block-diagonal mask for packed rows" if cfg.dataset.pack else "")
+    print(f"recipe {cfg.recipe}: attention {attention}, k-bit preparation "
           f"{cfg.quantization.preparation.value if quantized else 'n/a (not quantized)'}, optimizer {optimizer(t.optim)}, "
           f"kernels {'Liger (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy)' if liger else 'transformers'}, "
           f"autocast {'on' if t.autocast else 'off'}, "
@@ -224,16 +237,17 @@ def run(cfg: Config, run: Run):
         # eval_before runs inside train(), after the model is wrapped: a trainer.evaluate() before train() left
         # DDP ranks unsynchronised (measured: different adapters on 2 gloo ranks).
         eval_on_start=t.eval_before and checkpoint is None,  # a resumed run has it in its restored log history
-        # tokens/s counts real tokens: the attention mask's ones; packed rows have no mask, and the count is of
-        # the tokens that are not the pad token (where the pad token is EOS, EOS tokens too: ~0.5% on Alpaca)
-        report_to=list(t.report_to), include_num_input_tokens_seen="non_padding",
+        # tokens/s counts real tokens: every token of a varlen batch; else the attention mask's ones, or for packed
+        # rows aligned with pad tokens, the tokens that are not the pad token (where the pad token is EOS, EOS
+        # tokens too: ~1.5% of Alpaca rows rendered with SmolLM2's chat template)
+        report_to=list(t.report_to), include_num_input_tokens_seen="all" if varlen else "non_padding",
         use_liger_kernel=liger,
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False,
         **precision_flags(t.precision, t.autocast),
     )
     timer = StepTimer()
     trainer = LabTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-                      data_collator=PackedCollator(tokenizer.pad_token_id) if cfg.dataset.pack else
+                      data_collator=PackedCollator(tokenizer.pad_token_id, varlen) if cfg.dataset.pack else
                       DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
                       callbacks=[timer, Progress(run)] + ([StepProfiler(run.dir, t.speed_skip_steps)] if t.profile else []))
 
