@@ -72,6 +72,13 @@ class Kernels(Enum):
     none = "none"  # transformers' own modules
 
 
+class LoraLayers(Enum):
+    # How each LoRA layer (x·Wᵀ + s·x·Aᵀ·Bᵀ, W in 4 bits or not) is computed; the same function either way.
+    auto = "auto"  # fused on CUDA (where lora.dropout=0 and autocast is off), else peft
+    fused = "fused"  # one autograd node per layer, adapter in the compute dtype: far fewer kernels for the CPU to issue
+    peft = "peft"  # PEFT's modules: adapter in its own dtype (fp32), ~8 ops per layer and pass
+
+
 class PackedAttention(Enum):
     # How the examples of a packed row are kept apart (dataset.pack=true); each example sees only itself either way.
     auto = "auto"  # varlen on a CUDA GPU with torch >= 2.10 and a 16-bit model, else mask
@@ -232,6 +239,7 @@ class TrainConfig:
     activation_offload: bool = False  # with gradient_checkpointing: keep the checkpointed inputs in host memory
     kernels: Kernels = Kernels.auto
     packed_attention: PackedAttention = PackedAttention.auto
+    lora_layers: LoraLayers = LoraLayers.auto
     peak_tflops: float | None = None  # for MFU; None: the datasheet's dense bf16 figure for known GPUs
     profile: bool = False  # torch.profiler over 3 steps after the warm-up: profile.txt + a Chrome trace in the run dir
     logging_steps: int = 5
@@ -459,6 +467,13 @@ def validate(cfg: Config) -> None:
         if not torch.cuda.is_available():
             raise ConfigError("train.kernels=liger needs a CUDA GPU (Liger's kernels are Triton GPU kernels); use "
                               "train.kernels=auto, which turns them off on a CPU.")
+    if cfg.train.lora_layers is LoraLayers.fused:
+        why = ("lora.dropout must be 0 (the fused layer has no dropout)" if cfg.lora.dropout else
+               "train.autocast must be false (the fused layer computes in the base's dtype)" if cfg.train.autocast else
+               "quantization=int8 layers have no fused form" if cfg.quantization.method is QuantMethod.int8 else None)
+        if why:
+            raise ConfigError(f"train.lora_layers=fused cannot be used here: {why}; fix that or use "
+                              f"train.lora_layers=auto.")
     if cfg.train.packed_attention is PackedAttention.varlen:
         from .attention import available, varlen_kernel
         from .models import resolve_dtype

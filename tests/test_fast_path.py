@@ -164,6 +164,61 @@ def test_varlen_training_steps_equal_masked_ones(cpu_varlen, tmp_path):
     assert varlen_seen > mask_seen  # the masked count leaves out EOS, SmolLM2's pad token
 
 
+@pytest.mark.parametrize("quantization", ["nf4", "none"])
+def test_fused_lora_layers_compute_what_peft_does(quantization):
+    """The fused LoRA layer (qlora_lab/fused_lora.py) against PEFT's modules on the same weights: same loss, same
+    adapter gradients (fp32 on a CPU); calls it does not cover (adapter disabled) still take PEFT's path."""
+    from qlora_lab.fused_lora import fuse_lora
+    from qlora_lab.models import attach_lora
+
+    cfg = make_cfg(["model=tiny_random", f"quantization={quantization}", "model.dtype=float32", "lora.dropout=0",
+                    "train.gradient_checkpointing=true"])
+    torch.manual_seed(0)
+    model = attach_lora(load_model(model_path(cfg), cfg), cfg)
+    model.config.use_cache = False
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give the adapter something to contribute
+            torch.nn.init.normal_(param, std=0.05)
+    model.train()
+    ids = torch.randint(3, 1000, (2, 24))
+
+    def step():
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    (peft_loss, peft_grads), n_fused = step(), fuse_lora(model)
+    fused_loss, fused_grads = step()
+    assert n_fused == 2 * 7  # every linear of both layers
+    assert fused_loss == pytest.approx(peft_loss, abs=1e-6)
+    for name, grad in peft_grads.items():
+        assert torch.allclose(fused_grads[name], grad, rtol=1e-4, atol=1e-7), name
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=ids, labels=ids).loss.item()
+    assert base != pytest.approx(fused_loss, abs=1e-4)  # PEFT's path without the adapter
+
+
+def test_fused_lora_training_steps_equal_peft_ones(tmp_path):
+    from qlora_lab.pipelines import train
+    from qlora_lab.rundir import Run
+
+    losses = {}
+    for mode in ("peft", "fused"):
+        cfg = make_cfg(["model=tiny_random", "quantization=nf4", "model.dtype=float32", "train.precision=fp32",
+                        "dataset.size=8", "dataset.eval_size=4", "dataset.max_seq_length=96", "train.max_steps=3",
+                        "train.batch_size=2", "train.learning_rate=5e-3", "train.report_to=[]", "train.logging_steps=1",
+                        "train.eval_before=false", "lora.dropout=0", f"train.lora_layers={mode}"])
+        (tmp_path / mode).mkdir()
+        run = Run(dir=tmp_path / mode, source=tmp_path / mode)
+        run.start(cfg)
+        train.run(cfg, run)
+        run.finish()
+        state = json.loads((tmp_path / mode / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+        losses[mode] = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert len(losses["fused"]) == 3 and losses["fused"] == pytest.approx(losses["peft"], abs=1e-5)
+
+
 def test_recipes_compose_and_validate():
     fast, paper = make_cfg([]), make_cfg(["recipe=paper"])
     validate(fast), validate(paper)
@@ -191,6 +246,9 @@ def test_liger_requested_where_it_cannot_run_is_one_sentence():
     (["train.activation_offload=true"], "train.activation_offload"),
     (["train.packed_attention=varlen", "dataset.pack=false"], "train.packed_attention"),
     (["train.packed_attention=varlen"], "train.packed_attention"),
+    (["train.lora_layers=fused"], "lora.dropout"),
+    (["train.lora_layers=fused", "lora.dropout=0", "recipe=paper"], "train.autocast"),
+    (["train.lora_layers=fused", "lora.dropout=0", "quantization=int8"], "quantization=int8"),
 ])
 def test_fast_path_options_are_checked(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -16,8 +16,9 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 
 from ..attention import available as varlen_available
 from ..attention import use_varlen
-from ..config import Config, PackedAttention, Precision, QuantMethod
+from ..config import Config, LoraLayers, PackedAttention, Precision, QuantMethod, fsdp_enabled
 from ..data import PackedCollator, file_sha256, load_splits, mean_context, tokenize_split
+from ..fused_lora import fuse_lora
 from ..models import (
     attach_lora,
     count_params,
@@ -156,6 +157,19 @@ def optimizer(name: str) -> str:
     return "adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch"
 
 
+def lora_unfused_reason(cfg: Config) -> str | None:
+    """Why the LoRA layers run as PEFT's modules, or None when they run fused (train.lora_layers; validate()
+    refused a `fused` that cannot run). `auto` fuses on CUDA only, and not under FSDP (not tried with its shards)."""
+    mode, t = cfg.train.lora_layers, cfg.train
+    if mode is LoraLayers.fused:
+        return None
+    if mode is LoraLayers.peft:
+        return "train.lora_layers=peft"
+    return ("no CUDA GPU" if not torch.cuda.is_available() else "FSDP" if fsdp_enabled() else
+            f"lora.dropout={cfg.lora.dropout} (fused layers need 0)" if cfg.lora.dropout else
+            "autocast on" if t.autocast else "8-bit base" if cfg.quantization.method is QuantMethod.int8 else None)
+
+
 def packed_varlen(cfg: Config, dtype: torch.dtype) -> bool:
     """Whether packed rows use the varlen kernel (train.packed_attention; validate() refused an unmet `varlen`)."""
     mode = cfg.train.packed_attention
@@ -206,6 +220,8 @@ def run(cfg: Config, run: Run):
     # their boundaries (recent Trainers set this too)
     model.config.use_cache = False
     liger = liger_kernels(cfg, model.config.model_type)
+    unfused = lora_unfused_reason(cfg)
+    fused = fuse_lora(model) if unfused is None else 0
     varlen = packed_varlen(cfg, model.dtype)
     if varlen:
         use_varlen(model)
@@ -214,6 +230,7 @@ def run(cfg: Config, run: Run):
     print(f"recipe {cfg.recipe}: attention {attention}, k-bit preparation "
           f"{cfg.quantization.preparation.value if quantized else 'n/a (not quantized)'}, optimizer {optimizer(t.optim)}, "
           f"kernels {'Liger (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy)' if liger else 'transformers'}, "
+          f"LoRA layers {f'fused ({fused})' if unfused is None else f'peft ({unfused})'}, "
           f"autocast {'on' if t.autocast else 'off'}, "
           f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}", flush=True)
 

@@ -1,0 +1,98 @@
+"""One autograd function per LoRA layer: y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ, W dequantized on the fly from 4 bits (QLoRA) or
+used as is (LoRA).
+
+A (Q)LoRA step on a GPU is bound by the CPU issuing kernels (experiments/fast_path). PEFT computes such a layer
+as a chain of modules and autograd nodes: the base matmul (bitsandbytes' for 4 bits), a defensive clone, a cast
+of the input to the adapter's fp32, two linears, a scaling, a cast back and an add; the backward walks each of
+them. Here the same layer is one node with the matmuls alone: the adapter runs in the base's compute dtype
+(bf16), as it does under the paper recipe's autocast, and its gradients land in the adapter's own dtype.
+
+Written by hand because neither PEFT nor bitsandbytes has a fused LoRA layer (Unsloth has its own). Used only
+where it computes what PEFT's layer does: one active plain-LoRA adapter (no DoRA, no adapter bias, no dropout),
+unmerged, and no autocast; any other call takes PEFT's own forward.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+
+def base_weight(weight, quant_state):
+    """The base layer's weight [out, in] in its compute dtype: dequantized from 4 bits when quant_state is set."""
+    if quant_state is None:
+        return weight
+    from bitsandbytes.functional import dequantize_4bit
+
+    return dequantize_4bit(weight, quant_state)
+
+
+class LoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, weight, quant_state, bias, scale: float):
+        w = base_weight(weight, quant_state)
+        x2 = x.reshape(-1, x.shape[-1]).to(w.dtype)
+        a, b = lora_a.to(w.dtype), lora_b.to(w.dtype)
+        xa = torch.mm(x2, a.t())
+        y = torch.mm(x2, w.t()).addmm_(xa, b.t(), alpha=scale)
+        if bias is not None:
+            y.add_(bias.to(y.dtype))
+        ctx.save_for_backward(x2, xa, a, b, weight)
+        ctx.quant_state, ctx.scale, ctx.x_dtype, ctx.x_shape = quant_state, scale, x.dtype, x.shape
+        ctx.param_dtypes = lora_a.dtype, lora_b.dtype
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, xa, a, b, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
+        gxa = torch.mm(g, b).mul_(ctx.scale)  # d loss / d (x·Aᵀ)
+        grad_a = grad_b = grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_a = torch.mm(gxa.t(), x2).to(ctx.param_dtypes[0])
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.mm(g.t(), xa).mul_(ctx.scale).to(ctx.param_dtypes[1])
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(g, base_weight(weight, ctx.quant_state)).addmm_(gxa, a)
+            grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
+        return grad_x, grad_a, grad_b, None, None, None, None
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    """Replaces `forward` on one PEFT LoRA layer; hands any call it does not cover to PEFT's own forward."""
+    name = self.active_adapters[0] if len(self.active_adapters) == 1 else None
+    base = self.base_layer
+    quant_state = getattr(base.weight, "quant_state", None)
+    if (args or kwargs or name not in self.lora_A or self.disable_adapters or self.merged
+            or (quant_state is None and base.weight.dtype not in FLOAT_DTYPES) or name in self.lora_variant
+            or self.lora_B[name].bias is not None or not isinstance(self.lora_dropout[name], torch.nn.Identity)
+            or getattr(self, "fan_in_fan_out", False) or torch.is_autocast_enabled()):
+        return type(self).forward(self, x, *args, **kwargs)
+    return LoRALinear.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, base.weight, quant_state,
+                            base.bias, self.scaling[name])
+
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def fusable_layers(model) -> list:
+    """PEFT's LoRA layers over a plain linear or a bitsandbytes 4-bit one (not 8-bit, not embeddings)."""
+    from peft.tuners.lora.layer import Linear
+
+    kinds = [Linear]
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+
+        kinds.append(Linear4bit)
+    except ImportError:  # bitsandbytes not installed: PEFT defines no 4-bit layer
+        pass
+    return [m for m in model.modules() if type(m) in kinds]  # exactly: torchao's and others' subclasses stay PEFT's
+
+
+def fuse_lora(model) -> int:
+    """Route every fusable LoRA layer through LoRALinear; returns how many."""
+    layers = fusable_layers(model)
+    for module in layers:
+        module.forward = types.MethodType(_fused_forward, module)
+    return len(layers)
