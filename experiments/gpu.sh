@@ -44,6 +44,8 @@ case $stage in
     size=${stage#bench}
     m=$(model_dir +experiment=lora_vs_qlora_gpu_$size)
     echo "model folder: $m"
+    # packed rows take torch's varlen kernel (train.packed_attention=auto): check it against the masked sdpa first
+    python3 experiments/fast_path/check_varlen.py 2>&1 | tail -n 3 | tee "$OUT/check_varlen.txt"
     python3 experiments/lora_vs_qlora/reference_loop.py "$m" ${REF_RECIPES:+--recipes $REF_RECIPES} | tee "$OUT/reference_$size.jsonl"
     sweep gpu_$size +experiment=lora_vs_qlora_gpu_$size "${@:2}"
     # the sweep's fast QLoRA job against padded batches of the same 400 examples (16 hold about as many real
