@@ -20,17 +20,21 @@ import torch
 
 
 def base_weight(weight, quant_state):
-    """The base layer's weight [out, in] in its compute dtype: dequantized from 4 bits when quant_state is set."""
+    """The base layer's weight [out, in] in its compute dtype: dequantized from 4 bits when quant_state is set.
+    bitsandbytes' own ops, called as bitsandbytes.functional.dequantize_4bit calls them, less its checks."""
     if quant_state is None:
         return weight
-    from bitsandbytes.functional import dequantize_4bit
-
-    return dequantize_4bit(weight, quant_state)
+    qs, absmax = quant_state, quant_state.absmax
+    if qs.nested:  # double quantization: the block scales are themselves 8-bit blocks
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
+            absmax, qs.state2.absmax, qs.state2.code, qs.state2.blocksize, torch.float32).add_(qs.offset)
+    return torch.ops.bitsandbytes.dequantize_4bit.default(weight, absmax, qs.blocksize, qs.quant_type, qs.shape,
+                                                          qs.dtype)
 
 
 class LoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, weight, quant_state, bias, scale: float):
+    def forward(ctx, x, lora_a, lora_b, weight, quant_state, bias, scale: float, keep_weight: bool):
         w = base_weight(weight, quant_state)
         x2 = x.reshape(-1, x.shape[-1]).to(w.dtype)
         a, b = lora_a.to(w.dtype), lora_b.to(w.dtype)
@@ -38,7 +42,12 @@ class LoRALinear(torch.autograd.Function):
         y = torch.mm(x2, w.t()).addmm_(xa, b.t(), alpha=scale)
         if bias is not None:
             y.add_(bias.to(y.dtype))
-        ctx.save_for_backward(x2, xa, a, b, weight)
+        # keep_weight: the backward reuses the dequantized weight instead of dequantizing again. Only under
+        # per-layer checkpointing, where what a layer saves is dropped after the forward and held from its
+        # recomputation to its backward: one layer's bf16 weights at a time.
+        kept = keep_weight and quant_state is not None
+        ctx.save_for_backward(x2, xa, a, b, w if kept else weight)
+        quant_state = None if kept else quant_state
         ctx.quant_state, ctx.scale, ctx.x_dtype, ctx.x_shape = quant_state, scale, x.dtype, x.shape
         ctx.param_dtypes = lora_a.dtype, lora_b.dtype
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -56,7 +65,7 @@ class LoRALinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch.mm(g, base_weight(weight, ctx.quant_state)).addmm_(gxa, a)
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
-        return grad_x, grad_a, grad_b, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
 def _fused_forward(self, x, *args, **kwargs):
@@ -70,7 +79,7 @@ def _fused_forward(self, x, *args, **kwargs):
             or getattr(self, "fan_in_fan_out", False) or torch.is_autocast_enabled()):
         return type(self).forward(self, x, *args, **kwargs)
     return LoRALinear.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, base.weight, quant_state,
-                            base.bias, self.scaling[name])
+                            base.bias, self.scaling[name], self._keep_weight)
 
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -90,9 +99,11 @@ def fusable_layers(model) -> list:
     return [m for m in model.modules() if type(m) in kinds]  # exactly: torchao's and others' subclasses stay PEFT's
 
 
-def fuse_lora(model) -> int:
-    """Route every fusable LoRA layer through LoRALinear; returns how many."""
+def fuse_lora(model, keep_weight: bool = False) -> int:
+    """Route every fusable LoRA layer through LoRALinear; returns how many. keep_weight: only when every decoder
+    layer is checkpointed (see LoRALinear.forward); else each kept weight would live from forward to backward."""
     layers = fusable_layers(model)
     for module in layers:
         module.forward = types.MethodType(_fused_forward, module)
+        module._keep_weight = keep_weight
     return len(layers)

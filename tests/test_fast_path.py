@@ -188,12 +188,13 @@ def test_fused_lora_layers_compute_what_peft_does(quantization):
         loss.backward()
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    (peft_loss, peft_grads), n_fused = step(), fuse_lora(model)
-    fused_loss, fused_grads = step()
-    assert n_fused == 2 * 7  # every linear of both layers
-    assert fused_loss == pytest.approx(peft_loss, abs=1e-6)
-    for name, grad in peft_grads.items():
-        assert torch.allclose(fused_grads[name], grad, rtol=1e-4, atol=1e-7), name
+    peft_loss, peft_grads = step()
+    for keep_weight in (False, True):  # dequantize again in the backward, or keep the forward's weight
+        assert fuse_lora(model, keep_weight) == 2 * 7  # every linear of both layers
+        fused_loss, fused_grads = step()
+        assert fused_loss == pytest.approx(peft_loss, abs=1e-6)
+        for name, grad in peft_grads.items():
+            assert torch.allclose(fused_grads[name], grad, rtol=1e-4, atol=1e-7), name
     with torch.no_grad(), model.disable_adapter():
         base = model(input_ids=ids, labels=ids).loss.item()
     assert base != pytest.approx(fused_loss, abs=1e-4)  # PEFT's path without the adapter

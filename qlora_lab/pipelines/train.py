@@ -221,7 +221,9 @@ def run(cfg: Config, run: Run):
     model.config.use_cache = False
     liger = liger_kernels(cfg, model.config.model_type)
     unfused = lora_unfused_reason(cfg)
-    fused = fuse_lora(model) if unfused is None else 0
+    # under per-layer checkpointing a fused 4-bit layer keeps its dequantized weight from recompute to backward
+    keep_weight = t.gradient_checkpointing and t.checkpoint_every_n_layers == 1 and not t.activation_offload
+    fused = fuse_lora(model, keep_weight) if unfused is None else 0
     varlen = packed_varlen(cfg, model.dtype)
     if varlen:
         use_varlen(model)
