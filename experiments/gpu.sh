@@ -8,7 +8,7 @@
 #   bash experiments/gpu.sh quality     # paper vs fast recipe on the real SmolLM2-135M-Instruct (GSM8K)
 # Results go to $OUT (default /tmp/gpu-out): logs, reference_*.jsonl and one .tgz per sweep.
 set -uo pipefail
-stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|quality}
+stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality}
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT" /root/smolparts
 cp .gpu/smolpart.* /root/smolparts/ 2>/dev/null  # the SmolLM2 GGUF travels in parts, one per call (64 MiB a call)
@@ -91,6 +91,12 @@ case $stage in
     one every2 "${base[@]}" train.checkpoint_every_n_layers=2
     one offload "${base[@]}" train.activation_offload=true
     one batch4 "${base[@]}" train.batch_size=4 ;;
+  padded)  # packed rows against padded batches of the same 400 examples, fast QLoRA, one call
+    m=$(model_dir +experiment=lora_vs_qlora_gpu_8b)
+    python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference_padded.jsonl"
+    base=(+experiment=lora_vs_qlora_gpu_8b quantization=nf4 dataset.size=400)
+    one packed "${base[@]}"
+    one padded "${base[@]}" dataset.pack=false train.batch_size=16 ;;
   parts)  # only bring a part of the SmolLM2 GGUF (and install the wheels): calls in a row before `quality`
     ls -la /root/smolparts ;;
   quality)
