@@ -74,7 +74,7 @@ class Kernels(Enum):
 
 class LoraLayers(Enum):
     # How each LoRA layer (x·Wᵀ + s·x·Aᵀ·Bᵀ, W in 4 bits or not) is computed; the same function either way.
-    auto = "auto"  # fused on CUDA (where lora.dropout=0 and autocast is off), else peft
+    auto = "auto"  # fused on CUDA (where autocast is off and the base is not 8-bit), else peft
     fused = "fused"  # one autograd node per layer, adapter in the compute dtype: far fewer kernels for the CPU to issue
     peft = "peft"  # PEFT's modules: adapter in its own dtype (fp32), ~8 ops per layer and pass
 
@@ -468,8 +468,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError("train.kernels=liger needs a CUDA GPU (Liger's kernels are Triton GPU kernels); use "
                               "train.kernels=auto, which turns them off on a CPU.")
     if cfg.train.lora_layers is LoraLayers.fused:
-        why = ("lora.dropout must be 0 (the fused layer has no dropout)" if cfg.lora.dropout else
-               "train.autocast must be false (the fused layer computes in the base's dtype)" if cfg.train.autocast else
+        why = ("train.autocast must be false (the fused layer computes in the base's dtype)" if cfg.train.autocast else
                "quantization=int8 layers have no fused form" if cfg.quantization.method is QuantMethod.int8 else None)
         if why:
             raise ConfigError(f"train.lora_layers=fused cannot be used here: {why}; fix that or use "

@@ -8,8 +8,8 @@ them. Here the same layer is one node with the matmuls alone: the adapter runs i
 (bf16), as it does under the paper recipe's autocast, and its gradients land in the adapter's own dtype.
 
 Written by hand because neither PEFT nor bitsandbytes has a fused LoRA layer (Unsloth has its own). Used only
-where it computes what PEFT's layer does: one active plain-LoRA adapter (no DoRA, no adapter bias, no dropout),
-unmerged, and no autocast; any other call takes PEFT's own forward.
+where it computes what PEFT's layer does: one active plain-LoRA adapter (no DoRA, no adapter bias), unmerged,
+and no autocast; any other call takes PEFT's own forward.
 """
 
 from __future__ import annotations
@@ -34,11 +34,13 @@ def base_weight(weight, quant_state):
 
 class LoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, weight, quant_state, bias, scale: float, keep_weight: bool):
+    def forward(ctx, x, lora_a, lora_b, weight, quant_state, bias, scale: float, dropout: float, keep_weight: bool):
         w = base_weight(weight, quant_state)
         x2 = x.reshape(-1, x.shape[-1]).to(w.dtype)
         a, b = lora_a.to(w.dtype), lora_b.to(w.dtype)
-        xa = torch.mm(x2, a.t())
+        # LoRA dropout acts on the adapter's input only; the mask is kept for the backward, as nn.Dropout keeps it
+        xd, mask = torch.native_dropout(x2, dropout, True) if dropout else (x2, None)
+        xa = torch.mm(xd, a.t())
         y = torch.mm(x2, w.t()).addmm_(xa, b.t(), alpha=scale)
         if bias is not None:
             y.add_(bias.to(y.dtype))
@@ -46,26 +48,40 @@ class LoRALinear(torch.autograd.Function):
         # per-layer checkpointing, where what a layer saves is dropped after the forward and held from its
         # recomputation to its backward: one layer's bf16 weights at a time.
         kept = keep_weight and quant_state is not None
-        ctx.save_for_backward(x2, xa, a, b, w if kept else weight)
+        ctx.save_for_backward(xd, xa, a, b, w if kept else weight, mask)
         quant_state = None if kept else quant_state
-        ctx.quant_state, ctx.scale, ctx.x_dtype, ctx.x_shape = quant_state, scale, x.dtype, x.shape
+        ctx.quant_state, ctx.scale, ctx.dropout, ctx.x_dtype, ctx.x_shape = quant_state, scale, dropout, x.dtype, x.shape
         ctx.param_dtypes = lora_a.dtype, lora_b.dtype
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x2, xa, a, b, weight = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
+        xd, xa, a, b, weight, mask = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(xd.dtype)
         gxa = torch.mm(g, b).mul_(ctx.scale)  # d loss / d (x·Aᵀ)
         grad_a = grad_b = grad_x = None
         if ctx.needs_input_grad[1]:
-            grad_a = torch.mm(gxa.t(), x2).to(ctx.param_dtypes[0])
+            grad_a = torch.mm(gxa.t(), xd).to(ctx.param_dtypes[0])
         if ctx.needs_input_grad[2]:
             grad_b = torch.mm(g.t(), xa).mul_(ctx.scale).to(ctx.param_dtypes[1])
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(g, base_weight(weight, ctx.quant_state)).addmm_(gxa, a)
+            grad_x = torch.mm(g, base_weight(weight, ctx.quant_state))
+            if mask is None:
+                grad_x.addmm_(gxa, a)
+            else:
+                grad_x.add_(torch.ops.aten.native_dropout_backward(torch.mm(gxa, a), mask, 1 / (1 - ctx.dropout)))
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
-        return grad_x, grad_a, grad_b, None, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None, None
+
+
+def dropout_p(module) -> float | None:
+    """The LoRA dropout probability this call applies (0 when off or in eval mode); None for a kind of dropout
+    the fused layer does not know."""
+    if isinstance(module, torch.nn.Identity):
+        return 0.0
+    if type(module) is torch.nn.Dropout:
+        return module.p if module.training else 0.0
+    return None
 
 
 def _fused_forward(self, x, *args, **kwargs):
@@ -73,13 +89,14 @@ def _fused_forward(self, x, *args, **kwargs):
     name = self.active_adapters[0] if len(self.active_adapters) == 1 else None
     base = self.base_layer
     quant_state = getattr(base.weight, "quant_state", None)
-    if (args or kwargs or name not in self.lora_A or self.disable_adapters or self.merged
+    dropout = dropout_p(self.lora_dropout[name]) if name in self.lora_dropout else None
+    if (args or kwargs or name not in self.lora_A or self.disable_adapters or self.merged or dropout is None
             or (quant_state is None and base.weight.dtype not in FLOAT_DTYPES) or name in self.lora_variant
-            or self.lora_B[name].bias is not None or not isinstance(self.lora_dropout[name], torch.nn.Identity)
-            or getattr(self, "fan_in_fan_out", False) or torch.is_autocast_enabled()):
+            or self.lora_B[name].bias is not None or getattr(self, "fan_in_fan_out", False)
+            or torch.is_autocast_enabled()):
         return type(self).forward(self, x, *args, **kwargs)
     return LoRALinear.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, base.weight, quant_state,
-                            base.bias, self.scaling[name], self._keep_weight)
+                            base.bias, self.scaling[name], dropout, self._keep_weight)
 
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

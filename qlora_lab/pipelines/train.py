@@ -166,7 +166,6 @@ def lora_unfused_reason(cfg: Config) -> str | None:
     if mode is LoraLayers.peft:
         return "train.lora_layers=peft"
     return ("no CUDA GPU" if not torch.cuda.is_available() else "FSDP" if fsdp_enabled() else
-            f"lora.dropout={cfg.lora.dropout} (fused layers need 0)" if cfg.lora.dropout else
             "autocast on" if t.autocast else "8-bit base" if cfg.quantization.method is QuantMethod.int8 else None)
 
 
