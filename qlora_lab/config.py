@@ -148,8 +148,8 @@ class ModelConfig:
     random_init: dict[str, Any] | None = None
     tokenizer: str | None = None  # defaults to name_or_path
     dtype: DType = DType.auto
-    # sdpa keeps packed examples apart with an explicit mask: +5% step time against unpacked rows, measured on
-    # Llama-3-8B shapes (experiments/fast_path); flex_attention ran no faster there and took 3 GiB more
+    # Any transformers attention. Packed rows in training take train.packed_attention instead where it picks
+    # varlen; flex_attention ran no faster than sdpa on Llama-3-8B shapes and took 3 GiB more (experiments/fast_path)
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
 
