@@ -9,6 +9,7 @@ implementation; a batch without sequence boundaries (eval with padding, generati
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -30,9 +31,10 @@ def available(dtype: torch.dtype) -> bool:
     return torch.cuda.is_available() and varlen_kernel() is not None and dtype in (torch.bfloat16, torch.float16)
 
 
+@functools.cache  # once per kernel, not per layer and step
 def _causal_kwargs(kernel) -> dict:
     params = inspect.signature(kernel).parameters
-    kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}  # torch 2.10: is_causal
+    kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}  # its first form
     if "enable_gqa" in params:
         kwargs["enable_gqa"] = True  # fewer key/value heads than query heads (Llama 3); FlashAttention takes them as is
     return kwargs
