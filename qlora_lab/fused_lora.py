@@ -19,24 +19,25 @@ import types
 import torch
 
 
-def base_weight(weight, quant_state):
-    """The base layer's weight [out, in] in its compute dtype: dequantized from 4 bits when quant_state is set.
+def base_weight(weight, quant_state, dtype: torch.dtype):
+    """The base layer's weight [out, in] in `dtype`: dequantized from 4 bits when quant_state is set.
     bitsandbytes' own ops, called as bitsandbytes.functional.dequantize_4bit calls them, less its checks."""
     if quant_state is None:
-        return weight
+        return weight.to(dtype)
     qs, absmax = quant_state, quant_state.absmax
     if qs.nested:  # double quantization: the block scales are themselves 8-bit blocks
         absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
             absmax, qs.state2.absmax, qs.state2.code, qs.state2.blocksize, torch.float32).add_(qs.offset)
     return torch.ops.bitsandbytes.dequantize_4bit.default(weight, absmax, qs.blocksize, qs.quant_type, qs.shape,
-                                                          qs.dtype)
+                                                          dtype)
 
 
 class LoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, weight, quant_state, bias, scale: float, dropout: float, keep_weight: bool):
-        w = base_weight(weight, quant_state)
-        x2 = x.reshape(-1, x.shape[-1]).to(w.dtype)
+    def forward(ctx, x, lora_a, lora_b, weight, quant_state, bias, scale: float, dropout: float, keep_weight: bool,
+                dtype: torch.dtype):
+        w = base_weight(weight, quant_state, dtype)  # dtype: the base layer's compute dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         a, b = lora_a.to(w.dtype), lora_b.to(w.dtype)
         # LoRA dropout acts on the adapter's input only; the mask is kept for the backward, as nn.Dropout keeps it
         xd, mask = torch.native_dropout(x2, dropout, True) if dropout else (x2, None)
@@ -52,7 +53,7 @@ class LoRALinear(torch.autograd.Function):
         quant_state = None if kept else quant_state
         ctx.quant_state, ctx.scale, ctx.dropout, ctx.x_dtype, ctx.x_shape = quant_state, scale, dropout, x.dtype, x.shape
         ctx.param_dtypes = lora_a.dtype, lora_b.dtype
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)  # as bitsandbytes returns: in the input's dtype
 
     @staticmethod
     def backward(ctx, grad):
@@ -65,13 +66,13 @@ class LoRALinear(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = torch.mm(g.t(), xa).mul_(ctx.scale).to(ctx.param_dtypes[1])
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(g, base_weight(weight, ctx.quant_state))
+            grad_x = torch.mm(g, base_weight(weight, ctx.quant_state, xd.dtype))
             if mask is None:
                 grad_x.addmm_(gxa, a)
             else:
                 grad_x.add_(torch.ops.aten.native_dropout_backward(torch.mm(gxa, a), mask, 1 / (1 - ctx.dropout)))
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
-        return grad_x, grad_a, grad_b, None, None, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None, None, None
 
 
 def dropout_p(module) -> float | None:
@@ -95,8 +96,9 @@ def _fused_forward(self, x, *args, **kwargs):
             or self.lora_B[name].bias is not None or getattr(self, "fan_in_fan_out", False)
             or torch.is_autocast_enabled()):
         return type(self).forward(self, x, *args, **kwargs)
+    dtype = (getattr(base, "compute_dtype", None) or quant_state.dtype) if quant_state is not None else base.weight.dtype
     return LoRALinear.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, base.weight, quant_state,
-                            base.bias, self.scaling[name], dropout, self._keep_weight)
+                            base.bias, self.scaling[name], dropout, self._keep_weight, dtype)
 
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -201,6 +201,29 @@ def test_fused_lora_layers_compute_what_peft_does(quantization, dropout):
     assert base != pytest.approx(fused_loss, abs=1e-4)  # PEFT's path without the adapter
 
 
+def test_fused_lora_layer_answers_in_the_input_dtype():
+    """A 4-bit base computing in bf16 under an fp32 model: bitsandbytes hands back fp32, and so must the fused layer
+    (a bf16 output would turn the residual stream's adds into mixed-dtype ones)."""
+    from qlora_lab.fused_lora import fuse_lora
+    from qlora_lab.models import attach_lora
+
+    cfg = make_cfg(["model=tiny_random", "quantization=nf4", "model.dtype=float32", "quantization.compute_dtype=bfloat16"])
+    torch.manual_seed(0)
+    model = attach_lora(load_model(model_path(cfg), cfg), cfg).train()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
+    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+    with torch.no_grad():
+        layer.lora_dropout["default"].p = 0.0
+    expected = layer(x)
+    fuse_lora(model)
+    got = layer(x)
+    assert got.dtype == expected.dtype == torch.float32
+    assert torch.allclose(got, expected, rtol=2e-2, atol=2e-2)  # the adapter runs in bf16 here, in fp32 in PEFT's
+    got.sum().backward()
+    assert x.grad.dtype == torch.float32
+
+
 def test_fused_lora_training_steps_equal_peft_ones(tmp_path):
     from qlora_lab.pipelines import train
     from qlora_lab.rundir import Run
