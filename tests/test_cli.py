@@ -68,8 +68,10 @@ def test_existing_run_dir_is_never_overwritten(tmp_path):
 @pytest.mark.slow
 def test_real_short_run_on_smollm2(tmp_path):
     run_dir = tmp_path / "run"
+    # every stage of the quickstart on the real model, with short generations: generating is most of its time
     result = cli("+experiment=quickstart", "dataset.size=12", "dataset.eval_size=4", "train.max_steps=3",
-                 "train.logging_steps=1", "train.speed_skip_steps=1", f"hydra.run.dir={run_dir}")
+                 "train.logging_steps=1", "train.speed_skip_steps=1", "generation.max_new_tokens=16",
+                 "eval.max_samples=2", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["params/total"] > 100e6  # the real 135M model, not the tiny one
