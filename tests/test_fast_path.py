@@ -136,28 +136,35 @@ def test_varlen_packed_losses_equal_unpacked_per_example(cpu_varlen):
     assert _per_example_losses(packed, labels, lengths) == pytest.approx(alone_losses, abs=1e-5)
 
 
-def test_varlen_training_steps_equal_masked_ones(cpu_varlen, tmp_path):
-    """The whole train stage with packed_attention=varlen (gradient checkpointing on, so the boundaries must also
-    reach the recomputed layers) gives the same per-step losses as the masked packing, and counts every token."""
+def _train(run_dir, overrides: list[str]):
+    """The train stage in this process (so that monkeypatches apply); returns the Run and its per-step losses."""
     from qlora_lab.pipelines import train
     from qlora_lab.rundir import Run
 
+    cfg = make_cfg(overrides)
+    run_dir.mkdir()
+    run = Run(dir=run_dir, source=run_dir)
+    run.start(cfg)
+    train.run(cfg, run)
+    run.finish()
+    last = max((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    state = json.loads((last / "trainer_state.json").read_text())
+    return run, [h["loss"] for h in state["log_history"] if "loss" in h]
+
+
+def test_varlen_training_steps_equal_masked_ones(cpu_varlen, tmp_path):
+    """The whole train stage with packed_attention=varlen (gradient checkpointing on, so the boundaries must also
+    reach the recomputed layers) gives the same per-step losses as the masked packing, and counts every token."""
     results = {}
     for mode in ("mask", "varlen"):
-        cfg = make_cfg(["model=tiny_random", "quantization=none", "model.dtype=float32", "train.precision=fp32",
-                        "dataset.size=8", "dataset.eval_size=4", "dataset.max_seq_length=768", "dataset.pack=true",
-                        "train.max_steps=2", "train.batch_size=2", "train.learning_rate=5e-3", "train.report_to=[]",
-                        "train.logging_steps=1", "train.eval_before=false", "train.gradient_checkpointing=true",
-                        "lora.dropout=0", f"train.packed_attention={mode}"])  # dropout draws per token: off
-        (tmp_path / mode).mkdir()
-        run = Run(dir=tmp_path / mode, source=tmp_path / mode)
-        run.start(cfg)
-        train.run(cfg, run)
-        run.finish()
-        state = json.loads((tmp_path / mode / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
-        assert run.metrics["data/train_rows"] in (3, 4)  # 2 steps of 2 rows see them all
-        results[mode] = ([h["loss"] for h in state["log_history"] if "loss" in h], run.metrics["train/tokens_seen"],
-                         run.metrics["data/train_tokens"])
+        run, losses = _train(tmp_path / mode, [
+            "model=tiny_random", "quantization=none", "model.dtype=float32", "train.precision=fp32", "dataset.size=8",
+            "dataset.eval_size=4", "dataset.max_seq_length=768", "dataset.pack=true", "train.max_steps=2",
+            "train.batch_size=2", "train.learning_rate=5e-3", "train.report_to=[]", "train.logging_steps=1",
+            "train.eval_before=false", "train.gradient_checkpointing=true",
+            "lora.dropout=0", f"train.packed_attention={mode}"])  # dropout draws per token: off
+        assert run.metrics["data/train_rows"] in (3, 4) and len(losses) == 2  # 2 steps of 2 rows see them all
+        results[mode] = losses, run.metrics["train/tokens_seen"], run.metrics["data/train_tokens"]
     (mask_losses, mask_seen, tokens), (varlen_losses, varlen_seen, _) = results["mask"], results["varlen"]
     assert varlen_losses == pytest.approx(mask_losses, abs=1e-5)
     assert varlen_seen == tokens  # every real token of every row counted
@@ -225,22 +232,13 @@ def test_fused_lora_layer_answers_in_the_input_dtype():
 
 
 def test_fused_lora_training_steps_equal_peft_ones(tmp_path):
-    from qlora_lab.pipelines import train
-    from qlora_lab.rundir import Run
-
     losses = {}
     for mode in ("peft", "fused"):
-        cfg = make_cfg(["model=tiny_random", "quantization=nf4", "model.dtype=float32", "train.precision=fp32",
-                        "dataset.size=8", "dataset.eval_size=4", "dataset.max_seq_length=96", "train.max_steps=3",
-                        "train.batch_size=2", "train.learning_rate=5e-3", "train.report_to=[]", "train.logging_steps=1",
-                        "train.eval_before=false", f"train.lora_layers={mode}"])  # lora.dropout 0.05
-        (tmp_path / mode).mkdir()
-        run = Run(dir=tmp_path / mode, source=tmp_path / mode)
-        run.start(cfg)
-        train.run(cfg, run)
-        run.finish()
-        state = json.loads((tmp_path / mode / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
-        losses[mode] = [h["loss"] for h in state["log_history"] if "loss" in h]
+        losses[mode] = _train(tmp_path / mode, [
+            "model=tiny_random", "quantization=nf4", "model.dtype=float32", "train.precision=fp32", "dataset.size=8",
+            "dataset.eval_size=4", "dataset.max_seq_length=96", "train.max_steps=3", "train.batch_size=2",
+            "train.learning_rate=5e-3", "train.report_to=[]", "train.logging_steps=1", "train.eval_before=false",
+            f"train.lora_layers={mode}"])[1]  # lora.dropout 0.05
     assert len(losses["fused"]) == 3 and losses["fused"] == pytest.approx(losses["peft"], abs=1e-5)
 
 
