@@ -107,6 +107,9 @@ case $stage in
       sha256sum -c || { echo "the SmolLM2 GGUF parts are incomplete (did the machine go cold between calls?)"; exit 1; }
     export PYTHONPATH=/tmp/smol:$PYTHONPATH QLORA_LAB_CACHE=/root/smolcache
     sweep recipe_quality +experiment=recipe_quality
+    # the plain reference loop on the same SmolLM2 folder (converted by the sweep's first job), same call
+    python3 experiments/lora_vs_qlora/reference_loop.py "$QLORA_LAB_CACHE/models/SmolLM2-135M-Instruct" \
+      --recipes paper_qlora,fast_qlora --batch 4 --seq 1024 | tee "$OUT/reference_quality.jsonl"
     timeout 120 python3 -m pytest -q -m gpu tests/test_fast_path.py 2>&1 | tail -n 5 | tee "$OUT/pytest_gpu.txt" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
