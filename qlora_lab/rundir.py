@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .config import ConfigError
+from .distributed import is_main_process, world_size
 
 PACKAGES = ["torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "hydra-core", "omegaconf"]
 # Groups that describe what a run trained: a later stage takes them from the run, field by field (the command line
@@ -46,14 +47,9 @@ def _git_sha() -> str | None:
         return None
 
 
-def is_main_process() -> bool:
-    """False on the non-zero ranks of a distributed launch: only rank 0 writes files."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def hardware() -> dict:
     info = {"host": socket.gethostname(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+            "world_size": world_size(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     if torch.cuda.is_available():
         info.update(device="cuda", gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count(),
                     gpu_memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))

@@ -13,15 +13,20 @@ import pytest
 from .conftest import ROOT, TINY
 
 
+def launch(run_dir: Path, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "qlora_lab"]
+    if processes > 1:
+        command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+                   str(ROOT / "accelerate" / "cpu_ddp_2proc.yaml"), "--num_processes", str(processes), "-m", "qlora_lab"]
+    return subprocess.run([*command, *TINY, *args, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.parametrize("quant", ["none", "nf4"])
 def test_two_process_ddp_ranks_agree(tmp_path, quant):
     run_dir = tmp_path / "run"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    accelerate = Path(sys.executable).with_name("accelerate")
-    result = subprocess.run(
-        [str(accelerate), "launch", "--config_file", str(ROOT / "accelerate" / "cpu_ddp_2proc.yaml"),
-         "-m", "qlora_lab", *TINY, f"quantization={quant}", "train.batch_size=2", f"hydra.run.dir={run_dir}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = launch(run_dir, f"quantization={quant}", "train.batch_size=2", "lora.dropout=0")
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["distributed/world_size"] == 2
@@ -32,6 +37,15 @@ def test_two_process_ddp_ranks_agree(tmp_path, quant):
     assert metrics["train/steps"] == 8 and metrics["train/tokens_seen"] > 0
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((run_dir / "run.json").read_text())["hardware"]["world_size"] == 2
+    if quant == "none":
+        # DDP is one process with the global batch: 2 ranks x 2 rows give the per-step losses of 1 process x 4 rows
+        # (without dropout, whose masks each rank draws from its own random stream)
+        single = tmp_path / "single"
+        assert launch(single, "quantization=none", "train.batch_size=4", "lora.dropout=0", processes=1).returncode == 0
+        alone = json.loads((single / "metrics.json").read_text())
+        assert len(metrics["train/losses"]) == len(alone["train/losses"]) == 8
+        assert metrics["train/losses"] == pytest.approx(alone["train/losses"], abs=1e-5)
+        assert metrics["eval/loss"] == pytest.approx(alone["eval/loss"], abs=1e-5)
 
 
 def test_slurm_launcher_preset_composes():
@@ -45,3 +59,69 @@ def test_slurm_launcher_preset_composes():
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.timeout_min == 240
+
+
+def test_plain_launch_on_several_gpus_trains_on_one_instead_of_data_parallel(tmp_path, monkeypatch, capsys):
+    """The Trainer wraps the model in nn.DataParallel when it counts several GPUs; the guard keeps one per process."""
+    import torch.nn as nn
+    from transformers import Trainer, TrainingArguments
+
+    from qlora_lab.distributed import one_gpu_per_process
+
+    monkeypatch.setattr(sys, "argv", ["qlora_lab", "+experiment=quickstart", "dataset.path=my data.json"])
+    model = nn.Linear(2, 2)
+
+    def wrapped(guard: bool):
+        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+        args._n_gpu = 2  # what the Trainer counts on a machine with two GPUs
+        line = one_gpu_per_process(args) if guard else None
+        return Trainer(model=model, args=args)._wrap_model(model), line
+
+    assert isinstance(wrapped(guard=False)[0], nn.DataParallel)
+    module, line = wrapped(guard=True)
+    assert module is model
+    assert line == ("2 GPUs visible; training on the first only (one process, no DataParallel). To train on all 2 "
+                    "with DDP: accelerate launch --config_file accelerate/ddp_2gpu.yaml --num_processes 2 -m qlora_lab "
+                    "+experiment=quickstart 'dataset.path=my data.json'")
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    args._n_gpu = 2
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under accelerate launch each rank has one GPU already
+    assert one_gpu_per_process(args) is None
+
+
+@pytest.mark.parametrize("overrides, env, gpus, message", [
+    ([], {"LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "4"}, 2,
+     "accelerate launch started 4 processes on this machine but it has 2 GPUs; set num_processes to at most 2 "
+     "(--num_processes 2, or num_processes: in the accelerate config)."),
+    (["train.batch_size=auto"], {"LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "2"}, 2,
+     "train.batch_size=auto lets each rank halve its batch after its own out-of-memory errors, so the ranks could "
+     "train on different batches; under accelerate launch set train.batch_size to a number."),
+    (["quantization.storage_dtype=uint8"], {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"}, 0,
+     "FSDP shards flat parameters of one dtype, but quantization.storage_dtype=uint8 differs from the model dtype "
+     "float32; set quantization.storage_dtype=auto (the model dtype)."),
+])
+def test_distributed_launch_mistakes_are_refused_before_loading(monkeypatch, overrides, env, gpus, message):
+    import torch
+
+    from qlora_lab.config import ConfigError, validate
+
+    from .conftest import make_cfg
+
+    cfg = make_cfg([*TINY, *overrides])
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert str(e.value) == message
+
+
+def test_fsdp_qlora_config_composes_and_validates(monkeypatch):
+    """The documented FSDP QLoRA command line passes validate() under the FSDP launcher's environment."""
+    from qlora_lab.config import validate
+
+    from .conftest import make_cfg
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    validate(make_cfg([*TINY, "quantization=nf4", "quantization.storage_dtype=auto", "train.batch_size=2"]))

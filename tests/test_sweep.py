@@ -186,3 +186,58 @@ def test_isolated_launcher_runs_each_job_in_its_own_process_and_survives_a_dead_
     dead = json.loads((jobs[1] / "run.json").read_text())
     assert dead["status"] == "failed" and "process died" in dead["error"]
     assert not (jobs[0] / "run.json").exists() and not (jobs[2] / "run.json").exists()
+
+
+GPU_APP = '''
+import os
+import time
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+
+
+@hydra.main(version_base=None, config_path=None)
+def main(cfg):
+    out = Path(HydraConfig.get().runtime.output_dir)
+    start = time.time()
+    time.sleep(1.5)
+    (out / "gpu").write_text(f"{os.environ.get('CUDA_VISIBLE_DEVICES')} {start} {time.time()}")
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def run_gpu_app(tmp_path, visible: str, *extra: str) -> subprocess.CompletedProcess:
+    (tmp_path / "app.py").write_text(GPU_APP)
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": visible}
+    return subprocess.run([sys.executable, "app.py", "-m", "+n=1,2,3,4", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                           "hydra.launcher._target_=hydra_plugins.qlora_lab_launcher.isolated_launcher.IsolatedLauncher",
+                           *extra], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_isolated_launcher_runs_one_job_per_gpu_at_once(tmp_path):
+    """With GPUs 3 and 5 visible, 4 jobs run two at a time, each job seeing exactly one of the two GPUs."""
+    out = run_gpu_app(tmp_path, "3,5")
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [(tmp_path / "sweep" / str(n) / "gpu").read_text().split() for n in range(4)]
+    gpus = [r[0] for r in records]
+    assert sorted(gpus) == ["3", "3", "5", "5"]
+    spans = sorted((float(a), float(b), g) for g, a, b in records)
+    # the first two jobs overlap in time, on different GPUs; no GPU ever runs two jobs at once
+    assert spans[1][0] < spans[0][1] and spans[0][2] != spans[1][2]
+    for gpu in ("3", "5"):
+        mine = sorted(s for s in spans if s[2] == gpu)
+        assert all(later[0] >= earlier[1] for earlier, later in zip(mine, mine[1:]))
+    assert "2 at a time, one GPU each" in out.stderr + out.stdout
+
+
+def test_isolated_launcher_refuses_more_jobs_at_once_than_gpus(tmp_path):
+    out = run_gpu_app(tmp_path, "0,1", "+hydra.launcher.n_jobs=3")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: hydra.launcher.n_jobs=3 but 2 GPUs are visible, and each job at once needs a GPU of its own; "
+        "set hydra.launcher.n_jobs=2 or auto.")
+    assert not (tmp_path / "sweep" / "0").exists()

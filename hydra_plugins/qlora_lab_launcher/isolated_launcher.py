@@ -1,9 +1,12 @@
-"""`hydra/launcher=isolated`: run a sweep's jobs one after another, each in a fresh Python process.
+"""`hydra/launcher=isolated`: run each of a sweep's jobs in a fresh Python process; on a machine with several GPUs,
+one job per GPU at a time.
 
 Why not Hydra's joblib launcher: with n_jobs=1 joblib runs every job in the launching process, and with
-n_jobs>1 its workers are reused across jobs and run side by side. Either way a job's peak RSS, allocator
-state and timing carry over from the jobs before it. A fresh `spawn`ed process per job, run alone, gives each
-job clean memory and time figures. Everything else follows Hydra's BasicLauncher.
+n_jobs>1 its workers are reused across jobs and share the devices. Either way a job's peak RSS, allocator
+state and timing carry over from the jobs before it. A fresh `spawn`ed process per job gives each job clean
+memory and time figures; with N GPUs, N such processes run at once, each seeing only its own GPU
+(CUDA_VISIBLE_DEVICES), so that each job computes exactly what it would alone. Everything else follows Hydra's
+BasicLauncher.
 
 Kept free of heavy imports: Hydra imports every plugin module on every start.
 """
@@ -15,9 +18,11 @@ import inspect
 import json
 import logging
 import multiprocessing
+import os
+import queue
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
@@ -50,8 +55,10 @@ def _task_function(module: str, qualname: str) -> TaskFunction:
 
 
 def _execute_job(sweep_config: DictConfig, hydra_context: HydraContext, task: tuple[str, str], singletons: dict,
-                 argv: list[str]) -> tuple[str, Any]:
+                 argv: list[str], gpu: str | None) -> tuple[str, Any]:
     """Runs in the child process: what Hydra's own launchers do for one job. Returns (status, value or error)."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before anything in this fresh process initialises CUDA
     sys.argv = argv  # run.json records the sweep's command, not multiprocessing's
     task_function = _task_function(*task)
     setup_globals()
@@ -76,8 +83,33 @@ def _record_crash(job_dir: Path, message: str) -> None:
     path.write_text(json.dumps(info, indent=2) + "\n")
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs jobs may use: CUDA_VISIBLE_DEVICES when set (the user's choice), else every GPU torch sees."""
+    chosen = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if chosen is not None:
+        return [g.strip() for g in chosen.split(",") if g.strip() and g.strip() != "-1"]
+    import torch  # here, not at module level: Hydra imports every plugin on every start
+
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def jobs_at_once(n_jobs: int | str, gpus: list[str]) -> int:
+    """hydra.launcher.n_jobs: `auto` is one job per GPU (one at a time without GPUs); a number may not exceed the
+    GPUs, since each job needs one of its own. Raises ValueError with the sentence for the user."""
+    if n_jobs == "auto":
+        return max(1, len(gpus))
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs < 1:
+        raise ValueError(f"hydra.launcher.n_jobs must be auto or a positive number (got {n_jobs!r}).")
+    if n_jobs > max(1, len(gpus)):
+        have = f"{len(gpus)} GPUs are visible" if gpus else "this machine has no GPU"
+        raise ValueError(f"hydra.launcher.n_jobs={n_jobs} but {have}, and each job at once needs a GPU of its own; "
+                         f"set hydra.launcher.n_jobs={max(1, len(gpus))} or auto.")
+    return n_jobs
+
+
 class IsolatedLauncher(Launcher):
-    def __init__(self) -> None:
+    def __init__(self, n_jobs: int | str = "auto") -> None:
+        self.n_jobs = n_jobs
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
@@ -89,14 +121,28 @@ class IsolatedLauncher(Launcher):
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        gpus = visible_gpus()
+        try:
+            at_once = jobs_at_once(self.n_jobs, gpus)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        log.info(f"Launching {len(job_overrides)} jobs, one fresh process each, one at a time, into {sweep_dir}")
-        task = _task_address(self.task_function)
-        spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing inherited from this one
-        runs = []
-        for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
-            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+        where = f"{at_once} at a time, one GPU each" if gpus else "one at a time"
+        log.info(f"Launching {len(job_overrides)} jobs, one fresh process each, {where}, into {sweep_dir}")
+        free: queue.Queue = queue.Queue()
+        for gpu in (gpus[:at_once] if gpus else [None]):
+            free.put(gpu)
+        jobs = list(enumerate(job_overrides, start=initial_job_idx))
+        with ThreadPoolExecutor(max_workers=at_once) as threads:
+            return list(threads.map(lambda job: self._run_one(*job, free), jobs))
+
+    def _run_one(self, idx: int, overrides: Sequence[str], free: queue.Queue) -> JobReturn:
+        """One job in a fresh process, on a GPU taken from `free` (given back when the job ends)."""
+        gpu = free.get()
+        try:
+            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}" + (f"  (GPU {gpu})" if gpu is not None else ""))
             sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
             with open_dict(sweep_config):
                 sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{idx}"
@@ -106,9 +152,10 @@ class IsolatedLauncher(Launcher):
             if sweep_config.get("train", {}).get("resume") and (Path(ret.working_dir) / "run.json").is_file():
                 with open_dict(sweep_config):
                     sweep_config.hydra.output_subdir = None  # a resumed job is checked against its own saved config
+            spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing inherited from this one
             with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-                future = pool.submit(_execute_job, sweep_config, self.hydra_context, task,
-                                     Singleton.get_state()["instances"], list(sys.argv))
+                future = pool.submit(_execute_job, sweep_config, self.hydra_context, _task_address(self.task_function),
+                                     Singleton.get_state()["instances"], list(sys.argv), gpu)
                 try:
                     status, value = future.result()
                     ret.status = JobStatus[status]
@@ -120,5 +167,6 @@ class IsolatedLauncher(Launcher):
                     # COMPLETED as far as Hydra is concerned, like a job whose error the task caught: the sweep
                     # goes on, and the report lists this job as failed from its run.json.
                     ret.status = JobStatus.COMPLETED
-            runs.append(ret)
-        return runs
+            return ret
+        finally:
+            free.put(gpu)

@@ -16,7 +16,8 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 
 from ..attention import available as varlen_available
 from ..attention import use_varlen
-from ..config import Config, LoraLayers, PackedAttention, Precision, QuantMethod, fsdp_enabled
+from ..config import Config, ConfigError, LoraLayers, PackedAttention, Precision, QuantMethod
+from ..distributed import fsdp_enabled, one_gpu_per_process
 from ..data import PackedCollator, file_sha256, load_splits, mean_context, tokenize_split
 from ..fused_lora import fuse_lora
 from ..models import (
@@ -119,7 +120,8 @@ class StepProfiler(TrainerCallback):
 
 
 def check_ranks_agree(model, world_size: int) -> dict:
-    """Distributed runs: gather every rank's adapter digest and peak memory. DDP must leave identical adapters."""
+    """Distributed runs: gather every rank's adapter digest and peak memory. DDP must leave identical adapters;
+    FSDP ranks hold different shards by design, so only their memory is compared."""
     from accelerate.utils import gather_object
 
     h = hashlib.sha256()
@@ -127,8 +129,25 @@ def check_ranks_agree(model, world_size: int) -> dict:
         if param.requires_grad:
             h.update(name.encode() + param.detach().float().cpu().numpy().tobytes())
     gathered = gather_object([(h.hexdigest(), peak_memory_gib())])
-    return {"distributed/world_size": world_size, "distributed/adapters_identical": len({d for d, _ in gathered}) == 1,
-            "distributed/adapter_sha256": [d[:16] for d, _ in gathered], "memory/peak_gib_per_rank": [p for _, p in gathered]}
+    out = {"distributed/world_size": world_size, "distributed/strategy": "fsdp" if fsdp_enabled() else "ddp",
+           "memory/peak_gib_per_rank": [p for _, p in gathered]}
+    if not fsdp_enabled():
+        out |= {"distributed/adapters_identical": len({d for d, _ in gathered}) == 1,
+                "distributed/adapter_sha256": [d[:16] for d, _ in gathered]}
+    return out
+
+
+class LossGuard(TrainerCallback):
+    """Stops a run whose logged loss is 0 or not finite: a broken computation, not learning. FSDP with a 4-bit base
+    is known to train on like this without an error (accelerate issues 3983 and 3874)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and (loss == 0 or not math.isfinite(loss)):
+            hint = (" FSDP with a 4-bit base is known to do this; train the same run with DDP "
+                    "(accelerate/ddp_2gpu.yaml) to compare." if fsdp_enabled() else "")
+            raise ConfigError(f"the training loss is {loss} at step {state.global_step}: the computation is broken, "
+                              f"so the run stops here.{hint}")
 
 
 class LabTrainer(Trainer):
@@ -239,6 +258,7 @@ def run(cfg: Config, run: Run):
     checkpoint = last_checkpoint(run.dir / "checkpoints") if t.resume else None
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.dir / "tensorboard")
     auto_batch = t.batch_size == "auto"
+    flags = precision_flags(t.precision, t.autocast)
     args = TrainingArguments(
         output_dir=str(run.dir / "checkpoints"),
         max_steps=t.max_steps, num_train_epochs=t.epochs,
@@ -261,13 +281,22 @@ def run(cfg: Config, run: Run):
         report_to=list(t.report_to), include_num_input_tokens_seen="all" if varlen else "non_padding",
         use_liger_kernel=liger,
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False,
-        **precision_flags(t.precision, t.autocast),
+        # DDP: every adapter weight gets a gradient in every step, and the only buffers (rotary tables) never change.
+        # The Trainer's default for a PEFT model searches the graph for unused weights after every backward
+        # (find_unused_parameters) and broadcasts buffers before every forward: CPU time a step cannot spare.
+        ddp_find_unused_parameters=False, ddp_broadcast_buffers=False, **flags,
     )
+    # accelerate launch hands its config's mixed_precision to the Trainer through the environment, which would turn
+    # autocast on behind train.autocast (and send the fused LoRA layers down PEFT's path): the run's config decides.
+    args.mixed_precision = "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "no"
+    single = one_gpu_per_process(args)
+    if single:
+        print(single, flush=True)
     timer = StepTimer()
     trainer = LabTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                       data_collator=PackedCollator(tokenizer.pad_token_id, varlen) if cfg.dataset.pack else
                       DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-                      callbacks=[timer, Progress(run)] + ([StepProfiler(run.dir, t.speed_skip_steps)] if t.profile else []))
+                      callbacks=[timer, Progress(run), LossGuard()] + ([StepProfiler(run.dir, t.speed_skip_steps)] if t.profile else []))
 
     # ---- loop
     if checkpoint:
@@ -284,14 +313,18 @@ def run(cfg: Config, run: Run):
              "train/loss_last": losses[-1] if losses else None, "train/steps": trainer.state.global_step,
              "train/runtime_s": result.metrics.get("train_runtime"), "train/tokens_seen": trainer.state.num_input_tokens_seen,
              "eval/loss": eval_loss, "eval/perplexity": math.exp(eval_loss),
-             "train/batch_size": batch}
+             "train/batch_size": batch, "train/losses": losses}
             | timer.summary(t.speed_skip_steps, batch * t.grad_accum * world, world))
     run.log(utilisation(run.metrics, model, trainable, mean_context(train_ds), t.peak_tflops))
     if trainer.accelerator.num_processes > 1:
         run.log(check_ranks_agree(model, trainer.accelerator.num_processes))
 
     # ---- save: standard PEFT folder (adapter_config.json + adapter_model.safetensors) with the tokenizer
-    if trainer.is_world_process_zero():
+    if fsdp_enabled():
+        # every rank holds a shard: gather the full adapter (a collective, so on every rank), rank 0 writes it
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        trainer.save_model(str(run.dir / "adapter"))
+    elif trainer.is_world_process_zero():
         model.save_pretrained(run.dir / "adapter")
         tokenizer.save_pretrained(run.dir / "adapter")
     before = run.metrics.get("eval/loss_before")
