@@ -230,7 +230,7 @@ def test_isolated_launcher_runs_one_job_per_gpu_at_once(tmp_path):
     assert spans[1][0] < spans[0][1] and spans[0][2] != spans[1][2]
     for gpu in ("3", "5"):
         mine = sorted(s for s in spans if s[2] == gpu)
-        assert all(later[0] >= earlier[1] for earlier, later in zip(mine, mine[1:]))
+        assert all(later[0] >= earlier[1] for earlier, later in zip(mine, mine[1:], strict=False))
     assert "2 at a time, one GPU each" in out.stderr + out.stdout
 
 

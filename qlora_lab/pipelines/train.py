@@ -17,8 +17,8 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 from ..attention import available as varlen_available
 from ..attention import use_varlen
 from ..config import Config, ConfigError, LoraLayers, PackedAttention, Precision, QuantMethod
-from ..distributed import fsdp_enabled, one_gpu_per_process
 from ..data import PackedCollator, file_sha256, load_splits, mean_context, tokenize_split
+from ..distributed import fsdp_enabled, one_gpu_per_process
 from ..fused_lora import fuse_lora
 from ..models import (
     attach_lora,
