@@ -6,9 +6,11 @@
 #   REF_RECIPES=fast_qlora,fast_lora SKIP_PADDED=1 bash experiments/gpu.sh bench8b recipe=fast   # the fast recipe only
 #   bash experiments/gpu.sh packing     # packed rows vs padded batches; cheaper checkpointing variants (8B)
 #   bash experiments/gpu.sh quality     # paper vs fast recipe on the real SmolLM2-135M-Instruct (GSM8K)
+#   bash experiments/gpu.sh multi       # 2 GPUs: one GPU vs DDP vs FSDP, 8B QLoRA (experiments/multi_gpu)
+#   bash experiments/gpu.sh sweep2      # 2 GPUs: the 8B LoRA-vs-QLoRA sweep one job at a time vs one job per GPU
 # Results go to $OUT (default /tmp/gpu-out): logs, reference_*.jsonl and one .tgz per sweep.
 set -uo pipefail
-stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality}
+stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality|multi|ddp_fixes|sweep2}
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT" /root/smolparts
 cp .gpu/smolpart.* /root/smolparts/ 2>/dev/null  # the SmolLM2 GGUF travels in parts, one per call (64 MiB a call)
@@ -33,10 +35,14 @@ sweep() {  # sweep NAME [overrides...]: run it, keep its report and every job's 
   python3 -m qlora_lab -m "$@" hydra.sweep.dir=/root/sw/$name 2>&1 | tee "$OUT/$name.log" | grep -E "^\| |error" | tail -n 40
   tar czf "$OUT/$name.tgz" -C /root/sw --exclude=adapter --exclude=checkpoints --exclude=tensorboard "$name"
 }
-one() {  # one NAME [overrides...]: a single run
+one() {  # one NAME [overrides...]: a single run (LAUNCH=accelerate config for a run on several GPUs)
   local name=$1; shift
-  python3 -m qlora_lab "$@" hydra.run.dir=/root/runs/$name 2>&1 | tee "$OUT/$name.log" | grep -E "recipe|eval loss|error" | tail -n 5
-  python3 -c "import json,sys; m=json.load(open('/root/runs/$name/metrics.json')); print(json.dumps({'run': '$name', **{k: m.get(k) for k in ['train/batch_size','train/tokens_per_s','train/step_time_min_s','train/step_time_median_s','train/step_time_max_s','perf/mfu','memory/peak_gib','memory/peak_reserved_gib','data/train_tokens','eval/loss','eval/loss_before']}}))" | tee -a "$OUT/runs.jsonl"
+  local cmd=(python3 -m qlora_lab)
+  [ -n "${LAUNCH:-}" ] && cmd=(python3 -m accelerate.commands.launch --config_file "$LAUNCH" -m qlora_lab)
+  local t0=$SECONDS
+  echo "=== $name: ${cmd[*]} $*" >> "$OUT/runs.log"
+  timeout ${RUN_TIMEOUT:-400} "${cmd[@]}" "$@" hydra.run.dir=/root/runs/$name 2>&1 | tee -a "$OUT/runs.log" | grep -E "recipe|eval loss|error|GPUs visible|Error" | tail -n 5
+  python3 -c "import json,sys; m=json.load(open('/root/runs/$name/metrics.json')); print(json.dumps({'run': '$name', 'wall_s': $SECONDS - $t0, **{k: m.get(k) for k in ['train/batch_size','train/steps','train/tokens_per_s','train/tokens_per_s_per_gpu','train/step_time_min_s','train/step_time_median_s','train/step_time_max_s','perf/mfu','memory/peak_gib','memory/peak_gib_per_rank','memory/peak_reserved_gib','distributed/world_size','distributed/strategy','distributed/adapters_identical','data/train_tokens','eval/loss','eval/loss_before','train/losses']}}))" | tee -a "$OUT/runs.jsonl"
 }
 
 case $stage in
@@ -111,5 +117,33 @@ case $stage in
     python3 experiments/lora_vs_qlora/reference_loop.py "$QLORA_LAB_CACHE/models/SmolLM2-135M-Instruct" \
       --recipes paper_qlora,fast_qlora --batch 4 --seq 1024 | tee "$OUT/reference_quality.jsonl"
     timeout 120 python3 -m pytest -q -m gpu tests/test_fast_path.py 2>&1 | tail -n 5 | tee "$OUT/pytest_gpu.txt" ;;
+  multi)  # one GPU vs DDP vs FSDP on 2 GPUs, 8B QLoRA fast recipe; the reference loop on GPU 0 first
+    m=$(model_dir +experiment=multi_gpu_8b)
+    CUDA_VISIBLE_DEVICES=0 python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference.jsonl"
+    CUDA_VISIBLE_DEVICES=0 one single_b2 +experiment=multi_gpu_8b
+    LAUNCH=accelerate/ddp_2gpu.yaml one ddp_b2 +experiment=multi_gpu_8b
+    CUDA_VISIBLE_DEVICES=0 one single_b4 +experiment=multi_gpu_8b train.batch_size=4  # DDP's global batch in one process
+    LAUNCH=accelerate/fsdp_2gpu.yaml one fsdp_b2 +experiment=multi_gpu_8b
+    one plain_b2 +experiment=multi_gpu_8b train.max_steps=5  # a plain launch on 2 GPUs: one GPU, one line
+    tar czf "$OUT/runs.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard -C /root runs ;;
+  ddp_fixes)  # what made DDP slow, one change at a time: the code before the fixes sits in .gpu/before/
+    m=$(model_dir +experiment=multi_gpu_8b)
+    CUDA_VISIBLE_DEVICES=0 python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference_ddp_fixes.jsonl"
+    sed 's/^mixed_precision: .*/mixed_precision: bf16/' accelerate/ddp_2gpu.yaml > /tmp/ddp_bf16.yaml
+    sed 's/^mixed_precision: .*/mixed_precision: "no"/' accelerate/ddp_2gpu.yaml > /tmp/ddp_no.yaml
+    CUDA_VISIBLE_DEVICES=0 one single_b2 +experiment=multi_gpu_8b
+    (cd .gpu/before && LAUNCH=/tmp/ddp_bf16.yaml one before_as_shipped +experiment=multi_gpu_8b)
+    (cd .gpu/before && LAUNCH=/tmp/ddp_no.yaml one before_no_autocast +experiment=multi_gpu_8b)
+    LAUNCH=/tmp/ddp_bf16.yaml one after_with_autocast +experiment=multi_gpu_8b train.autocast=true train.precision=bf16
+    LAUNCH=/tmp/ddp_bf16.yaml one after +experiment=multi_gpu_8b
+    tar czf "$OUT/runs_ddp_fixes.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard -C /root runs ;;
+  sweep2)  # the 8B LoRA-vs-QLoRA sweep (fast recipe): one job at a time, then one job per GPU
+    m=$(model_dir +experiment=lora_vs_qlora_gpu_8b)
+    CUDA_VISIBLE_DEVICES=0 python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora,fast_lora | tee "$OUT/reference_sweep2.jsonl"
+    for n in 1 auto; do
+      t0=$SECONDS
+      sweep sweep_njobs_$n +experiment=lora_vs_qlora_gpu_8b recipe=fast hydra.launcher.n_jobs=$n
+      echo "{\"n_jobs\": \"$n\", \"wall_s\": $((SECONDS - t0))}" | tee -a "$OUT/sweep_wall.jsonl"
+    done ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

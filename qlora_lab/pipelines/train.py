@@ -125,9 +125,10 @@ def check_ranks_agree(model, world_size: int) -> dict:
     from accelerate.utils import gather_object
 
     h = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
-        if param.requires_grad:
-            h.update(name.encode() + param.detach().float().cpu().numpy().tobytes())
+    if not fsdp_enabled():
+        for name, param in sorted(model.named_parameters()):
+            if param.requires_grad:
+                h.update(name.encode() + param.detach().float().cpu().numpy().tobytes())
     gathered = gather_object([(h.hexdigest(), peak_memory_gib())])
     out = {"distributed/world_size": world_size, "distributed/strategy": "fsdp" if fsdp_enabled() else "ddp",
            "memory/peak_gib_per_rank": [p for _, p in gathered]}
@@ -320,9 +321,11 @@ def run(cfg: Config, run: Run):
         run.log(check_ranks_agree(model, trainer.accelerator.num_processes))
 
     # ---- save: standard PEFT folder (adapter_config.json + adapter_model.safetensors) with the tokenizer
-    if fsdp_enabled():
+    if trainer.is_fsdp_enabled:
         # every rank holds a shard: gather the full adapter (a collective, so on every rank), rank 0 writes it
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        plugin = trainer.accelerator.state.fsdp_plugin
+        if plugin.fsdp_version == 1:  # FSDP2 always gathers a full state dict here
+            plugin.set_state_dict_type("FULL_STATE_DICT")
         trainer.save_model(str(run.dir / "adapter"))
     elif trainer.is_world_process_zero():
         model.save_pretrained(run.dir / "adapter")
