@@ -122,8 +122,8 @@ case $stage in
     CUDA_VISIBLE_DEVICES=0 python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference.jsonl"
     CUDA_VISIBLE_DEVICES=0 one single_b2 +experiment=multi_gpu_8b
     LAUNCH=accelerate/ddp_2gpu.yaml one ddp_b2 +experiment=multi_gpu_8b
-    CUDA_VISIBLE_DEVICES=0 one single_b4 +experiment=multi_gpu_8b train.batch_size=4  # DDP's global batch in one process
     LAUNCH=accelerate/fsdp_2gpu.yaml one fsdp_b2 +experiment=multi_gpu_8b
+    CUDA_VISIBLE_DEVICES=0 one single_b4 +experiment=multi_gpu_8b train.batch_size=4  # DDP's global batch in one process
     one plain_b2 +experiment=multi_gpu_8b train.max_steps=5  # a plain launch on 2 GPUs: one GPU, one line
     tar czf "$OUT/runs.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard -C /root runs ;;
   ddp_fixes)  # what made DDP slow, one change at a time: the code before the fixes sits in .gpu/before/
