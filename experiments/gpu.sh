@@ -10,7 +10,7 @@
 #   bash experiments/gpu.sh sweep2      # 2 GPUs: the 8B LoRA-vs-QLoRA sweep one job at a time vs one job per GPU
 # Results go to $OUT (default /tmp/gpu-out): logs, reference_*.jsonl and one .tgz per sweep.
 set -uo pipefail
-stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality|multi|ddp_fixes|sweep2}
+stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality|multi|multi2|before|sweep2}
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT" /root/smolparts
 cp .gpu/smolpart.* /root/smolparts/ 2>/dev/null  # the SmolLM2 GGUF travels in parts, one per call (64 MiB a call)
@@ -39,7 +39,7 @@ one() {  # one NAME [overrides...]: a single run (LAUNCH=accelerate config for a
   local name=$1; shift
   local cmd=(python3 -m qlora_lab)
   [ -n "${LAUNCH:-}" ] && cmd=(python3 -m accelerate.commands.launch --config_file "$LAUNCH" -m qlora_lab)
-  local t0=$SECONDS
+  local t0=$SECONDS; rm -rf /root/runs/$name  # a repeated call starts the run afresh
   echo "=== $name: ${cmd[*]} $*" >> "$OUT/runs.log"
   timeout ${RUN_TIMEOUT:-400} "${cmd[@]}" "$@" hydra.run.dir=/root/runs/$name 2>&1 | tee -a "$OUT/runs.log" | grep -E "recipe|eval loss|error|GPUs visible|Error" | tail -n 5
   python3 -c "import json,sys; m=json.load(open('/root/runs/$name/metrics.json')); print(json.dumps({'run': '$name', 'wall_s': $SECONDS - $t0, **{k: m.get(k) for k in ['train/batch_size','train/steps','train/tokens_per_s','train/tokens_per_s_per_gpu','train/step_time_min_s','train/step_time_median_s','train/step_time_max_s','perf/mfu','memory/peak_gib','memory/peak_gib_per_rank','memory/peak_reserved_gib','distributed/world_size','distributed/strategy','distributed/adapters_identical','data/train_tokens','eval/loss','eval/loss_before','train/losses']}}))" | tee -a "$OUT/runs.jsonl"
@@ -126,17 +126,27 @@ case $stage in
     CUDA_VISIBLE_DEVICES=0 one single_b4 +experiment=multi_gpu_8b train.batch_size=4  # DDP's global batch in one process
     one plain_b2 +experiment=multi_gpu_8b train.max_steps=5  # a plain launch on 2 GPUs: one GPU, one line
     tar czf "$OUT/runs.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard -C /root runs ;;
-  ddp_fixes)  # what made DDP slow, one change at a time: the code before the fixes sits in .gpu/before/
+  multi2)  # one GPU, DDP with and without autocast, FSDP (+ its adapter merged in one process), one call
     m=$(model_dir +experiment=multi_gpu_8b)
-    CUDA_VISIBLE_DEVICES=0 python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference_ddp_fixes.jsonl"
+    CUDA_VISIBLE_DEVICES=0 python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference_multi2.jsonl"
+    CUDA_VISIBLE_DEVICES=0 one single_b2 +experiment=multi_gpu_8b
+    LAUNCH=accelerate/ddp_2gpu.yaml one ddp_b2 +experiment=multi_gpu_8b
+    LAUNCH=accelerate/ddp_2gpu.yaml one ddp_autocast +experiment=multi_gpu_8b train.autocast=true train.precision=bf16
+    LAUNCH=accelerate/fsdp_2gpu.yaml one fsdp_b2 +experiment=multi_gpu_8b
+    # the FSDP adapter is a plain PEFT folder: same tensors as the one-GPU adapter, and it merges in one process
+    python3 experiments/multi_gpu/same_adapter_layout.py /root/runs/single_b2/adapter /root/runs/fsdp_b2/adapter | tee -a "$OUT/runs.jsonl"
+    CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -m qlora_lab pipeline=merge run_dir=/root/runs/fsdp_b2 2>&1 | tail -n 3 | tee -a "$OUT/runs.log"
+    ls /root/runs/fsdp_b2/merged | tee -a "$OUT/runs.log"
+    tar czf "$OUT/runs_multi2.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard --exclude=merged -C /root runs ;;
+  before)  # DDP before this fixes (the code of c8c88ac in .gpu/before/), then the sweep on 2 GPUs
+    m=$(model_dir +experiment=multi_gpu_8b)
+    CUDA_VISIBLE_DEVICES=0 python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference_before.jsonl"
     sed 's/^mixed_precision: .*/mixed_precision: bf16/' accelerate/ddp_2gpu.yaml > /tmp/ddp_bf16.yaml
     sed 's/^mixed_precision: .*/mixed_precision: "no"/' accelerate/ddp_2gpu.yaml > /tmp/ddp_no.yaml
-    CUDA_VISIBLE_DEVICES=0 one single_b2 +experiment=multi_gpu_8b
     (cd .gpu/before && LAUNCH=/tmp/ddp_bf16.yaml one before_as_shipped +experiment=multi_gpu_8b)
     (cd .gpu/before && LAUNCH=/tmp/ddp_no.yaml one before_no_autocast +experiment=multi_gpu_8b)
-    LAUNCH=/tmp/ddp_bf16.yaml one after_with_autocast +experiment=multi_gpu_8b train.autocast=true train.precision=bf16
-    LAUNCH=/tmp/ddp_bf16.yaml one after +experiment=multi_gpu_8b
-    tar czf "$OUT/runs_ddp_fixes.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard -C /root runs ;;
+    tar czf "$OUT/runs_before.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard -C /root runs
+    bash "$0" sweep2 ;;
   sweep2)  # the 8B LoRA-vs-QLoRA sweep (fast recipe): one job at a time, then one job per GPU
     m=$(model_dir +experiment=lora_vs_qlora_gpu_8b)
     CUDA_VISIBLE_DEVICES=0 python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora,fast_lora | tee "$OUT/reference_sweep2.jsonl"

@@ -267,6 +267,9 @@ def liger_kernels(cfg: Config, model_type: str) -> bool:
     choice = cfg.train.kernels
     if choice is Kernels.none or not torch.cuda.is_available():
         return False  # validate() has already refused train.kernels=liger without CUDA
+    if fsdp_enabled():  # validate() has refused an explicit liger: its fused cross-entropy reads the sharded LM head
+        log.info("Liger kernels off under FSDP: the fused cross-entropy needs the whole LM head")
+        return False
     if importlib.util.find_spec("liger_kernel") is None:
         if choice is Kernels.auto:
             log.info("Liger kernels off: liger-kernel is not installed (pip install liger-kernel)")
