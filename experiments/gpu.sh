@@ -147,6 +147,14 @@ case $stage in
     (cd .gpu/before && LAUNCH=/tmp/ddp_no.yaml one before_no_autocast +experiment=multi_gpu_8b)
     tar czf "$OUT/runs_before.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard -C /root runs
     bash "$0" sweep2 ;;
+  fsdp1b)  # FSDP on 1B shapes against one GPU, and the FSDP adapter merged in one process (a correctness check)
+    b=(+experiment=multi_gpu_8b model=llama3_1b_random)
+    m=$(model_dir "${b[@]}")
+    CUDA_VISIBLE_DEVICES=0 one single_1b "${b[@]}"
+    LAUNCH=accelerate/fsdp_2gpu.yaml one fsdp_1b "${b[@]}"
+    python3 experiments/multi_gpu/same_adapter_layout.py /root/runs/single_1b/adapter /root/runs/fsdp_1b/adapter | tee -a "$OUT/runs.jsonl"
+    CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m qlora_lab pipeline=merge run_dir=/root/runs/fsdp_1b 2>&1 | tail -n 2 | tee -a "$OUT/runs.log"
+    ls /root/runs/fsdp_1b/adapter /root/runs/fsdp_1b/merged | tee -a "$OUT/runs.log" ;;
   sweep2)  # the 8B LoRA-vs-QLoRA sweep (fast recipe): one job at a time, then one job per GPU
     m=$(model_dir +experiment=lora_vs_qlora_gpu_8b)
     CUDA_VISIBLE_DEVICES=0 python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora,fast_lora | tee "$OUT/reference_sweep2.jsonl"

@@ -138,6 +138,14 @@ def check_ranks_agree(model, world_size: int) -> dict:
     return out
 
 
+def full_adapter_state(model) -> dict:
+    """The trained tensors, whole, on the CPU. Under FSDP2 each is a DTensor sharded across the ranks, and
+    `full_tensor()` gathers it (a collective: every rank must call this). Only the adapter is gathered: the
+    Trainer's own FSDP save gathers the whole 4-bit base first."""
+    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
 class LossGuard(TrainerCallback):
     """Stops a run whose logged loss is 0 or not finite: a broken computation, not learning. FSDP with a 4-bit base
     is known to train on like this without an error (accelerate issues 3983 and 3874)."""
@@ -322,11 +330,11 @@ def run(cfg: Config, run: Run):
 
     # ---- save: standard PEFT folder (adapter_config.json + adapter_model.safetensors) with the tokenizer
     if trainer.is_fsdp_enabled:
-        # every rank holds a shard: gather the full adapter (a collective, so on every rank), rank 0 writes it
-        plugin = trainer.accelerator.state.fsdp_plugin
-        if plugin.fsdp_version == 1:  # FSDP2 always gathers a full state dict here
-            plugin.set_state_dict_type("FULL_STATE_DICT")
-        trainer.save_model(str(run.dir / "adapter"))
+        # every rank holds a shard of each adapter tensor: gather them whole (collectives, so on every rank)
+        adapter = full_adapter_state(model)
+        if trainer.is_world_process_zero():
+            model.save_pretrained(run.dir / "adapter", state_dict=adapter)
+            tokenizer.save_pretrained(run.dir / "adapter")
     elif trainer.is_world_process_zero():
         model.save_pretrained(run.dir / "adapter")
         tokenizer.save_pretrained(run.dir / "adapter")
