@@ -125,3 +125,48 @@ def test_fsdp_qlora_config_composes_and_validates(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     validate(make_cfg([*TINY, "quantization=nf4", "quantization.storage_dtype=auto", "train.batch_size=2"]))
+
+
+def _shard_and_gather(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks: shard a tiny LoRA model with FSDP2 (as accelerate does per decoder layer), then gather
+    the adapter whole and compare it with the unsharded weights."""
+    import torch
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlora_lab.pipelines.train import full_adapter_state
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    whole = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    mesh = init_device_mesh("cpu", (2,))
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    assert all(type(p).__name__ == "DTensor" for p in model.parameters())
+    gathered = full_adapter_state(model)
+    same = set(gathered) == set(whole) and all(torch.equal(gathered[k], whole[k]) for k in whole)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"same": same, "tensors": len(gathered)}))
+    dist.destroy_process_group()
+
+
+def test_fsdp2_adapter_is_gathered_whole(tmp_path):
+    """Under FSDP2 every adapter tensor is a shard; the saved adapter must be the whole, unsharded tensors."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "result.json"
+    mp.spawn(_shard_and_gather, args=(port, str(out)), nprocs=2)
+    assert json.loads(out.read_text()) == {"same": True, "tensors": 28}
