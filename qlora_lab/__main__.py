@@ -20,12 +20,17 @@ log = logging.getLogger("qlora_lab")
 def preflight(cfg: DictConfig) -> None:
     """Read the input files the stages will need, so that a bad one stops the run before any model loads."""
     from .data import load_splits
+    from .models import check_model_files, check_safetensors
 
     stages = set(cfg.pipeline.stages)
     if cfg.model.trust_remote_code:
         source = cfg.model.name_or_path if not cfg.model.tokenizer else f"{cfg.model.name_or_path} and {cfg.model.tokenizer}"
         print(f"warning: model.trust_remote_code=true runs the Python code shipped in {source} in this process; "
               f"use it only for a folder or repository you trust.", file=sys.stderr, flush=True)
+    check_model_files(cfg)
+    adapter = Path(cfg.run_dir) / "adapter" if cfg.run_dir and not cfg.train.resume else None
+    if adapter is not None and adapter.is_dir():  # the adapter every later stage of that run loads
+        check_safetensors(adapter, f"run_dir={cfg.run_dir}", "train the run again, or restore the file from a copy.")
     if stages & {"train", "evaluate", "compare"} or (stages & {"infer"} and not cfg.inference.prompts_file):
         load_splits(cfg)
     if stages & {"infer", "compare"} and cfg.inference.prompts_file:

@@ -31,6 +31,17 @@ def _given(config: DictConfig, key: str) -> bool:
     return any(o.lstrip("+").startswith(f"{key}=") for o in config.hydra.overrides.hydra)
 
 
+def check_writable(path: Path, config: DictConfig, key: str) -> None:
+    """A file where the run folder or one above it should be: say which setting put it there."""
+    from .config import folder_problem
+
+    problem = folder_problem(path)
+    if problem:
+        named = f"{key}={path}" if _given(config, key) else f"paths.output_dir={config.paths.output_dir}"
+        _refuse(f"{named} cannot hold the run folder: {problem}; point it at a folder (or a path that does not exist "
+                f"yet).")
+
+
 def claim(path: Path, marker: str, explicit: bool, key: str) -> Path:
     """Take a run/sweep folder for this process alone. Creating `marker` in it (the folder Hydra writes next) with
     O_EXCL/mkdir is atomic: of two processes started in the same second only one succeeds; the other takes the
@@ -74,6 +85,7 @@ class RunDirGuard(Callback):
                 config.hydra.output_subdir = None
             return
         subdir = config.hydra.output_subdir or ".hydra"
+        check_writable(Path(str(config.hydra.run.dir)), config, "hydra.run.dir")
         path = claim(Path(str(config.hydra.run.dir)), subdir, _given(config, "hydra.run.dir"), "hydra.run.dir")
         with read_write(config.hydra):
             config.hydra.run.dir = str(path)
@@ -85,6 +97,7 @@ class RunDirGuard(Callback):
                 _refuse(f"train.resume=true in a sweep continues an earlier sweep: give its folder as "
                         f"hydra.sweep.dir=DIR (got {sweep_dir}, {'missing' if not sweep_dir.is_dir() else 'unset'}).")
             return  # completed jobs are skipped, the others resumed or run (qlora_lab.resume.job_to_resume)
+        check_writable(sweep_dir, config, "hydra.sweep.dir")
         path = claim(sweep_dir, "multirun.yaml", _given(config, "hydra.sweep.dir"), "hydra.sweep.dir")
         with read_write(config.hydra):
             config.hydra.sweep.dir = str(path)
