@@ -103,6 +103,13 @@ BAD_INPUTS = [
     ("unknown attention", ["model.attn_implementation=spda"], ["model.attn_implementation=spda", "did you mean sdpa?"]),
     ("tokenizer folder missing", ["model.tokenizer={tmp}/no_tokenizer"], ["model.tokenizer=", "not a folder"]),
     ("model=hf without a path", ["model=hf"], ["model.name_or_path is not set", "model=hf"]),
+    ("ragged CSV row", ["dataset=custom", "dataset.path={tmp}/ragged.csv"],
+     ["ragged.csv", "line 4 has 4 fields but the header has 3", "quotes"]),
+    ("empty numeric CSV cell as output", ["dataset=custom", "dataset.path={tmp}/nan_output.csv",
+                                          "dataset.columns.output=answer"],
+     ["nan_output.csv", "record 3", "'answer'", "empty or missing"]),
+    ("NaN Parquet output", ["dataset=custom", "dataset.path={tmp}/nan_output.parquet"],
+     ["nan_output.parquet", "record 2", "'output'", "empty or missing"]),
 ]
 
 
@@ -148,6 +155,15 @@ def write_bad_files(tmp: Path, saved_run_config) -> None:
     (adapter / "adapter" / "adapter_config.json").write_text("{}")
     save_file(weights, adapter / "adapter" / "adapter_model.safetensors")
     cut_short(adapter / "adapter" / "adapter_model.safetensors")
+    rows = [f"q{i},,{i}" for i in range(12)]
+    (tmp / "ragged.csv").write_text("\n".join(["instruction,input,output", *rows[:2], "a,b,1,000", *rows[2:]]) + "\n")
+    (tmp / "nan_output.csv").write_text("\n".join(["instruction,answer", *(f"q{i},{'' if i == 3 else i}"
+                                                                          for i in range(12))]) + "\n")
+    import pandas as pd
+
+    pd.DataFrame({"instruction": [f"q{i}" for i in range(12)],
+                  "output": [float("nan") if i == 2 else float(i) for i in range(12)]}).to_parquet(
+        tmp / "nan_output.parquet")
     lost = tmp / "lost.json"
     lost.write_text(json.dumps(good))
     saved_run_config(tmp / "run_lost_data", ["model=tiny_random", f"dataset.path={lost}", "dataset.eval_size=4"])
