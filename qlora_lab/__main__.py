@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, register, validate
-from .rundir import Run, explain_inherited, inherit_from_run, is_main_process
+from .rundir import Run, explain_inherited, hold_run_dir, inherit_from_run, is_main_process
 
 register()
 log = logging.getLogger("qlora_lab")
@@ -77,6 +77,8 @@ def main(cfg: DictConfig) -> float | None:
     resume = bool(cfg.train.resume and cfg.run_dir)
     run = Run(dir=job_dir, source=Path(cfg.run_dir).resolve() if cfg.run_dir else job_dir)
     try:
+        if is_main_process():
+            hold_run_dir(job_dir)  # before reading its run.json: two resumes of one run must not both go on
         checked = checked_config(cfg, job_dir, overrides)
         if checked is None:
             print(f"{cfg.run_dir} already completed: nothing to resume.", flush=True)

@@ -75,6 +75,9 @@ class RunDirGuard(Callback):
             if not (run_dir / ".hydra" / "config.yaml").is_file():
                 _refuse(f"run_dir={config.run_dir} is not a QLoRA Lab run folder (no .hydra/config.yaml); pass "
                         f"the folder of the run to resume.")
+            if _given(config, "hydra.run.dir") and Path(str(config.hydra.run.dir)).resolve() != run_dir:
+                _refuse(f"train.resume=true continues run_dir={config.run_dir} in that folder, but "
+                        f"hydra.run.dir={config.hydra.run.dir} names another; drop hydra.run.dir.")
             with read_write(config.hydra):
                 config.hydra.run.dir = str(run_dir)
                 config.hydra.output_subdir = None  # keep the run's own config: the resumed run is checked against it

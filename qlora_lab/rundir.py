@@ -160,6 +160,36 @@ class Run:
             (self.dir / "run.json").write_text(json.dumps(self.info, indent=2) + "\n")
 
 
+_held_lock = None  # the open lock file of the run folder this process works in (see hold_run_dir)
+
+
+def hold_run_dir(folder: Path) -> None:
+    """Lock the run folder for this process: fcntl.flock on .hydra/lock, released by the OS when the process ends,
+    however it ends (a SIGKILL included), so a second process resuming the same run is refused while this one lives.
+    The lock file holds the holder's pid and host, for that refusal. A sweep's jobs run one after another in one
+    process: taking the next job's folder lets go of the previous one."""
+    import fcntl
+
+    global _held_lock
+    if _held_lock is not None:
+        _held_lock.close()
+        _held_lock = None
+    (folder / ".hydra").mkdir(parents=True, exist_ok=True)
+    f = open(folder / ".hydra" / "lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that has not written its pid yet"
+        f.close()
+        raise ConfigError(f"run_dir={folder} is in use by another process ({holder}); wait for it to end or stop "
+                          f"it, then run this again.") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _held_lock = f
+
+
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text()) if path.is_file() else {}
