@@ -392,6 +392,19 @@ def launch_time(fmt: str) -> str:
     return datetime.fromtimestamp(stamp).strftime(fmt)
 
 
+def job_dirname(override_dirname: str) -> str:
+    """A sweep job's folder name from Hydra's override_dirname, one folder level: a '/' in a value (a path, e.g.
+    dataset.path=data/a.json) is written %2F, as in a URL; a name too long for a file system is cut and ends
+    with a hash of the whole, so that jobs stay apart."""
+    import hashlib
+
+    name = str(override_dirname).replace("/", "%2F")
+    if len(name.encode()) > 200:  # most file systems allow 255 bytes; the job number is prepended
+        digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+        name = f"{name.encode()[:180].decode(errors='ignore')}-{digest}"
+    return name
+
+
 # Each group's schema, stored under the group as `base_<group>`: every option file starts with
 # `defaults: [base_<group>, _self_]` and holds only what differs from these dataclasses' defaults.
 GROUP_SCHEMAS = {"model": ModelConfig, "quantization": QuantizationConfig, "lora": LoraConfig,
@@ -412,6 +425,8 @@ def register() -> None:
         store.store(group=group, name=f"base_{group}", node=schema)
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", project_root)
+    if not OmegaConf.has_resolver("job_dirname"):
+        OmegaConf.register_new_resolver("job_dirname", job_dirname)
     if not OmegaConf.has_resolver("launch_time"):
         OmegaConf.register_new_resolver("launch_time", launch_time, use_cache=True)
 
