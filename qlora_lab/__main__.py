@@ -65,7 +65,7 @@ def checked_config(cfg: DictConfig, job_dir: Path, overrides: list[str]) -> Dict
 def main(cfg: DictConfig) -> float | None:
     """Run the job; return its objective (cfg.objective.metric from metrics.json), None when it failed or has none:
     a search (hydra/sweeper=optuna) records such a trial as failed and goes on."""
-    from .resume import install_signal_handlers, job_to_resume
+    from .resume import SweepInterrupted, install_signal_handlers, job_to_resume, sweep_resume_command
 
     hc = HydraConfig.get()
     job_dir = Path(hc.runtime.output_dir)
@@ -102,11 +102,12 @@ def main(cfg: DictConfig) -> float | None:
             run.finish(e)
         if isinstance(e, KeyboardInterrupt):
             where = f" at step {run.step}" if run.step is not None else ""
+            if multirun:  # the sweep stops here; run_cli prints this line (the isolated launcher passes it up)
+                raise SweepInterrupted(f"interrupted{where} in job #{hc.job.num} ({e or 'KeyboardInterrupt'}); "
+                                       f"resume the sweep with: {sweep_resume_command(hc.sweep.dir)}") from None
             again = f"; resume with: python -m qlora_lab train.resume=true run_dir={run.dir}" \
                 if run.last_checkpoint else ""
             print(f"interrupted{where} ({e or 'KeyboardInterrupt'}){again}", file=sys.stderr, flush=True)
-            if multirun:
-                return None
             sys.exit(130)
         print(f"error: {e}", file=sys.stderr)
         if multirun:
@@ -129,5 +130,23 @@ def main(cfg: DictConfig) -> float | None:
     return objective
 
 
+def run_cli() -> None:
+    """The command: Hydra's main, and one line instead of a traceback for a Ctrl-C that no job handles itself (on a
+    sweep: between jobs, or in the launching process while a job runs in its own)."""
+    from .callbacks import SWEEP
+
+    try:
+        main()
+    except KeyboardInterrupt as e:
+        from .resume import SweepInterrupted, sweep_resume_command
+
+        if isinstance(e, SweepInterrupted):
+            print(e, file=sys.stderr, flush=True)
+        else:
+            again = f"; resume the sweep with: {sweep_resume_command(SWEEP['dir'])}" if SWEEP["dir"] else ""
+            print(f"interrupted ({e or 'KeyboardInterrupt'}){again}", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
 if __name__ == "__main__":
-    main()
+    run_cli()

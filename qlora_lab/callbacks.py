@@ -10,6 +10,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
 
+SWEEP = {"dir": None}  # this process's sweep folder, once a multirun started: run_cli names it on a Ctrl-C
+
 
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
@@ -99,11 +101,13 @@ class RunDirGuard(Callback):
             if not _given(config, "hydra.sweep.dir") or not sweep_dir.is_dir():
                 _refuse(f"train.resume=true in a sweep continues an earlier sweep: give its folder as "
                         f"hydra.sweep.dir=DIR (got {sweep_dir}, {'missing' if not sweep_dir.is_dir() else 'unset'}).")
+            SWEEP["dir"] = str(sweep_dir)
             return  # completed jobs are skipped, the others resumed or run (qlora_lab.resume.job_to_resume)
         check_writable(sweep_dir, config, "hydra.sweep.dir")
         path = claim(sweep_dir, "multirun.yaml", _given(config, "hydra.sweep.dir"), "hydra.sweep.dir")
         with read_write(config.hydra):
             config.hydra.sweep.dir = str(path)
+        SWEEP["dir"] = str(path)
 
 
 class SweepReport(Callback):

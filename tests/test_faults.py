@@ -69,3 +69,32 @@ def test_resume_with_another_hydra_run_dir_is_refused(interrupted_run, tmp_path)
     result = cli("train.resume=true", f"run_dir={interrupted_run}", f"hydra.run.dir={tmp_path / 'other'}")
     assert_refused(result, ["train.resume=true", f"hydra.run.dir={tmp_path / 'other'}", "drop hydra.run.dir"])
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("launcher", ["basic", "isolated"])
+def test_ctrl_c_on_a_sweep_stops_it_with_one_line(tmp_path, launcher):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) mid-training in the first job: that job
+    saves a checkpoint and ends `interrupted`, no further job starts, and the sweep ends with one line saying how to
+    resume it, not a traceback (isolated: the job runs in a process of its own, the launcher waits for it)."""
+    import signal
+
+    sweep_dir = tmp_path / "sweep"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.Popen([sys.executable, "-m", "qlora_lab", "-m", *TINY, "quantization=none", "train.max_steps=400",
+                             "train.eval_before=false", f"hydra/launcher={launcher}", "dataset.size=8,12",
+                             f"hydra.sweep.dir={sweep_dir}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in proc.stdout:  # the first logged step: training is under way
+        if "'loss'" in line:
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    # (the line may follow the progress bar that training left unfinished on the same terminal line)
+    lines = [line for line in stderr.splitlines() if "interrupted" in line]
+    assert len(lines) == 1 and "interrupted at step" in lines[0] and "in job #0 (SIGINT received at step" in lines[0]
+    assert lines[0].endswith(f"hydra.sweep.dir={sweep_dir} train.resume=true")
+    jobs = [p for p in sweep_dir.iterdir() if p.is_dir()]
+    assert len(jobs) == 1  # the second job never started
+    record = json.loads((jobs[0] / "run.json").read_text())
+    assert record["status"] == "interrupted" and record["last_checkpoint"]

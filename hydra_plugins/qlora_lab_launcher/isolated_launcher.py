@@ -15,6 +15,7 @@ import inspect
 import json
 import logging
 import multiprocessing
+import signal
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -95,6 +96,7 @@ class IsolatedLauncher(Launcher):
         task = _task_address(self.task_function)
         spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing inherited from this one
         runs = []
+        interrupted: list[int] = []  # SIGINTs that reached this process while a job ran
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
             log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
             sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
@@ -106,19 +108,28 @@ class IsolatedLauncher(Launcher):
             if sweep_config.get("train", {}).get("resume") and (Path(ret.working_dir) / "run.json").is_file():
                 with open_dict(sweep_config):
                     sweep_config.hydra.output_subdir = None  # a resumed job is checked against its own saved config
-            with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-                future = pool.submit(_execute_job, sweep_config, self.hydra_context, task,
-                                     Singleton.get_state()["instances"], list(sys.argv))
-                try:
-                    status, value = future.result()
-                    ret.status = JobStatus[status]
-                    ret.return_value = value if ret.status is JobStatus.COMPLETED else RuntimeError(value)
-                except BrokenProcessPool:
-                    message = "the job's process died before it could finish (killed, e.g. out of memory)"
-                    log.error(f"job #{idx}: {message}; the sweep goes on")
-                    _record_crash(Path(ret.working_dir), message)
-                    # COMPLETED as far as Hydra is concerned, like a job whose error the task caught: the sweep
-                    # goes on, and the report lists this job as failed from its run.json.
-                    ret.status = JobStatus.COMPLETED
+            # A Ctrl-C reaches the job's process too (the terminal signals the whole process group): it saves a
+            # checkpoint and stops, and its SweepInterrupted comes back through future.result(). This process only
+            # notes the signal meanwhile, and starts no further job.
+            previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+            try:
+                with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+                    future = pool.submit(_execute_job, sweep_config, self.hydra_context, task,
+                                         Singleton.get_state()["instances"], list(sys.argv))
+                    try:
+                        status, value = future.result()
+                        ret.status = JobStatus[status]
+                        ret.return_value = value if ret.status is JobStatus.COMPLETED else RuntimeError(value)
+                    except BrokenProcessPool:
+                        message = "the job's process died before it could finish (killed, e.g. out of memory)"
+                        log.error(f"job #{idx}: {message}; the sweep goes on")
+                        _record_crash(Path(ret.working_dir), message)
+                        # COMPLETED as far as Hydra is concerned, like a job whose error the task caught: the sweep
+                        # goes on, and the report lists this job as failed from its run.json.
+                        ret.status = JobStatus.COMPLETED
+            finally:
+                signal.signal(signal.SIGINT, previous)
             runs.append(ret)
+            if interrupted:
+                raise KeyboardInterrupt("SIGINT received")
         return runs
