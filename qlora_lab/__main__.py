@@ -39,6 +39,50 @@ def preflight(cfg: DictConfig) -> None:
         read_prompt_rows(cfg.inference.prompts_file, cfg.paths.root, cfg)
 
 
+# bytes per weight of each export, for the space an export needs
+EXPORT_BYTES = {"gguf:f32": 4, "gguf:f16": 2, "gguf:q8_0": 34 / 32, "gguf:q4_0": 18 / 32, "int8_dynamic": 1}
+
+
+def disk_space_for(name: str, cfg: DictConfig, run: Run):
+    """What a full disk during stage `name` should say: the folder, the space needed where it can be known (a
+    checkpoint like the last one; the base model's weight files for a merge; the weight count times each export's
+    bytes per weight), the leftovers removed, and the command that continues."""
+    from .config import export_targets
+    from .models import looks_local, model_path, weight_count
+    from .rundir import disk_space
+
+    def files_bytes(folder: Path, pattern: str = "*.safetensors") -> int | None:
+        return sum(p.stat().st_size for p in Path(folder).rglob(pattern) if p.is_file()) or None
+
+    source = run.source
+    if name == "train":
+        def checkpoint_bytes():
+            last = Path(run.last_checkpoint) if run.last_checkpoint else None
+            return files_bytes(last, "*") if last and last.is_dir() else None
+
+        return disk_space(run.dir, "the training run", f"continue with `python -m qlora_lab train.resume=true "
+                          f"run_dir={run.dir}` (it starts from the last complete checkpoint)", checkpoint_bytes)
+    if name == "merge":
+        def base_bytes():
+            base = model_path(cfg)
+            return files_bytes(Path(base)) if looks_local(base) else None
+
+        return disk_space(source, "merged/", f"merge again with `python -m qlora_lab pipeline=merge run_dir={source}`",
+                          base_bytes, lambda: [p for p in [source / "merged.tmp"] if p.exists()])
+    if name == "export":
+        def export_bytes():
+            weights = weight_count(source / "merged")
+            return int(sum(EXPORT_BYTES[fmt.value if t is None else f"{fmt.value}:{t.value}"] * weights
+                           for fmt, t in export_targets(cfg.export))) or None
+
+        def partial():  # an export, or the merge an export starts with when the run has no merged/ yet
+            return sorted((source / "export").glob("*.tmp")) + [p for p in [source / "merged.tmp"] if p.exists()]
+
+        return disk_space(source / "export", "the export", f"export again with `python -m qlora_lab pipeline=export "
+                          f"run_dir={source}`", export_bytes, partial)
+    return disk_space(run.dir, f"the {name} stage's results", "run it again")
+
+
 def checked_config(cfg: DictConfig, job_dir: Path, overrides: list[str]) -> DictConfig | None:
     """The config this job really runs, every rule checked and every input file read, before any model loads:
     the run's own config when resuming (None: it already completed), the fields taken from run_dir otherwise."""
@@ -59,6 +103,32 @@ def checked_config(cfg: DictConfig, job_dir: Path, overrides: list[str]) -> Dict
             raise ConfigError(explain_inherited(str(e), inherited, cfg.run_dir)) from None
         raise
     return cfg
+
+
+def close_progress_bars() -> None:
+    """Close the progress bars a stopped stage left open (the Trainer's, a download's), so that the message that
+    follows starts a line of its own instead of trailing the bar."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+
+
+def record_ending(run: Run, cfg: DictConfig, error: BaseException, resume: bool) -> None:
+    """run.json's ending. Every job past composition leaves a record (a resumed run keeps its own). On a full disk
+    this write may fail too: the one-line message about the disk matters more than a traceback about run.json."""
+    from .rundir import disk_full
+
+    close_progress_bars()
+    try:
+        if not run.info and not resume:
+            run.start(cfg)
+        if run.info:
+            run.finish(error)
+    except OSError as e:
+        if not disk_full(e):
+            raise
+        log.warning("could not record the run's ending in %s: %s", run.dir / "run.json", e)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -94,12 +164,10 @@ def main(cfg: DictConfig) -> float | None:
         stages = [get_stage(name) for name in cfg.pipeline.stages]
         for name, stage in zip(cfg.pipeline.stages, stages, strict=True):
             log.info("stage %s", name)
-            stage(cfg, run)
+            with disk_space_for(name, cfg, run):
+                stage(cfg, run)
     except (ConfigError, KeyboardInterrupt) as e:
-        if not run.info and not resume:
-            run.start(cfg)  # every job past composition leaves a record (a resumed run keeps its own)
-        if run.info:
-            run.finish(e)
+        record_ending(run, cfg, e, resume)
         if isinstance(e, KeyboardInterrupt):
             where = f" at step {run.step}" if run.step is not None else ""
             if multirun:  # the sweep stops here; run_cli prints this line (the isolated launcher passes it up)
@@ -114,10 +182,7 @@ def main(cfg: DictConfig) -> float | None:
             return None  # the sweep goes on; the report lists this job as failed with its error
         sys.exit(2)
     except Exception as e:
-        if not run.info and not resume:
-            run.start(cfg)
-        if run.info:
-            run.finish(e)
+        record_ending(run, cfg, e, resume)
         if multirun:
             log.exception("job failed")
             return None

@@ -44,6 +44,19 @@ def check_writable(path: Path, config: DictConfig, key: str) -> None:
                 f"yet).")
 
 
+MIN_FREE = 1 << 20  # bytes: below this Hydra could not even write the run's config and log
+
+
+def check_free_space(path: Path) -> None:
+    """A disk already full at start would fail inside Hydra (writing .hydra/), with a traceback: say it first."""
+    from .rundir import free_space, size_text
+
+    free = free_space(path)
+    if free < MIN_FREE:
+        _refuse(f"no space left on the disk holding {path} ({size_text(free)} free); free some space (a run needs "
+                f"room for its config, log, checkpoints and adapter), or point paths.output_dir at another disk.")
+
+
 def claim(path: Path, marker: str, explicit: bool, key: str) -> Path:
     """Take a run/sweep folder for this process alone. Creating `marker` in it (the folder Hydra writes next) with
     O_EXCL/mkdir is atomic: of two processes started in the same second only one succeeds; the other takes the
@@ -80,6 +93,7 @@ class RunDirGuard(Callback):
             if _given(config, "hydra.run.dir") and Path(str(config.hydra.run.dir)).resolve() != run_dir:
                 _refuse(f"train.resume=true continues run_dir={config.run_dir} in that folder, but "
                         f"hydra.run.dir={config.hydra.run.dir} names another; drop hydra.run.dir.")
+            check_free_space(run_dir)
             with read_write(config.hydra):
                 config.hydra.run.dir = str(run_dir)
                 config.hydra.output_subdir = None  # keep the run's own config: the resumed run is checked against it
@@ -91,6 +105,7 @@ class RunDirGuard(Callback):
             return
         subdir = config.hydra.output_subdir or ".hydra"
         check_writable(Path(str(config.hydra.run.dir)), config, "hydra.run.dir")
+        check_free_space(Path(str(config.hydra.run.dir)))
         path = claim(Path(str(config.hydra.run.dir)), subdir, _given(config, "hydra.run.dir"), "hydra.run.dir")
         with read_write(config.hydra):
             config.hydra.run.dir = str(path)
@@ -104,6 +119,7 @@ class RunDirGuard(Callback):
             SWEEP["dir"] = str(sweep_dir)
             return  # completed jobs are skipped, the others resumed or run (qlora_lab.resume.job_to_resume)
         check_writable(sweep_dir, config, "hydra.sweep.dir")
+        check_free_space(sweep_dir)
         path = claim(sweep_dir, "multirun.yaml", _given(config, "hydra.sweep.dir"), "hydra.sweep.dir")
         with read_write(config.hydra):
             config.hydra.sweep.dir = str(path)

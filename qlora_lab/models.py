@@ -182,6 +182,21 @@ def safetensors_problem(path: Path) -> str | None:
     return None
 
 
+def weight_count(folder: Path) -> int:
+    """The number of weights in a folder's .safetensors files, from their headers (nothing loaded)."""
+    total = 0
+    for path in Path(folder).glob("*.safetensors"):
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for key, value in header.items():
+            if key != "__metadata__":
+                n = 1
+                for dim in value["shape"]:
+                    n *= dim
+                total += n
+    return total
+
+
 def check_safetensors(folder: Path, named: str, fix: str) -> None:
     """Refuse a folder holding a damaged .safetensors file, naming it (`named`: the setting that points there)."""
     for path in sorted(Path(folder).glob("*.safetensors")):

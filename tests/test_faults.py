@@ -90,11 +90,109 @@ def test_ctrl_c_on_a_sweep_stops_it_with_one_line(tmp_path, launcher):
     os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
-    # (the line may follow the progress bar that training left unfinished on the same terminal line)
     lines = [line for line in stderr.splitlines() if "interrupted" in line]
-    assert len(lines) == 1 and "interrupted at step" in lines[0] and "in job #0 (SIGINT received at step" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("interrupted at step ") and "in job #0 (SIGINT received" in lines[0]
     assert lines[0].endswith(f"hydra.sweep.dir={sweep_dir} train.resume=true")
     jobs = [p for p in sweep_dir.iterdir() if p.is_dir()]
     assert len(jobs) == 1  # the second job never started
     record = json.loads((jobs[0] / "run.json").read_text())
     assert record["status"] == "interrupted" and record["last_checkpoint"]
+
+
+# ---------------------------------------------------------------- a full disk
+
+# Runs the real CLI with a full disk faked where FAULT says: `start` (no space at all), `checkpoint:N` (the save of
+# checkpoint N writes part of its folder, then the disk is full).
+FAULTY = """
+import errno, os, runpy, shutil, sys
+fault = os.environ["FAULT"]
+if fault == "start":
+    usage = shutil.disk_usage
+    shutil.disk_usage = lambda path: usage(path)._replace(free=0)
+else:
+    import transformers
+    step, original = int(fault.split(":")[1]), transformers.Trainer._save_checkpoint
+
+    def save(self, model, trial):
+        if self.state.global_step == step:
+            folder = os.path.join(self.args.output_dir, f"checkpoint-{step}")
+            os.makedirs(folder)
+            open(os.path.join(folder, "adapter_model.safetensors"), "wb").write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, model, trial)
+
+    transformers.Trainer._save_checkpoint = save
+sys.argv = ["qlora_lab", *sys.argv[1:]]
+runpy.run_module("qlora_lab", run_name="__main__", alter_sys=True)
+"""
+
+
+def faulty_cli(tmp_path, fault: str, *args: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "faulty.py"
+    script.write_text(FAULTY)
+    env = dict(os.environ, FAULT=fault, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, str(script), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_no_space_at_start_is_one_sentence_before_anything_is_written(tmp_path):
+    run_dir = tmp_path / "out" / "run"
+    result = faulty_cli(tmp_path, "start", *TINY, f"hydra.run.dir={run_dir}")
+    assert_refused(result, [f"no space left on the disk holding {run_dir} (0 bytes free)", "free some space"])
+    assert not run_dir.exists()
+
+
+def test_disk_full_while_training_is_one_sentence_and_the_run_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*TINY, "quantization=none", "train.save_steps=2", "train.eval_before=false"]
+    result = faulty_cli(tmp_path, "checkpoint:4", *args, f"hydra.run.dir={run_dir}")
+    assert_refused(result, [f"no space left on the disk holding {run_dir} while writing the training run",
+                            "needed", f"train.resume=true run_dir={run_dir}"])
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "failed" and info["last_checkpoint"].endswith("checkpoint-2")
+    assert (run_dir / "checkpoints" / "checkpoint-4").is_dir()  # left unmarked: resuming ignores and removes it
+
+    again = cli("train.resume=true", f"run_dir={run_dir}")  # once space is freed
+    assert again.returncode == 0, again.stderr[-3000:]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "completed" and info["attempts"][-1]["status"] == "failed"
+
+
+def test_disk_full_in_merge_or_export_removes_the_partial_files_and_says_what_is_needed(tmp_path):
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    from qlora_lab.__main__ import disk_space_for
+    from qlora_lab.rundir import Run, disk_full
+
+    from .conftest import make_cfg
+
+    source = tmp_path / "run"
+    (source / "merged").mkdir(parents=True)
+    (source / "merged" / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(1000, 1000)}, source / "merged" / "model.safetensors")  # 1e6 weights
+    (source / "export").mkdir()
+    partial = source / "export" / "model-q8_0.gguf.tmp"
+    partial.write_bytes(b"partial")
+    cfg = make_cfg([*TINY, "pipeline=export", "export.targets=[gguf:q8_0,gguf:f16]"])
+    run = Run(dir=tmp_path / "job", source=source)
+    # safetensors' own writer reports a full disk as a SafetensorError (Rust's io error)
+    full = SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                           '"No space left on device" })')
+    assert disk_full(full) and not disk_full(SafetensorError("invalid header"))
+    with pytest.raises(ConfigError) as e, disk_space_for("export", cfg, run):
+        raise full
+    assert not partial.exists()
+    message = str(e.value)
+    assert message.startswith(f"no space left on the disk holding {source / 'export'} while writing the export")
+    # 1e6 weights x (34/32 + 2) bytes = 3.06e6 bytes
+    assert "about 2.9 MiB needed" in message and "model-q8_0.gguf.tmp removed" in message, message
+    assert f"pipeline=export run_dir={source}" in message
+
+    (source / "merged.tmp").mkdir()
+    (source / "merged.tmp" / "model.safetensors").write_bytes(b"partial")
+    with pytest.raises(ConfigError, match=r"while writing merged/ .*about .* needed; the partial merged.tmp removed\); "
+                                          r"free some space, then merge again"), disk_space_for("merge", cfg, run):
+        raise OSError(28, "No space left on device")
+    assert not (source / "merged.tmp").exists()
