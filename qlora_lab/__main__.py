@@ -62,24 +62,33 @@ def disk_space_for(name: str, cfg: DictConfig, run: Run):
 
         return disk_space(run.dir, "the training run", f"continue with `python -m qlora_lab train.resume=true "
                           f"run_dir={run.dir}` (it starts from the last complete checkpoint)", checkpoint_bytes)
-    if name == "merge":
-        def base_bytes():
-            base = model_path(cfg)
-            return files_bytes(Path(base)) if looks_local(base) else None
 
+    def base_bytes():  # a merged model takes about the space of the base model's weight files
+        base = model_path(cfg)
+        return files_bytes(Path(base)) if looks_local(base) else None
+
+    def merged_tmp():
+        return [p for p in [source / "merged.tmp"] if p.exists()]
+
+    if name == "merge":
         return disk_space(source, "merged/", f"merge again with `python -m qlora_lab pipeline=merge run_dir={source}`",
-                          base_bytes, lambda: [p for p in [source / "merged.tmp"] if p.exists()])
+                          base_bytes, merged_tmp)
     if name == "export":
+        again = f"export again with `python -m qlora_lab pipeline=export run_dir={source}`"
+
+        def export_tmp():
+            return sorted((source / "export").glob("*.tmp"))
+
+        if not (source / "merged" / "config.json").is_file():  # the export stage merges first
+            return disk_space(source, "merged/ and the export (an export merges first)", again, base_bytes,
+                              lambda: merged_tmp() + export_tmp())
+
         def export_bytes():
             weights = weight_count(source / "merged")
             return int(sum(EXPORT_BYTES[fmt.value if t is None else f"{fmt.value}:{t.value}"] * weights
                            for fmt, t in export_targets(cfg.export))) or None
 
-        def partial():  # an export, or the merge an export starts with when the run has no merged/ yet
-            return sorted((source / "export").glob("*.tmp")) + [p for p in [source / "merged.tmp"] if p.exists()]
-
-        return disk_space(source / "export", "the export", f"export again with `python -m qlora_lab pipeline=export "
-                          f"run_dir={source}`", export_bytes, partial)
+        return disk_space(source / "export", "the export", again, export_bytes, export_tmp)
     return disk_space(run.dir, f"the {name} stage's results", "run it again")
 
 

@@ -163,13 +163,13 @@ class Run:
 
 def disk_full(error: BaseException | None) -> bool:
     """True for "No space left on device" (or a full quota), also when a library wraps it: safetensors' Rust
-    writer raises SafetensorError("... IoError(Os { code: 28, kind: StorageFull ...")."""
+    writer raises SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")."""
     import errno
 
     while error is not None:
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        if "No space left on device" in str(error) or "StorageFull" in str(error):
+        if "No space left on device" in str(error):
             return True
         error = error.__cause__ or error.__context__
     return False

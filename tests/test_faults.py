@@ -177,9 +177,8 @@ def test_disk_full_in_merge_or_export_removes_the_partial_files_and_says_what_is
     partial.write_bytes(b"partial")
     cfg = make_cfg([*TINY, "pipeline=export", "export.targets=[gguf:q8_0,gguf:f16]"])
     run = Run(dir=tmp_path / "job", source=source)
-    # safetensors' own writer reports a full disk as a SafetensorError (Rust's io error)
-    full = SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
-                           '"No space left on device" })')
+    # safetensors' own writer reports a full disk as a SafetensorError (its text, seen on a full tmpfs)
+    full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
     assert disk_full(full) and not disk_full(SafetensorError("invalid header"))
     with pytest.raises(ConfigError) as e, disk_space_for("export", cfg, run):
         raise full
@@ -215,3 +214,58 @@ def test_the_kernels_community_warning_alone_is_silenced():
         plain = subprocess.run([sys.executable, "-c", code.format(first="")], cwd=ROOT, env=env, capture_output=True,
                                text=True, timeout=300)
         assert "Failed to load CPU gemm_4bit_forward from kernels-community" in plain.stderr, plain.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MiB tmpfs: the tiny model's first checkpoint (3.8 MiB) fits, the second does not. Needs the right to
+    mount (root in most containers); skipped elsewhere."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_really_full_disk_during_training_then_resume_once_space_is_freed(small_disk):
+    run_dir = small_disk / "run"
+    result = cli(*TINY, "quantization=none", "train.save_steps=2", "train.eval_before=false",
+                 f"hydra.run.dir={run_dir}")
+    assert_refused(result, [f"no space left on the disk holding {run_dir} while writing the training run (0 bytes "
+                            f"free, about", f"train.resume=true run_dir={run_dir}"])
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "failed" and info["last_checkpoint"].endswith("checkpoint-2")
+
+    subprocess.run(["mount", "-o", "remount,size=40m", str(small_disk)], check=True)  # space freed
+    again = cli("train.resume=true", f"run_dir={run_dir}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stdout and "checkpoint-2" in again.stdout
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
+
+
+def test_a_really_full_disk_in_merge_and_export_leaves_no_partial_files(small_disk, tmp_path):
+    import shutil
+
+    trained = tmp_path / "trained"
+    result = cli(*TINY, "quantization=none", "train.max_steps=2", "train.save_steps=null", "train.eval_before=false",
+                 f"hydra.run.dir={trained}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = small_disk / "run"
+    shutil.copytree(trained, run)  # 3.6 MiB of the 6: the merged model (12 MiB) cannot fit
+
+    merge = cli("pipeline=merge", f"run_dir={run}", f"hydra.run.dir={tmp_path / 'merge'}")
+    assert_refused(merge, [f"no space left on the disk holding {run} while writing merged/", "MiB needed",
+                           "the partial merged.tmp removed", f"pipeline=merge run_dir={run}"])
+    assert not (run / "merged.tmp").exists() and not (run / "merged").exists()
+
+    subprocess.run(["mount", "-o", "remount,size=40m", str(small_disk)], check=True)
+    assert cli("pipeline=merge", f"run_dir={run}", f"hydra.run.dir={tmp_path / 'merge2'}").returncode == 0
+    used = shutil.disk_usage(small_disk).used  # now leave 1 MiB: the q8_0 GGUF (~3.4 MiB) cannot fit
+    subprocess.run(["mount", "-o", f"remount,size={used + (1 << 20)}", str(small_disk)], check=True)
+    export = cli("pipeline=export", f"run_dir={run}", "export.measure=false", f"hydra.run.dir={tmp_path / 'export'}")
+    assert_refused(export, [f"no space left on the disk holding {run / 'export'} while writing the export",
+                            "MiB needed", "model-q8_0.gguf.tmp removed", f"pipeline=export run_dir={run}"])
+    assert not list((run / "export").glob("*.tmp"))
