@@ -10,6 +10,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
 
+SWEEP = {"dir": None}  # this process's sweep folder, once a multirun started: run_cli names it on a Ctrl-C
+
 
 def _rank() -> int:
     from qlora_lab.distributed import rank  # lazily: Hydra imports callbacks before the app
@@ -33,6 +35,30 @@ def _holds_results(p: Path) -> bool:
 
 def _given(config: DictConfig, key: str) -> bool:
     return any(o.lstrip("+").startswith(f"{key}=") for o in config.hydra.overrides.hydra)
+
+
+def check_writable(path: Path, config: DictConfig, key: str) -> None:
+    """A file where the run folder or one above it should be: say which setting put it there."""
+    from .config import folder_problem
+
+    problem = folder_problem(path)
+    if problem:
+        named = f"{key}={path}" if _given(config, key) else f"paths.output_dir={config.paths.output_dir}"
+        _refuse(f"{named} cannot hold the run folder: {problem}; point it at a folder (or a path that does not exist "
+                f"yet).")
+
+
+MIN_FREE = 1 << 20  # bytes: below this Hydra could not even write the run's config and log
+
+
+def check_free_space(path: Path) -> None:
+    """A disk already full at start would fail inside Hydra (writing .hydra/), with a traceback: say it first."""
+    from .rundir import free_space, size_text
+
+    free = free_space(path)
+    if free < MIN_FREE:
+        _refuse(f"no space left on the disk holding {path} ({size_text(free)} free); free some space (a run needs "
+                f"room for its config, log, checkpoints and adapter), or point paths.output_dir at another disk.")
 
 
 def claim(path: Path, marker: str, explicit: bool, key: str) -> Path:
@@ -68,6 +94,10 @@ class RunDirGuard(Callback):
             if not (run_dir / ".hydra" / "config.yaml").is_file():
                 _refuse(f"run_dir={config.run_dir} is not a QLoRA Lab run folder (no .hydra/config.yaml); pass "
                         f"the folder of the run to resume.")
+            if _given(config, "hydra.run.dir") and Path(str(config.hydra.run.dir)).resolve() != run_dir:
+                _refuse(f"train.resume=true continues run_dir={config.run_dir} in that folder, but "
+                        f"hydra.run.dir={config.hydra.run.dir} names another; drop hydra.run.dir.")
+            check_free_space(run_dir)
             with read_write(config.hydra):
                 config.hydra.run.dir = str(run_dir)
                 config.hydra.output_subdir = None  # keep the run's own config: the resumed run is checked against it
@@ -78,6 +108,8 @@ class RunDirGuard(Callback):
                 config.hydra.output_subdir = None
             return
         subdir = config.hydra.output_subdir or ".hydra"
+        check_writable(Path(str(config.hydra.run.dir)), config, "hydra.run.dir")
+        check_free_space(Path(str(config.hydra.run.dir)))
         path = claim(Path(str(config.hydra.run.dir)), subdir, _given(config, "hydra.run.dir"), "hydra.run.dir")
         with read_write(config.hydra):
             config.hydra.run.dir = str(path)
@@ -88,10 +120,14 @@ class RunDirGuard(Callback):
             if not _given(config, "hydra.sweep.dir") or not sweep_dir.is_dir():
                 _refuse(f"train.resume=true in a sweep continues an earlier sweep: give its folder as "
                         f"hydra.sweep.dir=DIR (got {sweep_dir}, {'missing' if not sweep_dir.is_dir() else 'unset'}).")
+            SWEEP["dir"] = str(sweep_dir)
             return  # completed jobs are skipped, the others resumed or run (qlora_lab.resume.job_to_resume)
+        check_writable(sweep_dir, config, "hydra.sweep.dir")
+        check_free_space(sweep_dir)
         path = claim(sweep_dir, "multirun.yaml", _given(config, "hydra.sweep.dir"), "hydra.sweep.dir")
         with read_write(config.hydra):
             config.hydra.sweep.dir = str(path)
+        SWEEP["dir"] = str(path)
 
 
 class SweepReport(Callback):

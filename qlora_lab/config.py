@@ -394,6 +394,19 @@ def launch_time(fmt: str) -> str:
     return datetime.fromtimestamp(stamp).strftime(fmt)
 
 
+def job_dirname(override_dirname: str) -> str:
+    """A sweep job's folder name from Hydra's override_dirname, one folder level: a '/' in a value (a path, e.g.
+    dataset.path=data/a.json) is written %2F, as in a URL; a name too long for a file system is cut and ends
+    with a hash of the whole, so that jobs stay apart."""
+    import hashlib
+
+    name = str(override_dirname).replace("/", "%2F")
+    if len(name.encode()) > 200:  # most file systems allow 255 bytes; the job number is prepended
+        digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+        name = f"{name.encode()[:180].decode(errors='ignore')}-{digest}"
+    return name
+
+
 # Each group's schema, stored under the group as `base_<group>`: every option file starts with
 # `defaults: [base_<group>, _self_]` and holds only what differs from these dataclasses' defaults.
 GROUP_SCHEMAS = {"model": ModelConfig, "quantization": QuantizationConfig, "lora": LoraConfig,
@@ -409,6 +422,8 @@ def register() -> None:
         store.store(group=group, name=f"base_{group}", node=schema)
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", project_root)
+    if not OmegaConf.has_resolver("job_dirname"):
+        OmegaConf.register_new_resolver("job_dirname", job_dirname)
     if not OmegaConf.has_resolver("launch_time"):
         OmegaConf.register_new_resolver("launch_time", launch_time, use_cache=True)
 
@@ -501,6 +516,8 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"lora.dropout must be in [0, 1) (got {cfg.lora.dropout}).")
     check_values(cfg)
+    check_model(cfg.model)
+    check_folders(cfg)
     check_stage_settings(cfg)
     check_run_dir(cfg)
 
@@ -594,6 +611,7 @@ def check_values(cfg: Config) -> None:
     if t.scheduler not in schedulers:
         raise ConfigError(f"train.scheduler={t.scheduler} is not a transformers scheduler; use one of "
                           f"{', '.join(schedulers)}.")
+    check_optim_and_reporting(t)
     if t.warmup_steps < 0:
         raise ConfigError(f"train.warmup_steps must be 0 or more (got {t.warmup_steps}).")
     for key in ("logging_steps", "eval_steps", "save_steps", "save_total_limit"):
@@ -614,6 +632,102 @@ def check_values(cfg: Config) -> None:
             raise ConfigError(f"{key} must be a positive integer (got {value}).")
     if g.top_k < 0 or g.no_repeat_ngram_size < 0:
         raise ConfigError("generation.top_k and generation.no_repeat_ngram_size must be 0 or more.")
+
+
+ATTENTION = ["eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4"]
+
+
+def check_model(m: ModelConfig) -> None:
+    """The model settings that transformers would only refuse once loading has begun."""
+    import difflib
+
+    if not str(m.name_or_path).strip():
+        raise ConfigError("model.name_or_path is not set (model=hf needs it); give model.name_or_path=ORG/NAME (a hub "
+                          "id) or a local model folder.")
+    if m.random_init:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        model_type = m.random_init.get("model_type", "llama")
+        if model_type not in CONFIG_MAPPING:
+            close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=1)
+            hint = f"did you mean {close[0]}?" if close else "e.g. llama, qwen2, mistral."
+            raise ConfigError(f"model.random_init.model_type={model_type} is not a transformers architecture; {hint}")
+    attn = str(m.attn_implementation)
+    if "/" in attn:  # a kernel from the Hugging Face hub (org/repo), checked by transformers itself
+        return
+    if attn not in ATTENTION:
+        close = difflib.get_close_matches(attn, ATTENTION, n=1)
+        hint = f"did you mean {close[0]}? Known: " if close else "use one of "
+        raise ConfigError(f"model.attn_implementation={attn} is not an attention transformers knows; {hint}"
+                          f"{', '.join(ATTENTION)}.")
+    if attn.startswith("flash_attention_"):
+        import torch
+        import transformers.utils
+
+        version = attn.rsplit("_", 1)[1]
+        if not torch.cuda.is_available():
+            raise ConfigError(f"model.attn_implementation={attn} needs a CUDA GPU; use sdpa (the default) here.")
+        if not getattr(transformers.utils, f"is_flash_attn_{version}_available")():
+            raise ConfigError(f"model.attn_implementation={attn} needs the flash-attn package for this GPU and torch "
+                              f"(`pip install flash-attn --no-build-isolation`), or use sdpa.")
+
+
+def folder_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be (or be created as) a folder: a file in its place or above it."""
+    p = Path(path).expanduser().absolute()
+    for ancestor in (p, *p.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                return f"{ancestor} is a file, not a folder" if ancestor == p else f"{ancestor} is a file"
+            return None
+    return None
+
+
+def check_folders(cfg: Config) -> None:
+    """The folders this job writes into (Hydra's run folder is claimed earlier, see callbacks.RunDirGuard)."""
+    env = os.environ.get("QLORA_LAB_CACHE")
+    for key, path in (("paths.output_dir", cfg.paths.output_dir), ("paths.cache_dir", cfg.paths.cache_dir)):
+        problem = folder_problem(path)
+        if problem:
+            named = f"QLORA_LAB_CACHE={env}" if key == "paths.cache_dir" and env == str(path) else f"{key}={path}"
+            raise ConfigError(f"{named} cannot hold folders: {problem}; point it at a folder (or a path that does "
+                              f"not exist yet).")
+
+
+# train.report_to names whose PyPI package is not the integration's own name
+REPORTING_PACKAGES = {"azure_ml": "azureml-core", "neptune": "neptune", "dagshub": "dagshub mlflow",
+                      "flyte": "flytekitplugins-deck-standard", "kubeflow": "kubeflow-training"}
+
+
+def check_optim_and_reporting(t: TrainConfig) -> None:
+    """train.optim and train.report_to as transformers reads them: an unknown name or a missing package would only
+    fail once the model has loaded."""
+    import difflib
+
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+    from transformers.training_args import OptimizerNames
+
+    optims = ["auto", *(o.value for o in OptimizerNames)]
+    if t.optim not in optims:
+        close = difflib.get_close_matches(str(t.optim), optims, n=1, cutoff=0.4)
+        hint = f"did you mean {close[0]}? Others: " if close else "use e.g. "
+        raise ConfigError(f"train.optim={t.optim} is not a transformers optimizer; {hint}auto, adamw_torch, "
+                          f"adamw_torch_fused, paged_adamw_8bit, adafactor, sgd (all: transformers' OptimizerNames).")
+    available = get_available_reporting_integrations()
+    for name in t.report_to:
+        if name in ("none", "all"):
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ConfigError(f"train.report_to has {name!r}, which transformers does not know; use any of "
+                              f"{', '.join(INTEGRATION_TO_CALLBACK)}, or train.report_to=[] for none.")
+        if name not in available:
+            package = REPORTING_PACKAGES.get(name, name.replace("_", "-"))
+            raise ConfigError(f"train.report_to has {name!r}, but its package is not installed; `pip install "
+                              f"{package}` (into .venv), or drop it from train.report_to (e.g. "
+                              f"train.report_to=[tensorboard]).")
 
 
 def check_run_dir(cfg: Config) -> None:

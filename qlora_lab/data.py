@@ -12,9 +12,12 @@ These are the messages and tools of transformers' chat templates, so a row rende
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +72,8 @@ def read_records(path: Path, field_name: str) -> list[dict]:
         except Exception as e:  # datasets raises many types for a malformed file, mostly "An error occurred ..."
             problem = diagnose_file(path, builder) or str(e).splitlines()[0]
             raise ConfigError(f"{field_name}={path} could not be read as {builder}: {problem}") from None
+        # an empty cell of a numeric column reads as NaN: a missing value, not the text "nan"
+        records = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in records]
     if not records:
         raise ConfigError(f"{field_name}={path} holds no records; give a file with at least one example.")
     for i, record in enumerate(records):
@@ -83,7 +88,7 @@ def read_json_records(path: Path, field_name: str) -> list:
     problem = diagnose_file(path, "json")
     if problem:
         raise ConfigError(f"{field_name}={path} could not be read as json: {problem}")
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors write one) is dropped
     if text.lstrip().startswith("["):
         return json.loads(text)
     try:
@@ -98,12 +103,12 @@ def diagnose_file(path: Path, builder: str) -> str | None:
     if builder not in ("json", "csv"):
         return None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         return f"line {line} is not UTF-8 text (byte {e.start}); save the file as UTF-8."
-    if builder != "json":
-        return None
+    if builder == "csv":
+        return ragged_csv_line(text)
     if text.lstrip().startswith("["):  # one JSON document (a list of records)
         try:
             json.loads(text)
@@ -122,6 +127,17 @@ def diagnose_file(path: Path, builder: str) -> str | None:
                 json.loads(line)
         except json.JSONDecodeError as e:
             return f"line {number} is not valid JSON ({e.msg}, column {e.colno}); write one JSON object a line."
+    return None
+
+
+def ragged_csv_line(text: str) -> str | None:
+    """The first CSV row with more fields than the header (pandas stops there, `datasets` names no line)."""
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, [])
+    for row in reader:
+        if len(row) > len(header):
+            return (f"line {reader.line_num} has {len(row)} fields but the header has {len(header)}; put quotes "
+                    f"around a value that holds a comma, or fix that line.")
     return None
 
 

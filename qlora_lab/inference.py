@@ -22,7 +22,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from .config import Config, ConfigError, GenerationConfig, InferenceMode
 from .data import IGNORE_INDEX, encode, end_of_turn_id, load_splits, prompt_and_reference
-from .models import load_model, load_tokenizer, model_path, tokenizer_path
+from .models import check_safetensors, load_model, load_tokenizer, model_path, tokenizer_path
 
 # ---------------------------------------------------------------- loading
 
@@ -31,6 +31,7 @@ def adapter_dir(source: Path) -> Path:
     if not (path / "adapter_config.json").is_file():
         raise ConfigError(f"{source} has no trained adapter (adapter/adapter_config.json); pass run_dir= a finished "
                           f"training run, or put the train stage first in pipeline.stages.")
+    check_safetensors(path, f"run_dir={source}", "train the run again, or restore the file from a copy.")
     return path
 
 
@@ -39,6 +40,8 @@ def merged_dir(source: Path) -> Path:
     if not (path / "config.json").is_file():
         raise ConfigError(f"{source} has no merged model (merged/config.json); run `python -m qlora_lab "
                           f"pipeline=merge run_dir={source}` first, or put the merge stage before this one.")
+    check_safetensors(path, f"run_dir={source}", f"merge again with `python -m qlora_lab pipeline=merge "
+                                                 f"run_dir={source} merge.overwrite=true`.")
     return path
 
 

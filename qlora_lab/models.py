@@ -134,15 +134,79 @@ def _random_folder(model_cfg: ModelConfig, cache_dir: Path) -> Path:
     return _build_once(target, lambda path: (path / "config.json").is_file(), build)
 
 
-def resolve_path(name_or_path: str, cache_dir: str | Path) -> str:
-    """An `embedded:` name becomes its cached folder; anything else is a hub id or local folder, as given."""
+def looks_local(name_or_path: str) -> bool:
+    return name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
+
+
+def resolve_path(name_or_path: str, cache_dir: str | Path, key: str = "model.name_or_path") -> str:
+    """An `embedded:` name becomes its cached folder; anything else is a hub id or local folder, as given.
+    `key`: the setting that named it (model.name_or_path or model.tokenizer), for the error."""
     if name_or_path.startswith(EMBEDDED_PREFIX):
         return str(_embedded_folder(name_or_path[len(EMBEDDED_PREFIX):], Path(cache_dir)))
-    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
-    if looks_local and not (Path(name_or_path).expanduser() / "config.json").is_file():
-        raise ConfigError(f"model.name_or_path={name_or_path} is not a model folder (no config.json there); "
-                          f"point it at a saved Hugging Face model or use a hub id.")
+    folder = Path(name_or_path).expanduser()
+    if looks_local(name_or_path):
+        if key == "model.tokenizer" and not folder.is_dir():
+            raise ConfigError(f"model.tokenizer={name_or_path} is not a folder; point it at a saved tokenizer (a "
+                              f"model folder), use a hub id, or drop it to use model.name_or_path's.")
+        if key == "model.name_or_path" and not (folder / "config.json").is_file():
+            raise ConfigError(f"model.name_or_path={name_or_path} is not a model folder (no config.json there); "
+                              f"point it at a saved Hugging Face model or use a hub id.")
     return name_or_path
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file cannot be whole: its 8-byte header length, JSON header and tensor offsets are read
+    and checked against the file's size (a cut-short copy or download), without loading any tensor."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"cut short at {size} bytes"
+        length = int.from_bytes(head, "little")
+        if 8 + length > size:
+            return f"cut short: {size} bytes, its header alone needs {8 + length}"
+        try:
+            header = json.loads(f.read(length))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            return "its header is not valid safetensors JSON"
+    if 8 + length + end > size:
+        return f"cut short: {size} of {8 + length + end} bytes"
+    return None
+
+
+def weight_count(folder: Path) -> int:
+    """The number of weights in a folder's .safetensors files, from their headers (nothing loaded)."""
+    total = 0
+    for path in Path(folder).glob("*.safetensors"):
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for key, value in header.items():
+            if key != "__metadata__":
+                n = 1
+                for dim in value["shape"]:
+                    n *= dim
+                total += n
+    return total
+
+
+def check_safetensors(folder: Path, named: str, fix: str) -> None:
+    """Refuse a folder holding a damaged .safetensors file, naming it (`named`: the setting that points there)."""
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem:
+            raise ConfigError(f"{named}: {path} is damaged ({problem}); {fix}")
+
+
+def check_model_files(cfg: Config) -> None:
+    """The local model and tokenizer folders named in cfg.model exist and hold whole weight files (no model loads)."""
+    m = cfg.model
+    for key, value in (("model.name_or_path", None if m.random_init else m.name_or_path),
+                       ("model.tokenizer", m.tokenizer)):
+        if not value or value.startswith(EMBEDDED_PREFIX) or not looks_local(value):
+            continue
+        resolve_path(value, cfg.paths.cache_dir, key)
+        check_safetensors(Path(value).expanduser(), f"{key}={value}", "download or save the model again.")
 
 
 def model_path(cfg: Config) -> str:
@@ -153,7 +217,7 @@ def model_path(cfg: Config) -> str:
 
 def tokenizer_path(cfg: Config) -> str:
     if cfg.model.tokenizer:
-        return resolve_path(cfg.model.tokenizer, cfg.paths.cache_dir)
+        return resolve_path(cfg.model.tokenizer, cfg.paths.cache_dir, "model.tokenizer")
     return model_path(cfg)
 
 

@@ -59,10 +59,15 @@ RATIO_NOTE = ("wall s: the job from its start to its end (data, model load, eval
 # ---------------------------------------------------------------- reading the jobs
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
-    """Job folders (those Hydra wrote a config into), in job-number order."""
-    dirs = [p for p in sweep_dir.iterdir() if (p / ".hydra" / "config.yaml").is_file()]
-    return sorted(dirs, key=lambda p: (int(p.name.split("_", 1)[0]) if p.name.split("_", 1)[0].isdigit() else 1 << 30,
-                                       p.name))
+    """Job folders (those Hydra wrote a config into), in job-number order. Also found below the top level: a
+    hydra.sweep.subdir with a '/' in it (or a sweep from before job_dirname) nests them."""
+    dirs = [p.parent.parent for p in sweep_dir.glob("**/.hydra/config.yaml") if p.parent.parent != sweep_dir]
+
+    def number(p: Path) -> int:
+        first = p.relative_to(sweep_dir).parts[0].split("_", 1)[0]
+        return int(first) if first.isdigit() else 1 << 30
+
+    return sorted(dirs, key=lambda p: (number(p), str(p)))
 
 
 def _overrides(job_dir: Path) -> dict[str, str]:
@@ -135,7 +140,7 @@ def add_groups_and_ratios(rows: list[dict]) -> None:
 
 
 def collect(sweep_dir: Path) -> list[dict]:
-    rows = [job_row(d) for d in job_dirs(sweep_dir)]
+    rows = [job_row(d) | {"job": str(d.relative_to(sweep_dir))} for d in job_dirs(sweep_dir)]
     add_groups_and_ratios(rows)
     return rows
 

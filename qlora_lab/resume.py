@@ -32,6 +32,21 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM: recorded as `interrupted` (not `failed`) with the step and the last checkpoint."""
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C on a sweep: the job in progress ended `interrupted` and no further job starts. The message is the one
+    line printed, with the command that resumes the sweep."""
+
+
+def sweep_resume_command(sweep_dir: str | Path) -> str:
+    """This sweep's command line again, continuing in its folder (completed jobs are skipped)."""
+    import shlex
+    import sys
+
+    args = [a for a in sys.argv[1:] if not a.startswith(("hydra.sweep.dir=", "train.resume="))]
+    return " ".join(["python -m qlora_lab", *map(shlex.quote, args), shlex.quote(f"hydra.sweep.dir={sweep_dir}"),
+                     "train.resume=true"])
+
+
 class _Stop:
     requested: str | None = None  # the signal's name once one arrived during training
     training: bool = False  # inside the training loop: stop at the end of the step, not at once

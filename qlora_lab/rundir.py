@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -154,6 +155,99 @@ class Run:
     def _write_info(self) -> None:
         if is_main_process():
             (self.dir / "run.json").write_text(json.dumps(self.info, indent=2) + "\n")
+
+
+def disk_full(error: BaseException | None) -> bool:
+    """True for "No space left on device" (or a full quota), also when a library wraps it: safetensors' Rust
+    writer raises SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")."""
+    import errno
+
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def size_text(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def free_space(folder: Path) -> int:
+    """Free bytes on the disk that holds `folder` (or would, once created)."""
+    import shutil
+
+    for path in (Path(folder), *Path(folder).parents):
+        if path.exists():
+            return shutil.disk_usage(path).free
+    return 0
+
+
+@contextmanager
+def disk_space(folder: Path, what: str, then: str, needed=lambda: None, leftovers=lambda: []):
+    """A full disk while writing `what` into `folder` ends in one sentence (a ConfigError) naming the folder, the
+    free and (when known) the needed space, and what to run once space is freed. `leftovers()`: the temporary files
+    or folders being written, removed (a half-written one would only hold on to the space); `needed()`: bytes or
+    None. Both are asked only once the disk is full."""
+    import shutil
+
+    try:
+        yield
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        removed = []
+        for path in leftovers():
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path.name)
+        try:
+            need = needed()
+        except Exception:  # an estimate only: never hide the real message behind another error
+            need = None
+        need = f", about {size_text(need)} needed" if need else ""
+        removed = f"; the partial {', '.join(removed)} removed" if removed else ""
+        raise ConfigError(f"no space left on the disk holding {folder} while writing {what} "
+                          f"({size_text(free_space(folder))} free{need}{removed}); free some space, then "
+                          f"{then}.") from None
+
+
+_held_lock = None  # the open lock file of the run folder this process works in (see hold_run_dir)
+
+
+def hold_run_dir(folder: Path) -> None:
+    """Lock the run folder for this process: fcntl.flock on .hydra/lock, released by the OS when the process ends,
+    however it ends (a SIGKILL included), so a second process resuming the same run is refused while this one lives.
+    The lock file holds the holder's pid and host, for that refusal. A sweep's jobs run one after another in one
+    process: taking the next job's folder lets go of the previous one."""
+    import fcntl
+
+    global _held_lock
+    if _held_lock is not None:
+        _held_lock.close()
+        _held_lock = None
+    (folder / ".hydra").mkdir(parents=True, exist_ok=True)
+    f = open(folder / ".hydra" / "lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that has not written its pid yet"
+        f.close()
+        raise ConfigError(f"run_dir={folder} is in use by another process ({holder}); wait for it to end or stop "
+                          f"it, then run this again.") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _held_lock = f
 
 
 def read_json(path: Path) -> dict:

@@ -85,6 +85,31 @@ BAD_INPUTS = [
      ["inference.prompts_file=", "no prompts"]),
     ("non-UTF-8 prompts file", ["pipeline=infer", "inference.prompts_file={tmp}/latin1_prompts.txt"],
      ["inference.prompts_file=", "line 2", "not UTF-8"]),
+    # second round (issue 26): values transformers would refuse only after the model loaded
+    ("unknown optimizer", ["train.optim=bogus"], ["train.optim=bogus", "not a transformers optimizer", "adamw_torch"]),
+    ("misspelt optimizer", ["train.optim=adamw_torh"], ["train.optim=adamw_torh", "did you mean adamw_torch?"]),
+    ("report_to without its package", ["train.report_to=[wandb]"], ["train.report_to", "'wandb'", "pip install wandb"]),
+    ("unknown report_to", ["train.report_to=[tensorbord]"], ["train.report_to", "'tensorbord'", "tensorboard"]),
+    ("output_dir is a file", ["paths.output_dir={tmp}/empty.jsonl"], ["paths.output_dir=", "empty.jsonl is a file"]),
+    ("cache_dir under a file", ["paths.cache_dir={tmp}/empty.jsonl/cache"], ["paths.cache_dir=", "empty.jsonl is a file"]),
+    ("truncated model weights", ["model=hf", "model.name_or_path={tmp}/cut_model"],
+     ["model.name_or_path=", "model.safetensors is damaged", "cut short"]),
+    ("truncated adapter", ["pipeline=evaluate", "run_dir={tmp}/run_cut_adapter"],
+     ["run_dir=", "adapter_model.safetensors is damaged", "cut short"]),
+    ("unknown random architecture", ["model.random_init.model_type=lama"],
+     ["model.random_init.model_type=lama", "not a transformers architecture", "llama"]),
+    ("flash attention without CUDA or flash-attn", ["model.attn_implementation=flash_attention_2"],
+     ["model.attn_implementation=flash_attention_2", "sdpa"]),
+    ("unknown attention", ["model.attn_implementation=spda"], ["model.attn_implementation=spda", "did you mean sdpa?"]),
+    ("tokenizer folder missing", ["model.tokenizer={tmp}/no_tokenizer"], ["model.tokenizer=", "not a folder"]),
+    ("model=hf without a path", ["model=hf"], ["model.name_or_path is not set", "model=hf"]),
+    ("ragged CSV row", ["dataset=custom", "dataset.path={tmp}/ragged.csv"],
+     ["ragged.csv", "line 4 has 4 fields but the header has 3", "quotes"]),
+    ("empty numeric CSV cell as output", ["dataset=custom", "dataset.path={tmp}/nan_output.csv",
+                                          "dataset.columns.output=answer"],
+     ["nan_output.csv", "record 3", "'answer'", "empty or missing"]),
+    ("NaN Parquet output", ["dataset=custom", "dataset.path={tmp}/nan_output.parquet"],
+     ["nan_output.parquet", "record 2", "'output'", "empty or missing"]),
 ]
 
 
@@ -118,7 +143,34 @@ def write_bad_files(tmp: Path, saved_run_config) -> None:
     (tmp / "bad_history.json").write_text(json.dumps([dict(RECORD, history=[["only a prompt"]])] + [RECORD] * 11))
     (tmp / "blank.txt").write_text("\n  \n")
     (tmp / "latin1_prompts.txt").write_bytes(b"Hello\nGr\xfc\xdf Gott\n")
+    from safetensors.torch import save_file
+
+    weights = {"w": __import__("torch").zeros(64, 64)}
+    (tmp / "cut_model").mkdir()
+    (tmp / "cut_model" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    save_file(weights, tmp / "cut_model" / "model.safetensors")
+    cut_short(tmp / "cut_model" / "model.safetensors")
+    adapter = saved_run_config(tmp / "run_cut_adapter", ["model=tiny_random", "dataset=gsm8k", "dataset.size=8"])
+    (adapter / "adapter").mkdir()
+    (adapter / "adapter" / "adapter_config.json").write_text("{}")
+    save_file(weights, adapter / "adapter" / "adapter_model.safetensors")
+    cut_short(adapter / "adapter" / "adapter_model.safetensors")
+    rows = [f"q{i},,{i}" for i in range(12)]
+    (tmp / "ragged.csv").write_text("\n".join(["instruction,input,output", *rows[:2], "a,b,1,000", *rows[2:]]) + "\n")
+    (tmp / "nan_output.csv").write_text("\n".join(["instruction,answer", *(f"q{i},{'' if i == 3 else i}"
+                                                                          for i in range(12))]) + "\n")
+    import pandas as pd
+
+    pd.DataFrame({"instruction": [f"q{i}" for i in range(12)],
+                  "output": [float("nan") if i == 2 else float(i) for i in range(12)]}).to_parquet(
+        tmp / "nan_output.parquet")
     lost = tmp / "lost.json"
     lost.write_text(json.dumps(good))
     saved_run_config(tmp / "run_lost_data", ["model=tiny_random", f"dataset.path={lost}", "dataset.eval_size=4"])
     lost.unlink()
+
+
+def cut_short(path: Path) -> None:
+    """A copy or download that stopped early: the file keeps its first half."""
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])

@@ -165,3 +165,21 @@ def test_two_simultaneous_launches_get_two_run_dirs(tmp_path):
     assert len(runs) == 2, runs
     pids = {json.loads((r / "run.json").read_text())["pid"] for r in runs}
     assert pids == {p.pid for p in procs}  # each folder holds its own run's record
+
+
+# ---------------------------------------------------------------- folders that cannot be folders
+
+def test_cache_under_a_file_names_the_environment_variable(tmp_path, monkeypatch):
+    from qlora_lab.config import validate
+
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("QLORA_LAB_CACHE", str(tmp_path / "file" / "cache"))
+    with pytest.raises(ConfigError, match=r"^QLORA_LAB_CACHE=.*file is a file; point it at a folder"):
+        validate(make_cfg(TINY))
+
+
+def test_output_dir_that_is_a_file_is_refused_before_hydra_writes(tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = cli(*TINY, f"paths.output_dir={tmp_path / 'file'}")
+    assert_refused(result, [f"paths.output_dir={tmp_path / 'file'}", "cannot hold the run folder", "file is a file"])
+    assert (tmp_path / "file").read_text() == "x"

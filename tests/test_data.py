@@ -99,6 +99,18 @@ def test_generic_column_mapping(tmp_path, suffix, writer):
     assert all(r["messages"][1]["content"].startswith("answer") for r in splits.train)
 
 
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_a_byte_order_mark_is_read_past(tmp_path, suffix):
+    """Windows editors start UTF-8 files with a BOM; a JSON list (or JSON Lines) so saved reads as without one."""
+    rows = [{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(12)]
+    text = json.dumps(rows, indent=1) if suffix == ".json" else "\n".join(json.dumps(r) for r in rows)
+    path = tmp_path / f"bom{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    splits = load_splits(make_cfg([f"dataset.path={path}", "dataset.eval_size=2"]))
+    assert sorted(r["messages"][0]["content"] for r in splits.train + splits.eval) == sorted(
+        r["instruction"] for r in rows)
+
+
 @pytest.mark.parametrize("content,message", [
     ("[]", "holds no records"),
     ('[{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": ""}]', "record 1"),

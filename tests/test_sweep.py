@@ -241,3 +241,48 @@ def test_isolated_launcher_refuses_more_jobs_at_once_than_gpus(tmp_path):
         "error: hydra.launcher.n_jobs=3 but 2 GPUs are visible, and each job at once needs a GPU of its own; "
         "set hydra.launcher.n_jobs=2 or auto.")
     assert not (tmp_path / "sweep" / "0").exists()
+
+
+def test_sweep_over_paths_keeps_one_folder_level_per_job_and_reports_them(tmp_path):
+    """`-m dataset.path=a/d.json,b/d.json`: Hydra's override_dirname holds the '/' of the values; the job folders
+    must still be one level (job_dirname writes it %2F), and the report must find every job."""
+    records = [{"instruction": f"Say hi {i}.", "output": "Hi."} for i in range(12)]
+    paths = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        paths.append(tmp_path / name / "d.json")
+        paths[-1].write_text(json.dumps(records))
+    sweep_dir = tmp_path / "sweep"
+    result = cli("-m", "model=tiny_random", f"dataset.path={paths[0]},{paths[1]}", "dataset.size=8",
+                 "dataset.eval_size=4", "dataset.max_seq_length=64", "train.max_steps=1", "train.eval_before=false",
+                 "train.report_to=[]", f"hydra.sweep.dir={sweep_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
+    assert len(jobs) == 2 and all((sweep_dir / job / ".hydra" / "config.yaml").is_file() for job in jobs)
+    assert "%2Fa%2Fd.json" in jobs[0] and "%2Fb%2Fd.json" in jobs[1]
+    rows = read_rows(sweep_dir)
+    assert sorted(rows) == jobs and all(r["status"] == "completed" for r in rows.values())
+
+
+def test_job_dirname_is_one_level_and_bounded():
+    from qlora_lab.config import job_dirname
+
+    assert job_dirname("dataset.path=data/a.json,lora.r=8") == "dataset.path=data%2Fa.json,lora.r=8"
+    long_a, long_b = (job_dirname(f"dataset.path={'x/' * 200}{c}.json") for c in "ab")
+    assert "/" not in long_a and len(long_a.encode()) <= 200 and long_a != long_b
+
+
+def test_report_finds_jobs_nested_below_the_sweep_folder(tmp_path):
+    """A sweep written before job_dirname (or with a hydra.sweep.subdir holding a '/') nests its jobs."""
+    from omegaconf import OmegaConf
+
+    from .conftest import make_cfg
+
+    names = ["0_dataset.path=data/a.json", "1_dataset.path=data/b.json"]
+    for name in names:
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        OmegaConf.save(make_cfg(["model=tiny_random"]), tmp_path / name / ".hydra" / "config.yaml")
+        (tmp_path / name / ".hydra" / "overrides.yaml").write_text(f"- {name.split('_', 1)[1]}\n")
+        (tmp_path / name / "run.json").write_text(json.dumps({"status": "failed", "error": "x"}))
+    write_report(tmp_path)
+    assert sorted(read_rows(tmp_path)) == names

@@ -20,6 +20,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import signal
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -110,6 +111,7 @@ def jobs_at_once(n_jobs: int | str, gpus: list[str]) -> int:
 class IsolatedLauncher(Launcher):
     def __init__(self, n_jobs: int | str = "auto") -> None:
         self.n_jobs = n_jobs
+        self._interrupted: list[int] = []  # SIGINTs that reached this process while jobs ran
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
@@ -135,13 +137,27 @@ class IsolatedLauncher(Launcher):
         for gpu in (gpus[:at_once] if gpus else [None]):
             free.put(gpu)
         jobs = list(enumerate(job_overrides, start=initial_job_idx))
-        with ThreadPoolExecutor(max_workers=at_once) as threads:
-            return list(threads.map(lambda job: self._run_one(*job, free), jobs))
+        # A Ctrl-C reaches the jobs' processes too (the terminal signals the whole process group): each saves a
+        # checkpoint and stops, and its SweepInterrupted comes back through its future. This process only notes the
+        # signal meanwhile, and starts no further job.
+        self._interrupted = []
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: self._interrupted.append(signum))
+        try:
+            with ThreadPoolExecutor(max_workers=at_once) as threads:
+                runs = [r for r in threads.map(lambda job: self._run_one(*job, free), jobs) if r is not None]
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if self._interrupted:
+            raise KeyboardInterrupt("SIGINT received")
+        return runs
 
-    def _run_one(self, idx: int, overrides: Sequence[str], free: queue.Queue) -> JobReturn:
-        """One job in a fresh process, on a GPU taken from `free` (given back when the job ends)."""
+    def _run_one(self, idx: int, overrides: Sequence[str], free: queue.Queue) -> JobReturn | None:
+        """One job in a fresh process, on a GPU taken from `free` (given back when the job ends); None when the
+        sweep was interrupted before this job started."""
         gpu = free.get()
         try:
+            if self._interrupted:
+                return None
             log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}" + (f"  (GPU {gpu})" if gpu is not None else ""))
             sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
             with open_dict(sweep_config):

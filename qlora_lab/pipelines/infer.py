@@ -34,7 +34,7 @@ def read_prompt_rows(path_str: str, root: str, cfg: Config) -> list[dict]:
                           f"or a JSONL file with a `prompt` field.")
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # -sig: a byte-order mark (Windows editors write one) is dropped
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise ConfigError(f"inference.prompts_file={path}: line {line} is not UTF-8 text (byte {e.start}); "
