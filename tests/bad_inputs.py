@@ -85,6 +85,10 @@ BAD_INPUTS = [
      ["inference.prompts_file=", "no prompts"]),
     ("non-UTF-8 prompts file", ["pipeline=infer", "inference.prompts_file={tmp}/latin1_prompts.txt"],
      ["inference.prompts_file=", "line 2", "not UTF-8"]),
+    # the web app: a login wherever other machines can reach it
+    ("web app on every interface without a login", ["pipeline=web", "web.host=0.0.0.0"],
+     ["web.host=0.0.0.0", "web.auth=USER:PASSWORD"]),
+    ("web login without a password", ["pipeline=web", "web.auth=me"], ["web.auth", "USER:PASSWORD"]),
 ]
 
 
