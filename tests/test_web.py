@@ -45,6 +45,7 @@ from .conftest import ROOT, TINY, cli, make_cfg
 
 ARTIFACTS = ROOT / "outputs" / "test-artifacts" / "web"
 GREEDY = GenerationConfig(max_new_tokens=12)
+LONG_JOB = "3_+experiment=lora_vs_qlora,dataset.size=16,quantization=nf4,train.max_steps=4,lora.r=16"
 OTHER_HOST = "attacker.example"  # a name the test browser resolves to 127.0.0.1: another site, or DNS rebinding
 
 
@@ -60,6 +61,9 @@ def outputs(tmp_path_factory):
     job = out / "multirun" / "demo" / "0_quantization=none"
     shutil.copytree(run_dir, job, ignore=shutil.ignore_patterns("adapter", "checkpoints"))
     write_report(job.parent)
+    # a sweep job's folder as Hydra names it: long, with `=`, `+` and `,`
+    shutil.copytree(run_dir, out / "multirun" / "2026-11-30" / "08-12-33" / LONG_JOB,
+                    ignore=shutil.ignore_patterns("checkpoints"))
     return out
 
 
@@ -761,9 +765,7 @@ def test_a_sweep_plot_is_shown_whole(browser, app):
 def test_chat_input_and_send_are_in_view_at_1400x900(browser, app):
     from selenium.webdriver.common.by import By
 
-    browser.set_window_size(1400, 900)
-    inner = browser.execute_script("return [window.innerWidth, window.innerHeight]")
-    browser.set_window_size(1400 + 1400 - inner[0], 900 + 900 - inner[1])  # a 1400x900 page
+    page_size(browser, 1400, 900)
     try:
         browser.get(app.url)
         wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#chat-input textarea"), what="the chat input")
@@ -775,3 +777,91 @@ def test_chat_input_and_send_are_in_view_at_1400x900(browser, app):
         browser.save_screenshot(str(ARTIFACTS / "chat_1400x900.png"))
     finally:
         browser.set_window_size(1280, 1000)
+
+
+def page_size(browser, width: int, height: int) -> None:
+    """The window size that gives the page width x height."""
+    browser.set_window_size(width, height)
+    inner = browser.execute_script("return [window.innerWidth, window.innerHeight]")
+    browser.set_window_size(2 * width - inner[0], 2 * height - inner[1])
+
+
+def test_runs_table_fits_long_names_and_says_utc(browser, app):
+
+    page_size(browser, 1400, 900)
+    browser.get(app.url)
+    open_tab(browser, "Runs")
+    wait_for(lambda: LONG_JOB in text_of(browser, "runs-table"), what="the sweep job in the runs table")
+    assert "started (UTC)" in text_of(browser, "runs-table")
+    rows = browser.execute_script("""return [...document.querySelectorAll('#runs-table [role="row"]')]
+        .map(r => [r.textContent, r.getBoundingClientRect().height]).filter(r => r[1] > 0)""")
+    long_row = next(height for text, height in rows if LONG_JOB in text)
+    short_row = next(height for text, height in rows if "tiny/run1" in text)
+    browser.save_screenshot(str(ARTIFACTS / "runs_long_names.png"))
+    assert long_row <= 1.6 * short_row, rows  # the date and the losses take two lines: the name three at most
+    browser.save_screenshot(str(ARTIFACTS / "runs_long_names.png"))
+    choose(browser, "run-open", f"multirun/2026-11-30/08-12-33/{LONG_JOB}")
+    command = wait_for(lambda: "pipeline=evaluate" in (t := text_of(browser, "run-evaluation")) and t,
+                       what="the suggested evaluate command")
+    assert "\"run_dir='" in command and "'\"" in command, command  # quoted for the shell and for Hydra
+    browser.set_window_size(1280, 1000)
+
+
+def test_new_runs_and_sweeps_show_on_reload_and_a_gone_sweep_says_so(browser, app, outputs):
+    from selenium.webdriver.common.by import By
+
+    shutil.copytree(outputs / "tiny" / "run1", outputs / "tiny" / "run3", ignore=shutil.ignore_patterns("checkpoints"))
+    later = outputs / "multirun" / "later"
+    shutil.copytree(outputs / "multirun" / "demo", later)
+    (later / "summary.md").write_text((later / "summary.md").read_text().replace("Sweep report: demo",
+                                                                                  "Sweep report: later"))
+    try:
+        browser.get(app.url)  # a reload reads the folders again
+        open_tab(browser, "Runs")
+        wait_for(lambda: "tiny/run3" in text_of(browser, "runs-table"), what="the new run in the runs table")
+        open_tab(browser, "Sweeps")
+        wait_for(lambda: "Sweep report: later" in text_of(browser, "sweep-summary"), what="the newest sweep")
+        shutil.rmtree(later)  # moved or deleted while the page shows it
+        browser.get(app.url)
+        open_tab(browser, "Sweeps")
+        wait_for(lambda: "Sweep report: demo" in text_of(browser, "sweep-summary"), what="the remaining sweep")
+        assert not browser.find_elements(By.CSS_SELECTOR, ".toast-body")  # no error popup
+        # gone between listing and opening: the message is on that sweep only
+        shutil.copytree(outputs / "multirun" / "demo", later)
+        browser.find_element(By.ID, "sweeps-refresh").click()
+        choose(browser, "sweep-select", "multirun/later")  # listed again after ↻
+        shutil.rmtree(later)
+        choose(browser, "sweep-select", "multirun/demo")
+        wait_for(lambda: "Sweep report: demo" in text_of(browser, "sweep-summary"), what="the demo sweep")
+        choose(browser, "sweep-select", "multirun/later")
+        wait_for(lambda: "cannot be read" in text_of(browser, "sweep-summary"), what="the gone sweep's message")
+        assert not browser.find_elements(By.CSS_SELECTOR, ".toast-body")
+    finally:
+        shutil.rmtree(later, ignore_errors=True)
+        shutil.rmtree(outputs / "tiny" / "run3", ignore_errors=True)
+
+
+def test_a_message_too_long_is_not_sent_and_trimmed_turns_are_named(browser, app):
+    from selenium.webdriver.common.by import By
+
+    browser.get(app.url)
+    set_max_new_tokens(browser, 1024)
+    long = "word " * 1100  # more than the tiny model's 2048 tokens of context with 1024 new ones
+    box = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#chat-input textarea"), what="the chat input")[0]
+    browser.execute_script("arguments[0].value = arguments[1]; "
+                           "arguments[0].dispatchEvent(new Event('input', {bubbles: true}))", box, long)
+    browser.find_element(By.ID, "chat-send").click()
+    status = wait_for(lambda: "not sent" in (s := text_of(browser, "chat-status")) and s, what="the refusal")
+    assert "context of 2048 tokens" in status and "max new tokens 1024" in status, status
+    assert box.get_attribute("value").strip() == long.strip() and not bubbles(browser, "user")  # handed back
+
+    half = "word " * 500  # two of these with their answers do not fit: the first exchange is dropped
+    for _ in range(2):
+        browser.execute_script("arguments[0].value = arguments[1]; "
+                               "arguments[0].dispatchEvent(new Event('input', {bubbles: true}))", box, half)
+        browser.find_element(By.ID, "chat-send").click()
+        wait_for(lambda: "tokens/s" in text_of(browser, "chat-status"), 120, "the reply")
+    status = text_of(browser, "chat-status")
+    assert "the oldest 2 messages no longer fit the context (2048 tokens)" in status, status
+    assert len(bubbles(browser, "user")) == 2  # still in view
+    browser.find_element(By.ID, "chat-reset").click()

@@ -624,7 +624,7 @@ def build_app(cfg: Config, source: Path | None) -> gr.Blocks:
             with gr.Tab("Runs", id="runs"):
                 gr.Markdown(f"Runs under `{output_dir}`, newest first; times in UTC.")
                 runs_df = gr.Dataframe([], headers=web_pages.RUN_COLUMNS, interactive=False, wrap=True,
-                                       column_widths=["30%", "10%", "14%", "8%", "10%", "8%", "8%", "6%", "6%"],
+                                       column_widths=["38%", "10%", "11%", "7%", "9%", "5%", "8%", "6%", "6%"],
                                        elem_id="runs-table")
                 with gr.Row():
                     open_box = gr.Dropdown([], value=None, label="open a run", scale=3, elem_id="run-open")
