@@ -787,7 +787,6 @@ def page_size(browser, width: int, height: int) -> None:
 
 
 def test_runs_table_fits_long_names_and_says_utc(browser, app):
-
     page_size(browser, 1400, 900)
     browser.get(app.url)
     open_tab(browser, "Runs")
