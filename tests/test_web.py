@@ -330,18 +330,12 @@ class Server:
     temp_dir: Path  # GRADIO_TEMP_DIR: where an upload would land
 
 
-@pytest.fixture(scope="module")
-def app(outputs, tmp_path_factory):
-    """`python -m qlora_lab pipeline=web` on a free port, stopped with Ctrl-C (SIGINT) at the end."""
-    run_dir = outputs / "tiny" / "run1"
+def launch(args: list[str], job: Path, **env) -> tuple[subprocess.Popen, str, list[str]]:
+    """`python -m qlora_lab pipeline=web ARGS` on a free port: (process, its URL, its output lines as they come)."""
     port = free_port()
-    temp_dir = tmp_path_factory.mktemp("gradio_tmp")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               GRADIO_TEMP_DIR=str(temp_dir))
-    job = tmp_path_factory.mktemp("web_job")
-    proc = subprocess.Popen([sys.executable, "-m", "qlora_lab", "pipeline=web", f"run_dir={run_dir}",
-                             "model=tiny_random", "generation.max_new_tokens=48", f"web.port={port}",
-                             f"paths.output_dir={outputs}", f"hydra.run.dir={job}"],
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **env)
+    proc = subprocess.Popen([sys.executable, "-m", "qlora_lab", "pipeline=web", *args, f"web.port={port}",
+                             f"hydra.run.dir={job}"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     ready = threading.Event()
@@ -358,11 +352,54 @@ def app(outputs, tmp_path_factory):
         pytest.fail("the web app did not print its URL within 120 s:\n" + "".join(lines)[-3000:])
     url = next(line for line in lines if line.startswith("web app: http")).split()[2]
     assert url == f"http://127.0.0.1:{port}"
-    yield Server(url, port, lines, temp_dir)
+    return proc, url, lines
+
+
+def stop(proc: subprocess.Popen, lines: list[str], job: Path) -> None:
+    """Ctrl-C (SIGINT): a clean end of the stage."""
     proc.send_signal(signal.SIGINT)
     assert proc.wait(120) == 0, "".join(lines)[-3000:]
     assert "web app stopped" in "".join(lines)
     assert json.loads((job / "run.json").read_text())["status"] == "completed"
+
+
+@pytest.fixture(scope="module")
+def app(outputs, tmp_path_factory):
+    """The app on a tiny trained run, with GRADIO_TEMP_DIR in a folder of its own."""
+    temp_dir, job = tmp_path_factory.mktemp("gradio_tmp"), tmp_path_factory.mktemp("web_job")
+    proc, url, lines = launch([f"run_dir={outputs / 'tiny' / 'run1'}", "model=tiny_random",
+                               "generation.max_new_tokens=48", f"paths.output_dir={outputs}"], job,
+                              GRADIO_TEMP_DIR=str(temp_dir))
+    yield Server(url, int(url.rsplit(":", 1)[1]), lines, temp_dir)
+    stop(proc, lines, job)
+
+
+def test_web_auth_asks_for_a_login_and_stays_off_disk(outputs, tmp_path):
+    """web.auth from the environment: the page needs the login, and the password is in no file of the job."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    job = tmp_path / "job"
+    proc, url, lines = launch(["model=tiny_random", "web.auth=${oc.env:WEB_LOGIN}", f"paths.output_dir={outputs}"],
+                              job, WEB_LOGIN="me:a-long-secret")
+    try:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}/config", timeout=30)
+        assert refused.value.code == 401
+
+        def login(password: str) -> int:
+            form = urllib.parse.urlencode({"username": "me", "password": password}).encode()
+            try:
+                with urllib.request.urlopen(urllib.request.Request(f"{url}/login", form), timeout=30) as answer:
+                    return answer.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        assert login("wrong") == 400 and login("a-long-secret") == 200
+    finally:
+        stop(proc, lines, job)
+    assert not [p for p in job.rglob("*") if p.is_file() and b"a-long-secret" in p.read_bytes()]
 
 
 @pytest.fixture(scope="module")
