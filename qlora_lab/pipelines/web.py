@@ -149,10 +149,6 @@ class ModelCache:
         self.loaded[key] = Loaded(key, model, tokenizer, cfg, time.perf_counter() - t0, model_bytes(model))
         return self.loaded[key]
 
-    def clear(self) -> None:
-        self.loaded.clear()
-        self.free()
-
     @staticmethod
     def free() -> None:
         gc.collect()
@@ -259,8 +255,9 @@ def stream_reply(loaded: Loaded, ids, gen: GenerationConfig, stop: threading.Eve
 
 def stats_line(stats: dict) -> str:
     ttft = f"{stats['ttft_s']:.2f} s" if stats["ttft_s"] is not None else "–"
-    return (f"{'stopped: ' if stats['stopped'] else ''}{stats['new_tokens']} tokens in {stats['seconds']:.2f} s: **{stats['tokens_per_s']:.1f} tokens/s**, "
-            f"time to first token **{ttft}**")
+    stopped = "stopped: " if stats["stopped"] else ""
+    return (f"{stopped}{stats['new_tokens']} tokens in {stats['seconds']:.2f} s: "
+            f"**{stats['tokens_per_s']:.1f} tokens/s**, time to first token **{ttft}**")
 
 
 def progress_line(stats: dict) -> str:
@@ -547,6 +544,7 @@ def build_app(cfg: Config, source: Path | None) -> gr.Blocks:
                 chat_outputs = [message, chatbot, history, chat_status]
                 answering = [send.click(respond, chat_inputs, chat_outputs),
                              message.submit(respond, chat_inputs, chat_outputs)]
+
                 def stop_chat(request: gr.Request):  # the answer so far stays, as the last reply
                     stop_turn(request, "chat")
 
@@ -615,6 +613,7 @@ def build_app(cfg: Config, source: Path | None) -> gr.Blocks:
                 sbs_outputs = [answer_a, answer_b, stats_a, stats_b, sbs_status]
                 compare.click(side_by_side, sbs_inputs, sbs_outputs)
                 prompt_box.submit(side_by_side, sbs_inputs, sbs_outputs)
+
                 def stop_sides(request: gr.Request):
                     stop_turn(request, "side")
 
@@ -677,8 +676,11 @@ def build_app(cfg: Config, source: Path | None) -> gr.Blocks:
                     if not name:
                         return (f"No sweep report under `{output_dir}` yet: `python -m qlora_lab -m "
                                 f"+experiment=lora_vs_qlora` writes one."), []
+                    folder = (output_dir / name).resolve()
+                    if not folder.is_relative_to(output_dir):
+                        return f"**`{name}` is not a sweep under `{output_dir}`.**", []
                     try:
-                        text, pngs = web_pages.sweep_page(output_dir / name)
+                        text, pngs = web_pages.sweep_page(folder)
                         from PIL import Image
 
                         return text, [(Image.open(p).convert("RGB"), p.name) for p in pngs]
