@@ -610,6 +610,7 @@ def set_max_new_tokens(browser, n: int) -> None:
 def send_message(browser, text: str) -> None:
     from selenium.webdriver.common.by import By
 
+    open_tab(browser, "Chat")
     wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#chat-input textarea"), what="the chat input")
     browser.find_element(By.CSS_SELECTOR, "#chat-input textarea").send_keys(text)
     browser.find_element(By.ID, "chat-send").click()
@@ -881,6 +882,7 @@ def test_a_message_too_long_is_not_sent_and_trimmed_turns_are_named(browser, app
     from selenium.webdriver.common.by import By
 
     browser.get(app.url)
+    open_tab(browser, "Chat")
     set_max_new_tokens(browser, 1024)
     long = "word " * 1100  # more than the tiny model's 2048 tokens of context with 1024 new ones
     box = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#chat-input textarea"), what="the chat input")[0]
