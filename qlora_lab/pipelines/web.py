@@ -549,7 +549,9 @@ def build_app(cfg: Config, source: Path | None) -> gr.Blocks:
                     stop_turn(request, "chat")
 
                 stop.click(stop_chat, None, None)
-                reset.click(reset_chat, None, [chatbot, history, chat_status], cancels=answering)
+                # cleared again one round trip later: an answer's update already on its way may land after the first
+                reset.click(reset_chat, None, [chatbot, history, chat_status], cancels=answering).then(
+                    lambda: ([], [], "history cleared"), None, [chatbot, history, chat_status])
 
             # ---------------------------------------------------------------- side by side
             with gr.Tab("Side by side", id="side"):
