@@ -335,6 +335,7 @@ class WebConfig:
 
     host: str = "127.0.0.1"  # this machine only; another interface (e.g. 0.0.0.0) exposes the app to the network
     port: int = 7860
+    auth: str | None = None  # USER:PASSWORD, the login the page asks for; required when host is not a loopback address
 
 
 @dataclass
@@ -522,6 +523,26 @@ def validate(cfg: Config) -> None:
     check_run_dir(cfg)
 
 
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_web_access(w: WebConfig) -> None:
+    """pipeline=web: a login wherever other machines can reach the app."""
+    if w.auth is not None and not all(w.auth.partition(":")[::2]):
+        raise ConfigError("web.auth must be USER:PASSWORD (both non-empty), e.g. web.auth=me:long-secret; "
+                          "or leave it out on a loopback web.host.")
+    if w.auth is None and not is_loopback(w.host):
+        raise ConfigError(f"web.host={w.host} lets other machines reach the app, so it needs a login: add "
+                          f"web.auth=USER:PASSWORD, or keep the default web.host=127.0.0.1.")
+
+
 def check_stages(cfg: Config) -> None:
     from .pipelines import STAGES
 
@@ -566,6 +587,8 @@ def check_stage_settings(cfg: Config) -> None:
                               "quantization=none; use merge.base=original (the two are the same here).")
     if "web" in stages and not 1 <= cfg.web.port <= 65535:
         raise ConfigError(f"web.port must be a TCP port from 1 to 65535 (got {cfg.web.port}); the default is 7860.")
+    if "web" in stages:
+        check_web_access(cfg.web)
     if "export" in stages:
         export_targets(cfg.export)
         if cfg.export.measure and cfg.inference.agreement_examples < 1:

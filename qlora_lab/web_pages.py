@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime
+import re
+import shlex
+from datetime import datetime, timezone
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -17,7 +19,7 @@ from .config import InferenceMode
 from .int8_dynamic import RUN_SUBDIR as INT8_SUBDIR
 from .rundir import read_json, run_status
 
-RUN_COLUMNS = ["run", "date", "model", "quantization", "dataset", "stages", "status", "eval loss before",
+RUN_COLUMNS = ["run", "started (UTC)", "model", "quantization", "dataset", "stages", "status", "eval loss before",
                "eval loss after"]
 
 
@@ -40,11 +42,13 @@ def _stages(run_dir: Path) -> list[str]:
 
 
 def _started(run_dir: Path) -> str:
-    """run.json's start time (UTC, ISO), else the folder's modification time."""
+    """run.json's start time, else the folder's modification time: ISO, in UTC."""
     started = read_json(run_dir / "run.json").get("started_at")
-    if started:
-        return started
-    return datetime.fromtimestamp(run_dir.stat().st_mtime).astimezone().isoformat(timespec="seconds")
+    try:
+        when = datetime.fromisoformat(started)
+    except (TypeError, ValueError):
+        when = datetime.fromtimestamp(run_dir.stat().st_mtime, timezone.utc)
+    return when.astimezone(timezone.utc).isoformat(timespec="seconds")
 
 
 def _loss(value) -> str:
@@ -59,7 +63,7 @@ def run_row(run_dir: Path, output_dir: Path) -> dict:
     size = OmegaConf.select(cfg, "dataset.size", default=None)
     return {
         "run": run_dir.relative_to(output_dir).as_posix(),
-        "date": _started(run_dir).replace("T", " ")[:16],
+        "started (UTC)": _started(run_dir).replace("T", " ")[:16],
         "model": OmegaConf.select(cfg, "model.name_or_path", default="?"),
         "quantization": str(OmegaConf.select(cfg, "quantization.method", default="?")),
         "dataset": f"{dataset} ({size})" if size is not None else str(dataset),
@@ -93,6 +97,18 @@ def inference_modes(run_dir: Path | None) -> list[str]:
 
 
 # ---------------------------------------------------------------- one run
+
+def shell_arg(key: str, path: Path | str) -> str:
+    """`key=path` for a command line, pasteable into a shell, quoted for Hydra where the path has characters its
+    override grammar reads (a sweep job folder like `3_+experiment=x,dataset.size=16`)."""
+    value = str(path)
+    if re.search(r"[^\w./-]", value):
+        value = "'" + value.replace("'", "\\'") + "'"
+    arg = f"{key}={value}"
+    if re.fullmatch(r"[\w./=-]+", arg):
+        return arg
+    return f'"{arg}"' if not re.search(r'["$`\\!]', arg) else shlex.quote(arg)  # "..." keeps Hydra's quotes readable
+
 
 def loss_history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """{"train": [(step, loss)], "eval": [(step, loss)]}: the Trainer's log history, with the final eval loss of
@@ -156,7 +172,7 @@ def run_details(run_dir: Path) -> dict:
         "config": config.read_text() if config.is_file() else "",
         "metrics": read_json(run_dir / "metrics.json"),
         "evaluation": evaluation.read_text() if evaluation.is_file() else
-        f"No evaluation table yet: `python -m qlora_lab pipeline=evaluate run_dir={run_dir}` writes one.",
+        f"No evaluation table yet: `python -m qlora_lab pipeline=evaluate {shell_arg('run_dir', run_dir)}` writes one.",
         "history": loss_history(run_dir),
     }
 

@@ -110,6 +110,10 @@ BAD_INPUTS = [
      ["nan_output.csv", "record 3", "'answer'", "empty or missing"]),
     ("NaN Parquet output", ["dataset=custom", "dataset.path={tmp}/nan_output.parquet"],
      ["nan_output.parquet", "record 2", "'output'", "empty or missing"]),
+    # the web app: a login wherever other machines can reach it
+    ("web app on every interface without a login", ["pipeline=web", "web.host=0.0.0.0"],
+     ["web.host=0.0.0.0", "web.auth=USER:PASSWORD"]),
+    ("web login without a password", ["pipeline=web", "web.auth=me"], ["web.auth", "USER:PASSWORD"]),
 ]
 
 

