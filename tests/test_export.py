@@ -174,3 +174,58 @@ def test_pre_tokenizer_names(pre, name):
 def test_unknown_pre_tokenizer_is_refused():
     with pytest.raises(ConfigError, match="pre-tokenizer"):
         gguf_export.pre_tokenizer_name({"pre_tokenizer": {"type": "Metaspace"}})
+
+
+# ---------------------------------------------------------------- what llama.cpp reads: token types, pre-tokenizer,
+# add_bos, provenance (transformers' GGUF reader ignores token types, so only reading the file checks them)
+
+def gguf_value(reader, key):
+    return reader.fields[key].contents() if key in reader.fields else None
+
+
+def test_gguf_tokenizer_keys_are_what_llama_cpp_needs(tmp_path):
+    """The tiny model with SmolLM2's real tokenizer, written as llama.cpp would read it back."""
+    import shutil
+
+    from gguf import GGUFReader, TokenType
+
+    from qlora_lab.models import model_path, tokenizer_path
+
+    cfg = make_cfg([*TINY, "quantization=none"])
+    folder = tmp_path / "merged"
+    shutil.copytree(model_path(cfg), folder)
+    load_tokenizer(tokenizer_path(cfg)).save_pretrained(folder)
+    about = export.provenance(make_cfg(["model=smollm2_135m"]), tmp_path / "run")
+    gguf_export.write_gguf(folder, tmp_path / "model.gguf", "f16", "test", about)
+
+    reader = GGUFReader(tmp_path / "model.gguf")
+    tokens, types = gguf_value(reader, "tokenizer.ggml.tokens"), gguf_value(reader, "tokenizer.ggml.token_type")
+    tokenizer_json = json.loads((folder / "tokenizer.json").read_text())
+    added = {t["id"]: t for t in tokenizer_json["added_tokens"]}
+    expected = [TokenType.CONTROL if i in added and added[i]["special"] else
+                TokenType.USER_DEFINED if i in added else TokenType.NORMAL for i in range(len(tokens))]
+    assert types == expected
+    assert types[1] == TokenType.CONTROL and tokens[1] == "<|im_start|>"  # the chat template's turn markers
+    assert types.count(TokenType.CONTROL) == 17 and types.count(TokenType.NORMAL) == len(tokens) - 17
+    assert gguf_value(reader, "tokenizer.ggml.pre") == "smollm"  # SmolLM2's digit splitting, as llama.cpp names it
+    assert gguf_value(reader, "tokenizer.ggml.add_bos_token") is False  # the chat template writes every marker
+    assert gguf_value(reader, "general.base_model.count") == 1
+    assert gguf_value(reader, "general.base_model.0.name") == "SmolLM2-135M-Instruct"
+    assert gguf_value(reader, "general.base_model.0.organization") == "HuggingFaceTB"
+    assert gguf_value(reader, "general.base_model.0.repo_url") == "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert gguf_value(reader, "general.license") == "apache-2.0"
+    assert gguf_value(reader, "general.finetune") == "qlora-nf4"
+    assert "fine-tune" in gguf_value(reader, "general.tags")
+
+
+def test_token_types_of_added_and_unused_ids():
+    tokenizer_json = {"model": {"vocab": {"a": 0, "b": 1}},
+                      "added_tokens": [{"id": 2, "content": "<|eot|>", "special": True},
+                                       {"id": 3, "content": "<|tool|>", "special": False},  # looks special
+                                       {"id": 4, "content": "<name>", "special": False}]}
+    tokens, types = gguf_export.token_list(tokenizer_json, 6, None)
+    assert tokens == ["a", "b", "<|eot|>", "<|tool|>", "<name>", "[PAD5]"]
+    T = gguf_export.gguf.TokenType
+    assert types == [T.NORMAL, T.NORMAL, T.CONTROL, T.CONTROL, T.USER_DEFINED, T.UNUSED]
+    with pytest.raises(ConfigError, match="5 tokens but the model only 4 embedding rows"):
+        gguf_export.token_list(tokenizer_json, 4, "folder")

@@ -30,10 +30,10 @@ from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .. import gguf_export, int8_dynamic
-from ..config import Config, ConfigError, ExportFormat, export_targets
+from ..config import Config, ConfigError, ExportFormat, QuantMethod, export_targets
 from ..data import encode, load_splits, tokenize_example
 from ..inference import adapter_dir, agreement, eval_prompts, generate, teacher_forced
-from ..models import load_tokenizer, model_path
+from ..models import EMBEDDED_PREFIX, SOURCE_FILE, load_tokenizer, model_path
 from ..report import markdown_table
 from ..rundir import Run, hardware, peak_memory_gib
 from . import merge
@@ -81,9 +81,48 @@ def check(cfg: Config, source: Path, todo: list[tuple[str, str | None]]) -> None
             raise ConfigError(f"{path} already exists; remove it or pass export.overwrite=true to replace it.")
 
 
+def model_card_license(folder: Path | None) -> str | None:
+    """The license in a model card's front matter (README.md), if the folder has one."""
+    if folder is None or not (folder / "README.md").is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    return ModelCard.load(folder / "README.md").data.to_dict().get("license")
+
+
+def provenance(cfg: Config, source: Path) -> dict:
+    """What a GGUF export records about itself (general.* keys): the base model it is a fine-tune of, the base's
+    license, how it was fine-tuned. From the embedded GGUF's own keys, a hub id, or a local folder's model card."""
+    name = cfg.model.name_or_path
+    base: dict = {"name": name}
+    license_ = None
+    folder = Path(model_path(cfg))
+    if (folder / SOURCE_FILE).is_file():  # an embedded GGUF, converted: its own general.* keys
+        general = json.loads((folder / SOURCE_FILE).read_text())["general"]
+        base = {"name": name.removeprefix(EMBEDDED_PREFIX), "organization": general.get("organization")}
+        if base["organization"]:
+            base["repo_url"] = f"https://huggingface.co/{base['organization']}/{base['name']}"
+        license_ = general.get("license")
+    elif folder.is_dir():  # a local folder or a random-weight build
+        base["name"] = folder.name
+        license_ = model_card_license(folder)
+    elif "/" in name:  # a hub id
+        from huggingface_hub import try_to_load_from_cache
+
+        base |= {"organization": name.split("/")[0], "repo_url": f"https://huggingface.co/{name}"}
+        card = try_to_load_from_cache(name, "README.md")
+        license_ = model_card_license(Path(card).parent) if isinstance(card, str) else None
+    method = "lora" if cfg.quantization.method is QuantMethod.none else f"qlora-{cfg.quantization.method.value}"
+    report = source / "merged" / "merge_report.json"
+    merge_base = json.loads(report.read_text()).get("merge/base", "?") if report.is_file() else "?"
+    return {"base_model": base, "license": license_, "finetune": method, "tags": ["fine-tune", method],
+            "description": f"{method} fine-tune of {name} (run {source.name}), adapter merged into the {merge_base} "
+                           f"base weights, written by qlora_lab"}
+
+
 # ---------------------------------------------------------------- writing
 
-def write_export(merged: Path, fmt: str, gguf_type: str | None, target: Path, name: str) -> dict:
+def write_export(merged: Path, fmt: str, gguf_type: str | None, target: Path, name: str, about: dict) -> dict:
     """Write into a temporary path, then swap it in: a half-written export never looks finished."""
     tmp = target.with_name(target.name + ".tmp")
     if tmp.is_dir():
@@ -91,7 +130,7 @@ def write_export(merged: Path, fmt: str, gguf_type: str | None, target: Path, na
     tmp.unlink(missing_ok=True)
     t0 = time.perf_counter()
     if fmt == ExportFormat.gguf.value:
-        info = gguf_export.write_gguf(merged, tmp, gguf_type, name)
+        info = gguf_export.write_gguf(merged, tmp, gguf_type, name, about)
     else:
         model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
         int8_dynamic.save(model, AutoTokenizer.from_pretrained(merged), tmp)
@@ -184,9 +223,11 @@ def run(cfg: Config, run: Run) -> list[dict]:
     folder = source / "export"
     folder.mkdir(exist_ok=True)
     written = {}
+    about = provenance(cfg, source)
     for fmt, gguf_type in todo:
         name, path = export_name(fmt, gguf_type), export_path(source, fmt, gguf_type)
-        written[name] = (path, write_export(merged, fmt, gguf_type, path, f"{cfg.model.name_or_path} ({source.name})"))
+        written[name] = (path, write_export(merged, fmt, gguf_type, path, f"{cfg.model.name_or_path} ({source.name})",
+                                            about))
         print(f"{name}: wrote {path} ({size_mib(path):.1f} MiB, {written[name][1]['export_s']:.1f} s)", flush=True)
     if not cfg.export.measure:
         return []
