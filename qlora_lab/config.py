@@ -135,6 +135,7 @@ class Direction(Enum):
 
 
 class MergeBase(Enum):
+    auto = "auto"  # the weights training saw: dequantized for a quantized (QLoRA) run, original otherwise
     original = "original"  # merge into the unquantized base weights
     dequantized = "dequantized"  # merge into quantize->dequantize(base): the weights QLoRA trained against
 
@@ -280,7 +281,7 @@ class InferenceConfig:
 
 @dataclass
 class MergeConfig:
-    base: MergeBase = MergeBase.original
+    base: MergeBase = MergeBase.auto
     max_shard_size: str = "2GB"
     overwrite: bool = False
 
