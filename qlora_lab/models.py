@@ -269,7 +269,21 @@ def keep_one_cpu_4bit_path(model) -> None:
 
 
 def memory_footprint_gib(model) -> float:
-    return model.get_memory_footprint() / 2**30
+    """Bytes of every weight: parameters and buffers (transformers' get_memory_footprint), plus the packed weights
+    and biases of PyTorch's dynamically quantized linear layers, which are neither."""
+    total = model.get_memory_footprint()
+    for module in model.modules():
+        packed = getattr(module, "_packed_params", None)
+        if packed is None or not hasattr(packed, "_weight_bias"):
+            continue
+        weight, bias = packed._weight_bias()
+        total += weight.numel() * weight.element_size()
+        if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            scales, zeros = weight.q_per_channel_scales(), weight.q_per_channel_zero_points()
+            total += scales.numel() * scales.element_size() + zeros.numel() * zeros.element_size()
+        if bias is not None:
+            total += bias.numel() * bias.element_size()
+    return total / 2**30
 
 
 def lora_config(cfg: Config):

@@ -57,10 +57,17 @@ def test_export_merges_first_writes_and_measures(exported):
     assert (run_dir / "merged" / "merge_report.json").is_file()  # no merged/ before: the export merged it
     assert (run_dir / "export" / "model-q8_0.gguf").is_file() and (run_dir / "export" / "int8_dynamic").is_dir()
     report = json.loads((run_dir / "export" / "export_report.json").read_text())
-    assert set(report) == {"merged", "gguf-q8_0", "int8_dynamic"}
+    assert set(report) == {"trained", "base", "merged", "gguf-q8_0", "int8_dynamic"}
     for row in report.values():
-        assert row["size_mib"] > 0 and row["load_s"] > 0 and row["tokens_per_s"] > 0 and row["peak_rss_gib"] > 0
+        assert row["load_s"] > 0 and row["tokens_per_s"] > 0 and row["peak_rss_gib"] > 0
         assert row["eval_perplexity"] > 1 and len(row["outputs"]) == 2
+        assert row["size_mib"] is None if row["export"] == "trained" else row["size_mib"] > 0
+    # what fine-tuning taught, kept: all of it by the trained model itself, none by the base
+    assert report["trained"]["learnt_kept"] == 1 and report["base"]["learnt_kept"] == 0
+    assert report["trained"]["trained_exact_match"] == 1 and report["trained"]["trained_mean_kl"] == 0
+    # a LoRA run: merged computes what was trained
+    assert report["merged"]["trained_mean_kl"] < 1e-6 and report["merged"]["learnt_kept"] == pytest.approx(1, abs=0.01)
+    assert report["gguf-q8_0"]["learnt_kept"] == pytest.approx(1, abs=0.1)
     q8 = report["gguf-q8_0"]
     assert 0 < q8["mean_kl"] < Q8_0_KL_BOUND
     assert q8["tensor_types"]["Q8_0"] == 2 * 7 + 1  # 7 matrices a layer + the (tied) embedding; norms stay F32
@@ -118,7 +125,8 @@ def test_int8_export_reloads_and_generates(exported, tmp_path):
     assert all(1 <= r["new_tokens"] <= 6 and isinstance(r["output"], str) for r in rows)
     state = torch.load(run_dir / "export" / "int8_dynamic" / "model_int8.pt", weights_only=True)
     packed = [k for k in state if k.endswith("_packed_params._packed_params")]
-    assert len(packed) == 2 * 7 + 1 and state[packed[0]][0].dtype == torch.qint8  # every linear, lm_head too
+    assert len(packed) == 2 * 4 and state[packed[0]][0].dtype == torch.qint8  # q, k, o, gate of each layer
+    assert not any(k.startswith(("lm_head", "model.layers.0.mlp.down_proj")) and "packed" in k for k in state)
 
 
 # ---------------------------------------------------------------- bad input
@@ -229,3 +237,24 @@ def test_token_types_of_added_and_unused_ids():
     assert types == [T.NORMAL, T.NORMAL, T.CONTROL, T.CONTROL, T.USER_DEFINED, T.UNUSED]
     with pytest.raises(ConfigError, match="5 tokens but the model only 4 embedding rows"):
         gguf_export.token_list(tokenizer_json, 4, "folder")
+
+
+def test_int8_keeps_the_sensitive_layers_float_and_its_footprint_counts_every_weight(tmp_path):
+    from qlora_lab import int8_dynamic
+    from qlora_lab.models import memory_footprint_gib, model_path, tokenizer_path
+
+    cfg = make_cfg([*TINY, "quantization=none"])
+    model = AutoModelForCausalLM.from_pretrained(model_path(cfg), dtype=torch.float32)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    fp32_bytes = sum(t.numel() * 4 for t in [*model.parameters(), *model.buffers(), linears["lm_head"].weight])  # untied
+    quantized = [n for n in linears if n.rsplit(".", 1)[-1] not in int8_dynamic.FLOAT_LAYERS]
+    quantized_bytes = sum(linears[n].weight.numel() * 4 for n in quantized)
+    int8_dynamic.save(model, load_tokenizer(tokenizer_path(cfg)), tmp_path / "int8")
+    loaded = int8_dynamic.load(tmp_path / "int8")
+    modules = dict(loaded.named_modules())
+    assert all(type(modules[n]) is torch.nn.Linear for n in linears if n not in quantized)  # float: lm_head, down...
+    assert all(type(modules[n]).__module__.startswith("torch.ao.nn.quantized.dynamic") for n in quantized)
+    # every weight: the float ones at 4 bytes, the int8 ones at 1 byte plus a scale and zero point per row
+    overhead = sum(linears[n].out_features * 16 for n in quantized)
+    footprint = memory_footprint_gib(loaded) * 2**30
+    assert fp32_bytes - 0.75 * quantized_bytes <= footprint <= fp32_bytes - 0.75 * quantized_bytes + overhead
