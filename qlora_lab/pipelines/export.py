@@ -2,13 +2,16 @@
 
 `python -m qlora_lab pipeline=export run_dir=RUN export.format=gguf|int8_dynamic [export.gguf_type=f16|q8_0|q4_0]`
 Reads top to bottom: check everything a user can get wrong, merge the adapter if the run has no merged/ yet
-(with the run's merge.base choice), write each export, then load each one back on the CPU and measure it
-against the unquantized merged model:
+(with the run's merge.base choice), write each export, then load each one back on the CPU and measure it, with
+the trained model and the base before fine-tuning, against the unquantized merged model:
   cost       file size, load time, generated tokens/s, peak RSS (each export is measured in a fresh process)
-  quality    eval perplexity (response tokens, as the training loss)
+  quality    eval perplexity (response tokens, as the training loss), and learnt_kept: the share of the eval-loss
+             gain from the base to the trained model that the export keeps (a warning below LEARNT_KEPT_WARNING)
   agreement  greedy exact-match rate of the outputs with merged's, max |logit difference| and mean
              KL(merged || export) of next-token distributions over every position of inference.agreement_examples
-             eval examples; for GGUF also whether its embedded tokenizer gives the same ids as the run's
+             eval examples, and the same against the trained model (the adapter on the base quantized as in
+             training: trained_exact_match, trained_mean_kl); for GGUF also whether its embedded tokenizer gives
+             the same ids as the run's
 Writes RUN/export/<files>, RUN/export/export_report.json (one entry per export, kept across jobs) and a table
 (export.md in the job dir, also printed; also into export.table_dir when set).
 
@@ -300,7 +303,8 @@ def run(cfg: Config, run: Run) -> list[dict]:
               f"threads); {len(prompts)} eval prompts, greedy, max_new_tokens {cfg.generation.max_new_tokens}, batch "
               f"{cfg.inference.batch_size}; peak RSS of a fresh process per export, {runtime:.2f} GiB of it before "
               f"loading (the runtime); agreement with merged (fp32) and with the trained model (trained_*: the adapter on "
-              f"the {cfg.quantization.method.value} base) over {sum(len(x) for x in reference['logits'])} positions of "
+              f"the {'unquantized' if cfg.quantization.method is QuantMethod.none else cfg.quantization.method.value} "
+              f"base) over {sum(len(x) for x in reference['logits'])} positions of "
               f"{len(reference['logits'])} eval examples; perplexity over {len(examples)} eval examples; learnt_kept: "
               f"the share of the eval-loss gain from base to trained that a model keeps (warned below "
               f"{LEARNT_KEPT_WARNING:.0%}). GGUF rows: read back and run by transformers (dequantized to fp32).")

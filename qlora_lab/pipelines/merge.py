@@ -164,7 +164,8 @@ def run(cfg: Config, run: Run) -> Path:
                  f"{report['merge/base_diff_max_abs']:.3g}, relative {report['merge/base_diff_rel']:.3%}; "
                  f"LoRA update: max {report['merge/lora_delta_max_abs']:.3g}, relative "
                  f"{report['merge/lora_delta_rel']:.3%}")
-    line += (f"\nagreement with the model as trained (adapter on the {quant.value} base): "
+    trained_on = "unquantized" if quant is QuantMethod.none else quant.value
+    line += (f"\nagreement with the model as trained (adapter on the {trained_on} base): "
              f"{report['merge/trained_exact_match']:.0%} of {report['merge/trained_prompts']} greedy answers identical, "
              f"mean KL {report['merge/trained_mean_kl']:.3g}")
     print(line, flush=True)
