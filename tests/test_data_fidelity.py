@@ -144,3 +144,21 @@ def test_truncation_accounts_for_every_answer_left_out(tokenizer, tmp_path):
         assert whole + example["shortened"] + example["turns_cut"] == len(answers)
         if example["shortened"]:
             assert answers[whole].startswith(spans[-1])
+
+
+def test_truncation_warning_names_a_shortened_answer_and_detection_is_told_once(tokenizer, tmp_path, caplog):
+    import logging
+
+    from qlora_lab.data import tokenize_split
+
+    path = tmp_path / "one_turn.json"
+    path.write_text(json.dumps([{"instruction": "Tell a story.", "output": "Once upon a time " * 40}] * 2))
+    d = make_cfg([*TINY, "dataset=custom", f"dataset.path={path}", "dataset.max_seq_length=60"]).dataset
+    with caplog.at_level(logging.INFO, logger="qlora_lab.data"):
+        load_conversations(str(path), d, str(tmp_path), "dataset.path")
+        _, rows = load_conversations(str(path), d, str(tmp_path), "dataset.path")  # as preflight, then the stage
+        _, stats = tokenize_split(rows, tokenizer, d, "train")
+    assert sum("is alpaca" in r.getMessage() for r in caplog.records) == 1
+    warning = next(r.getMessage() for r in caplog.records if "truncated" in r.getMessage())
+    assert "2 answers cut short at the limit, 0 later assistant turns left out, 0 examples dropped" in warning
+    assert stats["data/train_shortened"] == 2 and stats["data/train_turns_cut"] == 0
