@@ -103,7 +103,7 @@ def main() -> int:
         results.append({"messages": conversation["messages"], "merged": tokenizer.decode(expected), "llama_cpp": text,
                         "same_tokens": same, "same_text": text == tokenizer.decode(expected, skip_special_tokens=True),
                         "first_difference": None if same else next(
-                            (i for i, (a, b) in enumerate(zip(pieces, expected_pieces)) if a != b),
+                            (i for i, (a, b) in enumerate(zip(pieces, expected_pieces, strict=False)) if a != b),
                             min(len(pieces), len(expected_pieces))),
                         "prompt_tokens_same": list(llama_prompt_ids) == prompt_ids,
                         "merged_tokens": len(expected), "llama_cpp_tokens": len(pieces)})

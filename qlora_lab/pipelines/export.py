@@ -25,8 +25,8 @@ import json
 import logging
 import math
 import multiprocessing
-import sys
 import shutil
+import sys
 import time
 from pathlib import Path
 

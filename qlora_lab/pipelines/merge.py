@@ -21,13 +21,20 @@ import time
 from pathlib import Path
 
 import torch
-
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from ..config import Config, ConfigError, InferenceMode, MergeBase, QuantMethod
 from ..data import load_splits, tokenize_example
-from ..inference import adapter_dir, agreement, eval_prompts, generate, load_for_inference, resize_embeddings, teacher_forced
+from ..inference import (
+    adapter_dir,
+    agreement,
+    eval_prompts,
+    generate,
+    load_for_inference,
+    resize_embeddings,
+    teacher_forced,
+)
 from ..models import device, load_model, load_tokenizer, model_path, resolve_dtype
 from ..rundir import Run
 
