@@ -26,7 +26,9 @@ def preflight(cfg: DictConfig) -> None:
         source = cfg.model.name_or_path if not cfg.model.tokenizer else f"{cfg.model.name_or_path} and {cfg.model.tokenizer}"
         print(f"warning: model.trust_remote_code=true runs the Python code shipped in {source} in this process; "
               f"use it only for a folder or repository you trust.", file=sys.stderr, flush=True)
-    if stages & {"train", "evaluate", "compare"} or (stages & {"infer"} and not cfg.inference.prompts_file):
+    # merge and export measure agreement with the trained model on eval prompts and examples
+    needs_data = {"train", "evaluate", "compare", "merge"} | ({"export"} if cfg.export.measure else set())
+    if stages & needs_data or (stages & {"infer"} and not cfg.inference.prompts_file):
         load_splits(cfg)
     if stages & {"infer", "compare"} and cfg.inference.prompts_file:
         from .pipelines.infer import read_prompt_rows

@@ -52,6 +52,8 @@ BAD_INPUTS = [
     ("missing run_dir", ["pipeline=evaluate", "run_dir={tmp}/no_such_run"], ["run_dir=", "does not exist"]),
     ("inherited dataset file gone", ["pipeline=evaluate", "run_dir={tmp}/run_lost_data"],
      ["dataset.path=", "no such file", "came from run_dir="]),
+    ("merge without the run's dataset file", ["pipeline=merge", "run_dir={tmp}/run_lost_data"],
+     ["dataset.path=", "no such file", "came from run_dir="]),
     # data files
     ("missing data file", ["dataset.path={tmp}/no_such.json"], ["dataset.path=", "no such file"]),
     ("records under a key", ["dataset.path={tmp}/wrapped.json"], ["wrapped.json", "'data' key", "top-level JSON list"]),
