@@ -67,6 +67,8 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--kv-f32", action="store_true",
+                        help="keep llama.cpp's KV cache in fp32 (its default is fp16), e.g. to check an f32 file")
     args = parser.parse_args()
     try:
         import llama_cpp
@@ -85,7 +87,8 @@ def main() -> int:
     tokenizer = load_tokenizer(str(args.run / "merged"), cfg.model.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(args.run / "merged", dtype=torch.float32).eval()
     # logits_all: the logprobs of the chat completion name each generated token
-    llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=2048, seed=0, logits_all=True, verbose=False)
+    kv = {"type_k": 0, "type_v": 0} if args.kv_f32 else {}  # 0: GGML_TYPE_F32
+    llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=2048, seed=0, logits_all=True, verbose=False, **kv)
 
     results = []
     for conversation in conversations(cfg, args.prompts):
@@ -111,12 +114,14 @@ def main() -> int:
 
     same = sum(r["same_tokens"] for r in results)
     summary = {"run": str(args.run), "gguf": str(gguf_file), "llama_cpp_python": llama_cpp.__version__,
+               "kv_cache": "f32" if args.kv_f32 else "f16 (llama.cpp's default)",
                "prompts": len(results), "same_tokens": same, "same_text": sum(r["same_text"] for r in results),
                "prompt_tokens_same": sum(r["prompt_tokens_same"] for r in results),
                "max_new_tokens": args.max_new_tokens, "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "llama_cpp_chat.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    lines = [f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) on {gguf_file.name}, create_chat_completion "
+    lines = [f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) on {gguf_file.name}, KV cache "
+             f"{summary['kv_cache']}, create_chat_completion "
              f"with the file's chat template, greedy, max {args.max_new_tokens} new tokens, against {args.run.name}/"
              f"merged (fp32, transformers, greedy): {same} of {len(results)} answers equal token for token; the "
              f"rendered prompt tokenized alike in {summary['prompt_tokens_same']} of {len(results)}.", "",
