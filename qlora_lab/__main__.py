@@ -31,7 +31,9 @@ def preflight(cfg: DictConfig) -> None:
     adapter = Path(cfg.run_dir) / "adapter" if cfg.run_dir and not cfg.train.resume else None
     if adapter is not None and adapter.is_dir():  # the adapter every later stage of that run loads
         check_safetensors(adapter, f"run_dir={cfg.run_dir}", "train the run again, or restore the file from a copy.")
-    if stages & {"train", "evaluate", "compare"} or (stages & {"infer"} and not cfg.inference.prompts_file):
+    # merge and export measure agreement with the trained model on eval prompts and examples
+    needs_data = {"train", "evaluate", "compare", "merge"} | ({"export"} if cfg.export.measure else set())
+    if stages & needs_data or (stages & {"infer"} and not cfg.inference.prompts_file):
         load_splits(cfg)
     if stages & {"infer", "compare"} and cfg.inference.prompts_file:
         from .pipelines.infer import read_prompt_rows

@@ -137,6 +137,7 @@ class Direction(Enum):
 
 
 class MergeBase(Enum):
+    auto = "auto"  # the weights training saw: dequantized for a quantized (QLoRA) run, original otherwise
     original = "original"  # merge into the unquantized base weights
     dequantized = "dequantized"  # merge into quantize->dequantize(base): the weights QLoRA trained against
 
@@ -282,7 +283,7 @@ class InferenceConfig:
 
 @dataclass
 class MergeConfig:
-    base: MergeBase = MergeBase.original
+    base: MergeBase = MergeBase.auto
     max_shard_size: str = "2GB"
     overwrite: bool = False
 

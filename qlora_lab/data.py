@@ -4,7 +4,8 @@ by one function for every stage -> tokens whose labels cover the assistant turns
 The canonical row, which every format converts to and every stage reads:
     {"messages": [{"role": "system" | "user" | "assistant" | "tool", "content": str,
                    "tool_calls": [{"type": "function", "function": {"name": str, "arguments": dict}}],  # optional
-                   "name": str, "tool_call_id": str},  # optional, on tool results
+                   "name": str, "tool_call_id": str,  # optional, on tool results
+                   "loss_weight": 0},  # optional, on an assistant turn left out of the loss
                   ...],
      "tools": [function schema, ...] | None}
 These are the messages and tools of transformers' chat templates, so a row renders with `apply_chat_template` as is.
@@ -26,8 +27,10 @@ import numpy as np
 from datasets import Dataset, load_dataset
 
 from .config import Config, ConfigError, DataFormat, DatasetConfig, Template, TrainOn
+from .models import OncePerMessage
 
 log = logging.getLogger(__name__)
+log.addFilter(OncePerMessage())  # the preflight and the stage both read the data: its format is told once
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 IGNORE_INDEX = -100  # labels with this value are left out of the loss
@@ -220,6 +223,8 @@ def to_conversations(records: list[dict], d: DatasetConfig, source: str,
         key = found[1] if found and fmt is not DataFormat.alpaca else cols.messages or TURNS_COLUMN.get(fmt)
         row = convert(record, cols, key, where, need_answer)
         check_conversation(row["messages"], where, key or cols.history or "history", need_answer)
+        if need_answer:
+            check_trained(row["messages"], where, key, d.train_on)
         rows.append(row)
     return rows
 
@@ -325,6 +330,7 @@ def from_openai(record: dict, cols, key: str, where: str, need_answer: bool = Tr
         if role not in ROLES:
             raise ConfigError(f"{where}'s {name}.role is {role!r}, not one of {', '.join(ROLES)}; fix that turn.")
         message = {"role": role, "content": content_text(turn.get("content"), where, f"{name}.content")}
+        message |= loss_weight(turn, role, where, name)
         if role == "assistant" and turn.get("tool_calls"):
             calls = turn["tool_calls"]
             if not isinstance(calls, list):
@@ -337,17 +343,40 @@ def from_openai(record: dict, cols, key: str, where: str, need_answer: bool = Tr
 
 
 def content_text(content, where: str, name: str) -> str:
-    """A message's content: a string, or a list of typed parts of which only text parts are read."""
+    """A message's content: a string, or a list of typed parts of which only text parts are read. A text part holds
+    its text in `text` (OpenAI) or `value` (LLaMA-Factory)."""
     if not isinstance(content, list):
         return text_field(content, where, name)
     texts = []
     for k, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-        if kind != "text" or not isinstance(part.get("text"), str):
+        if not isinstance(part, dict):
+            raise ConfigError(f"{where}'s {name}[{k}] is a {type(part).__name__}, not a part {{\"type\": \"text\", "
+                              f"\"text\": ...}}; fix that part.")
+        kind = part.get("type")
+        if kind != "text":
             raise ConfigError(f"{where}'s {name}[{k}] is a part of type {kind!r}; only text parts are read, so remove "
                               f"it or the record.")
-        texts.append(part["text"])
+        text = part.get("text", part.get("value"))
+        if not isinstance(text, str):
+            raise ConfigError(f"{where}'s {name}[{k}] is a text part with no string in 'text' or 'value' (its keys: "
+                              f"{', '.join(map(str, part))}); write the text there.")
+        texts.append(text)
     return "\n\n".join(texts)
+
+
+def loss_weight(turn: dict, role: str, where: str, name: str) -> dict:
+    """A turn's `loss_weight` (LLaMA-Factory): 0 leaves an assistant turn out of the loss (it stays as context), 1
+    trains it as usual. Returned as {"loss_weight": 0} for the canonical message, or {}."""
+    if "loss_weight" not in turn or turn["loss_weight"] is None:
+        return {}
+    weight = turn["loss_weight"]
+    if isinstance(weight, bool) or weight not in (0, 1):
+        raise ConfigError(f"{where}'s {name}.loss_weight is {weight!r}; it must be 0 (not trained) or 1 (trained), "
+                          f"so fix that turn.")
+    if role != "assistant" and weight == 1:
+        raise ConfigError(f"{where}'s {name}.loss_weight is 1 on a {role} turn, but only assistant turns are trained "
+                          f"(dataset.train_on_prompt=true trains every token); set it to 0 or remove it.")
+    return {"loss_weight": 0} if weight == 0 and role == "assistant" else {}
 
 
 def from_sharegpt(record: dict, cols, key: str, where: str, need_answer: bool = True) -> dict:
@@ -366,9 +395,11 @@ def from_sharegpt(record: dict, cols, key: str, where: str, need_answer: bool = 
             calls = json_field(value, where, f"{name}.value")
             calls = calls if isinstance(calls, list) else [calls]
             messages.append({"role": "assistant", "content": "",
-                             "tool_calls": [tool_call(c, where, f"{name}.value") for c in calls]})
+                             "tool_calls": [tool_call(c, where, f"{name}.value") for c in calls]}
+                            | loss_weight(turn, "assistant", where, name))
         else:
-            messages.append({"role": SHAREGPT_ROLES[sender], "content": value})
+            role = SHAREGPT_ROLES[sender]
+            messages.append({"role": role, "content": value} | loss_weight(turn, role, where, name))
     return {"messages": messages, "tools": tools_field(record, cols, where)}
 
 
@@ -404,6 +435,17 @@ def check_conversation(messages: list[dict], where: str, key: str, need_answer: 
         if m["role"] in ("user", "assistant") and not m["content"].strip() and not m.get("tool_calls"):
             raise ConfigError(f"{where}'s {key!r} has an empty {m['role']} turn (turn {j} of the conversation); fix "
                               f"or remove that record.")
+
+
+def check_trained(messages: list[dict], where: str, key: str | None, train_on) -> None:
+    """A conversation whose every trained answer has loss_weight 0 would train nothing: say so, naming the field."""
+    answers = [m for m in messages if m["role"] == "assistant"]
+    chosen = answers if TrainOn(train_on) is TrainOn.all_assistant else answers[-1:]
+    if all(m.get("loss_weight") == 0 for m in chosen):
+        which = ("its last assistant turn, the one dataset.train_on=last_assistant trains,"
+                 if TrainOn(train_on) is TrainOn.last_assistant and len(answers) > 1 else "every assistant turn")
+        raise ConfigError(f"{where}'s {key!r}: {which} has loss_weight 0, so nothing in it would be trained; set a "
+                          f"loss_weight to 1 or remove the record.")
 
 
 def shuffled(rows: list, seed: int) -> list:
@@ -571,6 +613,7 @@ def turn_pieces(row: dict, tokenizer, template, system_prompt: str | None, train
     tools = row.get("tools")
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     trained = answers if TrainOn(train_on) is TrainOn.all_assistant else answers[-1:]
+    trained = [i for i in trained if messages[i].get("loss_weight") != 0]  # loss_weight 0: context, not trained
     whole = render(messages[: answers[-1] + 1], tools, tokenizer, template)
     pieces, pos = [], 0
     for i in trained:
@@ -601,15 +644,17 @@ def tokenize_example(row: dict, tokenizer, d: DatasetConfig) -> dict:
         if trained:
             turns.append((ids, labels))
             ids, labels = [], []
-    ids, labels, kept = [], [], 0
+    ids, labels, kept, shortened = [], [], 0, False
     for turn_ids, turn_labels in turns:
         if len(ids) + len(turn_ids) > d.max_seq_length:
             if kept == 0:
-                ids, labels = turn_ids[: d.max_seq_length], turn_labels[: d.max_seq_length]
+                ids, labels, shortened = turn_ids[: d.max_seq_length], turn_labels[: d.max_seq_length], True
             break
         ids, labels, kept = ids + turn_ids, labels + turn_labels, kept + 1
+    trainable = any(t != IGNORE_INDEX for t in labels)
+    # turns_cut: answers left out whole; shortened: the first answer cut at the limit (still partly trained)
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "truncated": kept < len(turns),
-            "turns_cut": len(turns) - kept, "trainable": any(t != IGNORE_INDEX for t in labels)}
+            "turns_cut": len(turns) - kept - shortened, "shortened": shortened and trainable, "trainable": trainable}
 
 
 def tokenize_split(rows: list[dict], tokenizer, d: DatasetConfig, split: str) -> tuple[Dataset, dict]:
@@ -618,16 +663,17 @@ def tokenize_split(rows: list[dict], tokenizer, d: DatasetConfig, split: str) ->
     kept = [e for e in examples if e["trainable"]]
     truncated = sum(e["truncated"] for e in examples)
     turns_cut = sum(e["turns_cut"] for e in examples)
+    shortened = sum(e["shortened"] for e in examples)
     dropped = len(examples) - len(kept)
     if not kept:
         raise ConfigError(f"Every {split} example's prompt is longer than dataset.max_seq_length={d.max_seq_length}; "
                           f"raise dataset.max_seq_length.")
     if truncated:
-        log.warning("%s: %d of %d examples truncated to dataset.max_seq_length=%d: %d assistant turns cut, %d "
-                    "examples dropped (nothing of their first response was left)", split, truncated, len(examples),
-                    d.max_seq_length, turns_cut, dropped)
+        log.warning("%s: %d of %d examples truncated to dataset.max_seq_length=%d: %d answers cut short at the "
+                    "limit, %d later assistant turns left out, %d examples dropped (nothing of their first answer was "
+                    "left)", split, truncated, len(examples), d.max_seq_length, shortened, turns_cut, dropped)
     stats = {f"data/{split}_examples": len(kept), f"data/{split}_truncated": truncated,
-             f"data/{split}_turns_cut": turns_cut, f"data/{split}_dropped": dropped,
+             f"data/{split}_shortened": shortened, f"data/{split}_turns_cut": turns_cut, f"data/{split}_dropped": dropped,
              f"data/{split}_tokens": sum(len(e["input_ids"]) for e in kept)}
     ds = Dataset.from_list([{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in kept])
     if d.pack:

@@ -1,12 +1,12 @@
 """A merged Llama-family model folder -> one GGUF file (weights, tokenizer, chat template) for llama.cpp / Ollama.
 
 The `gguf` package (llama.cpp's own Python library) does the file format (GGUFWriter), the tensor names
-(gguf.get_tensor_name_map), the vocabulary and special tokens (gguf.vocab.BpeVocab, SpecialVocab: merges,
-bos/eos/pad ids, add_bos, chat template) and the block quantization (gguf.quants: NumPy ports of ggml's
+(gguf.get_tensor_name_map), the special tokens (gguf.SpecialVocab: merges, bos/eos/pad ids, chat template)
+and the block quantization (gguf.quants: NumPy ports of ggml's
 reference Q8_0/Q4_0 rows). What it does not ship is the conversion recipe, which lives in llama.cpp's
 convert_hf_to_gguf.py (a script, not part of the package). The Llama part of that recipe is hand-written here:
-the metadata keys, the Q/K row permutation, which tensors stay F32, the pre-tokenizer name and padding the
-vocabulary to the embedding's rows.
+the metadata keys, the Q/K row permutation, which tensors stay F32, the pre-tokenizer name, the token types
+(which llama.cpp's tokenizer depends on), padding the vocabulary to the embedding's rows and the provenance keys.
 """
 
 from __future__ import annotations
@@ -88,6 +88,68 @@ def check_tokenizer(folder: Path) -> str:
     return pre_tokenizer_name(tokenizer_json)
 
 
+# ---------------------------------------------------------------- tokenizer and provenance
+
+def looks_special(text: str) -> bool:
+    """Chat-control tokens written like <|im_start|> (or with fullwidth bars, as DeepSeek's): llama.cpp types these
+    CONTROL even when the tokenizer does not flag them special, since it matches CONTROL tokens in the text only."""
+    return (text.startswith("<|") and text.endswith("|>")) or (text.startswith("<\uff5c") and text.endswith("\uff5c>"))
+
+
+def token_list(tokenizer_json: dict, n_vocab: int, folder: Path) -> tuple[list[str], list[int]]:
+    """The vocabulary by id with llama.cpp's token types: added tokens CONTROL when special (or special-looking),
+    USER_DEFINED otherwise, all others NORMAL; ids the tokenizer does not use (embedding rows past it) UNUSED.
+    llama.cpp splits a text at CONTROL and USER_DEFINED tokens before BPE: typed NORMAL, `<|im_start|>` would be
+    tokenized as its 8 characters."""
+    by_id = {i: text for text, i in tokenizer_json["model"]["vocab"].items()}
+    added = {t["id"]: t for t in tokenizer_json.get("added_tokens", [])}
+    by_id |= {i: t["content"] for i, t in added.items()}
+    if max(by_id) >= n_vocab:
+        raise ConfigError(f"the tokenizer in {folder} has {max(by_id) + 1} tokens but the model only {n_vocab} "
+                          f"embedding rows; it cannot be exported.")
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if added[i].get("special") or looks_special(by_id[i])
+                         else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def adds_bos(folder: Path, bos_id: int | None) -> bool:
+    """Whether the tokenizer puts BOS in front of a text by itself (its post-processor), as llama.cpp must too."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    ids = tokenizer.encode("a", add_special_tokens=True).ids
+    return bos_id is not None and bool(ids) and ids[0] == bos_id
+
+
+def add_provenance(writer: gguf.GGUFWriter, provenance: dict) -> None:
+    """general.* keys saying what the file is: a fine-tune (general.finetune, general.description) of a base model
+    (general.base_model.0.*), under the base's license."""
+    base = provenance.get("base_model") or {}
+    if base.get("name"):
+        writer.add_base_model_count(1)
+        writer.add_base_model_name(0, base["name"])
+        if base.get("organization"):
+            writer.add_base_model_organization(0, base["organization"])
+        if base.get("repo_url"):
+            writer.add_base_model_repo_url(0, base["repo_url"])
+    for key, add in (("license", writer.add_license), ("finetune", writer.add_finetune),
+                     ("description", writer.add_description)):
+        if provenance.get(key):
+            add(provenance[key])
+    if provenance.get("tags"):
+        writer.add_tags(provenance["tags"])
+
+
 # ---------------------------------------------------------------- weights
 
 def permute_for_llama_cpp(weight: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -123,8 +185,9 @@ def encode(name: str, weight: torch.Tensor, gguf_type: str) -> tuple[np.ndarray,
 
 # ---------------------------------------------------------------- the file
 
-def write_gguf(folder: Path, out: Path, gguf_type: str, name: str) -> dict:
-    """Write `folder` (a merged Hugging Face Llama checkpoint with its tokenizer) to `out`. Returns a summary."""
+def write_gguf(folder: Path, out: Path, gguf_type: str, name: str, provenance: dict | None = None) -> dict:
+    """Write `folder` (a merged Hugging Face Llama checkpoint with its tokenizer) to `out`. Returns a summary.
+    `provenance`: the general.* keys to record (see add_provenance)."""
     config = json.loads((folder / "config.json").read_text())
     check_supported(config)
     pre = check_tokenizer(folder)
@@ -155,23 +218,18 @@ def write_gguf(folder: Path, out: Path, gguf_type: str, name: str) -> dict:
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    # ---- tokenizer: tokens padded to the embedding's rows (as convert_hf_to_gguf does), merges, special ids, template
-    vocab = gguf.vocab.BpeVocab(folder)
-    tokens, types = [], []
-    for text, _score, token_type in vocab.all_tokens():
-        tokens.append(text)
-        types.append(token_type)
-    if len(tokens) > config["vocab_size"]:
-        raise ConfigError(f"the tokenizer in {folder} has {len(tokens)} tokens but the model only "
-                          f"{config['vocab_size']} embedding rows; it cannot be exported.")
-    for i in range(len(tokens), config["vocab_size"]):
-        tokens.append(f"[PAD{i}]")
-        types.append(gguf.TokenType.UNUSED)
+    # ---- tokenizer: tokens typed and padded to the embedding's rows (as convert_hf_to_gguf does), merges, special
+    # ids, whether to add BOS, the chat template
+    tokenizer_json = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    tokens, types = token_list(tokenizer_json, config["vocab_size"], folder)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
+    special.add_special_token["bos"] = adds_bos(folder, special.special_token_ids.get("bos"))
+    special.add_to_gguf(writer, quiet=True)
+    add_provenance(writer, provenance or {})
 
     # ---- tensors, renamed to llama.cpp's names
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
@@ -194,4 +252,5 @@ def write_gguf(folder: Path, out: Path, gguf_type: str, name: str) -> dict:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"tensor_types": counts, "pre_tokenizer": pre, "tokens": len(tokens)}
+    return {"tensor_types": counts, "pre_tokenizer": pre, "tokens": len(tokens),
+            "token_types": {gguf.TokenType(t).name: types.count(t) for t in sorted(set(types))}}

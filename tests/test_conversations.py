@@ -231,13 +231,13 @@ def test_truncation_keeps_whole_turns_from_the_start(tokenizer):
     two_turns = len(tokenize_example({"messages": turns[:5], "tools": None}, tokenizer,
                                      make_cfg(["dataset.max_seq_length=4096"]).dataset)["input_ids"])
     cut = tokenize_example(row, tokenizer, make_cfg([f"dataset.max_seq_length={two_turns + 3}"]).dataset)
-    assert cut["input_ids"] == whole["input_ids"][:two_turns] and cut["truncated"] and cut["turns_cut"] == 1
+    assert cut["input_ids"] == whole["input_ids"][:two_turns] and cut["truncated"] and cut["turns_cut"] == 1 and not cut["shortened"]
     assert tokenizer.decode(cut["input_ids"]).endswith("Answer 1.<|im_end|>")
     # when even the first turn does not fit, it is cut at the limit (its answer partly trained), as single turns are
     first_turn = len(tokenize_example({"messages": turns[:3], "tools": None}, tokenizer,
                                       make_cfg(["dataset.max_seq_length=4096"]).dataset)["input_ids"])
     first = tokenize_example(row, tokenizer, make_cfg([f"dataset.max_seq_length={first_turn - 2}"]).dataset)
-    assert first["input_ids"] == whole["input_ids"][:first_turn - 2] and first["turns_cut"] == 3
+    assert first["input_ids"] == whole["input_ids"][:first_turn - 2] and first["turns_cut"] == 2 and first["shortened"]
     assert first["labels"][-2:] == first["input_ids"][-2:] and first["trainable"]
 
 

@@ -20,7 +20,7 @@ EXACT = ["model=tiny_random", "quantization=none", "model.dtype=float32", "train
          "dataset.size=16", "dataset.eval_size=4", "dataset.max_seq_length=96", "train.max_steps=4",
          "train.batch_size=4", "train.learning_rate=5e-3", "train.logging_steps=1", "train.report_to=[]",
          "train.eval_before=false"]
-LOSSES = [10.803953170776367, 10.798503875732422, 10.718914031982422, 10.705354690551758]  # steps 1..4
+LOSSES = [10.803953170776367, 10.804471969604492, 10.729155540466309, 10.705175399780273]  # steps 1..4
 
 
 def test_per_step_losses_equal_the_recorded_values(tmp_path):

@@ -57,10 +57,17 @@ def test_export_merges_first_writes_and_measures(exported):
     assert (run_dir / "merged" / "merge_report.json").is_file()  # no merged/ before: the export merged it
     assert (run_dir / "export" / "model-q8_0.gguf").is_file() and (run_dir / "export" / "int8_dynamic").is_dir()
     report = json.loads((run_dir / "export" / "export_report.json").read_text())
-    assert set(report) == {"merged", "gguf-q8_0", "int8_dynamic"}
+    assert set(report) == {"trained", "base", "merged", "gguf-q8_0", "int8_dynamic"}
     for row in report.values():
-        assert row["size_mib"] > 0 and row["load_s"] > 0 and row["tokens_per_s"] > 0 and row["peak_rss_gib"] > 0
+        assert row["load_s"] > 0 and row["tokens_per_s"] > 0 and row["peak_rss_gib"] > 0
         assert row["eval_perplexity"] > 1 and len(row["outputs"]) == 2
+        assert row["size_mib"] is None if row["export"] == "trained" else row["size_mib"] > 0
+    # what fine-tuning taught, kept: all of it by the trained model itself, none by the base
+    assert report["trained"]["learnt_kept"] == 1 and report["base"]["learnt_kept"] == 0
+    assert report["trained"]["trained_exact_match"] == 1 and report["trained"]["trained_mean_kl"] == 0
+    # a LoRA run: merged computes what was trained
+    assert report["merged"]["trained_mean_kl"] < 1e-6 and report["merged"]["learnt_kept"] == pytest.approx(1, abs=0.01)
+    assert report["gguf-q8_0"]["learnt_kept"] == pytest.approx(1, abs=0.1)
     q8 = report["gguf-q8_0"]
     assert 0 < q8["mean_kl"] < Q8_0_KL_BOUND
     assert q8["tensor_types"]["Q8_0"] == 2 * 7 + 1  # 7 matrices a layer + the (tied) embedding; norms stay F32
@@ -118,7 +125,8 @@ def test_int8_export_reloads_and_generates(exported, tmp_path):
     assert all(1 <= r["new_tokens"] <= 6 and isinstance(r["output"], str) for r in rows)
     state = torch.load(run_dir / "export" / "int8_dynamic" / "model_int8.pt", weights_only=True)
     packed = [k for k in state if k.endswith("_packed_params._packed_params")]
-    assert len(packed) == 2 * 7 + 1 and state[packed[0]][0].dtype == torch.qint8  # every linear, lm_head too
+    assert len(packed) == 2 * 4 and state[packed[0]][0].dtype == torch.qint8  # q, k, o, gate of each layer
+    assert not any(k.startswith(("lm_head", "model.layers.0.mlp.down_proj")) and "packed" in k for k in state)
 
 
 # ---------------------------------------------------------------- bad input
@@ -174,3 +182,79 @@ def test_pre_tokenizer_names(pre, name):
 def test_unknown_pre_tokenizer_is_refused():
     with pytest.raises(ConfigError, match="pre-tokenizer"):
         gguf_export.pre_tokenizer_name({"pre_tokenizer": {"type": "Metaspace"}})
+
+
+# ---------------------------------------------------------------- what llama.cpp reads: token types, pre-tokenizer,
+# add_bos, provenance (transformers' GGUF reader ignores token types, so only reading the file checks them)
+
+def gguf_value(reader, key):
+    return reader.fields[key].contents() if key in reader.fields else None
+
+
+def test_gguf_tokenizer_keys_are_what_llama_cpp_needs(tmp_path):
+    """The tiny model with SmolLM2's real tokenizer, written as llama.cpp would read it back."""
+    import shutil
+
+    from gguf import GGUFReader, TokenType
+
+    from qlora_lab.models import model_path, tokenizer_path
+
+    cfg = make_cfg([*TINY, "quantization=none"])
+    folder = tmp_path / "merged"
+    shutil.copytree(model_path(cfg), folder)
+    load_tokenizer(tokenizer_path(cfg)).save_pretrained(folder)
+    about = export.provenance(make_cfg(["model=smollm2_135m"]), tmp_path / "run")
+    gguf_export.write_gguf(folder, tmp_path / "model.gguf", "f16", "test", about)
+
+    reader = GGUFReader(tmp_path / "model.gguf")
+    tokens, types = gguf_value(reader, "tokenizer.ggml.tokens"), gguf_value(reader, "tokenizer.ggml.token_type")
+    tokenizer_json = json.loads((folder / "tokenizer.json").read_text())
+    added = {t["id"]: t for t in tokenizer_json["added_tokens"]}
+    expected = [TokenType.CONTROL if i in added and added[i]["special"] else
+                TokenType.USER_DEFINED if i in added else TokenType.NORMAL for i in range(len(tokens))]
+    assert types == expected
+    assert types[1] == TokenType.CONTROL and tokens[1] == "<|im_start|>"  # the chat template's turn markers
+    assert types.count(TokenType.CONTROL) == 17 and types.count(TokenType.NORMAL) == len(tokens) - 17
+    assert gguf_value(reader, "tokenizer.ggml.pre") == "smollm"  # SmolLM2's digit splitting, as llama.cpp names it
+    assert gguf_value(reader, "tokenizer.ggml.add_bos_token") is False  # the chat template writes every marker
+    assert gguf_value(reader, "general.base_model.count") == 1
+    assert gguf_value(reader, "general.base_model.0.name") == "SmolLM2-135M-Instruct"
+    assert gguf_value(reader, "general.base_model.0.organization") == "HuggingFaceTB"
+    assert gguf_value(reader, "general.base_model.0.repo_url") == "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert gguf_value(reader, "general.license") == "apache-2.0"
+    assert gguf_value(reader, "general.finetune") == "qlora-nf4"
+    assert "fine-tune" in gguf_value(reader, "general.tags")
+
+
+def test_token_types_of_added_and_unused_ids():
+    tokenizer_json = {"model": {"vocab": {"a": 0, "b": 1}},
+                      "added_tokens": [{"id": 2, "content": "<|eot|>", "special": True},
+                                       {"id": 3, "content": "<|tool|>", "special": False},  # looks special
+                                       {"id": 4, "content": "<name>", "special": False}]}
+    tokens, types = gguf_export.token_list(tokenizer_json, 6, None)
+    assert tokens == ["a", "b", "<|eot|>", "<|tool|>", "<name>", "[PAD5]"]
+    T = gguf_export.gguf.TokenType
+    assert types == [T.NORMAL, T.NORMAL, T.CONTROL, T.CONTROL, T.USER_DEFINED, T.UNUSED]
+    with pytest.raises(ConfigError, match="5 tokens but the model only 4 embedding rows"):
+        gguf_export.token_list(tokenizer_json, 4, "folder")
+
+
+def test_int8_keeps_the_sensitive_layers_float_and_its_footprint_counts_every_weight(tmp_path):
+    from qlora_lab import int8_dynamic
+    from qlora_lab.models import memory_footprint_gib, model_path, tokenizer_path
+
+    cfg = make_cfg([*TINY, "quantization=none"])
+    model = AutoModelForCausalLM.from_pretrained(model_path(cfg), dtype=torch.float32)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    fp32_bytes = sum(t.numel() * 4 for t in [*model.parameters(), *model.buffers(), linears["lm_head"].weight])  # untied
+    quantized = [n for n in linears if n.rsplit(".", 1)[-1] not in int8_dynamic.FLOAT_LAYERS]
+    quantized_bytes = sum(linears[n].weight.numel() * 4 for n in quantized)
+    int8_dynamic.save(model, load_tokenizer(tokenizer_path(cfg)), tmp_path / "int8")
+    loaded = int8_dynamic.load(tmp_path / "int8")
+    modules = dict(loaded.named_modules())
+    assert all(type(modules[n]) is torch.nn.Linear for n in linears if n not in quantized)  # float: lm_head, down...
+    assert all(type(modules[n]).__module__.startswith("torch.ao.nn.quantized.dynamic") for n in quantized)
+    # every weight: the float ones at 4 bytes, the int8 ones at 1 byte plus a scale and zero point per row
+    overhead = sum(linears[n].out_features * 16 for n in quantized)
+    footprint = memory_footprint_gib(loaded) * 2**30
+    assert fp32_bytes - 0.75 * quantized_bytes <= footprint <= fp32_bytes - 0.75 * quantized_bytes + overhead

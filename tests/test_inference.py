@@ -40,11 +40,13 @@ def fp32_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def nf4_run(tmp_path_factory):
-    """A QLoRA nf4 run trained and merged (into the dequantized base) by one CLI command: merge follows train."""
+    """A QLoRA nf4 run trained and merged (merge.base=auto: into the dequantized base) by one CLI command: merge
+    follows train."""
     run_dir = tmp_path_factory.mktemp("nf4") / "run"
     result = cli(*TINY, "quantization=nf4", "train.eval_before=false", "pipeline.stages=[train,merge]",
-                 "merge.base=dequantized", f"hydra.run.dir={run_dir}")
+                 *FAST_GEN, f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "merge.base=auto: this run trained on nf4 weights" in result.stdout
     return make_cfg([*TINY, "quantization=nf4"]), run_dir
 
 
@@ -119,6 +121,25 @@ def test_dequantized_merge_reloaded_in_nf4_equals_in_memory_merge(nf4_run):
         a, b, c = (m(input_ids=ids).logits for m in (merged, in_memory, adapter_model))
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert (a - c).abs().max() > 0  # re-quantizing the merged weights rounds the LoRA update
+
+
+def test_merge_reports_agreement_with_the_trained_model_for_both_bases(nf4_run, tmp_path, capfd):
+    """The default (dequantized) merge computes what was trained; merged into the original weights it is further
+    from it, and the merge says so."""
+    cfg, run_dir = nf4_run
+    dequantized = json.loads((run_dir / "merged" / "merge_report.json").read_text())
+    source = tmp_path / "run"
+    shutil.copytree(run_dir, source, ignore=shutil.ignore_patterns("merged"))
+    merge.run(make_cfg([*TINY, "quantization=nf4", "merge.base=original", *FAST_GEN]), Run(dir=tmp_path, source=source))
+    original = json.loads((source / "merged" / "merge_report.json").read_text())
+    assert original["merge/base"] == "original" and dequantized["merge/trained_prompts"] == 3
+    assert dequantized["merge/trained_exact_match"] == 1.0 and dequantized["merge/trained_mean_kl"] < 1e-6
+    assert original["merge/trained_mean_kl"] > 100 * dequantized["merge/trained_mean_kl"]
+    assert original["merge/trained_max_abs_logit_diff"] > dequantized["merge/trained_max_abs_logit_diff"]
+    printed = capfd.readouterr()
+    assert "agreement with the model as trained (adapter on the nf4 base)" in printed.out
+    if original["merge/trained_exact_match"] < 1:
+        assert "merge.base=dequantized (the default, auto)" in printed.err
 
 
 # ---------------------------------------------------------------- infer and compare

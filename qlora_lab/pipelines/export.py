@@ -2,13 +2,16 @@
 
 `python -m qlora_lab pipeline=export run_dir=RUN export.format=gguf|int8_dynamic [export.gguf_type=f16|q8_0|q4_0]`
 Reads top to bottom: check everything a user can get wrong, merge the adapter if the run has no merged/ yet
-(with the run's merge.base choice), write each export, then load each one back on the CPU and measure it
-against the unquantized merged model:
+(with the run's merge.base choice), write each export, then load each one back on the CPU and measure it, with
+the trained model and the base before fine-tuning, against the unquantized merged model:
   cost       file size, load time, generated tokens/s, peak RSS (each export is measured in a fresh process)
-  quality    eval perplexity (response tokens, as the training loss)
+  quality    eval perplexity (response tokens, as the training loss), and learnt_kept: the share of the eval-loss
+             gain from the base to the trained model that the export keeps (a warning below LEARNT_KEPT_WARNING)
   agreement  greedy exact-match rate of the outputs with merged's, max |logit difference| and mean
              KL(merged || export) of next-token distributions over every position of inference.agreement_examples
-             eval examples; for GGUF also whether its embedded tokenizer gives the same ids as the run's
+             eval examples, and the same against the trained model (the adapter on the base quantized as in
+             training: trained_exact_match, trained_mean_kl); for GGUF also whether its embedded tokenizer gives
+             the same ids as the run's
 Writes RUN/export/<files>, RUN/export/export_report.json (one entry per export, kept across jobs) and a table
 (export.md in the job dir, also printed; also into export.table_dir when set).
 
@@ -20,8 +23,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import multiprocessing
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -30,10 +35,10 @@ from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .. import gguf_export, int8_dynamic
-from ..config import Config, ConfigError, ExportFormat, export_targets
+from ..config import Config, ConfigError, ExportFormat, InferenceMode, QuantMethod, export_targets, register
 from ..data import encode, load_splits, tokenize_example
-from ..inference import adapter_dir, agreement, eval_prompts, generate, teacher_forced
-from ..models import load_tokenizer, model_path
+from ..inference import adapter_dir, agreement, eval_prompts, generate, load_for_inference, teacher_forced
+from ..models import EMBEDDED_PREFIX, SOURCE_FILE, load_tokenizer, model_path, tokenizer_path
 from ..report import markdown_table
 from ..rundir import Run, hardware, peak_memory_gib
 from . import merge
@@ -41,7 +46,9 @@ from . import merge
 log = logging.getLogger(__name__)
 
 COLUMNS = ["export", "size_mib", "export_s", "load_s", "tokens_per_s", "peak_rss_gib", "eval_perplexity",
-           "exact_match", "mean_kl", "max_abs_logit_diff"]
+           "learnt_kept", "exact_match", "mean_kl", "max_abs_logit_diff", "trained_exact_match", "trained_mean_kl"]
+# An export that keeps less than this share of what fine-tuning taught (learnt_kept) is warned about.
+LEARNT_KEPT_WARNING = 0.9
 
 
 # ---------------------------------------------------------------- what to write, and where
@@ -81,9 +88,48 @@ def check(cfg: Config, source: Path, todo: list[tuple[str, str | None]]) -> None
             raise ConfigError(f"{path} already exists; remove it or pass export.overwrite=true to replace it.")
 
 
+def model_card_license(folder: Path | None) -> str | None:
+    """The license in a model card's front matter (README.md), if the folder has one."""
+    if folder is None or not (folder / "README.md").is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    return ModelCard.load(folder / "README.md").data.to_dict().get("license")
+
+
+def provenance(cfg: Config, source: Path) -> dict:
+    """What a GGUF export records about itself (general.* keys): the base model it is a fine-tune of, the base's
+    license, how it was fine-tuned. From the embedded GGUF's own keys, a hub id, or a local folder's model card."""
+    name = cfg.model.name_or_path
+    base: dict = {"name": name}
+    license_ = None
+    folder = Path(model_path(cfg))
+    if (folder / SOURCE_FILE).is_file():  # an embedded GGUF, converted: its own general.* keys
+        general = json.loads((folder / SOURCE_FILE).read_text())["general"]
+        base = {"name": name.removeprefix(EMBEDDED_PREFIX), "organization": general.get("organization")}
+        if base["organization"]:
+            base["repo_url"] = f"https://huggingface.co/{base['organization']}/{base['name']}"
+        license_ = general.get("license")
+    elif folder.is_dir():  # a local folder or a random-weight build
+        base["name"] = folder.name
+        license_ = model_card_license(folder)
+    elif "/" in name:  # a hub id
+        from huggingface_hub import try_to_load_from_cache
+
+        base |= {"organization": name.split("/")[0], "repo_url": f"https://huggingface.co/{name}"}
+        card = try_to_load_from_cache(name, "README.md")
+        license_ = model_card_license(Path(card).parent) if isinstance(card, str) else None
+    method = "lora" if cfg.quantization.method is QuantMethod.none else f"qlora-{cfg.quantization.method.value}"
+    report = source / "merged" / "merge_report.json"
+    merge_base = json.loads(report.read_text()).get("merge/base", "?") if report.is_file() else "?"
+    return {"base_model": base, "license": license_, "finetune": method, "tags": ["fine-tune", method],
+            "description": f"{method} fine-tune of {name} (run {source.name}), adapter merged into the {merge_base} "
+                           f"base weights, written by qlora_lab"}
+
+
 # ---------------------------------------------------------------- writing
 
-def write_export(merged: Path, fmt: str, gguf_type: str | None, target: Path, name: str) -> dict:
+def write_export(merged: Path, fmt: str, gguf_type: str | None, target: Path, name: str, about: dict) -> dict:
     """Write into a temporary path, then swap it in: a half-written export never looks finished."""
     tmp = target.with_name(target.name + ".tmp")
     if tmp.is_dir():
@@ -91,7 +137,7 @@ def write_export(merged: Path, fmt: str, gguf_type: str | None, target: Path, na
     tmp.unlink(missing_ok=True)
     t0 = time.perf_counter()
     if fmt == ExportFormat.gguf.value:
-        info = gguf_export.write_gguf(merged, tmp, gguf_type, name)
+        info = gguf_export.write_gguf(merged, tmp, gguf_type, name, about)
     else:
         model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
         int8_dynamic.save(model, AutoTokenizer.from_pretrained(merged), tmp)
@@ -113,8 +159,15 @@ def size_mib(path: Path) -> float:
 # ---------------------------------------------------------------- measuring
 
 def load_export(name: str, path: Path, cfg: Config):
-    """(model on the CPU in eval mode, tokenizer) for merged/ (fp32), a GGUF file or an int8 folder."""
-    if name == "merged":
+    """(model in eval mode, tokenizer) for the trained model (the adapter on the base quantized as in training), the
+    base before fine-tuning (fp32), merged/ (fp32), a GGUF file or an int8 folder; all but the trained model on the
+    CPU."""
+    if name == "trained":
+        return load_for_inference(cfg, path, InferenceMode.adapter)
+    if name == "base":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = load_tokenizer(tokenizer_path(cfg), cfg.model.trust_remote_code)
+    elif name == "merged":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         tokenizer = load_tokenizer(str(path), cfg.model.trust_remote_code)
     elif path.suffix == ".gguf":
@@ -134,6 +187,7 @@ def load_export(name: str, path: Path, cfg: Config):
 def measure(name: str, path: Path, cfg: Config, prompts: list[str], examples: list[dict],
             source_tokenizer) -> tuple[dict, list[str], list[torch.Tensor]]:
     """One export's costs: (row, greedy outputs, fp32 logits of the first agreement examples)."""
+    register()  # in a spawned process: the config's interpolations (paths) need their resolvers
     gen = OmegaConf.merge(cfg.generation, {"do_sample": False})  # exact match needs deterministic decoding
     batch = cfg.inference.batch_size
     runtime_gib = peak_memory_gib()  # the fresh process before loading: Python, torch, transformers
@@ -146,7 +200,7 @@ def measure(name: str, path: Path, cfg: Config, prompts: list[str], examples: li
     ppl, logits = teacher_forced(model, examples, batch, source_tokenizer.pad_token_id, cfg.inference.agreement_examples)
     batches = {r["latency_s"] for r in results}  # one latency per batch
     new_tokens = sum(r["new_tokens"] for r in results)
-    row = {"export": name, "size_mib": size_mib(path), "load_s": load_s, "tokens_per_s": new_tokens / sum(batches),
+    row = {"export": name, "size_mib": None if name == "trained" else size_mib(path), "load_s": load_s, "tokens_per_s": new_tokens / sum(batches),
            "peak_rss_gib": peak_memory_gib(), "runtime_rss_gib": runtime_gib, "eval_perplexity": ppl,
            "new_tokens": new_tokens}
     if path.suffix == ".gguf":  # the tokenizer embedded in the file, against the run's
@@ -164,6 +218,20 @@ def measure_in_fresh_process(*args):
 
 
 # ---------------------------------------------------------------- report
+
+def compared(reference: dict, other: dict) -> dict:
+    """Greedy exact-match rate, mean KL(reference || other) and max |logit difference| of one model against another."""
+    max_diff, kl = agreement(reference["logits"], other["logits"])
+    pairs = list(zip(reference["outputs"], other["outputs"], strict=True))
+    return {"exact_match": sum(a == b for a, b in pairs) / len(pairs), "mean_kl": kl, "max_abs_logit_diff": max_diff}
+
+
+def learnt_kept(base_ppl: float, trained_ppl: float, ppl: float) -> float | None:
+    """The share of fine-tuning's eval-loss gain (log perplexity, base -> trained) a model keeps: 1 = all of it,
+    0 = back to the base. None when fine-tuning gained (almost) nothing to keep."""
+    gain = math.log(base_ppl) - math.log(trained_ppl)
+    return (math.log(base_ppl) - math.log(ppl)) / gain if gain > 1e-3 else None
+
 
 def markdown(rows: list[dict], header: str) -> str:
     return markdown_table(rows, COLUMNS, header)
@@ -184,9 +252,11 @@ def run(cfg: Config, run: Run) -> list[dict]:
     folder = source / "export"
     folder.mkdir(exist_ok=True)
     written = {}
+    about = provenance(cfg, source)
     for fmt, gguf_type in todo:
         name, path = export_name(fmt, gguf_type), export_path(source, fmt, gguf_type)
-        written[name] = (path, write_export(merged, fmt, gguf_type, path, f"{cfg.model.name_or_path} ({source.name})"))
+        written[name] = (path, write_export(merged, fmt, gguf_type, path, f"{cfg.model.name_or_path} ({source.name})",
+                                            about))
         print(f"{name}: wrote {path} ({size_mib(path):.1f} MiB, {written[name][1]['export_s']:.1f} s)", flush=True)
     if not cfg.export.measure:
         return []
@@ -198,22 +268,33 @@ def run(cfg: Config, run: Run) -> list[dict]:
     examples = [tokenize_example(row, source_tokenizer, cfg.dataset) for row in load_splits(cfg).eval]
     examples = [e for e in examples if e["trainable"]]
     threads = torch.get_num_threads()
-    rows, reference = [], None
-    for name, (path, info) in {"merged": (merged, {}), **written}.items():
+    # the trained model (adapter on the quantized base) and the base before fine-tuning first: the exports are
+    # compared with the trained model, and how much of the fine-tuning's eval-loss gain each keeps is measured
+    # between the two
+    measured = {"trained": (source, {}), "base": (Path(model_path(cfg)), {}), "merged": (merged, {}), **written}
+    rows, results = [], {}
+    for name, (path, info) in measured.items():
         print(f"measuring {name} ...", flush=True)
         row, outputs, logits = measure_in_fresh_process(name, path, cfg, prompts, examples, source_tokenizer)
-        if reference is None:  # merged, the first row
-            reference = {"outputs": outputs, "logits": logits}
-        max_diff, kl = agreement(reference["logits"], logits)
-        row |= {"exact_match": sum(a == b for a, b in zip(reference["outputs"], outputs, strict=True)) / len(outputs),
-                "mean_kl": kl, "max_abs_logit_diff": max_diff, "outputs": outputs}
-        rows.append(row | info)
+        results[name] = {"outputs": outputs, "logits": logits}
+        rows.append(row | info | {"outputs": outputs})
+    for row in rows:
+        row |= compared(results["merged"], results[row["export"]])
+        row |= {f"trained_{k}": v for k, v in compared(results["trained"], results[row["export"]]).items()}
+        row["learnt_kept"] = learnt_kept(rows[1]["eval_perplexity"], rows[0]["eval_perplexity"], row["eval_perplexity"])
+    reference = results["merged"]
+    for row in rows[2:]:
+        if row["learnt_kept"] is not None and row["learnt_kept"] < LEARNT_KEPT_WARNING:
+            print(f"warning: {row['export']} keeps {row['learnt_kept']:.0%} of what fine-tuning taught (of the eval "
+                  f"loss gain from the base to the trained model), less than {LEARNT_KEPT_WARNING:.0%}; "
+                  f"{row['trained_exact_match']:.0%} of its greedy answers equal the trained model's.",
+                  file=sys.stderr, flush=True)
 
     # ---- write the report
     report_path = folder / "export_report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    report["merged"] = rows[0]
-    report |= {r["export"]: r | {"file": str(written[r["export"]][0])} for r in rows[1:]}
+    report |= {r["export"]: r | ({"file": str(written[r["export"]][0])} if r["export"] in written else {})
+               for r in rows}
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     merge_report = json.loads((merged / "merge_report.json").read_text()) if (merged / "merge_report.json").is_file() else {}
     runtime = min(r["runtime_rss_gib"] for r in rows)
@@ -221,9 +302,12 @@ def run(cfg: Config, run: Run) -> list[dict]:
               f"{merge_report.get('merge/base', '?')} base; CPU ({hardware().get('cpu_count')} cores, {threads} torch "
               f"threads); {len(prompts)} eval prompts, greedy, max_new_tokens {cfg.generation.max_new_tokens}, batch "
               f"{cfg.inference.batch_size}; peak RSS of a fresh process per export, {runtime:.2f} GiB of it before "
-              f"loading (the runtime); agreement with merged (fp32) over {sum(len(x) for x in reference['logits'])} "
-              f"positions of {len(reference['logits'])} eval examples; perplexity over {len(examples)} eval examples. "
-              f"GGUF rows: read back and run by transformers (dequantized to fp32).")
+              f"loading (the runtime); agreement with merged (fp32) and with the trained model (trained_*: the adapter on "
+              f"the {'unquantized' if cfg.quantization.method is QuantMethod.none else cfg.quantization.method.value} "
+              f"base) over {sum(len(x) for x in reference['logits'])} positions of "
+              f"{len(reference['logits'])} eval examples; perplexity over {len(examples)} eval examples; learnt_kept: "
+              f"the share of the eval-loss gain from base to trained that a model keeps (warned below "
+              f"{LEARNT_KEPT_WARNING:.0%}). GGUF rows: read back and run by transformers (dequantized to fp32).")
     table = markdown(rows, header)
     (run.dir / "export.md").write_text(table)
     if cfg.export.table_dir:

@@ -5,7 +5,10 @@ check, load the base, (optionally) swap in the quantize->dequantize weights, mer
 
 merge.base=original merges into the full-precision base; merge.base=dequantized first replaces every weight that
 training saw quantized by dequantize(quantize(W)), so the merged model computes what the QLoRA adapter was
-trained against. The report gives the size of that difference next to the size of the LoRA update itself.
+trained against. merge.base=auto (the default) takes the weights training saw: dequantized for a quantized run,
+original otherwise (the adapter merged into the original weights of a QLoRA run is another model: PEFT issue 2321).
+The report gives the size of that difference next to the size of the LoRA update itself, and how closely the
+merged model, as written, agrees with the model as trained (the adapter on the base quantized as in training).
 """
 
 from __future__ import annotations
@@ -13,14 +16,26 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM
 
-from ..config import Config, ConfigError, MergeBase, QuantMethod
-from ..inference import adapter_dir, resize_embeddings
-from ..models import load_model, load_tokenizer, model_path
+from ..config import Config, ConfigError, InferenceMode, MergeBase, QuantMethod
+from ..data import load_splits, tokenize_example
+from ..inference import (
+    adapter_dir,
+    agreement,
+    eval_prompts,
+    generate,
+    load_for_inference,
+    resize_embeddings,
+    teacher_forced,
+)
+from ..models import device, load_model, load_tokenizer, model_path, resolve_dtype
 from ..rundir import Run
 
 log = logging.getLogger(__name__)
@@ -74,15 +89,53 @@ def lora_update_size(peft_model) -> dict:
     return {"merge/lora_delta_max_abs": max_abs, "merge/lora_delta_rel": (delta_sq / norm_sq) ** 0.5 if norm_sq else 0.0}
 
 
+def chosen_base(cfg: Config) -> MergeBase:
+    """merge.base, with auto resolved to the weights the adapter was trained against."""
+    if cfg.merge.base is MergeBase.auto:
+        return MergeBase.original if cfg.quantization.method is QuantMethod.none else MergeBase.dequantized
+    return cfg.merge.base
+
+
+def outputs_and_logits(model, tokenizer, cfg: Config, prompts: list[str], examples: list[dict]):
+    gen = OmegaConf.merge(cfg.generation, {"do_sample": False})  # exact match needs deterministic decoding
+    outputs = [r["output"] for r in generate(model, tokenizer, prompts, gen, cfg.inference.batch_size)]
+    _, logits = teacher_forced(model, examples, cfg.inference.batch_size, tokenizer.pad_token_id,
+                               cfg.inference.agreement_examples)
+    return outputs, logits
+
+
+def agreement_with_trained(cfg: Config, source: Path, merged: Path) -> dict:
+    """The merged model as written (unquantized) against the model as trained (the adapter on the base quantized as
+    in training): greedy exact match over inference.num_prompts eval prompts, mean KL(trained || merged) and max
+    |logit difference| over every position of inference.agreement_examples eval examples."""
+    trained, tokenizer = load_for_inference(cfg, source, InferenceMode.adapter)
+    prompts = [p["prompt"] for p in eval_prompts(cfg, tokenizer, cfg.inference.num_prompts)]
+    examples = [e for e in (tokenize_example(r, tokenizer, cfg.dataset) for r in load_splits(cfg).eval)
+                if e["trainable"]]
+    with torch.no_grad():
+        reference, reference_logits = outputs_and_logits(trained, tokenizer, cfg, prompts, examples)
+        del trained
+        model = AutoModelForCausalLM.from_pretrained(merged, dtype=resolve_dtype(cfg.model.dtype)).to(device()).eval()
+        outputs, logits = outputs_and_logits(model, tokenizer, cfg, prompts, examples)
+    max_diff, kl = agreement(reference_logits, logits)
+    return {"merge/trained_exact_match": sum(a == b for a, b in zip(reference, outputs, strict=True)) / len(prompts),
+            "merge/trained_mean_kl": kl, "merge/trained_max_abs_logit_diff": max_diff,
+            "merge/trained_prompts": len(prompts)}
+
+
 def run(cfg: Config, run: Run) -> Path:
     from peft import PeftModel
 
     m = cfg.merge
-    base_choice, quant = m.base, cfg.quantization.method
+    base_choice, quant = chosen_base(cfg), cfg.quantization.method
     adapter = adapter_dir(run.source)
     target = run.source / "merged"
     check_target(target, m.overwrite)
 
+    if m.base is MergeBase.auto and quant is not QuantMethod.none:
+        print(f"merge.base=auto: this run trained on {quant.value} weights, so the adapter is merged into "
+              f"dequantize(quantize(W)), the weights it was trained against (merge.base=original merges into the "
+              f"full-precision weights instead: another model)", flush=True)
     # ---- base, unquantized (merging into 4-bit weights would round the result to 4 bits)
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(str(adapter), cfg.model.trust_remote_code)
@@ -104,6 +157,8 @@ def run(cfg: Config, run: Run) -> Path:
     model.save_pretrained(tmp, max_shard_size=m.max_shard_size)  # also writes generation_config.json
     tokenizer.save_pretrained(tmp)
     report["merge/time_s"] = time.perf_counter() - t0
+    del model
+    report |= agreement_with_trained(cfg, run.source, tmp)
     (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
     if target.exists():  # only reached with merge.overwrite=true (or an empty folder)
         shutil.rmtree(target)
@@ -116,5 +171,13 @@ def run(cfg: Config, run: Run) -> Path:
                  f"{report['merge/base_diff_max_abs']:.3g}, relative {report['merge/base_diff_rel']:.3%}; "
                  f"LoRA update: max {report['merge/lora_delta_max_abs']:.3g}, relative "
                  f"{report['merge/lora_delta_rel']:.3%}")
+    trained_on = "unquantized" if quant is QuantMethod.none else quant.value
+    line += (f"\nagreement with the model as trained (adapter on the {trained_on} base): "
+             f"{report['merge/trained_exact_match']:.0%} of {report['merge/trained_prompts']} greedy answers identical, "
+             f"mean KL {report['merge/trained_mean_kl']:.3g}")
     print(line, flush=True)
+    if report["merge/trained_exact_match"] < 1 and base_choice is MergeBase.original and quant is not QuantMethod.none:
+        print(f"warning: merged into the original weights, the model differs from the one trained on {quant.value} "
+              f"weights; merge.base=dequantized (the default, auto) merges into the weights it was trained "
+              f"against.", file=sys.stderr, flush=True)
     return target
