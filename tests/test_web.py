@@ -617,9 +617,9 @@ def send_message(browser, text: str) -> None:
 
 
 def bubbles(browser, who: str) -> list[str]:
-    from selenium.webdriver.common.by import By
-
-    return [b.text for b in browser.find_elements(By.CSS_SELECTOR, f'#chat-history [data-testid="{who}"]')]
+    """The text of the chat's user or bot messages, read at once (a streaming page replaces them as it goes)."""
+    return browser.execute_script("""return [...document.querySelectorAll('#chat-history [data-testid]')]
+        .filter(b => b.dataset.testid === arguments[0]).map(b => b.innerText)""", who)
 
 
 def test_a_foreign_host_is_refused(browser, app):
