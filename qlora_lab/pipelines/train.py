@@ -124,15 +124,15 @@ def check_ranks_agree(model, world_size: int) -> dict:
     FSDP ranks hold different shards by design, so only their memory is compared."""
     from accelerate.utils import gather_object
 
+    fsdp = fsdp_enabled()
     h = hashlib.sha256()
-    if not fsdp_enabled():
-        for name, param in sorted(model.named_parameters()):
-            if param.requires_grad:
-                h.update(name.encode() + param.detach().float().cpu().numpy().tobytes())
+    for name, param in [] if fsdp else sorted(model.named_parameters()):
+        if param.requires_grad:
+            h.update(name.encode() + param.detach().float().cpu().numpy().tobytes())
     gathered = gather_object([(h.hexdigest(), peak_memory_gib())])
-    out = {"distributed/world_size": world_size, "distributed/strategy": "fsdp" if fsdp_enabled() else "ddp",
+    out = {"distributed/world_size": world_size, "distributed/strategy": "fsdp" if fsdp else "ddp",
            "memory/peak_gib_per_rank": [p for _, p in gathered]}
-    if not fsdp_enabled():
+    if not fsdp:
         out |= {"distributed/adapters_identical": len({d for d, _ in gathered}) == 1,
                 "distributed/adapter_sha256": [d[:16] for d, _ in gathered]}
     return out
