@@ -18,10 +18,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from . import decision
 from .config import ConfigError
 from .rundir import read_json, run_status
 
-SUMMARY_FILES = ["summary.csv", "summary.md", "time_vs_size.png", "peak_memory.png", "eval_loss.png"]
+SUMMARY_FILES = ["summary.csv", "summary.md", "decision.md", "time_vs_size.png", "peak_memory.png", "eval_loss.png"]
+DECISION_PLOT = decision.DECISION_PLOT  # sweeps with LoRA/QLoRA pairs only
 SEARCH_PLOT = "objective.png"  # Optuna sweeps only
 
 # summary.csv column -> metrics.json key
@@ -83,7 +85,7 @@ def job_row(job_dir: Path) -> dict:
         "quantization": str(OmegaConf.select(cfg, "quantization.method")),
         "recipe": OmegaConf.select(cfg, "recipe", default="paper"),  # runs from before recipes existed: the paper's
         "dataset_size": OmegaConf.select(cfg, "dataset.size"),
-        "model": OmegaConf.select(cfg, "model.name_or_path"),
+        "model": OmegaConf.select(cfg, "model.name_or_path"), "dataset": OmegaConf.select(cfg, "dataset.name"),
         "max_seq_length": OmegaConf.select(cfg, "dataset.max_seq_length"),
         "pack": OmegaConf.select(cfg, "dataset.pack", default=False),
         "batch_size": OmegaConf.select(cfg, "train.batch_size"), "grad_accum": OmegaConf.select(cfg, "train.grad_accum"),
@@ -122,9 +124,10 @@ def add_groups_and_ratios(rows: list[dict]) -> None:
     varying = sorted(k for k in keys - {"quantization", "dataset.size"}
                      if len({r["_overrides"].get(k) for r in rows}) > 1)
     for r in rows:
-        others = ", ".join(f"{k}={r['_overrides'].get(k)}" for k in varying)
         size = "all" if r["dataset_size"] is None else str(r["dataset_size"])
-        r["group"] = f"{size} ({others})" if others else size
+        for key, keys in (("group", varying), ("cell", [k for k in varying if k != "train.seed"])):
+            others = ", ".join(f"{k}={r['_overrides'].get(k)}" for k in keys)
+            r[key] = f"{size} ({others})" if others else size
     for r in rows:
         lora = next((b for b in rows if b["group"] == r["group"] and b["quantization"] == "none"
                      and b["status"] == "completed"), None)
@@ -192,6 +195,8 @@ def markdown(rows: list[dict], sweep_dir: Path) -> str:
         f"`{sweep_dir}`: {len(rows)} jobs, {len(done)} completed, {len(failed)} failed. Model: {models}. "
         f"Hardware: {hardware}. torch {versions.get('torch')}, transformers {versions.get('transformers')}, "
         f"peft {versions.get('peft')}, bitsandbytes {versions.get('bitsandbytes')}.", "",
+        *decision.card(rows).splitlines(),
+        *decision.repeats_section(rows),
         "## LoRA vs QLoRA per data size", "",
         "| data size | mode | steps | wall s | train s | tokens/s | weights GiB | peak GiB | eval loss | time ÷ LoRA "
         "| LoRA speed-up | memory ÷ LoRA |",
@@ -389,6 +394,8 @@ def write_report(sweep_dir: str | Path) -> str:
         text = head + "\n" + "\n".join(search_section(rows, settings, metric)) + "\n## " + rest
         search_plot(rows, sweep_dir, metric)
     (sweep_dir / "summary.md").write_text(text)
+    (sweep_dir / "decision.md").write_text(f"# Decision: {sweep_dir.name}\n\n" + decision.card(rows).partition("\n")[2])
+    decision.plot(rows, sweep_dir / DECISION_PLOT)
     plots(rows, sweep_dir)
     return text
 
@@ -405,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(text)
-    files = SUMMARY_FILES + ([SEARCH_PLOT] if (Path(argv[0]) / SEARCH_PLOT).is_file() else [])
+    files = SUMMARY_FILES + [p for p in (DECISION_PLOT, SEARCH_PLOT) if (Path(argv[0]) / p).is_file()]
     print(f"wrote {', '.join(files)} in {argv[0]} (replacing any earlier report)")
     return 0
 

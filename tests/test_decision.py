@@ -1,0 +1,131 @@
+"""The decision card and the figures over seeds, built from fake sweep folders laid out as real jobs write them
+(.hydra/config.yaml, .hydra/overrides.yaml, run.json, metrics.json): no training, so every case is fast."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+from omegaconf import OmegaConf, open_dict
+
+from qlora_lab import callbacks
+from qlora_lab.decision import interval
+from qlora_lab.report import write_report
+
+LORA_PEAK, QLORA_PEAK = 3.0, 2.0
+
+
+def add_job(sweep_dir, num: int, quantization: str, size: int, seed: int, eval_loss: float, wall_s: float,
+            peak: float, status: str = "completed", seeded: bool = True) -> str:
+    overrides = [f"quantization={quantization}", f"dataset.size={size}"] + ([f"train.seed={seed}"] if seeded else [])
+    job = sweep_dir / f"{num}_{','.join(overrides)}"
+    (job / ".hydra").mkdir(parents=True)
+    cfg = {"quantization": {"method": quantization}, "model": {"name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+           "dataset": {"name": "gsm8k", "size": size, "seed": 42, "max_seq_length": 128},
+           "train": {"seed": seed, "batch_size": 4, "grad_accum": 1}, "recipe": "paper"}
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (job / "run.json").write_text(json.dumps({"status": status, "hardware": {"device": "cpu", "cpu_count": 2}}))
+    (job / "metrics.json").write_text(json.dumps({"eval/loss": eval_loss, "time/wall_s": wall_s, "memory/peak_gib": peak,
+                                                  "train/tokens_per_s": 100.0, "data/train_examples": size}))
+    return job.name
+
+
+def fake_sweep(sweep_dir, gaps: dict[int, list[float]], modes=("none", "nf4")) -> dict:
+    """One LoRA and one QLoRA job per size and seed; QLoRA's eval loss = LoRA's + the gap given for that seed.
+    Returns {(mode, size, seed): job folder name}."""
+    jobs, num = {}, 0
+    for size, seed_gaps in gaps.items():
+        for seed, gap in enumerate(seed_gaps, start=42):
+            lora_loss = 1.5 + 0.01 * seed  # differs between seeds: only the pairing removes it
+            for q in modes:
+                loss, wall, peak = (lora_loss, 10.0, LORA_PEAK) if q == "none" else (lora_loss + gap, 12.0, QLORA_PEAK)
+                jobs[(q, size, seed)] = add_job(sweep_dir, num, q, size, seed, loss, wall, peak)
+                num += 1
+    return jobs
+
+
+def test_interval_is_the_student_t_interval():
+    mean, half = interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-6)
+    assert interval([5.0]) == (5.0, None) and interval([]) == (None, None)
+
+
+def test_card_gives_a_verdict_per_size_and_the_size_from_which_qlora_is_within_noise(tmp_path):
+    # size 8: QLoRA clearly worse (gaps 0.10-0.12); sizes 16 and 32: gaps scattered around 0
+    jobs = fake_sweep(tmp_path, {8: [0.10, 0.12, 0.11], 16: [0.01, -0.01, 0.005], 32: [-0.004, 0.003, 0.0]})
+    summary = write_report(tmp_path)
+    card = (tmp_path / "decision.md").read_text()
+    assert summary.index("## Decision") < summary.index("## LoRA vs QLoRA per data size")  # the card comes first
+    assert (tmp_path / "decision.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    mean, half = interval([0.10, 0.12, 0.11])
+    assert "its eval loss is within noise of LoRA's from 16 examples on" in card
+    assert f"at 8 it is worse by {mean:.4f} ± {half:.4f}" in card
+    assert "saves 1.00 GiB of peak memory (-33%)" in card and "costs 20% wall time" in card
+    row8 = next(line for line in card.splitlines() if line.startswith("| 8 |"))
+    assert "| worse |" in row8 and f"{mean:.4f} ± {half:.4f}" in row8
+    for seed in (42, 43, 44):  # every run behind the row is linked
+        for q in ("none", "nf4"):
+            assert f"(<{jobs[(q, 8, seed)]}>)" in row8
+    assert "| within noise |" in next(line for line in card.splitlines() if line.startswith("| 32 |"))
+    # over the seeds: LoRA's eval loss at size 8 is 1.92, 1.93, 1.94 -> 1.93 ± t(0.975, 2)·0.01/√3
+    m, h = interval([1.92, 1.93, 1.94])
+    assert f"| 8 | LoRA | 3 | {m:.4f} ± {h:.4f} |" in summary
+
+
+def test_single_seed_gives_figures_but_no_verdict(tmp_path):
+    fake_sweep(tmp_path, {8: [0.5], 16: [0.4]})
+    card = write_report(tmp_path) and (tmp_path / "decision.md").read_text()
+    assert "no verdict (fewer than 2 seeds)" in card and "within noise" not in card and "| worse |" not in card
+    assert "run the sweep with sweep.repeats=3 or more" in card
+
+
+def test_single_mode_sweep_says_there_are_no_pairs(tmp_path):
+    fake_sweep(tmp_path, {8: [0.0, 0.0]}, modes=("none",))
+    card = write_report(tmp_path) and (tmp_path / "decision.md").read_text()
+    assert "completed only LoRA jobs: there are no LoRA/QLoRA pairs, so no verdict" in card
+    assert "within noise" not in card and not (tmp_path / "decision.png").exists()
+
+
+def test_pairs_are_made_by_seed_and_a_failed_job_drops_its_pair(tmp_path):
+    fake_sweep(tmp_path, {8: [0.01, -0.01]})
+    # a third seed whose QLoRA job failed: no pair, so two pairs stay
+    add_job(tmp_path, 10, "none", 8, 44, 9.0, 10.0, LORA_PEAK)
+    add_job(tmp_path, 11, "nf4", 8, 44, 0.0, 12.0, QLORA_PEAK, status="failed")
+    card = write_report(tmp_path) and (tmp_path / "decision.md").read_text()
+    row = next(line for line in card.splitlines() if line.startswith("| 8 |"))
+    assert "| QLoRA nf4 | 2 |" in row and "| within noise |" in row and "10_" not in row
+
+
+def config_for(tmp_path, *overrides):
+    from hydra import compose, initialize_config_dir
+
+    from qlora_lab.config import register
+    from .conftest import ROOT
+
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=["+experiment=lora_vs_qlora", *overrides], return_hydra_config=True)
+
+
+def test_repeats_become_a_seed_axis(tmp_path):
+    cfg = config_for(tmp_path, "sweep.repeats=3", "train.seed=7")
+    callbacks.SweepReport().on_multirun_start(cfg)
+    assert OmegaConf.to_container(cfg.hydra.sweeper.params) == {
+        "quantization": "none,nf4", "dataset.size": "8,16,32", "train.seed": "7,8,9"}
+
+
+@pytest.mark.parametrize("repeats, seed_axis, message", [
+    (0, False, "sweep.repeats must be 1 or more seeds per cell (got 0)."),
+    (2, True, "sweep.repeats and a train.seed axis both choose the seeds; give one of them."),
+])
+def test_repeats_refused_with_one_sentence(tmp_path, capsys, repeats, seed_axis, message):
+    cfg = config_for(tmp_path, f"sweep.repeats={repeats}")
+    if seed_axis:
+        with open_dict(cfg.hydra):
+            cfg.hydra.sweeper.params["train.seed"] = "1,2"
+    with pytest.raises(SystemExit) as stop:
+        callbacks.SweepReport().on_multirun_start(cfg)
+    assert stop.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
