@@ -14,6 +14,8 @@ from pathlib import Path
 
 MIN_PAIRS = 2  # fewer pairs give no interval, so no verdict
 DECISION_PLOT = "decision.png"
+CURVES_PLOT = "learning_curves.png"
+TARGET_GAP = 0.02  # target eval loss: LoRA's final eval loss at that cell (mean over seeds) + 2%
 # repeats table: summary column -> label
 FIGURES = [("eval_loss", "eval loss", 4), ("eval_accuracy", "accuracy", 2), ("tokens_per_s", "tokens/s", 0),
            ("peak_gib", "peak GiB", 2), ("wall_s", "wall s", 1)]
@@ -107,8 +109,9 @@ def comparisons(rows: list[dict]) -> list[dict]:
     return [compare(cell, q) for q in quantized for cell in cells(rows)]
 
 
-def _links(ps: list[tuple[dict, dict]]) -> str:
-    return " ".join(f"[{r['job'].split('_', 1)[0]}](<{r['job']}>)" for pair in ps for r in pair)
+def links(jobs: list[dict]) -> str:
+    """Markdown links to the job folders (relative: the report lies in the sweep dir), named by job number."""
+    return " ".join(f"[{r['job'].split('_', 1)[0]}](<{r['job']}>)" for r in jobs)
 
 
 def headline(found: list[dict], rows: list[dict]) -> list[str]:
@@ -170,7 +173,7 @@ def card(rows: list[dict]) -> str:
                                   f"verdict; sweep quantization=none,nf4 to compare them.", ""])
     found = comparisons(rows)
     lines += headline(found, rows) + ["", f"![decision]({DECISION_PLOT})", "",
-              "| data size | mode | pairs | eval loss gap (QLoRA − LoRA) | verdict | memory saved GiB | memory saved "
+              "| data size | mode | pairs | eval loss gap (QLoRA − LoRA) | verdict | memory saved GiB | peak memory "
               "| time cost | runs |", "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
     for c in found:
         pct = "–" if c["saved_pct"] is None else f"{-c['saved_pct']:+.0f}%"
@@ -178,7 +181,7 @@ def card(rows: list[dict]) -> str:
             f" ± {c['time_half']:.0f}%" if c["time_half"] is not None else "")
         lines.append(f"| {c['cell']} | {mode(c['mode'])} | {len(c['pairs'])} | {pm(c['gap'], c['gap_half'], 4)} "
                      f"| {c['verdict']} | {pm(c['saved_gib'], c['saved_half'], 2)} | {pct} | {cost} "
-                     f"| {_links(c['pairs']) or '–'} |")
+                     f"| {links([r for pair in c['pairs'] for r in pair]) or '–'} |")
     lines += ["", "Pairs: a LoRA and a QLoRA job of the same cell and seed (same data subset and order). Gap, memory "
                   "saved and time cost are means of the per-pair differences (time cost: QLoRA's wall time ÷ LoRA's − 1) "
                   f"± the half-width of their 95% Student-t interval. Within noise: the gap's interval holds 0; "
@@ -213,6 +216,80 @@ def plot(rows: list[dict], path: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("QLoRA vs LoRA, paired by seed (error bars: 95% interval)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def reach(curve: list[dict], target: float) -> dict | None:
+    """The first point of a learning curve at or below the target loss; None when the run never got there."""
+    return next((p for p in curve if p["loss"] <= target), None)
+
+
+def target_section(rows: list[dict], gap: float = TARGET_GAP) -> list[str]:
+    """Tokens and training seconds each mode needs to reach LoRA's final eval loss (+ gap) at the same cell."""
+    found = []
+    for cell in cells(rows):
+        lora_final, _ = interval([r["eval_loss"] for r in cell if r["quantization"] == "none"])
+        if lora_final is None or not any(r["_curve"] for r in cell):
+            continue
+        target = lora_final * (1 + gap)
+        for q in sorted({r["quantization"] for r in cell}, key=lambda q: (q != "none", q)):
+            jobs = [r for r in cell if r["quantization"] == q and r["_curve"]]
+            hits = [reach(r["_curve"], target) for r in jobs]
+            got = [h for h in hits if h is not None]
+            if got:
+                tokens, tokens_half = interval([h["tokens"] for h in got])
+                secs, secs_half = interval([h["train_s"] for h in got])
+                reached = f"{len(got)} of {len(jobs)}"
+                figures = f"{pm(tokens, tokens_half, 0)} | {pm(secs, secs_half, 1)}"
+            else:
+                best = min(p["loss"] for r in jobs for p in r["_curve"])
+                reached, figures = f"not reached (best {best:.4f})", "– | –"
+            found.append(f"| {cell[0]['cell']} | {mode(q)} | {target:.4f} | {reached} | {figures} "
+                         f"| {links(jobs)} |")
+    if not found:
+        return []
+    return [f"## Time to target (LoRA's final eval loss + {100 * gap:g}%)", "",
+            "| data size | mode | target loss | runs that reached it | tokens | train s | runs |",
+            "| --- | --- | ---: | --- | ---: | ---: | --- |", *found, "",
+            "Read from each run's learning curve (eval/curve: an evaluation before training, every train.eval_steps "
+            "and at the end): the first evaluation at or below the target. Tokens: real tokens trained on by then; "
+            "train s: seconds in optimizer steps by then (evaluation left out). Mean ± 95% interval over the runs "
+            f"that reached it. Curves: `{CURVES_PLOT}`.", ""]
+
+
+def curves_plot(rows: list[dict], path: Path) -> bool:
+    """learning_curves.png: eval loss against tokens (left) and training seconds (right), one row per cell, one
+    line per job (colour: mode). Returns False (and removes an older plot) when no job recorded a curve."""
+    groups = [cell for cell in cells(rows) if any(r["_curve"] for r in cell)]
+    if not groups:
+        path.unlink(missing_ok=True)
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = sorted({r["quantization"] for cell in groups for r in cell}, key=lambda q: (q != "none", q))
+    colours = {q: f"C{i}" for i, q in enumerate(modes)}
+    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.2 * len(groups)), squeeze=False)
+    for (left, right), cell in zip(axes, groups):
+        for r in cell:
+            xs = r["_curve"]
+            label = mode(r["quantization"])
+            for ax, key in ((left, "tokens"), (right, "train_s")):
+                ax.plot([p[key] for p in xs], [p["loss"] for p in xs], marker=".", color=colours[r["quantization"]],
+                        alpha=0.8, label=label)
+        for ax, xlabel in ((left, "tokens trained on"), (right, "training seconds")):
+            handles, labels = ax.get_legend_handles_labels()
+            unique = dict(zip(labels, handles))
+            ax.legend(unique.values(), unique.keys())
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("eval loss")
+            ax.set_title(f"data size {cell[0]['cell']}")
+            ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

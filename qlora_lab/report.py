@@ -24,6 +24,7 @@ from .rundir import read_json, run_status
 
 SUMMARY_FILES = ["summary.csv", "summary.md", "decision.md", "time_vs_size.png", "peak_memory.png", "eval_loss.png"]
 DECISION_PLOT = decision.DECISION_PLOT  # sweeps with LoRA/QLoRA pairs only
+CURVES_PLOT = decision.CURVES_PLOT  # jobs that recorded eval/curve only
 SEARCH_PLOT = "objective.png"  # Optuna sweeps only
 
 # summary.csv column -> metrics.json key
@@ -98,6 +99,7 @@ def job_row(job_dir: Path) -> dict:
     row["objective"] = metrics.get(OmegaConf.select(cfg, "objective.metric", default="eval/loss"))
     row["_direction"] = OmegaConf.select(cfg, "objective.direction", default="minimize")
     row["_overrides"] = _overrides(job_dir)
+    row["_curve"] = metrics.get("eval/curve") or []  # [{step, tokens, train_s, loss}]: qlora_lab/decision.py
     row["_info"] = info
     return row
 
@@ -182,7 +184,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def markdown(rows: list[dict], sweep_dir: Path) -> str:
+def markdown(rows: list[dict], sweep_dir: Path, target_gap: float = decision.TARGET_GAP) -> str:
     done = [r for r in rows if r["status"] == "completed"]
     failed = [r for r in rows if r["status"] != "completed"]
     first = (done or rows)[0]["_info"] if rows else {}
@@ -195,8 +197,9 @@ def markdown(rows: list[dict], sweep_dir: Path) -> str:
         f"`{sweep_dir}`: {len(rows)} jobs, {len(done)} completed, {len(failed)} failed. Model: {models}. "
         f"Hardware: {hardware}. torch {versions.get('torch')}, transformers {versions.get('transformers')}, "
         f"peft {versions.get('peft')}, bitsandbytes {versions.get('bitsandbytes')}.", "",
-        *decision.card(rows).splitlines(),
+        *decision.card(rows).splitlines(), "",
         *decision.repeats_section(rows),
+        *decision.target_section(rows, target_gap),
         "## LoRA vs QLoRA per data size", "",
         "| data size | mode | steps | wall s | train s | tokens/s | weights GiB | peak GiB | eval loss | time ÷ LoRA "
         "| LoRA speed-up | memory ÷ LoRA |",
@@ -396,6 +399,7 @@ def write_report(sweep_dir: str | Path) -> str:
     (sweep_dir / "summary.md").write_text(text)
     (sweep_dir / "decision.md").write_text(f"# Decision: {sweep_dir.name}\n\n" + decision.card(rows).partition("\n")[2])
     decision.plot(rows, sweep_dir / DECISION_PLOT)
+    decision.curves_plot(rows, sweep_dir / CURVES_PLOT)
     plots(rows, sweep_dir)
     return text
 
@@ -412,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(text)
-    files = SUMMARY_FILES + [p for p in (DECISION_PLOT, SEARCH_PLOT) if (Path(argv[0]) / p).is_file()]
+    files = SUMMARY_FILES + [p for p in (DECISION_PLOT, CURVES_PLOT, SEARCH_PLOT) if (Path(argv[0]) / p).is_file()]
     print(f"wrote {', '.join(files)} in {argv[0]} (replacing any earlier report)")
     return 0
 

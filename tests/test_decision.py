@@ -18,7 +18,7 @@ LORA_PEAK, QLORA_PEAK = 3.0, 2.0
 
 
 def add_job(sweep_dir, num: int, quantization: str, size: int, seed: int, eval_loss: float, wall_s: float,
-            peak: float, status: str = "completed", seeded: bool = True) -> str:
+            peak: float, status: str = "completed", seeded: bool = True, curve: list | None = None) -> str:
     overrides = [f"quantization={quantization}", f"dataset.size={size}"] + ([f"train.seed={seed}"] if seeded else [])
     job = sweep_dir / f"{num}_{','.join(overrides)}"
     (job / ".hydra").mkdir(parents=True)
@@ -29,7 +29,8 @@ def add_job(sweep_dir, num: int, quantization: str, size: int, seed: int, eval_l
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     (job / "run.json").write_text(json.dumps({"status": status, "hardware": {"device": "cpu", "cpu_count": 2}}))
     (job / "metrics.json").write_text(json.dumps({"eval/loss": eval_loss, "time/wall_s": wall_s, "memory/peak_gib": peak,
-                                                  "train/tokens_per_s": 100.0, "data/train_examples": size}))
+                                                  "train/tokens_per_s": 100.0, "data/train_examples": size}
+                                                 | ({"eval/curve": curve} if curve else {})))
     return job.name
 
 
@@ -97,6 +98,34 @@ def test_pairs_are_made_by_seed_and_a_failed_job_drops_its_pair(tmp_path):
     card = write_report(tmp_path) and (tmp_path / "decision.md").read_text()
     row = next(line for line in card.splitlines() if line.startswith("| 8 |"))
     assert "| QLoRA nf4 | 2 |" in row and "| within noise |" in row and "10_" not in row
+
+
+def curve(*losses: float) -> list[dict]:
+    """A learning curve as train.py records it: one evaluation per 100 tokens and 2 s of training."""
+    return [{"step": i, "tokens": 100 * i, "train_s": 2.0 * i, "loss": loss} for i, loss in enumerate(losses)]
+
+
+def test_time_to_target_per_mode_and_not_reached_with_the_best_value(tmp_path):
+    # size 8: LoRA ends at 2.0 and 2.2 (target 2.1 · 1.02 = 2.142); QLoRA reaches it one evaluation later
+    add_job(tmp_path, 0, "none", 8, 42, 2.0, 10.0, LORA_PEAK, curve=curve(3.0, 2.5, 2.0))
+    add_job(tmp_path, 1, "nf4", 8, 42, 2.1, 12.0, QLORA_PEAK, curve=curve(3.0, 2.6, 2.3, 2.1))
+    add_job(tmp_path, 2, "none", 8, 43, 2.2, 10.0, LORA_PEAK, curve=curve(3.0, 2.4, 2.2))
+    add_job(tmp_path, 3, "nf4", 8, 43, 2.14, 12.0, QLORA_PEAK, curve=curve(3.0, 2.5, 2.14))
+    # size 16: QLoRA never gets within 2% of LoRA's 1.0
+    add_job(tmp_path, 4, "none", 16, 42, 1.0, 10.0, LORA_PEAK, curve=curve(3.0, 1.0))
+    add_job(tmp_path, 5, "nf4", 16, 42, 1.5, 12.0, QLORA_PEAK, curve=curve(3.0, 1.6, 1.5))
+    summary = write_report(tmp_path)
+    section = summary.split("## Time to target (LoRA's final eval loss + 2%)", 1)[1]
+    lora8 = next(line for line in section.splitlines() if line.startswith("| 8 | LoRA |"))
+    qlora8 = next(line for line in section.splitlines() if line.startswith("| 8 | QLoRA nf4 |"))
+    # LoRA's own seed 43 ends at 2.2, above the target: one of its two runs reaches it (seed 42, at 200 tokens)
+    assert "| 2.1420 |" in lora8 and "| 1 of 2 |" in lora8 and "| 200 | 4.0 |" in lora8
+    tokens, half = interval([300, 200])
+    assert "| 2 of 2 |" in qlora8 and f"| {tokens:,.0f} ± {half:,.0f} |" in qlora8
+    assert "[1](<1_" in qlora8 and "[3](<3_" in qlora8
+    qlora16 = next(line for line in section.splitlines() if line.startswith("| 16 | QLoRA nf4 |"))
+    assert "| 1.0200 | not reached (best 1.5000) | – | – |" in qlora16
+    assert (tmp_path / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def config_for(tmp_path, *overrides):
