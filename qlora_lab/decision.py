@@ -205,7 +205,7 @@ def plot(rows: list[dict], path: Path) -> bool:
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     panels = [("gap", "gap_half", "eval loss gap (QLoRA − LoRA)"), ("saved_gib", "saved_half", "peak memory saved (GiB)"),
               ("time_pct", "time_half", "wall time cost (%)")]
-    for ax, (key, half, label) in zip(axes, panels):
+    for ax, (key, half, label) in zip(axes, panels, strict=True):
         for q in sorted({c["mode"] for c in found}):
             mine = [c for c in found if c["mode"] == q and c[key] is not None]
             ax.errorbar([c["cell"] for c in mine], [c[key] for c in mine],
@@ -275,7 +275,7 @@ def curves_plot(rows: list[dict], path: Path) -> bool:
     modes = sorted({r["quantization"] for cell in groups for r in cell}, key=lambda q: (q != "none", q))
     colours = {q: f"C{i}" for i, q in enumerate(modes)}
     fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.2 * len(groups)), squeeze=False)
-    for (left, right), cell in zip(axes, groups):
+    for (left, right), cell in zip(axes, groups, strict=True):
         for r in cell:
             xs = r["_curve"]
             label = mode(r["quantization"])
@@ -284,7 +284,7 @@ def curves_plot(rows: list[dict], path: Path) -> bool:
                         alpha=0.8, label=label)
         for ax, xlabel in ((left, "tokens trained on"), (right, "training seconds")):
             handles, labels = ax.get_legend_handles_labels()
-            unique = dict(zip(labels, handles))
+            unique = dict(zip(labels, handles, strict=True))
             ax.legend(unique.values(), unique.keys())
             ax.set_xlabel(xlabel)
             ax.set_ylabel("eval loss")

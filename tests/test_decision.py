@@ -14,6 +14,8 @@ from qlora_lab import callbacks
 from qlora_lab.decision import interval
 from qlora_lab.report import write_report
 
+from .conftest import ROOT, cli
+
 LORA_PEAK, QLORA_PEAK = 3.0, 2.0
 
 
@@ -132,7 +134,6 @@ def config_for(tmp_path, *overrides):
     from hydra import compose, initialize_config_dir
 
     from qlora_lab.config import register
-    from .conftest import ROOT
 
     register()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -158,3 +159,25 @@ def test_repeats_refused_with_one_sentence(tmp_path, capsys, repeats, seed_axis,
     with pytest.raises(SystemExit) as stop:
         callbacks.SweepReport().on_multirun_start(cfg)
     assert stop.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_real_sweep_with_repeats_pairs_by_seed_and_records_learning_curves(tmp_path):
+    """The one real sweep here: sweep.repeats=2 on the tiny model -> 2 modes x 2 seeds, each LoRA/QLoRA pair trained
+    on the same data in the same order, every job with a learning curve, and a card with two pairs."""
+    sweep_dir = tmp_path / "sweep"
+    result = cli("-m", "+experiment=lora_vs_qlora", "model=tiny_random", "dataset.size=8", "sweep.repeats=2",
+                 "dataset.eval_size=4", "dataset.max_seq_length=64", "train.max_steps=2", "train.eval_steps=1",
+                 "train.speed_skip_steps=0", f"hydra.sweep.dir={sweep_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {}
+    for job in sweep_dir.glob("*/metrics.json"):
+        cfg = OmegaConf.load(job.parent / ".hydra" / "config.yaml")
+        runs[(cfg.quantization.method, cfg.train.seed)] = json.loads(job.read_text())
+    assert sorted(runs) == [("nf4", 42), ("nf4", 43), ("none", 42), ("none", 43)]
+    for (_, seed), m in runs.items():
+        assert [p["step"] for p in m["eval/curve"]] == [0, 1, 2] and m["eval/curve"][-1]["loss"] == m["eval/loss"]
+        # same seed: the same batches in the same order, so the same tokens at every evaluation
+        assert [p["tokens"] for p in m["eval/curve"]] == [p["tokens"] for p in runs[("none", seed)]["eval/curve"]]
+    card = (sweep_dir / "decision.md").read_text()
+    assert "| 8 | QLoRA nf4 | 2 |" in card and "## Over the seeds" in (sweep_dir / "summary.md").read_text()
+    assert (sweep_dir / "learning_curves.png").is_file() and (sweep_dir / "decision.png").is_file()
