@@ -3,6 +3,7 @@ for a hyperparameter search (hydra/sweeper=optuna) also every trial's parameters
 and objective.png.
 
     python -m qlora_lab.report outputs/multirun/lora_vs_qlora/<time>     # (re)write the report of a sweep
+    python -m qlora_lab.report verify SWEEP_DIR [CELL]   # re-run one cell, check it against the recorded intervals
 
 The SweepReport Hydra callback (qlora_lab/callbacks.py) calls `write_report` when a multirun ends. Each job is
 read from its own folder only (.hydra/config.yaml, .hydra/overrides.yaml, run.json, metrics.json), so the
@@ -406,6 +407,10 @@ def write_report(sweep_dir: str | Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["verify"]:
+        from .verify import main as verify_main
+
+        return verify_main(argv[1:])
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
         print("usage: python -m qlora_lab.report SWEEP_DIR   (re)writes " + ", ".join(SUMMARY_FILES) + " there",
               file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import yaml
@@ -181,3 +182,50 @@ def test_real_sweep_with_repeats_pairs_by_seed_and_records_learning_curves(tmp_p
     card = (sweep_dir / "decision.md").read_text()
     assert "| 8 | QLoRA nf4 | 2 |" in card and "## Over the seeds" in (sweep_dir / "summary.md").read_text()
     assert (sweep_dir / "learning_curves.png").is_file() and (sweep_dir / "decision.png").is_file()
+
+
+def test_verify_refuses_a_folder_that_is_not_a_sweep_an_unknown_cell_and_a_cell_that_no_longer_composes(
+        tmp_path, capsys):
+    from qlora_lab.report import main
+
+    assert main(["verify", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path} is not a sweep: it holds no job folders (none with .hydra/config.yaml).\n"
+    fake_sweep(tmp_path, {8: [0.0, 0.0]})
+    assert main(["verify", str(tmp_path), "64"]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path} has no cell '64'; its cells are '8'.\n"
+    # a field the schema has since lost (renamed), recorded in every job of the sweep
+    for overrides in tmp_path.glob("*/.hydra/overrides.yaml"):
+        overrides.write_text(yaml.safe_dump(yaml.safe_load(overrides.read_text()) + ["lora.renamed_field=3"]))
+    assert main(["verify", str(tmp_path), "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 0_quantization=none,dataset.size=8,train.seed=42 no longer composes from its "
+                          "recorded overrides (quantization=none dataset.size=8 train.seed=42 lora.renamed_field=3): "
+                          ) and "renamed_field" in err.split(": ", 2)[2] and err.count("\n") == 1
+    assert not (tmp_path / "verify").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("shift, inside", [(0.0, True), (0.5, False)])
+def test_verify_compares_the_rerun_with_the_recorded_interval(tmp_path, monkeypatch, capsys, shift, inside):
+    """The re-run itself is one `python -m qlora_lab` per job (the real one: see the real sweep test); here each
+    re-run writes its job folder with the recorded figures, shifted by `shift` in eval loss for QLoRA."""
+    from qlora_lab import verify
+    from qlora_lab.report import main
+
+    fake_sweep(tmp_path, {8: [0.01, 0.03], 16: [0.0, 0.0]})
+
+    def rerun(job_dir, overrides, out):
+        m = json.loads((job_dir / "metrics.json").read_text())
+        q = OmegaConf.load(job_dir / ".hydra" / "config.yaml").quantization.method
+        shutil.copytree(job_dir, out / job_dir.name)
+        m["eval/loss"] += shift if q == "nf4" else 0.0
+        (out / job_dir.name / "metrics.json").write_text(json.dumps(m))
+        return out / job_dir.name
+
+    monkeypatch.setattr(verify, "rerun", rerun)
+    assert main(["verify", str(tmp_path)]) == (0 if inside else 1)  # the smallest cell: 8
+    text = capsys.readouterr().out
+    assert "cell 8" in text and "Re-ran 4 jobs" in text
+    qlora = next(line for line in text.splitlines() if line.startswith("| QLoRA nf4 | eval loss |"))
+    assert qlora.endswith("| yes |" if inside else "| no: drift |")
+    assert next(line for line in text.splitlines() if line.startswith("| LoRA | eval loss |")).endswith("| yes |")
+    assert len(list((tmp_path / "verify").glob("*/verify.md"))) == 1
