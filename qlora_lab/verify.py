@@ -60,7 +60,7 @@ def check_composes(job_dir: Path, overrides: list[str]) -> None:
 
 def rerun(job_dir: Path, overrides: list[str], out: Path) -> Path:
     """One fresh process per job, as the sweep's isolated launcher ran it."""
-    run_dir = out / job_dir.name
+    run_dir = out / job_dir.name.split("_", 1)[0]  # the job number: the full name's commas would split the override
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     subprocess.run([sys.executable, "-m", "qlora_lab", *overrides, f"hydra.run.dir={run_dir}"], env=env, check=False)
     return run_dir

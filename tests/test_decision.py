@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -162,7 +164,7 @@ def test_repeats_refused_with_one_sentence(tmp_path, capsys, repeats, seed_axis,
     assert stop.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
 
 
-def test_real_sweep_with_repeats_pairs_by_seed_and_records_learning_curves(tmp_path):
+def test_real_sweep_with_repeats_pairs_by_seed_records_learning_curves_and_verifies(tmp_path):
     """The one real sweep here: sweep.repeats=2 on the tiny model -> 2 modes x 2 seeds, each LoRA/QLoRA pair trained
     on the same data in the same order, every job with a learning curve, and a card with two pairs."""
     sweep_dir = tmp_path / "sweep"
@@ -182,6 +184,16 @@ def test_real_sweep_with_repeats_pairs_by_seed_and_records_learning_curves(tmp_p
     card = (sweep_dir / "decision.md").read_text()
     assert "| 8 | QLoRA nf4 | 2 |" in card and "## Over the seeds" in (sweep_dir / "summary.md").read_text()
     assert (sweep_dir / "learning_curves.png").is_file() and (sweep_dir / "decision.png").is_file()
+    # verify re-runs the cell from the recorded overrides: on CPU the same seed gives the same eval loss, inside the
+    # recorded interval (speed and memory on a shared machine may drift: exit 1 is allowed, its table must say so)
+    out = subprocess.run([sys.executable, "-m", "qlora_lab.report", "verify", str(sweep_dir), "8"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode in (0, 1) and "Re-ran 4 jobs" in out.stdout, out.stderr[-3000:]
+    for name in ("LoRA", "QLoRA nf4"):
+        assert next(line for line in out.stdout.splitlines() if line.startswith(f"| {name} | eval loss |")).endswith(
+            "| yes |")
+    assert (out.returncode == 0) == ("no: drift" not in out.stdout)
+    assert len(list((sweep_dir / "verify").glob("*/*/metrics.json"))) == 4
 
 
 def test_verify_refuses_a_folder_that_is_not_a_sweep_an_unknown_cell_and_a_cell_that_no_longer_composes(
