@@ -132,7 +132,8 @@ def headline(found: list[dict], rows: list[dict]) -> list[str]:
         time, _ = interval([b["wall_s"] / a["wall_s"] - 1 for a, b in every if a["wall_s"] and b["wall_s"]])
         costs = []
         if saved is not None and lora_peak:
-            costs.append(f"saves {saved:.2f} GiB of peak memory ({-100 * saved / lora_peak:+.0f}%)")
+            costs.append(f"{'saves' if saved >= 0 else 'needs'} {abs(saved):.2f} GiB {'of' if saved >= 0 else 'more'} "
+                         f"peak memory ({-100 * saved / lora_peak:+.0f}%)")
         if time is not None:
             costs.append(f"{'costs' if time >= 0 else 'saves'} {abs(100 * time):.0f}% wall time")
         text = f"{where}: {mode(q)} " + " and ".join(costs) + " (means over all pairs); "

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from .config import ConfigError
 from .decision import cells, interval, mode
 
-FIGURES = [("eval_loss", "eval loss", 4), ("tokens_per_s", "tokens/s", 0), ("peak_gib", "peak GiB", 2)]
+FIGURES = [("eval_loss", "eval loss", 4), ("tokens_per_s", "tokens/s", 0), ("peak_gib", "peak GiB", 3)]
 
 
 def pick_cell(rows: list[dict], sweep_dir: Path, name: str | None) -> list[dict]:
