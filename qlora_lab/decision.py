@@ -191,10 +191,14 @@ def card(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def has_pairs(rows: list[dict]) -> bool:
+    return any(c["pairs"] for c in comparisons(rows))
+
+
 def plot(rows: list[dict], path: Path) -> bool:
     """decision.png: per cell, the eval-loss gap, the memory saved and the time cost with their intervals.
     Returns False (and removes an older plot) when there are no pairs to draw."""
-    found = [c for c in comparisons(rows) if c["pairs"]] if {r["quantization"] for r in rows} - {"none"} else []
+    found = [c for c in comparisons(rows) if c["pairs"]]
     if not found:
         path.unlink(missing_ok=True)
         return False

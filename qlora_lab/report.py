@@ -226,7 +226,9 @@ def markdown(rows: list[dict], sweep_dir: Path, target_gap: float = decision.TAR
         lines += ["", "## Failed jobs", "", "| job | error |", "| --- | --- |"]
         lines += [f"| {r['job']} | {str(r['error']).replace('|', '/').splitlines()[0] if r['error'] else '?'} |"
                   for r in failed]
-    lines += ["", "Plots: `time_vs_size.png`, `peak_memory.png`, `eval_loss.png`. Every job: `summary.csv`.", ""]
+    extra = ", `decision.png`" if decision.has_pairs(rows) else ""
+    extra += ", `learning_curves.png`" if any(r["_curve"] for r in done) else ""
+    lines += ["", f"Plots: `time_vs_size.png`, `peak_memory.png`, `eval_loss.png`{extra}. Every job: `summary.csv`.", ""]
     return "\n".join(lines)
 
 
