@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 SWEEP = {"dir": None}  # this process's sweep folder, once a multirun started: run_cli names it on a Ctrl-C
 
@@ -130,8 +130,35 @@ class RunDirGuard(Callback):
         SWEEP["dir"] = str(path)
 
 
+def seed_axis(config: DictConfig) -> str | None:
+    """sweep.repeats=N as a train.seed axis (train.seed, train.seed+1, ...), refused when it cannot be one."""
+    repeats = OmegaConf.select(config, "sweep.repeats", default=1)
+    if not isinstance(repeats, int) or repeats < 1:
+        _refuse(f"sweep.repeats must be 1 or more seeds per cell (got {repeats}).")
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    swept = "train.seed" in params or any(
+        o.startswith("train.seed=") and "," in o for o in config.hydra.overrides.task)
+    if repeats == 1:
+        return None
+    if swept:
+        _refuse("sweep.repeats and a train.seed axis both choose the seeds; give one of them.")
+    if "optuna" in str(OmegaConf.select(config, "hydra.sweeper._target_", default="")):
+        _refuse("sweep.repeats works with the basic sweeper only; an Optuna search samples its own trials.")
+    seed = int(config.train.seed)
+    return ",".join(str(seed + i) for i in range(repeats))
+
+
 class SweepReport(Callback):
-    """When a multirun ends, write summary.csv, summary.md and plots into the sweep dir and print the table."""
+    """When a multirun ends, write summary.csv, summary.md and plots into the sweep dir and print the table.
+    When it starts, turn sweep.repeats=N into a train.seed axis (Hydra reads the sweeper's params after this)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        seeds = seed_axis(config)
+        if seeds:
+            with read_write(config.hydra), open_dict(config.hydra):
+                if config.hydra.sweeper.get("params") is None:
+                    config.hydra.sweeper.params = {}
+                config.hydra.sweeper.params["train.seed"] = seeds
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from .config import ConfigError

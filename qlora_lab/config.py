@@ -358,6 +358,14 @@ class PathsConfig:
 
 
 @dataclass
+class SweepConfig:
+    """A multirun (`-m`): how many seeds each cell runs with (train.seed, train.seed+1, ...); LoRA and QLoRA jobs
+    of one seed share the data subset and the data order, so the report pairs them."""
+
+    repeats: int = 1
+
+
+@dataclass
 class Config:
     name: str = "run"  # names the output folder; experiments set it
     recipe: str = "fast"  # the name of the training recipe group chosen (conf/recipe/), for reports
@@ -377,6 +385,7 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def project_root() -> str:
@@ -654,6 +663,8 @@ def check_values(cfg: Config) -> None:
                        ("eval.max_samples", cfg.eval.max_samples)):
         if value < 1:
             raise ConfigError(f"{key} must be a positive integer (got {value}).")
+    if cfg.sweep.repeats < 1:
+        raise ConfigError(f"sweep.repeats must be 1 or more seeds per cell (got {cfg.sweep.repeats}).")
     if g.top_k < 0 or g.no_repeat_ngram_size < 0:
         raise ConfigError("generation.top_k and generation.no_repeat_ngram_size must be 0 or more.")
 

@@ -3,6 +3,7 @@ for a hyperparameter search (hydra/sweeper=optuna) also every trial's parameters
 and objective.png.
 
     python -m qlora_lab.report outputs/multirun/lora_vs_qlora/<time>     # (re)write the report of a sweep
+    python -m qlora_lab.report verify SWEEP_DIR [CELL]   # re-run one cell, check it against the recorded intervals
 
 The SweepReport Hydra callback (qlora_lab/callbacks.py) calls `write_report` when a multirun ends. Each job is
 read from its own folder only (.hydra/config.yaml, .hydra/overrides.yaml, run.json, metrics.json), so the
@@ -18,10 +19,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from . import decision
 from .config import ConfigError
 from .rundir import read_json, run_status
 
-SUMMARY_FILES = ["summary.csv", "summary.md", "time_vs_size.png", "peak_memory.png", "eval_loss.png"]
+SUMMARY_FILES = ["summary.csv", "summary.md", "decision.md", "time_vs_size.png", "peak_memory.png", "eval_loss.png"]
+DECISION_PLOT = decision.DECISION_PLOT  # sweeps with LoRA/QLoRA pairs only
+CURVES_PLOT = decision.CURVES_PLOT  # jobs that recorded eval/curve only
 SEARCH_PLOT = "objective.png"  # Optuna sweeps only
 
 # summary.csv column -> metrics.json key
@@ -88,7 +92,7 @@ def job_row(job_dir: Path) -> dict:
         "quantization": str(OmegaConf.select(cfg, "quantization.method")),
         "recipe": OmegaConf.select(cfg, "recipe", default="paper"),  # runs from before recipes existed: the paper's
         "dataset_size": OmegaConf.select(cfg, "dataset.size"),
-        "model": OmegaConf.select(cfg, "model.name_or_path"),
+        "model": OmegaConf.select(cfg, "model.name_or_path"), "dataset": OmegaConf.select(cfg, "dataset.name"),
         "max_seq_length": OmegaConf.select(cfg, "dataset.max_seq_length"),
         "pack": OmegaConf.select(cfg, "dataset.pack", default=False),
         "batch_size": OmegaConf.select(cfg, "train.batch_size"), "grad_accum": OmegaConf.select(cfg, "train.grad_accum"),
@@ -101,6 +105,7 @@ def job_row(job_dir: Path) -> dict:
     row["objective"] = metrics.get(OmegaConf.select(cfg, "objective.metric", default="eval/loss"))
     row["_direction"] = OmegaConf.select(cfg, "objective.direction", default="minimize")
     row["_overrides"] = _overrides(job_dir)
+    row["_curve"] = metrics.get("eval/curve") or []  # [{step, tokens, train_s, loss}]: qlora_lab/decision.py
     row["_info"] = info
     return row
 
@@ -127,9 +132,10 @@ def add_groups_and_ratios(rows: list[dict]) -> None:
     varying = sorted(k for k in keys - {"quantization", "dataset.size"}
                      if len({r["_overrides"].get(k) for r in rows}) > 1)
     for r in rows:
-        others = ", ".join(f"{k}={r['_overrides'].get(k)}" for k in varying)
         size = "all" if r["dataset_size"] is None else str(r["dataset_size"])
-        r["group"] = f"{size} ({others})" if others else size
+        for key, keys in (("group", varying), ("cell", [k for k in varying if k != "train.seed"])):
+            others = ", ".join(f"{k}={r['_overrides'].get(k)}" for k in keys)
+            r[key] = f"{size} ({others})" if others else size
     for r in rows:
         lora = next((b for b in rows if b["group"] == r["group"] and b["quantization"] == "none"
                      and b["status"] == "completed"), None)
@@ -184,7 +190,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def markdown(rows: list[dict], sweep_dir: Path) -> str:
+def markdown(rows: list[dict], sweep_dir: Path, target_gap: float = decision.TARGET_GAP) -> str:
     done = [r for r in rows if r["status"] == "completed"]
     failed = [r for r in rows if r["status"] != "completed"]
     first = (done or rows)[0]["_info"] if rows else {}
@@ -197,6 +203,9 @@ def markdown(rows: list[dict], sweep_dir: Path) -> str:
         f"`{sweep_dir}`: {len(rows)} jobs, {len(done)} completed, {len(failed)} failed. Model: {models}. "
         f"Hardware: {hardware}. torch {versions.get('torch')}, transformers {versions.get('transformers')}, "
         f"peft {versions.get('peft')}, bitsandbytes {versions.get('bitsandbytes')}.", "",
+        *decision.card(rows).splitlines(), "",
+        *decision.repeats_section(rows),
+        *decision.target_section(rows, target_gap),
         "## LoRA vs QLoRA per data size", "",
         "| data size | mode | steps | wall s | train s | tokens/s | weights GiB | peak GiB | eval loss | time ÷ LoRA "
         "| LoRA speed-up | memory ÷ LoRA |",
@@ -222,7 +231,9 @@ def markdown(rows: list[dict], sweep_dir: Path) -> str:
         lines += ["", "## Failed jobs", "", "| job | error |", "| --- | --- |"]
         lines += [f"| {r['job']} | {str(r['error']).replace('|', '/').splitlines()[0] if r['error'] else '?'} |"
                   for r in failed]
-    lines += ["", "Plots: `time_vs_size.png`, `peak_memory.png`, `eval_loss.png`. Every job: `summary.csv`.", ""]
+    extra = ", `decision.png`" if decision.has_pairs(rows) else ""
+    extra += ", `learning_curves.png`" if any(r["_curve"] for r in done) else ""
+    lines += ["", f"Plots: `time_vs_size.png`, `peak_memory.png`, `eval_loss.png`{extra}. Every job: `summary.csv`.", ""]
     return "\n".join(lines)
 
 
@@ -394,12 +405,19 @@ def write_report(sweep_dir: str | Path) -> str:
         text = head + "\n" + "\n".join(search_section(rows, settings, metric)) + "\n## " + rest
         search_plot(rows, sweep_dir, metric)
     (sweep_dir / "summary.md").write_text(text)
+    (sweep_dir / "decision.md").write_text(f"# Decision: {sweep_dir.name}\n\n" + decision.card(rows).partition("\n")[2])
+    decision.plot(rows, sweep_dir / DECISION_PLOT)
+    decision.curves_plot(rows, sweep_dir / CURVES_PLOT)
     plots(rows, sweep_dir)
     return text
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["verify"]:
+        from .verify import main as verify_main
+
+        return verify_main(argv[1:])
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
         print("usage: python -m qlora_lab.report SWEEP_DIR   (re)writes " + ", ".join(SUMMARY_FILES) + " there",
               file=sys.stderr)
@@ -410,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(text)
-    files = SUMMARY_FILES + ([SEARCH_PLOT] if (Path(argv[0]) / SEARCH_PLOT).is_file() else [])
+    files = SUMMARY_FILES + [p for p in (DECISION_PLOT, CURVES_PLOT, SEARCH_PLOT) if (Path(argv[0]) / p).is_file()]
     print(f"wrote {', '.join(files)} in {argv[0]} (replacing any earlier report)")
     return 0
 

@@ -24,6 +24,7 @@ BAD_INPUTS = [
     ("zero inference batch", ["pipeline=infer", "inference.batch_size=0"], ["inference.batch_size"]),
     ("zero prompts", ["pipeline=infer", "inference.num_prompts=0"], ["inference.num_prompts"]),
     ("web port out of range", ["pipeline=web", "web.port=70000"], ["web.port", "65535"]),
+    ("zero repeats", ["sweep.repeats=0"], ["sweep.repeats", "1 or more"]),
     ("custom dataset without a path", ["dataset=custom"], ["dataset.path", "dataset=custom"]),
     ("negative int8 threshold", ["quantization=int8", "quantization.int8_threshold=-1"],
      ["quantization.int8_threshold", "0 or more"]),

@@ -125,7 +125,7 @@ def test_sweep_page_shows_the_report_and_its_plots(outputs):
     assert sweeps == [outputs / "multirun" / "demo"]
     text, plots = web_pages.sweep_page(sweeps[0])
     assert text == (sweeps[0] / "summary.md").read_text() and "LoRA vs QLoRA" in text
-    assert [p.name for p in plots] == ["eval_loss.png", "peak_memory.png", "time_vs_size.png"]
+    assert [p.name for p in plots] == ["eval_loss.png", "learning_curves.png", "peak_memory.png", "time_vs_size.png"]
 
 
 def test_conversation_is_rendered_as_in_training_and_trimmed_to_fit(tokenizer):

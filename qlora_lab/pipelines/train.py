@@ -80,6 +80,24 @@ class StepTimer(TrainerCallback):
                 "train/timed_tokens": sum(t), "train/step_times_s": [round(x, 4) for x in s]} | step_time_spread(s)
 
 
+class EvalCurve(TrainerCallback):
+    """Every evaluation (the one before training, every train.eval_steps, the final one) as a point of the learning
+    curve: step, real tokens trained on, seconds in optimizer steps so far (the StepTimer's: evaluation and
+    logging left out) and eval loss. The sweep report draws these and reads time and tokens to a target loss."""
+
+    def __init__(self, timer: StepTimer):
+        self.timer, self.points = timer, []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.points = []  # train.batch_size=auto restarts the loop after an out-of-memory error
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and "eval_loss" in metrics:
+            point = {"step": state.global_step, "tokens": state.num_input_tokens_seen,
+                     "train_s": round(sum(self.timer.step_s), 4), "loss": metrics["eval_loss"]}
+            self.points = [p for p in self.points if p["step"] != point["step"]] + [point]
+
+
 def utilisation(metrics: dict, model, trainable: int, context: float, peak_override: float | None) -> dict:
     """Model FLOPs per token and, on a GPU with a known peak, MFU (formula in qlora_lab/perf.py)."""
     per_gpu = metrics.get("train/tokens_per_s_per_gpu")
@@ -302,10 +320,11 @@ def run(cfg: Config, run: Run):
     if single:
         print(single, flush=True)
     timer = StepTimer()
+    curve = EvalCurve(timer)
     trainer = LabTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                       data_collator=PackedCollator(tokenizer.pad_token_id, varlen) if cfg.dataset.pack else
                       DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-                      callbacks=[timer, Progress(run), LossGuard()] + ([StepProfiler(run.dir, t.speed_skip_steps)] if t.profile else []))
+                      callbacks=[timer, curve, Progress(run), LossGuard()] + ([StepProfiler(run.dir, t.speed_skip_steps)] if t.profile else []))
 
     # ---- loop
     if checkpoint:
@@ -322,7 +341,7 @@ def run(cfg: Config, run: Run):
              "train/loss_last": losses[-1] if losses else None, "train/steps": trainer.state.global_step,
              "train/runtime_s": result.metrics.get("train_runtime"), "train/tokens_seen": trainer.state.num_input_tokens_seen,
              "eval/loss": eval_loss, "eval/perplexity": math.exp(eval_loss),
-             "train/batch_size": batch, "train/losses": losses}
+             "train/batch_size": batch, "train/losses": losses, "eval/curve": curve.points}
             | timer.summary(t.speed_skip_steps, batch * t.grad_accum * world, world))
     run.log(utilisation(run.metrics, model, trainable, mean_context(train_ds), t.peak_tflops))
     if trainer.accelerator.num_processes > 1:

@@ -1,0 +1,243 @@
+"""The decision card and the figures over seeds, built from fake sweep folders laid out as real jobs write them
+(.hydra/config.yaml, .hydra/overrides.yaml, run.json, metrics.json): no training, so every case is fast."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+from omegaconf import OmegaConf, open_dict
+
+from qlora_lab import callbacks
+from qlora_lab.decision import interval
+from qlora_lab.report import write_report
+
+from .conftest import ROOT, cli
+
+LORA_PEAK, QLORA_PEAK = 3.0, 2.0
+
+
+def add_job(sweep_dir, num: int, quantization: str, size: int, seed: int, eval_loss: float, wall_s: float,
+            peak: float, status: str = "completed", seeded: bool = True, curve: list | None = None) -> str:
+    overrides = [f"quantization={quantization}", f"dataset.size={size}"] + ([f"train.seed={seed}"] if seeded else [])
+    job = sweep_dir / f"{num}_{','.join(overrides)}"
+    (job / ".hydra").mkdir(parents=True)
+    cfg = {"quantization": {"method": quantization}, "model": {"name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+           "dataset": {"name": "gsm8k", "size": size, "seed": 42, "max_seq_length": 128},
+           "train": {"seed": seed, "batch_size": 4, "grad_accum": 1}, "recipe": "paper"}
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (job / "run.json").write_text(json.dumps({"status": status, "hardware": {"device": "cpu", "cpu_count": 2}}))
+    (job / "metrics.json").write_text(json.dumps({"eval/loss": eval_loss, "time/wall_s": wall_s, "memory/peak_gib": peak,
+                                                  "train/tokens_per_s": 100.0, "data/train_examples": size}
+                                                 | ({"eval/curve": curve} if curve else {})))
+    return job.name
+
+
+def fake_sweep(sweep_dir, gaps: dict[int, list[float]], modes=("none", "nf4")) -> dict:
+    """One LoRA and one QLoRA job per size and seed; QLoRA's eval loss = LoRA's + the gap given for that seed.
+    Returns {(mode, size, seed): job folder name}."""
+    jobs, num = {}, 0
+    for size, seed_gaps in gaps.items():
+        for seed, gap in enumerate(seed_gaps, start=42):
+            lora_loss = 1.5 + 0.01 * seed  # differs between seeds: only the pairing removes it
+            for q in modes:
+                loss, wall, peak = (lora_loss, 10.0, LORA_PEAK) if q == "none" else (lora_loss + gap, 12.0, QLORA_PEAK)
+                jobs[(q, size, seed)] = add_job(sweep_dir, num, q, size, seed, loss, wall, peak)
+                num += 1
+    return jobs
+
+
+def test_interval_is_the_student_t_interval():
+    mean, half = interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-6)
+    assert interval([5.0]) == (5.0, None) and interval([]) == (None, None)
+
+
+def test_card_gives_a_verdict_per_size_and_the_size_from_which_qlora_is_within_noise(tmp_path):
+    # size 8: QLoRA clearly worse (gaps 0.10-0.12); sizes 16 and 32: gaps scattered around 0
+    jobs = fake_sweep(tmp_path, {8: [0.10, 0.12, 0.11], 16: [0.01, -0.01, 0.005], 32: [-0.004, 0.003, 0.0]})
+    summary = write_report(tmp_path)
+    card = (tmp_path / "decision.md").read_text()
+    assert summary.index("## Decision") < summary.index("## LoRA vs QLoRA per data size")  # the card comes first
+    assert (tmp_path / "decision.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    mean, half = interval([0.10, 0.12, 0.11])
+    assert "its eval loss is within noise of LoRA's from 16 examples on" in card
+    assert f"at 8 it is worse by {mean:.4f} ± {half:.4f}" in card
+    assert "saves 1.00 GiB of peak memory (-33%)" in card and "costs 20% wall time" in card
+    row8 = next(line for line in card.splitlines() if line.startswith("| 8 |"))
+    assert "| worse |" in row8 and f"{mean:.4f} ± {half:.4f}" in row8
+    for seed in (42, 43, 44):  # every run behind the row is linked
+        for q in ("none", "nf4"):
+            assert f"(<{jobs[(q, 8, seed)]}>)" in row8
+    assert "| within noise |" in next(line for line in card.splitlines() if line.startswith("| 32 |"))
+    # over the seeds: LoRA's eval loss at size 8 is 1.92, 1.93, 1.94 -> 1.93 ± t(0.975, 2)·0.01/√3
+    m, h = interval([1.92, 1.93, 1.94])
+    assert f"| 8 | LoRA | 3 | {m:.4f} ± {h:.4f} |" in summary
+
+
+def test_single_seed_gives_figures_but_no_verdict(tmp_path):
+    fake_sweep(tmp_path, {8: [0.5], 16: [0.4]})
+    card = write_report(tmp_path) and (tmp_path / "decision.md").read_text()
+    assert "no verdict (fewer than 2 seeds)" in card and "within noise" not in card and "| worse |" not in card
+    assert "run the sweep with sweep.repeats=3 or more" in card
+
+
+def test_single_mode_sweep_says_there_are_no_pairs(tmp_path):
+    fake_sweep(tmp_path, {8: [0.0, 0.0]}, modes=("none",))
+    card = write_report(tmp_path) and (tmp_path / "decision.md").read_text()
+    assert "completed only LoRA jobs: there are no LoRA/QLoRA pairs, so no verdict" in card
+    assert "within noise" not in card and not (tmp_path / "decision.png").exists()
+
+
+def test_pairs_are_made_by_seed_and_a_failed_job_drops_its_pair(tmp_path):
+    fake_sweep(tmp_path, {8: [0.01, -0.01]})
+    # a third seed whose QLoRA job failed: no pair, so two pairs stay
+    add_job(tmp_path, 10, "none", 8, 44, 9.0, 10.0, LORA_PEAK)
+    add_job(tmp_path, 11, "nf4", 8, 44, 0.0, 12.0, QLORA_PEAK, status="failed")
+    card = write_report(tmp_path) and (tmp_path / "decision.md").read_text()
+    row = next(line for line in card.splitlines() if line.startswith("| 8 |"))
+    assert "| QLoRA nf4 | 2 |" in row and "| within noise |" in row and "10_" not in row
+
+
+def curve(*losses: float) -> list[dict]:
+    """A learning curve as train.py records it: one evaluation per 100 tokens and 2 s of training."""
+    return [{"step": i, "tokens": 100 * i, "train_s": 2.0 * i, "loss": loss} for i, loss in enumerate(losses)]
+
+
+def test_time_to_target_per_mode_and_not_reached_with_the_best_value(tmp_path):
+    # size 8: LoRA ends at 2.0 and 2.2 (target 2.1 · 1.02 = 2.142); QLoRA reaches it one evaluation later
+    add_job(tmp_path, 0, "none", 8, 42, 2.0, 10.0, LORA_PEAK, curve=curve(3.0, 2.5, 2.0))
+    add_job(tmp_path, 1, "nf4", 8, 42, 2.1, 12.0, QLORA_PEAK, curve=curve(3.0, 2.6, 2.3, 2.1))
+    add_job(tmp_path, 2, "none", 8, 43, 2.2, 10.0, LORA_PEAK, curve=curve(3.0, 2.4, 2.2))
+    add_job(tmp_path, 3, "nf4", 8, 43, 2.14, 12.0, QLORA_PEAK, curve=curve(3.0, 2.5, 2.14))
+    # size 16: QLoRA never gets within 2% of LoRA's 1.0
+    add_job(tmp_path, 4, "none", 16, 42, 1.0, 10.0, LORA_PEAK, curve=curve(3.0, 1.0))
+    add_job(tmp_path, 5, "nf4", 16, 42, 1.5, 12.0, QLORA_PEAK, curve=curve(3.0, 1.6, 1.5))
+    summary = write_report(tmp_path)
+    section = summary.split("## Time to target (LoRA's final eval loss + 2%)", 1)[1]
+    lora8 = next(line for line in section.splitlines() if line.startswith("| 8 | LoRA |"))
+    qlora8 = next(line for line in section.splitlines() if line.startswith("| 8 | QLoRA nf4 |"))
+    # LoRA's own seed 43 ends at 2.2, above the target: one of its two runs reaches it (seed 42, at 200 tokens)
+    assert "| 2.1420 |" in lora8 and "| 1 of 2 |" in lora8 and "| 200 | 4.0 |" in lora8
+    tokens, half = interval([300, 200])
+    assert "| 2 of 2 |" in qlora8 and f"| {tokens:,.0f} ± {half:,.0f} |" in qlora8
+    assert "[1](<1_" in qlora8 and "[3](<3_" in qlora8
+    qlora16 = next(line for line in section.splitlines() if line.startswith("| 16 | QLoRA nf4 |"))
+    assert "| 1.0200 | not reached (best 1.5000) | – | – |" in qlora16
+    assert (tmp_path / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def config_for(tmp_path, *overrides):
+    from hydra import compose, initialize_config_dir
+
+    from qlora_lab.config import register
+
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=["+experiment=lora_vs_qlora", *overrides], return_hydra_config=True)
+
+
+def test_repeats_become_a_seed_axis(tmp_path):
+    cfg = config_for(tmp_path, "sweep.repeats=3", "train.seed=7")
+    callbacks.SweepReport().on_multirun_start(cfg)
+    assert OmegaConf.to_container(cfg.hydra.sweeper.params) == {
+        "quantization": "none,nf4", "dataset.size": "8,16,32", "train.seed": "7,8,9"}
+
+
+@pytest.mark.parametrize("repeats, seed_axis, message", [
+    (0, False, "sweep.repeats must be 1 or more seeds per cell (got 0)."),
+    (2, True, "sweep.repeats and a train.seed axis both choose the seeds; give one of them."),
+])
+def test_repeats_refused_with_one_sentence(tmp_path, capsys, repeats, seed_axis, message):
+    cfg = config_for(tmp_path, f"sweep.repeats={repeats}")
+    if seed_axis:
+        with open_dict(cfg.hydra):
+            cfg.hydra.sweeper.params["train.seed"] = "1,2"
+    with pytest.raises(SystemExit) as stop:
+        callbacks.SweepReport().on_multirun_start(cfg)
+    assert stop.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_real_sweep_with_repeats_pairs_by_seed_records_learning_curves_and_verifies(tmp_path):
+    """The one real sweep here: sweep.repeats=2 on the tiny model -> 2 modes x 2 seeds, each LoRA/QLoRA pair trained
+    on the same data in the same order, every job with a learning curve, and a card with two pairs."""
+    sweep_dir = tmp_path / "sweep"
+    result = cli("-m", "+experiment=lora_vs_qlora", "model=tiny_random", "dataset.size=8", "sweep.repeats=2",
+                 "dataset.eval_size=4", "dataset.max_seq_length=64", "train.max_steps=2", "train.eval_steps=1",
+                 "train.speed_skip_steps=0", f"hydra.sweep.dir={sweep_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {}
+    for job in sweep_dir.glob("*/metrics.json"):
+        cfg = OmegaConf.load(job.parent / ".hydra" / "config.yaml")
+        runs[(cfg.quantization.method, cfg.train.seed)] = json.loads(job.read_text())
+    assert sorted(runs) == [("nf4", 42), ("nf4", 43), ("none", 42), ("none", 43)]
+    for (_, seed), m in runs.items():
+        assert [p["step"] for p in m["eval/curve"]] == [0, 1, 2] and m["eval/curve"][-1]["loss"] == m["eval/loss"]
+        # same seed: the same batches in the same order, so the same tokens at every evaluation
+        assert [p["tokens"] for p in m["eval/curve"]] == [p["tokens"] for p in runs[("none", seed)]["eval/curve"]]
+    card = (sweep_dir / "decision.md").read_text()
+    assert "| 8 | QLoRA nf4 | 2 |" in card and "## Over the seeds" in (sweep_dir / "summary.md").read_text()
+    assert (sweep_dir / "learning_curves.png").is_file() and (sweep_dir / "decision.png").is_file()
+    # verify re-runs the cell from the recorded overrides: on CPU the same seed gives the same eval loss, inside the
+    # recorded interval (speed and memory on a shared machine may drift: exit 1 is allowed, its table must say so)
+    out = subprocess.run([sys.executable, "-m", "qlora_lab.report", "verify", str(sweep_dir), "8"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode in (0, 1) and "Re-ran 4 jobs" in out.stdout, out.stderr[-3000:]
+    for name in ("LoRA", "QLoRA nf4"):
+        assert next(line for line in out.stdout.splitlines() if line.startswith(f"| {name} | eval loss |")).endswith(
+            "| yes |")
+    assert (out.returncode == 0) == ("no: drift" not in out.stdout)
+    assert len(list((sweep_dir / "verify").glob("*/*/metrics.json"))) == 4
+
+
+def test_verify_refuses_a_folder_that_is_not_a_sweep_an_unknown_cell_and_a_cell_that_no_longer_composes(
+        tmp_path, capsys):
+    from qlora_lab.report import main
+
+    assert main(["verify", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path} is not a sweep: it holds no job folders (none with .hydra/config.yaml).\n"
+    fake_sweep(tmp_path, {8: [0.0, 0.0]})
+    assert main(["verify", str(tmp_path), "64"]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path} has no cell '64'; its cells are '8'.\n"
+    # a field the schema has since lost (renamed), recorded in every job of the sweep
+    for overrides in tmp_path.glob("*/.hydra/overrides.yaml"):
+        overrides.write_text(yaml.safe_dump(yaml.safe_load(overrides.read_text()) + ["lora.renamed_field=3"]))
+    assert main(["verify", str(tmp_path), "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 0_quantization=none,dataset.size=8,train.seed=42 no longer composes from its "
+                          "recorded overrides (quantization=none dataset.size=8 train.seed=42 lora.renamed_field=3): "
+                          ) and "renamed_field" in err.split(": ", 2)[2] and err.count("\n") == 1
+    assert not (tmp_path / "verify").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("shift, inside", [(0.0, True), (0.5, False)])
+def test_verify_compares_the_rerun_with_the_recorded_interval(tmp_path, monkeypatch, capsys, shift, inside):
+    """The re-run itself is one `python -m qlora_lab` per job (the real one: see the real sweep test); here each
+    re-run writes its job folder with the recorded figures, shifted by `shift` in eval loss for QLoRA."""
+    from qlora_lab import verify
+    from qlora_lab.report import main
+
+    fake_sweep(tmp_path, {8: [0.01, 0.03], 16: [0.0, 0.0]})
+
+    def rerun(job_dir, overrides, out):
+        m = json.loads((job_dir / "metrics.json").read_text())
+        q = OmegaConf.load(job_dir / ".hydra" / "config.yaml").quantization.method
+        shutil.copytree(job_dir, out / job_dir.name)
+        m["eval/loss"] += shift if q == "nf4" else 0.0
+        (out / job_dir.name / "metrics.json").write_text(json.dumps(m))
+        return out / job_dir.name
+
+    monkeypatch.setattr(verify, "rerun", rerun)
+    assert main(["verify", str(tmp_path)]) == (0 if inside else 1)  # the smallest cell: 8
+    text = capsys.readouterr().out
+    assert "cell 8" in text and "Re-ran 4 jobs" in text
+    qlora = next(line for line in text.splitlines() if line.startswith("| QLoRA nf4 | eval loss |"))
+    assert qlora.endswith("| yes |" if inside else "| no: drift |")
+    assert next(line for line in text.splitlines() if line.startswith("| LoRA | eval loss |")).endswith("| yes |")
+    assert len(list((tmp_path / "verify").glob("*/verify.md"))) == 1
