@@ -10,7 +10,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, register, validate
+from .config import ConfigError, register
+from .validation import validate
 from .rundir import Run, explain_inherited, hold_run_dir, inherit_from_run, is_main_process
 
 register()
@@ -49,7 +50,7 @@ def disk_space_for(name: str, cfg: DictConfig, run: Run):
     """What a full disk during stage `name` should say: the folder, the space needed where it can be known (a
     checkpoint like the last one; the base model's weight files for a merge; the weight count times each export's
     bytes per weight), the leftovers removed, and the command that continues."""
-    from .config import export_targets
+    from .validation import export_targets
     from .models import looks_local, model_path, weight_count
     from .rundir import disk_space
 

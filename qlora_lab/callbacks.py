@@ -39,7 +39,7 @@ def _given(config: DictConfig, key: str) -> bool:
 
 def check_writable(path: Path, config: DictConfig, key: str) -> None:
     """A file where the run folder or one above it should be: say which setting put it there."""
-    from .config import folder_problem
+    from .validation import folder_problem
 
     problem = folder_problem(path)
     if problem:

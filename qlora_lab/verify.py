@@ -45,7 +45,8 @@ def check_composes(job_dir: Path, overrides: list[str]) -> None:
     with one sentence, before any job runs."""
     from hydra import compose, initialize_config_dir
 
-    from .config import project_root, register, validate
+    from .config import project_root, register
+    from .validation import validate
 
     register()
     try:

@@ -35,7 +35,8 @@ from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .. import gguf_export, int8_dynamic
-from ..config import Config, ConfigError, ExportFormat, InferenceMode, QuantMethod, export_targets, register
+from ..config import Config, ConfigError, ExportFormat, InferenceMode, QuantMethod, register
+from ..validation import export_targets
 from ..data import encode, load_splits, tokenize_example
 from ..inference import adapter_dir, agreement, eval_prompts, generate, load_for_inference, teacher_forced
 from ..models import EMBEDDED_PREFIX, SOURCE_FILE, load_tokenizer, model_path, tokenizer_path

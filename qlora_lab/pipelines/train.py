@@ -14,12 +14,11 @@ import time
 import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from ..attention import available as varlen_available
-from ..attention import use_varlen
-from ..config import Config, ConfigError, LoraLayers, PackedAttention, Precision, QuantMethod
+from ..attention import packed_varlen, use_varlen
+from ..config import Config, ConfigError, Precision, QuantMethod
 from ..data import PackedCollator, file_sha256, load_splits, mean_context, tokenize_split
 from ..distributed import fsdp_enabled, one_gpu_per_process
-from ..fused_lora import fuse_lora
+from ..fused_lora import fuse_lora, lora_unfused_reason
 from ..models import (
     attach_lora,
     count_params,
@@ -201,24 +200,6 @@ def optimizer(name: str) -> str:
     if name != "auto":
         return name
     return "adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch"
-
-
-def lora_unfused_reason(cfg: Config) -> str | None:
-    """Why the LoRA layers run as PEFT's modules, or None when they run fused (train.lora_layers; validate()
-    refused a `fused` that cannot run). `auto` fuses on CUDA only, and not under FSDP (not tried with its shards)."""
-    mode, t = cfg.train.lora_layers, cfg.train
-    if mode is LoraLayers.fused:
-        return None
-    if mode is LoraLayers.peft:
-        return "train.lora_layers=peft"
-    return ("no CUDA GPU" if not torch.cuda.is_available() else "FSDP" if fsdp_enabled() else
-            "autocast on" if t.autocast else "8-bit base" if cfg.quantization.method is QuantMethod.int8 else None)
-
-
-def packed_varlen(cfg: Config, dtype: torch.dtype) -> bool:
-    """Whether packed rows use the varlen kernel (train.packed_attention; validate() refused an unmet `varlen`)."""
-    mode = cfg.train.packed_attention
-    return cfg.dataset.pack and (mode is PackedAttention.varlen or (mode is PackedAttention.auto and varlen_available(dtype)))
 
 
 def precision_flags(precision: Precision, autocast: bool) -> dict:

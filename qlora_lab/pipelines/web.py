@@ -47,7 +47,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList, set_seed  # noq
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from .. import web_pages  # noqa: E402
-from ..config import Config, ConfigError, DatasetConfig, GenerationConfig, InferenceMode, is_loopback  # noqa: E402
+from ..config import Config, ConfigError, DatasetConfig, GenerationConfig, InferenceMode  # noqa: E402
+from ..validation import is_loopback  # noqa: E402
 from ..data import encode, render_prompt  # noqa: E402
 from ..inference import hf_generation_config, load_for_inference  # noqa: E402
 from ..rundir import Run, inherit_from_run  # noqa: E402
@@ -730,7 +731,7 @@ def run(cfg: Config, run: Run) -> None:
     host, port = cfg.web.host, int(cfg.web.port)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up requests to itself
     check_port(host, port)
-    if not is_loopback(host):  # config.validate() has made sure of a login
+    if not is_loopback(host):  # validate() has made sure of a login
         log.warning("web.host=%s: the app listens on that interface; anyone who reaches port %d gets its login page "
                     "(web.auth)", host, port)
     source = run.source if cfg.run_dir else None
