@@ -11,8 +11,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, register
-from .validation import validate
 from .rundir import Run, explain_inherited, hold_run_dir, inherit_from_run, is_main_process
+from .validation import validate
 
 register()
 log = logging.getLogger("qlora_lab")
@@ -42,15 +42,11 @@ def preflight(cfg: DictConfig) -> None:
         read_prompt_rows(cfg.inference.prompts_file, cfg.paths.root, cfg)
 
 
-# bytes per weight of each export, for the space an export needs
-EXPORT_BYTES = {"gguf:f32": 4, "gguf:f16": 2, "gguf:q8_0": 34 / 32, "gguf:q4_0": 18 / 32, "int8_dynamic": 1}
-
-
 def disk_space_for(name: str, cfg: DictConfig, run: Run):
     """What a full disk during stage `name` should say: the folder, the space needed where it can be known (a
     checkpoint like the last one; the base model's weight files for a merge; the weight count times each export's
     bytes per weight), the leftovers removed, and the command that continues."""
-    from .validation import export_targets
+    from .exports import export_targets
     from .models import looks_local, model_path, weight_count
     from .rundir import disk_space
 
@@ -88,8 +84,8 @@ def disk_space_for(name: str, cfg: DictConfig, run: Run):
 
         def export_bytes():
             weights = weight_count(source / "merged")
-            return int(sum(EXPORT_BYTES[fmt.value if t is None else f"{fmt.value}:{t.value}"] * weights
-                           for fmt, t in export_targets(cfg.export))) or None
+            return int(sum(spec.bytes_per_weight(variant) * weights
+                           for spec, variant in export_targets(cfg.export))) or None
 
         return disk_space(source / "export", "the export", again, export_bytes, export_tmp)
     return disk_space(run.dir, f"the {name} stage's results", "run it again")

@@ -22,7 +22,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from .distributed import check_launch, fsdp_enabled, world_size
+from .distributed import world_size
 
 
 class ConfigError(ValueError):

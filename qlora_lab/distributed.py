@@ -10,6 +10,10 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 DDP_CONFIG = "accelerate/ddp_2gpu.yaml"
 FSDP_CONFIG = "accelerate/fsdp_2gpu.yaml"

@@ -157,6 +157,18 @@ class Run:
             (self.dir / "run.json").write_text(json.dumps(self.info, indent=2) + "\n")
 
 
+def refuse_existing(paths, fix: str, overwrite: bool = False) -> None:
+    """The guard of every stage that writes results: an earlier result (a file, or a folder that is not empty) is
+    never written over unless the stage's overwrite setting says so; `fix` says what to do instead."""
+    if overwrite:
+        return
+    for path in map(Path, paths):
+        if path.is_dir() and not any(path.iterdir()):
+            continue  # an empty folder holds nothing to lose
+        if path.exists():
+            raise ConfigError(f"{path} already exists{' and is not empty' if path.is_dir() else ''}; {fix}")
+
+
 def disk_full(error: BaseException | None) -> bool:
     """True for "No space left on device" (or a full quota), also when a library wraps it: safetensors' Rust
     writer raises SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")."""

@@ -14,9 +14,6 @@ from omegaconf import OmegaConf
 from .config import (
     Config,
     ConfigError,
-    ExportConfig,
-    ExportFormat,
-    GgufType,
     InferenceMode,
     MergeBase,
     QuantMethod,
@@ -102,23 +99,6 @@ def check_stages(cfg: Config) -> None:
         raise ConfigError(f"pipeline.stages names an unknown stage {unknown[0]!r}; known stages: {', '.join(STAGES)}.")
 
 
-def export_targets(e: ExportConfig) -> list[tuple[ExportFormat, GgufType | None]]:
-    """[(format, gguf_type or None)], from export.targets (`gguf:q8_0`, `int8_dynamic`) or format/gguf_type."""
-    if not e.targets:
-        return [(e.format, e.gguf_type if e.format is ExportFormat.gguf else None)]
-    out = []
-    for spec in e.targets:
-        fmt, _, gguf_type = str(spec).partition(":")
-        if fmt == ExportFormat.int8_dynamic.value and not gguf_type:
-            out.append((ExportFormat.int8_dynamic, None))
-        elif fmt == ExportFormat.gguf.value and gguf_type in {t.value for t in GgufType}:
-            out.append((ExportFormat.gguf, GgufType(gguf_type)))
-        else:
-            raise ConfigError(f"export.targets has {spec!r}; write int8_dynamic or gguf:TYPE with TYPE one of "
-                              f"{', '.join(t.value for t in GgufType)}.")
-    return list(dict.fromkeys(out))
-
-
 def check_stage_settings(cfg: Config) -> None:
     """The settings of the stages this pipeline runs (a stage that does not run is not held to its settings)."""
     stages = set(cfg.pipeline.stages)
@@ -141,6 +121,8 @@ def check_stage_settings(cfg: Config) -> None:
     if "web" in stages:
         check_web_access(cfg.web)
     if "export" in stages:
+        from .exports import export_targets
+
         export_targets(cfg.export)
         if cfg.export.measure and cfg.inference.agreement_examples < 1:
             raise ConfigError(f"inference.agreement_examples must be at least 1 to measure an export "

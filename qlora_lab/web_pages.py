@@ -16,7 +16,6 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .config import InferenceMode
-from .int8_dynamic import RUN_SUBDIR as INT8_SUBDIR
 from .rundir import read_json, run_status
 
 RUN_COLUMNS = ["run", "started (UTC)", "model", "quantization", "dataset", "stages", "status", "eval loss before",
@@ -84,16 +83,11 @@ def runs_table(output_dir: str | Path) -> list[dict]:
 
 def inference_modes(run_dir: Path | None) -> list[str]:
     """The inference modes a run has the files for (base always: it needs no run)."""
+    from .inference_modes import MODES
+
     if run_dir is None:
         return [InferenceMode.base.value]
-    modes = []
-    if (run_dir / "adapter" / "adapter_config.json").is_file():
-        modes += [InferenceMode.adapter.value, InferenceMode.merge_and_unload.value]
-    if (run_dir / "merged" / "config.json").is_file():
-        modes.append(InferenceMode.merged.value)
-    if (run_dir / INT8_SUBDIR).is_dir():
-        modes.append(InferenceMode.int8_dynamic.value)
-    return modes + [InferenceMode.base.value]
+    return [spec.mode.value for spec in MODES.values() if spec.available(run_dir)]
 
 
 # ---------------------------------------------------------------- one run

@@ -24,7 +24,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from ..config import Config, ConfigError, InferenceMode, MergeBase, QuantMethod
+from ..config import Config, InferenceMode, MergeBase, QuantMethod
 from ..data import load_splits, tokenize_example
 from ..inference import (
     adapter_dir,
@@ -36,15 +36,9 @@ from ..inference import (
     teacher_forced,
 )
 from ..models import device, load_model, load_tokenizer, model_path, resolve_dtype
-from ..rundir import Run
+from ..rundir import Run, refuse_existing
 
 log = logging.getLogger(__name__)
-
-
-def check_target(target: Path, overwrite: bool) -> None:
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise ConfigError(f"{target} already exists and is not empty; remove it or pass merge.overwrite=true "
-                          f"to replace it.")
 
 
 def quantization_round_trip(model, cfg: Config, replace: bool) -> dict:
@@ -130,7 +124,7 @@ def run(cfg: Config, run: Run) -> Path:
     base_choice, quant = chosen_base(cfg), cfg.quantization.method
     adapter = adapter_dir(run.source)
     target = run.source / "merged"
-    check_target(target, m.overwrite)
+    refuse_existing([target], "remove it or pass merge.overwrite=true to replace it.", m.overwrite)
 
     if m.base is MergeBase.auto and quant is not QuantMethod.none:
         print(f"merge.base=auto: this run trained on {quant.value} weights, so the adapter is merged into "

@@ -48,10 +48,10 @@ from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from .. import web_pages  # noqa: E402
 from ..config import Config, ConfigError, DatasetConfig, GenerationConfig, InferenceMode  # noqa: E402
-from ..validation import is_loopback  # noqa: E402
 from ..data import encode, render_prompt  # noqa: E402
 from ..inference import hf_generation_config, load_for_inference  # noqa: E402
 from ..rundir import Run, inherit_from_run  # noqa: E402
+from ..validation import is_loopback  # noqa: E402
 
 log = logging.getLogger(__name__)
 NO_RUN = "(no run: the base model)"
