@@ -22,14 +22,15 @@ from transformers import GenerationConfig as HFGenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from .config import Config, ConfigError, GenerationConfig, InferenceMode
-from .data import IGNORE_INDEX, encode, end_of_turn_id, load_splits, prompt_and_reference
+from .data import IGNORE_INDEX, encode, end_of_turn_id, load_splits, prompt_and_reference, render_prompt
+from .layout import RunLayout
 from .models import check_safetensors
 
 # ---------------------------------------------------------------- loading
 
 def adapter_dir(source: Path) -> Path:
-    path = Path(source) / "adapter"
-    if not (path / "adapter_config.json").is_file():
+    path = RunLayout(source).adapter
+    if not RunLayout(source).adapter_config.is_file():
         raise ConfigError(f"{source} has no trained adapter (adapter/adapter_config.json); pass run_dir= a finished "
                           f"training run, or put the train stage first in pipeline.stages.")
     check_safetensors(path, f"run_dir={source}", "train the run again, or restore the file from a copy.")
@@ -37,8 +38,8 @@ def adapter_dir(source: Path) -> Path:
 
 
 def merged_dir(source: Path) -> Path:
-    path = Path(source) / "merged"
-    if not (path / "config.json").is_file():
+    path = RunLayout(source).merged
+    if not RunLayout(source).merged_config.is_file():
         raise ConfigError(f"{source} has no merged model (merged/config.json); run `python -m qlora_lab "
                           f"pipeline=merge run_dir={source}` first, or put the merge stage before this one.")
     check_safetensors(path, f"run_dir={source}", f"merge again with `python -m qlora_lab pipeline=merge "
@@ -47,9 +48,9 @@ def merged_dir(source: Path) -> Path:
 
 
 def int8_export_dir(source: Path) -> Path:
-    from .int8_dynamic import RUN_SUBDIR, is_export
+    from .int8_dynamic import is_export
 
-    path = Path(source) / RUN_SUBDIR
+    path = RunLayout(source).int8_export
     if not is_export(path):
         raise ConfigError(f"{source} has no int8 export (export/int8_dynamic); run `python -m qlora_lab "
                           f"pipeline=export run_dir={source} export=int8_dynamic` first.")
@@ -72,6 +73,24 @@ def load_for_inference(cfg: Config, source: Path, mode: InferenceMode | str):
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
+
+
+def context_length(model) -> int:
+    """The model's context in tokens (2048 where its config does not say)."""
+    return getattr(model.config, "max_position_embeddings", None) or 2048
+
+
+def conversation_ids(messages: list[dict], tokenizer, d, max_new_tokens: int, max_len: int):
+    """(input ids, the messages they hold): rendered by data.render_prompt, as training renders, with the oldest
+    exchanges dropped until the prompt and the answer fit the context. The one rule for pipeline=chat and the web
+    app; a single message that alone does not fit is returned as is (the caller says so)."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    history = messages[len(system):]
+    while True:
+        ids = encode(render_prompt(system + history, tokenizer, d), tokenizer, return_tensors="pt")["input_ids"]
+        if ids.shape[1] + max_new_tokens <= max_len or len(history) <= 1:
+            return ids, system + history
+        history = history[2:]
 
 
 # ---------------------------------------------------------------- generation

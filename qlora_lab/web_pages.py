@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .config import InferenceMode
+from .layout import RunLayout
 from .rundir import read_json, run_status
 
 RUN_COLUMNS = ["run", "started (UTC)", "model", "quantization", "dataset", "stages", "status", "eval loss before",
@@ -26,7 +27,7 @@ def run_dirs(output_dir: Path) -> list[Path]:
     """Job folders under output_dir, newest first. A job folder holds no other job, so the walk stops at one."""
     found = []
     for here, dirs, _ in os.walk(output_dir):
-        if (Path(here) / ".hydra" / "config.yaml").is_file():
+        if RunLayout(here).config.is_file():
             found.append(Path(here))
             dirs[:] = []
         else:
@@ -42,7 +43,7 @@ def _stages(run_dir: Path) -> list[str]:
 
 def _started(run_dir: Path) -> str:
     """run.json's start time, else the folder's modification time: ISO, in UTC."""
-    started = read_json(run_dir / "run.json").get("started_at")
+    started = read_json(RunLayout(run_dir).run_json).get("started_at")
     try:
         when = datetime.fromisoformat(started)
     except (TypeError, ValueError):
@@ -55,8 +56,8 @@ def _loss(value) -> str:
 
 
 def run_row(run_dir: Path, output_dir: Path) -> dict:
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    info, metrics = read_json(run_dir / "run.json"), read_json(run_dir / "metrics.json")
+    cfg = OmegaConf.load(RunLayout(run_dir).config)
+    info, metrics = read_json(RunLayout(run_dir).run_json), read_json(RunLayout(run_dir).metrics_json)
     status, error = run_status(info) if info else ("no run.json", "")
     dataset = OmegaConf.select(cfg, "dataset.name", default="?")
     size = OmegaConf.select(cfg, "dataset.size", default=None)
@@ -108,7 +109,7 @@ def loss_history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """{"train": [(step, loss)], "eval": [(step, loss)]}: the Trainer's log history, with the final eval loss of
     metrics.json (measured after the last checkpoint was saved) as the last eval point."""
     history = _logged_losses(run_dir)
-    metrics = read_json(run_dir / "metrics.json")
+    metrics = read_json(RunLayout(run_dir).metrics_json)
     steps, final = metrics.get("train/steps"), metrics.get("eval/loss")
     if history["train"] and steps is not None and final is not None and \
             (not history["eval"] or history["eval"][-1][0] < steps):
@@ -160,11 +161,11 @@ def loss_figure(history: dict[str, list[tuple[int, float]]], title: str):
 
 def run_details(run_dir: Path) -> dict:
     """config (YAML text), metrics (dict), evaluation (markdown) and history (loss_history) of one run."""
-    config = run_dir / ".hydra" / "config.yaml"
+    config = RunLayout(run_dir).config
     evaluation = run_dir / "evaluation.md"
     return {
         "config": config.read_text() if config.is_file() else "",
-        "metrics": read_json(run_dir / "metrics.json"),
+        "metrics": read_json(RunLayout(run_dir).metrics_json),
         "evaluation": evaluation.read_text() if evaluation.is_file() else
         f"No evaluation table yet: `python -m qlora_lab pipeline=evaluate {shell_arg('run_dir', run_dir)}` writes one.",
         "history": loss_history(run_dir),

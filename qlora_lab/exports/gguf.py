@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import ExportFormat, GgufType
+from ..layout import RunLayout
 from . import ExportSpec
 
 BYTES_PER_WEIGHT = {"f32": 4, "f16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32}  # ggml's block sizes
 
 
 def path(source: Path, gguf_type: str | None) -> Path:
-    return source / "export" / f"model-{gguf_type}.gguf"
+    return RunLayout(source).export / f"model-{gguf_type}.gguf"
 
 
 def check(cfg, source: Path, model_config: dict, adapter: Path) -> None:

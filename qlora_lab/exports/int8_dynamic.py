@@ -6,13 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import ExportFormat
+from ..layout import RunLayout
 from . import ExportSpec
 
 
 def path(source: Path, variant: str | None) -> Path:
-    from ..int8_dynamic import RUN_SUBDIR
-
-    return source / RUN_SUBDIR
+    return RunLayout(source).int8_export
 
 
 def write(merged: Path, target: Path, variant: str | None, name: str, about: dict) -> dict:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import InferenceMode
+from ..layout import RunLayout
 from . import InferenceModeSpec
 
 
 def available(run_dir: Path) -> bool:
-    return (run_dir / "adapter" / "adapter_config.json").is_file()
+    return RunLayout(run_dir).adapter_config.is_file()
 
 
 def load(cfg, source: Path):

@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import InferenceMode
+from ..layout import RunLayout
 from . import InferenceModeSpec
 
 
 def available(run_dir: Path) -> bool:
-    from ..int8_dynamic import RUN_SUBDIR
-
-    return (run_dir / RUN_SUBDIR).is_dir()
+    return RunLayout(run_dir).int8_export.is_dir()
 
 
 def load(cfg, source: Path):

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from ..config import Config, InferenceMode
 from ..data import load_splits, tokenize_example
 from ..inference import adapter_dir, agreement, eval_prompts, load_for_inference, measure_generation
+from ..layout import RunLayout
 from ..models import load_tokenizer, memory_footprint_gib, resolve_dtype
 from ..report import markdown_table
 from ..rundir import Run, hardware, peak_memory_gib, refuse_existing, reset_peak_memory
@@ -82,7 +83,7 @@ def run(cfg: Config, run: Run) -> list[dict]:
         gc.collect()
 
     # ---- write
-    merge_report = run.source / "merged" / "merge_report.json"
+    merge_report = RunLayout(run.source).merge_report
     merge_base = json.loads(merge_report.read_text()).get("merge/base") if merge_report.is_file() else None
     q = cfg.quantization
     header = (f"Inference modes of {run.source.name}: model {cfg.model.name_or_path}, quantization "

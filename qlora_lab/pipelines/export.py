@@ -38,9 +38,10 @@ from ..config import Config, InferenceMode, QuantMethod, register
 from ..data import encode, load_splits, tokenize_example
 from ..exports import EXPORTS, ExportSpec, export_targets
 from ..inference import adapter_dir, agreement, eval_prompts, load_for_inference, measure_generation
+from ..layout import RunLayout
 from ..models import EMBEDDED_PREFIX, SOURCE_FILE, load_tokenizer, model_path, tokenizer_path
 from ..report import markdown_table
-from ..rundir import Run, hardware, peak_memory_gib, refuse_existing
+from ..rundir import Run, hardware, peak_memory_gib, read_json, refuse_existing
 from . import merge
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def targets(cfg: Config) -> list[tuple[ExportSpec, str | None]]:
 
 def model_config(cfg: Config, source: Path) -> dict:
     """The config.json of what will be exported: merged/ if it exists, else the base the run was trained on."""
-    merged = source / "merged" / "config.json"
+    merged = RunLayout(source).merged_config
     if merged.is_file():
         return json.loads(merged.read_text())
     return AutoConfig.from_pretrained(model_path(cfg), trust_remote_code=cfg.model.trust_remote_code).to_dict()
@@ -108,7 +109,7 @@ def provenance(cfg: Config, source: Path) -> dict:
         card = try_to_load_from_cache(name, "README.md")
         license_ = model_card_license(Path(card).parent) if isinstance(card, str) else None
     method = "lora" if cfg.quantization.method is QuantMethod.none else f"qlora-{cfg.quantization.method.value}"
-    report = source / "merged" / "merge_report.json"
+    report = RunLayout(source).merge_report
     merge_base = json.loads(report.read_text()).get("merge/base", "?") if report.is_file() else "?"
     return {"base_model": base, "license": license_, "finetune": method, "tags": ["fine-tune", method],
             "description": f"{method} fine-tune of {name} (run {source.name}), adapter merged into the {merge_base} "
@@ -220,13 +221,13 @@ def run(cfg: Config, run: Run) -> list[dict]:
     check(cfg, source, todo)
 
     # ---- the merged model everything is exported from (merge.base as configured)
-    merged = source / "merged"
+    merged = RunLayout(source).merged
     if not (merged / "config.json").is_file():
         print(f"{source} has no merged/ yet: merging the adapter first (merge.base={cfg.merge.base.value})", flush=True)
         merge.run(cfg, run)
 
     # ---- write
-    folder = source / "export"
+    folder = RunLayout(source).export
     folder.mkdir(exist_ok=True)
     written = {}
     about = provenance(cfg, source)
@@ -268,12 +269,12 @@ def run(cfg: Config, run: Run) -> list[dict]:
                   file=sys.stderr, flush=True)
 
     # ---- write the report
-    report_path = folder / "export_report.json"
+    report_path = RunLayout(source).export_report
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     report |= {r["export"]: r | ({"file": str(written[r["export"]][0])} if r["export"] in written else {})
                for r in rows}
     report_path.write_text(json.dumps(report, indent=2) + "\n")
-    merge_report = json.loads((merged / "merge_report.json").read_text()) if (merged / "merge_report.json").is_file() else {}
+    merge_report = read_json(RunLayout(source).merge_report)
     runtime = min(r["runtime_rss_gib"] for r in rows)
     header = (f"Exports of {source.name}: model {cfg.model.name_or_path}, merged into the "
               f"{merge_report.get('merge/base', '?')} base; CPU ({hardware().get('cpu_count')} cores, {threads} torch "

@@ -35,6 +35,7 @@ from ..inference import (
     resize_embeddings,
     teacher_forced,
 )
+from ..layout import RunLayout
 from ..models import device, load_model, load_tokenizer, model_path, resolve_dtype
 from ..rundir import Run, refuse_existing
 
@@ -123,7 +124,7 @@ def run(cfg: Config, run: Run) -> Path:
     m = cfg.merge
     base_choice, quant = chosen_base(cfg), cfg.quantization.method
     adapter = adapter_dir(run.source)
-    target = run.source / "merged"
+    target = RunLayout(run.source).merged
     refuse_existing([target], "remove it or pass merge.overwrite=true to replace it.", m.overwrite)
 
     if m.base is MergeBase.auto and quant is not QuantMethod.none:
@@ -153,7 +154,7 @@ def run(cfg: Config, run: Run) -> Path:
     report["merge/time_s"] = time.perf_counter() - t0
     del model
     report |= agreement_with_trained(cfg, run.source, tmp)
-    (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (tmp / RunLayout(run.source).merge_report.name).write_text(json.dumps(report, indent=2) + "\n")  # tmp: merged/
     if target.exists():  # only reached with merge.overwrite=true (or an empty folder)
         shutil.rmtree(target)
     tmp.rename(target)

@@ -19,6 +19,7 @@ from ..config import Config, ConfigError, Precision, QuantMethod
 from ..data import PackedCollator, file_sha256, load_splits, mean_context, tokenize_split
 from ..distributed import fsdp_enabled, one_gpu_per_process
 from ..fused_lora import fuse_lora, lora_unfused_reason
+from ..layout import RunLayout
 from ..models import (
     attach_lora,
     count_params,
@@ -217,6 +218,7 @@ def precision_flags(precision: Precision, autocast: bool) -> dict:
 def run(cfg: Config, run: Run):
     """Train and save the adapter; returns the trained PEFT model (for in-process callers and tests)."""
     t = cfg.train
+    layout = RunLayout(run.dir)
     set_seed(t.seed)
 
     # ---- data
@@ -263,12 +265,12 @@ def run(cfg: Config, run: Run):
           f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}", flush=True)
 
     # ---- trainer
-    checkpoint = last_checkpoint(run.dir / "checkpoints") if t.resume else None
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.dir / "tensorboard")
+    checkpoint = last_checkpoint(layout.checkpoints) if t.resume else None
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(layout.tensorboard)
     auto_batch = t.batch_size == "auto"
     flags = precision_flags(t.precision, t.autocast)
     args = TrainingArguments(
-        output_dir=str(run.dir / "checkpoints"),
+        output_dir=str(layout.checkpoints),
         max_steps=t.max_steps, num_train_epochs=t.epochs,
         # batch_size=auto: accelerate's find_executable_batch_size, halving from AUTO_BATCH_START on each OOM
         per_device_train_batch_size=AUTO_BATCH_START if auto_batch else t.batch_size,
@@ -333,12 +335,12 @@ def run(cfg: Config, run: Run):
         # every rank holds a shard of each adapter tensor: gather them whole (collectives, so on every rank)
         adapter = full_adapter_state(model)
         if trainer.is_world_process_zero():
-            model.save_pretrained(run.dir / "adapter", state_dict=adapter)
-            tokenizer.save_pretrained(run.dir / "adapter")
+            model.save_pretrained(layout.adapter, state_dict=adapter)
+            tokenizer.save_pretrained(layout.adapter)
     elif trainer.is_world_process_zero():
-        model.save_pretrained(run.dir / "adapter")
-        tokenizer.save_pretrained(run.dir / "adapter")
+        model.save_pretrained(layout.adapter)
+        tokenizer.save_pretrained(layout.adapter)
     before = run.metrics.get("eval/loss_before")
     print(f"eval loss: {before:.4f} -> {eval_loss:.4f}" if before is not None else f"eval loss: {eval_loss:.4f}",
-          f"| adapter saved to {run.dir / 'adapter'}", flush=True)
+          f"| adapter saved to {layout.adapter}", flush=True)
     return model
