@@ -61,9 +61,9 @@ def run(cfg: Config, run: Run) -> list[dict]:
         t0 = time.perf_counter()
         model, tok = load_for_inference(cfg, run.source, mode)
         load_s = time.perf_counter() - t0
-        stats, outputs, logits = measure_generation(model, tok, prompts, gen, inf.batch_size, examples,
+        stats, answers, logits = measure_generation(model, tok, prompts, gen, inf.batch_size, examples,
                                                     tok.pad_token_id, inf.agreement_examples)
-        outputs_by_mode[mode.value] = outputs
+        outputs_by_mode[mode.value] = answers
         ppl = stats["eval_perplexity"]
         row = {"mode": mode.value, "load_s": load_s, "ttft_s": stats["ttft_s"], "tokens_per_s": stats["tokens_per_s"],
                "peak_memory_gib": peak_memory_gib(), "footprint_gib": memory_footprint_gib(model),
