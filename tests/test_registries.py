@@ -1,4 +1,5 @@
-"""Every value of a growing enum has its registry entry (one file each), and each entry is filed under its own value."""
+"""Every value of a growing enum has its registry entry (one file each), filed under its own value; the schema
+stays a plain module."""
 
 from __future__ import annotations
 
@@ -19,3 +20,12 @@ def test_every_enum_value_has_a_registry_entry(enum, registry, key):
         assert getattr(entry, key) is member
         assert entry.doc.strip()
 
+
+
+def test_the_schema_imports_no_torch_and_no_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, qlora_lab.config; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
