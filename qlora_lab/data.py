@@ -231,15 +231,15 @@ def shuffled(rows: list, seed: int) -> list:
     return [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))]
 
 
-_READ: dict[tuple, list[dict]] = {}  # (file, its size and mtime, the settings that read it) -> canonical rows
+_READ: dict[tuple, list[dict]] = {}  # (file, its content's hash, the settings that read it) -> canonical rows
 
 
 def load_conversations(path: str, d: DatasetConfig, root: str, field_name: str) -> tuple[Path, list[dict]]:
     """A data file's canonical rows, read once per process: the preflight and every stage of a job share one read
     (a file changed since is read again)."""
     file = resolve_file(path, root, field_name)
-    stat = file.stat()
-    key = (str(file), stat.st_size, stat.st_mtime_ns, field_name, str(d.columns), str(d.format), str(d.train_on))
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()  # cheap next to the conversion; a changed file is new
+    key = (str(file), digest, field_name, str(d.columns), str(d.format), str(d.train_on))
     if key not in _READ:
         if len(_READ) >= 4:  # a train and an eval file, and room for a second dataset
             del _READ[next(iter(_READ))]
