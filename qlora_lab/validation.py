@@ -11,15 +11,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .config import (
-    Config,
-    ConfigError,
-    InferenceMode,
-    MergeBase,
-    QuantMethod,
-    TrainConfig,
-    WebConfig,
-)
+from .config import Config, ConfigError, InferenceMode, MergeBase, QuantMethod, TrainConfig, WebConfig
 
 
 def validate(cfg: Config) -> None:
