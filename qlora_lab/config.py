@@ -498,9 +498,6 @@ def validate(cfg: Config) -> None:
         if not torch.cuda.is_available():
             raise ConfigError("train.kernels=liger needs a CUDA GPU (Liger's kernels are Triton GPU kernels); use "
                               "train.kernels=auto, which turns them off on a CPU.")
-        if fsdp_enabled():
-            raise ConfigError("train.kernels=liger cannot run under FSDP: Liger's fused cross-entropy reads the LM "
-                              "head's weight whole, which FSDP shards; use train.kernels=auto, which turns them off there.")
     if cfg.train.lora_layers is LoraLayers.fused:
         why = ("train.autocast must be false (the fused layer computes in the base's dtype)" if cfg.train.autocast else
                "quantization=int8 layers have no fused form" if cfg.quantization.method is QuantMethod.int8 else None)

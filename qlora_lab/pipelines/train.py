@@ -23,6 +23,7 @@ from ..fused_lora import fuse_lora
 from ..models import (
     attach_lora,
     count_params,
+    gather_lm_head_for_fused_loss,
     liger_kernels,
     load_model,
     load_tokenizer,
@@ -261,10 +262,14 @@ def run(cfg: Config, run: Run):
           f"base footprint {footprint:.3f} GiB, loaded in {load_s:.1f} s", flush=True)
     run.log({"model/load_s": load_s, "model/footprint_gib": footprint, "params/trainable": trainable,
              "params/total": total})
+    if torch.cuda.is_available():  # what loading alone took on this rank (under FSDP: before sharding)
+        run.log({"memory/load_peak_gib": torch.cuda.max_memory_allocated() / 2**30})
     # No KV cache in training: with one, transformers ignores packed position ids and lets examples attend across
     # their boundaries (recent Trainers set this too)
     model.config.use_cache = False
     liger = liger_kernels(cfg, model.config.model_type)
+    if liger and fsdp_enabled():
+        gather_lm_head_for_fused_loss(model)
     unfused = lora_unfused_reason(cfg)
     # under per-layer checkpointing a fused 4-bit layer keeps its dequantized weight from recompute to backward
     keep_weight = t.gradient_checkpointing and t.checkpoint_every_n_layers == 1 and not t.activation_offload
