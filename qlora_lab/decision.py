@@ -219,6 +219,9 @@ def equal_memory_section(rows: list[dict], gap: float = TARGET_GAP) -> list[str]
             got = [h for h in hits if h is not None]
             if got:
                 reached = f"{len(got)} of {len(hits)}"
+                at_start = sum(h["step"] == 0 for h in got)
+                if at_start:  # the evaluation before training already met it, as in target_section
+                    reached += f" ({at_start} before training)"
                 to_target = (f"{pm(*interval([h['tokens'] for h in got]), 0)} "
                              f"| {pm(*interval([h['train_s'] for h in got]), 1)}")
             else:

@@ -358,3 +358,26 @@ def test_an_equal_memory_job_that_found_no_batch_is_listed_with_its_reason(tmp_p
     assert ("\n1 equal-memory jobs did not complete: 4: no batch fits under train.memory_cap_gib=3.0: batch 1 peaked "
             "at 9.000 GiB; raise the cap.\n") in card
     assert "| within noise |" in next(line for line in card.splitlines() if line.startswith("| 8 | QLoRA nf4 | 2 |"))
+
+
+def test_real_sweep_with_equal_memory_runs_the_capped_job_after_its_lora_job(tmp_path):
+    """sweep.equal_memory=true on the tiny model: LoRA and QLoRA at batch 4, then QLoRA again with batch_size=auto
+    under LoRA's measured peak (the CPU process's peak RSS here), launched after both have ended."""
+    sweep_dir = tmp_path / "sweep"
+    result = cli("-m", "+experiment=lora_vs_qlora", "model=tiny_random", "dataset.size=8", "dataset.eval_size=4",
+                 "dataset.max_seq_length=64", "train.max_steps=2", "train.eval_steps=1", "train.speed_skip_steps=0",
+                 "sweep.equal_memory=true", "train.auto_batch_start=8", f"hydra.sweep.dir={sweep_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(sweep_dir.glob("*/run.json"), key=lambda p: int(p.parent.name.split("_")[0]))
+    assert len(jobs) == 3
+    lora, _, spent = [json.loads((j.parent / "metrics.json").read_text()) for j in jobs]
+    infos = [json.loads(j.read_text()) for j in jobs]
+    assert infos[2]["started_at"] >= max(infos[0]["ended_at"], infos[1]["ended_at"])
+    cap = math.floor(lora["memory/peak_gib"] * 1e4) / 1e4
+    overrides = yaml.safe_load((jobs[2].parent / ".hydra" / "overrides.yaml").read_text())
+    assert "quantization=nf4" in overrides and overrides[-2:] == ["train.batch_size=auto", f"train.memory_cap_gib={cap}"]
+    # the batch kept stayed under the cap; every larger one tried went over it
+    assert spent["train/memory_cap_gib"] == cap and spent["memory/peak_gib"] <= cap
+    assert all(o["peak_gib"] > cap and o["batch"] > spent["train/batch_size"] for o in spent["train/batch_over_cap"])
+    card = (sweep_dir / "decision.md").read_text()
+    assert f"| 8 | QLoRA nf4 at equal memory | {spent['train/batch_size']} |" in card
