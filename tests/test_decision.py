@@ -200,6 +200,9 @@ def test_verify_refuses_a_folder_that_is_not_a_sweep_an_unknown_cell_and_a_cell_
         tmp_path, capsys):
     from qlora_lab.report import main
 
+    assert main(["verify", str(tmp_path / "gone")]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'gone'} is not a folder; pass a sweep dir "
+                                       f"(outputs/multirun/<name>/<time>).\n")
     assert main(["verify", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path} is not a sweep: it holds no job folders (none with .hydra/config.yaml).\n"
     fake_sweep(tmp_path, {8: [0.0, 0.0]})
