@@ -1,7 +1,8 @@
 """The LoRA-vs-QLoRA decision of a sweep: mean and 95% interval of every figure over the seeds of a cell, the
 paired difference between QLoRA and LoRA jobs that share a seed (and so the data subset and order), and the card
 (decision.md + decision.png) that says, per data size, whether QLoRA's eval-loss gap is within noise and what it
-saves in memory and costs in time. A verdict is printed only where at least two pairs give an interval.
+saves in memory and costs in time. A verdict is printed only where at least two pairs give an interval. With
+sweep.equal_memory the card also sets QLoRA at LoRA's measured peak (a larger batch) beside equal batch.
 
 Rows are those of qlora_lab.report.collect: one per job, with `cell` (data size and any other varied setting,
 the seed left out), `seed`, `quantization` and the metrics.
