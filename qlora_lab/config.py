@@ -224,7 +224,7 @@ class DatasetConfig:
 class TrainConfig:
     max_steps: int = -1  # > 0 overrides epochs
     epochs: float = 1.0
-    batch_size: Any = 4  # rows per device and step, or `auto`: the largest that fits, halving from 64 on OOM
+    batch_size: Any = 4  # rows per device and step, or `auto`: the largest that fits, 0.9x from auto_batch_start on OOM
     grad_accum: int = 1
     learning_rate: float = 2e-4
     scheduler: str = "constant"
@@ -255,6 +255,10 @@ class TrainConfig:
     speed_skip_steps: int = 2  # first steps left out of the speed figures (compilation, allocator warm-up)
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     resume: bool = False  # with run_dir=RUN: continue RUN's training from its last checkpoint, in RUN
+    auto_batch_start: int = 64  # train.batch_size=auto: the first (largest) batch tried
+    # With batch_size=auto: a step whose peak memory (as the report measures it) is over this many GiB counts as
+    # out of memory. sweep.equal_memory sets it to LoRA's measured peak; None: only the device's own limit
+    memory_cap_gib: float | None = None
 
 
 @dataclass
@@ -363,6 +367,9 @@ class SweepConfig:
     of one seed share the data subset and the data order, so the report pairs them."""
 
     repeats: int = 1
+    # After the sweep's jobs, one more per QLoRA job: train.batch_size=auto under train.memory_cap_gib = the peak
+    # its LoRA job (same settings, quantization=none) measured: QLoRA spending the memory it saves (larger batches)
+    equal_memory: bool = False
 
 
 @dataclass
@@ -662,6 +669,17 @@ def check_values(cfg: Config) -> None:
             raise ConfigError(f"{key} must be a positive integer (got {value}).")
     if cfg.sweep.repeats < 1:
         raise ConfigError(f"sweep.repeats must be 1 or more seeds per cell (got {cfg.sweep.repeats}).")
+    if cfg.train.auto_batch_start < 1:
+        raise ConfigError(f"train.auto_batch_start must be a positive integer (got {cfg.train.auto_batch_start}).")
+    cap = cfg.train.memory_cap_gib
+    if cap is not None and cap <= 0:
+        raise ConfigError(f"train.memory_cap_gib must be a positive number of GiB (got {cap}).")
+    if cap is not None and cfg.train.batch_size != "auto":
+        raise ConfigError(f"train.memory_cap_gib={cap} caps the batch search of train.batch_size=auto, but "
+                          f"train.batch_size={cfg.train.batch_size}; set train.batch_size=auto or drop the cap.")
+    if cfg.sweep.equal_memory and cfg.train.batch_size == "auto" and cap is None:
+        raise ConfigError("sweep.equal_memory compares QLoRA with LoRA at LoRA's batch, which must be fixed, but "
+                          "train.batch_size=auto; set train.batch_size to a number.")
     if g.top_k < 0 or g.no_repeat_ngram_size < 0:
         raise ConfigError("generation.top_k and generation.no_repeat_ngram_size must be 0 or more.")
 

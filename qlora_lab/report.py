@@ -49,7 +49,7 @@ QUALITY = [("eval_perplexity", "perplexity"), ("base_perplexity", "base perplexi
 # Each job compared with the LoRA job (quantization=none) that differs from it only in quantization.
 RATIOS = ["time_ratio", "lora_speedup", "memory_ratio"]
 COLUMNS = ["job", "status", "error", "group", "recipe", "quantization", "dataset_size", "model", "max_seq_length", "pack",
-           "batch_size", "grad_accum", "gradient_checkpointing", "seed", "data_seed", "device", "objective",
+           "batch_size", "memory_cap_gib", "grad_accum", "gradient_checkpointing", "seed", "data_seed", "device", "objective",
            *METRICS, *RATIOS]
 RATIO_NOTE = ("wall s: the job from its start to its end (data, model load, evaluation before and after, training, "
               "saving; not the process start-up); "
@@ -96,6 +96,8 @@ def job_row(job_dir: Path) -> dict:
         "max_seq_length": OmegaConf.select(cfg, "dataset.max_seq_length"),
         "pack": OmegaConf.select(cfg, "dataset.pack", default=False),
         "batch_size": OmegaConf.select(cfg, "train.batch_size"), "grad_accum": OmegaConf.select(cfg, "train.grad_accum"),
+        # sweep.equal_memory's jobs: QLoRA with batch_size=auto under LoRA's measured peak (qlora_lab/decision.py)
+        "memory_cap_gib": OmegaConf.select(cfg, "train.memory_cap_gib", default=None),
         "gradient_checkpointing": OmegaConf.select(cfg, "train.gradient_checkpointing"),
         "seed": OmegaConf.select(cfg, "train.seed"), "data_seed": OmegaConf.select(cfg, "dataset.seed"),
         "device": hardware.get("gpu") or hardware.get("device", ""),
@@ -107,6 +109,7 @@ def job_row(job_dir: Path) -> dict:
     row["_overrides"] = _overrides(job_dir)
     row["_curve"] = metrics.get("eval/curve") or []  # [{step, tokens, train_s, loss}]: qlora_lab/decision.py
     row["_info"] = info
+    row["equal_memory"] = row["memory_cap_gib"] is not None
     return row
 
 
@@ -127,10 +130,12 @@ def _ratio(a, b):
 
 
 def add_groups_and_ratios(rows: list[dict]) -> None:
-    """Group jobs that differ only in quantization; compare each with its group's LoRA job."""
-    keys = {k for r in rows for k in r["_overrides"]}
-    varying = sorted(k for k in keys - {"quantization", "dataset.size"}
-                     if len({r["_overrides"].get(k) for r in rows}) > 1)
+    """Group jobs that differ only in quantization; compare each with its group's LoRA job. An equal-memory job
+    joins the group of its QLoRA job (its batch and cap are what it measures, not a setting of the cell)."""
+    base = [r for r in rows if not r.get("equal_memory")] or rows
+    keys = {k for r in base for k in r["_overrides"]}
+    varying = sorted(k for k in keys - {"quantization", "dataset.size", "train.memory_cap_gib"}
+                     if len({r["_overrides"].get(k) for r in base}) > 1)
     for r in rows:
         size = "all" if r["dataset_size"] is None else str(r["dataset_size"])
         for key, keys in (("group", varying), ("cell", [k for k in varying if k != "train.seed"])):
@@ -153,14 +158,15 @@ def collect(sweep_dir: Path) -> list[dict]:
 
 # ---------------------------------------------------------------- writing
 
-def _mode(quantization: str) -> str:
-    return "LoRA" if quantization == "none" else f"QLoRA {quantization}"
+def _mode(quantization: str, row: dict | None = None) -> str:
+    return decision.mode(quantization) + (" at equal memory" if row and row.get("equal_memory") else "")
 
 
 def _order(rows: list[dict]) -> list[dict]:
     """By data size, then LoRA first and the quantized modes after it."""
     size = lambda r: (r["dataset_size"] is None, r["dataset_size"] or 0)  # noqa: E731
-    return sorted(rows, key=lambda r: (*size(r), r["group"], r["quantization"] != "none", r["quantization"]))
+    return sorted(rows, key=lambda r: (*size(r), r["group"], r["quantization"] != "none", r["quantization"],
+                                       r.get("equal_memory", False)))
 
 
 def _fmt(value, digits: int = 2, thousands: bool = False) -> str:
@@ -213,7 +219,7 @@ def markdown(rows: list[dict], sweep_dir: Path, target_gap: float = decision.TAR
     ]
     for r in _order(done):
         lines.append(
-            f"| {r['group']} | {_mode(r['quantization'])} | {r['train_steps'] or '–'} | {_fmt(r['wall_s'], 1)} "
+            f"| {r['group']} | {_mode(r['quantization'], r)} | {r['train_steps'] or '–'} | {_fmt(r['wall_s'], 1)} "
             f"| {_fmt(r['train_s'], 1)} | {_fmt(r['tokens_per_s'], 0, True)} | {_fmt(r['footprint_gib'])} "
             f"| {_fmt(r['peak_gib'])} "
             f"| {_fmt(r['eval_loss'], 4)} | {_fmt(r['time_ratio'])} | {_fmt(r['lora_speedup'])} "
@@ -225,7 +231,7 @@ def markdown(rows: list[dict], sweep_dir: Path, target_gap: float = decision.TAR
         lines += ["", "## Quality", "",
                   "| data size | mode | " + " | ".join(label for _, label in quality) + " |",
                   "| --- | --- |" + " ---: |" * len(quality)]
-        lines += [f"| {r['group']} | {_mode(r['quantization'])} | " + " | ".join(_fmt(r[c]) for c, _ in quality) + " |"
+        lines += [f"| {r['group']} | {_mode(r['quantization'], r)} | " + " | ".join(_fmt(r[c]) for c, _ in quality) + " |"
                   for r in _order(done)]
     if failed:
         lines += ["", "## Failed jobs", "", "| job | error |", "| --- | --- |"]
@@ -289,7 +295,7 @@ def performance(done: list[dict]) -> list[str]:
     for r in _order(done):
         spread = " / ".join(_fmt(r[k], 3) for k in ("step_time_min_s", "step_time_median_s", "step_time_max_s"))
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "–"
-        lines.append(f"| {r['group']} | {_mode(r['quantization'])} | {r['batch_size_used'] or r['batch_size']} "
+        lines.append(f"| {r['group']} | {_mode(r['quantization'], r)} | {r['batch_size_used'] or r['batch_size']} "
                      f"| {_fmt(r['tokens_per_s_per_gpu'], 0, True)} | {spread} | {mfu} | {_fmt(r['peak_gib'])} "
                      f"| {_fmt(r['peak_reserved_gib'])} |")
     peak = next((r["peak_tflops"] for r in done if r["peak_tflops"]), None)
@@ -306,7 +312,7 @@ def performance(done: list[dict]) -> list[str]:
             paper = next((p for p in done if p["recipe"] == "paper" and p["quantization"] == r["quantization"]
                           and p["group"] == r["group"].replace("recipe=fast", "recipe=paper")), None)
             if paper:
-                lines.append(f"| {r['group']} | {_mode(r['quantization'])} | {_fmt(paper['tokens_per_s'], 0, True)} "
+                lines.append(f"| {r['group']} | {_mode(r['quantization'], r)} | {_fmt(paper['tokens_per_s'], 0, True)} "
                              f"| {_fmt(r['tokens_per_s'], 0, True)} | {_fmt(_ratio(r['tokens_per_s'], paper['tokens_per_s']))} "
                              f"| {_fmt(paper['peak_gib'])} | {_fmt(r['peak_gib'])} |")
     return lines
@@ -322,7 +328,7 @@ def plots(rows: list[dict], sweep_dir: Path) -> None:
     series: dict[str, list[dict]] = {}
     for r in done:
         other = r["group"].partition(" (")[2].rstrip(")")
-        series.setdefault(_mode(r["quantization"]) + (f" ({other})" if other else ""), []).append(r)
+        series.setdefault(_mode(r["quantization"], r) + (f" ({other})" if other else ""), []).append(r)
 
     def x(r):
         return r["dataset_size"] if r["dataset_size"] is not None else r["train_examples"]

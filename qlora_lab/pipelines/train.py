@@ -33,11 +33,10 @@ from ..models import (
 )
 from ..perf import flops_per_token, peak_tflops, step_time_spread
 from ..resume import Progress, last_checkpoint
-from ..rundir import Run, peak_memory_gib
+from ..rundir import Run, peak_memory_gib, reset_peak_memory
 
 log = logging.getLogger(__name__)
 PROFILE_STEPS = 3  # train.profile: optimizer steps recorded
-AUTO_BATCH_START = 64  # train.batch_size=auto tries this many rows per device first, then halves on OOM
 
 
 class StepTimer(TrainerCallback):
@@ -97,6 +96,38 @@ class EvalCurve(TrainerCallback):
             point = {"step": state.global_step, "tokens": state.num_input_tokens_seen,
                      "train_s": round(sum(self.timer.step_s), 4), "loss": metrics["eval_loss"]}
             self.points = [p for p in self.points if p["step"] != point["step"]] + [point]
+
+
+class MemoryCap(TrainerCallback):
+    """train.memory_cap_gib with train.batch_size=auto: a step whose peak memory, measured as the report measures
+    it (peak_memory_gib), is over the cap counts as out of memory, so the Trainer's batch search (accelerate's
+    find_executable_batch_size, 0.9x the batch each time) tries a smaller batch. Every attempt starts from the same
+    adapter weights (an attempt over the cap has already taken an optimizer step) and with a fresh peak."""
+
+    def __init__(self, cap_gib: float, model):
+        self.cap, self.model = cap_gib, model
+        self.start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        self.over: list[dict] = []  # the attempts over the cap: batch and peak
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if name in self.start:
+                    param.copy_(self.start[name])
+        reset_peak_memory()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        peak = peak_memory_gib()
+        if peak <= self.cap:
+            return
+        batch = state.train_batch_size
+        self.over.append({"batch": batch, "peak_gib": round(peak, 4)})
+        if batch <= 1:
+            raise ConfigError(f"no batch fits under train.memory_cap_gib={self.cap}: batch 1 peaked at {peak:.3f} GiB; "
+                              f"raise the cap (or shorten dataset.max_seq_length).")
+        # the one-argument RuntimeError naming " out of memory." that accelerate's search takes for an OOM
+        raise RuntimeError(f"batch {batch} peaked at {peak:.3f} GiB, over train.memory_cap_gib={self.cap}: "
+                           f"out of memory.")
 
 
 def utilisation(metrics: dict, model, trainable: int, context: float, peak_override: float | None) -> dict:
@@ -294,8 +325,8 @@ def run(cfg: Config, run: Run):
     args = TrainingArguments(
         output_dir=str(run.dir / "checkpoints"),
         max_steps=t.max_steps, num_train_epochs=t.epochs,
-        # batch_size=auto: accelerate's find_executable_batch_size, halving from AUTO_BATCH_START on each OOM
-        per_device_train_batch_size=AUTO_BATCH_START if auto_batch else t.batch_size,
+        # batch_size=auto: accelerate's find_executable_batch_size, 0.9x from train.auto_batch_start on each OOM
+        per_device_train_batch_size=t.auto_batch_start if auto_batch else t.batch_size,
         per_device_eval_batch_size=1 if auto_batch else t.batch_size, auto_find_batch_size=auto_batch,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate, lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_steps,
@@ -326,10 +357,12 @@ def run(cfg: Config, run: Run):
         print(single, flush=True)
     timer = StepTimer()
     curve = EvalCurve(timer)
+    cap = MemoryCap(t.memory_cap_gib, model) if auto_batch and t.memory_cap_gib is not None else None
     trainer = LabTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                       data_collator=PackedCollator(tokenizer.pad_token_id, varlen) if cfg.dataset.pack else
                       DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-                      callbacks=[timer, curve, Progress(run), LossGuard()] + ([StepProfiler(run.dir, t.speed_skip_steps)] if t.profile else []))
+                      callbacks=[timer, curve, Progress(run), LossGuard()] + ([cap] if cap else [])
+                      + ([StepProfiler(run.dir, t.speed_skip_steps)] if t.profile else []))
 
     # ---- loop
     if checkpoint:
@@ -349,6 +382,8 @@ def run(cfg: Config, run: Run):
              "train/batch_size": batch, "train/losses": losses, "eval/curve": curve.points}
             | timer.summary(t.speed_skip_steps, batch * t.grad_accum * world, world))
     run.log(utilisation(run.metrics, model, trainable, mean_context(train_ds), t.peak_tflops))
+    if cap:  # the batch found under the cap, and the larger ones that went over it
+        run.log({"train/memory_cap_gib": t.memory_cap_gib, "train/batch_over_cap": cap.over})
     if trainer.accelerator.num_processes > 1:
         run.log(check_ranks_agree(model, trainer.accelerator.num_processes))
 
