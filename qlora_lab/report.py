@@ -57,7 +57,8 @@ RATIO_NOTE = ("wall s: the job from its start to its end (data, model load, eval
               "time ÷ LoRA: this job's wall time ÷ the LoRA job's. LoRA speed-up: LoRA's tokens/s ÷ this job's "
               "(above 1: LoRA trains faster). memory ÷ LoRA: this job's peak memory ÷ the LoRA job's (below 1: "
               "it needs less). Peak memory is `torch.cuda.max_memory_allocated` on a GPU, the job process's peak "
-              "RSS on a CPU; tokens/s counts real (non-padding) tokens over the timed steps (warm-up left out).")
+              "RSS on a CPU, up to the end of training where the job trained (a later evaluate stage is left out); "
+              "tokens/s counts real (non-padding) tokens over the timed steps (warm-up left out).")
 
 
 # ---------------------------------------------------------------- reading the jobs
@@ -103,6 +104,8 @@ def job_row(job_dir: Path) -> dict:
         "device": hardware.get("gpu") or hardware.get("device", ""),
     }
     row |= {column: metrics.get(key) for column, key in METRICS.items()}
+    # a job that trained and then evaluated or merged: its training's peak is the one to compare
+    row["peak_gib"] = metrics.get("memory/train_peak_gib", row["peak_gib"])
     # what `python -m qlora_lab` returned: the number a search optimizes (objective.metric, eval/loss by default)
     row["objective"] = metrics.get(OmegaConf.select(cfg, "objective.metric", default="eval/loss"))
     row["_direction"] = OmegaConf.select(cfg, "objective.direction", default="minimize")

@@ -13,7 +13,8 @@ import pytest
 import yaml
 from omegaconf import OmegaConf, open_dict
 
-from qlora_lab import callbacks
+from hydra_plugins.qlora_lab_launcher.equal_memory_sweeper import measured_peak
+from qlora_lab import callbacks, report
 from qlora_lab.decision import interval
 from qlora_lab.report import write_report
 
@@ -79,6 +80,16 @@ def test_card_gives_a_verdict_per_size_and_the_size_from_which_qlora_is_within_n
     # over the seeds: LoRA's eval loss at size 8 is 1.92, 1.93, 1.94 -> 1.93 ± t(0.975, 2)·0.01/√3
     m, h = interval([1.92, 1.93, 1.94])
     assert f"| 8 | LoRA | 3 | {m:.4f} ± {h:.4f} |" in summary
+
+
+def test_the_report_compares_training_peaks_not_a_later_stage_s(tmp_path):
+    """A job that trained and then evaluated: its evaluation's peak (generation, perplexity) must not stand for the
+    memory the mode needs to train."""
+    name = add_job(tmp_path, 0, "nf4", 8, 42, 1.0, 10.0, peak=12.0)
+    metrics = tmp_path / name / "metrics.json"
+    metrics.write_text(json.dumps(json.loads(metrics.read_text()) | {"memory/train_peak_gib": 2.5}))
+    assert report.job_row(tmp_path / name)["peak_gib"] == 2.5
+    assert measured_peak(tmp_path / name) == 2.5
 
 
 def test_single_seed_gives_figures_but_no_verdict(tmp_path):
@@ -376,11 +387,11 @@ def test_real_sweep_with_equal_memory_runs_the_capped_job_after_its_lora_job(tmp
     lora, _, spent = [json.loads((j.parent / "metrics.json").read_text()) for j in jobs]
     infos = [json.loads(j.read_text()) for j in jobs]
     assert infos[2]["started_at"] >= max(infos[0]["ended_at"], infos[1]["ended_at"])
-    cap = math.floor(lora["memory/peak_gib"] * 1e4) / 1e4
+    cap = math.floor(lora["memory/train_peak_gib"] * 1e4) / 1e4
     overrides = yaml.safe_load((jobs[2].parent / ".hydra" / "overrides.yaml").read_text())
     assert "quantization=nf4" in overrides and overrides[-2:] == ["train.batch_size=auto", f"train.memory_cap_gib={cap}"]
     # the batch kept stayed under the cap; every larger one tried went over it
-    assert spent["train/memory_cap_gib"] == cap and spent["memory/peak_gib"] <= cap
+    assert spent["train/memory_cap_gib"] == cap and spent["memory/train_peak_gib"] <= cap
     assert all(o["peak_gib"] > cap and o["batch"] > spent["train/batch_size"] for o in spent["train/batch_over_cap"])
     card = (sweep_dir / "decision.md").read_text()
     assert f"| 8 | QLoRA nf4 at equal memory | {spent['train/batch_size']} |" in card

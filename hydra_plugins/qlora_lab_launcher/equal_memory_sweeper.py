@@ -36,11 +36,13 @@ def _twin_key(overrides: Sequence[str]) -> tuple[str, ...]:
 
 
 def measured_peak(job_dir: Path) -> float | None:
-    """memory/peak_gib of a job that completed (run.json, metrics.json: qlora_lab/rundir.py), else None."""
+    """Training's peak memory of a job that completed (run.json, metrics.json: qlora_lab/rundir.py), else None;
+    the whole job's peak where training did not record its own."""
     try:
         if json.loads((job_dir / "run.json").read_text()).get("status") != "completed":
             return None
-        return json.loads((job_dir / "metrics.json").read_text()).get("memory/peak_gib")
+        metrics = json.loads((job_dir / "metrics.json").read_text())
+        return metrics.get("memory/train_peak_gib", metrics.get("memory/peak_gib"))
     except (OSError, ValueError):
         return None
 

@@ -379,7 +379,9 @@ def run(cfg: Config, run: Run):
              "train/loss_last": losses[-1] if losses else None, "train/steps": trainer.state.global_step,
              "train/runtime_s": result.metrics.get("train_runtime"), "train/tokens_seen": trainer.state.num_input_tokens_seen,
              "eval/loss": eval_loss, "eval/perplexity": math.exp(eval_loss),
-             "train/batch_size": batch, "train/losses": losses, "eval/curve": curve.points}
+             "train/batch_size": batch, "train/losses": losses, "eval/curve": curve.points,
+             # training's own peak: memory/peak_gib is the whole job's, later stages (evaluate, merge) included
+             "memory/train_peak_gib": peak_memory_gib()}
             | timer.summary(t.speed_skip_steps, batch * t.grad_accum * world, world))
     run.log(utilisation(run.metrics, model, trainable, mean_context(train_ds), t.peak_tflops))
     if cap:  # the batch found under the cap, and the larger ones that went over it
