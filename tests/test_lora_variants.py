@@ -149,14 +149,17 @@ def test_every_stage_takes_the_adapter(variant_run, tmp_path):
             assert report["merge/trained_mean_kl"] < 1e-5, report
     for mode in ("adapter", "merge_and_unload", "merged", "base"):
         job = tmp_path / mode
+        job.mkdir()
         infer.run(make_cfg([*overrides, f"inference={mode}"]), Run(dir=job, source=run_dir))
         rows = [json.loads(line) for line in (job / "generations.jsonl").read_text().splitlines()]
         assert len(rows) == 2 and all(r["mode"] == mode and r["new_tokens"] >= 1 for r in rows)
     cfg = make_cfg([*overrides, "eval.metrics=[perplexity]", "eval.max_samples=2"])
+    (tmp_path / "evaluate").mkdir()
     job = Run(dir=tmp_path / "evaluate", source=run_dir)
     job.start(cfg)
     results = evaluate.run(cfg, job)
     assert results["adapter"]["perplexity"] > 1
+    (tmp_path / "export").mkdir()
     export.run(make_cfg([*overrides, "pipeline=export", "export.targets=[int8_dynamic]", "export.measure=false"]),
                Run(dir=tmp_path / "export", source=run_dir))
     assert (run_dir / "export" / "int8_dynamic").is_dir()
