@@ -48,7 +48,7 @@ QUALITY = [("eval_perplexity", "perplexity"), ("base_perplexity", "base perplexi
            ("eval_bleu4", "BLEU-4"), ("eval_accuracy", "accuracy"), ("base_accuracy", "base accuracy")]
 # Each job compared with the LoRA job (quantization=none) that differs from it only in quantization.
 RATIOS = ["time_ratio", "lora_speedup", "memory_ratio"]
-COLUMNS = ["job", "status", "error", "group", "recipe", "quantization", "dataset_size", "model", "max_seq_length", "pack",
+COLUMNS = ["job", "status", "error", "group", "recipe", "quantization", "lora", "dataset_size", "model", "max_seq_length", "pack",
            "batch_size", "grad_accum", "gradient_checkpointing", "seed", "data_seed", "device", "objective",
            *METRICS, *RATIOS]
 RATIO_NOTE = ("wall s: the job from its start to its end (data, model load, evaluation before and after, training, "
@@ -89,7 +89,7 @@ def job_row(job_dir: Path) -> dict:
     hardware = info.get("hardware", {})
     row = {
         "job": job_dir.name, "status": status, "error": error,
-        "quantization": str(OmegaConf.select(cfg, "quantization.method")),
+        "quantization": str(OmegaConf.select(cfg, "quantization.method")), "lora": lora_label(cfg),
         "recipe": OmegaConf.select(cfg, "recipe", default="paper"),  # runs from before recipes existed: the paper's
         "dataset_size": OmegaConf.select(cfg, "dataset.size"),
         "model": OmegaConf.select(cfg, "model.name_or_path"), "dataset": OmegaConf.select(cfg, "dataset.name"),
@@ -108,6 +108,41 @@ def job_row(job_dir: Path) -> dict:
     row["_curve"] = metrics.get("eval/curve") or []  # [{step, tokens, train_s, loss}]: qlora_lab/decision.py
     row["_info"] = info
     return row
+
+
+def lora_label(cfg) -> str:
+    """The adapter a job trained, e.g. `LoRA r16`, `DoRA r16`, `rsLoRA r64`, `LoRA r16, loftq init`."""
+    variant = str(OmegaConf.select(cfg, "lora.variant", default="lora"))
+    name = "DoRA" if variant == "dora" else "rsLoRA" if OmegaConf.select(cfg, "lora.rslora", default=False) else "LoRA"
+    if variant == "dora" and OmegaConf.select(cfg, "lora.rslora", default=False):
+        name = "rsDoRA"
+    init = str(OmegaConf.select(cfg, "lora.init", default="default"))
+    return f"{name} r{OmegaConf.select(cfg, 'lora.r')}" + ("" if init == "default" else f", {init} init")
+
+
+def variants(done: list[dict]) -> list[str]:
+    """Quality, time and memory per adapter variant, each against the plain LoRA job (quantization=none) of the
+    same data size and seed; only for sweeps whose jobs train different adapters."""
+    if len({(r["quantization"], r["lora"]) for r in done}) < 2 or len({r["lora"] for r in done}) < 2:
+        return []
+    lines = ["", "## LoRA variants", "",
+             "| data size | seed | mode | adapter | trainable | eval loss before | eval loss | perplexity | wall s "
+             "| train s | tokens/s | peak GiB | time ÷ LoRA | memory ÷ LoRA |",
+             "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in done:
+        lora = next((b for b in done if b["quantization"] == "none" and b["dataset_size"] == r["dataset_size"]
+                     and b["seed"] == r["seed"] and not b["lora"].startswith(("DoRA", "rs")) and "init" not in b["lora"]),
+                    None)
+        time_ratio = _ratio(r["wall_s"], lora["wall_s"]) if lora else None
+        memory_ratio = _ratio(r["peak_gib"], lora["peak_gib"]) if lora else None
+        lines.append(f"| {r['dataset_size'] or 'all'} | {r['seed']} | {_mode(r['quantization'])} | {r['lora']} "
+                     f"| {_fmt(r['trainable_params'], 0, True)} | {_fmt(r['eval_loss_before'], 4)} "
+                     f"| {_fmt(r['eval_loss'], 4)} | {_fmt(r['eval_perplexity'])} | {_fmt(r['wall_s'], 1)} "
+                     f"| {_fmt(r['train_s'], 1)} | {_fmt(r['tokens_per_s'], 0, True)} | {_fmt(r['peak_gib'])} "
+                     f"| {_fmt(time_ratio)} | {_fmt(memory_ratio)} |")
+    lines += ["", "eval loss before: the model as the adapter starts (LoftQ's start is not the quantized base); "
+              "time and memory ÷ LoRA: against the plain LoRA job of the same data size and seed."]
+    return lines
 
 
 def search_settings(sweep_dir: Path) -> dict | None:
@@ -227,6 +262,7 @@ def markdown(rows: list[dict], sweep_dir: Path, target_gap: float = decision.TAR
                   "| --- | --- |" + " ---: |" * len(quality)]
         lines += [f"| {r['group']} | {_mode(r['quantization'])} | " + " | ".join(_fmt(r[c]) for c, _ in quality) + " |"
                   for r in _order(done)]
+    lines += variants(done)
     if failed:
         lines += ["", "## Failed jobs", "", "| job | error |", "| --- | --- |"]
         lines += [f"| {r['job']} | {str(r['error']).replace('|', '/').splitlines()[0] if r['error'] else '?'} |"

@@ -346,7 +346,7 @@ def run(cfg: Config, run: Run):
         print(f"resuming from {checkpoint}", flush=True)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if t.eval_before:
-        # The step-0 evaluation: LoRA's B matrices start at zero, so this is exactly the base model.
+        # The step-0 evaluation: the base model where B starts at zero (lora.init=loftq starts closer to W).
         loss_before = next(h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h)
         run.log({"eval/loss_before": loss_before, "eval/perplexity_before": math.exp(loss_before)})
     eval_loss = trainer.evaluate()["eval_loss"]
