@@ -112,11 +112,13 @@ def job_row(job_dir: Path) -> dict:
 
 def lora_label(cfg) -> str:
     """The adapter a job trained, e.g. `LoRA r16`, `DoRA r16`, `rsLoRA r64`, `LoRA r16, loftq init`."""
-    variant = str(OmegaConf.select(cfg, "lora.variant", default="lora"))
-    name = "DoRA" if variant == "dora" else "rsLoRA" if OmegaConf.select(cfg, "lora.rslora", default=False) else "LoRA"
-    if variant == "dora" and OmegaConf.select(cfg, "lora.rslora", default=False):
-        name = "rsDoRA"
-    init = str(OmegaConf.select(cfg, "lora.init", default="default"))
+    def value(key: str, default):
+        found = OmegaConf.select(cfg, key, default=default)
+        return getattr(found, "value", found)  # an enum member in a composed config, its name in a saved one
+
+    rslora, dora = value("lora.rslora", False), value("lora.variant", "lora") == "dora"
+    name = ("rsDoRA" if rslora else "DoRA") if dora else "rsLoRA" if rslora else "LoRA"
+    init = value("lora.init", "default")
     return f"{name} r{OmegaConf.select(cfg, 'lora.r')}" + ("" if init == "default" else f", {init} init")
 
 

@@ -168,3 +168,21 @@ def test_every_stage_takes_the_adapter(variant_run, tmp_path):
 
     loaded = ModelCache(make_cfg(overrides), None).get(run_dir, "adapter")
     assert isinstance(loaded.model, PeftModel) and loaded.model.peft_config["default"].use_dora == (option == "dora")
+
+
+def test_sweep_report_has_a_row_per_variant_against_the_lora_job():
+    from qlora_lab.report import lora_label, variants
+
+    def label(*overrides):
+        return lora_label(make_cfg(["+experiment=qlora_variants", *overrides]))
+
+    assert [label(f"+qlora_variant={v}") for v in ("lora", "qlora", "qlora_loftq", "qlora_dora", "qlora_rslora")] == \
+        ["LoRA r16", "LoRA r16", "LoRA r16, loftq init", "DoRA r16", "rsLoRA r64"]
+    keys = ("trainable_params", "eval_loss_before", "eval_loss", "eval_perplexity", "train_s", "tokens_per_s")
+    row = dict.fromkeys(keys, 1.0) | {"dataset_size": 16, "seed": 42}
+    done = [row | {"quantization": "none", "lora": "LoRA r16", "wall_s": 10.0, "peak_gib": 2.0},
+            row | {"quantization": "nf4", "lora": "DoRA r16", "wall_s": 15.0, "peak_gib": 3.0}]
+    lines = variants(done)
+    assert lines[1] == "## LoRA variants"
+    assert lines[-3].endswith("| QLoRA nf4 | DoRA r16 | 1 | 1.0000 | 1.0000 | 1.00 | 15.0 | 1.0 | 1 | 3.00 | 1.50 | 1.50 |")
+    assert variants(done[:1]) == [] and variants([done[0], done[0] | {"quantization": "nf4"}]) == []
