@@ -186,3 +186,24 @@ def test_sweep_report_has_a_row_per_variant_against_the_lora_job():
     assert lines[1] == "## LoRA variants"
     assert lines[-3].endswith("| QLoRA nf4 | DoRA r16 | 1 | 1.0000 | 1.0000 | 1.00 | 15.0 | 1.0 | 1 | 3.00 | 1.50 | 1.50 |")
     assert variants(done[:1]) == [] and variants([done[0], done[0] | {"quantization": "nf4"}]) == []
+
+
+@pytest.mark.parametrize("option", ["rslora", "loftq", "pissa"])
+def test_fused_layers_compute_what_peft_does_for_the_options_they_cover(option, monkeypatch):
+    """rsLoRA changes only the scale and LoftQ/PiSSA only the starting weights, so the fast recipe's fused layers
+    keep them (train.lora_layers=auto fuses on CUDA); the same logits as PEFT's layers."""
+    from qlora_lab import fused_lora
+    from qlora_lab.fused_lora import fuse_lora
+
+    calls = []
+    apply = fused_lora.LoRALinear.apply
+    monkeypatch.setattr(fused_lora.LoRALinear, "apply", lambda *a: calls.append(1) or apply(*a))
+    cfg = make_cfg([*TINY, *OPTIONS[option]])
+    model = attach_lora(load_model(model_path(cfg), cfg), cfg).eval()
+    torch.manual_seed(0)
+    ids = torch.randint(0, 49152, (1, 16))
+    with torch.no_grad():
+        peft_logits = model(input_ids=ids).logits
+        assert fuse_lora(model) == 14
+        torch.testing.assert_close(model(input_ids=ids).logits, peft_logits, rtol=1e-4, atol=1e-4)
+    assert len(calls) == 14  # every adapted layer took the fused path
