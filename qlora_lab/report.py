@@ -116,6 +116,8 @@ def lora_label(cfg) -> str:
         found = OmegaConf.select(cfg, key, default=default)
         return getattr(found, "value", found)  # an enum member in a composed config, its name in a saved one
 
+    if value("lora.r", None) is None:  # a job folder whose config has no lora group
+        return "-"
     rslora, dora = value("lora.rslora", False), value("lora.variant", "lora") == "dora"
     name = ("rsDoRA" if rslora else "DoRA") if dora else "rsLoRA" if rslora else "LoRA"
     init = value("lora.init", "default")
