@@ -163,6 +163,9 @@ def test_every_stage_takes_the_adapter(variant_run, tmp_path):
     export.run(make_cfg([*overrides, "pipeline=export", "export.targets=[int8_dynamic]", "export.measure=false"]),
                Run(dir=tmp_path / "export", source=run_dir))
     assert (run_dir / "export" / "int8_dynamic").is_dir()
+    (tmp_path / "int8_dynamic").mkdir()
+    infer.run(make_cfg([*overrides, "inference=int8_dynamic"]), Run(dir=tmp_path / "int8_dynamic", source=run_dir))
+    assert (tmp_path / "int8_dynamic" / "generations.jsonl").is_file()
 
     from qlora_lab.pipelines.web import ModelCache
 
