@@ -577,6 +577,9 @@ def check_lora_variant(cfg: Config) -> None:
         raise ConfigError(f"lora.init=pissa replaces the base weights by their residual, which a quantization="
                           f"{method.value} base cannot hold without quantizing it anew; use quantization=none, or "
                           f"lora.init=loftq for a quantized base.")
+    if lora.init is LoraInit.pissa and fsdp_enabled():
+        raise ConfigError("lora.init=pissa cannot run under FSDP: its adapter is converted to a plain LoRA on save "
+                          "from the whole model, which FSDP shards; use lora.init=default, or DDP or one GPU.")
     if lora.variant is LoraVariant.dora and method is QuantMethod.int8:
         # PEFT 0.21 has DoRA for 8-bit layers, but after its weight-norm pass bitsandbytes' int8 matmul fails (the
         # first eval forward: 'NoneType' object has no attribute 'dtype', on a CPU with bitsandbytes 0.50)

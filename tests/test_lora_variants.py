@@ -84,6 +84,14 @@ def test_dora_takes_peft_layers_even_where_the_fused_ones_would_run():
     assert lora_unfused_reason(make_cfg([*TINY, "lora.rslora=true", "train.lora_layers=fused"])) is None
 
 
+def test_pissa_is_refused_under_fsdp(monkeypatch):
+    from qlora_lab.config import ConfigError
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match=r"^lora\.init=pissa cannot run under FSDP"):
+        validate(make_cfg([*TINY, "quantization=none", "lora.init=pissa"]))
+
+
 def test_loftq_start_halves_the_quantization_error_on_a_fixed_batch():
     """The nf4 model with LoftQ's initial adapter against the full-precision model: the RMS logit error on a fixed
     batch falls from 0.0161 (plain QLoRA, whose adapter starts as a no-op) to 0.0078 (measured, r=16)."""
