@@ -133,10 +133,10 @@ def variants(done: list[dict]) -> list[str]:
              "| data size | seed | mode | adapter | trainable | eval loss before | eval loss | perplexity | wall s "
              "| train s | tokens/s | peak GiB | time ÷ LoRA | memory ÷ LoRA |",
              "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    plain = lambda b: b["lora"].startswith("LoRA r") and "," not in b["lora"]  # noqa: E731 (no DoRA, rsLoRA, init)
     for r in done:
-        lora = next((b for b in done if b["quantization"] == "none" and b["dataset_size"] == r["dataset_size"]
-                     and b["seed"] == r["seed"] and not b["lora"].startswith(("DoRA", "rs")) and "init" not in b["lora"]),
-                    None)
+        lora = next((b for b in done if b["quantization"] == "none" and plain(b)
+                     and (b["dataset_size"], b["seed"]) == (r["dataset_size"], r["seed"])), None)
         time_ratio = _ratio(r["wall_s"], lora["wall_s"]) if lora else None
         memory_ratio = _ratio(r["peak_gib"], lora["peak_gib"]) if lora else None
         lines.append(f"| {r['dataset_size'] or 'all'} | {r['seed']} | {_mode(r['quantization'])} | {r['lora']} "

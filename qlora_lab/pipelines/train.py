@@ -370,7 +370,8 @@ def run(cfg: Config, run: Run):
             model.save_pretrained(run.dir / "adapter", state_dict=adapter)
             tokenizer.save_pretrained(run.dir / "adapter")
     elif trainer.is_world_process_zero():
-        model.save_pretrained(run.dir / "adapter", path_initial_model_for_weight_conversion=pissa_init and str(pissa_init))
+        model.save_pretrained(run.dir / "adapter",
+                              path_initial_model_for_weight_conversion=pissa_init and str(pissa_init))
         tokenizer.save_pretrained(run.dir / "adapter")
     before = run.metrics.get("eval/loss_before")
     print(f"eval loss: {before:.4f} -> {eval_loss:.4f}" if before is not None else f"eval loss: {eval_loss:.4f}",
