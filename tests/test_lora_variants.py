@@ -110,25 +110,26 @@ def test_loftq_start_halves_the_quantization_error_on_a_fixed_batch():
     assert error["loftq"] < 0.6 * error["default"], error
 
 
-@pytest.mark.parametrize("option", ["pissa", "loftq"])
-def test_resume_rederives_the_start_and_ends_with_the_same_adapter(tmp_path, option):
-    """PiSSA's residual base and LoftQ's start are computed again on resume; the checkpoint's adapter then goes on
-    exactly as the uninterrupted run did (CPU fp32)."""
-    steps = ["train.max_steps=4", "train.save_steps=2"]
-    trained_run(tmp_path / "whole", [*OPTIONS[option], *steps])
-    cut = tmp_path / "cut"
-    trained_run(cut, [*OPTIONS[option], *steps])
-    shutil.rmtree(cut / "checkpoints" / "checkpoint-4")
-    shutil.rmtree(cut / "adapter")
-    cfg = make_cfg([*TINY, *FAST, *OPTIONS[option], *steps, "train.resume=true"])
-    run = Run(dir=cut, source=cut)
-    run.start(cfg)
-    train.run(cfg, run)
-    run.finish()
+@pytest.mark.parametrize("option", ["pissa", "loftq", "dora"])
+def test_resume_rederives_the_start_and_ends_with_the_same_adapter(tmp_path, option, capsys):
+    """A run's last checkpoint and adapter are dropped and the run resumed from the one before: PiSSA's residual
+    base and LoftQ's start are computed again, DoRA's magnitudes come back from the checkpoint, and the adapter
+    ends as the uninterrupted run's did (CPU fp32)."""
     from safetensors.torch import load_file
 
-    whole = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
-    resumed = load_file(cut / "adapter" / "adapter_model.safetensors")
+    steps = ["train.max_steps=4", "train.save_steps=2"]
+    trained_run(tmp_path, [*OPTIONS[option], *steps])
+    whole = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    shutil.rmtree(tmp_path / "checkpoints" / "checkpoint-4")
+    shutil.rmtree(tmp_path / "adapter")
+    cfg = make_cfg([*TINY, *FAST, *OPTIONS[option], *steps, "train.resume=true"])
+    run = Run(dir=tmp_path, source=tmp_path)
+    run.start(cfg, resume=True)
+    capsys.readouterr()
+    train.run(cfg, run)
+    run.finish()
+    assert "resuming from" in (printed := capsys.readouterr().out) and "checkpoint-2" in printed
+    resumed = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert whole.keys() == resumed.keys()
     for key in whole:
         torch.testing.assert_close(resumed[key], whole[key], rtol=1e-5, atol=1e-6)
