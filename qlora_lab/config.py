@@ -105,6 +105,18 @@ class StorageDType(Enum):
     float32 = "float32"
 
 
+class LoraVariant(Enum):
+    lora = "lora"  # W + s·B·A
+    dora = "dora"  # DoRA: also learns each output row's magnitude (PEFT use_dora); see LoraConfig.variant
+
+
+class LoraInit(Enum):
+    default = "default"  # PEFT's: A Kaiming-uniform, B zero (the adapter starts as a no-op)
+    gaussian = "gaussian"  # A Gaussian (std 1/r), B zero: also a no-op at the start
+    pissa = "pissa"  # A, B from the top-r singular vectors of W; the base keeps the residual (quantization=none)
+    loftq = "loftq"  # A, B from the top-r singular vectors of W - dequantize(quantize(W)) (nf4/fp4)
+
+
 class LoraBias(Enum):
     none = "none"  # no bias is trained
     all = "all"  # every bias of the model is trained
@@ -182,6 +194,26 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     bias: LoraBias = LoraBias.none
+    # dora: splits each adapted weight into a magnitude (one trainable number per output row) and a direction
+    # (W + s·B·A, normalised); the DoRA paper reports it closer to full fine-tuning, at low ranks especially. Costs
+    # a norm of the whole W + s·B·A per layer and step (slower steps, more memory; dequantizing W each time on a
+    # 4-bit base) and runs on PEFT's LoRA layers, not the fused ones. Works with quantization=none, nf4 and fp4;
+    # not int8 (bitsandbytes' 8-bit layer fails under it, see check_lora_variant), nor lora.init=pissa or loftq
+    variant: LoraVariant = LoraVariant.lora
+    # rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r, so that a higher rank does not shrink each
+    # rank's step (with alpha / r, doubling r halves it); at r=16, alpha=32 the scale is 8 instead of 2, like a
+    # 4x learning rate on the adapter: lower the learning rate or alpha with it. Free at run time; any quantization
+    rslora: bool = False
+    # How A and B start. default and gaussian: the adapter starts as a no-op. pissa: A·B takes W's principal
+    # components and the base keeps the rest, so training moves the largest directions first; needs
+    # quantization=none (the residual would have to be quantized anew), and the saved adapter is converted to a
+    # plain LoRA of rank 2r over the original weights (PEFT), so every later stage loads the usual base.
+    # loftq: on a 4-bit base (nf4/fp4), A·B starts as the best rank-r fit of the quantization error
+    # W - dequantize(quantize(W)), read from the full-precision weights in the model's safetensors files: the
+    # QLoRA model starts closer to the unquantized one. One SVD per layer at the start (38 s for SmolLM2-135M
+    # on a busy 2-core CPU); the base stays quantize(W), so resume, merge and infer need nothing new (one LoftQ
+    # step: more would re-quantize W)
+    init: LoraInit = LoraInit.default
 
 
 @dataclass
@@ -507,7 +539,8 @@ def validate(cfg: Config) -> None:
                               "train.kernels=auto, which turns them off on a CPU.")
     if cfg.train.lora_layers is LoraLayers.fused:
         why = ("train.autocast must be false (the fused layer computes in the base's dtype)" if cfg.train.autocast else
-               "quantization=int8 layers have no fused form" if cfg.quantization.method is QuantMethod.int8 else None)
+               "quantization=int8 layers have no fused form" if cfg.quantization.method is QuantMethod.int8 else
+               "lora.variant=dora has no fused form" if cfg.lora.variant is LoraVariant.dora else None)
         if why:
             raise ConfigError(f"train.lora_layers=fused cannot be used here: {why}; fix that or use "
                               f"train.lora_layers=auto.")
@@ -530,11 +563,36 @@ def validate(cfg: Config) -> None:
         raise ConfigError("Set train.max_steps or train.epochs to a positive number.")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"lora.dropout must be in [0, 1) (got {cfg.lora.dropout}).")
+    check_lora_variant(cfg)
     check_values(cfg)
     check_model(cfg.model)
     check_folders(cfg)
     check_stage_settings(cfg)
     check_run_dir(cfg)
+
+
+def check_lora_variant(cfg: Config) -> None:
+    """lora.variant / lora.init against the quantization and each other: what PEFT and bitsandbytes refuse."""
+    lora, method = cfg.lora, cfg.quantization.method
+    if lora.init is LoraInit.loftq and method not in (QuantMethod.nf4, QuantMethod.fp4):
+        raise ConfigError(f"lora.init=loftq fits the adapter to a 4-bit base's quantization error, but "
+                          f"quantization={method.value}; use quantization=nf4 (or fp4), or another lora.init.")
+    if lora.init is LoraInit.pissa and method is not QuantMethod.none:
+        raise ConfigError(f"lora.init=pissa replaces the base weights by their residual, which a quantization="
+                          f"{method.value} base cannot hold without quantizing it anew; use quantization=none, or "
+                          f"lora.init=loftq for a quantized base.")
+    if lora.init is LoraInit.pissa and fsdp_enabled():
+        raise ConfigError("lora.init=pissa cannot run under FSDP: its adapter is converted to a plain LoRA on save "
+                          "from the whole model, which FSDP shards; use lora.init=default, or DDP or one GPU.")
+    if lora.variant is LoraVariant.dora and method is QuantMethod.int8:
+        # PEFT 0.21 has DoRA for 8-bit layers, but after its weight-norm pass bitsandbytes' int8 matmul fails (the
+        # first eval forward: 'NoneType' object has no attribute 'dtype', on a CPU with bitsandbytes 0.50)
+        raise ConfigError("lora.variant=dora does not run on a quantization=int8 base (bitsandbytes' 8-bit layer "
+                          "fails under DoRA); use quantization=nf4 (or fp4, none), or lora.variant=lora.")
+    if lora.variant is LoraVariant.dora and lora.init in (LoraInit.pissa, LoraInit.loftq):
+        raise ConfigError(f"lora.variant=dora cannot start from lora.init={lora.init.value} (DoRA's magnitudes are "
+                          f"measured before that initialisation, and PEFT's conversion of PiSSA adapters has no "
+                          f"DoRA); use lora.init=default with DoRA, or lora.variant=lora.")
 
 
 def is_loopback(host: str) -> bool:

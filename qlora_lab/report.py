@@ -48,8 +48,9 @@ QUALITY = [("eval_perplexity", "perplexity"), ("base_perplexity", "base perplexi
            ("eval_bleu4", "BLEU-4"), ("eval_accuracy", "accuracy"), ("base_accuracy", "base accuracy")]
 # Each job compared with the LoRA job (quantization=none) that differs from it only in quantization.
 RATIOS = ["time_ratio", "lora_speedup", "memory_ratio"]
-COLUMNS = ["job", "status", "error", "group", "recipe", "quantization", "dataset_size", "model", "max_seq_length", "pack",
-           "batch_size", "memory_cap_gib", "grad_accum", "gradient_checkpointing", "seed", "data_seed", "device", "objective",
+COLUMNS = ["job", "status", "error", "group", "recipe", "quantization", "lora", "dataset_size", "model", "max_seq_length",
+           "pack", "batch_size", "memory_cap_gib", "grad_accum", "gradient_checkpointing", "seed", "data_seed", "device",
+           "objective",
            *METRICS, *RATIOS]
 RATIO_NOTE = ("wall s: the job from its start to its end (data, model load, evaluation before and after, training, "
               "saving; not the process start-up); "
@@ -90,7 +91,7 @@ def job_row(job_dir: Path) -> dict:
     hardware = info.get("hardware", {})
     row = {
         "job": job_dir.name, "status": status, "error": error,
-        "quantization": str(OmegaConf.select(cfg, "quantization.method")),
+        "quantization": str(OmegaConf.select(cfg, "quantization.method")), "lora": lora_label(cfg),
         "recipe": OmegaConf.select(cfg, "recipe", default="paper"),  # runs from before recipes existed: the paper's
         "dataset_size": OmegaConf.select(cfg, "dataset.size"),
         "model": OmegaConf.select(cfg, "model.name_or_path"), "dataset": OmegaConf.select(cfg, "dataset.name"),
@@ -114,6 +115,45 @@ def job_row(job_dir: Path) -> dict:
     row["_info"] = info
     row["equal_memory"] = row["memory_cap_gib"] is not None
     return row
+
+
+def lora_label(cfg) -> str:
+    """The adapter a job trained, e.g. `LoRA r16`, `DoRA r16`, `rsLoRA r64`, `LoRA r16, loftq init`."""
+    def value(key: str, default):
+        found = OmegaConf.select(cfg, key, default=default)
+        return getattr(found, "value", found)  # an enum member in a composed config, its name in a saved one
+
+    if value("lora.r", None) is None:  # a job folder whose config has no lora group
+        return "-"
+    rslora, dora = value("lora.rslora", False), value("lora.variant", "lora") == "dora"
+    name = ("rsDoRA" if rslora else "DoRA") if dora else "rsLoRA" if rslora else "LoRA"
+    init = value("lora.init", "default")
+    return f"{name} r{OmegaConf.select(cfg, 'lora.r')}" + ("" if init == "default" else f", {init} init")
+
+
+def variants(done: list[dict]) -> list[str]:
+    """Quality, time and memory per adapter variant, each against the plain LoRA job (quantization=none) of the
+    same data size and seed; only for sweeps whose jobs train different adapters."""
+    if len({(r["quantization"], r["lora"]) for r in done}) < 2 or len({r["lora"] for r in done}) < 2:
+        return []
+    lines = ["", "## LoRA variants", "",
+             "| data size | seed | mode | adapter | trainable | eval loss before | eval loss | perplexity | wall s "
+             "| train s | tokens/s | peak GiB | time ÷ LoRA | memory ÷ LoRA |",
+             "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    plain = lambda b: b["lora"].startswith("LoRA r") and "," not in b["lora"]  # noqa: E731 (no DoRA, rsLoRA, init)
+    for r in done:
+        lora = next((b for b in done if b["quantization"] == "none" and plain(b)
+                     and (b["dataset_size"], b["seed"]) == (r["dataset_size"], r["seed"])), None)
+        time_ratio = _ratio(r["wall_s"], lora["wall_s"]) if lora else None
+        memory_ratio = _ratio(r["peak_gib"], lora["peak_gib"]) if lora else None
+        lines.append(f"| {r['dataset_size'] or 'all'} | {r['seed']} | {_mode(r['quantization'])} | {r['lora']} "
+                     f"| {_fmt(r['trainable_params'], 0, True)} | {_fmt(r['eval_loss_before'], 4)} "
+                     f"| {_fmt(r['eval_loss'], 4)} | {_fmt(r['eval_perplexity'])} | {_fmt(r['wall_s'], 1)} "
+                     f"| {_fmt(r['train_s'], 1)} | {_fmt(r['tokens_per_s'], 0, True)} | {_fmt(r['peak_gib'])} "
+                     f"| {_fmt(time_ratio)} | {_fmt(memory_ratio)} |")
+    lines += ["", "eval loss before: the model as the adapter starts (LoftQ's start is not the quantized base); "
+              "time and memory ÷ LoRA: against the plain LoRA job of the same data size and seed."]
+    return lines
 
 
 def search_settings(sweep_dir: Path) -> dict | None:
@@ -236,6 +276,7 @@ def markdown(rows: list[dict], sweep_dir: Path, target_gap: float = decision.TAR
                   "| --- | --- |" + " ---: |" * len(quality)]
         lines += [f"| {r['group']} | {_mode(r['quantization'], r)} | " + " | ".join(_fmt(r[c]) for c, _ in quality) + " |"
                   for r in _order(done)]
+    lines += variants(done)
     if failed:
         lines += ["", "## Failed jobs", "", "| job | error |", "| --- | --- |"]
         lines += [f"| {r['job']} | {str(r['error']).replace('|', '/').splitlines()[0] if r['error'] else '?'} |"

@@ -130,6 +130,19 @@ BAD_INPUTS = [
     ("web app on every interface without a login", ["pipeline=web", "web.host=0.0.0.0"],
      ["web.host=0.0.0.0", "web.auth=USER:PASSWORD"]),
     ("web login without a password", ["pipeline=web", "web.auth=me"], ["web.auth", "USER:PASSWORD"]),
+    # LoRA variants and initialisations (issue 25): what PEFT and bitsandbytes cannot do
+    ("LoftQ without a 4-bit base", ["quantization=none", "lora.init=loftq"],
+     ["lora.init=loftq", "quantization=none", "quantization=nf4"]),
+    ("LoftQ on an int8 base", ["quantization=int8", "lora.init=loftq"], ["lora.init=loftq", "quantization=int8"]),
+    ("PiSSA on a 4-bit base", ["quantization=nf4", "lora.init=pissa"],
+     ["lora.init=pissa", "quantization=nf4", "quantization=none", "lora.init=loftq"]),
+    ("DoRA on an int8 base", ["quantization=int8", "lora.variant=dora"],
+     ["lora.variant=dora", "quantization=int8", "quantization=nf4", "lora.variant=lora"]),
+    ("DoRA from a PiSSA start", ["quantization=none", "lora.variant=dora", "lora.init=pissa"],
+     ["lora.variant=dora", "lora.init=pissa", "lora.init=default"]),
+    ("DoRA from a LoftQ start", ["lora.variant=dora", "lora.init=loftq"], ["lora.variant=dora", "lora.init=loftq"]),
+    ("fused LoRA layers with DoRA", ["train.lora_layers=fused", "lora.variant=dora"],
+     ["train.lora_layers=fused", "lora.variant=dora has no fused form", "train.lora_layers=auto"]),
 ]
 
 

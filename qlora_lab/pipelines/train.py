@@ -16,9 +16,18 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 
 from ..attention import available as varlen_available
 from ..attention import use_varlen
-from ..config import Config, ConfigError, LoraLayers, PackedAttention, Precision, QuantMethod
+from ..config import (
+    Config,
+    ConfigError,
+    LoraInit,
+    LoraLayers,
+    LoraVariant,
+    PackedAttention,
+    Precision,
+    QuantMethod,
+)
 from ..data import PackedCollator, file_sha256, load_splits, mean_context, tokenize_split
-from ..distributed import fsdp_enabled, one_gpu_per_process
+from ..distributed import fsdp_enabled, is_main_process, one_gpu_per_process
 from ..fused_lora import fuse_lora
 from ..models import (
     attach_lora,
@@ -243,7 +252,8 @@ def lora_unfused_reason(cfg: Config) -> str | None:
         return None
     if mode is LoraLayers.peft:
         return "train.lora_layers=peft"
-    return ("no CUDA GPU" if not torch.cuda.is_available() else "FSDP" if fsdp_enabled() else
+    return ("lora.variant=dora, which the fused layers do not cover" if cfg.lora.variant is LoraVariant.dora else
+            "no CUDA GPU" if not torch.cuda.is_available() else "FSDP" if fsdp_enabled() else
             "autocast on" if t.autocast else "8-bit base" if cfg.quantization.method is QuantMethod.int8 else None)
 
 
@@ -286,6 +296,11 @@ def run(cfg: Config, run: Run):
     load_s = time.perf_counter() - t0
     footprint = memory_footprint_gib(model)
     model = attach_lora(model, cfg)
+    pissa_init = run.dir / "pissa_init" if cfg.lora.init is LoraInit.pissa else None
+    if pissa_init and not (pissa_init / "adapter_config.json").is_file() and is_main_process():
+        # the adapter as initialised: at the end, PEFT turns the trained PiSSA adapter into a plain LoRA (rank 2r)
+        # over the original weights, which every later stage loads; a resumed run re-derives the same init
+        model.save_pretrained(pissa_init)
     trainable, total = count_params(model)
     quantized = cfg.quantization.method is not QuantMethod.none
     mode = f"QLoRA ({cfg.quantization.method.value})" if quantized else "LoRA"
@@ -369,7 +384,7 @@ def run(cfg: Config, run: Run):
         print(f"resuming from {checkpoint}", flush=True)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if t.eval_before:
-        # The step-0 evaluation: LoRA's B matrices start at zero, so this is exactly the base model.
+        # The step-0 evaluation: the base model where B starts at zero (lora.init=loftq starts closer to W).
         loss_before = next(h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h)
         run.log({"eval/loss_before": loss_before, "eval/perplexity_before": math.exp(loss_before)})
     eval_loss = trainer.evaluate()["eval_loss"]
@@ -397,7 +412,8 @@ def run(cfg: Config, run: Run):
             model.save_pretrained(run.dir / "adapter", state_dict=adapter)
             tokenizer.save_pretrained(run.dir / "adapter")
     elif trainer.is_world_process_zero():
-        model.save_pretrained(run.dir / "adapter")
+        model.save_pretrained(run.dir / "adapter",
+                              path_initial_model_for_weight_conversion=pissa_init and str(pissa_init))
         tokenizer.save_pretrained(run.dir / "adapter")
     before = run.metrics.get("eval/loss_before")
     print(f"eval loss: {before:.4f} -> {eval_loss:.4f}" if before is not None else f"eval loss: {eval_loss:.4f}",
