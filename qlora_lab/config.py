@@ -106,6 +106,18 @@ class StorageDType(Enum):
     float32 = "float32"
 
 
+class LoraVariant(Enum):
+    lora = "lora"  # W + s·B·A
+    dora = "dora"  # DoRA: also learns each output row's magnitude (PEFT use_dora); see LoraConfig.variant
+
+
+class LoraInit(Enum):
+    default = "default"  # PEFT's: A Kaiming-uniform, B zero (the adapter starts as a no-op)
+    gaussian = "gaussian"  # A Gaussian (std 1/r), B zero: also a no-op at the start
+    pissa = "pissa"  # A, B from the top-r singular vectors of W; the base keeps the residual (quantization=none)
+    loftq = "loftq"  # A, B from the top-r singular vectors of W - dequantize(quantize(W)) (nf4/fp4)
+
+
 class LoraBias(Enum):
     none = "none"  # no bias is trained
     all = "all"  # every bias of the model is trained
@@ -183,6 +195,26 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     bias: LoraBias = LoraBias.none
+    # dora: splits each adapted weight into a magnitude (one trainable number per output row) and a direction
+    # (W + s·B·A, normalised); the DoRA paper reports it closer to full fine-tuning, at low ranks especially. Costs
+    # a norm of the whole W + s·B·A per layer and step (slower steps, more memory; dequantizing W each time on a
+    # 4-bit base) and runs on PEFT's LoRA layers, not the fused ones. Works with quantization=none, nf4 and fp4;
+    # not int8 (bitsandbytes' 8-bit layer fails under it, see check_lora_variant), nor lora.init=pissa or loftq
+    variant: LoraVariant = LoraVariant.lora
+    # rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r, so that a higher rank does not shrink each
+    # rank's step (with alpha / r, doubling r halves it); at r=16, alpha=32 the scale is 8 instead of 2, like a
+    # 4x learning rate on the adapter: lower the learning rate or alpha with it. Free at run time; any quantization
+    rslora: bool = False
+    # How A and B start. default and gaussian: the adapter starts as a no-op. pissa: A·B takes W's principal
+    # components and the base keeps the rest, so training moves the largest directions first; needs
+    # quantization=none (the residual would have to be quantized anew), and the saved adapter is converted to a
+    # plain LoRA of rank 2r over the original weights (PEFT), so every later stage loads the usual base.
+    # loftq: on a 4-bit base (nf4/fp4), A·B starts as the best rank-r fit of the quantization error
+    # W - dequantize(quantize(W)), read from the full-precision weights in the model's safetensors files: the
+    # QLoRA model starts closer to the unquantized one. One SVD per layer at the start (38 s for SmolLM2-135M
+    # on a busy 2-core CPU); the base stays quantize(W), so resume, merge and infer need nothing new (one LoftQ
+    # step: more would re-quantize W)
+    init: LoraInit = LoraInit.default
 
 
 @dataclass
@@ -225,7 +257,7 @@ class DatasetConfig:
 class TrainConfig:
     max_steps: int = -1  # > 0 overrides epochs
     epochs: float = 1.0
-    batch_size: Any = 4  # rows per device and step, or `auto`: the largest that fits, halving from 64 on OOM
+    batch_size: Any = 4  # rows per device and step, or `auto`: the largest that fits, 0.9x from auto_batch_start on OOM
     grad_accum: int = 1
     learning_rate: float = 2e-4
     scheduler: str = "constant"
@@ -256,6 +288,10 @@ class TrainConfig:
     speed_skip_steps: int = 2  # first steps left out of the speed figures (compilation, allocator warm-up)
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     resume: bool = False  # with run_dir=RUN: continue RUN's training from its last checkpoint, in RUN
+    auto_batch_start: int = 64  # train.batch_size=auto: the first (largest) batch tried
+    # With batch_size=auto: a step whose peak memory (as the report measures it) is over this many GiB counts as
+    # out of memory. sweep.equal_memory sets it to LoRA's measured peak; None: only the device's own limit
+    memory_cap_gib: float | None = None
 
 
 @dataclass
@@ -364,6 +400,9 @@ class SweepConfig:
     of one seed share the data subset and the data order, so the report pairs them."""
 
     repeats: int = 1
+    # After the sweep's jobs, one more per QLoRA job: train.batch_size=auto under train.memory_cap_gib = the peak
+    # its LoRA job (same settings, quantization=none) measured: QLoRA spending the memory it saves (larger batches)
+    equal_memory: bool = False
 
 
 @dataclass

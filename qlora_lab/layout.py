@@ -45,12 +45,20 @@ class RunLayout:
         return self.root / "tensorboard"
 
     @property
+    def evaluation_md(self) -> Path:  # evaluate: the table the web app's Runs page shows
+        return self.root / "evaluation.md"
+
+    @property
     def adapter(self) -> Path:  # train: the PEFT adapter with the tokenizer
         return self.root / "adapter"
 
     @property
     def adapter_config(self) -> Path:  # present once training saved the adapter
         return self.adapter / "adapter_config.json"
+
+    @property
+    def pissa_init(self) -> Path:  # lora.init=pissa: the adapter as initialised, for PEFT's conversion on save
+        return self.root / "pissa_init"
 
     @property
     def merged(self) -> Path:  # merge: a plain Hugging Face model folder

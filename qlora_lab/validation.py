@@ -18,7 +18,7 @@ def validate(cfg: Config) -> None:
     """Raise ConfigError for the first rule `cfg` breaks."""
     from .attention import packed_varlen
     from .fused_lora import lora_unfused_reason
-    from .models import check_model, check_quantization, liger_kernels, resolve_dtype
+    from .models import check_lora_variant, check_model, check_quantization, liger_kernels, resolve_dtype
 
     check_added_keys(cfg)
     check_stages(cfg)
@@ -29,6 +29,7 @@ def validate(cfg: Config) -> None:
     lora_unfused_reason(cfg)
     packed_varlen(cfg, resolve_dtype(cfg.model.dtype))
     check_counts(cfg)
+    check_lora_variant(cfg)
     check_values(cfg)
     check_model(cfg.model)
     check_folders(cfg)
@@ -180,6 +181,17 @@ def check_values(cfg: Config) -> None:
             raise ConfigError(f"{key} must be a positive integer (got {value}).")
     if cfg.sweep.repeats < 1:
         raise ConfigError(f"sweep.repeats must be 1 or more seeds per cell (got {cfg.sweep.repeats}).")
+    if cfg.train.auto_batch_start < 1:
+        raise ConfigError(f"train.auto_batch_start must be a positive integer (got {cfg.train.auto_batch_start}).")
+    cap = cfg.train.memory_cap_gib
+    if cap is not None and cap <= 0:
+        raise ConfigError(f"train.memory_cap_gib must be a positive number of GiB (got {cap}).")
+    if cap is not None and cfg.train.batch_size != "auto":
+        raise ConfigError(f"train.memory_cap_gib={cap} caps the batch search of train.batch_size=auto, but "
+                          f"train.batch_size={cfg.train.batch_size}; set train.batch_size=auto or drop the cap.")
+    if cfg.sweep.equal_memory and cfg.train.batch_size == "auto" and cap is None:
+        raise ConfigError("sweep.equal_memory compares QLoRA with LoRA at LoRA's batch, which must be fixed, but "
+                          "train.batch_size=auto; set train.batch_size to a number.")
     if g.top_k < 0 or g.no_repeat_ngram_size < 0:
         raise ConfigError("generation.top_k and generation.no_repeat_ngram_size must be 0 or more.")
 

@@ -37,7 +37,7 @@ def run_dirs(output_dir: Path) -> list[Path]:
 
 
 def _stages(run_dir: Path) -> list[str]:
-    stages = OmegaConf.select(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), "pipeline.stages", default=[])
+    stages = OmegaConf.select(OmegaConf.load(RunLayout(run_dir).config), "pipeline.stages", default=[])
     return list(stages or [])
 
 
@@ -125,10 +125,10 @@ def _logged_losses(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
         history = json.loads(states[-1].read_text()).get("log_history", [])
         return {"train": [(h["step"], h["loss"]) for h in history if "loss" in h],
                 "eval": [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]}
-    if (run_dir / "tensorboard").is_dir():
+    if RunLayout(run_dir).tensorboard.is_dir():
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-        events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+        events = EventAccumulator(str(RunLayout(run_dir).tensorboard)).Reload()
         tags = set(events.Tags().get("scalars", []))
         return {name: [(e.step, e.value) for e in events.Scalars(tag)] if tag in tags else []
                 for name, tag in (("train", "train/loss"), ("eval", "eval/loss"))}
@@ -162,7 +162,7 @@ def loss_figure(history: dict[str, list[tuple[int, float]]], title: str):
 def run_details(run_dir: Path) -> dict:
     """config (YAML text), metrics (dict), evaluation (markdown) and history (loss_history) of one run."""
     config = RunLayout(run_dir).config
-    evaluation = run_dir / "evaluation.md"
+    evaluation = RunLayout(run_dir).evaluation_md
     return {
         "config": config.read_text() if config.is_file() else "",
         "metrics": read_json(RunLayout(run_dir).metrics_json),
@@ -182,6 +182,30 @@ def sweep_dirs(output_dir: str | Path) -> list[Path]:
     return sorted((p.parent for p in output_dir.rglob("summary.md")), key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def sweep_page(sweep_dir: Path) -> tuple[str, list[Path]]:
-    """(summary.md's text, the report's PNG plots)."""
-    return (sweep_dir / "summary.md").read_text(), sorted(sweep_dir.glob("*.png"))
+CARD, CARD_PLOT = "decision.md", "decision.png"  # qlora_lab/report.py writes them next to summary.md
+_JOB_LINK = re.compile(r"\[(\d+)\]\(<[^>]*>\)")  # the card's `[3](<3_quantization=nf4,...>)`: a job folder
+
+
+def _inside(sweep_dir: Path, name: str) -> Path | None:
+    """The sweep's own file `name`, or None: a link that leads out of the sweep folder is not shown."""
+    path = sweep_dir / name
+    return path if path.is_file() and path.resolve().is_relative_to(sweep_dir.resolve()) else None
+
+
+def sweep_page(sweep_dir: Path) -> dict:
+    """The decision card (decision.md as the page shows it, and decision.png) when the sweep has one, summary.md
+    less the card (shown once, on top), and the report's other PNG plots. Only files inside the sweep folder."""
+    summary = (sweep_dir / "summary.md").read_text()
+    card_file = _inside(sweep_dir, CARD)
+    card = None
+    if card_file:
+        # the page cannot open the job folders the card links to: it names them by job number (the Runs page lists
+        # them as <sweep>/<number>_...), and shows the card's PNG beside the text
+        lines = [line for line in card_file.read_text().splitlines() if not line.startswith(f"![decision]({CARD_PLOT})")]
+        card = _JOB_LINK.sub(r"`\1`", "\n".join(lines))
+        head, found, rest = summary.partition("## Decision: LoRA vs QLoRA")
+        if found:
+            summary = head + ("## " + rest.split("\n## ", 1)[1] if "\n## " in rest else "")
+    plots = [p for p in sorted(sweep_dir.glob("*.png")) if _inside(sweep_dir, p.name)]
+    card_plot = _inside(sweep_dir, CARD_PLOT) if card else None
+    return {"card": card, "card_plot": card_plot, "summary": summary, "plots": [p for p in plots if p != card_plot]}
