@@ -10,8 +10,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, register, validate
+from .config import ConfigError, register
+from .layout import RunLayout
 from .rundir import Run, explain_inherited, hold_run_dir, inherit_from_run, is_main_process
+from .validation import validate
 
 register()
 log = logging.getLogger("qlora_lab")
@@ -28,7 +30,7 @@ def preflight(cfg: DictConfig) -> None:
         print(f"warning: model.trust_remote_code=true runs the Python code shipped in {source} in this process; "
               f"use it only for a folder or repository you trust.", file=sys.stderr, flush=True)
     check_model_files(cfg)
-    adapter = Path(cfg.run_dir) / "adapter" if cfg.run_dir and not cfg.train.resume else None
+    adapter = RunLayout(cfg.run_dir).adapter if cfg.run_dir and not cfg.train.resume else None
     if adapter is not None and adapter.is_dir():  # the adapter every later stage of that run loads
         check_safetensors(adapter, f"run_dir={cfg.run_dir}", "train the run again, or restore the file from a copy.")
     # merge and export measure agreement with the trained model on eval prompts and examples
@@ -41,15 +43,11 @@ def preflight(cfg: DictConfig) -> None:
         read_prompt_rows(cfg.inference.prompts_file, cfg.paths.root, cfg)
 
 
-# bytes per weight of each export, for the space an export needs
-EXPORT_BYTES = {"gguf:f32": 4, "gguf:f16": 2, "gguf:q8_0": 34 / 32, "gguf:q4_0": 18 / 32, "int8_dynamic": 1}
-
-
 def disk_space_for(name: str, cfg: DictConfig, run: Run):
     """What a full disk during stage `name` should say: the folder, the space needed where it can be known (a
     checkpoint like the last one; the base model's weight files for a merge; the weight count times each export's
     bytes per weight), the leftovers removed, and the command that continues."""
-    from .config import export_targets
+    from .exports import export_targets
     from .models import looks_local, model_path, weight_count
     from .rundir import disk_space
 
@@ -79,18 +77,18 @@ def disk_space_for(name: str, cfg: DictConfig, run: Run):
         again = f"export again with `python -m qlora_lab pipeline=export run_dir={source}`"
 
         def export_tmp():
-            return sorted((source / "export").glob("*.tmp"))
+            return sorted(RunLayout(source).export.glob("*.tmp"))
 
-        if not (source / "merged" / "config.json").is_file():  # the export stage merges first
+        if not RunLayout(source).merged_config.is_file():  # the export stage merges first
             return disk_space(source, "merged/ and the export (an export merges first)", again, base_bytes,
                               lambda: merged_tmp() + export_tmp())
 
         def export_bytes():
-            weights = weight_count(source / "merged")
-            return int(sum(EXPORT_BYTES[fmt.value if t is None else f"{fmt.value}:{t.value}"] * weights
-                           for fmt, t in export_targets(cfg.export))) or None
+            weights = weight_count(RunLayout(source).merged)
+            return int(sum(spec.bytes_per_weight(variant) * weights
+                           for spec, variant in export_targets(cfg.export))) or None
 
-        return disk_space(source / "export", "the export", again, export_bytes, export_tmp)
+        return disk_space(RunLayout(source).export, "the export", again, export_bytes, export_tmp)
     return disk_space(run.dir, f"the {name} stage's results", "run it again")
 
 
@@ -139,7 +137,7 @@ def record_ending(run: Run, cfg: DictConfig, error: BaseException, resume: bool)
     except OSError as e:
         if not disk_full(e):
             raise
-        log.warning("could not record the run's ending in %s: %s", run.dir / "run.json", e)
+        log.warning("could not record the run's ending in %s: %s", RunLayout(run.dir).run_json, e)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -165,10 +163,10 @@ def main(cfg: DictConfig) -> float | None:
             print(f"{cfg.run_dir} already completed: nothing to resume.", flush=True)
             from .rundir import read_json
 
-            return read_json(Path(cfg.run_dir) / "metrics.json").get(cfg.objective.metric)
+            return read_json(RunLayout(cfg.run_dir).metrics_json).get(cfg.objective.metric)
         cfg = checked
-        if cfg.run_dir and not resume and (job_dir / ".hydra").is_dir() and is_main_process():
-            OmegaConf.save(cfg, job_dir / ".hydra" / "config.yaml")  # what this job really used
+        if cfg.run_dir and not resume and RunLayout(job_dir).hydra.is_dir() and is_main_process():
+            OmegaConf.save(cfg, RunLayout(job_dir).config)  # what this job really used
         run.start(cfg, resume=resume)
         from .pipelines import get_stage
 

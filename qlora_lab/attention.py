@@ -14,6 +14,8 @@ import inspect
 
 import torch
 
+from .config import Config, ConfigError, PackedAttention
+
 NAME = "qlora_lab_varlen"
 
 
@@ -29,6 +31,21 @@ def varlen_kernel():
 def available(dtype: torch.dtype) -> bool:
     """Whether packed rows can use the varlen kernel here: a CUDA GPU, a torch that has it, a 16-bit model."""
     return torch.cuda.is_available() and varlen_kernel() is not None and dtype in (torch.bfloat16, torch.float16)
+
+
+def packed_varlen(cfg: Config, dtype: torch.dtype) -> bool:
+    """Whether packed rows use the varlen kernel (train.packed_attention), the one rule for validate() and the train
+    stage: `auto` where it is available, an explicit `varlen` that cannot run refused."""
+    mode = cfg.train.packed_attention
+    if mode is PackedAttention.varlen:
+        if not cfg.dataset.pack:
+            raise ConfigError("train.packed_attention=varlen keeps packed examples apart, but dataset.pack=false; set "
+                              "dataset.pack=true or train.packed_attention=auto.")
+        if not available(dtype):
+            why = "this torch has no torch.nn.attention.varlen (torch >= 2.10)" if varlen_kernel() is None else \
+                "it needs a CUDA GPU and a bf16 or fp16 model.dtype"
+            raise ConfigError(f"train.packed_attention=varlen is not available: {why}; use train.packed_attention=auto.")
+    return cfg.dataset.pack and (mode is PackedAttention.varlen or (mode is PackedAttention.auto and available(dtype)))
 
 
 @functools.cache  # once per kernel, not per layer and step

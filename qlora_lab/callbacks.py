@@ -10,6 +10,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from .layout import RunLayout
+
 SWEEP = {"dir": None}  # this process's sweep folder, once a multirun started: run_cli names it on a Ctrl-C
 
 
@@ -39,7 +41,7 @@ def _given(config: DictConfig, key: str) -> bool:
 
 def check_writable(path: Path, config: DictConfig, key: str) -> None:
     """A file where the run folder or one above it should be: say which setting put it there."""
-    from .config import folder_problem
+    from .validation import folder_problem
 
     problem = folder_problem(path)
     if problem:
@@ -91,7 +93,7 @@ class RunDirGuard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if OmegaConf.select(config, "train.resume") and config.run_dir:  # every rank trains on in the run's folder
             run_dir = Path(str(config.run_dir)).resolve()
-            if not (run_dir / ".hydra" / "config.yaml").is_file():
+            if not RunLayout(run_dir).config.is_file():
                 _refuse(f"run_dir={config.run_dir} is not a QLoRA Lab run folder (no .hydra/config.yaml); pass "
                         f"the folder of the run to resume.")
             if _given(config, "hydra.run.dir") and Path(str(config.hydra.run.dir)).resolve() != run_dir:

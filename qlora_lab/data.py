@@ -27,6 +27,7 @@ import numpy as np
 from datasets import Dataset, load_dataset
 
 from .config import Config, ConfigError, DataFormat, DatasetConfig, Template, TrainOn
+from .data_formats import FORMATS, detect
 from .models import OncePerMessage
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,6 @@ log.addFilter(OncePerMessage())  # the preflight and the stage both read the dat
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 IGNORE_INDEX = -100  # labels with this value are left out of the loss
-ROLES = ("system", "user", "assistant", "tool")
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "function_call": "assistant",
-                  "observation": "tool"}
-TURNS_COLUMN = {DataFormat.openai: "messages", DataFormat.sharegpt: "conversations", DataFormat.xtuner: "conversation"}
 
 
 @dataclass
@@ -151,37 +148,10 @@ def file_sha256(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-# ---------------------------------------------------------------- formats -> canonical rows
-
-def present(value) -> bool:
-    return value is not None and not (isinstance(value, str) and not value.strip())
-
-
-def record_format(record: dict, cols) -> tuple[DataFormat, str] | None:
-    """The format one record is written in and the column that shows it (None: no format), from its keys and the
-    shape of its list of turns: a 'conversations' list of {role, content} is openai, whatever its name."""
-    if record.get(cols.instruction) is not None:
-        return DataFormat.alpaca, cols.instruction
-    for key in [cols.messages] if cols.messages else TURNS_COLUMN.values():
-        turns = record.get(key)
-        if not isinstance(turns, list):
-            continue
-        first = turns[0] if turns and isinstance(turns[0], dict) else {}
-        if "role" in first:
-            return DataFormat.openai, key
-        if "from" in first:
-            return DataFormat.sharegpt, key
-        if "input" in first or "output" in first:
-            return DataFormat.xtuner, key
-        return next((f for f, k in TURNS_COLUMN.items() if k == key), DataFormat.openai), key  # empty or odd list
-    return None
-
+# ---------------------------------------------------------------- formats -> canonical rows (qlora_lab/data_formats)
 
 def describe(fmt: DataFormat, key: str) -> str:
-    return {DataFormat.alpaca: f"alpaca (an {key!r} column)",
-            DataFormat.openai: f"openai (a {key!r} list of {{role, content}})",
-            DataFormat.sharegpt: f"sharegpt (a {key!r} list of {{from, value}})",
-            DataFormat.xtuner: f"xtuner (a {key!r} list of {{input, output}})"}[fmt]
+    return FORMATS[fmt].describe(key)
 
 
 def to_conversations(records: list[dict], d: DatasetConfig, source: str,
@@ -192,231 +162,39 @@ def to_conversations(records: list[dict], d: DatasetConfig, source: str,
     `need_answer=False` (prompts to generate for) accepts conversations with no assistant turn."""
     cols = d.columns
     fmt = DataFormat(fmt or d.format)
-    if len(records) == 1 and len(records[0]) == 1 and record_format(records[0], cols) is None:
+    if len(records) == 1 and len(records[0]) == 1 and detect(records[0], cols) is None:
         only, value = next(iter(records[0].items()))
         if isinstance(value, list) and value and isinstance(value[0], dict):
             raise ConfigError(f"{source} is one JSON object whose {only!r} key holds the records; write the records "
                               f"as a top-level JSON list (or JSON Lines, one record a line).")
     detected = fmt is DataFormat.auto
     if detected:
-        found = record_format(records[0], cols)
+        found = detect(records[0], cols)
         if found is None:
             keys = ", ".join(map(str, records[0])) or "none"
-            raise ConfigError(f"{source}: {label(0)} (keys: {keys}) is in none of the formats read: alpaca needs an "
-                              f"{cols.instruction!r} column (dataset.columns.instruction), openai a 'messages' list, "
-                              f"sharegpt a 'conversations' list, xtuner a 'conversation' list; set dataset.format "
+            raise ConfigError(f"{source}: {label(0)} (keys: {keys}) is in none of the formats read: "
+                              f"{', '.join(spec.needs_line(cols) for spec in FORMATS.values())}; set dataset.format "
                               f"and dataset.columns to match.")
         fmt = found[0]
         log.info("dataset.format=auto: %s is %s, detected from its first record", source, describe(*found))
-    elif fmt is DataFormat.alpaca:
-        check_columns(records, d, source)
-    convert = {DataFormat.alpaca: from_alpaca, DataFormat.openai: from_openai, DataFormat.sharegpt: from_sharegpt,
-               DataFormat.xtuner: from_xtuner}[fmt]
+    spec = FORMATS[fmt]
+    if not detected and spec.check:
+        spec.check(records, d, source)
     rows = []
     for i, record in enumerate(records):
         where = f"{source}: {label(i)}"
-        found = record_format(record, cols)
+        found = detect(record, cols)
         if found and found[0] is not fmt:
             why = f"but {label(0)} made the file {fmt.value}" if detected else f"not dataset.format={fmt.value}"
             raise ConfigError(f"{where} is in {describe(*found)} format, {why}; a file must hold one format: "
                               f"convert that record or split the file (or set dataset.format to the file's format).")
-        key = found[1] if found and fmt is not DataFormat.alpaca else cols.messages or TURNS_COLUMN.get(fmt)
-        row = convert(record, cols, key, where, need_answer)
+        key = found[1] if found and spec.turns_column else cols.messages or spec.turns_column
+        row = spec.convert(record, cols, key, where, need_answer)
         check_conversation(row["messages"], where, key or cols.history or "history", need_answer)
         if need_answer:
             check_trained(row["messages"], where, key, d.train_on)
         rows.append(row)
     return rows
-
-
-def text_field(value, where: str, name: str) -> str:
-    if isinstance(value, (list, dict)):
-        raise ConfigError(f"{where}'s {name} holds a {type(value).__name__}, not text; write it as a string.")
-    return "" if value is None else str(value)
-
-
-def json_field(value, where: str, name: str):
-    """A value that may be written as JSON text (tools, function-call arguments): parsed, or named if broken."""
-    if not isinstance(value, str):
-        return value
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{where}'s {name} is not valid JSON ({e.msg} at column {e.colno}); fix that "
-                          f"value.") from None
-
-
-def tools_field(record: dict, cols, where: str) -> list | None:
-    if not cols.tools or not present(record.get(cols.tools)):
-        return None
-    tools = json_field(record[cols.tools], where, cols.tools)
-    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise ConfigError(f"{where}'s {cols.tools} is not a list of function schemas (JSON objects); fix it or set "
-                          f"dataset.columns.tools=null to leave tools out.")
-    return tools or None
-
-
-def tool_call(call, where: str, name: str) -> dict:
-    """One function call, OpenAI's {type, function: {name, arguments}} or a bare {name, arguments}, in canonical form
-    (arguments a dict, as chat templates render them)."""
-    fn = call.get("function", call) if isinstance(call, dict) else None
-    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-        raise ConfigError(f"{where}'s {name} is not a function call {{\"name\": ..., \"arguments\": {{...}}}}; fix it.")
-    arguments = json_field(fn.get("arguments", {}), where, f"{name}.arguments")
-    out = {"type": "function", "function": {"name": fn["name"], "arguments": arguments}}
-    return out | ({"id": call["id"]} if isinstance(call, dict) and call.get("id") else {})
-
-
-def check_columns(records: list[dict], d: DatasetConfig, source: str) -> None:
-    """Alpaca: the required columns exist somewhere in the file, and no mapped column holds a list or dict."""
-    cols = d.columns
-    keys = {k for r in records for k in r}
-    for role, col in (("instruction", cols.instruction), ("output", cols.output)):
-        if col not in keys:
-            raise ConfigError(f"{source}: no column {col!r} (dataset.columns.{role}); the file has "
-                              f"{', '.join(map(str, records[0]))}; set dataset.columns.{role} to one of them, or "
-                              f"dataset.format to the file's format.")
-
-
-def from_alpaca(record: dict, cols, key: str | None, where: str, need_answer: bool = True) -> dict:
-    """instruction (+ input) -> user, output -> assistant; optional `system`, and `history`: earlier [prompt,
-    response] pairs."""
-    for role, col in (("instruction", cols.instruction), ("input", cols.input), ("output", cols.output)):
-        value = record.get(col) if col else None
-        if isinstance(value, (list, dict)):
-            kind = "list" if isinstance(value, list) else "dict"
-            raise ConfigError(f"{where}'s {col!r} column (dataset.columns.{role}) holds a {kind}, not text (a "
-                              f"conversation?); map dataset.columns.{role} to a text column, or set dataset.format "
-                              f"to the conversation format it is in.")
-        if (role == "instruction" or (role == "output" and need_answer)) and not present(value):
-            raise ConfigError(f"{where} has an empty or missing {col!r} field (dataset.columns.{role}); fix or remove "
-                              f"that record.")
-    messages = []
-    if cols.system and present(record.get(cols.system)):
-        messages.append({"role": "system", "content": text_field(record[cols.system], where, cols.system)})
-    history = record.get(cols.history) if cols.history else None
-    for j, pair in enumerate(history or []):
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
-            raise ConfigError(f"{where}'s {cols.history}[{j}] is not a [prompt, response] pair of strings; fix it or "
-                              f"set dataset.columns.history=null.")
-        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    user = str(record[cols.instruction])
-    extra = record.get(cols.input) if cols.input else None
-    if present(extra):
-        user = f"{user}\n\n{extra}"
-    messages.append({"role": "user", "content": user})
-    if present(record.get(cols.output)):
-        messages.append({"role": "assistant", "content": str(record[cols.output])})
-    return {"messages": messages, "tools": None}
-
-
-def turns_list(record: dict, key: str, where: str) -> list:
-    turns = record.get(key)
-    if not isinstance(turns, list):
-        what = "missing" if turns is None else f"a {type(turns).__name__}, not a list"
-        raise ConfigError(f"{where}'s {key!r} (dataset.columns.messages) is {what}; give every record a list of turns.")
-    for j, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise ConfigError(f"{where}'s {key}[{j}] is a {type(turn).__name__}, not a JSON object; fix that turn.")
-    return turns
-
-
-def from_openai(record: dict, cols, key: str, where: str, need_answer: bool = True) -> dict:
-    turns = turns_list(record, key, where)
-    messages = []
-    for j, turn in enumerate(turns):
-        name = f"{key}[{j}]"
-        role = turn.get("role")
-        if role not in ROLES:
-            raise ConfigError(f"{where}'s {name}.role is {role!r}, not one of {', '.join(ROLES)}; fix that turn.")
-        message = {"role": role, "content": content_text(turn.get("content"), where, f"{name}.content")}
-        message |= loss_weight(turn, role, where, name)
-        if role == "assistant" and turn.get("tool_calls"):
-            calls = turn["tool_calls"]
-            if not isinstance(calls, list):
-                raise ConfigError(f"{where}'s {name}.tool_calls is not a list of calls; fix that turn.")
-            message["tool_calls"] = [tool_call(c, where, f"{name}.tool_calls[{k}]") for k, c in enumerate(calls)]
-        if role == "tool":
-            message |= {k: str(turn[k]) for k in ("name", "tool_call_id") if turn.get(k)}
-        messages.append(message)
-    return {"messages": messages, "tools": tools_field(record, cols, where)}
-
-
-def content_text(content, where: str, name: str) -> str:
-    """A message's content: a string, or a list of typed parts of which only text parts are read. A text part holds
-    its text in `text` (OpenAI) or `value` (LLaMA-Factory)."""
-    if not isinstance(content, list):
-        return text_field(content, where, name)
-    texts = []
-    for k, part in enumerate(content):
-        if not isinstance(part, dict):
-            raise ConfigError(f"{where}'s {name}[{k}] is a {type(part).__name__}, not a part {{\"type\": \"text\", "
-                              f"\"text\": ...}}; fix that part.")
-        kind = part.get("type")
-        if kind != "text":
-            raise ConfigError(f"{where}'s {name}[{k}] is a part of type {kind!r}; only text parts are read, so remove "
-                              f"it or the record.")
-        text = part.get("text", part.get("value"))
-        if not isinstance(text, str):
-            raise ConfigError(f"{where}'s {name}[{k}] is a text part with no string in 'text' or 'value' (its keys: "
-                              f"{', '.join(map(str, part))}); write the text there.")
-        texts.append(text)
-    return "\n\n".join(texts)
-
-
-def loss_weight(turn: dict, role: str, where: str, name: str) -> dict:
-    """A turn's `loss_weight` (LLaMA-Factory): 0 leaves an assistant turn out of the loss (it stays as context), 1
-    trains it as usual. Returned as {"loss_weight": 0} for the canonical message, or {}."""
-    if "loss_weight" not in turn or turn["loss_weight"] is None:
-        return {}
-    weight = turn["loss_weight"]
-    if isinstance(weight, bool) or weight not in (0, 1):
-        raise ConfigError(f"{where}'s {name}.loss_weight is {weight!r}; it must be 0 (not trained) or 1 (trained), "
-                          f"so fix that turn.")
-    if role != "assistant" and weight == 1:
-        raise ConfigError(f"{where}'s {name}.loss_weight is 1 on a {role} turn, but only assistant turns are trained "
-                          f"(dataset.train_on_prompt=true trains every token); set it to 0 or remove it.")
-    return {"loss_weight": 0} if weight == 0 and role == "assistant" else {}
-
-
-def from_sharegpt(record: dict, cols, key: str, where: str, need_answer: bool = True) -> dict:
-    turns = turns_list(record, key, where)
-    messages = []
-    if cols.system and present(record.get(cols.system)):
-        messages.append({"role": "system", "content": text_field(record[cols.system], where, cols.system)})
-    for j, turn in enumerate(turns):
-        name = f"{key}[{j}]"
-        sender = turn.get("from")
-        if sender not in SHAREGPT_ROLES:
-            raise ConfigError(f"{where}'s {name}.from is {sender!r}, not one of {', '.join(SHAREGPT_ROLES)}; fix "
-                              f"that turn.")
-        value = text_field(turn.get("value"), where, f"{name}.value")
-        if sender == "function_call":
-            calls = json_field(value, where, f"{name}.value")
-            calls = calls if isinstance(calls, list) else [calls]
-            messages.append({"role": "assistant", "content": "",
-                             "tool_calls": [tool_call(c, where, f"{name}.value") for c in calls]}
-                            | loss_weight(turn, "assistant", where, name))
-        else:
-            role = SHAREGPT_ROLES[sender]
-            messages.append({"role": role, "content": value} | loss_weight(turn, role, where, name))
-    return {"messages": messages, "tools": tools_field(record, cols, where)}
-
-
-def from_xtuner(record: dict, cols, key: str, where: str, need_answer: bool = True) -> dict:
-    turns = turns_list(record, key, where)
-    messages = []
-    for j, turn in enumerate(turns):
-        name = f"{key}[{j}]"
-        if present(turn.get("system")):
-            messages.append({"role": "system", "content": text_field(turn["system"], where, f"{name}.system")})
-        for field_name, role in (("input", "user"), ("output", "assistant")):
-            if field_name == "output" and not need_answer and j == len(turns) - 1 and not present(turn.get("output")):
-                continue  # a prompt: the last turn's answer is what is to be generated
-            if not present(turn.get(field_name)):
-                raise ConfigError(f"{where}'s {name}.{field_name} is empty or missing; fix or remove that record.")
-            messages.append({"role": role, "content": text_field(turn[field_name], where, f"{name}.{field_name}")})
-    return {"messages": messages, "tools": None}
 
 
 def check_conversation(messages: list[dict], where: str, key: str, need_answer: bool = True) -> None:
@@ -453,9 +231,20 @@ def shuffled(rows: list, seed: int) -> list:
     return [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))]
 
 
+_READ: dict[tuple, list[dict]] = {}  # (file, its content's hash, the settings that read it) -> canonical rows
+
+
 def load_conversations(path: str, d: DatasetConfig, root: str, field_name: str) -> tuple[Path, list[dict]]:
+    """A data file's canonical rows, read once per process: the preflight and every stage of a job share one read
+    (a file changed since is read again)."""
     file = resolve_file(path, root, field_name)
-    return file, to_conversations(read_records(file, field_name), d, str(file))
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()  # cheap next to the conversion; a changed file is new
+    key = (str(file), digest, field_name, str(d.columns), str(d.format), str(d.train_on))
+    if key not in _READ:
+        if len(_READ) >= 4:  # a train and an eval file, and room for a second dataset
+            del _READ[next(iter(_READ))]
+        _READ[key] = to_conversations(read_records(file, field_name), d, str(file))
+    return file, _READ[key]
 
 
 def load_splits(cfg: Config) -> Splits:
@@ -688,7 +477,7 @@ PACK_WINDOW = 64  # open rows an example may join: bounds packing time, keeps ro
 
 def pack_examples(ds: Dataset, max_len: int) -> Dataset:
     """Packing that keeps examples apart: whole examples fill rows of up to `max_len` tokens, each joining the first
-    of the last PACK_WINDOW rows with room for it (first fit: rows come out ~99% full on Alpaca lengths, against
+    of the last PACK_WINDOW rows with room for it (first fit: rows come out ~97% full on Alpaca lengths, against
     ~88% when a row is closed at the first example that does not fit). Each row keeps its examples' lengths, so
     that the collator can restart position ids and attention at every boundary. Written by hand: transformers'
     DataCollatorWithFlattening flattens a batch of examples, but has no notion of fixed-size rows to batch by."""

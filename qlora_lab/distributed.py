@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 DDP_CONFIG = "accelerate/ddp_2gpu.yaml"
 FSDP_CONFIG = "accelerate/fsdp_2gpu.yaml"
@@ -37,6 +39,8 @@ def fsdp_enabled() -> bool:
 
 def device() -> torch.device:
     """This process's device: the GPU of its local rank under a distributed launch, else the first GPU or the CPU."""
+    import torch
+
     if world_size() > 1:
         from accelerate import PartialState
 
@@ -66,6 +70,8 @@ def check_launch(batch_size, storage_dtype, model_dtype) -> str | None:
     """What a distributed launch cannot do, as one sentence naming the setting and the fix (validate() raises it)."""
     if world_size() <= 1:
         return None
+    import torch
+
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
     gpus = torch.cuda.device_count()
     if gpus and local > gpus:

@@ -18,6 +18,32 @@ import types
 
 import torch
 
+from .config import Config, ConfigError, LoraLayers, LoraVariant, QuantMethod
+from .distributed import fsdp_enabled
+
+
+def lora_unfused_reason(cfg: Config) -> str | None:
+    """Why the LoRA layers run as PEFT's modules, or None when they run fused (train.lora_layers): the one rule for
+    validate() and the train stage. `fused` where it cannot compute what PEFT's layer does is refused; `auto`
+    fuses on CUDA only, and not under FSDP (not tried with its shards)."""
+    t = cfg.train
+    dora = cfg.lora.variant is LoraVariant.dora
+    blocker = ("autocast on", "train.autocast must be false (the fused layer computes in the base's dtype)") \
+        if t.autocast else ("8-bit base", "quantization=int8 layers have no fused form") \
+        if cfg.quantization.method is QuantMethod.int8 else \
+        ("lora.variant=dora, which the fused layers do not cover", "lora.variant=dora has no fused form") \
+        if dora else None
+    if t.lora_layers is LoraLayers.fused:
+        if blocker:
+            raise ConfigError(f"train.lora_layers=fused cannot be used here: {blocker[1]}; fix that or use "
+                              f"train.lora_layers=auto.")
+        return None
+    if t.lora_layers is LoraLayers.peft:
+        return "train.lora_layers=peft"
+    return "lora.variant=dora, which the fused layers do not cover" if dora else \
+        "no CUDA GPU" if not torch.cuda.is_available() else "FSDP" if fsdp_enabled() else \
+        blocker[0] if blocker else None
+
 
 def base_weight(weight, quant_state, dtype: torch.dtype):
     """The base layer's weight [out, in] in `dtype`: dequantized from 4 bits when quant_state is set.

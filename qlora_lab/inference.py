@@ -1,6 +1,7 @@
 """Loading a trained run for generation in each inference mode, batched generation, and eval prompts.
 
-The three ways of running a QLoRA fine-tune (plus the base alone as the "before"):
+The three ways of running a QLoRA fine-tune (plus the base alone as the "before"), each a file of
+qlora_lab/inference_modes:
   merged            <run>/merged/ from disk (written by the merge stage), quantized per cfg.quantization
   adapter           the base quantized as in training + the unmerged PEFT adapter (what was trained)
   merge_and_unload  the same base + adapter, merged in memory by PEFT (on a 4-bit base PEFT dequantizes,
@@ -21,14 +22,15 @@ from transformers import GenerationConfig as HFGenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from .config import Config, ConfigError, GenerationConfig, InferenceMode
-from .data import IGNORE_INDEX, encode, end_of_turn_id, load_splits, prompt_and_reference
-from .models import check_safetensors, load_model, load_tokenizer, model_path, tokenizer_path
+from .data import IGNORE_INDEX, encode, end_of_turn_id, load_splits, prompt_and_reference, render_prompt
+from .layout import RunLayout
+from .models import check_safetensors
 
 # ---------------------------------------------------------------- loading
 
 def adapter_dir(source: Path) -> Path:
-    path = Path(source) / "adapter"
-    if not (path / "adapter_config.json").is_file():
+    path = RunLayout(source).adapter
+    if not RunLayout(source).adapter_config.is_file():
         raise ConfigError(f"{source} has no trained adapter (adapter/adapter_config.json); pass run_dir= a finished "
                           f"training run, or put the train stage first in pipeline.stages.")
     check_safetensors(path, f"run_dir={source}", "train the run again, or restore the file from a copy.")
@@ -36,8 +38,8 @@ def adapter_dir(source: Path) -> Path:
 
 
 def merged_dir(source: Path) -> Path:
-    path = Path(source) / "merged"
-    if not (path / "config.json").is_file():
+    path = RunLayout(source).merged
+    if not RunLayout(source).merged_config.is_file():
         raise ConfigError(f"{source} has no merged model (merged/config.json); run `python -m qlora_lab "
                           f"pipeline=merge run_dir={source}` first, or put the merge stage before this one.")
     check_safetensors(path, f"run_dir={source}", f"merge again with `python -m qlora_lab pipeline=merge "
@@ -46,9 +48,9 @@ def merged_dir(source: Path) -> Path:
 
 
 def int8_export_dir(source: Path) -> Path:
-    from .int8_dynamic import RUN_SUBDIR, is_export
+    from .int8_dynamic import is_export
 
-    path = Path(source) / RUN_SUBDIR
+    path = RunLayout(source).int8_export
     if not is_export(path):
         raise ConfigError(f"{source} has no int8 export (export/int8_dynamic); run `python -m qlora_lab "
                           f"pipeline=export run_dir={source} export=int8_dynamic` first.")
@@ -63,35 +65,32 @@ def resize_embeddings(model, tokenizer) -> None:
 
 def load_for_inference(cfg: Config, source: Path, mode: InferenceMode | str):
     """(model in eval mode, tokenizer with left padding) for one inference mode of the run in `source`."""
-    from peft import PeftModel
+    from .inference_modes import MODES
 
-    mode = InferenceMode(mode)  # a member, or its name from a caller outside the config
-    source = Path(source)
-    if mode is InferenceMode.merged:
-        folder = merged_dir(source)
-        tokenizer = load_tokenizer(str(folder), cfg.model.trust_remote_code)
-        model = load_model(str(folder), cfg)  # quantized per cfg.quantization, like loading merged weights in 4-bit
-    elif mode is InferenceMode.int8_dynamic:
-        from . import int8_dynamic
-
-        folder = int8_export_dir(source)
-        tokenizer = load_tokenizer(str(folder), cfg.model.trust_remote_code)
-        model = int8_dynamic.load(folder)  # PyTorch's int8 kernels are CPU kernels: it stays on the CPU
-    elif mode is InferenceMode.base:
-        tokenizer = load_tokenizer(tokenizer_path(cfg), cfg.model.trust_remote_code)
-        model = load_model(model_path(cfg), cfg)
-    else:
-        adapter = adapter_dir(source)
-        tokenizer = load_tokenizer(str(adapter), cfg.model.trust_remote_code)  # saved with the adapter by train
-        model = load_model(model_path(cfg), cfg)  # quantized exactly as in training
-        resize_embeddings(model, tokenizer)
-        model = PeftModel.from_pretrained(model, adapter)
-        if mode is InferenceMode.merge_and_unload:
-            model = model.merge_and_unload()
+    # a member, or its name from a caller outside the config
+    model, tokenizer = MODES[InferenceMode(mode)].load(cfg, Path(source))
     tokenizer.padding_side = "left"  # batched generation: every prompt ends right where generation starts
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
+
+
+def context_length(model) -> int:
+    """The model's context in tokens (2048 where its config does not say)."""
+    return getattr(model.config, "max_position_embeddings", None) or 2048
+
+
+def conversation_ids(messages: list[dict], tokenizer, d, max_new_tokens: int, max_len: int):
+    """(input ids, the messages they hold): rendered by data.render_prompt, as training renders, with the oldest
+    exchanges dropped until the prompt and the answer fit the context. The one rule for pipeline=chat and the web
+    app; a single message that alone does not fit is returned as is (the caller says so)."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    history = messages[len(system):]
+    while True:
+        ids = encode(render_prompt(system + history, tokenizer, d), tokenizer, return_tensors="pt")["input_ids"]
+        if ids.shape[1] + max_new_tokens <= max_len or len(history) <= 1:
+            return ids, system + history
+        history = history[2:]
 
 
 # ---------------------------------------------------------------- generation
@@ -208,6 +207,23 @@ def teacher_forced(model, examples: list[dict], batch_size: int, pad_id: int, ke
                 kept.append(row[: int(m.sum())].cpu())
         tokens += int((shift_labels != IGNORE_INDEX).sum())
     return math.exp(nll / tokens), kept
+
+
+def measure_generation(model, tokenizer, prompts: list[str], gen, batch_size: int, examples: list[dict], pad_id: int,
+                       keep: int) -> tuple[dict, list[str], list[torch.Tensor]]:
+    """The measurement every comparison of models makes (compare's modes, export's files): a warm-up, greedy or
+    sampled answers to `prompts`, teacher-forced perplexity over `examples`. Returns (ttft_s, tokens_per_s,
+    eval_perplexity and new_tokens; the outputs; the fp32 logits of the first `keep` examples)."""
+    from omegaconf import OmegaConf
+
+    generate(model, tokenizer, prompts[:1], OmegaConf.merge(gen, {"max_new_tokens": 2}), 1)  # warm-up
+    results = generate(model, tokenizer, prompts, gen, batch_size)
+    ppl, logits = teacher_forced(model, examples, batch_size, pad_id, keep)
+    batches = {r["latency_s"]: r["ttft_s"] for r in results}  # one latency and ttft per batch
+    new_tokens = sum(r["new_tokens"] for r in results)
+    stats = {"ttft_s": sum(batches.values()) / len(batches), "tokens_per_s": new_tokens / sum(batches),
+             "eval_perplexity": ppl, "new_tokens": new_tokens}
+    return stats, [r["output"] for r in results], logits
 
 
 def agreement(reference: list[torch.Tensor], logits: list[torch.Tensor]) -> tuple[float, float]:

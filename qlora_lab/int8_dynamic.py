@@ -29,7 +29,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 WEIGHTS = "model_int8.pt"
 LAYERS = "int8_dynamic.json"
-RUN_SUBDIR = Path("export") / "int8_dynamic"  # where the export stage writes it in a run
 # Linear layers (by the last part of their name) kept in float: the ones int8 hurts most (see the docstring).
 FLOAT_LAYERS = ("down_proj", "up_proj", "v_proj", "lm_head")
 

@@ -28,7 +28,7 @@ from .config import (
     QuantMethod,
     StorageDType,
 )
-from .distributed import device, fsdp_enabled
+from .distributed import check_launch, device, fsdp_enabled, world_size
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,44 @@ def _random_folder(model_cfg: ModelConfig, cache_dir: Path) -> Path:
     return _build_once(target, lambda path: (path / "config.json").is_file(), build)
 
 
+ATTENTION = ["eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4"]
+
+
+def check_model(m: ModelConfig) -> None:
+    """The model settings that transformers would only refuse once loading has begun."""
+    import difflib
+
+    if not str(m.name_or_path).strip():
+        raise ConfigError("model.name_or_path is not set (model=hf needs it); give model.name_or_path=ORG/NAME (a hub "
+                          "id) or a local model folder.")
+    if m.random_init:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        model_type = m.random_init.get("model_type", "llama")
+        if model_type not in CONFIG_MAPPING:
+            close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=1)
+            hint = f"did you mean {close[0]}?" if close else "e.g. llama, qwen2, mistral."
+            raise ConfigError(f"model.random_init.model_type={model_type} is not a transformers architecture; {hint}")
+    attn = str(m.attn_implementation)
+    if "/" in attn:  # a kernel from the Hugging Face hub (org/repo), checked by transformers itself
+        return
+    if attn not in ATTENTION:
+        close = difflib.get_close_matches(attn, ATTENTION, n=1)
+        hint = f"did you mean {close[0]}? Known: " if close else "use one of "
+        raise ConfigError(f"model.attn_implementation={attn} is not an attention transformers knows; {hint}"
+                          f"{', '.join(ATTENTION)}.")
+    if attn.startswith("flash_attention_"):
+        import torch
+        import transformers.utils
+
+        version = attn.rsplit("_", 1)[1]
+        if not torch.cuda.is_available():
+            raise ConfigError(f"model.attn_implementation={attn} needs a CUDA GPU; use sdpa (the default) here.")
+        if not getattr(transformers.utils, f"is_flash_attn_{version}_available")():
+            raise ConfigError(f"model.attn_implementation={attn} needs the flash-attn package for this GPU and torch "
+                              f"(`pip install flash-attn --no-build-isolation`), or use sdpa.")
+
+
 def looks_local(name_or_path: str) -> bool:
     return name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
 
@@ -273,6 +311,40 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 # ---------------------------------------------------------------- quantization and loading
 
+def check_quantization(cfg: Config) -> None:
+    """quantization.* against the method chosen and the launch (validate() calls this)."""
+    q = cfg.quantization
+    method = q.method
+    four_bit_opts = {"double_quant": q.double_quant, "storage_dtype": q.storage_dtype}
+    if method in (QuantMethod.none, QuantMethod.int8):
+        for key, value in four_bit_opts.items():
+            if value is not None:
+                raise ConfigError(
+                    f"quantization.{key} is a 4-bit option but quantization={method.value}; "
+                    f"use quantization=nf4 or quantization=fp4, or drop quantization.{key}."
+                )
+    if method is not QuantMethod.int8 and q.int8_threshold is not None:
+        raise ConfigError(
+            f"quantization.int8_threshold only applies to quantization=int8 (got quantization={method.value}); drop it."
+        )
+    if q.int8_threshold is not None and q.int8_threshold < 0:
+        raise ConfigError(f"quantization.int8_threshold must be 0 or more (got {q.int8_threshold}); 6.0 is "
+                          f"bitsandbytes' default, 0 turns the fp16 outlier path off.")
+    if method is QuantMethod.none and q.compute_dtype is not DType.auto:
+        raise ConfigError(
+            "quantization.compute_dtype needs a quantized base; with quantization=none set model.dtype instead."
+        )
+    if method in (QuantMethod.nf4, QuantMethod.fp4) and q.storage_dtype is None and fsdp_enabled():
+        raise ConfigError("FSDP with a 4-bit base needs quantization.storage_dtype (e.g. bfloat16, the model dtype) "
+                          "so that FSDP can shard the quantized weights; set it.")
+    if world_size() > 1:
+        four_bit = method in (QuantMethod.nf4, QuantMethod.fp4)
+        storage = q.storage_dtype.value if four_bit and q.storage_dtype not in (None, StorageDType.auto) else None
+        problem = check_launch(cfg.train.batch_size, storage, str(resolve_dtype(cfg.model.dtype)).removeprefix("torch."))
+        if problem:
+            raise ConfigError(problem)
+
+
 def bnb_config(q: QuantizationConfig, model_dtype: torch.dtype) -> BitsAndBytesConfig | None:
     method = q.method
     if method is QuantMethod.none:
@@ -345,6 +417,30 @@ def memory_footprint_gib(model) -> float:
         if bias is not None:
             total += bias.numel() * bias.element_size()
     return total / 2**30
+
+
+def check_lora_variant(cfg: Config) -> None:
+    """lora.variant / lora.init against the quantization and each other: what PEFT and bitsandbytes refuse."""
+    lora, method = cfg.lora, cfg.quantization.method
+    if lora.init is LoraInit.loftq and method not in (QuantMethod.nf4, QuantMethod.fp4):
+        raise ConfigError(f"lora.init=loftq fits the adapter to a 4-bit base's quantization error, but "
+                          f"quantization={method.value}; use quantization=nf4 (or fp4), or another lora.init.")
+    if lora.init is LoraInit.pissa and method is not QuantMethod.none:
+        raise ConfigError(f"lora.init=pissa replaces the base weights by their residual, which a quantization="
+                          f"{method.value} base cannot hold without quantizing it anew; use quantization=none, or "
+                          f"lora.init=loftq for a quantized base.")
+    if lora.init is LoraInit.pissa and fsdp_enabled():
+        raise ConfigError("lora.init=pissa cannot run under FSDP: its adapter is converted to a plain LoRA on save "
+                          "from the whole model, which FSDP shards; use lora.init=default, or DDP or one GPU.")
+    if lora.variant is LoraVariant.dora and method is QuantMethod.int8:
+        # PEFT 0.21 has DoRA for 8-bit layers, but after its weight-norm pass bitsandbytes' int8 matmul fails (the
+        # first eval forward: 'NoneType' object has no attribute 'dtype', on a CPU with bitsandbytes 0.50)
+        raise ConfigError("lora.variant=dora does not run on a quantization=int8 base (bitsandbytes' 8-bit layer "
+                          "fails under DoRA); use quantization=nf4 (or fp4, none), or lora.variant=lora.")
+    if lora.variant is LoraVariant.dora and lora.init in (LoraInit.pissa, LoraInit.loftq):
+        raise ConfigError(f"lora.variant=dora cannot start from lora.init={lora.init.value} (DoRA's magnitudes are "
+                          f"measured before that initialisation, and PEFT's conversion of PiSSA adapters has no "
+                          f"DoRA); use lora.init=default with DoRA, or lora.variant=lora.")
 
 
 def lora_config(cfg: Config):
@@ -440,15 +536,28 @@ def attach_lora(model, cfg: Config):
     return model
 
 
-def liger_kernels(cfg: Config, model_type: str) -> bool:
-    """Whether to apply Liger kernels (train.kernels): `auto` uses them on CUDA when installed and supported."""
+def liger_kernels(cfg: Config, model_type: str | None = None) -> bool:
+    """Whether training applies Liger kernels (train.kernels), the one rule for validate() and the stage: `auto`
+    uses them on CUDA when installed and supported; an explicit `liger` that cannot run is refused. The model type
+    is known only once the model has loaded (the stage); validate() checks all the rest."""
     choice = cfg.train.kernels
-    if choice is Kernels.none or not torch.cuda.is_available():
-        return False  # validate() has already refused train.kernels=liger without CUDA
-    if importlib.util.find_spec("liger_kernel") is None:
-        if choice is Kernels.auto:
+    if choice is Kernels.none:
+        return False
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    cuda = torch.cuda.is_available()
+    if choice is Kernels.liger:
+        if not installed:
+            raise ConfigError("train.kernels=liger needs the liger-kernel package: `pip install liger-kernel` (or "
+                              "`make setup EXTRAS=gpu`), or use train.kernels=auto to run without it.")
+        if not cuda:
+            raise ConfigError("train.kernels=liger needs a CUDA GPU (Liger's kernels are Triton GPU kernels); use "
+                              "train.kernels=auto, which turns them off on a CPU.")
+    if not cuda or not installed:
+        if cuda and model_type is not None:
             log.info("Liger kernels off: liger-kernel is not installed (pip install liger-kernel)")
         return False
+    if model_type is None:
+        return True
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:

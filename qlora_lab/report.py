@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from . import decision
 from .config import ConfigError
+from .layout import RunLayout
 from .rundir import read_json, run_status
 
 SUMMARY_FILES = ["summary.csv", "summary.md", "decision.md", "time_vs_size.png", "peak_memory.png", "eval_loss.png"]
@@ -77,14 +78,14 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 
 def _overrides(job_dir: Path) -> dict[str, str]:
-    path = job_dir / ".hydra" / "overrides.yaml"
+    path = RunLayout(job_dir).overrides
     items = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
     return dict(item.split("=", 1) for item in items if "=" in item)
 
 
 def job_row(job_dir: Path) -> dict:
-    cfg = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
-    info, metrics = read_json(job_dir / "run.json"), read_json(job_dir / "metrics.json")
+    cfg = OmegaConf.load(RunLayout(job_dir).config)
+    info, metrics = read_json(RunLayout(job_dir).run_json), read_json(RunLayout(job_dir).metrics_json)
     status, error = run_status(info)  # a `running` record whose process is gone is `died`
     if status is None:
         status, error = "failed", "no run.json: the job stopped before its config was composed (see its __main__.log)"
@@ -159,7 +160,7 @@ def variants(done: list[dict]) -> list[str]:
 def search_settings(sweep_dir: Path) -> dict | None:
     """The Optuna sweeper's settings as a job recorded them (.hydra/hydra.yaml); None for any other sweeper."""
     for job_dir in job_dirs(sweep_dir):
-        path = job_dir / ".hydra" / "hydra.yaml"
+        path = RunLayout(job_dir).hydra / "hydra.yaml"
         if path.is_file():
             sweeper = OmegaConf.load(path).hydra.sweeper
             if "optuna" not in str(sweeper.get("_target_", "")):
@@ -449,7 +450,7 @@ def write_report(sweep_dir: str | Path) -> str:
     text = markdown(rows, sweep_dir)
     settings = search_settings(sweep_dir)
     if settings:
-        metric = OmegaConf.select(OmegaConf.load(job_dirs(sweep_dir)[0] / ".hydra" / "config.yaml"),
+        metric = OmegaConf.select(OmegaConf.load(RunLayout(job_dirs(sweep_dir)[0]).config),
                                   "objective.metric", default="eval/loss")
         head, _, rest = text.partition("\n## ")
         text = head + "\n" + "\n".join(search_section(rows, settings, metric)) + "\n## " + rest

@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
 from .config import Config, ConfigError
-from .rundir import Run, inherit_from_run, named_on_command_line, read_json, run_status
+from .layout import RunLayout
+from .rundir import Run, inherit_from_run, named_on_command_line, override_keys, read_json, run_status
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class Progress(TrainerCallback):
 def job_to_resume(cfg: DictConfig, job_dir: Path) -> DictConfig:
     """A resumed sweep (`-m ... hydra.sweep.dir=S train.resume=true`): each job continues its own folder if an
     earlier attempt left one (run.json), and starts fresh if not."""
-    if (job_dir / "run.json").is_file():
+    if RunLayout(job_dir).run_json.is_file():
         cfg.run_dir = str(job_dir)
     else:
         cfg.train.resume = False
@@ -126,14 +127,14 @@ def resume_config(cfg: DictConfig, run_dir: Path, job_dir: Path, overrides: list
     if run_dir.resolve() != job_dir.resolve():
         raise ConfigError(f"train.resume=true trains into run_dir={run_dir} itself, but this job's folder is "
                           f"{job_dir}; drop hydra.run.dir.")
-    status, _ = run_status(read_json(run_dir / "run.json"))
+    status, _ = run_status(read_json(RunLayout(run_dir).run_json))
     if status == "running":
-        info = read_json(run_dir / "run.json")
+        info = read_json(RunLayout(run_dir).run_json)
         raise ConfigError(f"run_dir={run_dir} is still running (pid {info.get('pid')} on "
                           f"{info.get('hardware', {}).get('host')}); stop it before resuming it.")
     keys = [k for k in Config.__dataclass_fields__ if k not in ("run_dir", "paths")]
     # `+experiment=...` sets fields the command line does not list: then every field counts as named and must match
-    keys_named = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    keys_named = override_keys(overrides)
     global_groups = any("." not in k and k not in cfg for k in keys_named)
     groups, _ = named_on_command_line(cfg, overrides)
     resumed, _ = inherit_from_run(cfg, run_dir, overrides, keys=keys, all_named=global_groups)

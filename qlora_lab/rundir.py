@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .config import ConfigError
 from .distributed import is_main_process, world_size
+from .layout import RunLayout
 
 PACKAGES = ["torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "hydra-core", "omegaconf"]
 # Groups that describe what a run trained: a later stage takes them from the run, field by field (the command line
@@ -101,9 +102,9 @@ class Run:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        earlier = read_json(self.dir / "run.json") if resume else {}
+        earlier = read_json(RunLayout(self.dir).run_json) if resume else {}
         if resume:
-            self.metrics = read_json(self.dir / "metrics.json")
+            self.metrics = read_json(RunLayout(self.dir).metrics_json)
             attempt = {k: earlier.get(k) for k in ("status", "error", "step", "last_checkpoint", "ended_at")}
             earlier["attempts"] = earlier.get("attempts", []) + [attempt]
             for key in ("error", "step", "last_checkpoint", "ended_at", "wall_time_s"):
@@ -127,7 +128,7 @@ class Run:
         # .item(): numpy/torch scalars become plain numbers so that json can write them
         self.metrics.update({k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()})
         if is_main_process():
-            (self.dir / "metrics.json").write_text(json.dumps(self.metrics, indent=2, sort_keys=True) + "\n")
+            RunLayout(self.dir).metrics_json.write_text(json.dumps(self.metrics, indent=2, sort_keys=True) + "\n")
 
     def progress(self, step: int | None = None, checkpoint: str | None = None) -> None:
         """Training progress; a new checkpoint is written to run.json at once (the process may be killed next)."""
@@ -154,7 +155,19 @@ class Run:
 
     def _write_info(self) -> None:
         if is_main_process():
-            (self.dir / "run.json").write_text(json.dumps(self.info, indent=2) + "\n")
+            RunLayout(self.dir).run_json.write_text(json.dumps(self.info, indent=2) + "\n")
+
+
+def refuse_existing(paths, fix: str, overwrite: bool = False) -> None:
+    """The guard of every stage that writes results: an earlier result (a file, or a folder that is not empty) is
+    never written over unless the stage's overwrite setting says so; `fix` says what to do instead."""
+    if overwrite:
+        return
+    for path in map(Path, paths):
+        if path.is_dir() and not any(path.iterdir()):
+            continue  # an empty folder holds nothing to lose
+        if path.exists():
+            raise ConfigError(f"{path} already exists{' and is not empty' if path.is_dir() else ''}; {fix}")
 
 
 def disk_full(error: BaseException | None) -> bool:
@@ -234,8 +247,8 @@ def hold_run_dir(folder: Path) -> None:
     if _held_lock is not None:
         _held_lock.close()
         _held_lock = None
-    (folder / ".hydra").mkdir(parents=True, exist_ok=True)
-    f = open(folder / ".hydra" / "lock", "a+")
+    RunLayout(folder).hydra.mkdir(parents=True, exist_ok=True)
+    f = open(RunLayout(folder).hydra / "lock", "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -287,7 +300,7 @@ def run_status(info: dict) -> tuple[str, str]:
 
 
 def saved_config(run_dir: Path) -> DictConfig:
-    saved = run_dir / ".hydra" / "config.yaml"
+    saved = RunLayout(run_dir).config
     if not run_dir.is_dir():
         raise ConfigError(f"run_dir={run_dir} does not exist; pass the folder of a training run "
                           f"(the one holding adapter/).")
@@ -297,11 +310,18 @@ def saved_config(run_dir: Path) -> DictConfig:
     return OmegaConf.load(saved)
 
 
+def override_keys(overrides: list[str]) -> list[str]:
+    """The key (or group) of each command-line override, as Hydra's own parser reads it: `+x.y=1`, `~x.y` and
+    `x.y=[a,b]` all name `x.y`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return [o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides))]
+
+
 def named_on_command_line(cfg: DictConfig, overrides: list[str]) -> tuple[set[str], list[str]]:
     """(groups whose option the command line picks, e.g. `dataset=gsm8k`; fields it sets, e.g. `dataset.size`)."""
     groups, fields = set(), []
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
+    for key in override_keys(overrides):
         if "." not in key and key in cfg and OmegaConf.is_dict(cfg[key]):
             groups.add(key)
         else:

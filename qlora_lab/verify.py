@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from .config import ConfigError
 from .decision import cells, interval, mode
+from .layout import RunLayout
 
 FIGURES = [("eval_loss", "eval loss", 4), ("tokens_per_s", "tokens/s", 0), ("peak_gib", "peak GiB", 3)]
 
@@ -37,7 +38,7 @@ def pick_cell(rows: list[dict], sweep_dir: Path, name: str | None) -> list[dict]
 
 
 def recorded_overrides(job_dir: Path) -> list[str]:
-    return [str(o) for o in OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")]
+    return [str(o) for o in OmegaConf.load(RunLayout(job_dir).overrides)]
 
 
 def check_composes(job_dir: Path, overrides: list[str]) -> None:
@@ -45,7 +46,8 @@ def check_composes(job_dir: Path, overrides: list[str]) -> None:
     with one sentence, before any job runs."""
     from hydra import compose, initialize_config_dir
 
-    from .config import project_root, register, validate
+    from .config import project_root, register
+    from .validation import validate
 
     register()
     try:
@@ -85,7 +87,7 @@ def verify(sweep_dir: str | Path, cell_name: str | None = None) -> tuple[str, bo
     new = {}
     for (job_dir, overrides), old in zip(jobs, cell, strict=True):
         run_dir = rerun(job_dir, overrides, out)
-        new[old["job"]] = job_row(run_dir) if (run_dir / ".hydra" / "config.yaml").is_file() else {"status": "failed"}
+        new[old["job"]] = job_row(run_dir) if RunLayout(run_dir).config.is_file() else {"status": "failed"}
     lines = [f"# Verify: {sweep_dir.name}, cell {cell[0]['cell']}", "",
              f"Re-ran {len(jobs)} jobs from their recorded overrides into `{out}`.", "",
              "| mode | figure | recorded (mean ± 95% interval) | re-run mean | inside |",

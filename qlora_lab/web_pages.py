@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .config import InferenceMode
-from .int8_dynamic import RUN_SUBDIR as INT8_SUBDIR
+from .layout import RunLayout
 from .rundir import read_json, run_status
 
 RUN_COLUMNS = ["run", "started (UTC)", "model", "quantization", "dataset", "stages", "status", "eval loss before",
@@ -27,7 +27,7 @@ def run_dirs(output_dir: Path) -> list[Path]:
     """Job folders under output_dir, newest first. A job folder holds no other job, so the walk stops at one."""
     found = []
     for here, dirs, _ in os.walk(output_dir):
-        if (Path(here) / ".hydra" / "config.yaml").is_file():
+        if RunLayout(here).config.is_file():
             found.append(Path(here))
             dirs[:] = []
         else:
@@ -37,13 +37,13 @@ def run_dirs(output_dir: Path) -> list[Path]:
 
 
 def _stages(run_dir: Path) -> list[str]:
-    stages = OmegaConf.select(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), "pipeline.stages", default=[])
+    stages = OmegaConf.select(OmegaConf.load(RunLayout(run_dir).config), "pipeline.stages", default=[])
     return list(stages or [])
 
 
 def _started(run_dir: Path) -> str:
     """run.json's start time, else the folder's modification time: ISO, in UTC."""
-    started = read_json(run_dir / "run.json").get("started_at")
+    started = read_json(RunLayout(run_dir).run_json).get("started_at")
     try:
         when = datetime.fromisoformat(started)
     except (TypeError, ValueError):
@@ -56,8 +56,8 @@ def _loss(value) -> str:
 
 
 def run_row(run_dir: Path, output_dir: Path) -> dict:
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    info, metrics = read_json(run_dir / "run.json"), read_json(run_dir / "metrics.json")
+    cfg = OmegaConf.load(RunLayout(run_dir).config)
+    info, metrics = read_json(RunLayout(run_dir).run_json), read_json(RunLayout(run_dir).metrics_json)
     status, error = run_status(info) if info else ("no run.json", "")
     dataset = OmegaConf.select(cfg, "dataset.name", default="?")
     size = OmegaConf.select(cfg, "dataset.size", default=None)
@@ -84,16 +84,11 @@ def runs_table(output_dir: str | Path) -> list[dict]:
 
 def inference_modes(run_dir: Path | None) -> list[str]:
     """The inference modes a run has the files for (base always: it needs no run)."""
+    from .inference_modes import MODES
+
     if run_dir is None:
         return [InferenceMode.base.value]
-    modes = []
-    if (run_dir / "adapter" / "adapter_config.json").is_file():
-        modes += [InferenceMode.adapter.value, InferenceMode.merge_and_unload.value]
-    if (run_dir / "merged" / "config.json").is_file():
-        modes.append(InferenceMode.merged.value)
-    if (run_dir / INT8_SUBDIR).is_dir():
-        modes.append(InferenceMode.int8_dynamic.value)
-    return modes + [InferenceMode.base.value]
+    return [spec.mode.value for spec in MODES.values() if spec.available(run_dir)]
 
 
 # ---------------------------------------------------------------- one run
@@ -114,7 +109,7 @@ def loss_history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """{"train": [(step, loss)], "eval": [(step, loss)]}: the Trainer's log history, with the final eval loss of
     metrics.json (measured after the last checkpoint was saved) as the last eval point."""
     history = _logged_losses(run_dir)
-    metrics = read_json(run_dir / "metrics.json")
+    metrics = read_json(RunLayout(run_dir).metrics_json)
     steps, final = metrics.get("train/steps"), metrics.get("eval/loss")
     if history["train"] and steps is not None and final is not None and \
             (not history["eval"] or history["eval"][-1][0] < steps):
@@ -130,10 +125,10 @@ def _logged_losses(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
         history = json.loads(states[-1].read_text()).get("log_history", [])
         return {"train": [(h["step"], h["loss"]) for h in history if "loss" in h],
                 "eval": [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]}
-    if (run_dir / "tensorboard").is_dir():
+    if RunLayout(run_dir).tensorboard.is_dir():
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-        events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+        events = EventAccumulator(str(RunLayout(run_dir).tensorboard)).Reload()
         tags = set(events.Tags().get("scalars", []))
         return {name: [(e.step, e.value) for e in events.Scalars(tag)] if tag in tags else []
                 for name, tag in (("train", "train/loss"), ("eval", "eval/loss"))}
@@ -166,11 +161,11 @@ def loss_figure(history: dict[str, list[tuple[int, float]]], title: str):
 
 def run_details(run_dir: Path) -> dict:
     """config (YAML text), metrics (dict), evaluation (markdown) and history (loss_history) of one run."""
-    config = run_dir / ".hydra" / "config.yaml"
-    evaluation = run_dir / "evaluation.md"
+    config = RunLayout(run_dir).config
+    evaluation = RunLayout(run_dir).evaluation_md
     return {
         "config": config.read_text() if config.is_file() else "",
-        "metrics": read_json(run_dir / "metrics.json"),
+        "metrics": read_json(RunLayout(run_dir).metrics_json),
         "evaluation": evaluation.read_text() if evaluation.is_file() else
         f"No evaluation table yet: `python -m qlora_lab pipeline=evaluate {shell_arg('run_dir', run_dir)}` writes one.",
         "history": loss_history(run_dir),

@@ -170,7 +170,7 @@ def test_two_simultaneous_launches_get_two_run_dirs(tmp_path):
 # ---------------------------------------------------------------- folders that cannot be folders
 
 def test_cache_under_a_file_names_the_environment_variable(tmp_path, monkeypatch):
-    from qlora_lab.config import validate
+    from qlora_lab.validation import validate
 
     (tmp_path / "file").write_text("x")
     monkeypatch.setenv("QLORA_LAB_CACHE", str(tmp_path / "file" / "cache"))

@@ -16,8 +16,6 @@ from omegaconf import OmegaConf
 from .conftest import CONF
 
 FIXTURE = CONF.parent / "tests" / "fixtures" / "composed_configs.json"
-# Fields added to the schema after the fixture was recorded: present in every composed config, so left out here.
-ADDED = ["objective", "web", "sweep"]
 # Groups outside the root defaults list, added with +GROUP=OPTION (conf/qlora_variant: the qlora_variants sweep).
 ADDED_GROUPS = ["qlora_variant"]
 
@@ -36,8 +34,6 @@ def composed(override: str) -> dict:
         cfg = compose(config_name="config", overrides=[override] if override else [], return_hydra_config=True)
     job = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
     hydra = job.pop("hydra")
-    for key in ADDED:
-        job.pop(key, None)
     return {"job": job, "sweeper_params": hydra["sweeper"].get("params"), "launcher": hydra["launcher"]["_target_"]}
 
 

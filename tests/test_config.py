@@ -6,7 +6,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from qlora_lab.config import ConfigError, QuantMethod, validate
+from qlora_lab.config import ConfigError, QuantMethod
+from qlora_lab.validation import validate
 
 from .conftest import CONF, make_cfg
 

@@ -103,7 +103,8 @@ def test_plain_launch_on_several_gpus_trains_on_one_instead_of_data_parallel(tmp
 def test_distributed_launch_mistakes_are_refused_before_loading(monkeypatch, overrides, env, gpus, message):
     import torch
 
-    from qlora_lab.config import ConfigError, validate
+    from qlora_lab.config import ConfigError
+    from qlora_lab.validation import validate
 
     from .conftest import make_cfg
 
@@ -118,7 +119,7 @@ def test_distributed_launch_mistakes_are_refused_before_loading(monkeypatch, ove
 
 def test_fsdp_qlora_config_composes_and_validates(monkeypatch):
     """The documented FSDP QLoRA command line passes validate() under the FSDP launcher's environment."""
-    from qlora_lab.config import validate
+    from qlora_lab.validation import validate
 
     from .conftest import make_cfg
 

@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from qlora_lab.config import ConfigError, KbitPreparation, Kernels, validate
+from qlora_lab.config import ConfigError, KbitPreparation, Kernels
+from qlora_lab.validation import validate
 from qlora_lab.data import (
     IGNORE_INDEX,
     PackedCollator,
@@ -99,11 +100,9 @@ def cpu_varlen(monkeypatch):
     """Route packed_attention=varlen to segment_sdpa on a CPU: the collator, the kwargs through the model and the
     attention plumbing run as on a GPU; only the kernel differs."""
     import qlora_lab.attention
-    import qlora_lab.pipelines.train
 
     monkeypatch.setattr(qlora_lab.attention, "varlen_kernel", lambda: segment_sdpa)
     monkeypatch.setattr(qlora_lab.attention, "available", lambda dtype: True)
-    monkeypatch.setattr(qlora_lab.pipelines.train, "varlen_available", lambda dtype: True)
 
 
 def test_varlen_packed_losses_equal_unpacked_per_example(cpu_varlen):

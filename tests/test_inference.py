@@ -232,7 +232,8 @@ def test_chat_keeps_a_system_prompt_and_the_history_as_a_conversation(fp32_run, 
 
     _, run_dir = fp32_run
     seen = []
-    monkeypatch.setattr(chat, "render_prompt", lambda *a, **k: seen.append(render_prompt(*a, **k)) or seen[-1])
+    monkeypatch.setattr("qlora_lab.inference.render_prompt",  # chat fits the context with inference's rule
+                        lambda *a, **k: seen.append(render_prompt(*a, **k)) or seen[-1])
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Name a fruit.\nAnd another?\n")))
     cfg = make_cfg([*TINY, "quantization=none", "pipeline=chat", "chat.system_prompt=Answer in one word.",
                     "dataset.system_prompt=never used", "generation.max_new_tokens=3"])

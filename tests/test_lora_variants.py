@@ -12,12 +12,12 @@ import torch
 from omegaconf import OmegaConf
 from peft import PeftModel
 
-from qlora_lab.config import validate
 from qlora_lab.data import load_splits, tokenize_split
+from qlora_lab.fused_lora import lora_unfused_reason
 from qlora_lab.models import attach_lora, load_model, load_tokenizer, model_path, tokenizer_path
 from qlora_lab.pipelines import evaluate, export, infer, merge, train
-from qlora_lab.pipelines.train import lora_unfused_reason
 from qlora_lab.rundir import Run
+from qlora_lab.validation import validate
 
 from .conftest import TINY, make_cfg
 

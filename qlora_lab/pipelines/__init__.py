@@ -20,5 +20,5 @@ STAGES = {
 
 
 def get_stage(name: str):
-    """The stage's `run` function (config.validate() has already refused unknown names)."""
+    """The stage's `run` function (validation.validate() has already refused unknown names)."""
     return importlib.import_module(STAGES[name]).run

@@ -15,8 +15,7 @@ import torch
 from transformers import TextStreamer, set_seed
 
 from ..config import Config, ConfigError
-from ..data import encode, render_prompt
-from ..inference import hf_generation_config, load_for_inference
+from ..inference import context_length, conversation_ids, hf_generation_config, load_for_inference
 from ..rundir import Run
 
 HELP = "/reset clears the history, /exit (or Ctrl-D) quits"
@@ -46,7 +45,7 @@ def run(cfg: Config, run: Run) -> list[dict]:
     mode = cfg.inference.mode
     model, tokenizer = load_for_inference(cfg, run.source, mode)
     config = hf_generation_config(cfg.generation, tokenizer)
-    max_len = getattr(model.config, "max_position_embeddings", None) or 2048
+    max_len = context_length(model)
     device = next(model.parameters()).device
     system_prompt = cfg.chat.system_prompt or cfg.dataset.system_prompt
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
@@ -69,12 +68,9 @@ def run(cfg: Config, run: Run) -> list[dict]:
             print(f"unknown command {text}; {HELP}", flush=True)
             continue
         history.append({"role": "user", "content": text})
-        ids = encode(render_prompt(system + history, tokenizer, cfg.dataset), tokenizer,
-                     return_tensors="pt")["input_ids"]
-        while ids.shape[1] + config.max_new_tokens > max_len and len(history) > 1:
-            history = history[2:]  # forget the oldest exchange so the conversation fits the context
-            ids = encode(render_prompt(system + history, tokenizer, cfg.dataset), tokenizer,
-                         return_tensors="pt")["input_ids"]
+        # the oldest exchanges are forgotten until the conversation fits the context
+        ids, kept = conversation_ids(system + history, tokenizer, cfg.dataset, config.max_new_tokens, max_len)
+        history = kept[len(system):]
         print("assistant> ", end="", flush=True)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         try:

@@ -17,12 +17,13 @@ import time
 
 from omegaconf import OmegaConf
 
-from ..config import Config, ConfigError, InferenceMode
+from ..config import Config, InferenceMode
 from ..data import load_splits, tokenize_example
-from ..inference import adapter_dir, agreement, eval_prompts, generate, load_for_inference, teacher_forced
+from ..inference import adapter_dir, agreement, eval_prompts, load_for_inference, measure_generation
+from ..layout import RunLayout
 from ..models import load_tokenizer, memory_footprint_gib, resolve_dtype
 from ..report import markdown_table
-from ..rundir import Run, hardware, peak_memory_gib, reset_peak_memory
+from ..rundir import Run, hardware, peak_memory_gib, refuse_existing, reset_peak_memory
 from .infer import read_prompts_file
 
 REFERENCE = InferenceMode.adapter
@@ -40,9 +41,7 @@ def run(cfg: Config, run: Run) -> list[dict]:
     inf = cfg.inference
     modes = [REFERENCE] + [m for m in dict.fromkeys(inf.modes) if m is not REFERENCE]  # validate(): it is there
     outputs = [run.dir / name for name in ("comparison.csv", "comparison.md", "comparison_generations.jsonl")]
-    for path in outputs:
-        if path.exists():
-            raise ConfigError(f"{path} already exists; run the comparison in a new job directory so that it is kept.")
+    refuse_existing(outputs, "run the comparison in a new job directory so that it is kept.")
     # Exact match only means something for deterministic decoding: the comparison always decodes greedily.
     gen = OmegaConf.merge(cfg.generation, {"do_sample": False})
 
@@ -62,15 +61,13 @@ def run(cfg: Config, run: Run) -> list[dict]:
         t0 = time.perf_counter()
         model, tok = load_for_inference(cfg, run.source, mode)
         load_s = time.perf_counter() - t0
-        generate(model, tok, prompts[:1], OmegaConf.merge(gen, {"max_new_tokens": 2}), 1)  # warm-up
-        results = generate(model, tok, prompts, gen, inf.batch_size)
-        ppl, logits = teacher_forced(model, examples, inf.batch_size, tok.pad_token_id, inf.agreement_examples)
-        batches = {r["latency_s"]: r["ttft_s"] for r in results}  # one latency and ttft per batch
-        new_tokens = sum(r["new_tokens"] for r in results)
-        row = {"mode": mode.value, "load_s": load_s, "ttft_s": sum(batches.values()) / len(batches),
-               "tokens_per_s": new_tokens / sum(batches), "peak_memory_gib": peak_memory_gib(),
-               "footprint_gib": memory_footprint_gib(model), "eval_perplexity": ppl, "new_tokens": new_tokens}
-        outputs_by_mode[mode.value] = [r["output"] for r in results]
+        stats, answers, logits = measure_generation(model, tok, prompts, gen, inf.batch_size, examples,
+                                                    tok.pad_token_id, inf.agreement_examples)
+        outputs_by_mode[mode.value] = answers
+        ppl = stats["eval_perplexity"]
+        row = {"mode": mode.value, "load_s": load_s, "ttft_s": stats["ttft_s"], "tokens_per_s": stats["tokens_per_s"],
+               "peak_memory_gib": peak_memory_gib(), "footprint_gib": memory_footprint_gib(model),
+               "eval_perplexity": ppl, "new_tokens": stats["new_tokens"]}
         if mode is REFERENCE:
             reference_logits = logits
             row |= {"exact_match": 1.0, "max_abs_logit_diff": 0.0, "mean_kl": 0.0}
@@ -86,7 +83,7 @@ def run(cfg: Config, run: Run) -> list[dict]:
         gc.collect()
 
     # ---- write
-    merge_report = run.source / "merged" / "merge_report.json"
+    merge_report = RunLayout(run.source).merge_report
     merge_base = json.loads(merge_report.read_text()).get("merge/base") if merge_report.is_file() else None
     q = cfg.quantization
     header = (f"Inference modes of {run.source.name}: model {cfg.model.name_or_path}, quantization "

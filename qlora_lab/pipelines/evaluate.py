@@ -17,6 +17,7 @@ import logging
 from ..config import Config, EvalMetric, InferenceMode, Language
 from ..data import load_splits, tokenize_split
 from ..inference import eval_prompts, generate, load_for_inference, teacher_forced
+from ..layout import RunLayout
 from ..metrics import bleu4, detect_language, gsm8k_accuracy, rouge
 from ..rundir import Run
 
@@ -105,6 +106,6 @@ def run(cfg: Config, run: Run) -> dict:
     note = (f"\nEval split: {cfg.dataset.name}, perplexity over its response tokens; generation metrics on "
             f"{n_gen} prompts ({'sampling' if cfg.generation.do_sample else 'greedy'}, max {cfg.generation.max_new_tokens} "
             f"new tokens). Scores are 0-100 except perplexity (lower is better).\n")
-    (run.dir / "evaluation.md").write_text(f"# Evaluation: {', '.join(results)}\n\n" + text + note)
+    RunLayout(run.dir).evaluation_md.write_text(f"# Evaluation: {', '.join(results)}\n\n" + text + note)
     print("\n" + text + note, flush=True)
     return results

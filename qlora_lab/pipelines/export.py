@@ -32,15 +32,16 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from .. import gguf_export, int8_dynamic
-from ..config import Config, ConfigError, ExportFormat, InferenceMode, QuantMethod, export_targets, register
+from ..config import Config, InferenceMode, QuantMethod, register
 from ..data import encode, load_splits, tokenize_example
-from ..inference import adapter_dir, agreement, eval_prompts, generate, load_for_inference, teacher_forced
+from ..exports import EXPORTS, ExportSpec, export_targets
+from ..inference import adapter_dir, agreement, eval_prompts, load_for_inference, measure_generation
+from ..layout import RunLayout
 from ..models import EMBEDDED_PREFIX, SOURCE_FILE, load_tokenizer, model_path, tokenizer_path
 from ..report import markdown_table
-from ..rundir import Run, hardware, peak_memory_gib
+from ..rundir import Run, hardware, peak_memory_gib, read_json, refuse_existing
 from . import merge
 
 log = logging.getLogger(__name__)
@@ -53,39 +54,27 @@ LEARNT_KEPT_WARNING = 0.9
 
 # ---------------------------------------------------------------- what to write, and where
 
-def targets(cfg: Config) -> list[tuple[str, str | None]]:
-    """[(format, gguf_type or None)] as plain names, e.g. [("gguf", "q8_0"), ("int8_dynamic", None)]."""
-    return [(fmt.value, gguf_type.value if gguf_type else None) for fmt, gguf_type in export_targets(cfg.export)]
-
-
-def export_name(fmt: str, gguf_type: str | None) -> str:
-    return f"gguf-{gguf_type}" if fmt == ExportFormat.gguf.value else fmt
-
-
-def export_path(source: Path, fmt: str, gguf_type: str | None) -> Path:
-    if fmt == ExportFormat.gguf.value:
-        return source / "export" / f"model-{gguf_type}.gguf"
-    return source / int8_dynamic.RUN_SUBDIR
+def targets(cfg: Config) -> list[tuple[ExportSpec, str | None]]:
+    """[(format, variant or None)], e.g. [(gguf, "q8_0"), (int8_dynamic, None)] (qlora_lab/exports)."""
+    return export_targets(cfg.export)
 
 
 def model_config(cfg: Config, source: Path) -> dict:
     """The config.json of what will be exported: merged/ if it exists, else the base the run was trained on."""
-    merged = source / "merged" / "config.json"
+    merged = RunLayout(source).merged_config
     if merged.is_file():
         return json.loads(merged.read_text())
     return AutoConfig.from_pretrained(model_path(cfg), trust_remote_code=cfg.model.trust_remote_code).to_dict()
 
 
-def check(cfg: Config, source: Path, todo: list[tuple[str, str | None]]) -> None:
+def check(cfg: Config, source: Path, todo: list[tuple[ExportSpec, str | None]]) -> None:
     """Everything a user can get wrong, before any merge, load or write."""
     adapter = adapter_dir(source)  # a finished training run
-    if any(fmt == ExportFormat.gguf.value for fmt, _ in todo):
-        gguf_export.check_supported(model_config(cfg, source))
-        gguf_export.check_tokenizer(adapter)  # train saves the tokenizer with the adapter; merge copies it
-    for fmt, gguf_type in todo:
-        path = export_path(source, fmt, gguf_type)
-        if path.exists() and not cfg.export.overwrite:
-            raise ConfigError(f"{path} already exists; remove it or pass export.overwrite=true to replace it.")
+    for spec in dict.fromkeys(spec for spec, _ in todo):
+        if spec.check:
+            spec.check(cfg, source, model_config(cfg, source), adapter)
+    refuse_existing([spec.path(source, variant) for spec, variant in todo],
+                    "remove it or pass export.overwrite=true to replace it.", cfg.export.overwrite)
 
 
 def model_card_license(folder: Path | None) -> str | None:
@@ -120,7 +109,7 @@ def provenance(cfg: Config, source: Path) -> dict:
         card = try_to_load_from_cache(name, "README.md")
         license_ = model_card_license(Path(card).parent) if isinstance(card, str) else None
     method = "lora" if cfg.quantization.method is QuantMethod.none else f"qlora-{cfg.quantization.method.value}"
-    report = source / "merged" / "merge_report.json"
+    report = RunLayout(source).merge_report
     merge_base = json.loads(report.read_text()).get("merge/base", "?") if report.is_file() else "?"
     return {"base_model": base, "license": license_, "finetune": method, "tags": ["fine-tune", method],
             "description": f"{method} fine-tune of {name} (run {source.name}), adapter merged into the {merge_base} "
@@ -129,20 +118,14 @@ def provenance(cfg: Config, source: Path) -> dict:
 
 # ---------------------------------------------------------------- writing
 
-def write_export(merged: Path, fmt: str, gguf_type: str | None, target: Path, name: str, about: dict) -> dict:
+def write_export(merged: Path, spec: ExportSpec, variant: str | None, target: Path, name: str, about: dict) -> dict:
     """Write into a temporary path, then swap it in: a half-written export never looks finished."""
     tmp = target.with_name(target.name + ".tmp")
     if tmp.is_dir():
         shutil.rmtree(tmp)
     tmp.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    if fmt == ExportFormat.gguf.value:
-        info = gguf_export.write_gguf(merged, tmp, gguf_type, name, about)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
-        int8_dynamic.save(model, AutoTokenizer.from_pretrained(merged), tmp)
-        info = {}
-        del model
+    info = spec.write(merged, tmp, variant, name, about)
     info["export_s"] = time.perf_counter() - t0
     if target.is_dir():  # only reached with export.overwrite=true
         shutil.rmtree(target)
@@ -158,10 +141,15 @@ def size_mib(path: Path) -> float:
 
 # ---------------------------------------------------------------- measuring
 
+def export_spec(name: str) -> ExportSpec:
+    """The format of an export named as ExportSpec.name writes it (gguf-q8_0, int8_dynamic)."""
+    return next(s for s in EXPORTS.values() if name == s.format.value or name.startswith(f"{s.format.value}-"))
+
+
 def load_export(name: str, path: Path, cfg: Config):
     """(model in eval mode, tokenizer) for the trained model (the adapter on the base quantized as in training), the
-    base before fine-tuning (fp32), merged/ (fp32), a GGUF file or an int8 folder; all but the trained model on the
-    CPU."""
+    base before fine-tuning (fp32), merged/ (fp32), or an export (`name` as ExportSpec.name); all but the trained
+    model on the CPU."""
     if name == "trained":
         return load_for_inference(cfg, path, InferenceMode.adapter)
     if name == "base":
@@ -170,15 +158,8 @@ def load_export(name: str, path: Path, cfg: Config):
     elif name == "merged":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         tokenizer = load_tokenizer(str(path), cfg.model.trust_remote_code)
-    elif path.suffix == ".gguf":
-        # transformers dequantizes the file to fp32; the tokenizer is the one embedded in the file
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
     else:
-        model = int8_dynamic.load(path)
-        tokenizer = load_tokenizer(str(path), cfg.model.trust_remote_code)
+        model, tokenizer = export_spec(name).load(path, cfg)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
@@ -194,20 +175,17 @@ def measure(name: str, path: Path, cfg: Config, prompts: list[str], examples: li
     t0 = time.perf_counter()
     model, tokenizer = load_export(name, path, cfg)
     load_s = time.perf_counter() - t0
-    generate(model, tokenizer, prompts[:1], OmegaConf.merge(gen, {"max_new_tokens": 2}), 1)  # warm-up
-    results = generate(model, tokenizer, prompts, gen, batch)
-    # the same token ids for every export, so that the logits line up position by position
-    ppl, logits = teacher_forced(model, examples, batch, source_tokenizer.pad_token_id, cfg.inference.agreement_examples)
-    batches = {r["latency_s"] for r in results}  # one latency per batch
-    new_tokens = sum(r["new_tokens"] for r in results)
-    row = {"export": name, "size_mib": None if name == "trained" else size_mib(path), "load_s": load_s, "tokens_per_s": new_tokens / sum(batches),
-           "peak_rss_gib": peak_memory_gib(), "runtime_rss_gib": runtime_gib, "eval_perplexity": ppl,
-           "new_tokens": new_tokens}
-    if path.suffix == ".gguf":  # the tokenizer embedded in the file, against the run's
+    # the same token ids (the run's tokenizer's) for every export, so that the logits line up position by position
+    stats, outputs, logits = measure_generation(model, tokenizer, prompts, gen, batch, examples,
+                                                source_tokenizer.pad_token_id, cfg.inference.agreement_examples)
+    row = {"export": name, "size_mib": None if name == "trained" else size_mib(path), "load_s": load_s,
+           "tokens_per_s": stats["tokens_per_s"], "peak_rss_gib": peak_memory_gib(), "runtime_rss_gib": runtime_gib,
+           "eval_perplexity": stats["eval_perplexity"], "new_tokens": stats["new_tokens"]}
+    if name not in ("trained", "base", "merged") and export_spec(name).own_tokenizer:  # against the run's
         same = [encode(p, tokenizer)["input_ids"] == encode(p, source_tokenizer)["input_ids"] for p in prompts]
         row["tokenizer_match"] = sum(same) / len(same)
         row["chat_template_match"] = tokenizer.chat_template == source_tokenizer.chat_template
-    return row, [r["output"] for r in results], logits
+    return row, outputs, logits
 
 
 def measure_in_fresh_process(*args):
@@ -243,19 +221,19 @@ def run(cfg: Config, run: Run) -> list[dict]:
     check(cfg, source, todo)
 
     # ---- the merged model everything is exported from (merge.base as configured)
-    merged = source / "merged"
+    merged = RunLayout(source).merged
     if not (merged / "config.json").is_file():
         print(f"{source} has no merged/ yet: merging the adapter first (merge.base={cfg.merge.base.value})", flush=True)
         merge.run(cfg, run)
 
     # ---- write
-    folder = source / "export"
+    folder = RunLayout(source).export
     folder.mkdir(exist_ok=True)
     written = {}
     about = provenance(cfg, source)
-    for fmt, gguf_type in todo:
-        name, path = export_name(fmt, gguf_type), export_path(source, fmt, gguf_type)
-        written[name] = (path, write_export(merged, fmt, gguf_type, path, f"{cfg.model.name_or_path} ({source.name})",
+    for spec, variant in todo:
+        name, path = spec.name(variant), spec.path(source, variant)
+        written[name] = (path, write_export(merged, spec, variant, path, f"{cfg.model.name_or_path} ({source.name})",
                                             about))
         print(f"{name}: wrote {path} ({size_mib(path):.1f} MiB, {written[name][1]['export_s']:.1f} s)", flush=True)
     if not cfg.export.measure:
@@ -291,12 +269,12 @@ def run(cfg: Config, run: Run) -> list[dict]:
                   file=sys.stderr, flush=True)
 
     # ---- write the report
-    report_path = folder / "export_report.json"
+    report_path = RunLayout(source).export_report
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     report |= {r["export"]: r | ({"file": str(written[r["export"]][0])} if r["export"] in written else {})
                for r in rows}
     report_path.write_text(json.dumps(report, indent=2) + "\n")
-    merge_report = json.loads((merged / "merge_report.json").read_text()) if (merged / "merge_report.json").is_file() else {}
+    merge_report = read_json(RunLayout(source).merge_report)
     runtime = min(r["runtime_rss_gib"] for r in rows)
     header = (f"Exports of {source.name}: model {cfg.model.name_or_path}, merged into the "
               f"{merge_report.get('merge/base', '?')} base; CPU ({hardware().get('cpu_count')} cores, {threads} torch "

@@ -13,10 +13,11 @@ from pathlib import Path
 from transformers import set_seed
 
 from ..config import Config, ConfigError, DataFormat, InferenceMode
-from ..data import prompt_and_reference, record_format, to_conversations
+from ..data import prompt_and_reference, to_conversations
+from ..data_formats import detect
 from ..inference import eval_prompts, generate, load_for_inference
 from ..models import memory_footprint_gib
-from ..rundir import Run
+from ..rundir import Run, refuse_existing
 
 
 def read_prompts_file(path_str: str, root: str, cfg: Config, tokenizer) -> list[dict]:
@@ -54,7 +55,7 @@ def read_prompt_rows(path_str: str, root: str, cfg: Config) -> list[dict]:
         if not isinstance(record, dict):
             raise ConfigError(f"inference.prompts_file={path}: line {i} is not a JSON object; write one object a "
                               f"line, e.g. {{\"prompt\": ...}}.")
-        if "prompt" not in record and record_format(record, cfg.dataset.columns) is None:
+        if "prompt" not in record and detect(record, cfg.dataset.columns) is None:
             raise ConfigError(f"inference.prompts_file={path}: line {i} has neither a `prompt` field nor a dataset "
                               f"record's list of turns or {cfg.dataset.columns.instruction!r} field; add one.")
         if "prompt" in record:
@@ -77,8 +78,7 @@ def run(cfg: Config, run: Run) -> list[dict]:
     inf = cfg.inference
     mode = inf.mode
     out_path = run.dir / "generations.jsonl"
-    if out_path.exists():
-        raise ConfigError(f"{out_path} already exists; run infer in a new job directory so that it is kept.")
+    refuse_existing([out_path], "run infer in a new job directory so that it is kept.")
 
     # ---- model and prompts
     t0 = time.perf_counter()

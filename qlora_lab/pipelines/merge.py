@@ -24,7 +24,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from ..config import Config, ConfigError, InferenceMode, MergeBase, QuantMethod
+from ..config import Config, InferenceMode, MergeBase, QuantMethod
 from ..data import load_splits, tokenize_example
 from ..inference import (
     adapter_dir,
@@ -35,16 +35,11 @@ from ..inference import (
     resize_embeddings,
     teacher_forced,
 )
+from ..layout import RunLayout
 from ..models import device, load_model, load_tokenizer, model_path, resolve_dtype
-from ..rundir import Run
+from ..rundir import Run, refuse_existing
 
 log = logging.getLogger(__name__)
-
-
-def check_target(target: Path, overwrite: bool) -> None:
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise ConfigError(f"{target} already exists and is not empty; remove it or pass merge.overwrite=true "
-                          f"to replace it.")
 
 
 def quantization_round_trip(model, cfg: Config, replace: bool) -> dict:
@@ -129,8 +124,8 @@ def run(cfg: Config, run: Run) -> Path:
     m = cfg.merge
     base_choice, quant = chosen_base(cfg), cfg.quantization.method
     adapter = adapter_dir(run.source)
-    target = run.source / "merged"
-    check_target(target, m.overwrite)
+    target = RunLayout(run.source).merged
+    refuse_existing([target], "remove it or pass merge.overwrite=true to replace it.", m.overwrite)
 
     if m.base is MergeBase.auto and quant is not QuantMethod.none:
         print(f"merge.base=auto: this run trained on {quant.value} weights, so the adapter is merged into "
@@ -159,7 +154,7 @@ def run(cfg: Config, run: Run) -> Path:
     report["merge/time_s"] = time.perf_counter() - t0
     del model
     report |= agreement_with_trained(cfg, run.source, tmp)
-    (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (tmp / RunLayout(run.source).merge_report.name).write_text(json.dumps(report, indent=2) + "\n")  # tmp: merged/
     if target.exists():  # only reached with merge.overwrite=true (or an empty folder)
         shutil.rmtree(target)
     tmp.rename(target)

@@ -14,21 +14,12 @@ import time
 import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from ..attention import available as varlen_available
-from ..attention import use_varlen
-from ..config import (
-    Config,
-    ConfigError,
-    LoraInit,
-    LoraLayers,
-    LoraVariant,
-    PackedAttention,
-    Precision,
-    QuantMethod,
-)
+from ..attention import packed_varlen, use_varlen
+from ..config import Config, ConfigError, LoraInit, Precision, QuantMethod
 from ..data import PackedCollator, file_sha256, load_splits, mean_context, tokenize_split
 from ..distributed import fsdp_enabled, is_main_process, one_gpu_per_process
-from ..fused_lora import fuse_lora
+from ..fused_lora import fuse_lora, lora_unfused_reason
+from ..layout import RunLayout
 from ..models import (
     attach_lora,
     count_params,
@@ -244,25 +235,6 @@ def optimizer(name: str) -> str:
     return "adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch"
 
 
-def lora_unfused_reason(cfg: Config) -> str | None:
-    """Why the LoRA layers run as PEFT's modules, or None when they run fused (train.lora_layers; validate()
-    refused a `fused` that cannot run). `auto` fuses on CUDA only, and not under FSDP (not tried with its shards)."""
-    mode, t = cfg.train.lora_layers, cfg.train
-    if mode is LoraLayers.fused:
-        return None
-    if mode is LoraLayers.peft:
-        return "train.lora_layers=peft"
-    return ("lora.variant=dora, which the fused layers do not cover" if cfg.lora.variant is LoraVariant.dora else
-            "no CUDA GPU" if not torch.cuda.is_available() else "FSDP" if fsdp_enabled() else
-            "autocast on" if t.autocast else "8-bit base" if cfg.quantization.method is QuantMethod.int8 else None)
-
-
-def packed_varlen(cfg: Config, dtype: torch.dtype) -> bool:
-    """Whether packed rows use the varlen kernel (train.packed_attention; validate() refused an unmet `varlen`)."""
-    mode = cfg.train.packed_attention
-    return cfg.dataset.pack and (mode is PackedAttention.varlen or (mode is PackedAttention.auto and varlen_available(dtype)))
-
-
 def precision_flags(precision: Precision, autocast: bool) -> dict:
     """The Trainer's mixed-precision flags. Without autocast the step runs in the weights' own dtypes (bf16 base,
     fp32 adapters, as PEFT keeps them), as the reference loop does; on 8B shapes it measured neither faster nor
@@ -278,6 +250,7 @@ def precision_flags(precision: Precision, autocast: bool) -> dict:
 def run(cfg: Config, run: Run):
     """Train and save the adapter; returns the trained PEFT model (for in-process callers and tests)."""
     t = cfg.train
+    layout = RunLayout(run.dir)
     set_seed(t.seed)
 
     # ---- data
@@ -296,7 +269,7 @@ def run(cfg: Config, run: Run):
     load_s = time.perf_counter() - t0
     footprint = memory_footprint_gib(model)
     model = attach_lora(model, cfg)
-    pissa_init = run.dir / "pissa_init" if cfg.lora.init is LoraInit.pissa else None
+    pissa_init = layout.pissa_init if cfg.lora.init is LoraInit.pissa else None
     if pissa_init and not (pissa_init / "adapter_config.json").is_file() and is_main_process():
         # the adapter as initialised: at the end, PEFT turns the trained PiSSA adapter into a plain LoRA (rank 2r)
         # over the original weights, which every later stage loads; a resumed run re-derives the same init
@@ -333,12 +306,12 @@ def run(cfg: Config, run: Run):
           f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}", flush=True)
 
     # ---- trainer
-    checkpoint = last_checkpoint(run.dir / "checkpoints") if t.resume else None
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.dir / "tensorboard")
+    checkpoint = last_checkpoint(layout.checkpoints) if t.resume else None
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(layout.tensorboard)
     auto_batch = t.batch_size == "auto"
     flags = precision_flags(t.precision, t.autocast)
     args = TrainingArguments(
-        output_dir=str(run.dir / "checkpoints"),
+        output_dir=str(layout.checkpoints),
         max_steps=t.max_steps, num_train_epochs=t.epochs,
         # batch_size=auto: accelerate's find_executable_batch_size, 0.9x from train.auto_batch_start on each OOM
         per_device_train_batch_size=t.auto_batch_start if auto_batch else t.batch_size,
@@ -409,13 +382,12 @@ def run(cfg: Config, run: Run):
         # every rank holds a shard of each adapter tensor: gather them whole (collectives, so on every rank)
         adapter = full_adapter_state(model)
         if trainer.is_world_process_zero():
-            model.save_pretrained(run.dir / "adapter", state_dict=adapter)
-            tokenizer.save_pretrained(run.dir / "adapter")
+            model.save_pretrained(layout.adapter, state_dict=adapter)
+            tokenizer.save_pretrained(layout.adapter)
     elif trainer.is_world_process_zero():
-        model.save_pretrained(run.dir / "adapter",
-                              path_initial_model_for_weight_conversion=pissa_init and str(pissa_init))
-        tokenizer.save_pretrained(run.dir / "adapter")
+        model.save_pretrained(layout.adapter, path_initial_model_for_weight_conversion=pissa_init and str(pissa_init))
+        tokenizer.save_pretrained(layout.adapter)
     before = run.metrics.get("eval/loss_before")
     print(f"eval loss: {before:.4f} -> {eval_loss:.4f}" if before is not None else f"eval loss: {eval_loss:.4f}",
-          f"| adapter saved to {run.dir / 'adapter'}", flush=True)
+          f"| adapter saved to {layout.adapter}", flush=True)
     return model

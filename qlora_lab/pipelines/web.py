@@ -47,28 +47,14 @@ from transformers import StoppingCriteria, StoppingCriteriaList, set_seed  # noq
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from .. import web_pages  # noqa: E402
-from ..config import Config, ConfigError, DatasetConfig, GenerationConfig, InferenceMode, is_loopback  # noqa: E402
-from ..data import encode, render_prompt  # noqa: E402
-from ..inference import hf_generation_config, load_for_inference  # noqa: E402
+from ..config import Config, ConfigError, GenerationConfig, InferenceMode  # noqa: E402
+from ..inference import context_length, conversation_ids, hf_generation_config, load_for_inference  # noqa: E402
+from ..layout import RunLayout  # noqa: E402
 from ..rundir import Run, inherit_from_run  # noqa: E402
+from ..validation import is_loopback  # noqa: E402
 
 log = logging.getLogger(__name__)
 NO_RUN = "(no run: the base model)"
-
-
-# ---------------------------------------------------------------- prompt
-
-def conversation_ids(messages: list[dict], tokenizer, d: DatasetConfig, max_new_tokens: int, max_len: int):
-    """(input ids, the messages they hold): rendered by data.render_prompt, as pipeline=chat and training render,
-    with the oldest exchanges dropped until the prompt and the answer fit the context, as chat does. The one place
-    the app renders a prompt."""
-    system = [m for m in messages[:1] if m["role"] == "system"]
-    history = messages[len(system):]
-    while True:
-        ids = encode(render_prompt(system + history, tokenizer, d), tokenizer, return_tensors="pt")["input_ids"]
-        if ids.shape[1] + max_new_tokens <= max_len or len(history) <= 1:
-            return ids, system + history
-        history = history[2:]
 
 
 # ---------------------------------------------------------------- loaded models
@@ -375,349 +361,395 @@ def too_long_line(prompt_tokens: int, max_new_tokens: int, context: int) -> str:
             f"more than the model's context of {context} tokens; shorten it, or lower max new tokens.")
 
 
-def context_length(loaded: Loaded) -> int:
-    return getattr(loaded.model.config, "max_position_embeddings", None) or 2048
+@dataclass
+class AppState:
+    """What the pages share: the job's config, the runs the app may serve, the loaded models and the answers being
+    generated (one per session and page)."""
+    cfg: Config
+    source: Path | None
+    output_dir: Path = field(init=False)
+    roots: list[Path] = field(init=False)  # the app serves only runs under these: never a path typed into the page
+    cache: ModelCache = field(init=False)
+    gen0: GenerationConfig = field(init=False)  # the job's generation settings, the pages' starting values
+    turns: dict[tuple[str, str], Turn] = field(default_factory=dict)  # (session, page) -> the answer generated there
 
+    def __post_init__(self):
+        cfg = self.cfg
+        self.output_dir = Path(cfg.paths.output_dir).resolve()
+        self.source = self.source.resolve() if self.source is not None else None
+        self.roots = [self.output_dir] + ([self.source.parent] if self.source is not None
+                                          and not self.source.is_relative_to(self.output_dir) else [])
+        self.cache = ModelCache(cfg, self.source)
+        self.gen0 = GenerationConfig(**OmegaConf.to_container(cfg.generation)) if OmegaConf.is_config(cfg.generation) \
+            else cfg.generation
 
-def build_app(cfg: Config, source: Path | None) -> gr.Blocks:
-    output_dir = Path(cfg.paths.output_dir).resolve()
-    source = source.resolve() if source is not None else None
-    # the app serves only runs under these: never a path typed into the page
-    roots = [output_dir] + ([source.parent] if source is not None and not source.is_relative_to(output_dir) else [])
-    cache = ModelCache(cfg, source)
-    turns: dict[tuple[str, str], Turn] = {}  # (session, page) -> the answer being generated there
-    gen0 = GenerationConfig(**OmegaConf.to_container(cfg.generation)) if OmegaConf.is_config(cfg.generation) \
-        else cfg.generation
-    set_seed(cfg.train.seed)
-
-    def run_name(path: Path) -> str:
+    def run_name(self, path: Path) -> str:
         """A run's name in the page: its folder relative to output_dir (where the Runs page lists it)."""
-        return path.relative_to(output_dir).as_posix() if path.is_relative_to(output_dir) else str(path)
+        return path.relative_to(self.output_dir).as_posix() if path.is_relative_to(self.output_dir) else str(path)
 
-    def run_choices() -> list[str]:
-        names = [run_name(source)] if source is not None else []
-        for root in roots:
-            names += [run_name(root / r["run"]) for r in web_pages.runs_table(root)
+    def run_choices(self) -> list[str]:
+        names = [self.run_name(self.source)] if self.source is not None else []
+        for root in self.roots:
+            names += [self.run_name(root / r["run"]) for r in web_pages.runs_table(root)
                       if "train" in r["stages"].split(",")]
         return [NO_RUN] + list(dict.fromkeys(names))
 
-    def run_path(choice: str | None) -> Path | None:
+    def run_path(self, choice: str | None) -> Path | None:
         """The run folder of a name from the list; a ConfigError for anything else (a typed or posted path)."""
         if not choice or choice == NO_RUN:
             return None
         path = Path(choice)
-        path = (path if path.is_absolute() else output_dir / path).resolve()
-        if not any(path.is_relative_to(root) for root in roots) or not (path / ".hydra" / "config.yaml").is_file():
-            raise ConfigError(f"{choice!r} is not a run under {' or '.join(map(str, roots))}; pick a run from the "
-                              f"list.")
+        path = (path if path.is_absolute() else self.output_dir / path).resolve()
+        if not any(path.is_relative_to(root) for root in self.roots) or not RunLayout(path).config.is_file():
+            raise ConfigError(f"{choice!r} is not a run under {' or '.join(map(str, self.roots))}; pick a run from "
+                              f"the list.")
         return path
 
-    def modes_for(choice: str | None) -> list[str]:
+    def modes_for(self, choice: str | None) -> list[str]:
         try:
-            return web_pages.inference_modes(run_path(choice))
+            return web_pages.inference_modes(self.run_path(choice))
         except ConfigError:
             return [InferenceMode.base.value]
 
-    def describe(key: tuple[str, str]) -> str:
+    def describe(self, key: tuple[str, str]) -> str:
         run_dir, mode = key
-        return f"the {mode} model" + (f" of {run_name(Path(run_dir))}" if run_dir else f" ({cfg.model.name_or_path})")
+        return f"the {mode} model" + (f" of {self.run_name(Path(run_dir))}" if run_dir else
+                                      f" ({self.cfg.model.name_or_path})")
 
-    def loading_line(run_dir: Path | None, mode: str) -> str | None:
+    def loading_line(self, run_dir: Path | None, mode: str) -> str | None:
         """What the page says while a model loads; None when the one asked for is already loaded."""
-        key = cache.key(run_dir, mode)
-        if key in cache.loaded:
+        key = self.cache.key(run_dir, mode)
+        if key in self.cache.loaded:
             return None
-        drop = cache.to_drop(key)
-        unload = f" (unloading {' and '.join(map(describe, drop))} to make room)" if drop else ""
-        return f"loading {describe(key)}{unload} ..."
+        drop = self.cache.to_drop(key)
+        unload = f" (unloading {' and '.join(map(self.describe, drop))} to make room)" if drop else ""
+        return f"loading {self.describe(key)}{unload} ..."
 
-    def loaded_line(loaded: Loaded) -> str:
-        return f"{describe(loaded.key)}, loaded in {loaded.load_s:.1f} s"
+    def loaded_line(self, loaded: Loaded) -> str:
+        return f"{self.describe(loaded.key)}, loaded in {loaded.load_s:.1f} s"
 
+    @staticmethod
     def error_line(e: BaseException) -> str:
         log.exception("web app: generation failed")
         return f"**error:** {type(e).__name__}: {e}"
 
-    def new_turn(request: gr.Request, page: str) -> Turn:
-        turn = turns[request.session_hash, page] = Turn()
+    def new_turn(self, request: gr.Request, page: str) -> Turn:
+        turn = self.turns[request.session_hash, page] = Turn()
         return turn
 
-    def stop_turn(request: gr.Request, page: str, discard: bool = False) -> None:
+    def stop_turn(self, request: gr.Request, page: str, discard: bool = False) -> None:
         log.info("web app: %s asked on the %s page", "reset" if discard else "stop", page)
-        if turn := turns.get((request.session_hash, page)):
+        if turn := self.turns.get((request.session_hash, page)):
             turn.discarded = turn.discarded or discard
             turn.stop.set()
 
-    start_choice = run_name(source) if source is not None else NO_RUN
-    start_modes = modes_for(start_choice)
+
+@dataclass
+class Controls:
+    """The controls above the pages that the Chat and Side by side pages read."""
+    run_box: gr.Dropdown
+    system_box: gr.Textbox
+    settings: list  # sampling, temperature, top-k, top-p, max new tokens, repetition penalty (generation_settings)
+
+
+def header(state: AppState, start_choice: str) -> tuple[Controls, gr.Button]:
+    """The run picker and the accordion of system prompt and generation settings; returns them and ↻ runs."""
+    gen0 = state.gen0
+    with gr.Row(equal_height=True):
+        gr.Markdown("## QLoRA Lab", scale=0, min_width=160)
+        run_box = gr.Dropdown(state.run_choices(), value=start_choice, label="run", scale=3, elem_id="run-select")
+        refresh_runs = gr.Button("↻ runs", scale=0, elem_id="run-refresh")
+    with gr.Accordion("System prompt and generation settings", open=False, elem_id="settings"):
+        system_box = gr.Textbox(state.cfg.dataset.system_prompt or "", label="system prompt", lines=2,
+                                elem_id="system-prompt")
+        with gr.Row():
+            sampling = gr.Checkbox(gen0.do_sample, label="sampling (off: greedy)")
+            temperature = gr.Slider(0.05, 2.0, value=max(gen0.temperature, 0.05), step=0.05, label="temperature")
+            top_k = gr.Slider(0, 200, value=gen0.top_k, step=1, label="top-k (0: off)")
+            top_p = gr.Slider(0.05, 1.0, value=gen0.top_p, step=0.05, label="top-p")
+        with gr.Row():
+            max_new = gr.Slider(1, 1024, value=gen0.max_new_tokens, step=1, label="max new tokens",
+                                elem_id="max-new-tokens")
+            repetition = gr.Slider(1.0, 2.0, value=max(gen0.repetition_penalty, 1.0), step=0.05,
+                                   label="repetition penalty")
+    return Controls(run_box, system_box, [sampling, temperature, top_k, top_p, max_new, repetition]), refresh_runs
+
+
+def chat_page(state: AppState, controls: Controls, start_modes: list[str], start_mode: str) -> gr.Dropdown:
+    """The Chat page: a conversation with one run in one inference mode, streamed; returns its mode picker."""
+    cache, gen0 = state.cache, state.gen0
+    with gr.Row(equal_height=True):
+        chat_mode = gr.Dropdown(start_modes, value=start_mode, label="inference mode", scale=1, elem_id="chat-mode")
+        chat_status = gr.Markdown("", elem_id="chat-status")
+    # user text shown as typed and replies without HTML or images: see shown()
+    chatbot = gr.Chatbot(label="conversation", elem_id="chat-history", height=300)
+    with gr.Row():
+        message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=5,
+                             elem_id="chat-input")
+        send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
+        stop = gr.Button("Stop", variant="stop", scale=1, elem_id="chat-stop")
+        reset = gr.Button("Reset", scale=1, elem_id="chat-reset")
+    history = gr.State([])  # the conversation as typed and generated: what the model sees
+
+    def respond(text, messages, choice, mode, system, sampling, temperature, top_k, top_p, max_new,
+                repetition, request: gr.Request):
+        text = (text or "").strip()
+        if not text:
+            yield "", gr.skip(), messages, gr.skip()
+            return
+        turn = state.new_turn(request, "chat")
+        messages = messages + [{"role": "user", "content": text}]
+        yield "", shown(messages + [{"role": "assistant", "content": ""}]), messages, "…"
+        with cache.lock:
+            if turn.discarded:  # reset while waiting for another page's answer
+                return
+            try:
+                run_dir = state.run_path(choice)
+                if line := state.loading_line(run_dir, mode):
+                    yield gr.skip(), gr.skip(), gr.skip(), line
+                loaded = cache.get(run_dir, mode)
+                status = state.loaded_line(loaded)
+                gen = generation_settings(gen0, sampling, temperature, top_k, top_p, max_new, repetition)
+                prompt = [{"role": "system", "content": system}] if system.strip() else []
+                max_len = context_length(loaded.model)
+                ids, kept = conversation_ids(prompt + messages, loaded.tokenizer, loaded.cfg.dataset,
+                                             gen.max_new_tokens, max_len)
+                if ids.shape[1] + gen.max_new_tokens > max_len:
+                    yield text, shown(messages[:-1]), messages[:-1], \
+                        too_long_line(ids.shape[1], gen.max_new_tokens, max_len)
+                    return
+                dropped = len(prompt) + len(messages) - len(kept)
+                note = (f" · the oldest {dropped} messages no longer fit the context ({max_len} tokens) "
+                        f"and were left out of the prompt") if dropped else ""
+                with closing(stream_reply(loaded, ids, gen, turn.stop)) as stream:
+                    for answer, stats in stream:
+                        if turn.discarded:
+                            return
+                        # gr.skip(): the box keeps what the user types next while this answer streams
+                        yield gr.skip(), shown(messages + [{"role": "assistant", "content": answer}]), \
+                            gr.skip(), f"{status} · {progress_line(stats)}{note}"
+                if turn.discarded:
+                    return
+                messages = messages + [{"role": "assistant", "content": answer}]
+                yield gr.skip(), shown(messages), messages, f"{status} · {stats_line(stats)}{note}"
+            except Exception as e:  # the page shows it; the app keeps serving
+                if not turn.discarded:  # the message back, to retry
+                    yield text, shown(messages[:-1]), messages[:-1], state.error_line(e)
+
+    def reset_chat(request: gr.Request):
+        state.stop_turn(request, "chat", discard=True)
+        return [], [], "history cleared"
+
+    chat_inputs = [message, history, controls.run_box, chat_mode, controls.system_box, *controls.settings]
+    chat_outputs = [message, chatbot, history, chat_status]
+    answering = [send.click(respond, chat_inputs, chat_outputs),
+                 message.submit(respond, chat_inputs, chat_outputs)]
+
+    def stop_chat(request: gr.Request):  # the answer so far stays, as the last reply
+        state.stop_turn(request, "chat")
+
+    stop.click(stop_chat, None, None)
+    # cleared again one round trip later: an answer's update already on its way may land after the first
+    reset.click(reset_chat, None, [chatbot, history, chat_status], cancels=answering).then(
+        lambda: ([], [], "history cleared"), None, [chatbot, history, chat_status])
+    return chat_mode
+
+
+def side_by_side_page(state: AppState, controls: Controls, start_modes: list[str], start_mode: str,
+                      other_mode: str) -> tuple[gr.Dropdown, gr.Dropdown]:
+    """The Side by side page: one prompt answered by two inference modes in turn; returns its two mode pickers."""
+    cache, gen0, cfg = state.cache, state.gen0, state.cfg
+    with gr.Row(equal_height=True):
+        prompt_box = gr.Textbox(label="prompt", lines=2, scale=5, elem_id="sbs-input")
+        compare = gr.Button("Answer with both", variant="primary", scale=1, elem_id="sbs-send")
+        sbs_stop = gr.Button("Stop", variant="stop", scale=0, elem_id="sbs-stop")
+    with gr.Row():
+        with gr.Column():
+            mode_a = gr.Dropdown(start_modes, value=other_mode, label="left: inference mode", elem_id="sbs-mode-a")
+            answer_a = gr.Textbox(label="left answer", lines=10, interactive=False, elem_id="sbs-a")
+            stats_a = gr.Markdown("", elem_id="sbs-a-stats")
+        with gr.Column():
+            mode_b = gr.Dropdown(start_modes, value=start_mode, label="right: inference mode", elem_id="sbs-mode-b")
+            answer_b = gr.Textbox(label="right answer", lines=10, interactive=False, elem_id="sbs-b")
+            stats_b = gr.Markdown("", elem_id="sbs-b-stats")
+    sbs_status = gr.Markdown("", elem_id="sbs-status")
+
+    def side_by_side(text, choice, left, right, system, sampling, temperature, top_k, top_p, max_new,
+                     repetition, request: gr.Request):
+        out = {answer_a: "", answer_b: "", stats_a: "", stats_b: "", sbs_status: ""}
+        if not (text or "").strip():
+            yield out | {sbs_status: "type a prompt first"}
+            return
+        turn = state.new_turn(request, "side")
+        gen = generation_settings(gen0, sampling, temperature, top_k, top_p, max_new, repetition)
+        messages = ([{"role": "system", "content": system}] if system.strip() else []) + \
+            [{"role": "user", "content": text.strip()}]
+        with cache.lock:
+            for mode, answer, stats in ((left, answer_a, stats_a), (right, answer_b, stats_b)):
+                if turn.stop.is_set():
+                    out |= {stats: f"{mode}: not run (stopped)"}
+                    yield out
+                    continue
+                try:
+                    run_dir = state.run_path(choice)
+                    if line := state.loading_line(run_dir, mode):
+                        yield out | {stats: line}
+                    loaded = cache.get(run_dir, mode)
+                    max_len = context_length(loaded.model)
+                    ids, _ = conversation_ids(messages, loaded.tokenizer, loaded.cfg.dataset, gen.max_new_tokens,
+                                              max_len)
+                    if ids.shape[1] + gen.max_new_tokens > max_len:
+                        out |= {stats: f"{mode}: {too_long_line(ids.shape[1], gen.max_new_tokens, max_len)}"}
+                        yield out
+                        continue
+                    set_seed(cfg.train.seed)  # both sides sample from the same random state
+                    with closing(stream_reply(loaded, ids, gen, turn.stop)) as stream:
+                        for partial, numbers in stream:
+                            out |= {answer: partial, stats: f"{mode}: {progress_line(numbers)}"}
+                            yield out
+                    out |= {stats: f"{mode}: {stats_line(numbers)}"}
+                    yield out
+                except Exception as e:  # the page shows it; the app keeps serving
+                    out |= {stats: f"{mode}: {state.error_line(e)}"}
+                    yield out
+
+    sbs_inputs = [prompt_box, controls.run_box, mode_a, mode_b, controls.system_box, *controls.settings]
+    sbs_outputs = [answer_a, answer_b, stats_a, stats_b, sbs_status]
+    compare.click(side_by_side, sbs_inputs, sbs_outputs)
+    prompt_box.submit(side_by_side, sbs_inputs, sbs_outputs)
+
+    def stop_sides(request: gr.Request):
+        state.stop_turn(request, "side")
+
+    sbs_stop.click(stop_sides, None, None)
+    return mode_a, mode_b
+
+
+def runs_page(state: AppState):
+    """The Runs page: the runs under output_dir and one run's details. Returns (refresh, its outputs): what a page
+    load calls to read the folders again."""
+    output_dir = state.output_dir
+    gr.Markdown(f"Runs under `{output_dir}`, newest first; times in UTC.")
+    runs_df = gr.Dataframe([], headers=web_pages.RUN_COLUMNS, interactive=False, wrap=True,
+                           column_widths=["38%", "10%", "11%", "7%", "9%", "5%", "8%", "6%", "6%"],
+                           elem_id="runs-table")
+    with gr.Row():
+        open_box = gr.Dropdown([], value=None, label="open a run", scale=3, elem_id="run-open")
+        refresh = gr.Button("↻ refresh", scale=0, elem_id="runs-refresh")
+    loss_plot = gr.Plot(label="loss curve", elem_id="run-loss")
+    evaluation = gr.Markdown("", elem_id="run-evaluation")
+    with gr.Row():
+        metrics_box = gr.Code(label="metrics.json", language="json", elem_id="run-metrics")
+        config_box = gr.Code(label="config (.hydra/config.yaml)", language="yaml", elem_id="run-config")
+
+    def refresh_table():
+        rows = web_pages.runs_table(output_dir)
+        return ([[r[c] for c in web_pages.RUN_COLUMNS] for r in rows],
+                gr.update(choices=[r["run"] for r in rows]))
+
+    def open_run(name):
+        if not name:
+            return None, "", "", ""
+        run_dir = (output_dir / name).resolve()
+        if not run_dir.is_relative_to(output_dir) or not run_dir.is_dir():
+            return None, f"**`{name}` is not a run under `{output_dir}` (any more?);** ↻ refresh " \
+                         f"the list.", "", ""
+        details = web_pages.run_details(run_dir)
+        figure = web_pages.loss_figure(details["history"], name)
+        evaluation_text = details["evaluation"]
+        if figure is None:
+            evaluation_text = "No loss history (no checkpoint's trainer_state.json, no TensorBoard " \
+                              "events) in this run.\n\n" + evaluation_text
+        return figure, evaluation_text, json.dumps(details["metrics"], indent=2), details["config"]
+
+    refresh.click(refresh_table, None, [runs_df, open_box])
+    open_box.change(open_run, open_box, [loss_plot, evaluation, metrics_box, config_box])
+    return refresh_table, [runs_df, open_box]
+
+
+def sweeps_page(state: AppState):
+    """The Sweeps page: the decision card (when the sweep has one), then the sweep's summary.md and plots.
+    Returns (refresh, open, the picker, open's outputs) for the page load."""
+    output_dir = state.output_dir
+    with gr.Row():
+        sweep_box = gr.Dropdown([], value=None, label="sweep", scale=3, elem_id="sweep-select")
+        sweep_refresh = gr.Button("↻ refresh", scale=0, elem_id="sweeps-refresh")
+    # the decision card on top when the sweep has one (decision.md + decision.png), then summary.md
+    with gr.Row():
+        sweep_card = gr.Markdown("", elem_id="sweep-card")
+        sweep_card_plot = gr.Image(None, label="decision", visible=False, interactive=False, elem_id="sweep-card-plot")
+    sweep_md = gr.Markdown("", elem_id="sweep-summary")
+    # "contain": each plot whole, axes and legend included (the default crops them to the tile)
+    sweep_plots = gr.Gallery(label="plots", columns=2, height="auto", object_fit="contain", elem_id="sweep-plots")
+
+    def sweep_list(current=None):
+        names = [p.relative_to(output_dir).as_posix() for p in web_pages.sweep_dirs(output_dir)]
+        return gr.update(choices=names, value=current if current in names else (names[0] if names else None))
+
+    def open_sweep(name):
+        no_card = ("", gr.update(value=None, visible=False))
+        if not name:
+            return (*no_card, f"No sweep report under `{output_dir}` yet: `python -m qlora_lab -m "
+                              f"+experiment=lora_vs_qlora` writes one.", [])
+        folder = (output_dir / name).resolve()
+        if not folder.is_relative_to(output_dir):
+            return *no_card, f"**`{name}` is not a sweep under `{output_dir}`.**", []
+        try:
+            page = web_pages.sweep_page(folder)
+            from PIL import Image
+
+            plots = [(Image.open(p).convert("RGB"), p.name) for p in page["plots"]]
+            card_plot = Image.open(page["card_plot"]).convert("RGB") if page["card_plot"] else None
+        except OSError as e:  # moved or deleted since the list was read: this sweep only
+            return (*no_card, f"**The sweep `{name}` cannot be read** ({e.strerror or e}): it was moved "
+                              f"or deleted; ↻ refresh the list.", [])
+        return (page["card"] or "", gr.update(value=card_plot, visible=card_plot is not None),
+                page["summary"], plots)
+
+    sweep_outputs = [sweep_card, sweep_card_plot, sweep_md, sweep_plots]
+    sweep_box.input(open_sweep, sweep_box, sweep_outputs)
+    sweep_refresh.click(sweep_list, sweep_box, sweep_box).then(open_sweep, sweep_box, sweep_outputs)
+    return sweep_list, open_sweep, sweep_box, sweep_outputs
+
+
+def build_app(cfg: Config, source: Path | None) -> gr.Blocks:
+    """The four pages under one header, sharing one AppState."""
+    state = AppState(cfg, source)
+    set_seed(cfg.train.seed)
+    start_choice = state.run_name(state.source) if state.source is not None else NO_RUN
+    start_modes = state.modes_for(start_choice)
     start_mode = cfg.inference.mode.value
     start_mode = start_mode if start_mode in start_modes else start_modes[0]
     other_mode = InferenceMode.base.value if start_mode != InferenceMode.base.value else start_modes[0]
 
     with gr.Blocks(title="QLoRA Lab") as app:
-        with gr.Row(equal_height=True):
-            gr.Markdown("## QLoRA Lab", scale=0, min_width=160)
-            run_box = gr.Dropdown(run_choices(), value=start_choice, label="run", scale=3, elem_id="run-select")
-            refresh_runs = gr.Button("↻ runs", scale=0, elem_id="run-refresh")
-        with gr.Accordion("System prompt and generation settings", open=False, elem_id="settings"):
-            system_box = gr.Textbox(cfg.dataset.system_prompt or "", label="system prompt", lines=2,
-                                    elem_id="system-prompt")
-            with gr.Row():
-                sampling = gr.Checkbox(gen0.do_sample, label="sampling (off: greedy)")
-                temperature = gr.Slider(0.05, 2.0, value=max(gen0.temperature, 0.05), step=0.05, label="temperature")
-                top_k = gr.Slider(0, 200, value=gen0.top_k, step=1, label="top-k (0: off)")
-                top_p = gr.Slider(0.05, 1.0, value=gen0.top_p, step=0.05, label="top-p")
-            with gr.Row():
-                max_new = gr.Slider(1, 1024, value=gen0.max_new_tokens, step=1, label="max new tokens",
-                                    elem_id="max-new-tokens")
-                repetition = gr.Slider(1.0, 2.0, value=max(gen0.repetition_penalty, 1.0), step=0.05,
-                                       label="repetition penalty")
-        settings = [sampling, temperature, top_k, top_p, max_new, repetition]
-
+        controls, refresh_runs = header(state, start_choice)
         with gr.Tabs():
-            # ---------------------------------------------------------------- chat
             with gr.Tab("Chat", id="chat"):
-                with gr.Row(equal_height=True):
-                    chat_mode = gr.Dropdown(start_modes, value=start_mode, label="inference mode", scale=1,
-                                            elem_id="chat-mode")
-                    chat_status = gr.Markdown("", elem_id="chat-status")
-                # user text shown as typed and replies without HTML or images: see shown()
-                chatbot = gr.Chatbot(label="conversation", elem_id="chat-history", height=300)
-                with gr.Row():
-                    message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=5,
-                                         elem_id="chat-input")
-                    send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
-                    stop = gr.Button("Stop", variant="stop", scale=1, elem_id="chat-stop")
-                    reset = gr.Button("Reset", scale=1, elem_id="chat-reset")
-                history = gr.State([])  # the conversation as typed and generated: what the model sees
-
-                def respond(text, messages, choice, mode, system, sampling, temperature, top_k, top_p, max_new,
-                            repetition, request: gr.Request):
-                    text = (text or "").strip()
-                    if not text:
-                        yield "", gr.skip(), messages, gr.skip()
-                        return
-                    turn = new_turn(request, "chat")
-                    messages = messages + [{"role": "user", "content": text}]
-                    yield "", shown(messages + [{"role": "assistant", "content": ""}]), messages, "…"
-                    with cache.lock:
-                        if turn.discarded:  # reset while waiting for another page's answer
-                            return
-                        try:
-                            run_dir = run_path(choice)
-                            if line := loading_line(run_dir, mode):
-                                yield gr.skip(), gr.skip(), gr.skip(), line
-                            loaded = cache.get(run_dir, mode)
-                            status = loaded_line(loaded)
-                            gen = generation_settings(gen0, sampling, temperature, top_k, top_p, max_new, repetition)
-                            prompt = [{"role": "system", "content": system}] if system.strip() else []
-                            max_len = context_length(loaded)
-                            ids, kept = conversation_ids(prompt + messages, loaded.tokenizer, loaded.cfg.dataset,
-                                                         gen.max_new_tokens, max_len)
-                            if ids.shape[1] + gen.max_new_tokens > max_len:
-                                yield text, shown(messages[:-1]), messages[:-1], \
-                                    too_long_line(ids.shape[1], gen.max_new_tokens, max_len)
-                                return
-                            dropped = len(prompt) + len(messages) - len(kept)
-                            note = (f" · the oldest {dropped} messages no longer fit the context ({max_len} tokens) "
-                                    f"and were left out of the prompt") if dropped else ""
-                            with closing(stream_reply(loaded, ids, gen, turn.stop)) as stream:
-                                for answer, stats in stream:
-                                    if turn.discarded:
-                                        return
-                                    # gr.skip(): the box keeps what the user types next while this answer streams
-                                    yield gr.skip(), shown(messages + [{"role": "assistant", "content": answer}]), \
-                                        gr.skip(), f"{status} · {progress_line(stats)}{note}"
-                            if turn.discarded:
-                                return
-                            messages = messages + [{"role": "assistant", "content": answer}]
-                            yield gr.skip(), shown(messages), messages, f"{status} · {stats_line(stats)}{note}"
-                        except Exception as e:  # the page shows it; the app keeps serving
-                            if not turn.discarded:  # the message back, to retry
-                                yield text, shown(messages[:-1]), messages[:-1], error_line(e)
-
-                def reset_chat(request: gr.Request):
-                    stop_turn(request, "chat", discard=True)
-                    return [], [], "history cleared"
-
-                chat_inputs = [message, history, run_box, chat_mode, system_box, *settings]
-                chat_outputs = [message, chatbot, history, chat_status]
-                answering = [send.click(respond, chat_inputs, chat_outputs),
-                             message.submit(respond, chat_inputs, chat_outputs)]
-
-                def stop_chat(request: gr.Request):  # the answer so far stays, as the last reply
-                    stop_turn(request, "chat")
-
-                stop.click(stop_chat, None, None)
-                # cleared again one round trip later: an answer's update already on its way may land after the first
-                reset.click(reset_chat, None, [chatbot, history, chat_status], cancels=answering).then(
-                    lambda: ([], [], "history cleared"), None, [chatbot, history, chat_status])
-
-            # ---------------------------------------------------------------- side by side
+                chat_mode = chat_page(state, controls, start_modes, start_mode)
             with gr.Tab("Side by side", id="side"):
-                with gr.Row(equal_height=True):
-                    prompt_box = gr.Textbox(label="prompt", lines=2, scale=5, elem_id="sbs-input")
-                    compare = gr.Button("Answer with both", variant="primary", scale=1, elem_id="sbs-send")
-                    sbs_stop = gr.Button("Stop", variant="stop", scale=0, elem_id="sbs-stop")
-                with gr.Row():
-                    with gr.Column():
-                        mode_a = gr.Dropdown(start_modes, value=other_mode, label="left: inference mode",
-                                             elem_id="sbs-mode-a")
-                        answer_a = gr.Textbox(label="left answer", lines=10, interactive=False, elem_id="sbs-a")
-                        stats_a = gr.Markdown("", elem_id="sbs-a-stats")
-                    with gr.Column():
-                        mode_b = gr.Dropdown(start_modes, value=start_mode, label="right: inference mode",
-                                             elem_id="sbs-mode-b")
-                        answer_b = gr.Textbox(label="right answer", lines=10, interactive=False, elem_id="sbs-b")
-                        stats_b = gr.Markdown("", elem_id="sbs-b-stats")
-                sbs_status = gr.Markdown("", elem_id="sbs-status")
-
-                def side_by_side(text, choice, left, right, system, sampling, temperature, top_k, top_p, max_new,
-                                 repetition, request: gr.Request):
-                    out = {answer_a: "", answer_b: "", stats_a: "", stats_b: "", sbs_status: ""}
-                    if not (text or "").strip():
-                        yield out | {sbs_status: "type a prompt first"}
-                        return
-                    turn = new_turn(request, "side")
-                    gen = generation_settings(gen0, sampling, temperature, top_k, top_p, max_new, repetition)
-                    messages = ([{"role": "system", "content": system}] if system.strip() else []) + \
-                        [{"role": "user", "content": text.strip()}]
-                    with cache.lock:
-                        for mode, answer, stats in ((left, answer_a, stats_a), (right, answer_b, stats_b)):
-                            if turn.stop.is_set():
-                                out |= {stats: f"{mode}: not run (stopped)"}
-                                yield out
-                                continue
-                            try:
-                                run_dir = run_path(choice)
-                                if line := loading_line(run_dir, mode):
-                                    yield out | {stats: line}
-                                loaded = cache.get(run_dir, mode)
-                                max_len = context_length(loaded)
-                                ids, _ = conversation_ids(messages, loaded.tokenizer, loaded.cfg.dataset,
-                                                          gen.max_new_tokens, max_len)
-                                if ids.shape[1] + gen.max_new_tokens > max_len:
-                                    out |= {stats: f"{mode}: {too_long_line(ids.shape[1], gen.max_new_tokens, max_len)}"}
-                                    yield out
-                                    continue
-                                set_seed(cfg.train.seed)  # both sides sample from the same random state
-                                with closing(stream_reply(loaded, ids, gen, turn.stop)) as stream:
-                                    for partial, numbers in stream:
-                                        out |= {answer: partial, stats: f"{mode}: {progress_line(numbers)}"}
-                                        yield out
-                                out |= {stats: f"{mode}: {stats_line(numbers)}"}
-                                yield out
-                            except Exception as e:  # the page shows it; the app keeps serving
-                                out |= {stats: f"{mode}: {error_line(e)}"}
-                                yield out
-
-                sbs_inputs = [prompt_box, run_box, mode_a, mode_b, system_box, *settings]
-                sbs_outputs = [answer_a, answer_b, stats_a, stats_b, sbs_status]
-                compare.click(side_by_side, sbs_inputs, sbs_outputs)
-                prompt_box.submit(side_by_side, sbs_inputs, sbs_outputs)
-
-                def stop_sides(request: gr.Request):
-                    stop_turn(request, "side")
-
-                sbs_stop.click(stop_sides, None, None)
-
-            # ---------------------------------------------------------------- runs
+                mode_a, mode_b = side_by_side_page(state, controls, start_modes, start_mode, other_mode)
             with gr.Tab("Runs", id="runs"):
-                gr.Markdown(f"Runs under `{output_dir}`, newest first; times in UTC.")
-                runs_df = gr.Dataframe([], headers=web_pages.RUN_COLUMNS, interactive=False, wrap=True,
-                                       column_widths=["38%", "10%", "11%", "7%", "9%", "5%", "8%", "6%", "6%"],
-                                       elem_id="runs-table")
-                with gr.Row():
-                    open_box = gr.Dropdown([], value=None, label="open a run", scale=3, elem_id="run-open")
-                    refresh = gr.Button("↻ refresh", scale=0, elem_id="runs-refresh")
-                loss_plot = gr.Plot(label="loss curve", elem_id="run-loss")
-                evaluation = gr.Markdown("", elem_id="run-evaluation")
-                with gr.Row():
-                    metrics_box = gr.Code(label="metrics.json", language="json", elem_id="run-metrics")
-                    config_box = gr.Code(label="config (.hydra/config.yaml)", language="yaml", elem_id="run-config")
-
-                def refresh_table():
-                    rows = web_pages.runs_table(output_dir)
-                    return ([[r[c] for c in web_pages.RUN_COLUMNS] for r in rows],
-                            gr.update(choices=[r["run"] for r in rows]))
-
-                def open_run(name):
-                    if not name:
-                        return None, "", "", ""
-                    run_dir = (output_dir / name).resolve()
-                    if not run_dir.is_relative_to(output_dir) or not run_dir.is_dir():
-                        return None, f"**`{name}` is not a run under `{output_dir}` (any more?);** ↻ refresh " \
-                                     f"the list.", "", ""
-                    details = web_pages.run_details(run_dir)
-                    figure = web_pages.loss_figure(details["history"], name)
-                    evaluation_text = details["evaluation"]
-                    if figure is None:
-                        evaluation_text = "No loss history (no checkpoint's trainer_state.json, no TensorBoard " \
-                                          "events) in this run.\n\n" + evaluation_text
-                    return figure, evaluation_text, json.dumps(details["metrics"], indent=2), details["config"]
-
-                refresh.click(refresh_table, None, [runs_df, open_box])
-                open_box.change(open_run, open_box, [loss_plot, evaluation, metrics_box, config_box])
-
-            # ---------------------------------------------------------------- sweeps
+                refresh_table, runs_outputs = runs_page(state)
             with gr.Tab("Sweeps", id="sweeps"):
-                with gr.Row():
-                    sweep_box = gr.Dropdown([], value=None, label="sweep", scale=3, elem_id="sweep-select")
-                    sweep_refresh = gr.Button("↻ refresh", scale=0, elem_id="sweeps-refresh")
-                # the decision card on top when the sweep has one (decision.md + decision.png), then summary.md
-                with gr.Row():
-                    sweep_card = gr.Markdown("", elem_id="sweep-card")
-                    sweep_card_plot = gr.Image(None, label="decision", visible=False, interactive=False,
-                                               elem_id="sweep-card-plot")
-                sweep_md = gr.Markdown("", elem_id="sweep-summary")
-                # "contain": each plot whole, axes and legend included (the default crops them to the tile)
-                sweep_plots = gr.Gallery(label="plots", columns=2, height="auto", object_fit="contain",
-                                         elem_id="sweep-plots")
-
-                def sweep_list(current=None):
-                    names = [p.relative_to(output_dir).as_posix() for p in web_pages.sweep_dirs(output_dir)]
-                    return gr.update(choices=names, value=current if current in names else
-                                     (names[0] if names else None))
-
-                def open_sweep(name):
-                    no_card = ("", gr.update(value=None, visible=False))
-                    if not name:
-                        return (*no_card, f"No sweep report under `{output_dir}` yet: `python -m qlora_lab -m "
-                                          f"+experiment=lora_vs_qlora` writes one.", [])
-                    folder = (output_dir / name).resolve()
-                    if not folder.is_relative_to(output_dir):
-                        return *no_card, f"**`{name}` is not a sweep under `{output_dir}`.**", []
-                    try:
-                        page = web_pages.sweep_page(folder)
-                        from PIL import Image
-
-                        plots = [(Image.open(p).convert("RGB"), p.name) for p in page["plots"]]
-                        card_plot = Image.open(page["card_plot"]).convert("RGB") if page["card_plot"] else None
-                    except OSError as e:  # moved or deleted since the list was read: this sweep only
-                        return (*no_card, f"**The sweep `{name}` cannot be read** ({e.strerror or e}): it was moved "
-                                          f"or deleted; ↻ refresh the list.", [])
-                    return (page["card"] or "", gr.update(value=card_plot, visible=card_plot is not None),
-                            page["summary"], plots)
-
-                sweep_outputs = [sweep_card, sweep_card_plot, sweep_md, sweep_plots]
-                sweep_box.input(open_sweep, sweep_box, sweep_outputs)
-                sweep_refresh.click(sweep_list, sweep_box, sweep_box).then(open_sweep, sweep_box, sweep_outputs)
+                sweep_list, open_sweep, sweep_box, sweep_outputs = sweeps_page(state)
 
         def new_run(choice):
-            modes = modes_for(choice)
+            modes = state.modes_for(choice)
             pick = lambda want: want if want in modes else modes[0]  # noqa: E731
             return (gr.update(choices=modes, value=pick(start_mode)), gr.update(choices=modes, value=pick("base")),
                     gr.update(choices=modes, value=pick(start_mode)))
 
-        run_box.change(new_run, run_box, [chat_mode, mode_a, mode_b])
-        refresh_runs.click(lambda: gr.update(choices=run_choices()), None, run_box)
+        controls.run_box.change(new_run, controls.run_box, [chat_mode, mode_a, mode_b])
+        refresh_runs.click(lambda: gr.update(choices=state.run_choices()), None, controls.run_box)
 
         def on_load():
             """Every page load reads the folders again: a run or sweep written since shows up."""
             table, opened = refresh_table()
-            return gr.update(choices=run_choices()), table, opened, sweep_list()
+            return gr.update(choices=state.run_choices()), table, opened, sweep_list()
 
-        app.load(on_load, None, [run_box, runs_df, open_box, sweep_box]).then(open_sweep, sweep_box, sweep_outputs)
+        app.load(on_load, None, [controls.run_box, *runs_outputs, sweep_box]).then(open_sweep, sweep_box,
+                                                                                    sweep_outputs)
     return app
 
 
@@ -738,7 +770,7 @@ def run(cfg: Config, run: Run) -> None:
     host, port = cfg.web.host, int(cfg.web.port)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up requests to itself
     check_port(host, port)
-    if not is_loopback(host):  # config.validate() has made sure of a login
+    if not is_loopback(host):  # validate() has made sure of a login
         log.warning("web.host=%s: the app listens on that interface; anyone who reaches port %d gets its login page "
                     "(web.auth)", host, port)
     source = run.source if cfg.run_dir else None
