@@ -1,10 +1,19 @@
-"""Shared helpers: compose configs in-process, run the real CLI in a subprocess."""
+"""Shared helpers: compose configs in-process; run the CLI in this process (`run_main`, about a second) or as a real
+subprocess (`cli`, about ten seconds of start-up: for what only a process shows, such as its exit on a signal, no
+stdin, or a fresh interpreter)."""
 
 from __future__ import annotations
 
+import io
+import logging
 import os
+import runpy
+import signal
 import subprocess
 import sys
+import traceback
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -31,6 +40,68 @@ def cli(*args: str, cwd: Path = ROOT, stdin: str | None = None, timeout: int = 9
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     return subprocess.run([sys.executable, "-m", "qlora_lab", *args], cwd=cwd, env=env, input=stdin,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_main(*args: str, cwd: Path = ROOT, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m qlora_lab ARGS` in this process, as `python -m` runs it (runpy: qlora_lab/__main__.py as
+    `__main__`, which is also where Hydra looks for conf/): its exit status, stdout and stderr as `cli` returns them. What the job changes in the process (the working folder,
+    sys.argv, signal handlers, logging, the run folder's lock) is put back afterwards."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from qlora_lab import rundir
+
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    saved = (sys.argv, os.getcwd(), sys.stdin, root.handlers[:], root.level,
+             {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)})
+    sys.argv = ["qlora_lab", *args]
+    sys.stdin = io.StringIO(stdin or "")
+    os.chdir(cwd)
+    GlobalHydra.instance().clear()
+    code: int | str | None = 0
+    try:
+        with redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings():
+            # warnings reach stderr, filtered as in a fresh interpreter (pytest would otherwise record them)
+            warnings.resetwarnings()
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: print(
+                warnings.formatwarning(message, category, filename, lineno, line), file=sys.stderr, end="")
+            try:
+                runpy.run_module("qlora_lab", run_name="__main__", alter_sys=True)
+            except SystemExit as e:
+                code = e.code
+            except BaseException:  # what the interpreter does with an uncaught exception
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv, cwd_before, sys.stdin, handlers, level, handlers_by_signal = saved
+        os.chdir(cwd_before)
+        for handler in root.handlers:
+            if handler not in handlers:  # Hydra's: the job's log file and console
+                handler.close()
+        root.handlers[:] = handlers  # Hydra's logging setup took pytest's away
+        root.setLevel(level)
+        for sig, handler in handlers_by_signal.items():
+            signal.signal(sig, handler)
+        if rundir._held_lock is not None:  # a process's lock ends with it; this job's must end with the call
+            rundir._held_lock.close()
+            rundir._held_lock = None
+        GlobalHydra.instance().clear()
+    if isinstance(code, str):  # sys.exit("message"): the interpreter prints it and exits with 1
+        print(code, file=err)
+        code = 1
+    return subprocess.CompletedProcess(["qlora_lab", *args], code or 0, out.getvalue(), err.getvalue())
+
+
+def assert_one_sentence_error(result, *fragments):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
 
 
 @pytest.fixture(scope="session")

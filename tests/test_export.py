@@ -16,8 +16,7 @@ from qlora_lab.models import load_tokenizer
 from qlora_lab.pipelines import export, infer, train
 from qlora_lab.rundir import Run
 
-from .conftest import TINY, cli, make_cfg
-from .test_cli import assert_one_sentence_error
+from .conftest import TINY, assert_one_sentence_error, cli, make_cfg, run_main
 
 FAST = ["generation.max_new_tokens=6", "inference.num_prompts=2", "inference.batch_size=2",
         "inference.agreement_examples=2"]

@@ -17,8 +17,7 @@ from qlora_lab.inference import eval_prompts, generate, load_for_inference
 from qlora_lab.pipelines import compare, infer, merge, train
 from qlora_lab.rundir import Run
 
-from .conftest import TINY, cli, make_cfg
-from .test_cli import assert_one_sentence_error
+from .conftest import TINY, assert_one_sentence_error, cli, make_cfg, run_main
 
 FAST_GEN = ["generation.max_new_tokens=6", "inference.num_prompts=3", "inference.batch_size=2"]
 
