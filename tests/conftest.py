@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from qlora_lab.config import register
 
@@ -48,16 +49,17 @@ def run_main(*args: str, cwd: Path = ROOT, stdin: str | None = None) -> subproce
     sys.argv, signal handlers, logging, the run folder's lock) is put back afterwards."""
     from hydra.core.global_hydra import GlobalHydra
 
-    from qlora_lab import rundir
+    from qlora_lab import callbacks, rundir
 
     out, err = io.StringIO(), io.StringIO()
     root = logging.getLogger()
     saved = (sys.argv, os.getcwd(), sys.stdin, root.handlers[:], root.level,
              {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)})
     sys.argv = ["qlora_lab", *args]
-    sys.stdin = io.StringIO(stdin or "")
+    sys.stdin = io.TextIOWrapper(io.BytesIO((stdin or "").encode()))  # piped, as `cli` pipes it: no TTY
     os.chdir(cwd)
     GlobalHydra.instance().clear()
+    callbacks.SWEEP["dir"] = None  # a fresh process has started no sweep
     code: int | str | None = 0
     try:
         with redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings():
@@ -102,6 +104,22 @@ def assert_one_sentence_error(result, *fragments):
     assert len(errors) == 1, result.stderr[-3000:]
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
+
+
+def assert_refused(result, fragments):
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def saved_run_config(run_dir: Path, overrides: list[str]) -> Path:
+    """A run folder as far as later stages read it: its .hydra/config.yaml (no training needed to test them)."""
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(make_cfg(overrides), run_dir / ".hydra" / "config.yaml")
+    return run_dir
 
 
 @pytest.fixture(scope="session")

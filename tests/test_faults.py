@@ -12,8 +12,7 @@ import pytest
 
 from qlora_lab.config import ConfigError
 
-from .conftest import ROOT, TINY, cli
-from .test_bad_inputs import assert_refused, saved_run_config
+from .conftest import ROOT, TINY, assert_refused, cli, saved_run_config
 
 HOLD = """
 import sys, time
