@@ -8,6 +8,7 @@ import io
 import logging
 import os
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,9 +26,17 @@ from qlora_lab.config import register
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 # Small and fast: short sequences keep the tiny model's 49k-vocab logits cheap.
-TINY = ["model=tiny_random", "dataset.size=24", "dataset.eval_size=8", "dataset.max_seq_length=96",
-        "train.max_steps=8", "train.batch_size=4", "train.learning_rate=5e-3", "train.report_to=[]",
-        "train.logging_steps=1"]
+TINY = [
+    "model=tiny_random",
+    "dataset.size=24",
+    "dataset.eval_size=8",
+    "dataset.max_seq_length=96",
+    "train.max_steps=8",
+    "train.batch_size=4",
+    "train.learning_rate=5e-3",
+    "train.report_to=[]",
+    "train.logging_steps=1",
+]
 
 register()
 
@@ -37,10 +46,19 @@ def make_cfg(overrides: list[str] | None = None):
         return compose(config_name="config", overrides=overrides or [])
 
 
-def cli(*args: str, cwd: Path = ROOT, stdin: str | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+def cli(
+    *args: str, cwd: Path = ROOT, stdin: str | None = None, timeout: int = 900
+) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, "-m", "qlora_lab", *args], cwd=cwd, env=env, input=stdin,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "qlora_lab", *args],
+        cwd=cwd,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def run_main(*args: str, cwd: Path = ROOT, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -53,8 +71,20 @@ def run_main(*args: str, cwd: Path = ROOT, stdin: str | None = None) -> subproce
 
     out, err = io.StringIO(), io.StringIO()
     root = logging.getLogger()
-    saved = (sys.argv, os.getcwd(), sys.stdin, root.handlers[:], root.level,
-             {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)})
+    saved = (
+        sys.argv,
+        os.getcwd(),
+        sys.stdin,
+        root.handlers[:],
+        root.level,
+        {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)},
+    )
+    absl = sys.modules.get("absl.logging")  # imported with rouge-score
+    if absl is not None:
+        # absl's handler closes the stream it holds when Hydra's logging setup resets all handlers, unless
+        # that is the current sys.stderr: under the redirect below, pytest's capture file. In a CLI process
+        # it holds the process's own stderr.
+        absl.get_absl_handler().python_handler.setStream(sys.__stderr__)
     sys.argv = ["qlora_lab", *args]
     sys.stdin = io.TextIOWrapper(io.BytesIO((stdin or "").encode()))  # piped, as `cli` pipes it: no TTY
     os.chdir(cwd)
@@ -69,7 +99,8 @@ def run_main(*args: str, cwd: Path = ROOT, stdin: str | None = None) -> subproce
                 warnings.simplefilter("ignore", category)
             warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
             warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: print(
-                warnings.formatwarning(message, category, filename, lineno, line), file=sys.stderr, end="")
+                warnings.formatwarning(message, category, filename, lineno, line), file=sys.stderr, end=""
+            )
             try:
                 runpy.run_module("qlora_lab", run_name="__main__", alter_sys=True)
             except SystemExit as e:
@@ -81,8 +112,8 @@ def run_main(*args: str, cwd: Path = ROOT, stdin: str | None = None) -> subproce
         sys.argv, cwd_before, sys.stdin, handlers, level, handlers_by_signal = saved
         os.chdir(cwd_before)
         for handler in root.handlers:
-            if handler not in handlers:  # Hydra's: the job's log file and console
-                handler.close()
+            if isinstance(handler, logging.FileHandler) and handler not in handlers:  # the job's log file
+                handler.close()  # (not the others: absl's, added on import, would close the stream it holds)
         root.handlers[:] = handlers  # Hydra's logging setup took pytest's away
         root.setLevel(level)
         for sig, handler in handlers_by_signal.items():
@@ -120,6 +151,31 @@ def saved_run_config(run_dir: Path, overrides: list[str]) -> Path:
     (run_dir / ".hydra").mkdir(parents=True)
     OmegaConf.save(make_cfg(overrides), run_dir / ".hydra" / "config.yaml")
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory):
+    """One tiny LoRA run on the unquantized base (no eval before training), trained in-process once for the
+    whole session, with its .hydra/config.yaml as Hydra writes it (later CLI stages continue the run). A
+    module that adds to a run (merge, export) works on its own copy: `copy_run`."""
+    from qlora_lab.pipelines import train
+    from qlora_lab.rundir import Run
+
+    run_dir = tmp_path_factory.mktemp("lora_run")
+    cfg = make_cfg([*TINY, "quantization=none", "train.eval_before=false"])
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    run = Run(dir=run_dir, source=run_dir)
+    run.start(cfg)
+    train.run(cfg, run)
+    run.finish()
+    return cfg, run_dir
+
+
+def copy_run(run_dir: Path, tmp_path_factory, name: str) -> Path:
+    copy = tmp_path_factory.mktemp(name) / "run"
+    shutil.copytree(run_dir, copy)
+    return copy
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -15,9 +13,10 @@ from omegaconf import OmegaConf, open_dict
 
 from qlora_lab import callbacks
 from qlora_lab.decision import interval
+from qlora_lab.report import main as report_main
 from qlora_lab.report import write_report
 
-from .conftest import ROOT, cli
+from .conftest import ROOT, run_main
 
 LORA_PEAK, QLORA_PEAK = 3.0, 2.0
 
@@ -164,13 +163,15 @@ def test_repeats_refused_with_one_sentence(tmp_path, capsys, repeats, seed_axis,
     assert stop.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
 
 
-def test_real_sweep_with_repeats_pairs_by_seed_records_learning_curves_and_verifies(tmp_path):
+def test_real_sweep_with_repeats_pairs_by_seed_records_learning_curves_and_verifies(tmp_path, capsys):
     """The one real sweep here: sweep.repeats=2 on the tiny model -> 2 modes x 2 seeds, each LoRA/QLoRA pair trained
     on the same data in the same order, every job with a learning curve, and a card with two pairs."""
     sweep_dir = tmp_path / "sweep"
-    result = cli("-m", "+experiment=lora_vs_qlora", "model=tiny_random", "dataset.size=8", "sweep.repeats=2",
-                 "dataset.eval_size=4", "dataset.max_seq_length=64", "train.max_steps=2", "train.eval_steps=1",
-                 "train.speed_skip_steps=0", f"hydra.sweep.dir={sweep_dir}")
+    # the jobs run in this process (the basic launcher; tests/test_sweep.py runs the experiment's isolated
+    # one), and verify re-runs each in a fresh process: the same seed must give the same eval loss either way
+    result = run_main("-m", "+experiment=lora_vs_qlora", "hydra/launcher=basic", "model=tiny_random",
+                      "dataset.size=8", "sweep.repeats=2", "dataset.eval_size=4", "dataset.max_seq_length=64",
+                      "train.max_steps=2", "train.eval_steps=1", "train.speed_skip_steps=0", f"hydra.sweep.dir={sweep_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     runs = {}
     for job in sweep_dir.glob("*/metrics.json"):
@@ -186,13 +187,14 @@ def test_real_sweep_with_repeats_pairs_by_seed_records_learning_curves_and_verif
     assert (sweep_dir / "learning_curves.png").is_file() and (sweep_dir / "decision.png").is_file()
     # verify re-runs the cell from the recorded overrides: on CPU the same seed gives the same eval loss, inside the
     # recorded interval (speed and memory on a shared machine may drift: exit 1 is allowed, its table must say so)
-    out = subprocess.run([sys.executable, "-m", "qlora_lab.report", "verify", str(sweep_dir), "8"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode in (0, 1) and "Re-ran 4 jobs" in out.stdout, out.stderr[-3000:]
+    capsys.readouterr()
+    code = report_main(["verify", str(sweep_dir), "8"])  # `python -m qlora_lab.report verify SWEEP 8`
+    out = capsys.readouterr()
+    assert code in (0, 1) and "Re-ran 4 jobs" in out.out, out.err[-3000:]
     for name in ("LoRA", "QLoRA nf4"):
-        assert next(line for line in out.stdout.splitlines() if line.startswith(f"| {name} | eval loss |")).endswith(
+        assert next(line for line in out.out.splitlines() if line.startswith(f"| {name} | eval loss |")).endswith(
             "| yes |")
-    assert (out.returncode == 0) == ("no: drift" not in out.stdout)
+    assert (code == 0) == ("no: drift" not in out.out)
     assert len(list((sweep_dir / "verify").glob("*/*/metrics.json"))) == 4
 
 
