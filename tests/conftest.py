@@ -63,8 +63,9 @@ def cli(
 
 def run_main(*args: str, cwd: Path = ROOT, stdin: str | None = None) -> subprocess.CompletedProcess:
     """`python -m qlora_lab ARGS` in this process, as `python -m` runs it (runpy: qlora_lab/__main__.py as
-    `__main__`, which is also where Hydra looks for conf/): its exit status, stdout and stderr as `cli` returns them. What the job changes in the process (the working folder,
-    sys.argv, signal handlers, logging, the run folder's lock) is put back afterwards."""
+    `__main__`, which is also how Hydra finds conf/): its exit status, stdout and stderr as `cli` returns them.
+    What the job changes in the process (the working folder, sys.argv, signal handlers, logging, the run
+    folder's lock) is put back afterwards."""
     from hydra.core.global_hydra import GlobalHydra
 
     from qlora_lab import callbacks, rundir
@@ -112,8 +113,8 @@ def run_main(*args: str, cwd: Path = ROOT, stdin: str | None = None) -> subproce
         sys.argv, cwd_before, sys.stdin, handlers, level, handlers_by_signal = saved
         os.chdir(cwd_before)
         for handler in root.handlers:
-            if isinstance(handler, logging.FileHandler) and handler not in handlers:  # the job's log file
-                handler.close()  # (not the others: absl's, added on import, would close the stream it holds)
+            if isinstance(handler, logging.FileHandler) and handler not in handlers:
+                handler.close()  # the job's log file
         root.handlers[:] = handlers  # Hydra's logging setup took pytest's away
         root.setLevel(level)
         for sig, handler in handlers_by_signal.items():
