@@ -35,7 +35,7 @@ def export_run(lora_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(export_run, tmp_path_factory):
-    """`pipeline=export` through the real command line: q8_0 GGUF and int8, each measured against merged/."""
+    """`pipeline=export` through the command line (in-process): q8_0 GGUF and int8, each measured against merged/."""
     _, run_dir = export_run
     job = tmp_path_factory.mktemp("export_job") / "job"
     result = run_main(*TINY, "pipeline=export", f"run_dir={run_dir}", "export.targets=[gguf:q8_0,int8_dynamic]", *FAST,
