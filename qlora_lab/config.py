@@ -105,6 +105,18 @@ class StorageDType(Enum):
     float32 = "float32"
 
 
+class LoraVariant(Enum):
+    lora = "lora"  # W + s·B·A
+    dora = "dora"  # DoRA: also learns each output row's magnitude (PEFT use_dora); see LoraConfig.variant
+
+
+class LoraInit(Enum):
+    default = "default"  # PEFT's: A Kaiming-uniform, B zero (the adapter starts as a no-op)
+    gaussian = "gaussian"  # A Gaussian (std 1/r), B zero: also a no-op at the start
+    pissa = "pissa"  # A, B from the top-r singular vectors of W; the base keeps the residual (quantization=none)
+    loftq = "loftq"  # A, B from the top-r singular vectors of W - dequantize(quantize(W)) (nf4/fp4)
+
+
 class LoraBias(Enum):
     none = "none"  # no bias is trained
     all = "all"  # every bias of the model is trained
@@ -182,6 +194,26 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     bias: LoraBias = LoraBias.none
+    # dora: splits each adapted weight into a magnitude (one trainable number per output row) and a direction
+    # (W + s·B·A, normalised); the DoRA paper reports it closer to full fine-tuning, at low ranks especially. Costs
+    # a norm of the whole W + s·B·A per layer and step (slower steps, more memory; dequantizing W each time on a
+    # 4-bit base) and runs on PEFT's LoRA layers, not the fused ones. Works with quantization=none, nf4 and fp4;
+    # not int8 (bitsandbytes' 8-bit layer fails under it, see check_lora_variant), nor lora.init=pissa or loftq
+    variant: LoraVariant = LoraVariant.lora
+    # rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r, so that a higher rank does not shrink each
+    # rank's step (with alpha / r, doubling r halves it); at r=16, alpha=32 the scale is 8 instead of 2, like a
+    # 4x learning rate on the adapter: lower the learning rate or alpha with it. Free at run time; any quantization
+    rslora: bool = False
+    # How A and B start. default and gaussian: the adapter starts as a no-op. pissa: A·B takes W's principal
+    # components and the base keeps the rest, so training moves the largest directions first; needs
+    # quantization=none (the residual would have to be quantized anew), and the saved adapter is converted to a
+    # plain LoRA of rank 2r over the original weights (PEFT), so every later stage loads the usual base.
+    # loftq: on a 4-bit base (nf4/fp4), A·B starts as the best rank-r fit of the quantization error
+    # W - dequantize(quantize(W)), read from the full-precision weights in the model's safetensors files: the
+    # QLoRA model starts closer to the unquantized one. One SVD per layer at the start (38 s for SmolLM2-135M
+    # on a busy 2-core CPU); the base stays quantize(W), so resume, merge and infer need nothing new (one LoftQ
+    # step: more would re-quantize W)
+    init: LoraInit = LoraInit.default
 
 
 @dataclass
@@ -224,7 +256,7 @@ class DatasetConfig:
 class TrainConfig:
     max_steps: int = -1  # > 0 overrides epochs
     epochs: float = 1.0
-    batch_size: Any = 4  # rows per device and step, or `auto`: the largest that fits, halving from 64 on OOM
+    batch_size: Any = 4  # rows per device and step, or `auto`: the largest that fits, 0.9x from auto_batch_start on OOM
     grad_accum: int = 1
     learning_rate: float = 2e-4
     scheduler: str = "constant"
@@ -255,6 +287,10 @@ class TrainConfig:
     speed_skip_steps: int = 2  # first steps left out of the speed figures (compilation, allocator warm-up)
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     resume: bool = False  # with run_dir=RUN: continue RUN's training from its last checkpoint, in RUN
+    auto_batch_start: int = 64  # train.batch_size=auto: the first (largest) batch tried
+    # With batch_size=auto: a step whose peak memory (as the report measures it) is over this many GiB counts as
+    # out of memory. sweep.equal_memory sets it to LoRA's measured peak; None: only the device's own limit
+    memory_cap_gib: float | None = None
 
 
 @dataclass
@@ -363,6 +399,9 @@ class SweepConfig:
     of one seed share the data subset and the data order, so the report pairs them."""
 
     repeats: int = 1
+    # After the sweep's jobs, one more per QLoRA job: train.batch_size=auto under train.memory_cap_gib = the peak
+    # its LoRA job (same settings, quantization=none) measured: QLoRA spending the memory it saves (larger batches)
+    equal_memory: bool = False
 
 
 @dataclass
@@ -498,12 +537,10 @@ def validate(cfg: Config) -> None:
         if not torch.cuda.is_available():
             raise ConfigError("train.kernels=liger needs a CUDA GPU (Liger's kernels are Triton GPU kernels); use "
                               "train.kernels=auto, which turns them off on a CPU.")
-        if fsdp_enabled():
-            raise ConfigError("train.kernels=liger cannot run under FSDP: Liger's fused cross-entropy reads the LM "
-                              "head's weight whole, which FSDP shards; use train.kernels=auto, which turns them off there.")
     if cfg.train.lora_layers is LoraLayers.fused:
         why = ("train.autocast must be false (the fused layer computes in the base's dtype)" if cfg.train.autocast else
-               "quantization=int8 layers have no fused form" if cfg.quantization.method is QuantMethod.int8 else None)
+               "quantization=int8 layers have no fused form" if cfg.quantization.method is QuantMethod.int8 else
+               "lora.variant=dora has no fused form" if cfg.lora.variant is LoraVariant.dora else None)
         if why:
             raise ConfigError(f"train.lora_layers=fused cannot be used here: {why}; fix that or use "
                               f"train.lora_layers=auto.")
@@ -526,11 +563,36 @@ def validate(cfg: Config) -> None:
         raise ConfigError("Set train.max_steps or train.epochs to a positive number.")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"lora.dropout must be in [0, 1) (got {cfg.lora.dropout}).")
+    check_lora_variant(cfg)
     check_values(cfg)
     check_model(cfg.model)
     check_folders(cfg)
     check_stage_settings(cfg)
     check_run_dir(cfg)
+
+
+def check_lora_variant(cfg: Config) -> None:
+    """lora.variant / lora.init against the quantization and each other: what PEFT and bitsandbytes refuse."""
+    lora, method = cfg.lora, cfg.quantization.method
+    if lora.init is LoraInit.loftq and method not in (QuantMethod.nf4, QuantMethod.fp4):
+        raise ConfigError(f"lora.init=loftq fits the adapter to a 4-bit base's quantization error, but "
+                          f"quantization={method.value}; use quantization=nf4 (or fp4), or another lora.init.")
+    if lora.init is LoraInit.pissa and method is not QuantMethod.none:
+        raise ConfigError(f"lora.init=pissa replaces the base weights by their residual, which a quantization="
+                          f"{method.value} base cannot hold without quantizing it anew; use quantization=none, or "
+                          f"lora.init=loftq for a quantized base.")
+    if lora.init is LoraInit.pissa and fsdp_enabled():
+        raise ConfigError("lora.init=pissa cannot run under FSDP: its adapter is converted to a plain LoRA on save "
+                          "from the whole model, which FSDP shards; use lora.init=default, or DDP or one GPU.")
+    if lora.variant is LoraVariant.dora and method is QuantMethod.int8:
+        # PEFT 0.21 has DoRA for 8-bit layers, but after its weight-norm pass bitsandbytes' int8 matmul fails (the
+        # first eval forward: 'NoneType' object has no attribute 'dtype', on a CPU with bitsandbytes 0.50)
+        raise ConfigError("lora.variant=dora does not run on a quantization=int8 base (bitsandbytes' 8-bit layer "
+                          "fails under DoRA); use quantization=nf4 (or fp4, none), or lora.variant=lora.")
+    if lora.variant is LoraVariant.dora and lora.init in (LoraInit.pissa, LoraInit.loftq):
+        raise ConfigError(f"lora.variant=dora cannot start from lora.init={lora.init.value} (DoRA's magnitudes are "
+                          f"measured before that initialisation, and PEFT's conversion of PiSSA adapters has no "
+                          f"DoRA); use lora.init=default with DoRA, or lora.variant=lora.")
 
 
 def is_loopback(host: str) -> bool:
@@ -665,6 +727,17 @@ def check_values(cfg: Config) -> None:
             raise ConfigError(f"{key} must be a positive integer (got {value}).")
     if cfg.sweep.repeats < 1:
         raise ConfigError(f"sweep.repeats must be 1 or more seeds per cell (got {cfg.sweep.repeats}).")
+    if cfg.train.auto_batch_start < 1:
+        raise ConfigError(f"train.auto_batch_start must be a positive integer (got {cfg.train.auto_batch_start}).")
+    cap = cfg.train.memory_cap_gib
+    if cap is not None and cap <= 0:
+        raise ConfigError(f"train.memory_cap_gib must be a positive number of GiB (got {cap}).")
+    if cap is not None and cfg.train.batch_size != "auto":
+        raise ConfigError(f"train.memory_cap_gib={cap} caps the batch search of train.batch_size=auto, but "
+                          f"train.batch_size={cfg.train.batch_size}; set train.batch_size=auto or drop the cap.")
+    if cfg.sweep.equal_memory and cfg.train.batch_size == "auto" and cap is None:
+        raise ConfigError("sweep.equal_memory compares QLoRA with LoRA at LoRA's batch, which must be fixed, but "
+                          "train.batch_size=auto; set train.batch_size to a number.")
     if g.top_k < 0 or g.no_repeat_ngram_size < 0:
         raise ConfigError("generation.top_k and generation.no_repeat_ngram_size must be 0 or more.")
 

@@ -1,7 +1,8 @@
 """The LoRA-vs-QLoRA decision of a sweep: mean and 95% interval of every figure over the seeds of a cell, the
 paired difference between QLoRA and LoRA jobs that share a seed (and so the data subset and order), and the card
 (decision.md + decision.png) that says, per data size, whether QLoRA's eval-loss gap is within noise and what it
-saves in memory and costs in time. A verdict is printed only where at least two pairs give an interval.
+saves in memory and costs in time. A verdict is printed only where at least two pairs give an interval. With
+sweep.equal_memory the card also sets QLoRA at LoRA's measured peak (a larger batch) beside equal batch.
 
 Rows are those of qlora_lab.report.collect: one per job, with `cell` (data size and any other varied setting,
 the seed left out), `seed`, `quantization` and the metrics.
@@ -45,10 +46,10 @@ def _size_key(cell_rows: list[dict]):
 
 
 def cells(rows: list[dict]) -> list[list[dict]]:
-    """Completed jobs by cell, in data-size order."""
+    """Completed jobs by cell, in data-size order; the equal-memory jobs are not among them (equal_memory_section)."""
     by_cell: dict[str, list[dict]] = {}
     for r in rows:
-        if r["status"] == "completed":
+        if r["status"] == "completed" and not r.get("equal_memory"):
             by_cell.setdefault(r["cell"], []).append(r)
     return sorted(by_cell.values(), key=_size_key)
 
@@ -183,12 +184,67 @@ def card(rows: list[dict]) -> str:
         lines.append(f"| {c['cell']} | {mode(c['mode'])} | {len(c['pairs'])} | {pm(c['gap'], c['gap_half'], 4)} "
                      f"| {c['verdict']} | {pm(c['saved_gib'], c['saved_half'], 2)} | {pct} | {cost} "
                      f"| {links([r for pair in c['pairs'] for r in pair]) or '–'} |")
+    lines += equal_memory_section(rows)
     lines += ["", "Pairs: a LoRA and a QLoRA job of the same cell and seed (same data subset and order). Gap, memory "
                   "saved and time cost are means of the per-pair differences (time cost: QLoRA's wall time ÷ LoRA's − 1) "
                   f"± the half-width of their 95% Student-t interval. Within noise: the gap's interval holds 0; "
                   f"worse/better: it lies wholly above/below 0. Cells with fewer than {MIN_PAIRS} pairs get no "
                   f"interval and no verdict. Runs: the job folders of the pairs (LoRA, QLoRA per seed).", ""]
     return "\n".join(lines)
+
+
+def equal_memory_section(rows: list[dict], gap: float = TARGET_GAP) -> list[str]:
+    """sweep.equal_memory: per data size, LoRA and QLoRA at LoRA's batch, and QLoRA with the batch it found under
+    LoRA's measured peak: batch, peak, tokens/s and the time and tokens to the same target as target_section's."""
+    spent = [r for r in rows if r.get("equal_memory") and r["status"] == "completed"]
+    failed = [r for r in rows if r.get("equal_memory") and r["status"] != "completed"]
+    if not spent and not failed:
+        return []
+    lines = ["", "### Equal memory: QLoRA spends what it saves on a larger batch", "",
+             "| data size | mode | batch | peak GiB | memory cap GiB | tokens/s | reached target | tokens to target "
+             "| train s to target | runs |", "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
+    for cell in cells(rows):
+        mine = [r for r in spent if r["cell"] == cell[0]["cell"]]
+        if not mine:
+            continue
+        lora_final, _ = interval([r["eval_loss"] for r in cell if r["quantization"] == "none"])
+        target = None if lora_final is None else lora_final * (1 + gap)
+        groups = [("LoRA", [r for r in cell if r["quantization"] == "none"])]
+        for q in sorted({r["quantization"] for r in mine}):
+            groups += [(mode(q), [r for r in cell if r["quantization"] == q]),
+                       (f"{mode(q)} at equal memory", [r for r in mine if r["quantization"] == q])]
+        for label, jobs in groups:
+            batches = sorted({r["batch_size_used"] or r["batch_size"] for r in jobs})
+            caps = [r["memory_cap_gib"] for r in jobs if r["memory_cap_gib"] is not None]
+            hits = [reach(r["_curve"], target) for r in jobs if r["_curve"]] if target is not None else []
+            got = [h for h in hits if h is not None]
+            if got:
+                reached = f"{len(got)} of {len(hits)}"
+                at_start = sum(h["step"] == 0 for h in got)
+                if at_start:  # the evaluation before training already met it, as in target_section
+                    reached += f" ({at_start} before training)"
+                to_target = (f"{pm(*interval([h['tokens'] for h in got]), 0)} "
+                             f"| {pm(*interval([h['train_s'] for h in got]), 1)}")
+            else:
+                best = [p["loss"] for r in jobs for p in r["_curve"]]
+                reached = f"not reached (best {min(best):.4f})" if hits and best else "–"
+                to_target = "– | –"
+            lines.append(f"| {cell[0]['cell']} | {label} | {', '.join(str(b) for b in batches)} "
+                         f"| {pm(*interval([r['peak_gib'] for r in jobs]), 2)} "
+                         f"| {pm(*interval(caps), 2) if caps else '–'} "
+                         f"| {pm(*interval([r['tokens_per_s'] for r in jobs]), 0)} | {reached} | {to_target} "
+                         f"| {links(jobs)} |")
+    if failed:
+        lines += ["", f"{len(failed)} equal-memory jobs did not complete: "
+                      + "; ".join(f"{r['job'].split('_', 1)[0]}: {str(r['error'] or '?').splitlines()[0].rstrip('.')}"
+                                  for r in failed) + "."]
+    return lines + ["", "Equal memory: the QLoRA job again with train.batch_size=auto under train.memory_cap_gib = "
+                        "the peak its LoRA job (same data size and seed) measured; the batch it found is the largest "
+                        f"whose peak stayed under that cap. Target: LoRA's final eval loss + {100 * gap:g}%, as in "
+                        "the time-to-target table; train s counts the batch it kept only (the larger batches tried "
+                        "first are in the job's wall time). Mean ± 95% interval over the seeds. On a GPU the peak is "
+                        "the allocator's; on a CPU it is the process's peak RSS, so there the cap and the batch say "
+                        "little about memory."]
 
 
 def has_pairs(rows: list[dict]) -> bool:

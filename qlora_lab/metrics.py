@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import re
 
-import sacrebleu
-from rouge_score import rouge_scorer
 
 CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -32,6 +30,8 @@ class CharTokenizer:
 def rouge(predictions: list[str], references: list[str], language: str = "en") -> dict[str, float]:
     """Mean ROUGE-1/2/L F1 over the pairs (0-100)."""
     tokenizer = CharTokenizer() if language == "zh" else None
+    from rouge_score import rouge_scorer  # here, not at the top: a run scoring only accuracy needs neither package
+
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=language == "en", tokenizer=tokenizer)
     totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
     for pred, ref in zip(predictions, references, strict=True):
@@ -44,6 +44,8 @@ def rouge(predictions: list[str], references: list[str], language: str = "en") -
 
 def bleu4(predictions: list[str], references: list[str], language: str = "en") -> float:
     """Corpus BLEU-4 (sacrebleu, 0-100): the standard `13a` tokenizer, `zh` for Chinese."""
+    import sacrebleu
+
     return sacrebleu.corpus_bleu(predictions, [references], tokenize="zh" if language == "zh" else "13a").score
 
 

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -20,6 +21,8 @@ from .config import (
     DType,
     KbitPreparation,
     Kernels,
+    LoraInit,
+    LoraVariant,
     ModelConfig,
     QuantizationConfig,
     QuantMethod,
@@ -347,10 +350,66 @@ def memory_footprint_gib(model) -> float:
 def lora_config(cfg: Config):
     from peft import LoraConfig as PeftLoraConfig
 
-    targets = list(cfg.lora.target_modules)
-    return PeftLoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+    lora = cfg.lora
+    targets = list(lora.target_modules)
+    # loftq starts from PEFT's default and is set by loftq_init after the model is wrapped: PEFT's own LoftQ paths
+    # compute on CUDA only and leave out the alpha / r scale (exact only where alpha = r)
+    init = {LoraInit.gaussian: "gaussian", LoraInit.pissa: "pissa"}.get(lora.init, True)
+    return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                           target_modules="all-linear" if targets == ["all-linear"] else targets,
-                          bias=cfg.lora.bias.value, task_type="CAUSAL_LM")
+                          bias=lora.bias.value, use_dora=lora.variant is LoraVariant.dora, use_rslora=lora.rslora,
+                          init_lora_weights=init, task_type="CAUSAL_LM")
+
+
+def full_precision_weights(path: str):
+    """name -> safetensors file, for every tensor of the model at `path` (a local folder or a cached hub id)."""
+    from safetensors import safe_open
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(path, allow_patterns=["*.safetensors"], local_files_only=True))
+    files = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            files |= dict.fromkeys(f.keys(), file)
+    if not files:
+        raise ConfigError(f"lora.init=loftq reads the full-precision weights from safetensors files, and {folder} "
+                          f"has none; save the model as safetensors or use another lora.init.")
+    return files
+
+
+@torch.no_grad()
+def loftq_init(peft_model, path: str, adapter: str = "default") -> int:
+    """LoftQ (one step) on a bitsandbytes 4-bit base: B·A·scale = the best rank-r fit (SVD) of W - dequantize(Q(W)),
+    W read from the model's safetensors files one layer at a time. Returns how many layers were initialised."""
+    import bitsandbytes as bnb
+    from safetensors import safe_open
+
+    files = full_precision_weights(path)
+    prefix = getattr(peft_model.get_base_model(), "base_model_prefix", "")
+    count = 0
+    for name, module in peft_model.named_modules():
+        if not (hasattr(module, "lora_A") and adapter in module.lora_A):
+            continue
+        base = module.get_base_layer()
+        if not isinstance(base, bnb.nn.Linear4bit):
+            continue
+        key = name.removeprefix("base_model.model.") + ".weight"
+        if key not in files and key.removeprefix(prefix + ".") in files:
+            key = key.removeprefix(prefix + ".")
+        with safe_open(files[key], framework="pt", device="cpu") as f:
+            weight = f.get_tensor(key).to(base.weight.device, torch.float32)
+        quantized = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).float()
+        u, s, vh = torch.linalg.svd(weight - quantized, full_matrices=False)
+        r, scale = module.r[adapter], module.scaling[adapter]
+        root = s[:r].div(scale).sqrt()
+        a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+        a.copy_((root[:, None] * vh[:r]).to(a.dtype))
+        b.copy_((u[:, :r] * root[None]).to(b.dtype))
+        count += 1
+    return count
 
 
 def attach_lora(model, cfg: Config):
@@ -370,9 +429,15 @@ def attach_lora(model, cfg: Config):
         # frozen inputs need no requires_grad trick. Also turns on input grads (the embedding is frozen).
         model.activation_checkpointing_enable(**checkpointing)
     try:
-        return get_peft_model(model, lora_config(cfg))
+        model = get_peft_model(model, lora_config(cfg))
     except ValueError as e:
         raise ConfigError(f"lora.target_modules={list(cfg.lora.target_modules)} does not fit this model: {e}") from None
+    if cfg.lora.init is LoraInit.loftq:
+        t0 = time.perf_counter()
+        layers = loftq_init(model, model_path(cfg))
+        print(f"lora.init=loftq: {layers} adapted 4-bit layers start from their quantization error's rank-"
+              f"{cfg.lora.r} fit ({time.perf_counter() - t0:.1f} s)", flush=True)
+    return model
 
 
 def liger_kernels(cfg: Config, model_type: str) -> bool:
@@ -380,9 +445,6 @@ def liger_kernels(cfg: Config, model_type: str) -> bool:
     choice = cfg.train.kernels
     if choice is Kernels.none or not torch.cuda.is_available():
         return False  # validate() has already refused train.kernels=liger without CUDA
-    if fsdp_enabled():  # validate() has refused an explicit liger: its fused cross-entropy reads the sharded LM head
-        log.info("Liger kernels off under FSDP: the fused cross-entropy needs the whole LM head")
-        return False
     if importlib.util.find_spec("liger_kernel") is None:
         if choice is Kernels.auto:
             log.info("Liger kernels off: liger-kernel is not installed (pip install liger-kernel)")
@@ -396,6 +458,28 @@ def liger_kernels(cfg: Config, model_type: str) -> bool:
         log.info("Liger kernels off: no Liger support for model type %s", model_type)
         return False
     return True
+
+
+def gather_lm_head_for_fused_loss(model) -> None:
+    """Liger's fused cross-entropy reads `lm_head.weight` without calling the LM head, so under FSDP2 (which gathers a
+    sharded module's weights only when the module itself runs) it would get the local shard. Gather the LM head for
+    the causal LM's forward and free it after: the loss computes its input gradient in the forward, and the LM head
+    is frozen, so the backward needs no weight."""
+    from torch.distributed.fsdp import FSDPModule
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = causal_lm.get_output_embeddings()
+
+    def gather(module, args):
+        if isinstance(head, FSDPModule):  # sharded by the Trainer's prepare, after these hooks were registered
+            head.unshard()
+
+    def free(module, args, output):
+        if isinstance(head, FSDPModule):
+            head.reshard()
+
+    causal_lm.register_forward_pre_hook(gather)
+    causal_lm.register_forward_hook(free)
 
 
 def count_params(model) -> tuple[int, int]:

@@ -48,8 +48,9 @@ QUALITY = [("eval_perplexity", "perplexity"), ("base_perplexity", "base perplexi
            ("eval_bleu4", "BLEU-4"), ("eval_accuracy", "accuracy"), ("base_accuracy", "base accuracy")]
 # Each job compared with the LoRA job (quantization=none) that differs from it only in quantization.
 RATIOS = ["time_ratio", "lora_speedup", "memory_ratio"]
-COLUMNS = ["job", "status", "error", "group", "recipe", "quantization", "dataset_size", "model", "max_seq_length", "pack",
-           "batch_size", "grad_accum", "gradient_checkpointing", "seed", "data_seed", "device", "objective",
+COLUMNS = ["job", "status", "error", "group", "recipe", "quantization", "lora", "dataset_size", "model", "max_seq_length",
+           "pack", "batch_size", "memory_cap_gib", "grad_accum", "gradient_checkpointing", "seed", "data_seed", "device",
+           "objective",
            *METRICS, *RATIOS]
 RATIO_NOTE = ("wall s: the job from its start to its end (data, model load, evaluation before and after, training, "
               "saving; not the process start-up); "
@@ -57,7 +58,8 @@ RATIO_NOTE = ("wall s: the job from its start to its end (data, model load, eval
               "time ÷ LoRA: this job's wall time ÷ the LoRA job's. LoRA speed-up: LoRA's tokens/s ÷ this job's "
               "(above 1: LoRA trains faster). memory ÷ LoRA: this job's peak memory ÷ the LoRA job's (below 1: "
               "it needs less). Peak memory is `torch.cuda.max_memory_allocated` on a GPU, the job process's peak "
-              "RSS on a CPU; tokens/s counts real (non-padding) tokens over the timed steps (warm-up left out).")
+              "RSS on a CPU, up to the end of training where the job trained (a later evaluate stage is left out); "
+              "tokens/s counts real (non-padding) tokens over the timed steps (warm-up left out).")
 
 
 # ---------------------------------------------------------------- reading the jobs
@@ -89,25 +91,69 @@ def job_row(job_dir: Path) -> dict:
     hardware = info.get("hardware", {})
     row = {
         "job": job_dir.name, "status": status, "error": error,
-        "quantization": str(OmegaConf.select(cfg, "quantization.method")),
+        "quantization": str(OmegaConf.select(cfg, "quantization.method")), "lora": lora_label(cfg),
         "recipe": OmegaConf.select(cfg, "recipe", default="paper"),  # runs from before recipes existed: the paper's
         "dataset_size": OmegaConf.select(cfg, "dataset.size"),
         "model": OmegaConf.select(cfg, "model.name_or_path"), "dataset": OmegaConf.select(cfg, "dataset.name"),
         "max_seq_length": OmegaConf.select(cfg, "dataset.max_seq_length"),
         "pack": OmegaConf.select(cfg, "dataset.pack", default=False),
         "batch_size": OmegaConf.select(cfg, "train.batch_size"), "grad_accum": OmegaConf.select(cfg, "train.grad_accum"),
+        # sweep.equal_memory's jobs: QLoRA with batch_size=auto under LoRA's measured peak (qlora_lab/decision.py)
+        "memory_cap_gib": OmegaConf.select(cfg, "train.memory_cap_gib", default=None),
         "gradient_checkpointing": OmegaConf.select(cfg, "train.gradient_checkpointing"),
         "seed": OmegaConf.select(cfg, "train.seed"), "data_seed": OmegaConf.select(cfg, "dataset.seed"),
         "device": hardware.get("gpu") or hardware.get("device", ""),
     }
     row |= {column: metrics.get(key) for column, key in METRICS.items()}
+    # a job that trained and then evaluated or merged: its training's peak is the one to compare
+    row["peak_gib"] = metrics.get("memory/train_peak_gib", row["peak_gib"])
     # what `python -m qlora_lab` returned: the number a search optimizes (objective.metric, eval/loss by default)
     row["objective"] = metrics.get(OmegaConf.select(cfg, "objective.metric", default="eval/loss"))
     row["_direction"] = OmegaConf.select(cfg, "objective.direction", default="minimize")
     row["_overrides"] = _overrides(job_dir)
     row["_curve"] = metrics.get("eval/curve") or []  # [{step, tokens, train_s, loss}]: qlora_lab/decision.py
     row["_info"] = info
+    row["equal_memory"] = row["memory_cap_gib"] is not None
     return row
+
+
+def lora_label(cfg) -> str:
+    """The adapter a job trained, e.g. `LoRA r16`, `DoRA r16`, `rsLoRA r64`, `LoRA r16, loftq init`."""
+    def value(key: str, default):
+        found = OmegaConf.select(cfg, key, default=default)
+        return getattr(found, "value", found)  # an enum member in a composed config, its name in a saved one
+
+    if value("lora.r", None) is None:  # a job folder whose config has no lora group
+        return "-"
+    rslora, dora = value("lora.rslora", False), value("lora.variant", "lora") == "dora"
+    name = ("rsDoRA" if rslora else "DoRA") if dora else "rsLoRA" if rslora else "LoRA"
+    init = value("lora.init", "default")
+    return f"{name} r{OmegaConf.select(cfg, 'lora.r')}" + ("" if init == "default" else f", {init} init")
+
+
+def variants(done: list[dict]) -> list[str]:
+    """Quality, time and memory per adapter variant, each against the plain LoRA job (quantization=none) of the
+    same data size and seed; only for sweeps whose jobs train different adapters."""
+    if len({(r["quantization"], r["lora"]) for r in done}) < 2 or len({r["lora"] for r in done}) < 2:
+        return []
+    lines = ["", "## LoRA variants", "",
+             "| data size | seed | mode | adapter | trainable | eval loss before | eval loss | perplexity | wall s "
+             "| train s | tokens/s | peak GiB | time ÷ LoRA | memory ÷ LoRA |",
+             "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    plain = lambda b: b["lora"].startswith("LoRA r") and "," not in b["lora"]  # noqa: E731 (no DoRA, rsLoRA, init)
+    for r in done:
+        lora = next((b for b in done if b["quantization"] == "none" and plain(b)
+                     and (b["dataset_size"], b["seed"]) == (r["dataset_size"], r["seed"])), None)
+        time_ratio = _ratio(r["wall_s"], lora["wall_s"]) if lora else None
+        memory_ratio = _ratio(r["peak_gib"], lora["peak_gib"]) if lora else None
+        lines.append(f"| {r['dataset_size'] or 'all'} | {r['seed']} | {_mode(r['quantization'])} | {r['lora']} "
+                     f"| {_fmt(r['trainable_params'], 0, True)} | {_fmt(r['eval_loss_before'], 4)} "
+                     f"| {_fmt(r['eval_loss'], 4)} | {_fmt(r['eval_perplexity'])} | {_fmt(r['wall_s'], 1)} "
+                     f"| {_fmt(r['train_s'], 1)} | {_fmt(r['tokens_per_s'], 0, True)} | {_fmt(r['peak_gib'])} "
+                     f"| {_fmt(time_ratio)} | {_fmt(memory_ratio)} |")
+    lines += ["", "eval loss before: the model as the adapter starts (LoftQ's start is not the quantized base); "
+              "time and memory ÷ LoRA: against the plain LoRA job of the same data size and seed."]
+    return lines
 
 
 def search_settings(sweep_dir: Path) -> dict | None:
@@ -127,10 +173,12 @@ def _ratio(a, b):
 
 
 def add_groups_and_ratios(rows: list[dict]) -> None:
-    """Group jobs that differ only in quantization; compare each with its group's LoRA job."""
-    keys = {k for r in rows for k in r["_overrides"]}
-    varying = sorted(k for k in keys - {"quantization", "dataset.size"}
-                     if len({r["_overrides"].get(k) for r in rows}) > 1)
+    """Group jobs that differ only in quantization; compare each with its group's LoRA job. An equal-memory job
+    joins the group of its QLoRA job (its batch and cap are what it measures, not a setting of the cell)."""
+    base = [r for r in rows if not r.get("equal_memory")] or rows
+    keys = {k for r in base for k in r["_overrides"]}
+    varying = sorted(k for k in keys - {"quantization", "dataset.size", "train.memory_cap_gib"}
+                     if len({r["_overrides"].get(k) for r in base}) > 1)
     for r in rows:
         size = "all" if r["dataset_size"] is None else str(r["dataset_size"])
         for key, keys in (("group", varying), ("cell", [k for k in varying if k != "train.seed"])):
@@ -153,14 +201,15 @@ def collect(sweep_dir: Path) -> list[dict]:
 
 # ---------------------------------------------------------------- writing
 
-def _mode(quantization: str) -> str:
-    return "LoRA" if quantization == "none" else f"QLoRA {quantization}"
+def _mode(quantization: str, row: dict | None = None) -> str:
+    return decision.mode(quantization) + (" at equal memory" if row and row.get("equal_memory") else "")
 
 
 def _order(rows: list[dict]) -> list[dict]:
     """By data size, then LoRA first and the quantized modes after it."""
     size = lambda r: (r["dataset_size"] is None, r["dataset_size"] or 0)  # noqa: E731
-    return sorted(rows, key=lambda r: (*size(r), r["group"], r["quantization"] != "none", r["quantization"]))
+    return sorted(rows, key=lambda r: (*size(r), r["group"], r["quantization"] != "none", r["quantization"],
+                                       r.get("equal_memory", False)))
 
 
 def _fmt(value, digits: int = 2, thousands: bool = False) -> str:
@@ -213,7 +262,7 @@ def markdown(rows: list[dict], sweep_dir: Path, target_gap: float = decision.TAR
     ]
     for r in _order(done):
         lines.append(
-            f"| {r['group']} | {_mode(r['quantization'])} | {r['train_steps'] or '–'} | {_fmt(r['wall_s'], 1)} "
+            f"| {r['group']} | {_mode(r['quantization'], r)} | {r['train_steps'] or '–'} | {_fmt(r['wall_s'], 1)} "
             f"| {_fmt(r['train_s'], 1)} | {_fmt(r['tokens_per_s'], 0, True)} | {_fmt(r['footprint_gib'])} "
             f"| {_fmt(r['peak_gib'])} "
             f"| {_fmt(r['eval_loss'], 4)} | {_fmt(r['time_ratio'])} | {_fmt(r['lora_speedup'])} "
@@ -225,8 +274,9 @@ def markdown(rows: list[dict], sweep_dir: Path, target_gap: float = decision.TAR
         lines += ["", "## Quality", "",
                   "| data size | mode | " + " | ".join(label for _, label in quality) + " |",
                   "| --- | --- |" + " ---: |" * len(quality)]
-        lines += [f"| {r['group']} | {_mode(r['quantization'])} | " + " | ".join(_fmt(r[c]) for c, _ in quality) + " |"
+        lines += [f"| {r['group']} | {_mode(r['quantization'], r)} | " + " | ".join(_fmt(r[c]) for c, _ in quality) + " |"
                   for r in _order(done)]
+    lines += variants(done)
     if failed:
         lines += ["", "## Failed jobs", "", "| job | error |", "| --- | --- |"]
         lines += [f"| {r['job']} | {str(r['error']).replace('|', '/').splitlines()[0] if r['error'] else '?'} |"
@@ -289,7 +339,7 @@ def performance(done: list[dict]) -> list[str]:
     for r in _order(done):
         spread = " / ".join(_fmt(r[k], 3) for k in ("step_time_min_s", "step_time_median_s", "step_time_max_s"))
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "–"
-        lines.append(f"| {r['group']} | {_mode(r['quantization'])} | {r['batch_size_used'] or r['batch_size']} "
+        lines.append(f"| {r['group']} | {_mode(r['quantization'], r)} | {r['batch_size_used'] or r['batch_size']} "
                      f"| {_fmt(r['tokens_per_s_per_gpu'], 0, True)} | {spread} | {mfu} | {_fmt(r['peak_gib'])} "
                      f"| {_fmt(r['peak_reserved_gib'])} |")
     peak = next((r["peak_tflops"] for r in done if r["peak_tflops"]), None)
@@ -306,7 +356,7 @@ def performance(done: list[dict]) -> list[str]:
             paper = next((p for p in done if p["recipe"] == "paper" and p["quantization"] == r["quantization"]
                           and p["group"] == r["group"].replace("recipe=fast", "recipe=paper")), None)
             if paper:
-                lines.append(f"| {r['group']} | {_mode(r['quantization'])} | {_fmt(paper['tokens_per_s'], 0, True)} "
+                lines.append(f"| {r['group']} | {_mode(r['quantization'], r)} | {_fmt(paper['tokens_per_s'], 0, True)} "
                              f"| {_fmt(r['tokens_per_s'], 0, True)} | {_fmt(_ratio(r['tokens_per_s'], paper['tokens_per_s']))} "
                              f"| {_fmt(paper['peak_gib'])} | {_fmt(r['peak_gib'])} |")
     return lines
@@ -322,7 +372,7 @@ def plots(rows: list[dict], sweep_dir: Path) -> None:
     series: dict[str, list[dict]] = {}
     for r in done:
         other = r["group"].partition(" (")[2].rstrip(")")
-        series.setdefault(_mode(r["quantization"]) + (f" ({other})" if other else ""), []).append(r)
+        series.setdefault(_mode(r["quantization"], r) + (f" ({other})" if other else ""), []).append(r)
 
     def x(r):
         return r["dataset_size"] if r["dataset_size"] is not None else r["train_examples"]

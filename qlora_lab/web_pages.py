@@ -187,6 +187,30 @@ def sweep_dirs(output_dir: str | Path) -> list[Path]:
     return sorted((p.parent for p in output_dir.rglob("summary.md")), key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def sweep_page(sweep_dir: Path) -> tuple[str, list[Path]]:
-    """(summary.md's text, the report's PNG plots)."""
-    return (sweep_dir / "summary.md").read_text(), sorted(sweep_dir.glob("*.png"))
+CARD, CARD_PLOT = "decision.md", "decision.png"  # qlora_lab/report.py writes them next to summary.md
+_JOB_LINK = re.compile(r"\[(\d+)\]\(<[^>]*>\)")  # the card's `[3](<3_quantization=nf4,...>)`: a job folder
+
+
+def _inside(sweep_dir: Path, name: str) -> Path | None:
+    """The sweep's own file `name`, or None: a link that leads out of the sweep folder is not shown."""
+    path = sweep_dir / name
+    return path if path.is_file() and path.resolve().is_relative_to(sweep_dir.resolve()) else None
+
+
+def sweep_page(sweep_dir: Path) -> dict:
+    """The decision card (decision.md as the page shows it, and decision.png) when the sweep has one, summary.md
+    less the card (shown once, on top), and the report's other PNG plots. Only files inside the sweep folder."""
+    summary = (sweep_dir / "summary.md").read_text()
+    card_file = _inside(sweep_dir, CARD)
+    card = None
+    if card_file:
+        # the page cannot open the job folders the card links to: it names them by job number (the Runs page lists
+        # them as <sweep>/<number>_...), and shows the card's PNG beside the text
+        lines = [line for line in card_file.read_text().splitlines() if not line.startswith(f"![decision]({CARD_PLOT})")]
+        card = _JOB_LINK.sub(r"`\1`", "\n".join(lines))
+        head, found, rest = summary.partition("## Decision: LoRA vs QLoRA")
+        if found:
+            summary = head + ("## " + rest.split("\n## ", 1)[1] if "\n## " in rest else "")
+    plots = [p for p in sorted(sweep_dir.glob("*.png")) if _inside(sweep_dir, p.name)]
+    card_plot = _inside(sweep_dir, CARD_PLOT) if card else None
+    return {"card": card, "card_plot": card_plot, "summary": summary, "plots": [p for p in plots if p != card_plot]}

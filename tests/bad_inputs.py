@@ -25,6 +25,11 @@ BAD_INPUTS = [
     ("zero prompts", ["pipeline=infer", "inference.num_prompts=0"], ["inference.num_prompts"]),
     ("web port out of range", ["pipeline=web", "web.port=70000"], ["web.port", "65535"]),
     ("zero repeats", ["sweep.repeats=0"], ["sweep.repeats", "1 or more"]),
+    ("memory cap without the batch search", ["train.memory_cap_gib=2"], ["train.memory_cap_gib=2", "train.batch_size=auto"]),
+    ("negative memory cap", ["train.batch_size=auto", "train.memory_cap_gib=-1"], ["train.memory_cap_gib", "positive"]),
+    ("zero auto batch start", ["train.batch_size=auto", "train.auto_batch_start=0"], ["train.auto_batch_start"]),
+    ("equal memory against an auto batch", ["sweep.equal_memory=true", "train.batch_size=auto"],
+     ["sweep.equal_memory", "train.batch_size=auto", "set train.batch_size to a number"]),
     ("custom dataset without a path", ["dataset=custom"], ["dataset.path", "dataset=custom"]),
     ("negative int8 threshold", ["quantization=int8", "quantization.int8_threshold=-1"],
      ["quantization.int8_threshold", "0 or more"]),
@@ -125,6 +130,19 @@ BAD_INPUTS = [
     ("web app on every interface without a login", ["pipeline=web", "web.host=0.0.0.0"],
      ["web.host=0.0.0.0", "web.auth=USER:PASSWORD"]),
     ("web login without a password", ["pipeline=web", "web.auth=me"], ["web.auth", "USER:PASSWORD"]),
+    # LoRA variants and initialisations (issue 25): what PEFT and bitsandbytes cannot do
+    ("LoftQ without a 4-bit base", ["quantization=none", "lora.init=loftq"],
+     ["lora.init=loftq", "quantization=none", "quantization=nf4"]),
+    ("LoftQ on an int8 base", ["quantization=int8", "lora.init=loftq"], ["lora.init=loftq", "quantization=int8"]),
+    ("PiSSA on a 4-bit base", ["quantization=nf4", "lora.init=pissa"],
+     ["lora.init=pissa", "quantization=nf4", "quantization=none", "lora.init=loftq"]),
+    ("DoRA on an int8 base", ["quantization=int8", "lora.variant=dora"],
+     ["lora.variant=dora", "quantization=int8", "quantization=nf4", "lora.variant=lora"]),
+    ("DoRA from a PiSSA start", ["quantization=none", "lora.variant=dora", "lora.init=pissa"],
+     ["lora.variant=dora", "lora.init=pissa", "lora.init=default"]),
+    ("DoRA from a LoftQ start", ["lora.variant=dora", "lora.init=loftq"], ["lora.variant=dora", "lora.init=loftq"]),
+    ("fused LoRA layers with DoRA", ["train.lora_layers=fused", "lora.variant=dora"],
+     ["train.lora_layers=fused", "lora.variant=dora has no fused form", "train.lora_layers=auto"]),
 ]
 
 

@@ -18,13 +18,16 @@ from .conftest import CONF
 FIXTURE = CONF.parent / "tests" / "fixtures" / "composed_configs.json"
 # Fields added to the schema after the fixture was recorded: present in every composed config, so left out here.
 ADDED = ["objective", "web", "sweep"]
+# Groups outside the root defaults list, added with +GROUP=OPTION (conf/qlora_variant: the qlora_variants sweep).
+ADDED_GROUPS = ["qlora_variant"]
 
 
 def cases() -> list[str]:
     """"" (the plain default), +experiment=NAME for every experiment, GROUP=OPTION for every option of every group."""
     out = [""] + [f"+experiment={p.stem}" for p in sorted((CONF / "experiment").glob("*.yaml"))]
     for group in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name not in ("experiment", "hydra")):
-        out += [f"{group.name}={p.stem}" for p in sorted(group.glob("*.yaml"))]
+        added = "+" if group.name in ADDED_GROUPS else ""
+        out += [f"{added}{group.name}={p.stem}" for p in sorted(group.glob("*.yaml"))]
     return out
 
 

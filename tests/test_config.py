@@ -94,6 +94,7 @@ TYPOS = [
     ("eval.metrics=[rouge,bleuu]", "bleuu"), ("eval.modes=[bse]", "bse"), ("eval.language=fr", "fr"),
     ("eval.max_sample=3", "max_sample"),
     ("+experiment=gsm8", "gsm8"),
+    ("lora.variant=vera", "vera"), ("lora.init=pisa", "pisa"), ("+qlora_variant=dora", "dora"),
 ]
 
 

@@ -11,7 +11,8 @@ import pytest
 import yaml
 from omegaconf import OmegaConf, open_dict
 
-from qlora_lab import callbacks
+from hydra_plugins.qlora_lab_launcher.equal_memory_sweeper import measured_peak
+from qlora_lab import callbacks, report
 from qlora_lab.decision import interval
 from qlora_lab.report import main as report_main
 from qlora_lab.report import write_report
@@ -78,6 +79,16 @@ def test_card_gives_a_verdict_per_size_and_the_size_from_which_qlora_is_within_n
     # over the seeds: LoRA's eval loss at size 8 is 1.92, 1.93, 1.94 -> 1.93 ± t(0.975, 2)·0.01/√3
     m, h = interval([1.92, 1.93, 1.94])
     assert f"| 8 | LoRA | 3 | {m:.4f} ± {h:.4f} |" in summary
+
+
+def test_the_report_compares_training_peaks_not_a_later_stage_s(tmp_path):
+    """A job that trained and then evaluated: its evaluation's peak (generation, perplexity) must not stand for the
+    memory the mode needs to train."""
+    name = add_job(tmp_path, 0, "nf4", 8, 42, 1.0, 10.0, peak=12.0)
+    metrics = tmp_path / name / "metrics.json"
+    metrics.write_text(json.dumps(json.loads(metrics.read_text()) | {"memory/train_peak_gib": 2.5}))
+    assert report.job_row(tmp_path / name)["peak_gib"] == 2.5
+    assert measured_peak(tmp_path / name) == 2.5
 
 
 def test_single_seed_gives_figures_but_no_verdict(tmp_path):
@@ -202,6 +213,9 @@ def test_verify_refuses_a_folder_that_is_not_a_sweep_an_unknown_cell_and_a_cell_
         tmp_path, capsys):
     from qlora_lab.report import main
 
+    assert main(["verify", str(tmp_path / "gone")]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'gone'} is not a folder; pass a sweep dir "
+                                       f"(outputs/multirun/<name>/<time>).\n")
     assert main(["verify", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path} is not a sweep: it holds no job folders (none with .hydra/config.yaml).\n"
     fake_sweep(tmp_path, {8: [0.0, 0.0]})
@@ -243,3 +257,143 @@ def test_verify_compares_the_rerun_with_the_recorded_interval(tmp_path, monkeypa
     assert qlora.endswith("| yes |" if inside else "| no: drift |")
     assert next(line for line in text.splitlines() if line.startswith("| LoRA | eval loss |")).endswith("| yes |")
     assert len(list((tmp_path / "verify").glob("*/verify.md"))) == 1
+
+
+# ---------------------------------------------------------------- equal memory (sweep.equal_memory)
+
+def add_equal_memory_job(sweep_dir, num: int, size: int, seed: int, cap: float, batch: int, peak: float,
+                         tokens_per_s: float, curve_: list | None = None, status: str = "completed") -> str:
+    """The job the equal-memory sweeper adds: the QLoRA job's overrides + batch_size=auto under LoRA's peak."""
+    name = add_job(sweep_dir, num, "nf4", size, seed, 2.0, 11.0, peak, status=status, curve=curve_)
+    extra = ["train.batch_size=auto", f"train.memory_cap_gib={cap}"]
+    job = sweep_dir / name
+    new = job.with_name(f"{name},{','.join(extra)}")
+    job.rename(new)
+    (new / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(yaml.safe_load(
+        (new / ".hydra" / "overrides.yaml").read_text()) + extra))
+    cfg = yaml.safe_load((new / ".hydra" / "config.yaml").read_text())
+    cfg["train"] |= {"batch_size": "auto", "memory_cap_gib": cap}
+    (new / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    m = json.loads((new / "metrics.json").read_text()) | {"train/batch_size": batch, "train/tokens_per_s": tokens_per_s}
+    (new / "metrics.json").write_text(json.dumps(m))
+    return new.name
+
+
+def test_equal_memory_jobs_take_the_cap_from_the_lora_job_of_the_same_size_and_seed(tmp_path):
+    from types import SimpleNamespace
+
+    from hydra_plugins.qlora_lab_launcher.equal_memory_sweeper import equal_memory_jobs
+
+    def job(name, overrides, peak=None, status="completed"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run.json").write_text(json.dumps({"status": status}))
+        (tmp_path / name / "metrics.json").write_text(json.dumps({} if peak is None else {"memory/peak_gib": peak}))
+        return SimpleNamespace(overrides=overrides, working_dir=str(tmp_path / name))
+
+    common = ["model=tiny_random", "train.batch_size=4"]
+    jobs = [job("0", ["quantization=none", "dataset.size=8", "train.seed=42", *common], peak=1.23456),
+            job("1", ["quantization=none", "dataset.size=8", "train.seed=43", *common], peak=1.5),
+            job("2", ["quantization=none", "dataset.size=16", "train.seed=42", *common], status="failed"),
+            job("3", ["quantization=nf4", "dataset.size=8", "train.seed=42", *common], peak=1.0),
+            job("4", ["quantization=nf4", "dataset.size=8", "train.seed=43", *common], peak=1.1),
+            job("5", ["quantization=nf4", "dataset.size=16", "train.seed=42", *common], peak=1.1)]
+    extra, skipped = equal_memory_jobs(jobs)
+    assert extra == [["quantization=nf4", "dataset.size=8", "train.seed=42", "model=tiny_random",
+                      "train.batch_size=auto", "train.memory_cap_gib=1.2345"],  # never above LoRA's peak
+                     ["quantization=nf4", "dataset.size=8", "train.seed=43", "model=tiny_random",
+                      "train.batch_size=auto", "train.memory_cap_gib=1.5"]]
+    assert skipped == ["no equal-memory job for quantization=nf4 dataset.size=16 train.seed=42 model=tiny_random "
+                       "train.batch_size=4: its LoRA job (quantization=none) did not complete with a measured peak"]
+
+
+def test_equal_memory_puts_its_sweeper_in_place(tmp_path):
+    cfg = config_for(tmp_path, "sweep.equal_memory=true")
+    callbacks.SweepReport().on_multirun_start(cfg)
+    assert cfg.hydra.sweeper._target_ == callbacks.EQUAL_MEMORY_SWEEPER
+    cfg = config_for(tmp_path)
+    callbacks.SweepReport().on_multirun_start(cfg)
+    assert cfg.hydra.sweeper._target_ == callbacks.BASIC_SWEEPER
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["quantization=nf4"], "sweep.equal_memory caps QLoRA at LoRA's measured peak, so the sweep needs both: sweep "
+                           "quantization=none,nf4 (this sweep runs quantization=nf4 only)."),
+    (["hydra/sweeper=optuna"], "sweep.equal_memory works with the basic sweeper only (this sweep uses "
+                               "OptunaSweeper)."),
+])
+def test_equal_memory_refused_with_one_sentence(tmp_path, capsys, overrides, message):
+    cfg = config_for(tmp_path, "sweep.equal_memory=true", *overrides)
+    if overrides == ["quantization=nf4"]:  # given on the command line: a single value for the whole sweep
+        with open_dict(cfg.hydra):
+            del cfg.hydra.sweeper.params["quantization"]
+    with pytest.raises(SystemExit) as stop:
+        callbacks.SweepReport().on_multirun_start(cfg)
+    assert stop.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_card_gives_throughput_and_time_to_target_at_equal_memory_beside_equal_batch(tmp_path):
+    # size 8, seeds 42 and 43: LoRA ends at 2.0 (target 2.04); QLoRA at LoRA's batch needs 3 evaluations (300
+    # tokens, 6 s), QLoRA at equal memory (batch 12 under LoRA's 3.0 GiB) gets there at 300 tokens in 3 s
+    num = 0
+    for seed in (42, 43):
+        add_job(tmp_path, num, "none", 8, seed, 2.0, 10.0, LORA_PEAK, curve=curve(3.0, 2.5, 2.0))
+        add_job(tmp_path, num + 1, "nf4", 8, seed, 2.0 + 0.01 * (seed - 42), 12.0, QLORA_PEAK,
+                curve=curve(3.0, 2.6, 2.3, 2.02))
+        num += 2
+    spent = [add_equal_memory_job(tmp_path, num + i, 8, seed, LORA_PEAK, 12, 2.9, tps,
+                                  curve_=[{"step": s, "tokens": 150 * s, "train_s": 1.5 * s, "loss": loss}
+                                          for s, loss in enumerate((3.0, 2.4, 2.03))])
+             for i, (seed, tps) in enumerate(((42, 300.0), (43, 320.0)))]
+    summary = write_report(tmp_path)
+    card = (tmp_path / "decision.md").read_text()
+    # the equal-memory jobs are neither pairs nor cells of the equal-batch verdict
+    assert "| 8 | QLoRA nf4 | 2 |" in next(line for line in card.splitlines() if line.startswith("| 8 | QLoRA nf4 | 2"))
+    assert "### Equal memory: QLoRA spends what it saves on a larger batch" in card
+    rows = {line.split(" | ")[1]: line for line in card.split("### Equal memory", 1)[1].splitlines()
+            if line.startswith("| 8 |")}
+    assert set(rows) == {"LoRA", "QLoRA nf4", "QLoRA nf4 at equal memory"}
+    assert rows["LoRA"].startswith("| 8 | LoRA | 4 | 3.00 ± 0.00 | – | 100 ± 0 | 2 of 2 | 200 ± 0 | 4.0 ± 0.0 |")
+    assert rows["QLoRA nf4"].startswith("| 8 | QLoRA nf4 | 4 | 2.00 ± 0.00 | – | 100 ± 0 | 2 of 2 | 300 ± 0 | 6.0 ± 0.0 |")
+    tps, half = interval([300.0, 320.0])
+    assert rows["QLoRA nf4 at equal memory"].startswith(
+        f"| 8 | QLoRA nf4 at equal memory | 12 | 2.90 ± 0.00 | 3.00 ± 0.00 | {tps:,.0f} ± {half:,.0f} | 2 of 2 "
+        f"| 300 ± 0 | 3.0 ± 0.0 |")
+    assert all(f"(<{name}>)" in rows["QLoRA nf4 at equal memory"] for name in spent)
+    # the per-job table names them, in the same group as their QLoRA job
+    assert "| 8 (train.seed=42) | QLoRA nf4 at equal memory |" in summary.split("## LoRA vs QLoRA per data size", 1)[1]
+
+
+def test_an_equal_memory_job_that_found_no_batch_is_listed_with_its_reason(tmp_path):
+    fake_sweep(tmp_path, {8: [0.0, 0.01]})
+    name = add_equal_memory_job(tmp_path, 4, 8, 42, LORA_PEAK, 1, 9.0, 1.0, status="failed")
+    info = json.loads((tmp_path / name / "run.json").read_text())
+    info["error"] = "no batch fits under train.memory_cap_gib=3.0: batch 1 peaked at 9.000 GiB; raise the cap."
+    (tmp_path / name / "run.json").write_text(json.dumps(info))
+    write_report(tmp_path)
+    card = (tmp_path / "decision.md").read_text()
+    assert ("\n1 equal-memory jobs did not complete: 4: no batch fits under train.memory_cap_gib=3.0: batch 1 peaked "
+            "at 9.000 GiB; raise the cap.\n") in card
+    assert "| within noise |" in next(line for line in card.splitlines() if line.startswith("| 8 | QLoRA nf4 | 2 |"))
+
+
+def test_real_sweep_with_equal_memory_runs_the_capped_job_after_its_lora_job(tmp_path):
+    """sweep.equal_memory=true on the tiny model: LoRA and QLoRA at batch 4, then QLoRA again with batch_size=auto
+    under LoRA's measured peak (the CPU process's peak RSS here), launched after both have ended."""
+    sweep_dir = tmp_path / "sweep"
+    result = cli("-m", "+experiment=lora_vs_qlora", "model=tiny_random", "dataset.size=8", "dataset.eval_size=4",
+                 "dataset.max_seq_length=64", "train.max_steps=2", "train.eval_steps=1", "train.speed_skip_steps=0",
+                 "sweep.equal_memory=true", "train.auto_batch_start=8", f"hydra.sweep.dir={sweep_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(sweep_dir.glob("*/run.json"), key=lambda p: int(p.parent.name.split("_")[0]))
+    assert len(jobs) == 3
+    lora, _, spent = [json.loads((j.parent / "metrics.json").read_text()) for j in jobs]
+    infos = [json.loads(j.read_text()) for j in jobs]
+    assert infos[2]["started_at"] >= max(infos[0]["ended_at"], infos[1]["ended_at"])
+    cap = math.floor(lora["memory/train_peak_gib"] * 1e4) / 1e4
+    overrides = yaml.safe_load((jobs[2].parent / ".hydra" / "overrides.yaml").read_text())
+    assert "quantization=nf4" in overrides and overrides[-2:] == ["train.batch_size=auto", f"train.memory_cap_gib={cap}"]
+    # the batch kept stayed under the cap; every larger one tried went over it
+    assert spent["train/memory_cap_gib"] == cap and spent["memory/train_peak_gib"] <= cap
+    assert all(o["peak_gib"] > cap and o["batch"] > spent["train/batch_size"] for o in spent["train/batch_over_cap"])
+    card = (sweep_dir / "decision.md").read_text()
+    assert f"| 8 | QLoRA nf4 at equal memory | {spent['train/batch_size']} |" in card

@@ -170,3 +170,65 @@ def test_fsdp2_adapter_is_gathered_whole(tmp_path):
     out = tmp_path / "result.json"
     mp.spawn(_shard_and_gather, args=(port, str(out)), nprocs=2)
     assert json.loads(out.read_text()) == {"same": True, "tensors": 28}
+
+
+def _fused_loss_reads_lm_head(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks: the LM head sharded as its own FSDP2 unit (as accelerate does), and a loss that reads
+    `lm_head.weight` inside the causal LM's forward without calling the LM head, as Liger's fused cross-entropy does."""
+    import torch
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlora_lab.models import gather_lm_head_for_fused_loss
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    causal_lm = model.get_base_model()
+    head = causal_lm.lm_head
+    fused = {}
+
+    def fused_loss(module, args, output):  # inside the causal LM's forward, where Liger computes its loss
+        fused["logits"] = output.last_hidden_state @ head.weight.T
+
+    causal_lm.model.register_forward_hook(fused_loss)
+    mesh = init_device_mesh("cpu", (2,))
+    for layer in causal_lm.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(head, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    ids = torch.arange(12).reshape(2, 6)
+    result = {}
+    try:
+        model(input_ids=ids)
+        result["without_gather"] = "ran"
+    except RuntimeError as e:  # the local shard mixed with whole tensors
+        result["without_gather"] = "DTensor" if "DTensor" in str(e) else str(e)
+    gather_lm_head_for_fused_loss(model)
+    logits = model(input_ids=ids).logits
+    result["same_logits"] = bool(torch.allclose(fused["logits"], logits, atol=1e-6))
+    result["head_sharded_after"] = type(head.weight).__name__ == "DTensor"
+    if rank == 0:
+        Path(out).write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def test_fsdp2_fused_loss_gets_the_whole_lm_head(tmp_path):
+    """Liger's fused cross-entropy under FSDP2: the LM head is gathered for the causal LM's forward (else the loss
+    reads a shard: the GPU run failed with `mixed torch.Tensor and DTensor`) and freed after it."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "result.json"
+    mp.spawn(_fused_loss_reads_lm_head, args=(port, str(out)), nprocs=2)
+    assert json.loads(out.read_text()) == {"without_gather": "DTensor", "same_logits": True, "head_sharded_after": True}

@@ -69,3 +69,50 @@ def test_4bit_layers_stay_trainable_after_an_eval_forward():
     assert not getattr(base.base_layer.weight.quant_state, "packing_format_for_cpu", False)
     # layer 0's adapter gets a gradient only through the 4-bit layers above it (B: A starts with none, as B = 0)
     assert base.lora_B["default"].weight.grad.abs().sum() > 0
+
+
+def test_memory_cap_finds_the_largest_batch_under_it_from_the_same_start(tmp_path, monkeypatch):
+    """train.memory_cap_gib with batch_size=auto: a step over the cap counts as out of memory and the batch search
+    shrinks the batch (0.9x). The peaks are faked as a function of the batch (on a CPU the process's RSS says
+    little about a batch), so the outcome is exact: 0.5 + 0.05·batch GiB under a 1.0 GiB cap fits batch 10."""
+    seen, losses_at_start = {}, []
+    begin, evaluate = train.MemoryCap.on_train_begin, train.EvalCurve.on_evaluate
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        seen["batch"] = state.train_batch_size
+        return begin(self, args, state, control, **kwargs)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if state.global_step == 0:
+            losses_at_start.append(metrics["eval_loss"])
+        return evaluate(self, args, state, control, metrics=metrics, **kwargs)
+
+    monkeypatch.setattr(train.MemoryCap, "on_train_begin", on_train_begin)
+    monkeypatch.setattr(train.EvalCurve, "on_evaluate", on_evaluate)
+    monkeypatch.setattr(train, "peak_memory_gib", lambda: 0.5 + 0.05 * seen["batch"])
+    monkeypatch.setattr(train, "reset_peak_memory", lambda: None)
+    cfg = make_cfg([*TINY, "quantization=nf4", "train.batch_size=auto", "train.auto_batch_start=16",
+                    "train.memory_cap_gib=1.0", "train.max_steps=2"])
+    run = Run(dir=tmp_path, source=tmp_path)
+    run.start(cfg)
+    train.run(cfg, run)
+    run.finish()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["train/batch_size"] == 10 and metrics["train/memory_cap_gib"] == 1.0
+    assert metrics["train/batch_over_cap"] == [{"batch": 16, "peak_gib": 1.3}, {"batch": 14, "peak_gib": 1.2},
+                                               {"batch": 12, "peak_gib": 1.1}]
+    # each attempt began from the untrained adapter, though the ones over the cap had taken a step
+    assert len(losses_at_start) == 4 and len(set(losses_at_start)) == 1
+
+
+def test_memory_cap_that_no_batch_fits_says_so(tmp_path, monkeypatch):
+    from qlora_lab.config import ConfigError
+
+    monkeypatch.setattr(train, "peak_memory_gib", lambda: 2.5)
+    monkeypatch.setattr(train, "reset_peak_memory", lambda: None)
+    cfg = make_cfg([*TINY, "train.batch_size=auto", "train.auto_batch_start=2", "train.memory_cap_gib=0.5"])
+    run = Run(dir=tmp_path, source=tmp_path)
+    run.start(cfg)
+    with pytest.raises(ConfigError, match=r"^no batch fits under train.memory_cap_gib=0.5: batch 1 peaked at 2.500 "
+                                          r"GiB; raise the cap \(or shorten dataset.max_seq_length\).$"):
+        train.run(cfg, run)

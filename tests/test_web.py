@@ -123,9 +123,43 @@ def test_run_details_of_a_trained_run(outputs):
 def test_sweep_page_shows_the_report_and_its_plots(outputs):
     sweeps = web_pages.sweep_dirs(outputs)
     assert sweeps == [outputs / "multirun" / "demo"]
-    text, plots = web_pages.sweep_page(sweeps[0])
-    assert text == (sweeps[0] / "summary.md").read_text() and "LoRA vs QLoRA" in text
-    assert [p.name for p in plots] == ["eval_loss.png", "learning_curves.png", "peak_memory.png", "time_vs_size.png"]
+    page = web_pages.sweep_page(sweeps[0])
+    summary = (sweeps[0] / "summary.md").read_text()
+    # one LoRA job: the card says there are no pairs (and so has no plot); summary.md follows without the card
+    assert "there are no LoRA/QLoRA pairs, so no verdict" in page["card"] and page["card_plot"] is None
+    assert page["summary"].startswith("# Sweep report: demo") and "## Decision" not in page["summary"]
+    start = summary.index("## Decision")
+    assert page["summary"] == summary[:start] + summary[summary.index("\n## ", start) + 1:]
+    assert [p.name for p in page["plots"]] == ["eval_loss.png", "learning_curves.png", "peak_memory.png",
+                                               "time_vs_size.png"]
+
+
+def test_sweep_page_shows_the_decision_card_with_its_plot_and_only_files_inside_the_sweep(tmp_path):
+    from qlora_lab.report import write_report
+
+    from .test_decision import fake_sweep
+
+    sweep = tmp_path / "outputs" / "multirun" / "s"
+    jobs = fake_sweep(sweep, {8: [0.10, 0.12, 0.11], 16: [0.01, -0.01, 0.005]})
+    write_report(sweep)
+    page = web_pages.sweep_page(sweep)
+    card = page["card"]
+    assert card.startswith("# Decision: s") and "its eval loss is within noise of LoRA's from 16 examples on" in card
+    assert "![decision]" not in card and page["card_plot"] == sweep / "decision.png"
+    # the runs behind a row, by job number (the page cannot open a job folder link)
+    row8 = next(line for line in card.splitlines() if line.startswith("| 8 |"))
+    assert "](" not in row8 and all(f"`{jobs[(q, 8, seed)].split('_')[0]}`" in row8
+                                    for q in ("none", "nf4") for seed in (42, 43, 44))
+    assert [p.name for p in page["plots"]] == ["eval_loss.png", "peak_memory.png", "time_vs_size.png"]
+    assert "## Decision" not in page["summary"] and "## Over the seeds" in page["summary"]
+    # a card or plot that is a link out of the sweep folder is not read
+    secret = tmp_path / "secret.md"
+    secret.write_text("not for the page")
+    for name in ("decision.md", "decision.png", "eval_loss.png"):
+        (sweep / name).unlink()
+        (sweep / name).symlink_to(secret)
+    page = web_pages.sweep_page(sweep)
+    assert page["card"] is None and page["card_plot"] is None and "eval_loss.png" not in [p.name for p in page["plots"]]
 
 
 def test_conversation_is_rendered_as_in_training_and_trimmed_to_fit(tokenizer):
@@ -578,6 +612,7 @@ def test_sweeps_page_shows_the_report(browser):
 
     open_tab(browser, "Sweeps")
     wait_for(lambda: "Sweep report: demo" in text_of(browser, "sweep-summary"), what="the sweep's summary.md")
+    wait_for(lambda: "no LoRA/QLoRA pairs, so no verdict" in text_of(browser, "sweep-card"), what="the decision card")
     wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#sweep-plots img")) >= 3, what="the plots")
     browser.save_screenshot(str(ARTIFACTS / "sweeps.png"))
 

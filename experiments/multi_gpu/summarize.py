@@ -11,13 +11,15 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 # run -> the run of the same call whose per-step losses it should reproduce (same global batch of 4 rows)
-COMPARE = {"ddp_b2": "single_b4", "fsdp_b2": "ddp_b2", "ddp_autocast": "ddp_b2", "single_b4": "ddp_b2"}
+COMPARE = {"ddp_b2": "single_b4", "fsdp_b2": "ddp_b2", "ddp_autocast": "ddp_b2", "single_b4": "ddp_b2",
+           "fsdp_1b_liger": "fsdp_1b"}
 
 
 def rows(call: Path):
     runs = {r["run"]: r for r in map(json.loads, (call / "runs.jsonl").read_text().splitlines()) if "run" in r}
-    one = runs.get("single_b2")
-    reference = json.loads((call / "reference.jsonl").read_text().splitlines()[0])
+    one = runs.get("single_b2") or runs.get("single_1b")
+    ref_file = call / "reference.jsonl"
+    reference = json.loads(ref_file.read_text().splitlines()[0]) if ref_file.is_file() else None
     for name, r in runs.items():
         if r.get("train/tokens_per_s") is None:
             continue
@@ -32,7 +34,8 @@ def rows(call: Path):
         yield (f"| {call.name} | {name} | {gpus} | {r.get('distributed/strategy') or ('ddp' if gpus > 1 else 'one process')} | "
                f"{r['train/batch_size']} | {r['train/tokens_per_s']:,.0f} | {r['train/tokens_per_s_per_gpu']:,.0f} | "
                f"{r['train/step_time_median_s']:.3f} | {eff} | {peak:.2f} | {agree} | "
-               f"{reference['tokens_per_s']:,} tok/s, {reference['peak_gib']} GiB |")
+               + (f"{reference['tokens_per_s']:,} tok/s, {reference['peak_gib']} GiB |" if reference else
+                  "not run in this call |"))
 
 
 print("| call | run | GPUs | strategy | batch per GPU | tokens/s | tokens/s per GPU | median step s | scaling "

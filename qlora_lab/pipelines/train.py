@@ -16,13 +16,23 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 
 from ..attention import available as varlen_available
 from ..attention import use_varlen
-from ..config import Config, ConfigError, LoraLayers, PackedAttention, Precision, QuantMethod
+from ..config import (
+    Config,
+    ConfigError,
+    LoraInit,
+    LoraLayers,
+    LoraVariant,
+    PackedAttention,
+    Precision,
+    QuantMethod,
+)
 from ..data import PackedCollator, file_sha256, load_splits, mean_context, tokenize_split
-from ..distributed import fsdp_enabled, one_gpu_per_process
+from ..distributed import fsdp_enabled, is_main_process, one_gpu_per_process
 from ..fused_lora import fuse_lora
 from ..models import (
     attach_lora,
     count_params,
+    gather_lm_head_for_fused_loss,
     liger_kernels,
     load_model,
     load_tokenizer,
@@ -32,11 +42,10 @@ from ..models import (
 )
 from ..perf import flops_per_token, peak_tflops, step_time_spread
 from ..resume import Progress, last_checkpoint
-from ..rundir import Run, peak_memory_gib
+from ..rundir import Run, peak_memory_gib, reset_peak_memory
 
 log = logging.getLogger(__name__)
 PROFILE_STEPS = 3  # train.profile: optimizer steps recorded
-AUTO_BATCH_START = 64  # train.batch_size=auto tries this many rows per device first, then halves on OOM
 
 
 class StepTimer(TrainerCallback):
@@ -96,6 +105,38 @@ class EvalCurve(TrainerCallback):
             point = {"step": state.global_step, "tokens": state.num_input_tokens_seen,
                      "train_s": round(sum(self.timer.step_s), 4), "loss": metrics["eval_loss"]}
             self.points = [p for p in self.points if p["step"] != point["step"]] + [point]
+
+
+class MemoryCap(TrainerCallback):
+    """train.memory_cap_gib with train.batch_size=auto: a step whose peak memory, measured as the report measures
+    it (peak_memory_gib), is over the cap counts as out of memory, so the Trainer's batch search (accelerate's
+    find_executable_batch_size, 0.9x the batch each time) tries a smaller batch. Every attempt starts from the same
+    adapter weights (an attempt over the cap has already taken an optimizer step) and with a fresh peak."""
+
+    def __init__(self, cap_gib: float, model):
+        self.cap, self.model = cap_gib, model
+        self.start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        self.over: list[dict] = []  # the attempts over the cap: batch and peak
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if name in self.start:
+                    param.copy_(self.start[name])
+        reset_peak_memory()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        peak = peak_memory_gib()
+        if peak <= self.cap:
+            return
+        batch = state.train_batch_size
+        self.over.append({"batch": batch, "peak_gib": round(peak, 4)})
+        if batch <= 1:
+            raise ConfigError(f"no batch fits under train.memory_cap_gib={self.cap}: batch 1 peaked at {peak:.3f} GiB; "
+                              f"raise the cap (or shorten dataset.max_seq_length).")
+        # the one-argument RuntimeError naming " out of memory." that accelerate's search takes for an OOM
+        raise RuntimeError(f"batch {batch} peaked at {peak:.3f} GiB, over train.memory_cap_gib={self.cap}: "
+                           f"out of memory.")
 
 
 def utilisation(metrics: dict, model, trainable: int, context: float, peak_override: float | None) -> dict:
@@ -211,7 +252,8 @@ def lora_unfused_reason(cfg: Config) -> str | None:
         return None
     if mode is LoraLayers.peft:
         return "train.lora_layers=peft"
-    return ("no CUDA GPU" if not torch.cuda.is_available() else "FSDP" if fsdp_enabled() else
+    return ("lora.variant=dora, which the fused layers do not cover" if cfg.lora.variant is LoraVariant.dora else
+            "no CUDA GPU" if not torch.cuda.is_available() else "FSDP" if fsdp_enabled() else
             "autocast on" if t.autocast else "8-bit base" if cfg.quantization.method is QuantMethod.int8 else None)
 
 
@@ -254,6 +296,11 @@ def run(cfg: Config, run: Run):
     load_s = time.perf_counter() - t0
     footprint = memory_footprint_gib(model)
     model = attach_lora(model, cfg)
+    pissa_init = run.dir / "pissa_init" if cfg.lora.init is LoraInit.pissa else None
+    if pissa_init and not (pissa_init / "adapter_config.json").is_file() and is_main_process():
+        # the adapter as initialised: at the end, PEFT turns the trained PiSSA adapter into a plain LoRA (rank 2r)
+        # over the original weights, which every later stage loads; a resumed run re-derives the same init
+        model.save_pretrained(pissa_init)
     trainable, total = count_params(model)
     quantized = cfg.quantization.method is not QuantMethod.none
     mode = f"QLoRA ({cfg.quantization.method.value})" if quantized else "LoRA"
@@ -261,10 +308,14 @@ def run(cfg: Config, run: Run):
           f"base footprint {footprint:.3f} GiB, loaded in {load_s:.1f} s", flush=True)
     run.log({"model/load_s": load_s, "model/footprint_gib": footprint, "params/trainable": trainable,
              "params/total": total})
+    if torch.cuda.is_available():  # what loading alone took on this rank (under FSDP: before sharding)
+        run.log({"memory/load_peak_gib": torch.cuda.max_memory_allocated() / 2**30})
     # No KV cache in training: with one, transformers ignores packed position ids and lets examples attend across
     # their boundaries (recent Trainers set this too)
     model.config.use_cache = False
     liger = liger_kernels(cfg, model.config.model_type)
+    if liger and fsdp_enabled():
+        gather_lm_head_for_fused_loss(model)
     unfused = lora_unfused_reason(cfg)
     # under per-layer checkpointing a fused 4-bit layer keeps its dequantized weight from recompute to backward
     keep_weight = t.gradient_checkpointing and t.checkpoint_every_n_layers == 1 and not t.activation_offload
@@ -289,8 +340,8 @@ def run(cfg: Config, run: Run):
     args = TrainingArguments(
         output_dir=str(run.dir / "checkpoints"),
         max_steps=t.max_steps, num_train_epochs=t.epochs,
-        # batch_size=auto: accelerate's find_executable_batch_size, halving from AUTO_BATCH_START on each OOM
-        per_device_train_batch_size=AUTO_BATCH_START if auto_batch else t.batch_size,
+        # batch_size=auto: accelerate's find_executable_batch_size, 0.9x from train.auto_batch_start on each OOM
+        per_device_train_batch_size=t.auto_batch_start if auto_batch else t.batch_size,
         per_device_eval_batch_size=1 if auto_batch else t.batch_size, auto_find_batch_size=auto_batch,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate, lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_steps,
@@ -321,17 +372,19 @@ def run(cfg: Config, run: Run):
         print(single, flush=True)
     timer = StepTimer()
     curve = EvalCurve(timer)
+    cap = MemoryCap(t.memory_cap_gib, model) if auto_batch and t.memory_cap_gib is not None else None
     trainer = LabTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                       data_collator=PackedCollator(tokenizer.pad_token_id, varlen) if cfg.dataset.pack else
                       DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-                      callbacks=[timer, curve, Progress(run), LossGuard()] + ([StepProfiler(run.dir, t.speed_skip_steps)] if t.profile else []))
+                      callbacks=[timer, curve, Progress(run), LossGuard()] + ([cap] if cap else [])
+                      + ([StepProfiler(run.dir, t.speed_skip_steps)] if t.profile else []))
 
     # ---- loop
     if checkpoint:
         print(f"resuming from {checkpoint}", flush=True)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if t.eval_before:
-        # The step-0 evaluation: LoRA's B matrices start at zero, so this is exactly the base model.
+        # The step-0 evaluation: the base model where B starts at zero (lora.init=loftq starts closer to W).
         loss_before = next(h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h)
         run.log({"eval/loss_before": loss_before, "eval/perplexity_before": math.exp(loss_before)})
     eval_loss = trainer.evaluate()["eval_loss"]
@@ -341,9 +394,13 @@ def run(cfg: Config, run: Run):
              "train/loss_last": losses[-1] if losses else None, "train/steps": trainer.state.global_step,
              "train/runtime_s": result.metrics.get("train_runtime"), "train/tokens_seen": trainer.state.num_input_tokens_seen,
              "eval/loss": eval_loss, "eval/perplexity": math.exp(eval_loss),
-             "train/batch_size": batch, "train/losses": losses, "eval/curve": curve.points}
+             "train/batch_size": batch, "train/losses": losses, "eval/curve": curve.points,
+             # training's own peak: memory/peak_gib is the whole job's, later stages (evaluate, merge) included
+             "memory/train_peak_gib": peak_memory_gib()}
             | timer.summary(t.speed_skip_steps, batch * t.grad_accum * world, world))
     run.log(utilisation(run.metrics, model, trainable, mean_context(train_ds), t.peak_tflops))
+    if cap:  # the batch found under the cap, and the larger ones that went over it
+        run.log({"train/memory_cap_gib": t.memory_cap_gib, "train/batch_over_cap": cap.over})
     if trainer.accelerator.num_processes > 1:
         run.log(check_ranks_agree(model, trainer.accelerator.num_processes))
 
@@ -355,7 +412,8 @@ def run(cfg: Config, run: Run):
             model.save_pretrained(run.dir / "adapter", state_dict=adapter)
             tokenizer.save_pretrained(run.dir / "adapter")
     elif trainer.is_world_process_zero():
-        model.save_pretrained(run.dir / "adapter")
+        model.save_pretrained(run.dir / "adapter",
+                              path_initial_model_for_weight_conversion=pissa_init and str(pissa_init))
         tokenizer.save_pretrained(run.dir / "adapter")
     before = run.metrics.get("eval/loss_before")
     print(f"eval loss: {before:.4f} -> {eval_loss:.4f}" if before is not None else f"eval loss: {eval_loss:.4f}",

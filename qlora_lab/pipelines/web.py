@@ -4,7 +4,7 @@ Four pages in one Gradio app, served on web.host:web.port (this machine only by 
   Chat          streamed replies from a run in any inference mode, the history rendered as in training and chat
   Side by side  one prompt, two inference modes (base vs fine-tuned by default), with time to first token and tokens/s
   Runs          the runs under paths.output_dir; one run's config, metrics.json, evaluation table and loss curve
-  Sweeps        a sweep's summary.md tables and plots
+  Sweeps        a sweep's decision card (decision.md + decision.png), summary.md tables and plots
 
 Gradio rather than Streamlit: a Gradio event handler that is a Python generator streams each yield to the page
 (Streamlit reruns the whole script on every interaction), and Gradio apps start inside this process, on the
@@ -664,6 +664,11 @@ def build_app(cfg: Config, source: Path | None) -> gr.Blocks:
                 with gr.Row():
                     sweep_box = gr.Dropdown([], value=None, label="sweep", scale=3, elem_id="sweep-select")
                     sweep_refresh = gr.Button("↻ refresh", scale=0, elem_id="sweeps-refresh")
+                # the decision card on top when the sweep has one (decision.md + decision.png), then summary.md
+                with gr.Row():
+                    sweep_card = gr.Markdown("", elem_id="sweep-card")
+                    sweep_card_plot = gr.Image(None, label="decision", visible=False, interactive=False,
+                                               elem_id="sweep-card-plot")
                 sweep_md = gr.Markdown("", elem_id="sweep-summary")
                 # "contain": each plot whole, axes and legend included (the default crops them to the tile)
                 sweep_plots = gr.Gallery(label="plots", columns=2, height="auto", object_fit="contain",
@@ -675,24 +680,28 @@ def build_app(cfg: Config, source: Path | None) -> gr.Blocks:
                                      (names[0] if names else None))
 
                 def open_sweep(name):
+                    no_card = ("", gr.update(value=None, visible=False))
                     if not name:
-                        return (f"No sweep report under `{output_dir}` yet: `python -m qlora_lab -m "
-                                f"+experiment=lora_vs_qlora` writes one."), []
+                        return (*no_card, f"No sweep report under `{output_dir}` yet: `python -m qlora_lab -m "
+                                          f"+experiment=lora_vs_qlora` writes one.", [])
                     folder = (output_dir / name).resolve()
                     if not folder.is_relative_to(output_dir):
-                        return f"**`{name}` is not a sweep under `{output_dir}`.**", []
+                        return *no_card, f"**`{name}` is not a sweep under `{output_dir}`.**", []
                     try:
-                        text, pngs = web_pages.sweep_page(folder)
+                        page = web_pages.sweep_page(folder)
                         from PIL import Image
 
-                        return text, [(Image.open(p).convert("RGB"), p.name) for p in pngs]
+                        plots = [(Image.open(p).convert("RGB"), p.name) for p in page["plots"]]
+                        card_plot = Image.open(page["card_plot"]).convert("RGB") if page["card_plot"] else None
                     except OSError as e:  # moved or deleted since the list was read: this sweep only
-                        return (f"**The sweep `{name}` cannot be read** ({e.strerror or e}): it was moved or deleted; "
-                                f"↻ refresh the list."), []
+                        return (*no_card, f"**The sweep `{name}` cannot be read** ({e.strerror or e}): it was moved "
+                                          f"or deleted; ↻ refresh the list.", [])
+                    return (page["card"] or "", gr.update(value=card_plot, visible=card_plot is not None),
+                            page["summary"], plots)
 
-                sweep_box.input(open_sweep, sweep_box, [sweep_md, sweep_plots])
-                sweep_refresh.click(sweep_list, sweep_box, sweep_box).then(open_sweep, sweep_box,
-                                                                           [sweep_md, sweep_plots])
+                sweep_outputs = [sweep_card, sweep_card_plot, sweep_md, sweep_plots]
+                sweep_box.input(open_sweep, sweep_box, sweep_outputs)
+                sweep_refresh.click(sweep_list, sweep_box, sweep_box).then(open_sweep, sweep_box, sweep_outputs)
 
         def new_run(choice):
             modes = modes_for(choice)
@@ -708,8 +717,7 @@ def build_app(cfg: Config, source: Path | None) -> gr.Blocks:
             table, opened = refresh_table()
             return gr.update(choices=run_choices()), table, opened, sweep_list()
 
-        app.load(on_load, None, [run_box, runs_df, open_box, sweep_box]).then(open_sweep, sweep_box,
-                                                                               [sweep_md, sweep_plots])
+        app.load(on_load, None, [run_box, runs_df, open_box, sweep_box]).then(open_sweep, sweep_box, sweep_outputs)
     return app
 
 
