@@ -137,7 +137,7 @@ def test_sweep_page_shows_the_report_and_its_plots(outputs):
 def test_sweep_page_shows_the_decision_card_with_its_plot_and_only_files_inside_the_sweep(tmp_path):
     from qlora_lab.report import write_report
 
-    from .test_decision import fake_sweep
+    from .conftest import fake_sweep
 
     sweep = tmp_path / "outputs" / "multirun" / "s"
     jobs = fake_sweep(sweep, {8: [0.10, 0.12, 0.11], 16: [0.01, -0.01, 0.005]})
