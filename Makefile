@@ -39,8 +39,10 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+# ruff (a dev dependency): the lint rules and the formatter, both set in pyproject.toml's [tool.ruff].
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf outputs multirun .pytest_cache

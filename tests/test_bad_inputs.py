@@ -12,21 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 from qlora_lab.__main__ import checked_config
 from qlora_lab.config import ConfigError
 from qlora_lab.rundir import inherit_from_run
 
 from .bad_inputs import BAD_INPUTS, write_bad_files
-from .conftest import ROOT, TINY, cli, make_cfg
-
-
-def saved_run_config(run_dir: Path, overrides: list[str]) -> Path:
-    """A run folder as far as later stages read it: its .hydra/config.yaml (no training needed to test them)."""
-    (run_dir / ".hydra").mkdir(parents=True)
-    OmegaConf.save(make_cfg(overrides), run_dir / ".hydra" / "config.yaml")
-    return run_dir
+from .conftest import ROOT, TINY, assert_refused, cli, make_cfg, run_main, saved_run_config
 
 
 @pytest.fixture(scope="module")
@@ -64,21 +56,13 @@ def test_bad_input_is_refused_up_front(bad_dir, name, args, fragments, monkeypat
 CLI_ROWS = ["zero lora rank", "+ on a typo", "non-UTF-8 prompts file"]  # ~10 s each: a representative few
 
 
-def assert_refused(result, fragments):
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-
-
 def test_bad_inputs_through_the_real_command_line(bad_dir, tmp_path):
     rows = {row[0]: row for row in BAD_INPUTS}
     for i, name in enumerate(CLI_ROWS):
         _, args, fragments = rows[name]
         run_dir = tmp_path / f"run{i}"
-        assert_refused(cli(*TINY, *expand(args, bad_dir), f"hydra.run.dir={run_dir}"), fragments)
+        run = cli if i == 0 else run_main  # one real process for the exit status; the others through the same entry
+        assert_refused(run(*TINY, *expand(args, bad_dir), f"hydra.run.dir={run_dir}"), fragments)
         # the failure is recorded, and nothing else was written
         assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "__main__.log", "run.json"], name
         info = json.loads((run_dir / "run.json").read_text())
@@ -180,6 +164,6 @@ def test_cache_under_a_file_names_the_environment_variable(tmp_path, monkeypatch
 
 def test_output_dir_that_is_a_file_is_refused_before_hydra_writes(tmp_path):
     (tmp_path / "file").write_text("x")
-    result = cli(*TINY, f"paths.output_dir={tmp_path / 'file'}")
+    result = run_main(*TINY, f"paths.output_dir={tmp_path / 'file'}")
     assert_refused(result, [f"paths.output_dir={tmp_path / 'file'}", "cannot hold the run folder", "file is a file"])
     assert (tmp_path / "file").read_text() == "x"

@@ -1,4 +1,5 @@
-"""The real command line: bad input gets one clear sentence and a non-zero exit; a real run on SmolLM2."""
+"""The command line (in-process through its entry, `run_main`): bad input gets one clear sentence and a non-zero exit;
+a real run on SmolLM2 as a real subprocess."""
 
 from __future__ import annotations
 
@@ -6,16 +7,7 @@ import json
 
 import pytest
 
-from .conftest import TINY, cli
-
-
-def assert_one_sentence_error(result, *fragments):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
+from .conftest import TINY, assert_one_sentence_error, cli, run_main
 
 
 @pytest.mark.parametrize("args,fragments", [
@@ -25,14 +17,14 @@ def assert_one_sentence_error(result, *fragments):
     (["pipeline.stages=[train,fly]"], ["fly"]),
 ])
 def test_bad_input_is_one_sentence(tmp_path, args, fragments):
-    result = cli(*TINY, *args, f"hydra.run.dir={tmp_path / 'run'}")
+    result = run_main(*TINY, *args, f"hydra.run.dir={tmp_path / 'run'}")
     assert_one_sentence_error(result, *fragments)
     info = json.loads((tmp_path / "run" / "run.json").read_text()) if (tmp_path / "run" / "run.json").exists() else {}
     assert info.get("status") in (None, "failed")
 
 
 def test_help_is_the_apps_own_page():
-    result = cli("--help")
+    result = run_main("--help")
     assert result.returncode == 0 and "== Common commands ==" in result.stdout
     assert "python -m qlora_lab +experiment=quickstart" in result.stdout and "powered by Hydra" not in result.stdout
     groups = result.stdout.split("== Config groups", 1)[1].split("==", 2)[1]
@@ -43,14 +35,14 @@ def test_help_is_the_apps_own_page():
 def test_record_missing_a_field_is_named(tmp_path):
     data = tmp_path / "data.json"
     data.write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}] * 5 + [{"instruction": "c"}]))
-    result = cli(*TINY, f"dataset.path={data}", "dataset.eval_size=1", f"hydra.run.dir={tmp_path / 'run'}")
+    result = run_main(*TINY, f"dataset.path={data}", "dataset.eval_size=1", f"hydra.run.dir={tmp_path / 'run'}")
     assert_one_sentence_error(result, "record 5", "'output'")
 
 
 def test_empty_dataset_is_named(tmp_path):
     data = tmp_path / "empty.jsonl"
     data.write_text("")
-    result = cli(*TINY, f"dataset.path={data}", f"hydra.run.dir={tmp_path / 'run'}")
+    result = run_main(*TINY, f"dataset.path={data}", f"hydra.run.dir={tmp_path / 'run'}")
     assert_one_sentence_error(result, str(data))
 
 
@@ -59,7 +51,7 @@ def test_existing_run_dir_is_never_overwritten(tmp_path):
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "config.yaml").write_text("precious: true\n")
     (run_dir / "metrics.json").write_text('{"eval/loss": 1.0}')
-    result = cli(*TINY, f"hydra.run.dir={run_dir}")
+    result = run_main(*TINY, f"hydra.run.dir={run_dir}")
     assert_one_sentence_error(result, "hydra.run.dir", "not empty")
     assert (run_dir / ".hydra" / "config.yaml").read_text() == "precious: true\n"
     assert (run_dir / "metrics.json").read_text() == '{"eval/loss": 1.0}'

@@ -109,9 +109,9 @@ def test_typo_in_every_group_fails_at_compose_time(override, typo):
 
 def test_issue_example_fails_before_training(tmp_path):
     """`+experiment=gsm8k eval.metrics=[rouge,bleuu]` used to fail after training: now Hydra refuses it at once."""
-    from .conftest import cli
+    from .conftest import run_main
 
-    result = cli("+experiment=gsm8k", "eval.metrics=[rouge,bleuu]", f"hydra.run.dir={tmp_path / 'run'}")
+    result = run_main("+experiment=gsm8k", "eval.metrics=[rouge,bleuu]", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 1 and "Invalid value 'bleuu', expected one of" in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "run").exists()  # nothing ran, nothing was written
 

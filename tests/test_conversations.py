@@ -21,7 +21,7 @@ from qlora_lab.data import (
 )
 from qlora_lab.inference import hf_generation_config
 
-from .conftest import ROOT, TINY, cli, make_cfg
+from .conftest import ROOT, TINY, make_cfg, run_main
 
 WEATHER = {"name": "get_weather", "description": "The weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
@@ -269,12 +269,14 @@ def write_format_files(folder) -> dict[str, str]:
 def test_every_format_trains_and_evaluates_through_the_cli(tmp_path):
     paths = write_format_files(tmp_path)
     sweep = tmp_path / "sweep"
-    # one multirun: the process starts once, each format is one job
-    result = cli("-m", *TINY, "dataset=custom", f"dataset.path={','.join(paths.values())}", "dataset.size=8",
-                 "dataset.eval_size=4", "dataset.max_seq_length=256", "train.max_steps=2", "train.eval_before=false",
-                 "pipeline.stages=[train,evaluate]",
-                 "eval.modes=[adapter]", "eval.metrics=[perplexity,rouge]", "eval.max_samples=2",
-                 "generation.max_new_tokens=3", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}")
+    # one multirun, in this process: each format is one job
+    result = run_main("-m", *TINY, "dataset=custom", f"dataset.path={','.join(paths.values())}",
+                      "dataset.size=8", "dataset.eval_size=4", "dataset.max_seq_length=256", "train.max_steps=2",
+                      "train.eval_before=false",
+                      "pipeline.stages=[train,evaluate]",
+                      "eval.modes=[adapter]", "eval.metrics=[perplexity,rouge]", "eval.max_samples=2",
+                      "generation.max_new_tokens=3", f"hydra.sweep.dir={sweep}",
+                      "hydra.sweep.subdir=${hydra.job.num}")
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = [sweep / str(n) for n in range(len(paths))]
     assert len(jobs) == len(paths)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -16,42 +14,10 @@ from omegaconf import OmegaConf, open_dict
 from hydra_plugins.qlora_lab_launcher.equal_memory_sweeper import measured_peak
 from qlora_lab import callbacks, report
 from qlora_lab.decision import interval
+from qlora_lab.report import main as report_main
 from qlora_lab.report import write_report
 
-from .conftest import ROOT, cli
-
-LORA_PEAK, QLORA_PEAK = 3.0, 2.0
-
-
-def add_job(sweep_dir, num: int, quantization: str, size: int, seed: int, eval_loss: float, wall_s: float,
-            peak: float, status: str = "completed", seeded: bool = True, curve: list | None = None) -> str:
-    overrides = [f"quantization={quantization}", f"dataset.size={size}"] + ([f"train.seed={seed}"] if seeded else [])
-    job = sweep_dir / f"{num}_{','.join(overrides)}"
-    (job / ".hydra").mkdir(parents=True)
-    cfg = {"quantization": {"method": quantization}, "model": {"name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"},
-           "dataset": {"name": "gsm8k", "size": size, "seed": 42, "max_seq_length": 128},
-           "train": {"seed": seed, "batch_size": 4, "grad_accum": 1}, "recipe": "paper"}
-    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
-    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
-    (job / "run.json").write_text(json.dumps({"status": status, "hardware": {"device": "cpu", "cpu_count": 2}}))
-    (job / "metrics.json").write_text(json.dumps({"eval/loss": eval_loss, "time/wall_s": wall_s, "memory/peak_gib": peak,
-                                                  "train/tokens_per_s": 100.0, "data/train_examples": size}
-                                                 | ({"eval/curve": curve} if curve else {})))
-    return job.name
-
-
-def fake_sweep(sweep_dir, gaps: dict[int, list[float]], modes=("none", "nf4")) -> dict:
-    """One LoRA and one QLoRA job per size and seed; QLoRA's eval loss = LoRA's + the gap given for that seed.
-    Returns {(mode, size, seed): job folder name}."""
-    jobs, num = {}, 0
-    for size, seed_gaps in gaps.items():
-        for seed, gap in enumerate(seed_gaps, start=42):
-            lora_loss = 1.5 + 0.01 * seed  # differs between seeds: only the pairing removes it
-            for q in modes:
-                loss, wall, peak = (lora_loss, 10.0, LORA_PEAK) if q == "none" else (lora_loss + gap, 12.0, QLORA_PEAK)
-                jobs[(q, size, seed)] = add_job(sweep_dir, num, q, size, seed, loss, wall, peak)
-                num += 1
-    return jobs
+from .conftest import LORA_PEAK, QLORA_PEAK, ROOT, add_job, fake_sweep, run_main
 
 
 def test_interval_is_the_student_t_interval():
@@ -175,13 +141,15 @@ def test_repeats_refused_with_one_sentence(tmp_path, capsys, repeats, seed_axis,
     assert stop.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
 
 
-def test_real_sweep_with_repeats_pairs_by_seed_records_learning_curves_and_verifies(tmp_path):
+def test_real_sweep_with_repeats_pairs_by_seed_records_learning_curves_and_verifies(tmp_path, capsys):
     """The one real sweep here: sweep.repeats=2 on the tiny model -> 2 modes x 2 seeds, each LoRA/QLoRA pair trained
     on the same data in the same order, every job with a learning curve, and a card with two pairs."""
     sweep_dir = tmp_path / "sweep"
-    result = cli("-m", "+experiment=lora_vs_qlora", "model=tiny_random", "dataset.size=8", "sweep.repeats=2",
-                 "dataset.eval_size=4", "dataset.max_seq_length=64", "train.max_steps=2", "train.eval_steps=1",
-                 "train.speed_skip_steps=0", f"hydra.sweep.dir={sweep_dir}")
+    # the jobs run in this process (the basic launcher; tests/test_sweep.py runs the experiment's isolated
+    # one), and verify re-runs each in a fresh process: the same seed must give the same eval loss either way
+    result = run_main("-m", "+experiment=lora_vs_qlora", "hydra/launcher=basic", "model=tiny_random",
+                      "dataset.size=8", "sweep.repeats=2", "dataset.eval_size=4", "dataset.max_seq_length=64",
+                      "train.max_steps=2", "train.eval_steps=1", "train.speed_skip_steps=0", f"hydra.sweep.dir={sweep_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     runs = {}
     for job in sweep_dir.glob("*/metrics.json"):
@@ -197,13 +165,14 @@ def test_real_sweep_with_repeats_pairs_by_seed_records_learning_curves_and_verif
     assert (sweep_dir / "learning_curves.png").is_file() and (sweep_dir / "decision.png").is_file()
     # verify re-runs the cell from the recorded overrides: on CPU the same seed gives the same eval loss, inside the
     # recorded interval (speed and memory on a shared machine may drift: exit 1 is allowed, its table must say so)
-    out = subprocess.run([sys.executable, "-m", "qlora_lab.report", "verify", str(sweep_dir), "8"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode in (0, 1) and "Re-ran 4 jobs" in out.stdout, out.stderr[-3000:]
+    capsys.readouterr()
+    code = report_main(["verify", str(sweep_dir), "8"])  # `python -m qlora_lab.report verify SWEEP 8`
+    out = capsys.readouterr()
+    assert code in (0, 1) and "Re-ran 4 jobs" in out.out, out.err[-3000:]
     for name in ("LoRA", "QLoRA nf4"):
-        assert next(line for line in out.stdout.splitlines() if line.startswith(f"| {name} | eval loss |")).endswith(
+        assert next(line for line in out.out.splitlines() if line.startswith(f"| {name} | eval loss |")).endswith(
             "| yes |")
-    assert (out.returncode == 0) == ("no: drift" not in out.stdout)
+    assert (code == 0) == ("no: drift" not in out.out)
     assert len(list((sweep_dir / "verify").glob("*/*/metrics.json"))) == 4
 
 
@@ -378,9 +347,11 @@ def test_real_sweep_with_equal_memory_runs_the_capped_job_after_its_lora_job(tmp
     """sweep.equal_memory=true on the tiny model: LoRA and QLoRA at batch 4, then QLoRA again with batch_size=auto
     under LoRA's measured peak (the CPU process's peak RSS here), launched after both have ended."""
     sweep_dir = tmp_path / "sweep"
-    result = cli("-m", "+experiment=lora_vs_qlora", "model=tiny_random", "dataset.size=8", "dataset.eval_size=4",
-                 "dataset.max_seq_length=64", "train.max_steps=2", "train.eval_steps=1", "train.speed_skip_steps=0",
-                 "sweep.equal_memory=true", "train.auto_batch_start=8", f"hydra.sweep.dir={sweep_dir}")
+    # launched in this process; the isolated launcher still runs each job in a fresh one (its peak is the job's own)
+    result = run_main("-m", "+experiment=lora_vs_qlora", "model=tiny_random", "dataset.size=8", "dataset.eval_size=4",
+                      "dataset.max_seq_length=64", "train.max_steps=2", "train.eval_steps=1",
+                      "train.speed_skip_steps=0", "sweep.equal_memory=true", "train.auto_batch_start=8",
+                      f"hydra.sweep.dir={sweep_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(sweep_dir.glob("*/run.json"), key=lambda p: int(p.parent.name.split("_")[0]))
     assert len(jobs) == 3

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from qlora_lab.pipelines import evaluate, train
 from qlora_lab.rundir import Run
 
-from .conftest import TINY, cli, make_cfg
+from .conftest import TINY, make_cfg, run_main
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +76,8 @@ def test_unknown_metric_is_refused_at_compose_time():
 
 def test_cli_evaluate_on_a_run_dir(trained_gsm8k, tmp_path):
     _, run_dir = trained_gsm8k
-    result = cli("pipeline=evaluate", f"run_dir={run_dir}", "eval.max_samples=2", "eval.metrics=[perplexity,rouge]",
-                 "generation.max_new_tokens=4", f"hydra.run.dir={tmp_path / 'eval'}")
+    result = run_main("pipeline=evaluate", f"run_dir={run_dir}", "eval.max_samples=2", "eval.metrics=[perplexity,rouge]",
+                      "generation.max_new_tokens=4", f"hydra.run.dir={tmp_path / 'eval'}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| perplexity |" in result.stdout and "ROUGE-1" in result.stdout
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())

@@ -13,11 +13,10 @@ from qlora_lab import gguf_export
 from qlora_lab.config import ConfigError
 from qlora_lab.inference import eval_prompts
 from qlora_lab.models import load_tokenizer
-from qlora_lab.pipelines import export, infer, train
+from qlora_lab.pipelines import export, infer
 from qlora_lab.rundir import Run
 
-from .conftest import TINY, cli, make_cfg
-from .test_cli import assert_one_sentence_error
+from .conftest import TINY, assert_one_sentence_error, copy_run, make_cfg, run_main
 
 FAST = ["generation.max_new_tokens=6", "inference.num_prompts=2", "inference.batch_size=2",
         "inference.agreement_examples=2"]
@@ -28,26 +27,19 @@ Q8_0_KL_BOUND = 1e-4
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory):
-    """A LoRA run on the tiny Llama, trained in-process, not merged: the export merges it first."""
-    run_dir = tmp_path_factory.mktemp("export_run")
-    cfg = make_cfg([*TINY, "quantization=none", "train.eval_before=false"])
-    (run_dir / ".hydra").mkdir()
-    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")  # as Hydra does: later CLI stages continue this run
-    run = Run(dir=run_dir, source=run_dir)
-    run.start(cfg)
-    train.run(cfg, run)
-    run.finish()
-    return cfg, run_dir
+def export_run(lora_run, tmp_path_factory):
+    """A copy of the session's tiny LoRA run, not merged: the export merges it first."""
+    cfg, run_dir = lora_run
+    return cfg, copy_run(run_dir, tmp_path_factory, "export_run")
 
 
 @pytest.fixture(scope="module")
-def exported(lora_run, tmp_path_factory):
-    """`pipeline=export` through the real command line: q8_0 GGUF and int8, each measured against merged/."""
-    _, run_dir = lora_run
+def exported(export_run, tmp_path_factory):
+    """`pipeline=export` through the command line (in-process): q8_0 GGUF and int8, each measured against merged/."""
+    _, run_dir = export_run
     job = tmp_path_factory.mktemp("export_job") / "job"
-    result = cli(*TINY, "pipeline=export", f"run_dir={run_dir}", "export.targets=[gguf:q8_0,int8_dynamic]", *FAST,
-                 f"hydra.run.dir={job}")
+    result = run_main(*TINY, "pipeline=export", f"run_dir={run_dir}", "export.targets=[gguf:q8_0,int8_dynamic]", *FAST,
+                      f"hydra.run.dir={job}")
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, job, result
 
@@ -135,8 +127,8 @@ def test_existing_export_is_never_overwritten_silently(exported, tmp_path):
     run_dir, _, _ = exported
     target = run_dir / "export" / "model-q8_0.gguf"
     before = target.read_bytes()
-    result = cli(*TINY, "pipeline=export", f"run_dir={run_dir}", "export.gguf_type=q8_0",
-                 f"hydra.run.dir={tmp_path / 'job'}")
+    result = run_main(*TINY, "pipeline=export", f"run_dir={run_dir}", "export.gguf_type=q8_0",
+                      f"hydra.run.dir={tmp_path / 'job'}")
     assert result.returncode == 2
     assert_one_sentence_error(result, str(target), "export.overwrite=true")
     assert target.read_bytes() == before
@@ -146,7 +138,7 @@ def test_run_without_adapter_is_one_sentence(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / ".hydra").mkdir(parents=True)
     OmegaConf.save(make_cfg([*TINY, "quantization=none"]), run_dir / ".hydra" / "config.yaml")
-    result = cli(*TINY, "pipeline=export", f"run_dir={run_dir}", f"hydra.run.dir={tmp_path / 'job'}")
+    result = run_main(*TINY, "pipeline=export", f"run_dir={run_dir}", f"hydra.run.dir={tmp_path / 'job'}")
     assert result.returncode == 2
     assert_one_sentence_error(result, "no trained adapter")
     assert not (run_dir / "merged").exists() and not (run_dir / "export").exists()

@@ -290,10 +290,10 @@ def test_llama3_8b_matmul_weights_and_flops_per_token():
 
 @pytest.mark.slow
 def test_batch_size_auto_and_speed_figures_on_cpu(tmp_path):
-    from .conftest import cli
+    from .conftest import run_main
 
-    out = cli(*TINY, "quantization=none", "dataset.pack=true", "train.batch_size=auto", "train.max_steps=3",
-              "train.speed_skip_steps=0", "train.eval_before=false", f"hydra.run.dir={tmp_path / 'run'}")
+    out = run_main(*TINY, "quantization=none", "dataset.pack=true", "train.batch_size=auto", "train.max_steps=3",
+                   "train.speed_skip_steps=0", "train.eval_before=false", f"hydra.run.dir={tmp_path / 'run'}")
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["train/batch_size"] == 64  # nothing runs out of memory on a CPU: the first size tried

@@ -12,8 +12,7 @@ import pytest
 
 from qlora_lab.config import ConfigError
 
-from .conftest import ROOT, TINY, cli
-from .test_bad_inputs import assert_refused, saved_run_config
+from .conftest import ROOT, TINY, assert_refused, cli, run_main, saved_run_config
 
 HOLD = """
 import sys, time
@@ -57,7 +56,7 @@ def test_concurrent_resume_is_refused_and_leaves_the_run_alone(interrupted_run):
     before = (interrupted_run / "run.json").read_text()
     proc = holder(interrupted_run)
     try:
-        result = cli("train.resume=true", f"run_dir={interrupted_run}")
+        result = run_main("train.resume=true", f"run_dir={interrupted_run}")  # this process: not the holder
     finally:
         proc.kill()
         proc.wait()
@@ -66,7 +65,7 @@ def test_concurrent_resume_is_refused_and_leaves_the_run_alone(interrupted_run):
 
 
 def test_resume_with_another_hydra_run_dir_is_refused(interrupted_run, tmp_path):
-    result = cli("train.resume=true", f"run_dir={interrupted_run}", f"hydra.run.dir={tmp_path / 'other'}")
+    result = run_main("train.resume=true", f"run_dir={interrupted_run}", f"hydra.run.dir={tmp_path / 'other'}")
     assert_refused(result, ["train.resume=true", f"hydra.run.dir={tmp_path / 'other'}", "drop hydra.run.dir"])
     assert not (tmp_path / "other").exists()
 
@@ -152,7 +151,7 @@ def test_disk_full_while_training_is_one_sentence_and_the_run_resumes(tmp_path):
     assert info["status"] == "failed" and info["last_checkpoint"].endswith("checkpoint-2")
     assert (run_dir / "checkpoints" / "checkpoint-4").is_dir()  # left unmarked: resuming ignores and removes it
 
-    again = cli("train.resume=true", f"run_dir={run_dir}")  # once space is freed
+    again = run_main("train.resume=true", f"run_dir={run_dir}")  # once space is freed
     assert again.returncode == 0, again.stderr[-3000:]
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "completed" and info["attempts"][-1]["status"] == "failed"
@@ -240,7 +239,7 @@ def test_a_really_full_disk_during_training_then_resume_once_space_is_freed(smal
     assert info["status"] == "failed" and info["last_checkpoint"].endswith("checkpoint-2")
 
     subprocess.run(["mount", "-o", "remount,size=40m", str(small_disk)], check=True)  # space freed
-    again = cli("train.resume=true", f"run_dir={run_dir}")
+    again = run_main("train.resume=true", f"run_dir={run_dir}")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stdout and "checkpoint-2" in again.stdout
     assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
@@ -250,8 +249,8 @@ def test_a_really_full_disk_in_merge_and_export_leaves_no_partial_files(small_di
     import shutil
 
     trained = tmp_path / "trained"
-    result = cli(*TINY, "quantization=none", "train.max_steps=2", "train.save_steps=null", "train.eval_before=false",
-                 f"hydra.run.dir={trained}")
+    result = run_main(*TINY, "quantization=none", "train.max_steps=2", "train.save_steps=null",
+                      "train.eval_before=false", f"hydra.run.dir={trained}")
     assert result.returncode == 0, result.stderr[-3000:]
     run = small_disk / "run"
     shutil.copytree(trained, run)  # 3.6 MiB of the 6: the merged model (12 MiB) cannot fit
@@ -262,7 +261,7 @@ def test_a_really_full_disk_in_merge_and_export_leaves_no_partial_files(small_di
     assert not (run / "merged.tmp").exists() and not (run / "merged").exists()
 
     subprocess.run(["mount", "-o", "remount,size=40m", str(small_disk)], check=True)
-    assert cli("pipeline=merge", f"run_dir={run}", f"hydra.run.dir={tmp_path / 'merge2'}").returncode == 0
+    assert run_main("pipeline=merge", f"run_dir={run}", f"hydra.run.dir={tmp_path / 'merge2'}").returncode == 0
     used = shutil.disk_usage(small_disk).used  # now leave 1 MiB: the q8_0 GGUF (~3.4 MiB) cannot fit
     subprocess.run(["mount", "-o", f"remount,size={used + (1 << 20)}", str(small_disk)], check=True)
     export = cli("pipeline=export", f"run_dir={run}", "export.measure=false", f"hydra.run.dir={tmp_path / 'export'}")

@@ -8,33 +8,26 @@ import shutil
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from qlora_lab.config import ConfigError
 from qlora_lab.data import render_prompt
 from qlora_lab.inference import eval_prompts, generate, load_for_inference
-from qlora_lab.pipelines import compare, infer, merge, train
+from qlora_lab.pipelines import compare, infer, merge
 from qlora_lab.rundir import Run
 
-from .conftest import TINY, cli, make_cfg
-from .test_cli import assert_one_sentence_error
+from .conftest import TINY, assert_one_sentence_error, copy_run, make_cfg, run_main
 
 FAST_GEN = ["generation.max_new_tokens=6", "inference.num_prompts=3", "inference.batch_size=2"]
 
 
 @pytest.fixture(scope="module")
-def fp32_run(tmp_path_factory):
-    """A LoRA run on an unquantized fp32 base, trained and merged in-process."""
-    run_dir = tmp_path_factory.mktemp("fp32_run")
+def fp32_run(lora_run, tmp_path_factory):
+    """A copy of the session's LoRA run on an unquantized fp32 base, merged in-process."""
+    _, trained = lora_run
+    run_dir = copy_run(trained, tmp_path_factory, "fp32_run")
     cfg = make_cfg([*TINY, "quantization=none", "train.eval_before=false", "merge.max_shard_size=5MB"])
-    (run_dir / ".hydra").mkdir()
-    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")  # as Hydra does: later CLI stages continue this run
-    run = Run(dir=run_dir, source=run_dir)
-    run.start(cfg)
-    train.run(cfg, run)
-    merge.run(cfg, run)
-    run.finish()
+    merge.run(cfg, Run(dir=tmp_path_factory.mktemp("fp32_merge"), source=run_dir))  # merged/ goes into run_dir
     return cfg, run_dir
 
 
@@ -43,8 +36,8 @@ def nf4_run(tmp_path_factory):
     """A QLoRA nf4 run trained and merged (merge.base=auto: into the dequantized base) by one CLI command: merge
     follows train."""
     run_dir = tmp_path_factory.mktemp("nf4") / "run"
-    result = cli(*TINY, "quantization=nf4", "train.eval_before=false", "pipeline.stages=[train,merge]",
-                 *FAST_GEN, f"hydra.run.dir={run_dir}")
+    result = run_main(*TINY, "quantization=nf4", "train.eval_before=false", "pipeline.stages=[train,merge]",
+                      *FAST_GEN, f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "merge.base=auto: this run trained on nf4 weights" in result.stdout
     return make_cfg([*TINY, "quantization=nf4"]), run_dir
@@ -94,7 +87,7 @@ def test_batched_left_padded_generation_equals_one_at_a_time(fp32_run):
 def test_existing_merge_is_never_overwritten_silently(fp32_run, tmp_path):
     cfg, run_dir = fp32_run
     report = (run_dir / "merged" / "merge_report.json").read_text()
-    result = cli(*TINY, "pipeline=merge", f"run_dir={run_dir}", f"hydra.run.dir={tmp_path / 'job'}")
+    result = run_main(*TINY, "pipeline=merge", f"run_dir={run_dir}", f"hydra.run.dir={tmp_path / 'job'}")
     assert_one_sentence_error(result, str(run_dir / "merged"), "merge.overwrite=true")
     assert (run_dir / "merged" / "merge_report.json").read_text() == report
 
@@ -163,8 +156,8 @@ def test_infer_cli_with_prompts_file_and_sampling(nf4_run, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Name a fruit."}\n{"instruction": "Add 2 and 3."}\n')
     job = tmp_path / "job"
-    result = cli(*TINY, "pipeline=infer", f"run_dir={run_dir}", "inference=merge_and_unload", "generation=sampling",
-                 f"inference.prompts_file={prompts}", "inference.before_after=true", f"hydra.run.dir={job}")
+    result = run_main(*TINY, "pipeline=infer", f"run_dir={run_dir}", "inference=merge_and_unload", "generation=sampling",
+                      f"inference.prompts_file={prompts}", "inference.before_after=true", f"hydra.run.dir={job}")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (job / "generations.jsonl").read_text().splitlines()]
     assert [r["message"] for r in rows] == ["Name a fruit.", "Add 2 and 3."]
@@ -213,8 +206,8 @@ def test_chat_through_piped_stdin(fp32_run, tmp_path):
                                    "generation.max_new_tokens=6"]), Run(dir=tmp_path, source=run_dir))[0]["output"]
 
     stdin = "Name a fruit.\nAnd another?\n/reset\n\nName a fruit.\n/exit\nnever read\n"
-    result = cli(*TINY, "pipeline=chat", f"run_dir={run_dir}", "generation.max_new_tokens=6",
-                 f"hydra.run.dir={tmp_path / 'job'}", stdin=stdin)
+    result = run_main(*TINY, "pipeline=chat", f"run_dir={run_dir}", "generation.max_new_tokens=6",
+                      f"hydra.run.dir={tmp_path / 'job'}", stdin=stdin)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     replies = [line[len("assistant> "):] for line in out.splitlines() if line.startswith("assistant> ")]
@@ -258,7 +251,7 @@ def test_chat_renders_the_whole_history(tokenizer):
 # ---------------------------------------------------------------- wrong run_dir
 
 def test_wrong_run_dir_is_one_sentence(tmp_path, nf4_run):
-    result = cli(*TINY, "pipeline=infer", f"run_dir={tmp_path / 'no_such_run'}", f"hydra.run.dir={tmp_path / 'a'}")
+    result = run_main(*TINY, "pipeline=infer", f"run_dir={tmp_path / 'no_such_run'}", f"hydra.run.dir={tmp_path / 'a'}")
     assert_one_sentence_error(result, "run_dir=", "does not exist")
 
     _, run_dir = nf4_run

@@ -1,4 +1,4 @@
-"""Interrupted runs through the real command line: SIGKILL or SIGINT mid-training, then `train.resume=true run_dir=R`
+"""Interrupted runs: a real CLI process gets SIGKILL or SIGINT mid-training, then `train.resume=true run_dir=R`
 ends with the same adapter (bitwise, CPU fp32) and step count as an uninterrupted run; sweeps resume too."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import ROOT, TINY, cli
+from .conftest import ROOT, TINY, run_main
 
 # 8 steps over 24 examples in batches of 4: the run crosses an epoch boundary (the data order must be restored);
 # lora.dropout (0.05 by default) draws random numbers every step (the RNG state must be restored).
@@ -57,7 +57,7 @@ def info(run_dir) -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("resume") / "whole"
-    result = cli(*RUN, f"hydra.run.dir={run_dir}")
+    result = run_main(*RUN, f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
@@ -84,7 +84,7 @@ def test_sigkill_mid_training_then_resume_gives_the_same_adapter(tmp_path, unint
     status, why = run_status(record)
     assert status == "died" and str(record["pid"]) in why
 
-    resumed = cli("train.resume=true", f"run_dir={run_dir}")
+    resumed = run_main("train.resume=true", f"run_dir={run_dir}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "checkpoint-4" in resumed.stdout
     assert_same_as_uninterrupted(run_dir, uninterrupted)
@@ -101,17 +101,17 @@ def test_sigint_stops_cleanly_with_a_checkpoint_then_resume_gives_the_same_adapt
     assert record["last_checkpoint"].endswith("checkpoint-3") and "SIGINT" in record["error"]
     assert "train.resume=true" in stopped.stderr
 
-    resumed = cli("train.resume=true", f"run_dir={run_dir}")
+    resumed = run_main("train.resume=true", f"run_dir={run_dir}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_as_uninterrupted(run_dir, uninterrupted)
 
-    again = cli("train.resume=true", f"run_dir={run_dir}")  # a completed run: nothing to do, nothing touched
+    again = run_main("train.resume=true", f"run_dir={run_dir}")  # a completed run: nothing to do, nothing touched
     assert again.returncode == 0 and "already completed" in again.stdout
 
 
 def test_resume_refuses_a_changed_hyperparameter_and_leaves_the_run_alone(tmp_path, uninterrupted):
     before = (uninterrupted / "run.json").read_text()
-    result = cli("train.resume=true", f"run_dir={uninterrupted}", "train.learning_rate=1e-3")
+    result = run_main("train.resume=true", f"run_dir={uninterrupted}", "train.learning_rate=1e-3")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error: train.learning_rate=0.001 differs from the run being resumed" in result.stderr
     assert (uninterrupted / "run.json").read_text() == before
@@ -122,7 +122,7 @@ def test_resumed_sweep_skips_completed_jobs_resumes_interrupted_and_runs_missing
     # the basic launcher runs the jobs in this process: cheaper than a fresh process per job
     sweep = ["-m", *TINY, "quantization=none", "train.max_steps=2", "train.eval_before=false", "hydra/launcher=basic",
              "dataset.size=8,12,16", f"hydra.sweep.dir={sweep_dir}"]
-    first = cli(*sweep)
+    first = run_main(*sweep)
     assert first.returncode == 0, first.stderr[-3000:]
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
     assert len(jobs) == 3
@@ -134,7 +134,7 @@ def test_resumed_sweep_skips_completed_jobs_resumes_interrupted_and_runs_missing
 
     shutil.rmtree(missing)
 
-    again = cli(*sweep, "train.resume=true")
+    again = run_main(*sweep, "train.resume=true")
     assert again.returncode == 0, again.stderr[-3000:]
     assert (done / "run.json").read_text() == done_record  # skipped: not even its record was touched
     assert f"{done} already completed" in again.stdout

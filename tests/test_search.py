@@ -6,7 +6,7 @@ import csv
 
 import yaml
 
-from .conftest import cli
+from .conftest import run_main
 
 # 3 trials of the shipped search on the tiny model. The learning rate is drawn from an interval that crosses zero:
 # with the sampler's seed (42) the third trial draws a negative one, which validate() refuses: a failed trial.
@@ -17,7 +17,7 @@ SEARCH = ["-m", "+experiment=lr_search", "model=tiny_random", "quantization=none
 
 def test_optuna_search_reports_trials_best_and_a_failed_trial(tmp_path):
     sweep_dir = tmp_path / "search"
-    result = cli(*SEARCH, f"hydra.sweep.dir={sweep_dir}")
+    result = run_main(*SEARCH, f"hydra.sweep.dir={sweep_dir}")
     # every trial ran; the failed one is listed (and makes the exit status 1, as in any sweep), no traceback
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "error: 1 of 3 jobs did not complete" in result.stderr and "train.learning_rate must be positive" \

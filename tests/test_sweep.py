@@ -10,9 +10,10 @@ import sys
 
 import pytest
 
+from qlora_lab.report import main as report_main
 from qlora_lab.report import write_report
 
-from .conftest import ROOT, cli
+from .conftest import ROOT, cli, run_main
 
 # 2 modes x 2 sizes on the tiny model, plus a size the data cannot supply: a job that fails at run time.
 SWEEP = ["-m", "+experiment=lora_vs_qlora", "model=tiny_random", "quantization=none,nf4", "dataset.size=8,16,5000",
@@ -101,16 +102,16 @@ def test_failed_job_is_reported_with_its_error(sweep):
     assert "## Failed jobs" in md and md.count("dataset.size=5000 but") == 2
 
 
-def test_report_command_rebuilds_the_same_summary(sweep, tmp_path):
+def test_report_command_rebuilds_the_same_summary(sweep, tmp_path, capsys):
     sweep_dir, _ = sweep
     copy = tmp_path / "copy"
     shutil.copytree(sweep_dir, copy)
     for name in ("summary.csv", "summary.md", "eval_loss.png"):
         (copy / name).unlink()
-    out = subprocess.run([sys.executable, "-m", "qlora_lab.report", str(copy)], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert read_rows(copy) == read_rows(sweep_dir) and (copy / "eval_loss.png").is_file()
-    assert "| 16 | QLoRA nf4 |" in out.stdout
+    assert report_main([str(copy)]) == 0  # `python -m qlora_lab.report COPY`
+    out = capsys.readouterr()
+    assert read_rows(copy) == read_rows(sweep_dir) and (copy / "eval_loss.png").is_file(), out.err
+    assert "| 16 | QLoRA nf4 |" in out.out
 
 
 def test_report_marks_dead_and_unstarted_jobs_failed(sweep, tmp_path):
@@ -253,9 +254,9 @@ def test_sweep_over_paths_keeps_one_folder_level_per_job_and_reports_them(tmp_pa
         paths.append(tmp_path / name / "d.json")
         paths[-1].write_text(json.dumps(records))
     sweep_dir = tmp_path / "sweep"
-    result = cli("-m", "model=tiny_random", f"dataset.path={paths[0]},{paths[1]}", "dataset.size=8",
-                 "dataset.eval_size=4", "dataset.max_seq_length=64", "train.max_steps=1", "train.eval_before=false",
-                 "train.report_to=[]", f"hydra.sweep.dir={sweep_dir}")
+    result = run_main("-m", "model=tiny_random", f"dataset.path={paths[0]},{paths[1]}", "dataset.size=8",
+                      "dataset.eval_size=4", "dataset.max_seq_length=64", "train.max_steps=1", "train.eval_before=false",
+                      "train.report_to=[]", f"hydra.sweep.dir={sweep_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
     assert len(jobs) == 2 and all((sweep_dir / job / ".hydra" / "config.yaml").is_file() for job in jobs)

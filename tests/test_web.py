@@ -41,7 +41,7 @@ from qlora_lab.pipelines.web import (
 )
 from qlora_lab.report import write_report
 
-from .conftest import ROOT, TINY, cli, make_cfg
+from .conftest import ROOT, TINY, make_cfg, run_main
 
 ARTIFACTS = ROOT / "outputs" / "test-artifacts" / "web"
 GREEDY = GenerationConfig(max_new_tokens=12)
@@ -54,8 +54,8 @@ def outputs(tmp_path_factory):
     """An outputs folder with one tiny trained run (eval loss before and after) and a one-job sweep report."""
     out = tmp_path_factory.mktemp("web") / "outputs"
     run_dir = out / "tiny" / "run1"
-    result = cli(*TINY, "quantization=none", "train.max_steps=4", f"paths.output_dir={out}",
-                 f"hydra.run.dir={run_dir}")
+    result = run_main(*TINY, "quantization=none", "train.max_steps=4", f"paths.output_dir={out}",
+                      f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     shutil.copytree(run_dir, out / "tiny" / "run2", ignore=shutil.ignore_patterns("checkpoints"))  # loses its adapter
     job = out / "multirun" / "demo" / "0_quantization=none"
@@ -137,7 +137,7 @@ def test_sweep_page_shows_the_report_and_its_plots(outputs):
 def test_sweep_page_shows_the_decision_card_with_its_plot_and_only_files_inside_the_sweep(tmp_path):
     from qlora_lab.report import write_report
 
-    from .test_decision import fake_sweep
+    from .conftest import fake_sweep
 
     sweep = tmp_path / "outputs" / "multirun" / "s"
     jobs = fake_sweep(sweep, {8: [0.10, 0.12, 0.11], 16: [0.01, -0.01, 0.005]})
