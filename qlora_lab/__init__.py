@@ -14,6 +14,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # through models.load_model, which keeps each layer on the fp32 path (models.keep_one_cpu_4bit_path). Installing
 # `kernels` would not help offline (it downloads the kernel at run time), so only that one message is dropped.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-    lambda record: "gemm_4bit_forward from kernels-community" not in record.getMessage())
+    lambda record: "gemm_4bit_forward from kernels-community" not in record.getMessage()
+)
 
 __version__ = "0.1.0"

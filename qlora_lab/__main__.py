@@ -26,13 +26,23 @@ def preflight(cfg: DictConfig) -> None:
 
     stages = set(cfg.pipeline.stages)
     if cfg.model.trust_remote_code:
-        source = cfg.model.name_or_path if not cfg.model.tokenizer else f"{cfg.model.name_or_path} and {cfg.model.tokenizer}"
-        print(f"warning: model.trust_remote_code=true runs the Python code shipped in {source} in this process; "
-              f"use it only for a folder or repository you trust.", file=sys.stderr, flush=True)
+        source = (
+            cfg.model.name_or_path
+            if not cfg.model.tokenizer
+            else f"{cfg.model.name_or_path} and {cfg.model.tokenizer}"
+        )
+        print(
+            f"warning: model.trust_remote_code=true runs the Python code shipped in {source} in this process; "
+            f"use it only for a folder or repository you trust.",
+            file=sys.stderr,
+            flush=True,
+        )
     check_model_files(cfg)
     adapter = RunLayout(cfg.run_dir).adapter if cfg.run_dir and not cfg.train.resume else None
     if adapter is not None and adapter.is_dir():  # the adapter every later stage of that run loads
-        check_safetensors(adapter, f"run_dir={cfg.run_dir}", "train the run again, or restore the file from a copy.")
+        check_safetensors(
+            adapter, f"run_dir={cfg.run_dir}", "train the run again, or restore the file from a copy."
+        )
     # merge and export measure agreement with the trained model on eval prompts and examples
     needs_data = {"train", "evaluate", "compare", "merge"} | ({"export"} if cfg.export.measure else set())
     if stages & needs_data or (stages & {"infer"} and not cfg.inference.prompts_file):
@@ -56,12 +66,18 @@ def disk_space_for(name: str, cfg: DictConfig, run: Run):
 
     source = run.source
     if name == "train":
+
         def checkpoint_bytes():
             last = Path(run.last_checkpoint) if run.last_checkpoint else None
             return files_bytes(last, "*") if last and last.is_dir() else None
 
-        return disk_space(run.dir, "the training run", f"continue with `python -m qlora_lab train.resume=true "
-                          f"run_dir={run.dir}` (it starts from the last complete checkpoint)", checkpoint_bytes)
+        return disk_space(
+            run.dir,
+            "the training run",
+            f"continue with `python -m qlora_lab train.resume=true "
+            f"run_dir={run.dir}` (it starts from the last complete checkpoint)",
+            checkpoint_bytes,
+        )
 
     def base_bytes():  # a merged model takes about the space of the base model's weight files
         base = model_path(cfg)
@@ -71,8 +87,13 @@ def disk_space_for(name: str, cfg: DictConfig, run: Run):
         return [p for p in [source / "merged.tmp"] if p.exists()]
 
     if name == "merge":
-        return disk_space(source, "merged/", f"merge again with `python -m qlora_lab pipeline=merge run_dir={source}`",
-                          base_bytes, merged_tmp)
+        return disk_space(
+            source,
+            "merged/",
+            f"merge again with `python -m qlora_lab pipeline=merge run_dir={source}`",
+            base_bytes,
+            merged_tmp,
+        )
     if name == "export":
         again = f"export again with `python -m qlora_lab pipeline=export run_dir={source}`"
 
@@ -80,13 +101,25 @@ def disk_space_for(name: str, cfg: DictConfig, run: Run):
             return sorted(RunLayout(source).export.glob("*.tmp"))
 
         if not RunLayout(source).merged_config.is_file():  # the export stage merges first
-            return disk_space(source, "merged/ and the export (an export merges first)", again, base_bytes,
-                              lambda: merged_tmp() + export_tmp())
+            return disk_space(
+                source,
+                "merged/ and the export (an export merges first)",
+                again,
+                base_bytes,
+                lambda: merged_tmp() + export_tmp(),
+            )
 
         def export_bytes():
             weights = weight_count(RunLayout(source).merged)
-            return int(sum(spec.bytes_per_weight(variant) * weights
-                           for spec, variant in export_targets(cfg.export))) or None
+            return (
+                int(
+                    sum(
+                        spec.bytes_per_weight(variant) * weights
+                        for spec, variant in export_targets(cfg.export)
+                    )
+                )
+                or None
+            )
 
         return disk_space(RunLayout(source).export, "the export", again, export_bytes, export_tmp)
     return disk_space(run.dir, f"the {name} stage's results", "run it again")
@@ -179,11 +212,18 @@ def main(cfg: DictConfig) -> float | None:
         record_ending(run, cfg, e, resume)
         if isinstance(e, KeyboardInterrupt):
             where = f" at step {run.step}" if run.step is not None else ""
-            if multirun:  # the sweep stops here; run_cli prints this line (the isolated launcher passes it up)
-                raise SweepInterrupted(f"interrupted{where} in job #{hc.job.num} ({e or 'KeyboardInterrupt'}); "
-                                       f"resume the sweep with: {sweep_resume_command(hc.sweep.dir)}") from None
-            again = f"; resume with: python -m qlora_lab train.resume=true run_dir={run.dir}" \
-                if run.last_checkpoint else ""
+            if (
+                multirun
+            ):  # the sweep stops here; run_cli prints this line (the isolated launcher passes it up)
+                raise SweepInterrupted(
+                    f"interrupted{where} in job #{hc.job.num} ({e or 'KeyboardInterrupt'}); "
+                    f"resume the sweep with: {sweep_resume_command(hc.sweep.dir)}"
+                ) from None
+            again = (
+                f"; resume with: python -m qlora_lab train.resume=true run_dir={run.dir}"
+                if run.last_checkpoint
+                else ""
+            )
             print(f"interrupted{where} ({e or 'KeyboardInterrupt'}){again}", file=sys.stderr, flush=True)
             sys.exit(130)
         print(f"error: {e}", file=sys.stderr)
@@ -199,8 +239,11 @@ def main(cfg: DictConfig) -> float | None:
     run.finish()
     objective = run.metrics.get(cfg.objective.metric)
     if objective is None and multirun:  # a search needs it; a single chat, infer or web run has none to give
-        log.warning("objective.metric=%s is not among this run's metrics (%s): no objective to return",
-                    cfg.objective.metric, ", ".join(sorted(k for k in run.metrics if "/" in k)))
+        log.warning(
+            "objective.metric=%s is not among this run's metrics (%s): no objective to return",
+            cfg.objective.metric,
+            ", ".join(sorted(k for k in run.metrics if "/" in k)),
+        )
     return objective
 
 

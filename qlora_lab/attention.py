@@ -30,7 +30,9 @@ def varlen_kernel():
 
 def available(dtype: torch.dtype) -> bool:
     """Whether packed rows can use the varlen kernel here: a CUDA GPU, a torch that has it, a 16-bit model."""
-    return torch.cuda.is_available() and varlen_kernel() is not None and dtype in (torch.bfloat16, torch.float16)
+    return (
+        torch.cuda.is_available() and varlen_kernel() is not None and dtype in (torch.bfloat16, torch.float16)
+    )
 
 
 def packed_varlen(cfg: Config, dtype: torch.dtype) -> bool:
@@ -39,13 +41,22 @@ def packed_varlen(cfg: Config, dtype: torch.dtype) -> bool:
     mode = cfg.train.packed_attention
     if mode is PackedAttention.varlen:
         if not cfg.dataset.pack:
-            raise ConfigError("train.packed_attention=varlen keeps packed examples apart, but dataset.pack=false; set "
-                              "dataset.pack=true or train.packed_attention=auto.")
+            raise ConfigError(
+                "train.packed_attention=varlen keeps packed examples apart, but dataset.pack=false; set "
+                "dataset.pack=true or train.packed_attention=auto."
+            )
         if not available(dtype):
-            why = "this torch has no torch.nn.attention.varlen (torch >= 2.10)" if varlen_kernel() is None else \
-                "it needs a CUDA GPU and a bf16 or fp16 model.dtype"
-            raise ConfigError(f"train.packed_attention=varlen is not available: {why}; use train.packed_attention=auto.")
-    return cfg.dataset.pack and (mode is PackedAttention.varlen or (mode is PackedAttention.auto and available(dtype)))
+            why = (
+                "this torch has no torch.nn.attention.varlen (torch >= 2.10)"
+                if varlen_kernel() is None
+                else "it needs a CUDA GPU and a bf16 or fp16 model.dtype"
+            )
+            raise ConfigError(
+                f"train.packed_attention=varlen is not available: {why}; use train.packed_attention=auto."
+            )
+    return cfg.dataset.pack and (
+        mode is PackedAttention.varlen or (mode is PackedAttention.auto and available(dtype))
+    )
 
 
 @functools.cache  # once per kernel, not per layer and step
@@ -53,29 +64,54 @@ def _causal_kwargs(kernel) -> dict:
     params = inspect.signature(kernel).parameters
     kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}  # its first form
     if "enable_gqa" in params:
-        kwargs["enable_gqa"] = True  # fewer key/value heads than query heads (Llama 3); FlashAttention takes them as is
+        kwargs["enable_gqa"] = (
+            True  # fewer key/value heads than query heads (Llama 3); FlashAttention takes them as is
+        )
     return kwargs
 
 
-def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                             scaling: float | None = None, cu_seq_lens_q=None, cu_seq_lens_k=None,
-                             max_length_q=None, max_length_k=None, **kwargs):
+def varlen_attention_forward(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q=None,
+    cu_seq_lens_k=None,
+    max_length_q=None,
+    max_length_k=None,
+    **kwargs,
+):
     """transformers' attention interface: query/key/value are [batch, heads, tokens, head_dim]; returns
     ([batch, tokens, heads, head_dim], None). Packed batches (one row, boundaries in cu_seq_lens_*) go to the
     varlen kernel; any other batch to sdpa with transformers' own mask."""
     if cu_seq_lens_q is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     if dropout:
-        raise ValueError(f"{NAME} has no attention dropout (the model asks for {dropout}); train with "
-                         f"train.packed_attention=mask")
+        raise ValueError(
+            f"{NAME} has no attention dropout (the model asks for {dropout}); train with "
+            f"train.packed_attention=mask"
+        )
     kernel = varlen_kernel()
     batch, heads, tokens, dim = query.shape
     q, k, v = (t.transpose(1, 2).reshape(batch * tokens, t.shape[1], dim) for t in (query, key, value))
-    out = kernel(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scale=scaling,
-                 **_causal_kwargs(kernel))
+    out = kernel(
+        q,
+        k,
+        v,
+        cu_seq_lens_q,
+        cu_seq_lens_k,
+        max_length_q,
+        max_length_k,
+        scale=scaling,
+        **_causal_kwargs(kernel),
+    )
     return out.view(batch, tokens, heads, dim), None
 
 

@@ -46,8 +46,10 @@ def check_writable(path: Path, config: DictConfig, key: str) -> None:
     problem = folder_problem(path)
     if problem:
         named = f"{key}={path}" if _given(config, key) else f"paths.output_dir={config.paths.output_dir}"
-        _refuse(f"{named} cannot hold the run folder: {problem}; point it at a folder (or a path that does not exist "
-                f"yet).")
+        _refuse(
+            f"{named} cannot hold the run folder: {problem}; point it at a folder (or a path that does not exist "
+            f"yet)."
+        )
 
 
 MIN_FREE = 1 << 20  # bytes: below this Hydra could not even write the run's config and log
@@ -59,8 +61,10 @@ def check_free_space(path: Path) -> None:
 
     free = free_space(path)
     if free < MIN_FREE:
-        _refuse(f"no space left on the disk holding {path} ({size_text(free)} free); free some space (a run needs "
-                f"room for its config, log, checkpoints and adapter), or point paths.output_dir at another disk.")
+        _refuse(
+            f"no space left on the disk holding {path} ({size_text(free)} free); free some space (a run needs "
+            f"room for its config, log, checkpoints and adapter), or point paths.output_dir at another disk."
+        )
 
 
 def claim(path: Path, marker: str, explicit: bool, key: str) -> Path:
@@ -80,8 +84,10 @@ def claim(path: Path, marker: str, explicit: bool, key: str) -> Path:
             except FileExistsError:
                 pass  # another process took it between our look and our claim
         if explicit:
-            _refuse(f"{key}={path} already exists and is not empty; choose a new {key} (or leave it unset for a "
-                    f"fresh timestamped folder) so that no earlier result is overwritten.")
+            _refuse(
+                f"{key}={path} already exists and is not empty; choose a new {key} (or leave it unset for a "
+                f"fresh timestamped folder) so that no earlier result is overwritten."
+            )
     _refuse(f"no free folder next to {path}; choose {key}.")
     raise AssertionError  # unreachable: _refuse exits
 
@@ -91,18 +97,26 @@ class RunDirGuard(Callback):
     never one shared with a run started in the same second. `train.resume=true run_dir=R` trains in R itself."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if OmegaConf.select(config, "train.resume") and config.run_dir:  # every rank trains on in the run's folder
+        if (
+            OmegaConf.select(config, "train.resume") and config.run_dir
+        ):  # every rank trains on in the run's folder
             run_dir = Path(str(config.run_dir)).resolve()
             if not RunLayout(run_dir).config.is_file():
-                _refuse(f"run_dir={config.run_dir} is not a QLoRA Lab run folder (no .hydra/config.yaml); pass "
-                        f"the folder of the run to resume.")
+                _refuse(
+                    f"run_dir={config.run_dir} is not a QLoRA Lab run folder (no .hydra/config.yaml); pass "
+                    f"the folder of the run to resume."
+                )
             if _given(config, "hydra.run.dir") and Path(str(config.hydra.run.dir)).resolve() != run_dir:
-                _refuse(f"train.resume=true continues run_dir={config.run_dir} in that folder, but "
-                        f"hydra.run.dir={config.hydra.run.dir} names another; drop hydra.run.dir.")
+                _refuse(
+                    f"train.resume=true continues run_dir={config.run_dir} in that folder, but "
+                    f"hydra.run.dir={config.hydra.run.dir} names another; drop hydra.run.dir."
+                )
             check_free_space(run_dir)
             with read_write(config.hydra):
                 config.hydra.run.dir = str(run_dir)
-                config.hydra.output_subdir = None  # keep the run's own config: the resumed run is checked against it
+                config.hydra.output_subdir = (
+                    None  # keep the run's own config: the resumed run is checked against it
+                )
             return
         if _rank() > 0:
             # rank 0 checks the folder and writes .hydra/; the others must not race it
@@ -112,7 +126,9 @@ class RunDirGuard(Callback):
         subdir = config.hydra.output_subdir or ".hydra"
         check_writable(Path(str(config.hydra.run.dir)), config, "hydra.run.dir")
         check_free_space(Path(str(config.hydra.run.dir)))
-        path = claim(Path(str(config.hydra.run.dir)), subdir, _given(config, "hydra.run.dir"), "hydra.run.dir")
+        path = claim(
+            Path(str(config.hydra.run.dir)), subdir, _given(config, "hydra.run.dir"), "hydra.run.dir"
+        )
         with read_write(config.hydra):
             config.hydra.run.dir = str(path)
 
@@ -120,8 +136,10 @@ class RunDirGuard(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if OmegaConf.select(config, "train.resume"):
             if not _given(config, "hydra.sweep.dir") or not sweep_dir.is_dir():
-                _refuse(f"train.resume=true in a sweep continues an earlier sweep: give its folder as "
-                        f"hydra.sweep.dir=DIR (got {sweep_dir}, {'missing' if not sweep_dir.is_dir() else 'unset'}).")
+                _refuse(
+                    f"train.resume=true in a sweep continues an earlier sweep: give its folder as "
+                    f"hydra.sweep.dir=DIR (got {sweep_dir}, {'missing' if not sweep_dir.is_dir() else 'unset'})."
+                )
             SWEEP["dir"] = str(sweep_dir)
             return  # completed jobs are skipped, the others resumed or run (qlora_lab.resume.job_to_resume)
         check_writable(sweep_dir, config, "hydra.sweep.dir")
@@ -139,7 +157,8 @@ def seed_axis(config: DictConfig) -> str | None:
         _refuse(f"sweep.repeats must be 1 or more seeds per cell (got {repeats}).")
     params = OmegaConf.select(config, "hydra.sweeper.params") or {}
     swept = "train.seed" in params or any(
-        o.startswith("train.seed=") and "," in o for o in config.hydra.overrides.task)
+        o.startswith("train.seed=") and "," in o for o in config.hydra.overrides.task
+    )
     if repeats == 1:
         return None
     if swept:
@@ -170,12 +189,16 @@ def equal_memory_sweeper(config: DictConfig) -> str | None:
         return None
     target = str(OmegaConf.select(config, "hydra.sweeper._target_", default=""))
     if target not in (BASIC_SWEEPER, EQUAL_MEMORY_SWEEPER):
-        _refuse(f"sweep.equal_memory works with the basic sweeper only (this sweep uses {target.split('.')[-1]}).")
+        _refuse(
+            f"sweep.equal_memory works with the basic sweeper only (this sweep uses {target.split('.')[-1]})."
+        )
     modes = swept_values(config, "quantization")
     if "none" not in modes or len(modes) < 2:
-        _refuse(f"sweep.equal_memory caps QLoRA at LoRA's measured peak, so the sweep needs both: sweep "
-                f"quantization=none,nf4 (this sweep runs quantization="
-                f"{','.join(modes) or OmegaConf.select(config, 'hydra.runtime.choices.quantization')} only).")
+        _refuse(
+            f"sweep.equal_memory caps QLoRA at LoRA's measured peak, so the sweep needs both: sweep "
+            f"quantization=none,nf4 (this sweep runs quantization="
+            f"{','.join(modes) or OmegaConf.select(config, 'hydra.runtime.choices.quantization')} only)."
+        )
     return EQUAL_MEMORY_SWEEPER
 
 
@@ -206,8 +229,10 @@ class SweepReport(Callback):
         except ConfigError as e:  # e.g. every job stopped before Hydra wrote its folder
             print(f"error: no sweep report: {e}", file=sys.stderr)
             sys.exit(1)
-        print(f"report: {Path(sweep_dir) / 'summary.md'} (rebuild it with `python -m qlora_lab.report {sweep_dir}`)",
-              flush=True)
+        print(
+            f"report: {Path(sweep_dir) / 'summary.md'} (rebuild it with `python -m qlora_lab.report {sweep_dir}`)",
+            flush=True,
+        )
         from .report import collect
 
         rows = collect(Path(sweep_dir))

@@ -42,7 +42,9 @@ class Template(Enum):
 
 
 class DataFormat(Enum):
-    auto = "auto"  # detected from the file's first record (and logged); every record must then be in that format
+    auto = (
+        "auto"  # detected from the file's first record (and logged); every record must then be in that format
+    )
     alpaca = "alpaca"  # {instruction, input, output} (+ optional system, history = earlier [prompt, response] pairs)
     sharegpt = "sharegpt"  # {conversations: [{from, value}], system, tools}
     openai = "openai"  # {messages: [{role, content, tool_calls}], tools}
@@ -70,7 +72,9 @@ class KbitPreparation(Enum):
 
 
 class Kernels(Enum):
-    auto = "auto"  # Liger kernels on CUDA when liger-kernel is installed and knows the architecture, else none
+    auto = (
+        "auto"  # Liger kernels on CUDA when liger-kernel is installed and knows the architecture, else none
+    )
     liger = "liger"  # require Liger kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy): fail if unavailable
     none = "none"  # transformers' own modules
 
@@ -86,7 +90,9 @@ class PackedAttention(Enum):
     # How the examples of a packed row are kept apart (dataset.pack=true); each example sees only itself either way.
     auto = "auto"  # varlen on a CUDA GPU with torch >= 2.10 and a 16-bit model, else mask
     varlen = "varlen"  # PyTorch's FlashAttention varlen kernel: no mask, no work on other examples' tokens
-    mask = "mask"  # model.attn_implementation with a block-diagonal mask built from the restarting position ids
+    mask = (
+        "mask"  # model.attn_implementation with a block-diagonal mask built from the restarting position ids
+    )
 
 
 class DType(Enum):
@@ -114,7 +120,9 @@ class LoraVariant(Enum):
 class LoraInit(Enum):
     default = "default"  # PEFT's: A Kaiming-uniform, B zero (the adapter starts as a no-op)
     gaussian = "gaussian"  # A Gaussian (std 1/r), B zero: also a no-op at the start
-    pissa = "pissa"  # A, B from the top-r singular vectors of W; the base keeps the residual (quantization=none)
+    pissa = (
+        "pissa"  # A, B from the top-r singular vectors of W; the base keeps the residual (quantization=none)
+    )
     loftq = "loftq"  # A, B from the top-r singular vectors of W - dequantize(quantize(W)) (nf4/fp4)
 
 
@@ -227,14 +235,20 @@ class ColumnsConfig:
     output: str = "output"  # alpaca
     history: str | None = "history"  # alpaca, optional: earlier [prompt, response] pairs
     system: str | None = "system"  # alpaca / sharegpt, optional: the record's system prompt
-    messages: str | None = None  # the list of turns; null: the format's own (messages, conversations, conversation)
-    tools: str | None = "tools"  # openai / sharegpt, optional: the functions the model may call (a list or JSON text)
+    messages: str | None = (
+        None  # the list of turns; null: the format's own (messages, conversations, conversation)
+    )
+    tools: str | None = (
+        "tools"  # openai / sharegpt, optional: the functions the model may call (a list or JSON text)
+    )
 
 
 @dataclass
 class DatasetConfig:
     name: str = MISSING
-    path: str = MISSING  # JSON, JSONL, CSV or Parquet; relative paths are tried from the cwd, then the project root
+    path: str = (
+        MISSING  # JSON, JSONL, CSV or Parquet; relative paths are tried from the cwd, then the project root
+    )
     eval_path: str | None = None  # a separate eval file (e.g. GSM8K test); else held out from `path`
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     format: DataFormat = DataFormat.auto
@@ -257,7 +271,9 @@ class DatasetConfig:
 class TrainConfig:
     max_steps: int = -1  # > 0 overrides epochs
     epochs: float = 1.0
-    batch_size: Any = 4  # rows per device and step, or `auto`: the largest that fits, 0.9x from auto_batch_start on OOM
+    batch_size: Any = (
+        4  # rows per device and step, or `auto`: the largest that fits, 0.9x from auto_batch_start on OOM
+    )
     grad_accum: int = 1
     learning_rate: float = 2e-4
     scheduler: str = "constant"
@@ -272,18 +288,24 @@ class TrainConfig:
     # memory (larger batches or sequences fit), ~30% longer steps (measured on 8B shapes)
     gradient_checkpointing: bool = False
     checkpoint_every_n_layers: int = 1  # with gradient_checkpointing: recompute only every n-th decoder layer
-    activation_offload: bool = False  # with gradient_checkpointing: keep the checkpointed inputs in host memory
+    activation_offload: bool = (
+        False  # with gradient_checkpointing: keep the checkpointed inputs in host memory
+    )
     kernels: Kernels = Kernels.auto
     packed_attention: PackedAttention = PackedAttention.auto
     lora_layers: LoraLayers = LoraLayers.auto
     peak_tflops: float | None = None  # for MFU; None: the datasheet's dense bf16 figure for known GPUs
-    profile: bool = False  # torch.profiler over 3 steps after the warm-up: profile.txt + a Chrome trace in the run dir
+    profile: bool = (
+        False  # torch.profiler over 3 steps after the warm-up: profile.txt + a Chrome trace in the run dir
+    )
     logging_steps: int = 5
     eval_steps: int | None = None  # None: evaluate at the end only
     save_steps: int | None = 50  # checkpoints (adapter, optimizer, scheduler, RNG) to resume from; None: none
     save_total_limit: int = 2
     precision: Precision = Precision.auto
-    autocast: bool = False  # set by the recipe (fast: false, paper: true); false: each op in its weights' dtype
+    autocast: bool = (
+        False  # set by the recipe (fast: false, paper: true); false: each op in its weights' dtype
+    )
     eval_before: bool = True  # eval/loss_before: the base model's eval loss, before any training
     speed_skip_steps: int = 2  # first steps left out of the speed figures (compilation, allocator warm-up)
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
@@ -308,14 +330,19 @@ class GenerationConfig:
 @dataclass
 class InferenceConfig:
     mode: InferenceMode = InferenceMode.adapter
-    prompts_file: str | None = None  # text (one prompt a line) or JSONL with a `prompt` field; else the eval split
+    prompts_file: str | None = (
+        None  # text (one prompt a line) or JSONL with a `prompt` field; else the eval split
+    )
     num_prompts: int = 8
     batch_size: int = 8
     # compare: the modes measured against each other; adapter (the model as trained) is the reference
-    modes: list[InferenceMode] = field(default_factory=lambda: [InferenceMode.merged, InferenceMode.adapter,
-                                                                InferenceMode.merge_and_unload])
+    modes: list[InferenceMode] = field(
+        default_factory=lambda: [InferenceMode.merged, InferenceMode.adapter, InferenceMode.merge_and_unload]
+    )
     before_after: bool = False  # infer: also answer with the base model and print both side by side
-    agreement_examples: int = 4  # compare: eval examples whose full logits are compared with the adapter mode's
+    agreement_examples: int = (
+        4  # compare: eval examples whose full logits are compared with the adapter mode's
+    )
 
 
 @dataclass
@@ -371,9 +398,13 @@ class ObjectiveConfig:
 class WebConfig:
     """pipeline=web: the local web app (chat, side by side, runs, sweeps)."""
 
-    host: str = "127.0.0.1"  # this machine only; another interface (e.g. 0.0.0.0) exposes the app to the network
+    host: str = (
+        "127.0.0.1"  # this machine only; another interface (e.g. 0.0.0.0) exposes the app to the network
+    )
     port: int = 7860
-    auth: str | None = None  # USER:PASSWORD, the login the page asks for; required when host is not a loopback address
+    auth: str | None = (
+        None  # USER:PASSWORD, the login the page asks for; required when host is not a loopback address
+    )
 
 
 @dataclass
@@ -409,7 +440,9 @@ class SweepConfig:
 class Config:
     name: str = "run"  # names the output folder; experiments set it
     recipe: str = "fast"  # the name of the training recipe group chosen (conf/recipe/), for reports
-    run_dir: str | None = None  # an earlier run to continue from (merge/infer/evaluate/chat); None = this job's dir
+    run_dir: str | None = (
+        None  # an earlier run to continue from (merge/infer/evaluate/chat); None = this job's dir
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -460,10 +493,18 @@ def job_dirname(override_dirname: str) -> str:
 
 # Each group's schema, stored under the group as `base_<group>`: every option file starts with
 # `defaults: [base_<group>, _self_]` and holds only what differs from these dataclasses' defaults.
-GROUP_SCHEMAS = {"model": ModelConfig, "quantization": QuantizationConfig, "lora": LoraConfig,
-                 "dataset": DatasetConfig, "train": TrainConfig, "generation": GenerationConfig,
-                 "inference": InferenceConfig, "export": ExportConfig, "pipeline": PipelineConfig,
-                 "paths": PathsConfig}
+GROUP_SCHEMAS = {
+    "model": ModelConfig,
+    "quantization": QuantizationConfig,
+    "lora": LoraConfig,
+    "dataset": DatasetConfig,
+    "train": TrainConfig,
+    "generation": GenerationConfig,
+    "inference": InferenceConfig,
+    "export": ExportConfig,
+    "pipeline": PipelineConfig,
+    "paths": PathsConfig,
+}
 
 
 def register() -> None:

@@ -48,12 +48,15 @@ class Splits:
 
 # ---------------------------------------------------------------- loading and checking
 
+
 def resolve_file(path: str, root: str, field_name: str) -> Path:
     p = Path(path).expanduser()
     for candidate in (p, Path(root) / p):
         if candidate.is_file():
             return candidate.resolve()
-    raise ConfigError(f"{field_name}={path}: no such file; give a path to a JSON, JSONL, CSV or Parquet file.")
+    raise ConfigError(
+        f"{field_name}={path}: no such file; give a path to a JSON, JSONL, CSV or Parquet file."
+    )
 
 
 def read_records(path: Path, field_name: str) -> list[dict]:
@@ -61,7 +64,9 @@ def read_records(path: Path, field_name: str) -> list[dict]:
     keys, see Splits); CSV and Parquet with `datasets`."""
     builder = BUILDERS.get(path.suffix.lower())
     if builder is None:
-        raise ConfigError(f"{field_name}={path} has an unsupported extension; use .json, .jsonl, .csv or .parquet.")
+        raise ConfigError(
+            f"{field_name}={path} has an unsupported extension; use .json, .jsonl, .csv or .parquet."
+        )
     if path.stat().st_size == 0:
         raise ConfigError(f"{field_name}={path} holds no records; give a file with at least one example.")
     if builder == "json":
@@ -69,17 +74,23 @@ def read_records(path: Path, field_name: str) -> list[dict]:
     else:
         try:
             records = load_dataset(builder, data_files=str(path), split="train").to_list()
-        except Exception as e:  # datasets raises many types for a malformed file, mostly "An error occurred ..."
+        except (
+            Exception
+        ) as e:  # datasets raises many types for a malformed file, mostly "An error occurred ..."
             problem = diagnose_file(path, builder) or str(e).splitlines()[0]
             raise ConfigError(f"{field_name}={path} could not be read as {builder}: {problem}") from None
         # an empty cell of a numeric column reads as NaN: a missing value, not the text "nan"
-        records = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in records]
+        records = [
+            {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in records
+        ]
     if not records:
         raise ConfigError(f"{field_name}={path} holds no records; give a file with at least one example.")
     for i, record in enumerate(records):
         if not isinstance(record, dict):
-            raise ConfigError(f"{field_name}={path}: record {i} is a JSON {type(record).__name__}, not an object; "
-                              f"write one object (e.g. {{\"instruction\": ..., \"output\": ...}}) a record.")
+            raise ConfigError(
+                f"{field_name}={path}: record {i} is a JSON {type(record).__name__}, not an object; "
+                f'write one object (e.g. {{"instruction": ..., "output": ...}}) a record.'
+            )
     return records
 
 
@@ -88,7 +99,9 @@ def read_json_records(path: Path, field_name: str) -> list:
     problem = diagnose_file(path, "json")
     if problem:
         raise ConfigError(f"{field_name}={path} could not be read as json: {problem}")
-    text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors write one) is dropped
+    text = path.read_text(
+        encoding="utf-8-sig"
+    )  # -sig: a byte-order mark (Windows editors write one) is dropped
     if text.lstrip().startswith("["):
         return json.loads(text)
     try:
@@ -105,7 +118,7 @@ def diagnose_file(path: Path, builder: str) -> str | None:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
+        line = raw[: e.start].count(b"\n") + 1
         return f"line {line} is not UTF-8 text (byte {e.start}); save the file as UTF-8."
     if builder == "csv":
         return ragged_csv_line(text)
@@ -113,8 +126,10 @@ def diagnose_file(path: Path, builder: str) -> str | None:
         try:
             json.loads(text)
         except json.JSONDecodeError as e:
-            return (f"line {e.lineno}, column {e.colno}: {e.msg} (a truncated or malformed file); fix the JSON, "
-                    f"a list of records.")
+            return (
+                f"line {e.lineno}, column {e.colno}: {e.msg} (a truncated or malformed file); fix the JSON, "
+                f"a list of records."
+            )
         return None
     try:  # one JSON object
         json.loads(text)
@@ -126,7 +141,9 @@ def diagnose_file(path: Path, builder: str) -> str | None:
             if line.strip():
                 json.loads(line)
         except json.JSONDecodeError as e:
-            return f"line {number} is not valid JSON ({e.msg}, column {e.colno}); write one JSON object a line."
+            return (
+                f"line {number} is not valid JSON ({e.msg}, column {e.colno}); write one JSON object a line."
+            )
     return None
 
 
@@ -136,8 +153,10 @@ def ragged_csv_line(text: str) -> str | None:
     header = next(reader, [])
     for row in reader:
         if len(row) > len(header):
-            return (f"line {reader.line_num} has {len(row)} fields but the header has {len(header)}; put quotes "
-                    f"around a value that holds a comma, or fix that line.")
+            return (
+                f"line {reader.line_num} has {len(row)} fields but the header has {len(header)}; put quotes "
+                f"around a value that holds a comma, or fix that line."
+            )
     return None
 
 
@@ -150,13 +169,19 @@ def file_sha256(paths: list[Path]) -> str:
 
 # ---------------------------------------------------------------- formats -> canonical rows (qlora_lab/data_formats)
 
+
 def describe(fmt: DataFormat, key: str) -> str:
     return FORMATS[fmt].describe(key)
 
 
-def to_conversations(records: list[dict], d: DatasetConfig, source: str,
-                     label: Callable[[int], str] = lambda i: f"record {i}", fmt: DataFormat | None = None,
-                     need_answer: bool = True) -> list[dict]:
+def to_conversations(
+    records: list[dict],
+    d: DatasetConfig,
+    source: str,
+    label: Callable[[int], str] = lambda i: f"record {i}",
+    fmt: DataFormat | None = None,
+    need_answer: bool = True,
+) -> list[dict]:
     """Every record as a canonical row. Format `auto` (dataset.format unless `fmt` is given) takes the format of the
     first record and logs it; a record in another format is refused, as is any record the converter cannot read.
     `need_answer=False` (prompts to generate for) accepts conversations with no assistant turn."""
@@ -165,16 +190,20 @@ def to_conversations(records: list[dict], d: DatasetConfig, source: str,
     if len(records) == 1 and len(records[0]) == 1 and detect(records[0], cols) is None:
         only, value = next(iter(records[0].items()))
         if isinstance(value, list) and value and isinstance(value[0], dict):
-            raise ConfigError(f"{source} is one JSON object whose {only!r} key holds the records; write the records "
-                              f"as a top-level JSON list (or JSON Lines, one record a line).")
+            raise ConfigError(
+                f"{source} is one JSON object whose {only!r} key holds the records; write the records "
+                f"as a top-level JSON list (or JSON Lines, one record a line)."
+            )
     detected = fmt is DataFormat.auto
     if detected:
         found = detect(records[0], cols)
         if found is None:
             keys = ", ".join(map(str, records[0])) or "none"
-            raise ConfigError(f"{source}: {label(0)} (keys: {keys}) is in none of the formats read: "
-                              f"{', '.join(spec.needs_line(cols) for spec in FORMATS.values())}; set dataset.format "
-                              f"and dataset.columns to match.")
+            raise ConfigError(
+                f"{source}: {label(0)} (keys: {keys}) is in none of the formats read: "
+                f"{', '.join(spec.needs_line(cols) for spec in FORMATS.values())}; set dataset.format "
+                f"and dataset.columns to match."
+            )
         fmt = found[0]
         log.info("dataset.format=auto: %s is %s, detected from its first record", source, describe(*found))
     spec = FORMATS[fmt]
@@ -185,9 +214,13 @@ def to_conversations(records: list[dict], d: DatasetConfig, source: str,
         where = f"{source}: {label(i)}"
         found = detect(record, cols)
         if found and found[0] is not fmt:
-            why = f"but {label(0)} made the file {fmt.value}" if detected else f"not dataset.format={fmt.value}"
-            raise ConfigError(f"{where} is in {describe(*found)} format, {why}; a file must hold one format: "
-                              f"convert that record or split the file (or set dataset.format to the file's format).")
+            why = (
+                f"but {label(0)} made the file {fmt.value}" if detected else f"not dataset.format={fmt.value}"
+            )
+            raise ConfigError(
+                f"{where} is in {describe(*found)} format, {why}; a file must hold one format: "
+                f"convert that record or split the file (or set dataset.format to the file's format)."
+            )
         key = found[1] if found and spec.turns_column else cols.messages or spec.turns_column
         row = spec.convert(record, cols, key, where, need_answer)
         check_conversation(row["messages"], where, key or cols.history or "history", need_answer)
@@ -201,18 +234,26 @@ def check_conversation(messages: list[dict], where: str, key: str, need_answer: 
     """What every format must give: turns, a user turn before the first answer, an assistant turn to train on, and
     no empty user or assistant turn."""
     if not messages or all(m["role"] == "system" for m in messages):
-        raise ConfigError(f"{where}'s {key!r} holds no turns (an empty conversation); fix or remove that record.")
+        raise ConfigError(
+            f"{where}'s {key!r} holds no turns (an empty conversation); fix or remove that record."
+        )
     first = next(m for m in messages if m["role"] != "system")
     if first["role"] == "assistant":
-        raise ConfigError(f"{where}'s {key!r} starts with an assistant turn; a user turn must come first, so fix or "
-                          f"remove that record.")
+        raise ConfigError(
+            f"{where}'s {key!r} starts with an assistant turn; a user turn must come first, so fix or "
+            f"remove that record."
+        )
     if need_answer and not any(m["role"] == "assistant" for m in messages):
-        raise ConfigError(f"{where}'s {key!r} has no assistant turn, so nothing in it could be trained or scored; "
-                          f"add one or remove that record.")
+        raise ConfigError(
+            f"{where}'s {key!r} has no assistant turn, so nothing in it could be trained or scored; "
+            f"add one or remove that record."
+        )
     for j, m in enumerate(messages):
         if m["role"] in ("user", "assistant") and not m["content"].strip() and not m.get("tool_calls"):
-            raise ConfigError(f"{where}'s {key!r} has an empty {m['role']} turn (turn {j} of the conversation); fix "
-                              f"or remove that record.")
+            raise ConfigError(
+                f"{where}'s {key!r} has an empty {m['role']} turn (turn {j} of the conversation); fix "
+                f"or remove that record."
+            )
 
 
 def check_trained(messages: list[dict], where: str, key: str | None, train_on) -> None:
@@ -220,10 +261,15 @@ def check_trained(messages: list[dict], where: str, key: str | None, train_on) -
     answers = [m for m in messages if m["role"] == "assistant"]
     chosen = answers if TrainOn(train_on) is TrainOn.all_assistant else answers[-1:]
     if all(m.get("loss_weight") == 0 for m in chosen):
-        which = ("its last assistant turn, the one dataset.train_on=last_assistant trains,"
-                 if TrainOn(train_on) is TrainOn.last_assistant and len(answers) > 1 else "every assistant turn")
-        raise ConfigError(f"{where}'s {key!r}: {which} has loss_weight 0, so nothing in it would be trained; set a "
-                          f"loss_weight to 1 or remove the record.")
+        which = (
+            "its last assistant turn, the one dataset.train_on=last_assistant trains,"
+            if TrainOn(train_on) is TrainOn.last_assistant and len(answers) > 1
+            else "every assistant turn"
+        )
+        raise ConfigError(
+            f"{where}'s {key!r}: {which} has loss_weight 0, so nothing in it would be trained; set a "
+            f"loss_weight to 1 or remove the record."
+        )
 
 
 def shuffled(rows: list, seed: int) -> list:
@@ -238,7 +284,9 @@ def load_conversations(path: str, d: DatasetConfig, root: str, field_name: str) 
     """A data file's canonical rows, read once per process: the preflight and every stage of a job share one read
     (a file changed since is read again)."""
     file = resolve_file(path, root, field_name)
-    digest = hashlib.sha256(file.read_bytes()).hexdigest()  # cheap next to the conversion; a changed file is new
+    digest = hashlib.sha256(
+        file.read_bytes()
+    ).hexdigest()  # cheap next to the conversion; a changed file is new
     key = (str(file), digest, field_name, str(d.columns), str(d.format), str(d.train_on))
     if key not in _READ:
         if len(_READ) >= 4:  # a train and an eval file, and room for a second dataset
@@ -260,18 +308,23 @@ def load_splits(cfg: Config) -> Splits:
         files.append(eval_file)
     else:
         if len(rows) <= d.eval_size:
-            raise ConfigError(f"dataset.path={d.path} has {len(rows)} records, not more than dataset.eval_size="
-                              f"{d.eval_size}; lower dataset.eval_size or give dataset.eval_path.")
+            raise ConfigError(
+                f"dataset.path={d.path} has {len(rows)} records, not more than dataset.eval_size="
+                f"{d.eval_size}; lower dataset.eval_size or give dataset.eval_path."
+            )
         eval_rows = rows[: d.eval_size]
-        pool = rows[d.eval_size:]
+        pool = rows[d.eval_size :]
     size = d.size or len(pool)
     if size > len(pool):
-        raise ConfigError(f"dataset.size={size} but {d.path} has only {len(pool)} training records after holding out "
-                          f"the eval split; lower dataset.size.")
+        raise ConfigError(
+            f"dataset.size={size} but {d.path} has only {len(pool)} training records after holding out "
+            f"the eval split; lower dataset.size."
+        )
     return Splits(train=pool[:size], eval=eval_rows, files=files)
 
 
 # ---------------------------------------------------------------- rendering: the one place text is made for the model
+
 
 def uses_chat_template(tokenizer, template: Template | str) -> bool:
     return Template(template) is Template.chat and bool(getattr(tokenizer, "chat_template", None))
@@ -286,19 +339,27 @@ def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
 
 def calls_text(message: dict) -> str:
     """An assistant turn as text: its content, then each function call as one JSON object a line."""
-    calls = [json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]}, ensure_ascii=False)
-             for c in message.get("tool_calls") or []]
+    calls = [
+        json.dumps(
+            {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}, ensure_ascii=False
+        )
+        for c in message.get("tool_calls") or []
+    ]
     return "\n".join([message["content"]] * bool(message["content"]) + calls)
 
 
 def tools_as_text(messages: list[dict], tools: list | None, keep_calls: bool) -> list[dict]:
     """For a template that does not render tools (or tool calls): the tools go into the system turn as text, and each
     call becomes the assistant's text (calls_text). Tool results keep the role `tool`."""
-    out = [m if keep_calls or not m.get("tool_calls") else {"role": "assistant", "content": calls_text(m)}
-           for m in messages]
+    out = [
+        m if keep_calls or not m.get("tool_calls") else {"role": "assistant", "content": calls_text(m)}
+        for m in messages
+    ]
     if tools:
-        listing = ("You can call these functions; to call one, answer with a JSON object {\"name\": ..., "
-                   "\"arguments\": {...}}:\n" + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+        listing = (
+            'You can call these functions; to call one, answer with a JSON object {"name": ..., '
+            '"arguments": {...}}:\n' + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+        )
         if out and out[0]["role"] == "system":
             out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{listing}"}
         else:
@@ -312,7 +373,7 @@ def leading_special_text(tokenizer) -> str:
     with_special = tokenizer("a")["input_ids"]
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     for k in range(len(with_special) - len(plain) + 1):
-        if with_special[k:k + len(plain)] == plain:
+        if with_special[k : k + len(plain)] == plain:
             return "".join(tokenizer.convert_ids_to_tokens(with_special[:k]))
     return ""
 
@@ -334,27 +395,42 @@ def render_plain(messages: list[dict], tokenizer, add_generation_prompt: bool) -
     return text + (PLAIN_HEADERS["assistant"] if add_generation_prompt else "")
 
 
-def render(messages: list[dict], tools: list | None, tokenizer, template: Template | str,
-           add_generation_prompt: bool = False) -> str:
+def render(
+    messages: list[dict],
+    tools: list | None,
+    tokenizer,
+    template: Template | str,
+    add_generation_prompt: bool = False,
+) -> str:
     """The conversation as the model's input text, every special token written in: the chat template (tools passed
     to it when it renders them, else written as text by tools_as_text), or the plain rendering."""
     if not uses_chat_template(tokenizer, template):
-        return render_plain(tools_as_text(messages, tools, keep_calls=False), tokenizer, add_generation_prompt)
+        return render_plain(
+            tools_as_text(messages, tools, keep_calls=False), tokenizer, add_generation_prompt
+        )
     source = tokenizer.get_chat_template(None, tools)
     takes_tools = "tools" in source
     messages = tools_as_text(messages, None if takes_tools else tools, keep_calls="tool_calls" in source)
     try:
-        return tokenizer.apply_chat_template(messages, tools=tools if takes_tools else None, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            messages,
+            tools=tools if takes_tools else None,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
     except Exception as e:  # jinja's TemplateError, or a template's own raise_exception()
-        raise ConfigError(f"the model's chat template refused a conversation ({str(e).splitlines()[0]}); check its "
-                          f"roles and their order, or use dataset.template=plain.") from None
+        raise ConfigError(
+            f"the model's chat template refused a conversation ({str(e).splitlines()[0]}); check its "
+            f"roles and their order, or use dataset.template=plain."
+        ) from None
 
 
 def render_prompt(messages: list[dict], tokenizer, d: DatasetConfig, tools: list | None = None) -> str:
     """What every stage that generates (infer, evaluate, compare, export, chat) gives the model: the conversation so
     far (dataset.system_prompt added when it has no system turn) and the start of the assistant's turn."""
-    return render(with_system(messages, d.system_prompt), tools, tokenizer, d.template, add_generation_prompt=True)
+    return render(
+        with_system(messages, d.system_prompt), tools, tokenizer, d.template, add_generation_prompt=True
+    )
 
 
 def encode(text: str | list[str], tokenizer, **kwargs):
@@ -363,7 +439,9 @@ def encode(text: str | list[str], tokenizer, **kwargs):
 
 
 def special_ids(tokenizer) -> set[int]:
-    return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return set(tokenizer.all_special_ids) | {
+        i for i, t in tokenizer.added_tokens_decoder.items() if t.special
+    }
 
 
 def end_of_turn_id(tokenizer) -> int | None:
@@ -371,7 +449,10 @@ def end_of_turn_id(tokenizer) -> int | None:
     EOS: generation stops at it too. None without a chat template, or when it closes turns with no special token."""
     if not getattr(tokenizer, "chat_template", None):
         return None
-    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "tools": None}
+    row = {
+        "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+        "tools": None,
+    }
     try:
         answer = turn_pieces(row, tokenizer, Template.chat, None, TrainOn.last_assistant)[-1][0]
     except ConfigError:
@@ -386,14 +467,20 @@ def prompt_and_reference(row: dict, tokenizer, d: DatasetConfig) -> dict:
     messages = row["messages"]
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     context = messages if last is None else messages[:last]
-    return {"prompt": render_prompt(context, tokenizer, d, row.get("tools")),
-            "reference": None if last is None else calls_text(messages[last]),
-            "message": next((m["content"] for m in reversed(context) if m["role"] == "user"), ""), "row": row}
+    return {
+        "prompt": render_prompt(context, tokenizer, d, row.get("tools")),
+        "reference": None if last is None else calls_text(messages[last]),
+        "message": next((m["content"] for m in reversed(context) if m["role"] == "user"), ""),
+        "row": row,
+    }
 
 
 # ---------------------------------------------------------------- tokens and labels
 
-def turn_pieces(row: dict, tokenizer, template, system_prompt: str | None, train_on) -> list[tuple[str, bool]]:
+
+def turn_pieces(
+    row: dict, tokenizer, template, system_prompt: str | None, train_on
+) -> list[tuple[str, bool]]:
     """The conversation's text cut into (text, trained) pieces, up to its last assistant turn. A trained piece is one
     assistant turn exactly as the template renders it, through its end-of-turn token; the whitespace the template puts
     between turns is context. Found by rendering the conversation up to each turn: the text before the turn (with the
@@ -402,17 +489,21 @@ def turn_pieces(row: dict, tokenizer, template, system_prompt: str | None, train
     tools = row.get("tools")
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     trained = answers if TrainOn(train_on) is TrainOn.all_assistant else answers[-1:]
-    trained = [i for i in trained if messages[i].get("loss_weight") != 0]  # loss_weight 0: context, not trained
+    trained = [
+        i for i in trained if messages[i].get("loss_weight") != 0
+    ]  # loss_weight 0: context, not trained
     whole = render(messages[: answers[-1] + 1], tools, tokenizer, template)
     pieces, pos = [], 0
     for i in trained:
         start = render(messages[:i], tools, tokenizer, template, add_generation_prompt=True)
         through = render(messages[: i + 1], tools, tokenizer, template).rstrip()
         if not (whole.startswith(start) and whole.startswith(through) and pos <= len(start) < len(through)):
-            raise ConfigError(f"the chat template renders a conversation's turns differently once later turns follow "
-                              f"(turn {i}), so its assistant turns cannot be found in the text; use "
-                              f"dataset.train_on=last_assistant or dataset.template=plain.")
-        pieces += [(whole[pos:len(start)], False), (whole[len(start):len(through)], True)]
+            raise ConfigError(
+                f"the chat template renders a conversation's turns differently once later turns follow "
+                f"(turn {i}), so its assistant turns cannot be found in the text; use "
+                f"dataset.train_on=last_assistant or dataset.template=plain."
+            )
+        pieces += [(whole[pos : len(start)], False), (whole[len(start) : len(through)], True)]
         pos = len(through)
     return [p for p in pieces if p[0]]
 
@@ -423,7 +514,11 @@ def tokenize_example(row: dict, tokenizer, d: DatasetConfig) -> dict:
     token, so that generation can stop). A conversation longer than dataset.max_seq_length keeps whole turns from
     its start; when even its first turn is too long, that turn is cut at the limit."""
     eos, special = tokenizer.eos_token_id, special_ids(tokenizer)
-    turns, ids, labels = [], [], []  # turns: (ids, labels) of the context before an assistant turn + that turn
+    turns, ids, labels = (
+        [],
+        [],
+        [],
+    )  # turns: (ids, labels) of the context before an assistant turn + that turn
     for text, trained in turn_pieces(row, tokenizer, d.template, d.system_prompt, d.train_on):
         piece = encode(text, tokenizer)["input_ids"]
         if trained and piece[-1] not in special:
@@ -442,8 +537,15 @@ def tokenize_example(row: dict, tokenizer, d: DatasetConfig) -> dict:
         ids, labels, kept = ids + turn_ids, labels + turn_labels, kept + 1
     trainable = any(t != IGNORE_INDEX for t in labels)
     # turns_cut: answers left out whole; shortened: the first answer cut at the limit (still partly trained)
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "truncated": kept < len(turns),
-            "turns_cut": len(turns) - kept - shortened, "shortened": shortened and trainable, "trainable": trainable}
+    return {
+        "input_ids": ids,
+        "attention_mask": [1] * len(ids),
+        "labels": labels,
+        "truncated": kept < len(turns),
+        "turns_cut": len(turns) - kept - shortened,
+        "shortened": shortened and trainable,
+        "trainable": trainable,
+    }
 
 
 def tokenize_split(rows: list[dict], tokenizer, d: DatasetConfig, split: str) -> tuple[Dataset, dict]:
@@ -455,15 +557,31 @@ def tokenize_split(rows: list[dict], tokenizer, d: DatasetConfig, split: str) ->
     shortened = sum(e["shortened"] for e in examples)
     dropped = len(examples) - len(kept)
     if not kept:
-        raise ConfigError(f"Every {split} example's prompt is longer than dataset.max_seq_length={d.max_seq_length}; "
-                          f"raise dataset.max_seq_length.")
+        raise ConfigError(
+            f"Every {split} example's prompt is longer than dataset.max_seq_length={d.max_seq_length}; "
+            f"raise dataset.max_seq_length."
+        )
     if truncated:
-        log.warning("%s: %d of %d examples truncated to dataset.max_seq_length=%d: %d answers cut short at the "
-                    "limit, %d later assistant turns left out, %d examples dropped (nothing of their first answer was "
-                    "left)", split, truncated, len(examples), d.max_seq_length, shortened, turns_cut, dropped)
-    stats = {f"data/{split}_examples": len(kept), f"data/{split}_truncated": truncated,
-             f"data/{split}_shortened": shortened, f"data/{split}_turns_cut": turns_cut, f"data/{split}_dropped": dropped,
-             f"data/{split}_tokens": sum(len(e["input_ids"]) for e in kept)}
+        log.warning(
+            "%s: %d of %d examples truncated to dataset.max_seq_length=%d: %d answers cut short at the "
+            "limit, %d later assistant turns left out, %d examples dropped (nothing of their first answer was "
+            "left)",
+            split,
+            truncated,
+            len(examples),
+            d.max_seq_length,
+            shortened,
+            turns_cut,
+            dropped,
+        )
+    stats = {
+        f"data/{split}_examples": len(kept),
+        f"data/{split}_truncated": truncated,
+        f"data/{split}_shortened": shortened,
+        f"data/{split}_turns_cut": turns_cut,
+        f"data/{split}_dropped": dropped,
+        f"data/{split}_tokens": sum(len(e["input_ids"]) for e in kept),
+    }
     ds = Dataset.from_list([{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in kept])
     if d.pack:
         ds = pack_examples(ds, d.max_seq_length)
@@ -514,8 +632,9 @@ class PackedCollator:
         from transformers import DataCollatorWithFlattening
 
         self.pad_id, self.varlen = pad_id, varlen
-        self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX,
-                                                  return_flash_attn_kwargs=varlen)
+        self.flatten = DataCollatorWithFlattening(
+            return_position_ids=True, separator_id=IGNORE_INDEX, return_flash_attn_kwargs=varlen
+        )
 
     def __call__(self, rows: list[dict]) -> dict:
         import torch
@@ -524,8 +643,12 @@ class PackedCollator:
         for row in rows:
             start = 0
             for n in row["lengths"]:
-                examples.append({"input_ids": row["input_ids"][start:start + n],
-                                 "labels": row["labels"][start:start + n]})
+                examples.append(
+                    {
+                        "input_ids": row["input_ids"][start : start + n],
+                        "labels": row["labels"][start : start + n],
+                    }
+                )
                 start += n
         batch = self.flatten(examples)
         extra = -batch["input_ids"].shape[1] % self.ALIGN
@@ -533,13 +656,18 @@ class PackedCollator:
             last = batch["position_ids"][0, -1].item()
             batch["input_ids"] = torch.cat([batch["input_ids"], torch.full((1, extra), self.pad_id)], 1)
             batch["labels"] = torch.cat([batch["labels"], torch.full((1, extra), IGNORE_INDEX)], 1)
-            batch["position_ids"] = torch.cat([batch["position_ids"], last + 1 + torch.arange(extra)[None]], 1)
+            batch["position_ids"] = torch.cat(
+                [batch["position_ids"], last + 1 + torch.arange(extra)[None]], 1
+            )
         return batch
 
 
 def mean_context(ds: Dataset) -> float:
     """Mean number of tokens each token attends to (itself and those before it in its example): the attention
     term of the FLOPs per token. Packed rows count per example, since attention stops at each boundary."""
-    lengths = [n for row in ds["lengths"] for n in row] if "lengths" in ds.column_names else \
-        [len(ids) for ids in ds["input_ids"]]
+    lengths = (
+        [n for row in ds["lengths"] for n in row]
+        if "lengths" in ds.column_names
+        else [len(ids) for ids in ds["input_ids"]]
+    )
     return sum(n * (n + 1) / 2 for n in lengths) / max(sum(lengths), 1)

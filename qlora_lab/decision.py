@@ -18,8 +18,13 @@ DECISION_PLOT = "decision.png"
 CURVES_PLOT = "learning_curves.png"
 TARGET_GAP = 0.02  # target eval loss: LoRA's final eval loss at that cell (mean over seeds) + 2%
 # repeats table: summary column -> label
-FIGURES = [("eval_loss", "eval loss", 4), ("eval_accuracy", "accuracy", 2), ("tokens_per_s", "tokens/s", 0),
-           ("peak_gib", "peak GiB", 2), ("wall_s", "wall s", 1)]
+FIGURES = [
+    ("eval_loss", "eval loss", 4),
+    ("eval_accuracy", "accuracy", 2),
+    ("tokens_per_s", "tokens/s", 0),
+    ("peak_gib", "peak GiB", 2),
+    ("wall_s", "wall s", 1),
+]
 
 
 def interval(values: list[float]) -> tuple[float | None, float | None]:
@@ -62,35 +67,61 @@ def pm(mean: float | None, half: float | None, digits: int) -> str:
 
 def repeats_section(rows: list[dict]) -> list[str]:
     """Mean ± 95% interval over the seeds of each cell and mode; empty when no cell ran more than one seed."""
-    groups = [(cell, q, [r for r in cell if r["quantization"] == q]) for cell in cells(rows)
-              for q in sorted({r["quantization"] for r in cell}, key=lambda q: (q != "none", q))]
+    groups = [
+        (cell, q, [r for r in cell if r["quantization"] == q])
+        for cell in cells(rows)
+        for q in sorted({r["quantization"] for r in cell}, key=lambda q: (q != "none", q))
+    ]
     if not any(len(jobs) > 1 for _, _, jobs in groups):
         return []
     figures = [f for f in FIGURES if any(r[f[0]] is not None for r in rows)]
-    lines = ["## Over the seeds (mean ± 95% interval)", "",
-             "| data size | mode | seeds | " + " | ".join(label for _, label, _ in figures) + " |",
-             "| --- | --- | ---: |" + " ---: |" * len(figures)]
+    lines = [
+        "## Over the seeds (mean ± 95% interval)",
+        "",
+        "| data size | mode | seeds | " + " | ".join(label for _, label, _ in figures) + " |",
+        "| --- | --- | ---: |" + " ---: |" * len(figures),
+    ]
     for cell, q, jobs in groups:
-        lines.append(f"| {cell[0]['cell']} | {mode(q)} | {len(jobs)} | "
-                     + " | ".join(pm(*interval([r[k] for r in jobs]), digits) for k, _, digits in figures) + " |")
-    return lines + ["", "± is the half-width of the 95% Student-t interval of the mean over the seeds "
-                        "(none for a single seed).", ""]
+        lines.append(
+            f"| {cell[0]['cell']} | {mode(q)} | {len(jobs)} | "
+            + " | ".join(pm(*interval([r[k] for r in jobs]), digits) for k, _, digits in figures)
+            + " |"
+        )
+    return lines + [
+        "",
+        "± is the half-width of the 95% Student-t interval of the mean over the seeds "
+        "(none for a single seed).",
+        "",
+    ]
 
 
 def pairs(cell: list[dict], q: str) -> list[tuple[dict, dict]]:
     """(LoRA job, QLoRA job) of each seed that both modes completed in this cell."""
     lora = {r["seed"]: r for r in cell if r["quantization"] == "none"}
-    return [(lora[r["seed"]], r) for r in sorted(cell, key=lambda r: r["seed"])
-            if r["quantization"] == q and r["seed"] in lora]
+    return [
+        (lora[r["seed"]], r)
+        for r in sorted(cell, key=lambda r: r["seed"])
+        if r["quantization"] == q and r["seed"] in lora
+    ]
 
 
 def compare(cell: list[dict], q: str) -> dict:
     """The paired figures of one cell and quantized mode."""
     ps = pairs(cell, q)
-    gap, gap_half = interval([b["eval_loss"] - a["eval_loss"] for a, b in ps
-                              if a["eval_loss"] is not None and b["eval_loss"] is not None])
-    saved, saved_half = interval([a["peak_gib"] - b["peak_gib"] for a, b in ps
-                                  if a["peak_gib"] is not None and b["peak_gib"] is not None])
+    gap, gap_half = interval(
+        [
+            b["eval_loss"] - a["eval_loss"]
+            for a, b in ps
+            if a["eval_loss"] is not None and b["eval_loss"] is not None
+        ]
+    )
+    saved, saved_half = interval(
+        [
+            a["peak_gib"] - b["peak_gib"]
+            for a, b in ps
+            if a["peak_gib"] is not None and b["peak_gib"] is not None
+        ]
+    )
     lora_peak, _ = interval([a["peak_gib"] for a, _ in ps])
     time, time_half = interval([b["wall_s"] / a["wall_s"] - 1 for a, b in ps if a["wall_s"] and b["wall_s"]])
     if len(ps) < MIN_PAIRS or gap_half is None:
@@ -99,14 +130,26 @@ def compare(cell: list[dict], q: str) -> dict:
         verdict = "within noise"
     else:
         verdict = "worse" if gap > 0 else "better"
-    return {"cell": cell[0]["cell"], "size": cell[0]["dataset_size"], "mode": q, "pairs": ps, "verdict": verdict,
-            "gap": gap, "gap_half": gap_half, "saved_gib": saved, "saved_half": saved_half,
-            "saved_pct": 100 * saved / lora_peak if saved is not None and lora_peak else None,
-            "time_pct": None if time is None else 100 * time, "time_half": None if time_half is None else 100 * time_half}
+    return {
+        "cell": cell[0]["cell"],
+        "size": cell[0]["dataset_size"],
+        "mode": q,
+        "pairs": ps,
+        "verdict": verdict,
+        "gap": gap,
+        "gap_half": gap_half,
+        "saved_gib": saved,
+        "saved_half": saved_half,
+        "saved_pct": 100 * saved / lora_peak if saved is not None and lora_peak else None,
+        "time_pct": None if time is None else 100 * time,
+        "time_half": None if time_half is None else 100 * time_half,
+    }
 
 
 def comparisons(rows: list[dict]) -> list[dict]:
-    quantized = sorted({r["quantization"] for r in rows if r["status"] == "completed" and r["quantization"] != "none"})
+    quantized = sorted(
+        {r["quantization"] for r in rows if r["status"] == "completed" and r["quantization"] != "none"}
+    )
     return [compare(cell, q) for q in quantized for cell in cells(rows)]
 
 
@@ -125,23 +168,31 @@ def headline(found: list[dict], rows: list[dict]) -> list[str]:
     for q in sorted({c["mode"] for c in found}):
         mine = [c for c in found if c["mode"] == q and c["pairs"]]
         if not mine:
-            lines.append(f"{where}: no cell completed both LoRA and {mode(q)} with the same seed: no verdict.")
+            lines.append(
+                f"{where}: no cell completed both LoRA and {mode(q)} with the same seed: no verdict."
+            )
             continue
         every = [p for c in mine for p in c["pairs"]]
-        saved, _ = interval([a["peak_gib"] - b["peak_gib"] for a, b in every if a["peak_gib"] and b["peak_gib"]])
+        saved, _ = interval(
+            [a["peak_gib"] - b["peak_gib"] for a, b in every if a["peak_gib"] and b["peak_gib"]]
+        )
         lora_peak, _ = interval([a["peak_gib"] for a, _ in every])
         time, _ = interval([b["wall_s"] / a["wall_s"] - 1 for a, b in every if a["wall_s"] and b["wall_s"]])
         costs = []
         if saved is not None and lora_peak:
-            costs.append(f"{'saves' if saved >= 0 else 'needs'} {abs(saved):.2f} GiB {'of' if saved >= 0 else 'more'} "
-                         f"peak memory ({-100 * saved / lora_peak:+.0f}%)")
+            costs.append(
+                f"{'saves' if saved >= 0 else 'needs'} {abs(saved):.2f} GiB {'of' if saved >= 0 else 'more'} "
+                f"peak memory ({-100 * saved / lora_peak:+.0f}%)"
+            )
         if time is not None:
             costs.append(f"{'costs' if time >= 0 else 'saves'} {abs(100 * time):.0f}% wall time")
         text = f"{where}: {mode(q)} " + " and ".join(costs) + " (means over all pairs); "
         judged = [c for c in mine if not c["verdict"].startswith("no verdict")]
         if len(judged) < len(mine):
-            text += (f"its eval loss gets no verdict: {len(mine) - len(judged)} of {len(mine)} cells have fewer than "
-                     f"{MIN_PAIRS} seeds (run the sweep with sweep.repeats=3 or more).")
+            text += (
+                f"its eval loss gets no verdict: {len(mine) - len(judged)} of {len(mine)} cells have fewer than "
+                f"{MIN_PAIRS} seeds (run the sweep with sweep.repeats=3 or more)."
+            )
         elif len({c["cell"] for c in mine}) != len({c["size"] for c in mine}):
             text += "its eval loss per cell: see the table (cells differ in more than data size)."
         else:
@@ -154,10 +205,15 @@ def headline(found: list[dict], rows: list[dict]) -> list[str]:
                 text += f"its eval loss is within noise of LoRA's at every data size ({', '.join(c['cell'] for c in mine)})."
             else:
                 below = mine[len(mine) - len(tail) - 1]
-                text += (f"its eval loss is within noise of LoRA's from {tail[-1]['cell']} examples on; " if tail else
-                         "its eval loss is not within noise of LoRA's at any data size; ")
-                text += (f"at {below['cell']} it is {below['verdict']} by {abs(below['gap']):.4f} ± "
-                         f"{below['gap_half']:.4f}.")
+                text += (
+                    f"its eval loss is within noise of LoRA's from {tail[-1]['cell']} examples on; "
+                    if tail
+                    else "its eval loss is not within noise of LoRA's at any data size; "
+                )
+                text += (
+                    f"at {below['cell']} it is {below['verdict']} by {abs(below['gap']):.4f} ± "
+                    f"{below['gap_half']:.4f}."
+                )
         lines.append(text)
     return lines
 
@@ -171,25 +227,46 @@ def card(rows: list[dict]) -> str:
     modes = {r["quantization"] for r in done}
     if "none" not in modes or len(modes) < 2:
         only = ", ".join(mode(q) for q in sorted(modes))
-        return "\n".join(lines + [f"This sweep completed only {only} jobs: there are no LoRA/QLoRA pairs, so no "
-                                  f"verdict; sweep quantization=none,nf4 to compare them.", ""])
+        return "\n".join(
+            lines
+            + [
+                f"This sweep completed only {only} jobs: there are no LoRA/QLoRA pairs, so no "
+                f"verdict; sweep quantization=none,nf4 to compare them.",
+                "",
+            ]
+        )
     found = comparisons(rows)
-    lines += headline(found, rows) + ["", f"![decision]({DECISION_PLOT})", "",
-              "| data size | mode | pairs | eval loss gap (QLoRA − LoRA) | verdict | memory saved GiB | peak memory "
-              "| time cost | runs |", "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
+    lines += headline(found, rows) + [
+        "",
+        f"![decision]({DECISION_PLOT})",
+        "",
+        "| data size | mode | pairs | eval loss gap (QLoRA − LoRA) | verdict | memory saved GiB | peak memory "
+        "| time cost | runs |",
+        "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | --- |",
+    ]
     for c in found:
         pct = "–" if c["saved_pct"] is None else f"{-c['saved_pct']:+.0f}%"
-        cost = "–" if c["time_pct"] is None else f"{c['time_pct']:+.0f}%" + (
-            f" ± {c['time_half']:.0f}%" if c["time_half"] is not None else "")
-        lines.append(f"| {c['cell']} | {mode(c['mode'])} | {len(c['pairs'])} | {pm(c['gap'], c['gap_half'], 4)} "
-                     f"| {c['verdict']} | {pm(c['saved_gib'], c['saved_half'], 2)} | {pct} | {cost} "
-                     f"| {links([r for pair in c['pairs'] for r in pair]) or '–'} |")
+        cost = (
+            "–"
+            if c["time_pct"] is None
+            else f"{c['time_pct']:+.0f}%"
+            + (f" ± {c['time_half']:.0f}%" if c["time_half"] is not None else "")
+        )
+        lines.append(
+            f"| {c['cell']} | {mode(c['mode'])} | {len(c['pairs'])} | {pm(c['gap'], c['gap_half'], 4)} "
+            f"| {c['verdict']} | {pm(c['saved_gib'], c['saved_half'], 2)} | {pct} | {cost} "
+            f"| {links([r for pair in c['pairs'] for r in pair]) or '–'} |"
+        )
     lines += equal_memory_section(rows)
-    lines += ["", "Pairs: a LoRA and a QLoRA job of the same cell and seed (same data subset and order). Gap, memory "
-                  "saved and time cost are means of the per-pair differences (time cost: QLoRA's wall time ÷ LoRA's − 1) "
-                  f"± the half-width of their 95% Student-t interval. Within noise: the gap's interval holds 0; "
-                  f"worse/better: it lies wholly above/below 0. Cells with fewer than {MIN_PAIRS} pairs get no "
-                  f"interval and no verdict. Runs: the job folders of the pairs (LoRA, QLoRA per seed).", ""]
+    lines += [
+        "",
+        "Pairs: a LoRA and a QLoRA job of the same cell and seed (same data subset and order). Gap, memory "
+        "saved and time cost are means of the per-pair differences (time cost: QLoRA's wall time ÷ LoRA's − 1) "
+        f"± the half-width of their 95% Student-t interval. Within noise: the gap's interval holds 0; "
+        f"worse/better: it lies wholly above/below 0. Cells with fewer than {MIN_PAIRS} pairs get no "
+        f"interval and no verdict. Runs: the job folders of the pairs (LoRA, QLoRA per seed).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -200,9 +277,14 @@ def equal_memory_section(rows: list[dict], gap: float = TARGET_GAP) -> list[str]
     failed = [r for r in rows if r.get("equal_memory") and r["status"] != "completed"]
     if not spent and not failed:
         return []
-    lines = ["", "### Equal memory: QLoRA spends what it saves on a larger batch", "",
-             "| data size | mode | batch | peak GiB | memory cap GiB | tokens/s | reached target | tokens to target "
-             "| train s to target | runs |", "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
+    lines = [
+        "",
+        "### Equal memory: QLoRA spends what it saves on a larger batch",
+        "",
+        "| data size | mode | batch | peak GiB | memory cap GiB | tokens/s | reached target | tokens to target "
+        "| train s to target | runs |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |",
+    ]
     for cell in cells(rows):
         mine = [r for r in spent if r["cell"] == cell[0]["cell"]]
         if not mine:
@@ -211,8 +293,10 @@ def equal_memory_section(rows: list[dict], gap: float = TARGET_GAP) -> list[str]
         target = None if lora_final is None else lora_final * (1 + gap)
         groups = [("LoRA", [r for r in cell if r["quantization"] == "none"])]
         for q in sorted({r["quantization"] for r in mine}):
-            groups += [(mode(q), [r for r in cell if r["quantization"] == q]),
-                       (f"{mode(q)} at equal memory", [r for r in mine if r["quantization"] == q])]
+            groups += [
+                (mode(q), [r for r in cell if r["quantization"] == q]),
+                (f"{mode(q)} at equal memory", [r for r in mine if r["quantization"] == q]),
+            ]
         for label, jobs in groups:
             batches = sorted({r["batch_size_used"] or r["batch_size"] for r in jobs})
             caps = [r["memory_cap_gib"] for r in jobs if r["memory_cap_gib"] is not None]
@@ -223,28 +307,41 @@ def equal_memory_section(rows: list[dict], gap: float = TARGET_GAP) -> list[str]
                 at_start = sum(h["step"] == 0 for h in got)
                 if at_start:  # the evaluation before training already met it, as in target_section
                     reached += f" ({at_start} before training)"
-                to_target = (f"{pm(*interval([h['tokens'] for h in got]), 0)} "
-                             f"| {pm(*interval([h['train_s'] for h in got]), 1)}")
+                to_target = (
+                    f"{pm(*interval([h['tokens'] for h in got]), 0)} "
+                    f"| {pm(*interval([h['train_s'] for h in got]), 1)}"
+                )
             else:
                 best = [p["loss"] for r in jobs for p in r["_curve"]]
                 reached = f"not reached (best {min(best):.4f})" if hits and best else "–"
                 to_target = "– | –"
-            lines.append(f"| {cell[0]['cell']} | {label} | {', '.join(str(b) for b in batches)} "
-                         f"| {pm(*interval([r['peak_gib'] for r in jobs]), 2)} "
-                         f"| {pm(*interval(caps), 2) if caps else '–'} "
-                         f"| {pm(*interval([r['tokens_per_s'] for r in jobs]), 0)} | {reached} | {to_target} "
-                         f"| {links(jobs)} |")
+            lines.append(
+                f"| {cell[0]['cell']} | {label} | {', '.join(str(b) for b in batches)} "
+                f"| {pm(*interval([r['peak_gib'] for r in jobs]), 2)} "
+                f"| {pm(*interval(caps), 2) if caps else '–'} "
+                f"| {pm(*interval([r['tokens_per_s'] for r in jobs]), 0)} | {reached} | {to_target} "
+                f"| {links(jobs)} |"
+            )
     if failed:
-        lines += ["", f"{len(failed)} equal-memory jobs did not complete: "
-                      + "; ".join(f"{r['job'].split('_', 1)[0]}: {str(r['error'] or '?').splitlines()[0].rstrip('.')}"
-                                  for r in failed) + "."]
-    return lines + ["", "Equal memory: the QLoRA job again with train.batch_size=auto under train.memory_cap_gib = "
-                        "the peak its LoRA job (same data size and seed) measured; the batch it found is the largest "
-                        f"whose peak stayed under that cap. Target: LoRA's final eval loss + {100 * gap:g}%, as in "
-                        "the time-to-target table; train s counts the batch it kept only (the larger batches tried "
-                        "first are in the job's wall time). Mean ± 95% interval over the seeds. On a GPU the peak is "
-                        "the allocator's; on a CPU it is the process's peak RSS, so there the cap and the batch say "
-                        "little about memory."]
+        lines += [
+            "",
+            f"{len(failed)} equal-memory jobs did not complete: "
+            + "; ".join(
+                f"{r['job'].split('_', 1)[0]}: {str(r['error'] or '?').splitlines()[0].rstrip('.')}"
+                for r in failed
+            )
+            + ".",
+        ]
+    return lines + [
+        "",
+        "Equal memory: the QLoRA job again with train.batch_size=auto under train.memory_cap_gib = "
+        "the peak its LoRA job (same data size and seed) measured; the batch it found is the largest "
+        f"whose peak stayed under that cap. Target: LoRA's final eval loss + {100 * gap:g}%, as in "
+        "the time-to-target table; train s counts the batch it kept only (the larger batches tried "
+        "first are in the job's wall time). Mean ± 95% interval over the seeds. On a GPU the peak is "
+        "the allocator's; on a CPU it is the process's peak RSS, so there the cap and the batch say "
+        "little about memory.",
+    ]
 
 
 def has_pairs(rows: list[dict]) -> bool:
@@ -264,13 +361,22 @@ def plot(rows: list[dict], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    panels = [("gap", "gap_half", "eval loss gap (QLoRA − LoRA)"), ("saved_gib", "saved_half", "peak memory saved (GiB)"),
-              ("time_pct", "time_half", "wall time cost (%)")]
+    panels = [
+        ("gap", "gap_half", "eval loss gap (QLoRA − LoRA)"),
+        ("saved_gib", "saved_half", "peak memory saved (GiB)"),
+        ("time_pct", "time_half", "wall time cost (%)"),
+    ]
     for ax, (key, half, label) in zip(axes, panels, strict=True):
         for q in sorted({c["mode"] for c in found}):
             mine = [c for c in found if c["mode"] == q and c[key] is not None]
-            ax.errorbar([c["cell"] for c in mine], [c[key] for c in mine],
-                        yerr=[c[half] or 0 for c in mine], marker="o", capsize=4, label=mode(q))
+            ax.errorbar(
+                [c["cell"] for c in mine],
+                [c[key] for c in mine],
+                yerr=[c[half] or 0 for c in mine],
+                marker="o",
+                capsize=4,
+                label=mode(q),
+            )
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xlabel("training examples (dataset.size)")
         ax.set_ylabel(label)
@@ -311,17 +417,24 @@ def target_section(rows: list[dict], gap: float = TARGET_GAP) -> list[str]:
             else:
                 best = min(p["loss"] for r in jobs for p in r["_curve"])
                 reached, figures = f"not reached (best {best:.4f})", "– | –"
-            found.append(f"| {cell[0]['cell']} | {mode(q)} | {target:.4f} | {reached} | {figures} "
-                         f"| {links(jobs)} |")
+            found.append(
+                f"| {cell[0]['cell']} | {mode(q)} | {target:.4f} | {reached} | {figures} | {links(jobs)} |"
+            )
     if not found:
         return []
-    return [f"## Time to target (LoRA's final eval loss + {100 * gap:g}%)", "",
-            "| data size | mode | target loss | runs that reached it | tokens | train s | runs |",
-            "| --- | --- | ---: | --- | ---: | ---: | --- |", *found, "",
-            "Read from each run's learning curve (eval/curve: an evaluation before training, every train.eval_steps "
-            "and at the end): the first evaluation at or below the target. Tokens: real tokens trained on by then; "
-            "train s: seconds in optimizer steps by then (evaluation left out). Mean ± 95% interval over the runs "
-            f"that reached it. Curves: `{CURVES_PLOT}`.", ""]
+    return [
+        f"## Time to target (LoRA's final eval loss + {100 * gap:g}%)",
+        "",
+        "| data size | mode | target loss | runs that reached it | tokens | train s | runs |",
+        "| --- | --- | ---: | --- | ---: | ---: | --- |",
+        *found,
+        "",
+        "Read from each run's learning curve (eval/curve: an evaluation before training, every train.eval_steps "
+        "and at the end): the first evaluation at or below the target. Tokens: real tokens trained on by then; "
+        "train s: seconds in optimizer steps by then (evaluation left out). Mean ± 95% interval over the runs "
+        f"that reached it. Curves: `{CURVES_PLOT}`.",
+        "",
+    ]
 
 
 def curves_plot(rows: list[dict], path: Path) -> bool:
@@ -344,8 +457,14 @@ def curves_plot(rows: list[dict], path: Path) -> bool:
             xs = r["_curve"]
             label = mode(r["quantization"])
             for ax, key in ((left, "tokens"), (right, "train_s")):
-                ax.plot([p[key] for p in xs], [p["loss"] for p in xs], marker=".", color=colours[r["quantization"]],
-                        alpha=0.8, label=label)
+                ax.plot(
+                    [p[key] for p in xs],
+                    [p["loss"] for p in xs],
+                    marker=".",
+                    color=colours[r["quantization"]],
+                    alpha=0.8,
+                    label=label,
+                )
         for ax, xlabel in ((left, "tokens trained on"), (right, "training seconds")):
             handles, labels = ax.get_legend_handles_labels()
             unique = dict(zip(labels, handles, strict=True))

@@ -62,8 +62,10 @@ def one_gpu_per_process(args) -> str | None:
     if world_size() > 1 or n <= 1:
         return None
     args._n_gpu = 1
-    return (f"{n} GPUs visible; training on the first only (one process, no DataParallel). To train on all {n} "
-            f"with DDP: {launch_command(n)}")
+    return (
+        f"{n} GPUs visible; training on the first only (one process, no DataParallel). To train on all {n} "
+        f"with DDP: {launch_command(n)}"
+    )
 
 
 def check_launch(batch_size, storage_dtype, model_dtype) -> str | None:
@@ -75,12 +77,18 @@ def check_launch(batch_size, storage_dtype, model_dtype) -> str | None:
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
     gpus = torch.cuda.device_count()
     if gpus and local > gpus:
-        return (f"accelerate launch started {local} processes on this machine but it has {gpus} GPUs; set "
-                f"num_processes to at most {gpus} (--num_processes {gpus}, or num_processes: in the accelerate config).")
+        return (
+            f"accelerate launch started {local} processes on this machine but it has {gpus} GPUs; set "
+            f"num_processes to at most {gpus} (--num_processes {gpus}, or num_processes: in the accelerate config)."
+        )
     if batch_size == "auto":
-        return ("train.batch_size=auto lets each rank halve its batch after its own out-of-memory errors, so the ranks "
-                "could train on different batches; under accelerate launch set train.batch_size to a number.")
+        return (
+            "train.batch_size=auto lets each rank halve its batch after its own out-of-memory errors, so the ranks "
+            "could train on different batches; under accelerate launch set train.batch_size to a number."
+        )
     if fsdp_enabled() and storage_dtype is not None and storage_dtype != model_dtype:
-        return (f"FSDP shards flat parameters of one dtype, but quantization.storage_dtype={storage_dtype} differs "
-                f"from the model dtype {model_dtype}; set quantization.storage_dtype=auto (the model dtype).")
+        return (
+            f"FSDP shards flat parameters of one dtype, but quantization.storage_dtype={storage_dtype} differs "
+            f"from the model dtype {model_dtype}; set quantization.storage_dtype=auto (the model dtype)."
+        )
     return None

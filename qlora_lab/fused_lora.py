@@ -28,21 +28,35 @@ def lora_unfused_reason(cfg: Config) -> str | None:
     fuses on CUDA only, and not under FSDP (not tried with its shards)."""
     t = cfg.train
     dora = cfg.lora.variant is LoraVariant.dora
-    blocker = ("autocast on", "train.autocast must be false (the fused layer computes in the base's dtype)") \
-        if t.autocast else ("8-bit base", "quantization=int8 layers have no fused form") \
-        if cfg.quantization.method is QuantMethod.int8 else \
-        ("lora.variant=dora, which the fused layers do not cover", "lora.variant=dora has no fused form") \
-        if dora else None
+    blocker = (
+        ("autocast on", "train.autocast must be false (the fused layer computes in the base's dtype)")
+        if t.autocast
+        else ("8-bit base", "quantization=int8 layers have no fused form")
+        if cfg.quantization.method is QuantMethod.int8
+        else ("lora.variant=dora, which the fused layers do not cover", "lora.variant=dora has no fused form")
+        if dora
+        else None
+    )
     if t.lora_layers is LoraLayers.fused:
         if blocker:
-            raise ConfigError(f"train.lora_layers=fused cannot be used here: {blocker[1]}; fix that or use "
-                              f"train.lora_layers=auto.")
+            raise ConfigError(
+                f"train.lora_layers=fused cannot be used here: {blocker[1]}; fix that or use "
+                f"train.lora_layers=auto."
+            )
         return None
     if t.lora_layers is LoraLayers.peft:
         return "train.lora_layers=peft"
-    return "lora.variant=dora, which the fused layers do not cover" if dora else \
-        "no CUDA GPU" if not torch.cuda.is_available() else "FSDP" if fsdp_enabled() else \
-        blocker[0] if blocker else None
+    return (
+        "lora.variant=dora, which the fused layers do not cover"
+        if dora
+        else "no CUDA GPU"
+        if not torch.cuda.is_available()
+        else "FSDP"
+        if fsdp_enabled()
+        else blocker[0]
+        if blocker
+        else None
+    )
 
 
 def base_weight(weight, quant_state, dtype: torch.dtype):
@@ -53,15 +67,28 @@ def base_weight(weight, quant_state, dtype: torch.dtype):
     qs, absmax = quant_state, quant_state.absmax
     if qs.nested:  # double quantization: the block scales are themselves 8-bit blocks
         absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
-            absmax, qs.state2.absmax, qs.state2.code, qs.state2.blocksize, torch.float32).add_(qs.offset)
-    return torch.ops.bitsandbytes.dequantize_4bit.default(weight, absmax, qs.blocksize, qs.quant_type, qs.shape,
-                                                          dtype)
+            absmax, qs.state2.absmax, qs.state2.code, qs.state2.blocksize, torch.float32
+        ).add_(qs.offset)
+    return torch.ops.bitsandbytes.dequantize_4bit.default(
+        weight, absmax, qs.blocksize, qs.quant_type, qs.shape, dtype
+    )
 
 
 class LoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, weight, quant_state, bias, scale: float, dropout: float, keep_weight: bool,
-                dtype: torch.dtype):
+    def forward(
+        ctx,
+        x,
+        lora_a,
+        lora_b,
+        weight,
+        quant_state,
+        bias,
+        scale: float,
+        dropout: float,
+        keep_weight: bool,
+        dtype: torch.dtype,
+    ):
         w = base_weight(weight, quant_state, dtype)  # dtype: the base layer's compute dtype
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         a, b = lora_a.to(w.dtype), lora_b.to(w.dtype)
@@ -77,7 +104,13 @@ class LoRALinear(torch.autograd.Function):
         kept = keep_weight and quant_state is not None
         ctx.save_for_backward(xd, xa, a, b, w if kept else weight, mask)
         quant_state = None if kept else quant_state
-        ctx.quant_state, ctx.scale, ctx.dropout, ctx.x_dtype, ctx.x_shape = quant_state, scale, dropout, x.dtype, x.shape
+        ctx.quant_state, ctx.scale, ctx.dropout, ctx.x_dtype, ctx.x_shape = (
+            quant_state,
+            scale,
+            dropout,
+            x.dtype,
+            x.shape,
+        )
         ctx.param_dtypes = lora_a.dtype, lora_b.dtype
         return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)  # as bitsandbytes returns: in the input's dtype
 
@@ -96,7 +129,9 @@ class LoRALinear(torch.autograd.Function):
             if mask is None:
                 grad_x.addmm_(gxa, a)
             else:
-                grad_x.add_(torch.ops.aten.native_dropout_backward(torch.mm(gxa, a), mask, 1 / (1 - ctx.dropout)))
+                grad_x.add_(
+                    torch.ops.aten.native_dropout_backward(torch.mm(gxa, a), mask, 1 / (1 - ctx.dropout))
+                )
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         return grad_x, grad_a, grad_b, None, None, None, None, None, None, None
 
@@ -117,14 +152,37 @@ def _fused_forward(self, x, *args, **kwargs):
     base = self.base_layer
     quant_state = getattr(base.weight, "quant_state", None)
     dropout = dropout_p(self.lora_dropout[name]) if name in self.lora_dropout else None
-    if (args or kwargs or name not in self.lora_A or self.disable_adapters or self.merged or dropout is None
-            or (quant_state is None and base.weight.dtype not in FLOAT_DTYPES) or name in self.lora_variant
-            or self.lora_B[name].bias is not None or getattr(self, "fan_in_fan_out", False)
-            or torch.is_autocast_enabled()):
+    if (
+        args
+        or kwargs
+        or name not in self.lora_A
+        or self.disable_adapters
+        or self.merged
+        or dropout is None
+        or (quant_state is None and base.weight.dtype not in FLOAT_DTYPES)
+        or name in self.lora_variant
+        or self.lora_B[name].bias is not None
+        or getattr(self, "fan_in_fan_out", False)
+        or torch.is_autocast_enabled()
+    ):
         return type(self).forward(self, x, *args, **kwargs)
-    dtype = (getattr(base, "compute_dtype", None) or quant_state.dtype) if quant_state is not None else base.weight.dtype
-    return LoRALinear.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, base.weight, quant_state,
-                            base.bias, self.scaling[name], dropout, self._keep_weight, dtype)
+    dtype = (
+        (getattr(base, "compute_dtype", None) or quant_state.dtype)
+        if quant_state is not None
+        else base.weight.dtype
+    )
+    return LoRALinear.apply(
+        x,
+        self.lora_A[name].weight,
+        self.lora_B[name].weight,
+        base.weight,
+        quant_state,
+        base.bias,
+        self.scaling[name],
+        dropout,
+        self._keep_weight,
+        dtype,
+    )
 
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -141,7 +199,9 @@ def fusable_layers(model) -> list:
         kinds.append(Linear4bit)
     except ImportError:  # bitsandbytes not installed: PEFT defines no 4-bit layer
         pass
-    return [m for m in model.modules() if type(m) in kinds]  # exactly: torchao's and others' subclasses stay PEFT's
+    return [
+        m for m in model.modules() if type(m) in kinds
+    ]  # exactly: torchao's and others' subclasses stay PEFT's
 
 
 def fuse_lora(model, keep_weight: bool = False) -> int:

@@ -38,26 +38,33 @@ GGUF_TYPES = {
 # The regex Llama-3's tokenizer splits text with before byte-level BPE (llama.cpp calls this pre-tokenizer
 # `llama-bpe`). llama.cpp recognises pre-tokenizers by hashing the tokens of a test text; we recognise the few we
 # support from the tokenizer's own description instead.
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 # ---------------------------------------------------------------- what we can convert
+
 
 def check_supported(config: dict) -> None:
     """One sentence naming what is unsupported, before any weight is read. `config` is the model's config.json."""
     archs = config.get("architectures") or [config.get("model_type", "?")]
     if archs[0] not in SUPPORTED_ARCHITECTURES:
-        raise ConfigError(f"export.format=gguf does not support the architecture {archs[0]} of this run's model; "
-                          f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (SmolLM2, Llama-3 shapes). "
-                          f"Use export.format=int8_dynamic instead.")
+        raise ConfigError(
+            f"export.format=gguf does not support the architecture {archs[0]} of this run's model; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (SmolLM2, Llama-3 shapes). "
+            f"Use export.format=int8_dynamic instead."
+        )
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         # llama.cpp stores Llama-3.1 scaling as a rope_freqs tensor, which transformers' GGUF reader ignores: such a
         # file could not be checked against the merged model here, so it is not written.
-        raise ConfigError(f"export.format=gguf does not support RoPE scaling (rope_type={rope_type}) yet; "
-                          f"only models with the default RoPE can be exported and verified.")
+        raise ConfigError(
+            f"export.format=gguf does not support RoPE scaling (rope_type={rope_type}) yet; "
+            f"only models with the default RoPE can be exported and verified."
+        )
 
 
 def pre_tokenizer_name(tokenizer_json: dict) -> str:
@@ -71,29 +78,38 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and parts[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT:
         return "llama-bpe"
-    raise ConfigError(f"export.format=gguf does not recognise this tokenizer's pre-tokenizer ({kinds}); supported: "
-                      f"GPT-2 byte-level, SmolLM2 (digits split) and Llama-3 (its split regex).")
+    raise ConfigError(
+        f"export.format=gguf does not recognise this tokenizer's pre-tokenizer ({kinds}); supported: "
+        f"GPT-2 byte-level, SmolLM2 (digits split) and Llama-3 (its split regex)."
+    )
 
 
 def check_tokenizer(folder: Path) -> str:
     path = folder / "tokenizer.json"
     if not path.is_file():
-        raise ConfigError(f"export.format=gguf needs a fast tokenizer (tokenizer.json) in {folder}; this model's "
-                          f"tokenizer has none.")
+        raise ConfigError(
+            f"export.format=gguf needs a fast tokenizer (tokenizer.json) in {folder}; this model's "
+            f"tokenizer has none."
+        )
     tokenizer_json = json.loads(path.read_text(encoding="utf-8"))
     model = tokenizer_json.get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise ConfigError(f"export.format=gguf supports byte-level BPE tokenizers (SmolLM2, Llama-3); this model's "
-                          f"is {model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}.")
+        raise ConfigError(
+            f"export.format=gguf supports byte-level BPE tokenizers (SmolLM2, Llama-3); this model's "
+            f"is {model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}."
+        )
     return pre_tokenizer_name(tokenizer_json)
 
 
 # ---------------------------------------------------------------- tokenizer and provenance
 
+
 def looks_special(text: str) -> bool:
     """Chat-control tokens written like <|im_start|> (or with fullwidth bars, as DeepSeek's): llama.cpp types these
     CONTROL even when the tokenizer does not flag them special, since it matches CONTROL tokens in the text only."""
-    return (text.startswith("<|") and text.endswith("|>")) or (text.startswith("<\uff5c") and text.endswith("\uff5c>"))
+    return (text.startswith("<|") and text.endswith("|>")) or (
+        text.startswith("<\uff5c") and text.endswith("\uff5c>")
+    )
 
 
 def token_list(tokenizer_json: dict, n_vocab: int, folder: Path) -> tuple[list[str], list[int]]:
@@ -105,8 +121,10 @@ def token_list(tokenizer_json: dict, n_vocab: int, folder: Path) -> tuple[list[s
     added = {t["id"]: t for t in tokenizer_json.get("added_tokens", [])}
     by_id |= {i: t["content"] for i, t in added.items()}
     if max(by_id) >= n_vocab:
-        raise ConfigError(f"the tokenizer in {folder} has {max(by_id) + 1} tokens but the model only {n_vocab} "
-                          f"embedding rows; it cannot be exported.")
+        raise ConfigError(
+            f"the tokenizer in {folder} has {max(by_id) + 1} tokens but the model only {n_vocab} "
+            f"embedding rows; it cannot be exported."
+        )
     tokens, types = [], []
     for i in range(n_vocab):
         if i not in by_id:
@@ -114,8 +132,11 @@ def token_list(tokenizer_json: dict, n_vocab: int, folder: Path) -> tuple[list[s
             types.append(gguf.TokenType.UNUSED)
         elif i in added:
             tokens.append(by_id[i])
-            types.append(gguf.TokenType.CONTROL if added[i].get("special") or looks_special(by_id[i])
-                         else gguf.TokenType.USER_DEFINED)
+            types.append(
+                gguf.TokenType.CONTROL
+                if added[i].get("special") or looks_special(by_id[i])
+                else gguf.TokenType.USER_DEFINED
+            )
         else:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
@@ -142,8 +163,11 @@ def add_provenance(writer: gguf.GGUFWriter, provenance: dict) -> None:
             writer.add_base_model_organization(0, base["organization"])
         if base.get("repo_url"):
             writer.add_base_model_repo_url(0, base["repo_url"])
-    for key, add in (("license", writer.add_license), ("finetune", writer.add_finetune),
-                     ("description", writer.add_description)):
+    for key, add in (
+        ("license", writer.add_license),
+        ("finetune", writer.add_finetune),
+        ("description", writer.add_description),
+    ):
         if provenance.get(key):
             add(provenance[key])
     if provenance.get("tags"):
@@ -152,12 +176,16 @@ def add_provenance(writer: gguf.GGUFWriter, provenance: dict) -> None:
 
 # ---------------------------------------------------------------- weights
 
+
 def permute_for_llama_cpp(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     """llama.cpp's rotary embedding pairs neighbouring dimensions, transformers' pairs the two halves of each head:
     convert_hf_to_gguf reorders the rows of Q and K (per head: interleave the halves), and transformers' GGUF
     reader undoes it. Same formula as LlamaModel.permute there."""
-    return (weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))
+    return (
+        weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
 
 
 def read_weights(folder: Path):
@@ -172,7 +200,13 @@ def encode(name: str, weight: torch.Tensor, gguf_type: str) -> tuple[np.ndarray,
     """The tensor's bytes in its GGUF type: 1-D tensors (norms, biases) stay F32, as llama.cpp keeps them."""
     _, matrix_type, embed_type = GGUF_TYPES[gguf_type]
     data = weight.numpy()
-    qtype = Q.F32 if data.ndim == 1 else embed_type if name in ("token_embd.weight", "output.weight") else matrix_type
+    qtype = (
+        Q.F32
+        if data.ndim == 1
+        else embed_type
+        if name in ("token_embd.weight", "output.weight")
+        else matrix_type
+    )
     if qtype is Q.F32:
         return data.astype(np.float32), Q.F32
     if qtype is Q.F16:
@@ -184,6 +218,7 @@ def encode(name: str, weight: torch.Tensor, gguf_type: str) -> tuple[np.ndarray,
 
 
 # ---------------------------------------------------------------- the file
+
 
 def write_gguf(folder: Path, out: Path, gguf_type: str, name: str, provenance: dict | None = None) -> dict:
     """Write `folder` (a merged Hugging Face Llama checkpoint with its tokenizer) to `out`. Returns a summary.
@@ -239,7 +274,9 @@ def write_gguf(folder: Path, out: Path, gguf_type: str, name: str, provenance: d
             continue  # tied: llama.cpp reuses token_embd
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise ConfigError(f"export.format=gguf cannot map the tensor {hf_name} of {folder} to a llama.cpp name.")
+            raise ConfigError(
+                f"export.format=gguf cannot map the tensor {hf_name} of {folder} to a llama.cpp name."
+            )
         if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             weight = permute_for_llama_cpp(weight, n_head)
         elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -252,5 +289,9 @@ def write_gguf(folder: Path, out: Path, gguf_type: str, name: str, provenance: d
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"tensor_types": counts, "pre_tokenizer": pre, "tokens": len(tokens),
-            "token_types": {gguf.TokenType(t).name: types.count(t) for t in sorted(set(types))}}
+    return {
+        "tensor_types": counts,
+        "pre_tokenizer": pre,
+        "tokens": len(tokens),
+        "token_types": {gguf.TokenType(t).name: types.count(t) for t in sorted(set(types))},
+    }

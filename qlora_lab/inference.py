@@ -28,11 +28,14 @@ from .models import check_safetensors
 
 # ---------------------------------------------------------------- loading
 
+
 def adapter_dir(source: Path) -> Path:
     path = RunLayout(source).adapter
     if not RunLayout(source).adapter_config.is_file():
-        raise ConfigError(f"{source} has no trained adapter (adapter/adapter_config.json); pass run_dir= a finished "
-                          f"training run, or put the train stage first in pipeline.stages.")
+        raise ConfigError(
+            f"{source} has no trained adapter (adapter/adapter_config.json); pass run_dir= a finished "
+            f"training run, or put the train stage first in pipeline.stages."
+        )
     check_safetensors(path, f"run_dir={source}", "train the run again, or restore the file from a copy.")
     return path
 
@@ -40,10 +43,15 @@ def adapter_dir(source: Path) -> Path:
 def merged_dir(source: Path) -> Path:
     path = RunLayout(source).merged
     if not RunLayout(source).merged_config.is_file():
-        raise ConfigError(f"{source} has no merged model (merged/config.json); run `python -m qlora_lab "
-                          f"pipeline=merge run_dir={source}` first, or put the merge stage before this one.")
-    check_safetensors(path, f"run_dir={source}", f"merge again with `python -m qlora_lab pipeline=merge "
-                                                 f"run_dir={source} merge.overwrite=true`.")
+        raise ConfigError(
+            f"{source} has no merged model (merged/config.json); run `python -m qlora_lab "
+            f"pipeline=merge run_dir={source}` first, or put the merge stage before this one."
+        )
+    check_safetensors(
+        path,
+        f"run_dir={source}",
+        f"merge again with `python -m qlora_lab pipeline=merge run_dir={source} merge.overwrite=true`.",
+    )
     return path
 
 
@@ -52,8 +60,10 @@ def int8_export_dir(source: Path) -> Path:
 
     path = RunLayout(source).int8_export
     if not is_export(path):
-        raise ConfigError(f"{source} has no int8 export (export/int8_dynamic); run `python -m qlora_lab "
-                          f"pipeline=export run_dir={source} export=int8_dynamic` first.")
+        raise ConfigError(
+            f"{source} has no int8 export (export/int8_dynamic); run `python -m qlora_lab "
+            f"pipeline=export run_dir={source} export=int8_dynamic` first."
+        )
     return path
 
 
@@ -85,15 +95,18 @@ def conversation_ids(messages: list[dict], tokenizer, d, max_new_tokens: int, ma
     exchanges dropped until the prompt and the answer fit the context. The one rule for pipeline=chat and the web
     app; a single message that alone does not fit is returned as is (the caller says so)."""
     system = [m for m in messages[:1] if m["role"] == "system"]
-    history = messages[len(system):]
+    history = messages[len(system) :]
     while True:
-        ids = encode(render_prompt(system + history, tokenizer, d), tokenizer, return_tensors="pt")["input_ids"]
+        ids = encode(render_prompt(system + history, tokenizer, d), tokenizer, return_tensors="pt")[
+            "input_ids"
+        ]
         if ids.shape[1] + max_new_tokens <= max_len or len(history) <= 1:
             return ids, system + history
         history = history[2:]
 
 
 # ---------------------------------------------------------------- generation
+
 
 class _FirstTokenClock(BaseStreamer):
     """Records when generate() emits its first new token. generate() calls put() once with the prompt, then
@@ -118,9 +131,14 @@ def hf_generation_config(gen: GenerationConfig, tokenizer) -> HFGenerationConfig
     """Our generation group as a transformers GenerationConfig (sampling knobs only when sampling)."""
     # stop at EOS and at the token the chat template ends a turn with, where that is another (as trained: data.py)
     stop = list(dict.fromkeys([tokenizer.eos_token_id, end_of_turn_id(tokenizer) or tokenizer.eos_token_id]))
-    kwargs = {"max_new_tokens": gen.max_new_tokens, "do_sample": gen.do_sample,
-              "repetition_penalty": gen.repetition_penalty, "no_repeat_ngram_size": gen.no_repeat_ngram_size,
-              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": stop[0] if len(stop) == 1 else stop}
+    kwargs = {
+        "max_new_tokens": gen.max_new_tokens,
+        "do_sample": gen.do_sample,
+        "repetition_penalty": gen.repetition_penalty,
+        "no_repeat_ngram_size": gen.no_repeat_ngram_size,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": stop[0] if len(stop) == 1 else stop,
+    }
     if gen.do_sample:
         kwargs.update(temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p)
     else:
@@ -149,7 +167,7 @@ def generate(model, tokenizer, prompts: list[str], gen: GenerationConfig, batch_
     device = next(model.parameters()).device
     results = []
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
+        batch = prompts[start : start + batch_size]
         enc = encode(batch, tokenizer, return_tensors="pt", padding=True).to(device)
         clock = _FirstTokenClock()
         if torch.cuda.is_available():
@@ -161,15 +179,23 @@ def generate(model, tokenizer, prompts: list[str], gen: GenerationConfig, batch_
             torch.cuda.synchronize()
         latency = time.perf_counter() - t0
         ttft = (clock.first_token_at - t0) if clock.first_token_at else latency
-        new = out[:, enc["input_ids"].shape[1]:].tolist()
+        new = out[:, enc["input_ids"].shape[1] :].tolist()
         for prompt, ids in zip(batch, new, strict=True):
             n = count_new_tokens(ids, eos_ids)
-            results.append({"prompt": prompt, "output": tokenizer.decode(ids[:n], skip_special_tokens=True),
-                            "new_tokens": n, "latency_s": latency, "ttft_s": ttft})
+            results.append(
+                {
+                    "prompt": prompt,
+                    "output": tokenizer.decode(ids[:n], skip_special_tokens=True),
+                    "new_tokens": n,
+                    "latency_s": latency,
+                    "ttft_s": ttft,
+                }
+            )
     return results
 
 
 # ---------------------------------------------------------------- prompts
+
 
 def eval_prompts(cfg: Config, tokenizer, n: int) -> list[dict]:
     """The first n rows of the eval split as generation tasks: prompt (the conversation up to its last assistant
@@ -179,15 +205,18 @@ def eval_prompts(cfg: Config, tokenizer, n: int) -> list[dict]:
 
 # ---------------------------------------------------------------- teacher-forced pass over the eval split, agreement
 
+
 def eval_batches(examples: list[dict], batch_size: int, pad_id: int):
     """Right-padded batches of tokenized examples (prompt labels already -100)."""
     for start in range(0, len(examples), batch_size):
-        batch = examples[start:start + batch_size]
+        batch = examples[start : start + batch_size]
         width = max(len(e["input_ids"]) for e in batch)
         pad = [width - len(e["input_ids"]) for e in batch]
-        yield (torch.tensor([e["input_ids"] + [pad_id] * p for e, p in zip(batch, pad, strict=True)]),
-               torch.tensor([[1] * len(e["input_ids"]) + [0] * p for e, p in zip(batch, pad, strict=True)]),
-               torch.tensor([e["labels"] + [IGNORE_INDEX] * p for e, p in zip(batch, pad, strict=True)]))
+        yield (
+            torch.tensor([e["input_ids"] + [pad_id] * p for e, p in zip(batch, pad, strict=True)]),
+            torch.tensor([[1] * len(e["input_ids"]) + [0] * p for e, p in zip(batch, pad, strict=True)]),
+            torch.tensor([e["labels"] + [IGNORE_INDEX] * p for e, p in zip(batch, pad, strict=True)]),
+        )
 
 
 @torch.no_grad()
@@ -209,8 +238,9 @@ def teacher_forced(model, examples: list[dict], batch_size: int, pad_id: int, ke
     return math.exp(nll / tokens), kept
 
 
-def measure_generation(model, tokenizer, prompts: list[str], gen, batch_size: int, examples: list[dict], pad_id: int,
-                       keep: int) -> tuple[dict, list[str], list[torch.Tensor]]:
+def measure_generation(
+    model, tokenizer, prompts: list[str], gen, batch_size: int, examples: list[dict], pad_id: int, keep: int
+) -> tuple[dict, list[str], list[torch.Tensor]]:
     """The measurement every comparison of models makes (compare's modes, export's files): a warm-up, greedy or
     sampled answers to `prompts`, teacher-forced perplexity over `examples`. Returns (ttft_s, tokens_per_s,
     eval_perplexity and new_tokens; the outputs; the fp32 logits of the first `keep` examples)."""
@@ -221,8 +251,12 @@ def measure_generation(model, tokenizer, prompts: list[str], gen, batch_size: in
     ppl, logits = teacher_forced(model, examples, batch_size, pad_id, keep)
     batches = {r["latency_s"]: r["ttft_s"] for r in results}  # one latency and ttft per batch
     new_tokens = sum(r["new_tokens"] for r in results)
-    stats = {"ttft_s": sum(batches.values()) / len(batches), "tokens_per_s": new_tokens / sum(batches),
-             "eval_perplexity": ppl, "new_tokens": new_tokens}
+    stats = {
+        "ttft_s": sum(batches.values()) / len(batches),
+        "tokens_per_s": new_tokens / sum(batches),
+        "eval_perplexity": ppl,
+        "new_tokens": new_tokens,
+    }
     return stats, [r["output"] for r in results], logits
 
 

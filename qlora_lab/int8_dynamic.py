@@ -34,7 +34,11 @@ FLOAT_LAYERS = ("down_proj", "up_proj", "v_proj", "lm_head")
 
 
 def float_layers(model, kinds=FLOAT_LAYERS) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in kinds]
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in kinds
+    ]
 
 
 def quantize(model, keep: list[str]):
@@ -43,7 +47,9 @@ def quantize(model, keep: list[str]):
 
     model = model.float().cpu().eval()
     chosen = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - set(keep)
-    with warnings.catch_warnings():  # its deprecation notice, once per call, says nothing the docstring doesn't
+    with (
+        warnings.catch_warnings()
+    ):  # its deprecation notice, once per call, says nothing the docstring doesn't
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
         return quantize_dynamic(model, {n: per_channel_dynamic_qconfig for n in chosen}, dtype=torch.qint8)

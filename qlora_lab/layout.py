@@ -57,7 +57,9 @@ class RunLayout:
         return self.adapter / "adapter_config.json"
 
     @property
-    def pissa_init(self) -> Path:  # lora.init=pissa: the adapter as initialised, for PEFT's conversion on save
+    def pissa_init(
+        self,
+    ) -> Path:  # lora.init=pissa: the adapter as initialised, for PEFT's conversion on save
         return self.root / "pissa_init"
 
     @property

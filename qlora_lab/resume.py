@@ -44,8 +44,14 @@ def sweep_resume_command(sweep_dir: str | Path) -> str:
     import sys
 
     args = [a for a in sys.argv[1:] if not a.startswith(("hydra.sweep.dir=", "train.resume="))]
-    return " ".join(["python -m qlora_lab", *map(shlex.quote, args), shlex.quote(f"hydra.sweep.dir={sweep_dir}"),
-                     "train.resume=true"])
+    return " ".join(
+        [
+            "python -m qlora_lab",
+            *map(shlex.quote, args),
+            shlex.quote(f"hydra.sweep.dir={sweep_dir}"),
+            "train.resume=true",
+        ]
+    )
 
 
 class _Stop:
@@ -57,8 +63,10 @@ def _on_signal(signum, frame) -> None:
     name = signal.Signals(signum).name
     if _Stop.training and _Stop.requested is None:
         _Stop.requested = name
-        print(f"\n{name}: saving a checkpoint at the end of this step, then stopping (again to stop at once)",
-              flush=True)
+        print(
+            f"\n{name}: saving a checkpoint at the end of this step, then stopping (again to stop at once)",
+            flush=True,
+        )
         return
     raise Interrupted(f"{name} received")
 
@@ -74,8 +82,10 @@ def last_checkpoint(folder: Path) -> Path | None:
     """The newest complete checkpoint in `folder`; incomplete ones (the process died while saving) are removed."""
     if not folder.is_dir():
         return None
-    found = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]))
+    found = sorted(
+        (p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
     for path in reversed(found):
         if (path / COMPLETE).is_file():
             return path
@@ -109,7 +119,9 @@ class Progress(TrainerCallback):
             self.run.progress(checkpoint=str(folder))
         if _Stop.requested:
             _Stop.training = False
-            raise Interrupted(f"{_Stop.requested} received at step {state.global_step}; checkpoint {folder} saved")
+            raise Interrupted(
+                f"{_Stop.requested} received at step {state.global_step}; checkpoint {folder} saved"
+            )
 
 
 def job_to_resume(cfg: DictConfig, job_dir: Path) -> DictConfig:
@@ -125,13 +137,17 @@ def job_to_resume(cfg: DictConfig, job_dir: Path) -> DictConfig:
 def resume_config(cfg: DictConfig, run_dir: Path, job_dir: Path, overrides: list[str]) -> DictConfig | None:
     """The config of the run being resumed, or None when it already completed. Refuses a changed value."""
     if run_dir.resolve() != job_dir.resolve():
-        raise ConfigError(f"train.resume=true trains into run_dir={run_dir} itself, but this job's folder is "
-                          f"{job_dir}; drop hydra.run.dir.")
+        raise ConfigError(
+            f"train.resume=true trains into run_dir={run_dir} itself, but this job's folder is "
+            f"{job_dir}; drop hydra.run.dir."
+        )
     status, _ = run_status(read_json(RunLayout(run_dir).run_json))
     if status == "running":
         info = read_json(RunLayout(run_dir).run_json)
-        raise ConfigError(f"run_dir={run_dir} is still running (pid {info.get('pid')} on "
-                          f"{info.get('hardware', {}).get('host')}); stop it before resuming it.")
+        raise ConfigError(
+            f"run_dir={run_dir} is still running (pid {info.get('pid')} on "
+            f"{info.get('hardware', {}).get('host')}); stop it before resuming it."
+        )
     keys = [k for k in Config.__dataclass_fields__ if k not in ("run_dir", "paths")]
     # `+experiment=...` sets fields the command line does not list: then every field counts as named and must match
     keys_named = override_keys(overrides)
@@ -145,9 +161,11 @@ def resume_config(cfg: DictConfig, run_dir: Path, job_dir: Path, overrides: list
             continue
         group = key.split(".", 1)[0]
         named = f"{group}=..." if group in groups else "+experiment=..." if global_groups else key
-        raise ConfigError(f"{key}={new.get(key)} differs from the run being resumed (run_dir={run_dir} has "
-                          f"{key}={old.get(key)}); a resumed run keeps its own config: drop {named} from the "
-                          f"command line, or start a new run.")
+        raise ConfigError(
+            f"{key}={new.get(key)} differs from the run being resumed (run_dir={run_dir} has "
+            f"{key}={old.get(key)}); a resumed run keeps its own config: drop {named} from the "
+            f"command line, or start a new run."
+        )
     return None if status == "completed" else resumed
 
 

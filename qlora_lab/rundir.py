@@ -24,7 +24,16 @@ from .config import ConfigError
 from .distributed import is_main_process, world_size
 from .layout import RunLayout
 
-PACKAGES = ["torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "hydra-core", "omegaconf"]
+PACKAGES = [
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "accelerate",
+    "datasets",
+    "hydra-core",
+    "omegaconf",
+]
 # Groups that describe what a run trained: a later stage takes them from the run, field by field (the command line
 # changes only the fields it names). Stage settings (generation, inference, eval, merge, pipeline) are this job's own.
 INHERITED_GROUPS = ["model", "quantization", "lora", "dataset", "train"]
@@ -43,18 +52,31 @@ def _versions() -> dict:
 def _git_sha() -> str | None:
     try:
         root = Path(__file__).resolve().parent.parent
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=5, check=True).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
+            ).stdout.strip()
+            or None
+        )
     except Exception:
         return None
 
 
 def hardware() -> dict:
-    info = {"host": socket.gethostname(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "world_size": world_size(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    info = {
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "world_size": world_size(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
     if torch.cuda.is_available():
-        info.update(device="cuda", gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count(),
-                    gpu_memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
+        info.update(
+            device="cuda",
+            gpu=torch.cuda.get_device_name(0),
+            gpu_count=torch.cuda.device_count(),
+            gpu_memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
+        )
     else:
         info["device"] = "cpu"
     return info
@@ -110,12 +132,20 @@ class Run:
             for key in ("error", "step", "last_checkpoint", "ended_at", "wall_time_s"):
                 earlier.pop(key, None)
         self.info = earlier | {
-            "status": "running", "stages": list(OmegaConf.select(cfg, "pipeline.stages", default=[]) or []),
-            "source_run": str(self.source), "started_at": earlier.get("started_at", now), "command": " ".join(sys.argv),
-            "git_sha": _git_sha(), "seed": OmegaConf.select(cfg, "train.seed"),
-            "data_seed": OmegaConf.select(cfg, "dataset.seed"), "versions": _versions(), "hardware": hardware(),
+            "status": "running",
+            "stages": list(OmegaConf.select(cfg, "pipeline.stages", default=[]) or []),
+            "source_run": str(self.source),
+            "started_at": earlier.get("started_at", now),
+            "command": " ".join(sys.argv),
+            "git_sha": _git_sha(),
+            "seed": OmegaConf.select(cfg, "train.seed"),
+            "data_seed": OmegaConf.select(cfg, "dataset.seed"),
+            "versions": _versions(),
+            "hardware": hardware(),
             # pid + host + the process's start time tell a live run from one whose process died (see run_status)
-            "pid": os.getpid(), "process_started": _process_start(os.getpid())}
+            "pid": os.getpid(),
+            "process_started": _process_start(os.getpid()),
+        }
         if resume:
             self.info["resumed_at"] = now
         self._write_info()
@@ -128,7 +158,9 @@ class Run:
         # .item(): numpy/torch scalars become plain numbers so that json can write them
         self.metrics.update({k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()})
         if is_main_process():
-            RunLayout(self.dir).metrics_json.write_text(json.dumps(self.metrics, indent=2, sort_keys=True) + "\n")
+            RunLayout(self.dir).metrics_json.write_text(
+                json.dumps(self.metrics, indent=2, sort_keys=True) + "\n"
+            )
 
     def progress(self, step: int | None = None, checkpoint: str | None = None) -> None:
         """Training progress; a new checkpoint is written to run.json at once (the process may be killed next)."""
@@ -141,13 +173,27 @@ class Run:
     def finish(self, error: BaseException | None = None) -> None:
         """completed; interrupted (Ctrl-C / SIGTERM: a KeyboardInterrupt); or failed, with the error."""
         wall = time.perf_counter() - self.started
-        if self.metrics or error is None:  # a run refused before any stage measured anything leaves run.json only
-            reserved = {"memory/peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30} \
-                if torch.cuda.is_available() else {}
+        if (
+            self.metrics or error is None
+        ):  # a run refused before any stage measured anything leaves run.json only
+            reserved = (
+                {"memory/peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+                if torch.cuda.is_available()
+                else {}
+            )
             self.log({"time/wall_s": wall, "memory/peak_gib": peak_memory_gib()} | reserved)
-        status = "completed" if error is None else "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-        self.info.update(status=status, wall_time_s=round(wall, 2),
-                         ended_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        status = (
+            "completed"
+            if error is None
+            else "interrupted"
+            if isinstance(error, KeyboardInterrupt)
+            else "failed"
+        )
+        self.info.update(
+            status=status,
+            wall_time_s=round(wall, 2),
+            ended_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
         if error is not None:
             self.info["error"] = str(error) if status == "interrupted" else f"{type(error).__name__}: {error}"
             self.info.update(step=self.step, last_checkpoint=self.last_checkpoint)
@@ -228,9 +274,11 @@ def disk_space(folder: Path, what: str, then: str, needed=lambda: None, leftover
             need = None
         need = f", about {size_text(need)} needed" if need else ""
         removed = f"; the partial {', '.join(removed)} removed" if removed else ""
-        raise ConfigError(f"no space left on the disk holding {folder} while writing {what} "
-                          f"({size_text(free_space(folder))} free{need}{removed}); free some space, then "
-                          f"{then}.") from None
+        raise ConfigError(
+            f"no space left on the disk holding {folder} while writing {what} "
+            f"({size_text(free_space(folder))} free{need}{removed}); free some space, then "
+            f"{then}."
+        ) from None
 
 
 _held_lock = None  # the open lock file of the run folder this process works in (see hold_run_dir)
@@ -255,8 +303,10 @@ def hold_run_dir(folder: Path) -> None:
         f.seek(0)
         holder = f.read().strip() or "a process that has not written its pid yet"
         f.close()
-        raise ConfigError(f"run_dir={folder} is in use by another process ({holder}); wait for it to end or stop "
-                          f"it, then run this again.") from None
+        raise ConfigError(
+            f"run_dir={folder} is in use by another process ({holder}); wait for it to end or stop "
+            f"it, then run this again."
+        ) from None
     f.truncate(0)
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     f.flush()
@@ -289,24 +339,31 @@ def run_status(info: dict) -> tuple[str, str]:
         return status, error
     host, pid, started = info.get("hardware", {}).get("host"), info.get("pid"), info.get("process_started")
     if host != socket.gethostname() or pid is None:
-        return ("running", f"on {host}") if pid is not None else ("died", "the run recorded no process to check")
+        return (
+            ("running", f"on {host}") if pid is not None else ("died", "the run recorded no process to check")
+        )
     alive = _process_start(pid)
     if alive is not None and (started is None or abs(alive - started) < 1):
         return "running", ""
     when = datetime.fromtimestamp(started).isoformat(timespec="seconds") if started else "?"
     step = f" at step {info['step']}" if info.get("step") is not None else ""
-    return "died", (f"its process (pid {pid} on {host}, started {when}) is gone without recording an ending{step}; "
-                    f"last checkpoint: {info.get('last_checkpoint')}")
+    return "died", (
+        f"its process (pid {pid} on {host}, started {when}) is gone without recording an ending{step}; "
+        f"last checkpoint: {info.get('last_checkpoint')}"
+    )
 
 
 def saved_config(run_dir: Path) -> DictConfig:
     saved = RunLayout(run_dir).config
     if not run_dir.is_dir():
-        raise ConfigError(f"run_dir={run_dir} does not exist; pass the folder of a training run "
-                          f"(the one holding adapter/).")
+        raise ConfigError(
+            f"run_dir={run_dir} does not exist; pass the folder of a training run (the one holding adapter/)."
+        )
     if not saved.is_file():
-        raise ConfigError(f"run_dir={run_dir} is not a QLoRA Lab run (no .hydra/config.yaml); pass the folder of a "
-                          f"training run.")
+        raise ConfigError(
+            f"run_dir={run_dir} is not a QLoRA Lab run (no .hydra/config.yaml); pass the folder of a "
+            f"training run."
+        )
     return OmegaConf.load(saved)
 
 
@@ -329,8 +386,13 @@ def named_on_command_line(cfg: DictConfig, overrides: list[str]) -> tuple[set[st
     return groups, fields
 
 
-def inherit_from_run(cfg: DictConfig, run_dir: Path, overrides: list[str], keys: list[str] = INHERITED_GROUPS,
-                     all_named: bool = False) -> tuple[DictConfig, list[str]]:
+def inherit_from_run(
+    cfg: DictConfig,
+    run_dir: Path,
+    overrides: list[str],
+    keys: list[str] = INHERITED_GROUPS,
+    all_named: bool = False,
+) -> tuple[DictConfig, list[str]]:
     """Take `keys` (groups or top-level fields) from the run's saved config, then apply the command line's own:
     a field it names (`dataset.eval_size=4`) replaces that field only; a group option it picks (`dataset=gsm8k`)
     replaces the whole group. `all_named`: every field counts as named (the composed config wins everywhere).

@@ -42,20 +42,27 @@ def check_sizes(cfg: Config) -> None:
     batch = cfg.train.batch_size
     if batch != "auto" and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise ConfigError(f"train.batch_size must be a positive integer or auto (got {batch!r}).")
-    for key, value in (("lora.r", cfg.lora.r), ("train.grad_accum", cfg.train.grad_accum),
-                       ("train.checkpoint_every_n_layers", cfg.train.checkpoint_every_n_layers),
-                       ("dataset.max_seq_length", cfg.dataset.max_seq_length)):
+    for key, value in (
+        ("lora.r", cfg.lora.r),
+        ("train.grad_accum", cfg.train.grad_accum),
+        ("train.checkpoint_every_n_layers", cfg.train.checkpoint_every_n_layers),
+        ("dataset.max_seq_length", cfg.dataset.max_seq_length),
+    ):
         if value < 1:
             raise ConfigError(f"{key} must be a positive integer (got {value}).")
     if cfg.train.activation_offload and not cfg.train.gradient_checkpointing:
-        raise ConfigError("train.activation_offload moves the checkpointed activations to the host, so it needs "
-                          "train.gradient_checkpointing=true; set that or drop train.activation_offload.")
+        raise ConfigError(
+            "train.activation_offload moves the checkpointed activations to the host, so it needs "
+            "train.gradient_checkpointing=true; set that or drop train.activation_offload."
+        )
 
 
 def check_counts(cfg: Config) -> None:
     """How much data and training."""
     if cfg.dataset.size is not None and cfg.dataset.size < 1:
-        raise ConfigError(f"dataset.size must be a positive number of examples or null for all (got {cfg.dataset.size}).")
+        raise ConfigError(
+            f"dataset.size must be a positive number of examples or null for all (got {cfg.dataset.size})."
+        )
     if cfg.dataset.eval_size < 1:
         raise ConfigError(f"dataset.eval_size must be at least 1 (got {cfg.dataset.eval_size}).")
     if cfg.train.max_steps <= 0 and cfg.train.epochs <= 0:
@@ -77,11 +84,15 @@ def is_loopback(host: str) -> bool:
 def check_web_access(w: WebConfig) -> None:
     """pipeline=web: a login wherever other machines can reach the app."""
     if w.auth is not None and not all(w.auth.partition(":")[::2]):
-        raise ConfigError("web.auth must be USER:PASSWORD (both non-empty), e.g. web.auth=me:long-secret; "
-                          "or leave it out on a loopback web.host.")
+        raise ConfigError(
+            "web.auth must be USER:PASSWORD (both non-empty), e.g. web.auth=me:long-secret; "
+            "or leave it out on a loopback web.host."
+        )
     if w.auth is None and not is_loopback(w.host):
-        raise ConfigError(f"web.host={w.host} lets other machines reach the app, so it needs a login: add "
-                          f"web.auth=USER:PASSWORD, or keep the default web.host=127.0.0.1.")
+        raise ConfigError(
+            f"web.host={w.host} lets other machines reach the app, so it needs a login: add "
+            f"web.auth=USER:PASSWORD, or keep the default web.host=127.0.0.1."
+        )
 
 
 def check_stages(cfg: Config) -> None:
@@ -89,28 +100,37 @@ def check_stages(cfg: Config) -> None:
 
     unknown = [s for s in cfg.pipeline.stages if s not in STAGES]
     if unknown:
-        raise ConfigError(f"pipeline.stages names an unknown stage {unknown[0]!r}; known stages: {', '.join(STAGES)}.")
+        raise ConfigError(
+            f"pipeline.stages names an unknown stage {unknown[0]!r}; known stages: {', '.join(STAGES)}."
+        )
 
 
 def check_stage_settings(cfg: Config) -> None:
     """The settings of the stages this pipeline runs (a stage that does not run is not held to its settings)."""
     stages = set(cfg.pipeline.stages)
     if "compare" in stages and InferenceMode.adapter not in cfg.inference.modes:
-        raise ConfigError(f"inference.modes={[m.value for m in cfg.inference.modes]} must include adapter, the "
-                          f"reference the other modes are compared with; add it.")
+        raise ConfigError(
+            f"inference.modes={[m.value for m in cfg.inference.modes]} must include adapter, the "
+            f"reference the other modes are compared with; add it."
+        )
     if stages & {"merge", "export"}:  # export merges first when the run has no merged/ yet
         from transformers.utils.hub import convert_file_size_to_int
 
         try:
             convert_file_size_to_int(cfg.merge.max_shard_size)
         except ValueError:
-            raise ConfigError(f"merge.max_shard_size={cfg.merge.max_shard_size!r} is not a size; write e.g. 2GB "
-                              f"or 500MB.") from None
+            raise ConfigError(
+                f"merge.max_shard_size={cfg.merge.max_shard_size!r} is not a size; write e.g. 2GB or 500MB."
+            ) from None
         if cfg.merge.base is MergeBase.dequantized and cfg.quantization.method is QuantMethod.none:
-            raise ConfigError("merge.base=dequantized needs the run's quantization, but this run trained with "
-                              "quantization=none; use merge.base=original (the two are the same here).")
+            raise ConfigError(
+                "merge.base=dequantized needs the run's quantization, but this run trained with "
+                "quantization=none; use merge.base=original (the two are the same here)."
+            )
     if "web" in stages and not 1 <= cfg.web.port <= 65535:
-        raise ConfigError(f"web.port must be a TCP port from 1 to 65535 (got {cfg.web.port}); the default is 7860.")
+        raise ConfigError(
+            f"web.port must be a TCP port from 1 to 65535 (got {cfg.web.port}); the default is 7860."
+        )
     if "web" in stages:
         check_web_access(cfg.web)
     if "export" in stages:
@@ -118,8 +138,10 @@ def check_stage_settings(cfg: Config) -> None:
 
         export_targets(cfg.export)
         if cfg.export.measure and cfg.inference.agreement_examples < 1:
-            raise ConfigError(f"inference.agreement_examples must be at least 1 to measure an export "
-                              f"(got {cfg.inference.agreement_examples}); or pass export.measure=false.")
+            raise ConfigError(
+                f"inference.agreement_examples must be at least 1 to measure an export "
+                f"(got {cfg.inference.agreement_examples}); or pass export.measure=false."
+            )
 
 
 def check_added_keys(cfg: Config) -> None:
@@ -135,11 +157,14 @@ def check_added_keys(cfg: Config) -> None:
             path = f"{prefix}{key}"
             if key not in hints:
                 names = list(hints)
-                close = [n for n in names if str(key).startswith(n) or n.startswith(str(key))][:1] or \
-                    difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+                close = [n for n in names if str(key).startswith(n) or n.startswith(str(key))][
+                    :1
+                ] or difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
                 hint = f"did you mean {prefix}{close[0]}?" if close else f"known fields: {', '.join(names)}."
-                raise ConfigError(f"{path} is not a field of the config (added with +{path}=...?), so nothing would "
-                                  f"read it; {hint}")
+                raise ConfigError(
+                    f"{path} is not a field of the config (added with +{path}=...?), so nothing would "
+                    f"read it; {hint}"
+                )
             if dataclasses.is_dataclass(hints[key]) and OmegaConf.is_dict(node[key]):
                 walk(node[key], hints[key], f"{path}.")
 
@@ -152,14 +177,18 @@ def check_values(cfg: Config) -> None:
 
     t, g = cfg.train, cfg.generation
     if OmegaConf.is_missing(cfg.dataset, "path"):
-        raise ConfigError(f"dataset.path is not set (dataset={OmegaConf.select(cfg, 'dataset.name')} needs it); "
-                          f"give dataset.path=FILE (JSON, JSONL, CSV or Parquet).")
+        raise ConfigError(
+            f"dataset.path is not set (dataset={OmegaConf.select(cfg, 'dataset.name')} needs it); "
+            f"give dataset.path=FILE (JSON, JSONL, CSV or Parquet)."
+        )
     if not t.learning_rate > 0:
         raise ConfigError(f"train.learning_rate must be positive (got {t.learning_rate}).")
     schedulers = [s.value for s in SchedulerType]
     if t.scheduler not in schedulers:
-        raise ConfigError(f"train.scheduler={t.scheduler} is not a transformers scheduler; use one of "
-                          f"{', '.join(schedulers)}.")
+        raise ConfigError(
+            f"train.scheduler={t.scheduler} is not a transformers scheduler; use one of "
+            f"{', '.join(schedulers)}."
+        )
     check_optim_and_reporting(t)
     if t.warmup_steps < 0:
         raise ConfigError(f"train.warmup_steps must be 0 or more (got {t.warmup_steps}).")
@@ -168,30 +197,42 @@ def check_values(cfg: Config) -> None:
         if value is not None and value < 1:
             raise ConfigError(f"train.{key} must be a positive integer or null (got {value}).")
     if g.do_sample and not g.temperature > 0:
-        raise ConfigError(f"generation.temperature must be positive when sampling (got {g.temperature}); "
-                          f"use generation=greedy for deterministic output.")
+        raise ConfigError(
+            f"generation.temperature must be positive when sampling (got {g.temperature}); "
+            f"use generation=greedy for deterministic output."
+        )
     if not 0 < g.top_p <= 1:
         raise ConfigError(f"generation.top_p must be in (0, 1] (got {g.top_p}).")
     if not g.repetition_penalty > 0:
         raise ConfigError(f"generation.repetition_penalty must be positive (got {g.repetition_penalty}).")
-    for key, value in (("generation.max_new_tokens", g.max_new_tokens), ("inference.batch_size", cfg.inference.batch_size),
-                       ("inference.num_prompts", cfg.inference.num_prompts), ("eval.batch_size", cfg.eval.batch_size),
-                       ("eval.max_samples", cfg.eval.max_samples)):
+    for key, value in (
+        ("generation.max_new_tokens", g.max_new_tokens),
+        ("inference.batch_size", cfg.inference.batch_size),
+        ("inference.num_prompts", cfg.inference.num_prompts),
+        ("eval.batch_size", cfg.eval.batch_size),
+        ("eval.max_samples", cfg.eval.max_samples),
+    ):
         if value < 1:
             raise ConfigError(f"{key} must be a positive integer (got {value}).")
     if cfg.sweep.repeats < 1:
         raise ConfigError(f"sweep.repeats must be 1 or more seeds per cell (got {cfg.sweep.repeats}).")
     if cfg.train.auto_batch_start < 1:
-        raise ConfigError(f"train.auto_batch_start must be a positive integer (got {cfg.train.auto_batch_start}).")
+        raise ConfigError(
+            f"train.auto_batch_start must be a positive integer (got {cfg.train.auto_batch_start})."
+        )
     cap = cfg.train.memory_cap_gib
     if cap is not None and cap <= 0:
         raise ConfigError(f"train.memory_cap_gib must be a positive number of GiB (got {cap}).")
     if cap is not None and cfg.train.batch_size != "auto":
-        raise ConfigError(f"train.memory_cap_gib={cap} caps the batch search of train.batch_size=auto, but "
-                          f"train.batch_size={cfg.train.batch_size}; set train.batch_size=auto or drop the cap.")
+        raise ConfigError(
+            f"train.memory_cap_gib={cap} caps the batch search of train.batch_size=auto, but "
+            f"train.batch_size={cfg.train.batch_size}; set train.batch_size=auto or drop the cap."
+        )
     if cfg.sweep.equal_memory and cfg.train.batch_size == "auto" and cap is None:
-        raise ConfigError("sweep.equal_memory compares QLoRA with LoRA at LoRA's batch, which must be fixed, but "
-                          "train.batch_size=auto; set train.batch_size to a number.")
+        raise ConfigError(
+            "sweep.equal_memory compares QLoRA with LoRA at LoRA's batch, which must be fixed, but "
+            "train.batch_size=auto; set train.batch_size to a number."
+        )
     if g.top_k < 0 or g.no_repeat_ngram_size < 0:
         raise ConfigError("generation.top_k and generation.no_repeat_ngram_size must be 0 or more.")
 
@@ -213,14 +254,23 @@ def check_folders(cfg: Config) -> None:
     for key, path in (("paths.output_dir", cfg.paths.output_dir), ("paths.cache_dir", cfg.paths.cache_dir)):
         problem = folder_problem(path)
         if problem:
-            named = f"QLORA_LAB_CACHE={env}" if key == "paths.cache_dir" and env == str(path) else f"{key}={path}"
-            raise ConfigError(f"{named} cannot hold folders: {problem}; point it at a folder (or a path that does "
-                              f"not exist yet).")
+            named = (
+                f"QLORA_LAB_CACHE={env}" if key == "paths.cache_dir" and env == str(path) else f"{key}={path}"
+            )
+            raise ConfigError(
+                f"{named} cannot hold folders: {problem}; point it at a folder (or a path that does "
+                f"not exist yet)."
+            )
 
 
 # train.report_to names whose PyPI package is not the integration's own name
-REPORTING_PACKAGES = {"azure_ml": "azureml-core", "neptune": "neptune", "dagshub": "dagshub mlflow",
-                      "flyte": "flytekitplugins-deck-standard", "kubeflow": "kubeflow-training"}
+REPORTING_PACKAGES = {
+    "azure_ml": "azureml-core",
+    "neptune": "neptune",
+    "dagshub": "dagshub mlflow",
+    "flyte": "flytekitplugins-deck-standard",
+    "kubeflow": "kubeflow-training",
+}
 
 
 def check_optim_and_reporting(t: TrainConfig) -> None:
@@ -238,32 +288,42 @@ def check_optim_and_reporting(t: TrainConfig) -> None:
     if t.optim not in optims:
         close = difflib.get_close_matches(str(t.optim), optims, n=1, cutoff=0.4)
         hint = f"did you mean {close[0]}? Others: " if close else "use e.g. "
-        raise ConfigError(f"train.optim={t.optim} is not a transformers optimizer; {hint}auto, adamw_torch, "
-                          f"adamw_torch_fused, paged_adamw_8bit, adafactor, sgd (all: transformers' OptimizerNames).")
+        raise ConfigError(
+            f"train.optim={t.optim} is not a transformers optimizer; {hint}auto, adamw_torch, "
+            f"adamw_torch_fused, paged_adamw_8bit, adafactor, sgd (all: transformers' OptimizerNames)."
+        )
     available = get_available_reporting_integrations()
     for name in t.report_to:
         if name in ("none", "all"):
             continue
         if name not in INTEGRATION_TO_CALLBACK:
-            raise ConfigError(f"train.report_to has {name!r}, which transformers does not know; use any of "
-                              f"{', '.join(INTEGRATION_TO_CALLBACK)}, or train.report_to=[] for none.")
+            raise ConfigError(
+                f"train.report_to has {name!r}, which transformers does not know; use any of "
+                f"{', '.join(INTEGRATION_TO_CALLBACK)}, or train.report_to=[] for none."
+            )
         if name not in available:
             package = REPORTING_PACKAGES.get(name, name.replace("_", "-"))
-            raise ConfigError(f"train.report_to has {name!r}, but its package is not installed; `pip install "
-                              f"{package}` (into .venv), or drop it from train.report_to (e.g. "
-                              f"train.report_to=[tensorboard]).")
+            raise ConfigError(
+                f"train.report_to has {name!r}, but its package is not installed; `pip install "
+                f"{package}` (into .venv), or drop it from train.report_to (e.g. "
+                f"train.report_to=[tensorboard])."
+            )
 
 
 def check_run_dir(cfg: Config) -> None:
     """A stage acts on exactly one run: the one it trains, or the one named by run_dir, never a mix."""
     stages = f"[{','.join(cfg.pipeline.stages)}]"
     if cfg.train.resume and "train" not in cfg.pipeline.stages:
-        raise ConfigError(f"train.resume=true continues a training run, but pipeline.stages={stages} has no train "
-                          f"stage; drop train.resume.")
+        raise ConfigError(
+            f"train.resume=true continues a training run, but pipeline.stages={stages} has no train "
+            f"stage; drop train.resume."
+        )
     if cfg.train.resume and not cfg.run_dir:
         raise ConfigError("train.resume=true needs run_dir=RUN, the run folder to continue.")
     if cfg.run_dir and "train" in cfg.pipeline.stages and not cfg.train.resume:
-        raise ConfigError(f"run_dir={cfg.run_dir} names an earlier run, but pipeline.stages={stages} starts by "
-                          f"training a new adapter; add train.resume=true to continue that run, drop the train "
-                          f"stage (e.g. pipeline.stages=[{','.join(s for s in cfg.pipeline.stages if s != 'train')}]) to use its "
-                          f"adapter, or drop run_dir to train a new run.")
+        raise ConfigError(
+            f"run_dir={cfg.run_dir} names an earlier run, but pipeline.stages={stages} starts by "
+            f"training a new adapter; add train.resume=true to continue that run, drop the train "
+            f"stage (e.g. pipeline.stages=[{','.join(s for s in cfg.pipeline.stages if s != 'train')}]) to use its "
+            f"adapter, or drop run_dir to train a new run."
+        )

@@ -19,8 +19,17 @@ from .config import InferenceMode
 from .layout import RunLayout
 from .rundir import read_json, run_status
 
-RUN_COLUMNS = ["run", "started (UTC)", "model", "quantization", "dataset", "stages", "status", "eval loss before",
-               "eval loss after"]
+RUN_COLUMNS = [
+    "run",
+    "started (UTC)",
+    "model",
+    "quantization",
+    "dataset",
+    "stages",
+    "status",
+    "eval loss before",
+    "eval loss after",
+]
 
 
 def run_dirs(output_dir: Path) -> list[Path]:
@@ -93,6 +102,7 @@ def inference_modes(run_dir: Path | None) -> list[str]:
 
 # ---------------------------------------------------------------- one run
 
+
 def shell_arg(key: str, path: Path | str) -> str:
     """`key=path` for a command line, pasteable into a shell, quoted for Hydra where the path has characters its
     override grammar reads (a sweep job folder like `3_+experiment=x,dataset.size=16`)."""
@@ -102,7 +112,9 @@ def shell_arg(key: str, path: Path | str) -> str:
     arg = f"{key}={value}"
     if re.fullmatch(r"[\w./=-]+", arg):
         return arg
-    return f'"{arg}"' if not re.search(r'["$`\\!]', arg) else shlex.quote(arg)  # "..." keeps Hydra's quotes readable
+    return (
+        f'"{arg}"' if not re.search(r'["$`\\!]', arg) else shlex.quote(arg)
+    )  # "..." keeps Hydra's quotes readable
 
 
 def loss_history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -111,27 +123,39 @@ def loss_history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     history = _logged_losses(run_dir)
     metrics = read_json(RunLayout(run_dir).metrics_json)
     steps, final = metrics.get("train/steps"), metrics.get("eval/loss")
-    if history["train"] and steps is not None and final is not None and \
-            (not history["eval"] or history["eval"][-1][0] < steps):
+    if (
+        history["train"]
+        and steps is not None
+        and final is not None
+        and (not history["eval"] or history["eval"][-1][0] < steps)
+    ):
         history["eval"].append((steps, final))
     return history
 
 
 def _logged_losses(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """The newest checkpoint's trainer_state.json, else the TensorBoard event files; empty lists without either."""
-    states = sorted(run_dir.glob("checkpoints/checkpoint-*/trainer_state.json"),
-                    key=lambda p: int(p.parent.name.rsplit("-", 1)[-1]) if p.parent.name.rsplit("-", 1)[-1].isdigit() else -1)
+    states = sorted(
+        run_dir.glob("checkpoints/checkpoint-*/trainer_state.json"),
+        key=lambda p: (
+            int(p.parent.name.rsplit("-", 1)[-1]) if p.parent.name.rsplit("-", 1)[-1].isdigit() else -1
+        ),
+    )
     if states:
         history = json.loads(states[-1].read_text()).get("log_history", [])
-        return {"train": [(h["step"], h["loss"]) for h in history if "loss" in h],
-                "eval": [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]}
+        return {
+            "train": [(h["step"], h["loss"]) for h in history if "loss" in h],
+            "eval": [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h],
+        }
     if RunLayout(run_dir).tensorboard.is_dir():
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
         events = EventAccumulator(str(RunLayout(run_dir).tensorboard)).Reload()
         tags = set(events.Tags().get("scalars", []))
-        return {name: [(e.step, e.value) for e in events.Scalars(tag)] if tag in tags else []
-                for name, tag in (("train", "train/loss"), ("eval", "eval/loss"))}
+        return {
+            name: [(e.step, e.value) for e in events.Scalars(tag)] if tag in tags else []
+            for name, tag in (("train", "train/loss"), ("eval", "eval/loss"))
+        }
     return {"train": [], "eval": []}
 
 
@@ -166,20 +190,24 @@ def run_details(run_dir: Path) -> dict:
     return {
         "config": config.read_text() if config.is_file() else "",
         "metrics": read_json(RunLayout(run_dir).metrics_json),
-        "evaluation": evaluation.read_text() if evaluation.is_file() else
-        f"No evaluation table yet: `python -m qlora_lab pipeline=evaluate {shell_arg('run_dir', run_dir)}` writes one.",
+        "evaluation": evaluation.read_text()
+        if evaluation.is_file()
+        else f"No evaluation table yet: `python -m qlora_lab pipeline=evaluate {shell_arg('run_dir', run_dir)}` writes one.",
         "history": loss_history(run_dir),
     }
 
 
 # ---------------------------------------------------------------- sweeps
 
+
 def sweep_dirs(output_dir: str | Path) -> list[Path]:
     """Folders under output_dir that hold a sweep report (summary.md), newest first."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    return sorted((p.parent for p in output_dir.rglob("summary.md")), key=lambda p: p.stat().st_mtime, reverse=True)
+    return sorted(
+        (p.parent for p in output_dir.rglob("summary.md")), key=lambda p: p.stat().st_mtime, reverse=True
+    )
 
 
 CARD, CARD_PLOT = "decision.md", "decision.png"  # qlora_lab/report.py writes them next to summary.md
@@ -201,11 +229,20 @@ def sweep_page(sweep_dir: Path) -> dict:
     if card_file:
         # the page cannot open the job folders the card links to: it names them by job number (the Runs page lists
         # them as <sweep>/<number>_...), and shows the card's PNG beside the text
-        lines = [line for line in card_file.read_text().splitlines() if not line.startswith(f"![decision]({CARD_PLOT})")]
+        lines = [
+            line
+            for line in card_file.read_text().splitlines()
+            if not line.startswith(f"![decision]({CARD_PLOT})")
+        ]
         card = _JOB_LINK.sub(r"`\1`", "\n".join(lines))
         head, found, rest = summary.partition("## Decision: LoRA vs QLoRA")
         if found:
             summary = head + ("## " + rest.split("\n## ", 1)[1] if "\n## " in rest else "")
     plots = [p for p in sorted(sweep_dir.glob("*.png")) if _inside(sweep_dir, p.name)]
     card_plot = _inside(sweep_dir, CARD_PLOT) if card else None
-    return {"card": card, "card_plot": card_plot, "summary": summary, "plots": [p for p in plots if p != card_plot]}
+    return {
+        "card": card,
+        "card_plot": card_plot,
+        "summary": summary,
+        "plots": [p for p in plots if p != card_plot],
+    }

@@ -160,20 +160,48 @@ def saved_run_config(run_dir: Path, overrides: list[str]) -> Path:
 LORA_PEAK, QLORA_PEAK = 3.0, 2.0
 
 
-def add_job(sweep_dir, num: int, quantization: str, size: int, seed: int, eval_loss: float, wall_s: float,
-            peak: float, status: str = "completed", seeded: bool = True, curve: list | None = None) -> str:
-    overrides = [f"quantization={quantization}", f"dataset.size={size}"] + ([f"train.seed={seed}"] if seeded else [])
+def add_job(
+    sweep_dir,
+    num: int,
+    quantization: str,
+    size: int,
+    seed: int,
+    eval_loss: float,
+    wall_s: float,
+    peak: float,
+    status: str = "completed",
+    seeded: bool = True,
+    curve: list | None = None,
+) -> str:
+    overrides = [f"quantization={quantization}", f"dataset.size={size}"] + (
+        [f"train.seed={seed}"] if seeded else []
+    )
     job = sweep_dir / f"{num}_{','.join(overrides)}"
     (job / ".hydra").mkdir(parents=True)
-    cfg = {"quantization": {"method": quantization}, "model": {"name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"},
-           "dataset": {"name": "gsm8k", "size": size, "seed": 42, "max_seq_length": 128},
-           "train": {"seed": seed, "batch_size": 4, "grad_accum": 1}, "recipe": "paper"}
+    cfg = {
+        "quantization": {"method": quantization},
+        "model": {"name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+        "dataset": {"name": "gsm8k", "size": size, "seed": 42, "max_seq_length": 128},
+        "train": {"seed": seed, "batch_size": 4, "grad_accum": 1},
+        "recipe": "paper",
+    }
     (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
-    (job / "run.json").write_text(json.dumps({"status": status, "hardware": {"device": "cpu", "cpu_count": 2}}))
-    (job / "metrics.json").write_text(json.dumps({"eval/loss": eval_loss, "time/wall_s": wall_s, "memory/peak_gib": peak,
-                                                  "train/tokens_per_s": 100.0, "data/train_examples": size}
-                                                 | ({"eval/curve": curve} if curve else {})))
+    (job / "run.json").write_text(
+        json.dumps({"status": status, "hardware": {"device": "cpu", "cpu_count": 2}})
+    )
+    (job / "metrics.json").write_text(
+        json.dumps(
+            {
+                "eval/loss": eval_loss,
+                "time/wall_s": wall_s,
+                "memory/peak_gib": peak,
+                "train/tokens_per_s": 100.0,
+                "data/train_examples": size,
+            }
+            | ({"eval/curve": curve} if curve else {})
+        )
+    )
     return job.name
 
 
@@ -185,7 +213,9 @@ def fake_sweep(sweep_dir, gaps: dict[int, list[float]], modes=("none", "nf4")) -
         for seed, gap in enumerate(seed_gaps, start=42):
             lora_loss = 1.5 + 0.01 * seed  # differs between seeds: only the pairing removes it
             for q in modes:
-                loss, wall, peak = (lora_loss, 10.0, LORA_PEAK) if q == "none" else (lora_loss + gap, 12.0, QLORA_PEAK)
+                loss, wall, peak = (
+                    (lora_loss, 10.0, LORA_PEAK) if q == "none" else (lora_loss + gap, 12.0, QLORA_PEAK)
+                )
                 jobs[(q, size, seed)] = add_job(sweep_dir, num, q, size, seed, loss, wall, peak)
                 num += 1
     return jobs

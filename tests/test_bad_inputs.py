@@ -42,7 +42,11 @@ def test_bad_input_is_refused_up_front(bad_dir, name, args, fragments, monkeypat
 
     monkeypatch.setattr(models, "load_model", no_model)
     monkeypatch.setattr(models, "load_tokenizer", no_model)
-    args = expand(args, bad_dir) if any(a.startswith("run_dir=") for a in args) else [*TINY, *expand(args, bad_dir)]
+    args = (
+        expand(args, bad_dir)
+        if any(a.startswith("run_dir=") for a in args)
+        else [*TINY, *expand(args, bad_dir)]
+    )
     cfg = make_cfg(args)
     job_dir = Path(cfg.run_dir) if cfg.train.resume and cfg.run_dir else bad_dir / "job"
     with pytest.raises(ConfigError) as e:
@@ -61,7 +65,9 @@ def test_bad_inputs_through_the_real_command_line(bad_dir, tmp_path):
     for i, name in enumerate(CLI_ROWS):
         _, args, fragments = rows[name]
         run_dir = tmp_path / f"run{i}"
-        run = cli if i == 0 else run_main  # one real process for the exit status; the others through the same entry
+        run = (
+            cli if i == 0 else run_main
+        )  # one real process for the exit status; the others through the same entry
         assert_refused(run(*TINY, *expand(args, bad_dir), f"hydra.run.dir={run_dir}"), fragments)
         # the failure is recorded, and nothing else was written
         assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "__main__.log", "run.json"], name
@@ -70,9 +76,22 @@ def test_bad_inputs_through_the_real_command_line(bad_dir, tmp_path):
 
 
 def test_non_utf8_stdin_to_chat_is_named(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "qlora_lab", *TINY, "pipeline=chat", "inference=base",
-                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, input=b"Hello\n\xff\xfe broken\n",
-                            capture_output=True, timeout=600, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qlora_lab",
+            *TINY,
+            "pipeline=chat",
+            "inference=base",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=ROOT,
+        input=b"Hello\n\xff\xfe broken\n",
+        capture_output=True,
+        timeout=600,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
     stderr = result.stderr.decode()
     assert result.returncode == 2 and "Traceback" not in stderr, stderr[-3000:]
     assert "error: stdin line 2 is not UTF-8 text" in stderr
@@ -96,11 +115,17 @@ def test_trust_remote_code_warns_naming_the_folder():
 
 # ---------------------------------------------------------------- per-field inheritance
 
+
 def test_later_stage_inherits_field_by_field(bad_dir):
     run = bad_dir / "run"  # trained on GSM8K, 8 examples, the tiny model
-    cfg, inherited = inherit_from_run(make_cfg(["pipeline=evaluate", f"run_dir={run}", "dataset.eval_size=4"]), run,
-                                      ["pipeline=evaluate", f"run_dir={run}", "dataset.eval_size=4"])
-    assert cfg.dataset.path.endswith("gsm8k/train.jsonl") or "gsm8k" in cfg.dataset.path  # the run's data file
+    cfg, inherited = inherit_from_run(
+        make_cfg(["pipeline=evaluate", f"run_dir={run}", "dataset.eval_size=4"]),
+        run,
+        ["pipeline=evaluate", f"run_dir={run}", "dataset.eval_size=4"],
+    )
+    assert (
+        cfg.dataset.path.endswith("gsm8k/train.jsonl") or "gsm8k" in cfg.dataset.path
+    )  # the run's data file
     assert cfg.dataset.eval_path and "gsm8k" in cfg.dataset.eval_path
     assert cfg.dataset.size == 8 and cfg.dataset.eval_size == 4  # named: changed; the rest: the run's
     assert "dataset.path" in inherited and "dataset.eval_size" not in inherited
@@ -110,12 +135,17 @@ def test_later_stage_inherits_field_by_field(bad_dir):
     cfg, _ = inherit_from_run(make_cfg(overrides), run, overrides)
     assert cfg.model.name_or_path == "tiny-random-llama" and cfg.model.attn_implementation == "eager"
 
-    overrides = ["pipeline=infer", f"run_dir={run}", "dataset=alpaca"]  # naming a group option takes that group
+    overrides = [
+        "pipeline=infer",
+        f"run_dir={run}",
+        "dataset=alpaca",
+    ]  # naming a group option takes that group
     cfg, _ = inherit_from_run(make_cfg(overrides), run, overrides)
     assert "alpaca" in cfg.dataset.path and cfg.model.name_or_path == "tiny-random-llama"
 
 
 # ---------------------------------------------------------------- run dirs are never shared
+
 
 def _claim_in_process(path: str, queue) -> None:
     from qlora_lab.callbacks import claim
@@ -142,7 +172,10 @@ def test_two_simultaneous_launches_get_two_run_dirs(tmp_path):
 
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     args = [sys.executable, "-m", "qlora_lab", *TINY, "lora.r=0", f"paths.output_dir={tmp_path}", "name=twin"]
-    procs = [subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    procs = [
+        subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
     for p in procs:
         p.communicate(timeout=300)
     runs = sorted((tmp_path / "twin").iterdir())
@@ -152,6 +185,7 @@ def test_two_simultaneous_launches_get_two_run_dirs(tmp_path):
 
 
 # ---------------------------------------------------------------- folders that cannot be folders
+
 
 def test_cache_under_a_file_names_the_environment_variable(tmp_path, monkeypatch):
     from qlora_lab.validation import validate
@@ -165,5 +199,7 @@ def test_cache_under_a_file_names_the_environment_variable(tmp_path, monkeypatch
 def test_output_dir_that_is_a_file_is_refused_before_hydra_writes(tmp_path):
     (tmp_path / "file").write_text("x")
     result = run_main(*TINY, f"paths.output_dir={tmp_path / 'file'}")
-    assert_refused(result, [f"paths.output_dir={tmp_path / 'file'}", "cannot hold the run folder", "file is a file"])
+    assert_refused(
+        result, [f"paths.output_dir={tmp_path / 'file'}", "cannot hold the run folder", "file is a file"]
+    )
     assert (tmp_path / "file").read_text() == "x"

@@ -21,7 +21,7 @@ ADDED_GROUPS = ["qlora_variant"]
 
 
 def cases() -> list[str]:
-    """"" (the plain default), +experiment=NAME for every experiment, GROUP=OPTION for every option of every group."""
+    """ "" (the plain default), +experiment=NAME for every experiment, GROUP=OPTION for every option of every group."""
     out = [""] + [f"+experiment={p.stem}" for p in sorted((CONF / "experiment").glob("*.yaml"))]
     for group in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name not in ("experiment", "hydra")):
         added = "+" if group.name in ADDED_GROUPS else ""
@@ -31,10 +31,16 @@ def cases() -> list[str]:
 
 def composed(override: str) -> dict:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[override] if override else [], return_hydra_config=True)
+        cfg = compose(
+            config_name="config", overrides=[override] if override else [], return_hydra_config=True
+        )
     job = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
     hydra = job.pop("hydra")
-    return {"job": job, "sweeper_params": hydra["sweeper"].get("params"), "launcher": hydra["launcher"]["_target_"]}
+    return {
+        "job": job,
+        "sweeper_params": hydra["sweeper"].get("params"),
+        "launcher": hydra["launcher"]["_target_"],
+    }
 
 
 @pytest.mark.parametrize("override", json.loads(FIXTURE.read_text()) if FIXTURE.is_file() else [])
@@ -51,5 +57,7 @@ if __name__ == "__main__":
     from qlora_lab.config import register
 
     register()
-    FIXTURE.write_text(json.dumps({case: composed(case) for case in cases()}, indent=1, sort_keys=True) + "\n")
+    FIXTURE.write_text(
+        json.dumps({case: composed(case) for case in cases()}, indent=1, sort_keys=True) + "\n"
+    )
     print(f"wrote {FIXTURE}")

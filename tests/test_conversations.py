@@ -23,42 +23,87 @@ from qlora_lab.inference import hf_generation_config
 
 from .conftest import ROOT, TINY, make_cfg, run_main
 
-WEATHER = {"name": "get_weather", "description": "The weather in a city",
-           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+WEATHER = {
+    "name": "get_weather",
+    "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
 CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
 
 # One record of each format, as README "Your data" shows them, and the conversation each must become
 RECORDS = {
-    "alpaca": {"system": "Answer briefly.", "history": [["What is 2+2?", "4"]], "instruction": "And 3+3?",
-               "input": "", "output": "6"},
-    "xtuner": {"conversation": [{"system": "Answer briefly.", "input": "What is 2+2?", "output": "4"},
-                                {"input": "And 3+3?", "output": "6"}]},
-    "openai": {"messages": [{"role": "system", "content": "Answer briefly."},
-                            {"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}]},
-                            {"role": "assistant", "content": None, "tool_calls": [
-                                {"id": "c1", "type": "function",
-                                 "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
-                            {"role": "tool", "tool_call_id": "c1", "content": "{\"temp\": 18}"},
-                            {"role": "assistant", "content": "18 degrees."}],
-               "tools": [{"type": "function", "function": WEATHER}]},
-    "sharegpt": {"conversations": [{"from": "human", "value": "Weather in Paris?"},
-                                   {"from": "function_call",
-                                    "value": "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}"},
-                                   {"from": "observation", "value": "{\"temp\": 18}"},
-                                   {"from": "gpt", "value": "18 degrees."}],
-                 "system": "Answer briefly.", "tools": json.dumps([WEATHER])},
+    "alpaca": {
+        "system": "Answer briefly.",
+        "history": [["What is 2+2?", "4"]],
+        "instruction": "And 3+3?",
+        "input": "",
+        "output": "6",
+    },
+    "xtuner": {
+        "conversation": [
+            {"system": "Answer briefly.", "input": "What is 2+2?", "output": "4"},
+            {"input": "And 3+3?", "output": "6"},
+        ]
+    },
+    "openai": {
+        "messages": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": '{"temp": 18}'},
+            {"role": "assistant", "content": "18 degrees."},
+        ],
+        "tools": [{"type": "function", "function": WEATHER}],
+    },
+    "sharegpt": {
+        "conversations": [
+            {"from": "human", "value": "Weather in Paris?"},
+            {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+            {"from": "observation", "value": '{"temp": 18}'},
+            {"from": "gpt", "value": "18 degrees."},
+        ],
+        "system": "Answer briefly.",
+        "tools": json.dumps([WEATHER]),
+    },
 }
-ARITHMETIC = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2+2?"},
-              {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"},
-              {"role": "assistant", "content": "6"}]
-TOOL_CHAT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Weather in Paris?"},
-             {"role": "assistant", "content": "", "tool_calls": [CALL]},
-             {"role": "tool", "content": "{\"temp\": 18}"}, {"role": "assistant", "content": "18 degrees."}]
-EXPECTED = {"alpaca": (ARITHMETIC, None), "xtuner": (ARITHMETIC, None),
-            "openai": ([*TOOL_CHAT[:2], {**TOOL_CHAT[2], "tool_calls": [CALL | {"id": "c1"}]},
-                        {**TOOL_CHAT[3], "tool_call_id": "c1"}, TOOL_CHAT[4]],
-                       [{"type": "function", "function": WEATHER}]),
-            "sharegpt": (TOOL_CHAT, [WEATHER])}
+ARITHMETIC = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And 3+3?"},
+    {"role": "assistant", "content": "6"},
+]
+TOOL_CHAT = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [CALL]},
+    {"role": "tool", "content": '{"temp": 18}'},
+    {"role": "assistant", "content": "18 degrees."},
+]
+EXPECTED = {
+    "alpaca": (ARITHMETIC, None),
+    "xtuner": (ARITHMETIC, None),
+    "openai": (
+        [
+            *TOOL_CHAT[:2],
+            {**TOOL_CHAT[2], "tool_calls": [CALL | {"id": "c1"}]},
+            {**TOOL_CHAT[3], "tool_call_id": "c1"},
+            TOOL_CHAT[4],
+        ],
+        [{"type": "function", "function": WEATHER}],
+    ),
+    "sharegpt": (TOOL_CHAT, [WEATHER]),
+}
 
 
 @pytest.mark.parametrize("fmt", list(RECORDS))
@@ -72,8 +117,16 @@ def test_each_format_becomes_the_canonical_row(fmt, caplog):
 
 def test_sharegpt_tools_may_be_a_list_and_columns_are_configurable():
     record = {"chat": RECORDS["sharegpt"]["conversations"], "functions": [WEATHER], "sys": "Answer briefly."}
-    d = make_cfg(["dataset=custom", "dataset.path=x", "dataset.format=sharegpt", "dataset.columns.messages=chat",
-                  "dataset.columns.tools=functions", "dataset.columns.system=sys"]).dataset
+    d = make_cfg(
+        [
+            "dataset=custom",
+            "dataset.path=x",
+            "dataset.format=sharegpt",
+            "dataset.columns.messages=chat",
+            "dataset.columns.tools=functions",
+            "dataset.columns.system=sys",
+        ]
+    ).dataset
     (row,) = to_conversations([record], d, "file.json")
     assert (row["messages"], row["tools"]) == EXPECTED["sharegpt"]
     # a 'conversations' list of {role, content} is openai, whatever its name
@@ -84,13 +137,17 @@ def test_sharegpt_tools_may_be_a_list_and_columns_are_configurable():
 
 # ---------------------------------------------------------------- labels under three template families
 
-LLAMA3 = ("{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' "
-          "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
-          "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
-          "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
-GEMMA = ("{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else "
-         "message['role'] %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
-         "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+LLAMA3 = (
+    "{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' "
+    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
+    "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+GEMMA = (
+    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else "
+    "message['role'] %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
 
 
 def with_template(tokenizer, template: str, bos: str, eos: str, extra: list[str]):
@@ -110,33 +167,44 @@ def marked(example: dict, tok) -> str:
     return " ".join(out)
 
 
-CONVERSATION = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                             {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"},
-                             {"role": "assistant", "content": "See you"}], "tools": None}
+CONVERSATION = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "See you"},
+    ],
+    "tools": None,
+}
 # What the template renders between turns is context (masked); the end-of-turn token is trained, and the
 # sequence ends with it. The text before an answer is tokenized as at generation time, where the prompt ends
 # there: Llama-3's "\n\n" is one token (ĊĊ) before an answer, as in a generation prompt, two inside a prompt.
 MASKS = {
-    "chatml (SmolLM2: end of turn = EOS, then a newline)":
-        ("<|im_start|> system Ċ Be Ġbrief . <|im_end|> Ċ <|im_start|> user Ċ Hi <|im_end|> Ċ <|im_start|> ass istant Ċ "
-         "[Hello] [<|im_end|>] Ċ <|im_start|> user Ċ By e <|im_end|> Ċ <|im_start|> ass istant Ċ [See] [Ġyou] "
-         "[<|im_end|>]"),
-    "llama3 (<|eot_id|> = EOS, BOS from the template)":
-        ("<|begin_of_text|> <|start_header_id|> system <|end_header_id|> Ċ Ċ Be Ġbrief . <|eot_id|> "
-         "<|start_header_id|> user <|end_header_id|> Ċ Ċ Hi <|eot_id|> <|start_header_id|> ass istant <|end_header_id|> "
-         "ĊĊ [Hello] [<|eot_id|>] <|start_header_id|> user <|end_header_id|> Ċ Ċ By e <|eot_id|> <|start_header_id|> "
-         "ass istant <|end_header_id|> ĊĊ [See] [Ġyou] [<|eot_id|>]"),
-    "gemma (<end_of_turn>, not EOS)":
-        ("<bos> <start_of_turn> system Ċ Be Ġbrief . <end_of_turn> Ċ <start_of_turn> user Ċ Hi <end_of_turn> Ċ "
-         "<start_of_turn> model Ċ [Hello] [<end_of_turn>] Ċ <start_of_turn> user Ċ By e <end_of_turn> Ċ "
-         "<start_of_turn> model Ċ [See] [Ġyou] [<end_of_turn>]"),
+    "chatml (SmolLM2: end of turn = EOS, then a newline)": (
+        "<|im_start|> system Ċ Be Ġbrief . <|im_end|> Ċ <|im_start|> user Ċ Hi <|im_end|> Ċ <|im_start|> ass istant Ċ "
+        "[Hello] [<|im_end|>] Ċ <|im_start|> user Ċ By e <|im_end|> Ċ <|im_start|> ass istant Ċ [See] [Ġyou] "
+        "[<|im_end|>]"
+    ),
+    "llama3 (<|eot_id|> = EOS, BOS from the template)": (
+        "<|begin_of_text|> <|start_header_id|> system <|end_header_id|> Ċ Ċ Be Ġbrief . <|eot_id|> "
+        "<|start_header_id|> user <|end_header_id|> Ċ Ċ Hi <|eot_id|> <|start_header_id|> ass istant <|end_header_id|> "
+        "ĊĊ [Hello] [<|eot_id|>] <|start_header_id|> user <|end_header_id|> Ċ Ċ By e <|eot_id|> <|start_header_id|> "
+        "ass istant <|end_header_id|> ĊĊ [See] [Ġyou] [<|eot_id|>]"
+    ),
+    "gemma (<end_of_turn>, not EOS)": (
+        "<bos> <start_of_turn> system Ċ Be Ġbrief . <end_of_turn> Ċ <start_of_turn> user Ċ Hi <end_of_turn> Ċ "
+        "<start_of_turn> model Ċ [Hello] [<end_of_turn>] Ċ <start_of_turn> user Ċ By e <end_of_turn> Ċ "
+        "<start_of_turn> model Ċ [See] [Ġyou] [<end_of_turn>]"
+    ),
 }
 
 
 def family(tokenizer, name: str):
     if name.startswith("llama3"):
-        return with_template(tokenizer, LLAMA3, "<|begin_of_text|>", "<|eot_id|>",
-                             ["<|start_header_id|>", "<|end_header_id|>"])
+        return with_template(
+            tokenizer, LLAMA3, "<|begin_of_text|>", "<|eot_id|>", ["<|start_header_id|>", "<|end_header_id|>"]
+        )
     if name.startswith("gemma"):
         return with_template(tokenizer, GEMMA, "<bos>", "<eos>", ["<start_of_turn>", "<end_of_turn>"])
     return tokenizer
@@ -162,17 +230,27 @@ def test_train_on_last_assistant_masks_the_earlier_answers(tokenizer):
 
 def test_a_template_with_no_end_of_turn_token_gets_eos(tokenizer):
     tok = copy.deepcopy(tokenizer)
-    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     example = tokenize_example(CONVERSATION, tok, make_cfg().dataset)
     trained = [t for t in marked(example, tok).split() if t.startswith("[")]
-    assert trained == ["[Hello]", "[<|im_end|>]", "[See]", "[Ġyou]", "[<|im_end|>]"]  # EOS: generation can stop
+    assert trained == [
+        "[Hello]",
+        "[<|im_end|>]",
+        "[See]",
+        "[Ġyou]",
+        "[<|im_end|>]",
+    ]  # EOS: generation can stop
 
 
-TOOL_TEMPLATE = ("{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
-                 "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}"
-                 "<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}{% else %}{{ m['content'] }}{% endif %}"
-                 "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}"
+    "<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}{% else %}{{ m['content'] }}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def test_tools_go_to_a_template_that_renders_them_else_into_the_system_turn(tokenizer):
@@ -182,36 +260,54 @@ def test_tools_go_to_a_template_that_renders_them_else_into_the_system_turn(toke
     d = make_cfg().dataset
     text = render(row["messages"], row["tools"], tok, "chat")
     assert text.startswith('<|im_start|>system\nTools: [{"name": "get_weather"')
-    assert '<|im_start|>assistant\n<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' in text
+    assert (
+        '<|im_start|>assistant\n<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+        in text
+    )
     trained = tok.decode([t for t in tokenize_example(row, tok, d)["labels"] if t != IGNORE_INDEX])
-    assert trained == ('<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call><|im_end|>'
-                       '18 degrees.<|im_end|>')
+    assert trained == (
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call><|im_end|>'
+        "18 degrees.<|im_end|>"
+    )
 
     # SmolLM2's template renders neither tools nor calls: the documented plain rendering of both
     text = render(row["messages"], row["tools"], tokenizer, "chat")
-    assert text.startswith("<|im_start|>system\nAnswer briefly.\n\nYou can call these functions; to call one, answer "
-                           "with a JSON object {\"name\": ..., \"arguments\": {...}}:\n{\"name\": \"get_weather\"")
+    assert text.startswith(
+        "<|im_start|>system\nAnswer briefly.\n\nYou can call these functions; to call one, answer "
+        'with a JSON object {"name": ..., "arguments": {...}}:\n{"name": "get_weather"'
+    )
     assert '<|im_start|>assistant\n{"name": "get_weather", "arguments": {"city": "Paris"}}<|im_end|>' in text
-    assert "<|im_start|>tool\n{\"temp\": 18}<|im_end|>" in text
+    assert '<|im_start|>tool\n{"temp": 18}<|im_end|>' in text
 
 
 # ---------------------------------------------------------------- Alpaca rows: the same tokens as before
 
+
 def alpaca_tokens_before(record: dict, tokenizer, system_prompt: str | None) -> list[int]:
     """data.tokenize_example as it was before conversations (commit c2dd1b9): chat template prompt + output + EOS."""
-    user = record["instruction"] if not record.get("input") else f"{record['instruction']}\n\n{record['input']}"
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
-        [{"role": "user", "content": user}]
+    user = (
+        record["instruction"] if not record.get("input") else f"{record['instruction']}\n\n{record['input']}"
+    )
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": user}
+    ]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(prompt, add_special_tokens=False)["input_ids"] + \
-        tokenizer(str(record["output"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return (
+        tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        + tokenizer(str(record["output"]), add_special_tokens=False)["input_ids"]
+        + [tokenizer.eos_token_id]
+    )
 
 
-@pytest.mark.parametrize("overrides", [["dataset=alpaca", "dataset.system_prompt=Be brief."], ["dataset=alpaca_zh"]])
+@pytest.mark.parametrize(
+    "overrides", [["dataset=alpaca", "dataset.system_prompt=Be brief."], ["dataset=alpaca_zh"]]
+)
 def test_alpaca_rows_give_the_same_tokens_and_split_as_before(tokenizer, overrides):
     cfg = make_cfg([*overrides, "dataset.max_seq_length=4096"])
     records = json.loads((ROOT / "data" / f"{cfg.dataset.name}.json").read_text())
-    before = Dataset.from_list(records).shuffle(seed=cfg.dataset.seed).to_list()  # the split as datasets drew it
+    before = (
+        Dataset.from_list(records).shuffle(seed=cfg.dataset.seed).to_list()
+    )  # the split as datasets drew it
     splits = load_splits(cfg)
     rows = splits.eval + splits.train
     assert len(rows) == len(before)
@@ -222,22 +318,45 @@ def test_alpaca_rows_give_the_same_tokens_and_split_as_before(tokenizer, overrid
 
 # ---------------------------------------------------------------- truncation, prompts and references
 
+
 def test_truncation_keeps_whole_turns_from_the_start(tokenizer):
     turns = [{"role": "system", "content": "Be brief."}]
     for i in range(3):
-        turns += [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
+        turns += [
+            {"role": "user", "content": f"Question {i}?"},
+            {"role": "assistant", "content": f"Answer {i}."},
+        ]
     row = {"messages": turns, "tools": None}
     whole = tokenize_example(row, tokenizer, make_cfg(["dataset.max_seq_length=4096"]).dataset)
-    two_turns = len(tokenize_example({"messages": turns[:5], "tools": None}, tokenizer,
-                                     make_cfg(["dataset.max_seq_length=4096"]).dataset)["input_ids"])
+    two_turns = len(
+        tokenize_example(
+            {"messages": turns[:5], "tools": None},
+            tokenizer,
+            make_cfg(["dataset.max_seq_length=4096"]).dataset,
+        )["input_ids"]
+    )
     cut = tokenize_example(row, tokenizer, make_cfg([f"dataset.max_seq_length={two_turns + 3}"]).dataset)
-    assert cut["input_ids"] == whole["input_ids"][:two_turns] and cut["truncated"] and cut["turns_cut"] == 1 and not cut["shortened"]
+    assert (
+        cut["input_ids"] == whole["input_ids"][:two_turns]
+        and cut["truncated"]
+        and cut["turns_cut"] == 1
+        and not cut["shortened"]
+    )
     assert tokenizer.decode(cut["input_ids"]).endswith("Answer 1.<|im_end|>")
     # when even the first turn does not fit, it is cut at the limit (its answer partly trained), as single turns are
-    first_turn = len(tokenize_example({"messages": turns[:3], "tools": None}, tokenizer,
-                                      make_cfg(["dataset.max_seq_length=4096"]).dataset)["input_ids"])
+    first_turn = len(
+        tokenize_example(
+            {"messages": turns[:3], "tools": None},
+            tokenizer,
+            make_cfg(["dataset.max_seq_length=4096"]).dataset,
+        )["input_ids"]
+    )
     first = tokenize_example(row, tokenizer, make_cfg([f"dataset.max_seq_length={first_turn - 2}"]).dataset)
-    assert first["input_ids"] == whole["input_ids"][:first_turn - 2] and first["turns_cut"] == 2 and first["shortened"]
+    assert (
+        first["input_ids"] == whole["input_ids"][: first_turn - 2]
+        and first["turns_cut"] == 2
+        and first["shortened"]
+    )
     assert first["labels"][-2:] == first["input_ids"][-2:] and first["trainable"]
 
 
@@ -254,14 +373,19 @@ def test_prompt_is_the_conversation_up_to_its_last_answer(tokenizer):
 
 # ---------------------------------------------------------------- each format through the command line
 
+
 def write_format_files(folder) -> dict[str, str]:
     """12 records of each format (numbers varied), as JSON or JSON Lines."""
     paths = {}
     for fmt, record in RECORDS.items():
-        rows = [json.loads(json.dumps(record).replace("Paris", f"Paris {i}").replace("2+2", f"{i}+{i}"))
-                for i in range(12)]
+        rows = [
+            json.loads(json.dumps(record).replace("Paris", f"Paris {i}").replace("2+2", f"{i}+{i}"))
+            for i in range(12)
+        ]
         path = folder / (f"{fmt}.jsonl" if fmt in ("openai", "xtuner") else f"{fmt}.json")
-        path.write_text("\n".join(json.dumps(r) for r in rows) if path.suffix == ".jsonl" else json.dumps(rows))
+        path.write_text(
+            "\n".join(json.dumps(r) for r in rows) if path.suffix == ".jsonl" else json.dumps(rows)
+        )
         paths[fmt] = str(path)
     return paths
 
@@ -270,13 +394,24 @@ def test_every_format_trains_and_evaluates_through_the_cli(tmp_path):
     paths = write_format_files(tmp_path)
     sweep = tmp_path / "sweep"
     # one multirun, in this process: each format is one job
-    result = run_main("-m", *TINY, "dataset=custom", f"dataset.path={','.join(paths.values())}",
-                      "dataset.size=8", "dataset.eval_size=4", "dataset.max_seq_length=256", "train.max_steps=2",
-                      "train.eval_before=false",
-                      "pipeline.stages=[train,evaluate]",
-                      "eval.modes=[adapter]", "eval.metrics=[perplexity,rouge]", "eval.max_samples=2",
-                      "generation.max_new_tokens=3", f"hydra.sweep.dir={sweep}",
-                      "hydra.sweep.subdir=${hydra.job.num}")
+    result = run_main(
+        "-m",
+        *TINY,
+        "dataset=custom",
+        f"dataset.path={','.join(paths.values())}",
+        "dataset.size=8",
+        "dataset.eval_size=4",
+        "dataset.max_seq_length=256",
+        "train.max_steps=2",
+        "train.eval_before=false",
+        "pipeline.stages=[train,evaluate]",
+        "eval.modes=[adapter]",
+        "eval.metrics=[perplexity,rouge]",
+        "eval.max_samples=2",
+        "generation.max_new_tokens=3",
+        f"hydra.sweep.dir={sweep}",
+        "hydra.sweep.subdir=${hydra.job.num}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = [sweep / str(n) for n in range(len(paths))]
     assert len(jobs) == len(paths)

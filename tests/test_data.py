@@ -15,7 +15,9 @@ from .conftest import make_cfg
 @pytest.mark.parametrize("dataset", ["alpaca", "alpaca_zh", "gsm8k"])
 @pytest.mark.parametrize("template", ["chat", "plain"])
 def test_labels_cover_the_response_only(tokenizer, dataset, template):
-    cfg = make_cfg([f"dataset={dataset}", f"dataset.template={template}", "dataset.size=20", "dataset.eval_size=5"])
+    cfg = make_cfg(
+        [f"dataset={dataset}", f"dataset.template={template}", "dataset.size=20", "dataset.eval_size=5"]
+    )
     rows = load_splits(cfg).train
     for row in rows[:5]:
         ex = tokenize_example(row, tokenizer, cfg.dataset)
@@ -42,16 +44,28 @@ def test_plain_rendering(tokenizer):
     cfg = make_cfg(["dataset.template=plain"])
     text = render_prompt([{"role": "user", "content": "Say hi."}], tokenizer, cfg.dataset)
     assert text == "### Instruction:\nSay hi.\n\n### Answer:\n"
-    text = render_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add."},
-                          {"role": "assistant", "content": "5"}, {"role": "user", "content": "Again."}],
-                         tokenizer, cfg.dataset)
-    assert text == ("Be brief.\n\n### Instruction:\nAdd.\n\n### Answer:\n5<|im_end|>\n\n### Instruction:\nAgain.\n\n"
-                    "### Answer:\n")
+    text = render_prompt(
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Add."},
+            {"role": "assistant", "content": "5"},
+            {"role": "user", "content": "Again."},
+        ],
+        tokenizer,
+        cfg.dataset,
+    )
+    assert text == (
+        "Be brief.\n\n### Instruction:\nAdd.\n\n### Answer:\n5<|im_end|>\n\n### Instruction:\nAgain.\n\n"
+        "### Answer:\n"
+    )
 
 
 def test_train_on_prompt_keeps_prompt_labels(tokenizer):
     cfg = make_cfg(["dataset.train_on_prompt=true"])
-    row = {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}], "tools": None}
+    row = {
+        "messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}],
+        "tools": None,
+    }
     ex = tokenize_example(row, tokenizer, cfg.dataset)
     assert ex["labels"] == ex["input_ids"]
 
@@ -82,19 +96,31 @@ def test_gsm8k_evaluates_on_the_test_split():
     assert "####" in splits.train[0]["messages"][-1]["content"]
 
 
-@pytest.mark.parametrize("suffix,writer", [
-    (".jsonl", lambda rows: "\n".join(json.dumps(r) for r in rows)),
-    (".csv", lambda rows: "q,a\n" + "\n".join(f"{r['q']},{r['a']}" for r in rows)),
-])
+@pytest.mark.parametrize(
+    "suffix,writer",
+    [
+        (".jsonl", lambda rows: "\n".join(json.dumps(r) for r in rows)),
+        (".csv", lambda rows: "q,a\n" + "\n".join(f"{r['q']},{r['a']}" for r in rows)),
+    ],
+)
 def test_generic_column_mapping(tmp_path, suffix, writer):
     rows = [{"q": f"question {i}", "a": f"answer {i}"} for i in range(12)]
     path = tmp_path / f"data{suffix}"
     path.write_text(writer(rows))
-    cfg = make_cfg(["dataset=custom", f"dataset.path={path}", "dataset.columns.instruction=q",
-                    "dataset.columns.output=a", "dataset.eval_size=2"])
+    cfg = make_cfg(
+        [
+            "dataset=custom",
+            f"dataset.path={path}",
+            "dataset.columns.instruction=q",
+            "dataset.columns.output=a",
+            "dataset.eval_size=2",
+        ]
+    )
     splits = load_splits(cfg)
     assert len(splits.train) == 10 and len(splits.eval) == 2
-    assert all(r["messages"][0] == {"role": "user", "content": r["messages"][0]["content"]} for r in splits.train)
+    assert all(
+        r["messages"][0] == {"role": "user", "content": r["messages"][0]["content"]} for r in splits.train
+    )
     assert all(r["messages"][0]["content"].startswith("question") for r in splits.train)
     assert all(r["messages"][1]["content"].startswith("answer") for r in splits.train)
 
@@ -108,15 +134,19 @@ def test_a_byte_order_mark_is_read_past(tmp_path, suffix):
     path.write_bytes(b"\xef\xbb\xbf" + text.encode())
     splits = load_splits(make_cfg([f"dataset.path={path}", "dataset.eval_size=2"]))
     assert sorted(r["messages"][0]["content"] for r in splits.train + splits.eval) == sorted(
-        r["instruction"] for r in rows)
+        r["instruction"] for r in rows
+    )
 
 
-@pytest.mark.parametrize("content,message", [
-    ("[]", "holds no records"),
-    ('[{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": ""}]', "record 1"),
-    ('[{"instruction": "a", "output": "b"}, {"instruction": "", "output": "d"}]', "record 1"),
-    ('[{"prompt": "a", "output": "b"}]', "dataset.columns.instruction"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("[]", "holds no records"),
+        ('[{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": ""}]', "record 1"),
+        ('[{"instruction": "a", "output": "b"}, {"instruction": "", "output": "d"}]', "record 1"),
+        ('[{"prompt": "a", "output": "b"}]', "dataset.columns.instruction"),
+    ],
+)
 def test_bad_records_are_named(tmp_path, content, message):
     path = tmp_path / "bad.json"
     path.write_text(content)

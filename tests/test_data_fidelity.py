@@ -13,41 +13,93 @@ from qlora_lab.data import IGNORE_INDEX, load_conversations, tokenize_example
 
 from .conftest import TINY, make_cfg
 
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather of a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
 CALL = {"name": "get_weather", "arguments": {"city": "Paris"}}
 # Structural keys: their values name a role or a kind of part, not text the model is trained on.
 STRUCTURAL = {"role", "from", "type", "loss_weight"}
 
 RECORDS = {
-    "alpaca": [{"system": "Answer briefly.", "history": [["What is 2+2?", "It is 4."]], "instruction": "And 3+3?",
-                "input": "Count on your fingers.", "output": "It is 6."},
-               {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"}],
-    "sharegpt": [{"conversations": [{"from": "human", "value": "Weather in Paris?"},
-                                    {"from": "function_call", "value": json.dumps(CALL)},
-                                    {"from": "observation", "value": "{\"temp\": 18}"},
-                                    {"from": "gpt", "value": "18 degrees in Paris."}],
-                  "system": "Use the tools.", "tools": json.dumps(TOOLS)},
-                 # loss_weight 0 keeps a turn as context (a turn after the last trained one affects no loss, and
-                 # is left out of the text)
-                 {"conversations": [{"from": "human", "value": "Hi"},
-                                    {"from": "gpt", "value": "Hello there.", "loss_weight": 0},
-                                    {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Goodbye."}]}],
-    "openai": [{"messages": [{"role": "system", "content": "Use the tools."},
-                             {"role": "user", "content": [{"type": "text", "text": "Weather"},
-                                                          {"type": "text", "value": "in Paris?"}]},
-                             {"role": "assistant", "content": "",
-                              "tool_calls": [{"type": "function", "function": {"name": "get_weather",
-                                                                               "arguments": json.dumps(CALL["arguments"])}}]},
-                             {"role": "tool", "content": "{\"temp\": 18}"},
-                             {"role": "assistant", "content": [{"type": "text", "value": "18 degrees."}]}],
-                "tools": TOOLS},
-               {"messages": [{"role": "user", "content": "Hi"},
-                             {"role": "assistant", "content": "A draft answer.", "loss_weight": 0},
-                             {"role": "user", "content": "Again?"},
-                             {"role": "assistant", "content": "The final answer.", "loss_weight": 1}]}],
-    "xtuner": [{"conversation": [{"system": "Answer briefly.", "input": "What is 2+2?", "output": "It is 4."},
-                                 {"input": "And 3+3?", "output": "It is 6."}]}],
+    "alpaca": [
+        {
+            "system": "Answer briefly.",
+            "history": [["What is 2+2?", "It is 4."]],
+            "instruction": "And 3+3?",
+            "input": "Count on your fingers.",
+            "output": "It is 6.",
+        },
+        {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
+    ],
+    "sharegpt": [
+        {
+            "conversations": [
+                {"from": "human", "value": "Weather in Paris?"},
+                {"from": "function_call", "value": json.dumps(CALL)},
+                {"from": "observation", "value": '{"temp": 18}'},
+                {"from": "gpt", "value": "18 degrees in Paris."},
+            ],
+            "system": "Use the tools.",
+            "tools": json.dumps(TOOLS),
+        },
+        # loss_weight 0 keeps a turn as context (a turn after the last trained one affects no loss, and
+        # is left out of the text)
+        {
+            "conversations": [
+                {"from": "human", "value": "Hi"},
+                {"from": "gpt", "value": "Hello there.", "loss_weight": 0},
+                {"from": "human", "value": "Bye"},
+                {"from": "gpt", "value": "Goodbye."},
+            ]
+        },
+    ],
+    "openai": [
+        {
+            "messages": [
+                {"role": "system", "content": "Use the tools."},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "Weather"}, {"type": "text", "value": "in Paris?"}],
+                },
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [
+                        {
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": json.dumps(CALL["arguments"])},
+                        }
+                    ],
+                },
+                {"role": "tool", "content": '{"temp": 18}'},
+                {"role": "assistant", "content": [{"type": "text", "value": "18 degrees."}]},
+            ],
+            "tools": TOOLS,
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "A draft answer.", "loss_weight": 0},
+                {"role": "user", "content": "Again?"},
+                {"role": "assistant", "content": "The final answer.", "loss_weight": 1},
+            ]
+        },
+    ],
+    "xtuner": [
+        {
+            "conversation": [
+                {"system": "Answer briefly.", "input": "What is 2+2?", "output": "It is 4."},
+                {"input": "And 3+3?", "output": "It is 6."},
+            ]
+        }
+    ],
 }
 
 
@@ -85,11 +137,17 @@ def assistant_texts(fmt: str, record: dict) -> list:
         return [turn["output"] for turn in record["conversation"]]
     if fmt == "sharegpt":
         turns = [t for t in record["conversations"] if t["from"] in ("gpt", "function_call")]
-        return [json.loads(t["value"]) if t["from"] == "function_call" else t["value"]
-                for t in turns if t.get("loss_weight", 1) != 0]
+        return [
+            json.loads(t["value"]) if t["from"] == "function_call" else t["value"]
+            for t in turns
+            if t.get("loss_weight", 1) != 0
+        ]
     turns = [m for m in record["messages"] if m["role"] == "assistant" and m.get("loss_weight", 1) != 0]
-    return [{"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}
-            for m in turns for c in m.get("tool_calls", [])] + [part_text(m["content"]) for m in turns if m["content"]]
+    return [
+        {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}
+        for m in turns
+        for c in m.get("tool_calls", [])
+    ] + [part_text(m["content"]) for m in turns if m["content"]]
 
 
 def trained_spans(example: dict, tokenizer) -> list[str]:
@@ -112,8 +170,16 @@ def as_answer(span: str):
         return text
 
 
-@pytest.mark.parametrize("fmt,dataset", [("alpaca", "alpaca"), ("alpaca", "custom"), ("sharegpt", "custom"),
-                                         ("openai", "custom"), ("xtuner", "custom")])
+@pytest.mark.parametrize(
+    "fmt,dataset",
+    [
+        ("alpaca", "alpaca"),
+        ("alpaca", "custom"),
+        ("sharegpt", "custom"),
+        ("openai", "custom"),
+        ("xtuner", "custom"),
+    ],
+)
 def test_every_text_of_the_file_is_seen_and_every_answer_trained(fmt, dataset, tokenizer, tmp_path):
     path = tmp_path / f"{fmt}.json"
     path.write_text(json.dumps(RECORDS[fmt]))
@@ -130,11 +196,15 @@ def test_every_text_of_the_file_is_seen_and_every_answer_trained(fmt, dataset, t
 
 def test_truncation_accounts_for_every_answer_left_out(tokenizer, tmp_path):
     """Trained spans + the answers truncation reports cut = the file's answers."""
-    record = {"conversation": [{"input": f"Question {i}?", "output": f"Answer number {i}."} for i in range(4)]}
+    record = {
+        "conversation": [{"input": f"Question {i}?", "output": f"Answer number {i}."} for i in range(4)]
+    }
     path = tmp_path / "long.json"
     path.write_text(json.dumps([record]))
     for limit in (40, 60, 4096):
-        d = make_cfg([*TINY, "dataset=custom", f"dataset.path={path}", f"dataset.max_seq_length={limit}"]).dataset
+        d = make_cfg(
+            [*TINY, "dataset=custom", f"dataset.path={path}", f"dataset.max_seq_length={limit}"]
+        ).dataset
         _, rows = load_conversations(str(path), d, str(tmp_path), "dataset.path")
         example = tokenize_example(rows[0], tokenizer, d)
         spans = [as_answer(s) for s in trained_spans(example, tokenizer)]
@@ -156,7 +226,9 @@ def test_truncation_warning_names_a_shortened_answer_and_detection_is_told_once(
     d = make_cfg([*TINY, "dataset=custom", f"dataset.path={path}", "dataset.max_seq_length=60"]).dataset
     with caplog.at_level(logging.INFO, logger="qlora_lab.data"):
         load_conversations(str(path), d, str(tmp_path), "dataset.path")
-        _, rows = load_conversations(str(path), d, str(tmp_path), "dataset.path")  # as preflight, then the stage
+        _, rows = load_conversations(
+            str(path), d, str(tmp_path), "dataset.path"
+        )  # as preflight, then the stage
         _, stats = tokenize_split(rows, tokenizer, d, "train")
     assert sum("is alpaca" in r.getMessage() for r in caplog.records) == 1
     warning = next(r.getMessage() for r in caplog.records if "truncated" in r.getMessage())

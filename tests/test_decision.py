@@ -31,7 +31,9 @@ def test_card_gives_a_verdict_per_size_and_the_size_from_which_qlora_is_within_n
     jobs = fake_sweep(tmp_path, {8: [0.10, 0.12, 0.11], 16: [0.01, -0.01, 0.005], 32: [-0.004, 0.003, 0.0]})
     summary = write_report(tmp_path)
     card = (tmp_path / "decision.md").read_text()
-    assert summary.index("## Decision") < summary.index("## LoRA vs QLoRA per data size")  # the card comes first
+    assert summary.index("## Decision") < summary.index(
+        "## LoRA vs QLoRA per data size"
+    )  # the card comes first
     assert (tmp_path / "decision.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     mean, half = interval([0.10, 0.12, 0.11])
     assert "its eval loss is within noise of LoRA's from 16 examples on" in card
@@ -61,7 +63,9 @@ def test_the_report_compares_training_peaks_not_a_later_stage_s(tmp_path):
 def test_single_seed_gives_figures_but_no_verdict(tmp_path):
     fake_sweep(tmp_path, {8: [0.5], 16: [0.4]})
     card = write_report(tmp_path) and (tmp_path / "decision.md").read_text()
-    assert "no verdict (fewer than 2 seeds)" in card and "within noise" not in card and "| worse |" not in card
+    assert (
+        "no verdict (fewer than 2 seeds)" in card and "within noise" not in card and "| worse |" not in card
+    )
     assert "run the sweep with sweep.repeats=3 or more" in card
 
 
@@ -117,20 +121,28 @@ def config_for(tmp_path, *overrides):
 
     register()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=["+experiment=lora_vs_qlora", *overrides], return_hydra_config=True)
+        return compose(
+            "config", overrides=["+experiment=lora_vs_qlora", *overrides], return_hydra_config=True
+        )
 
 
 def test_repeats_become_a_seed_axis(tmp_path):
     cfg = config_for(tmp_path, "sweep.repeats=3", "train.seed=7")
     callbacks.SweepReport().on_multirun_start(cfg)
     assert OmegaConf.to_container(cfg.hydra.sweeper.params) == {
-        "quantization": "none,nf4", "dataset.size": "8,16,32", "train.seed": "7,8,9"}
+        "quantization": "none,nf4",
+        "dataset.size": "8,16,32",
+        "train.seed": "7,8,9",
+    }
 
 
-@pytest.mark.parametrize("repeats, seed_axis, message", [
-    (0, False, "sweep.repeats must be 1 or more seeds per cell (got 0)."),
-    (2, True, "sweep.repeats and a train.seed axis both choose the seeds; give one of them."),
-])
+@pytest.mark.parametrize(
+    "repeats, seed_axis, message",
+    [
+        (0, False, "sweep.repeats must be 1 or more seeds per cell (got 0)."),
+        (2, True, "sweep.repeats and a train.seed axis both choose the seeds; give one of them."),
+    ],
+)
 def test_repeats_refused_with_one_sentence(tmp_path, capsys, repeats, seed_axis, message):
     cfg = config_for(tmp_path, f"sweep.repeats={repeats}")
     if seed_axis:
@@ -147,9 +159,20 @@ def test_real_sweep_with_repeats_pairs_by_seed_records_learning_curves_and_verif
     sweep_dir = tmp_path / "sweep"
     # the jobs run in this process (the basic launcher; tests/test_sweep.py runs the experiment's isolated
     # one), and verify re-runs each in a fresh process: the same seed must give the same eval loss either way
-    result = run_main("-m", "+experiment=lora_vs_qlora", "hydra/launcher=basic", "model=tiny_random",
-                      "dataset.size=8", "sweep.repeats=2", "dataset.eval_size=4", "dataset.max_seq_length=64",
-                      "train.max_steps=2", "train.eval_steps=1", "train.speed_skip_steps=0", f"hydra.sweep.dir={sweep_dir}")
+    result = run_main(
+        "-m",
+        "+experiment=lora_vs_qlora",
+        "hydra/launcher=basic",
+        "model=tiny_random",
+        "dataset.size=8",
+        "sweep.repeats=2",
+        "dataset.eval_size=4",
+        "dataset.max_seq_length=64",
+        "train.max_steps=2",
+        "train.eval_steps=1",
+        "train.speed_skip_steps=0",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = {}
     for job in sweep_dir.glob("*/metrics.json"):
@@ -157,9 +180,13 @@ def test_real_sweep_with_repeats_pairs_by_seed_records_learning_curves_and_verif
         runs[(cfg.quantization.method, cfg.train.seed)] = json.loads(job.read_text())
     assert sorted(runs) == [("nf4", 42), ("nf4", 43), ("none", 42), ("none", 43)]
     for (_, seed), m in runs.items():
-        assert [p["step"] for p in m["eval/curve"]] == [0, 1, 2] and m["eval/curve"][-1]["loss"] == m["eval/loss"]
+        assert [p["step"] for p in m["eval/curve"]] == [0, 1, 2] and m["eval/curve"][-1]["loss"] == m[
+            "eval/loss"
+        ]
         # same seed: the same batches in the same order, so the same tokens at every evaluation
-        assert [p["tokens"] for p in m["eval/curve"]] == [p["tokens"] for p in runs[("none", seed)]["eval/curve"]]
+        assert [p["tokens"] for p in m["eval/curve"]] == [
+            p["tokens"] for p in runs[("none", seed)]["eval/curve"]
+        ]
     card = (sweep_dir / "decision.md").read_text()
     assert "| 8 | QLoRA nf4 | 2 |" in card and "## Over the seeds" in (sweep_dir / "summary.md").read_text()
     assert (sweep_dir / "learning_curves.png").is_file() and (sweep_dir / "decision.png").is_file()
@@ -170,21 +197,27 @@ def test_real_sweep_with_repeats_pairs_by_seed_records_learning_curves_and_verif
     out = capsys.readouterr()
     assert code in (0, 1) and "Re-ran 4 jobs" in out.out, out.err[-3000:]
     for name in ("LoRA", "QLoRA nf4"):
-        assert next(line for line in out.out.splitlines() if line.startswith(f"| {name} | eval loss |")).endswith(
-            "| yes |")
+        assert next(
+            line for line in out.out.splitlines() if line.startswith(f"| {name} | eval loss |")
+        ).endswith("| yes |")
     assert (code == 0) == ("no: drift" not in out.out)
     assert len(list((sweep_dir / "verify").glob("*/*/metrics.json"))) == 4
 
 
 def test_verify_refuses_a_folder_that_is_not_a_sweep_an_unknown_cell_and_a_cell_that_no_longer_composes(
-        tmp_path, capsys):
+    tmp_path, capsys
+):
     from qlora_lab.report import main
 
     assert main(["verify", str(tmp_path / "gone")]) == 2
-    assert capsys.readouterr().err == (f"error: {tmp_path / 'gone'} is not a folder; pass a sweep dir "
-                                       f"(outputs/multirun/<name>/<time>).\n")
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'gone'} is not a folder; pass a sweep dir (outputs/multirun/<name>/<time>).\n"
+    )
     assert main(["verify", str(tmp_path)]) == 2
-    assert capsys.readouterr().err == f"error: {tmp_path} is not a sweep: it holds no job folders (none with .hydra/config.yaml).\n"
+    assert (
+        capsys.readouterr().err
+        == f"error: {tmp_path} is not a sweep: it holds no job folders (none with .hydra/config.yaml).\n"
+    )
     fake_sweep(tmp_path, {8: [0.0, 0.0]})
     assert main(["verify", str(tmp_path), "64"]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path} has no cell '64'; its cells are '8'.\n"
@@ -193,9 +226,14 @@ def test_verify_refuses_a_folder_that_is_not_a_sweep_an_unknown_cell_and_a_cell_
         overrides.write_text(yaml.safe_dump(yaml.safe_load(overrides.read_text()) + ["lora.renamed_field=3"]))
     assert main(["verify", str(tmp_path), "8"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: 0_quantization=none,dataset.size=8,train.seed=42 no longer composes from its "
-                          "recorded overrides (quantization=none dataset.size=8 train.seed=42 lora.renamed_field=3): "
-                          ) and "renamed_field" in err.split(": ", 2)[2] and err.count("\n") == 1
+    assert (
+        err.startswith(
+            "error: 0_quantization=none,dataset.size=8,train.seed=42 no longer composes from its "
+            "recorded overrides (quantization=none dataset.size=8 train.seed=42 lora.renamed_field=3): "
+        )
+        and "renamed_field" in err.split(": ", 2)[2]
+        and err.count("\n") == 1
+    )
     assert not (tmp_path / "verify").exists()  # nothing ran
 
 
@@ -222,26 +260,43 @@ def test_verify_compares_the_rerun_with_the_recorded_interval(tmp_path, monkeypa
     assert "cell 8" in text and "Re-ran 4 jobs" in text
     qlora = next(line for line in text.splitlines() if line.startswith("| QLoRA nf4 | eval loss |"))
     assert qlora.endswith("| yes |" if inside else "| no: drift |")
-    assert next(line for line in text.splitlines() if line.startswith("| LoRA | eval loss |")).endswith("| yes |")
+    assert next(line for line in text.splitlines() if line.startswith("| LoRA | eval loss |")).endswith(
+        "| yes |"
+    )
     assert len(list((tmp_path / "verify").glob("*/verify.md"))) == 1
 
 
 # ---------------------------------------------------------------- equal memory (sweep.equal_memory)
 
-def add_equal_memory_job(sweep_dir, num: int, size: int, seed: int, cap: float, batch: int, peak: float,
-                         tokens_per_s: float, curve_: list | None = None, status: str = "completed") -> str:
+
+def add_equal_memory_job(
+    sweep_dir,
+    num: int,
+    size: int,
+    seed: int,
+    cap: float,
+    batch: int,
+    peak: float,
+    tokens_per_s: float,
+    curve_: list | None = None,
+    status: str = "completed",
+) -> str:
     """The job the equal-memory sweeper adds: the QLoRA job's overrides + batch_size=auto under LoRA's peak."""
     name = add_job(sweep_dir, num, "nf4", size, seed, 2.0, 11.0, peak, status=status, curve=curve_)
     extra = ["train.batch_size=auto", f"train.memory_cap_gib={cap}"]
     job = sweep_dir / name
     new = job.with_name(f"{name},{','.join(extra)}")
     job.rename(new)
-    (new / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(yaml.safe_load(
-        (new / ".hydra" / "overrides.yaml").read_text()) + extra))
+    (new / ".hydra" / "overrides.yaml").write_text(
+        yaml.safe_dump(yaml.safe_load((new / ".hydra" / "overrides.yaml").read_text()) + extra)
+    )
     cfg = yaml.safe_load((new / ".hydra" / "config.yaml").read_text())
     cfg["train"] |= {"batch_size": "auto", "memory_cap_gib": cap}
     (new / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
-    m = json.loads((new / "metrics.json").read_text()) | {"train/batch_size": batch, "train/tokens_per_s": tokens_per_s}
+    m = json.loads((new / "metrics.json").read_text()) | {
+        "train/batch_size": batch,
+        "train/tokens_per_s": tokens_per_s,
+    }
     (new / "metrics.json").write_text(json.dumps(m))
     return new.name
 
@@ -254,23 +309,43 @@ def test_equal_memory_jobs_take_the_cap_from_the_lora_job_of_the_same_size_and_s
     def job(name, overrides, peak=None, status="completed"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "run.json").write_text(json.dumps({"status": status}))
-        (tmp_path / name / "metrics.json").write_text(json.dumps({} if peak is None else {"memory/peak_gib": peak}))
+        (tmp_path / name / "metrics.json").write_text(
+            json.dumps({} if peak is None else {"memory/peak_gib": peak})
+        )
         return SimpleNamespace(overrides=overrides, working_dir=str(tmp_path / name))
 
     common = ["model=tiny_random", "train.batch_size=4"]
-    jobs = [job("0", ["quantization=none", "dataset.size=8", "train.seed=42", *common], peak=1.23456),
-            job("1", ["quantization=none", "dataset.size=8", "train.seed=43", *common], peak=1.5),
-            job("2", ["quantization=none", "dataset.size=16", "train.seed=42", *common], status="failed"),
-            job("3", ["quantization=nf4", "dataset.size=8", "train.seed=42", *common], peak=1.0),
-            job("4", ["quantization=nf4", "dataset.size=8", "train.seed=43", *common], peak=1.1),
-            job("5", ["quantization=nf4", "dataset.size=16", "train.seed=42", *common], peak=1.1)]
+    jobs = [
+        job("0", ["quantization=none", "dataset.size=8", "train.seed=42", *common], peak=1.23456),
+        job("1", ["quantization=none", "dataset.size=8", "train.seed=43", *common], peak=1.5),
+        job("2", ["quantization=none", "dataset.size=16", "train.seed=42", *common], status="failed"),
+        job("3", ["quantization=nf4", "dataset.size=8", "train.seed=42", *common], peak=1.0),
+        job("4", ["quantization=nf4", "dataset.size=8", "train.seed=43", *common], peak=1.1),
+        job("5", ["quantization=nf4", "dataset.size=16", "train.seed=42", *common], peak=1.1),
+    ]
     extra, skipped = equal_memory_jobs(jobs)
-    assert extra == [["quantization=nf4", "dataset.size=8", "train.seed=42", "model=tiny_random",
-                      "train.batch_size=auto", "train.memory_cap_gib=1.2345"],  # never above LoRA's peak
-                     ["quantization=nf4", "dataset.size=8", "train.seed=43", "model=tiny_random",
-                      "train.batch_size=auto", "train.memory_cap_gib=1.5"]]
-    assert skipped == ["no equal-memory job for quantization=nf4 dataset.size=16 train.seed=42 model=tiny_random "
-                       "train.batch_size=4: its LoRA job (quantization=none) did not complete with a measured peak"]
+    assert extra == [
+        [
+            "quantization=nf4",
+            "dataset.size=8",
+            "train.seed=42",
+            "model=tiny_random",
+            "train.batch_size=auto",
+            "train.memory_cap_gib=1.2345",
+        ],  # never above LoRA's peak
+        [
+            "quantization=nf4",
+            "dataset.size=8",
+            "train.seed=43",
+            "model=tiny_random",
+            "train.batch_size=auto",
+            "train.memory_cap_gib=1.5",
+        ],
+    ]
+    assert skipped == [
+        "no equal-memory job for quantization=nf4 dataset.size=16 train.seed=42 model=tiny_random "
+        "train.batch_size=4: its LoRA job (quantization=none) did not complete with a measured peak"
+    ]
 
 
 def test_equal_memory_puts_its_sweeper_in_place(tmp_path):
@@ -282,12 +357,20 @@ def test_equal_memory_puts_its_sweeper_in_place(tmp_path):
     assert cfg.hydra.sweeper._target_ == callbacks.BASIC_SWEEPER
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["quantization=nf4"], "sweep.equal_memory caps QLoRA at LoRA's measured peak, so the sweep needs both: sweep "
-                           "quantization=none,nf4 (this sweep runs quantization=nf4 only)."),
-    (["hydra/sweeper=optuna"], "sweep.equal_memory works with the basic sweeper only (this sweep uses "
-                               "OptunaSweeper)."),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["quantization=nf4"],
+            "sweep.equal_memory caps QLoRA at LoRA's measured peak, so the sweep needs both: sweep "
+            "quantization=none,nf4 (this sweep runs quantization=nf4 only).",
+        ),
+        (
+            ["hydra/sweeper=optuna"],
+            "sweep.equal_memory works with the basic sweeper only (this sweep uses OptunaSweeper).",
+        ),
+    ],
+)
 def test_equal_memory_refused_with_one_sentence(tmp_path, capsys, overrides, message):
     cfg = config_for(tmp_path, "sweep.equal_memory=true", *overrides)
     if overrides == ["quantization=nf4"]:  # given on the command line: a single value for the whole sweep
@@ -304,43 +387,84 @@ def test_card_gives_throughput_and_time_to_target_at_equal_memory_beside_equal_b
     num = 0
     for seed in (42, 43):
         add_job(tmp_path, num, "none", 8, seed, 2.0, 10.0, LORA_PEAK, curve=curve(3.0, 2.5, 2.0))
-        add_job(tmp_path, num + 1, "nf4", 8, seed, 2.0 + 0.01 * (seed - 42), 12.0, QLORA_PEAK,
-                curve=curve(3.0, 2.6, 2.3, 2.02))
+        add_job(
+            tmp_path,
+            num + 1,
+            "nf4",
+            8,
+            seed,
+            2.0 + 0.01 * (seed - 42),
+            12.0,
+            QLORA_PEAK,
+            curve=curve(3.0, 2.6, 2.3, 2.02),
+        )
         num += 2
-    spent = [add_equal_memory_job(tmp_path, num + i, 8, seed, LORA_PEAK, 12, 2.9, tps,
-                                  curve_=[{"step": s, "tokens": 150 * s, "train_s": 1.5 * s, "loss": loss}
-                                          for s, loss in enumerate((3.0, 2.4, 2.03))])
-             for i, (seed, tps) in enumerate(((42, 300.0), (43, 320.0)))]
+    spent = [
+        add_equal_memory_job(
+            tmp_path,
+            num + i,
+            8,
+            seed,
+            LORA_PEAK,
+            12,
+            2.9,
+            tps,
+            curve_=[
+                {"step": s, "tokens": 150 * s, "train_s": 1.5 * s, "loss": loss}
+                for s, loss in enumerate((3.0, 2.4, 2.03))
+            ],
+        )
+        for i, (seed, tps) in enumerate(((42, 300.0), (43, 320.0)))
+    ]
     summary = write_report(tmp_path)
     card = (tmp_path / "decision.md").read_text()
     # the equal-memory jobs are neither pairs nor cells of the equal-batch verdict
-    assert "| 8 | QLoRA nf4 | 2 |" in next(line for line in card.splitlines() if line.startswith("| 8 | QLoRA nf4 | 2"))
+    assert "| 8 | QLoRA nf4 | 2 |" in next(
+        line for line in card.splitlines() if line.startswith("| 8 | QLoRA nf4 | 2")
+    )
     assert "### Equal memory: QLoRA spends what it saves on a larger batch" in card
-    rows = {line.split(" | ")[1]: line for line in card.split("### Equal memory", 1)[1].splitlines()
-            if line.startswith("| 8 |")}
+    rows = {
+        line.split(" | ")[1]: line
+        for line in card.split("### Equal memory", 1)[1].splitlines()
+        if line.startswith("| 8 |")
+    }
     assert set(rows) == {"LoRA", "QLoRA nf4", "QLoRA nf4 at equal memory"}
-    assert rows["LoRA"].startswith("| 8 | LoRA | 4 | 3.00 ± 0.00 | – | 100 ± 0 | 2 of 2 | 200 ± 0 | 4.0 ± 0.0 |")
-    assert rows["QLoRA nf4"].startswith("| 8 | QLoRA nf4 | 4 | 2.00 ± 0.00 | – | 100 ± 0 | 2 of 2 | 300 ± 0 | 6.0 ± 0.0 |")
+    assert rows["LoRA"].startswith(
+        "| 8 | LoRA | 4 | 3.00 ± 0.00 | – | 100 ± 0 | 2 of 2 | 200 ± 0 | 4.0 ± 0.0 |"
+    )
+    assert rows["QLoRA nf4"].startswith(
+        "| 8 | QLoRA nf4 | 4 | 2.00 ± 0.00 | – | 100 ± 0 | 2 of 2 | 300 ± 0 | 6.0 ± 0.0 |"
+    )
     tps, half = interval([300.0, 320.0])
     assert rows["QLoRA nf4 at equal memory"].startswith(
         f"| 8 | QLoRA nf4 at equal memory | 12 | 2.90 ± 0.00 | 3.00 ± 0.00 | {tps:,.0f} ± {half:,.0f} | 2 of 2 "
-        f"| 300 ± 0 | 3.0 ± 0.0 |")
+        f"| 300 ± 0 | 3.0 ± 0.0 |"
+    )
     assert all(f"(<{name}>)" in rows["QLoRA nf4 at equal memory"] for name in spent)
     # the per-job table names them, in the same group as their QLoRA job
-    assert "| 8 (train.seed=42) | QLoRA nf4 at equal memory |" in summary.split("## LoRA vs QLoRA per data size", 1)[1]
+    assert (
+        "| 8 (train.seed=42) | QLoRA nf4 at equal memory |"
+        in summary.split("## LoRA vs QLoRA per data size", 1)[1]
+    )
 
 
 def test_an_equal_memory_job_that_found_no_batch_is_listed_with_its_reason(tmp_path):
     fake_sweep(tmp_path, {8: [0.0, 0.01]})
     name = add_equal_memory_job(tmp_path, 4, 8, 42, LORA_PEAK, 1, 9.0, 1.0, status="failed")
     info = json.loads((tmp_path / name / "run.json").read_text())
-    info["error"] = "no batch fits under train.memory_cap_gib=3.0: batch 1 peaked at 9.000 GiB; raise the cap."
+    info["error"] = (
+        "no batch fits under train.memory_cap_gib=3.0: batch 1 peaked at 9.000 GiB; raise the cap."
+    )
     (tmp_path / name / "run.json").write_text(json.dumps(info))
     write_report(tmp_path)
     card = (tmp_path / "decision.md").read_text()
-    assert ("\n1 equal-memory jobs did not complete: 4: no batch fits under train.memory_cap_gib=3.0: batch 1 peaked "
-            "at 9.000 GiB; raise the cap.\n") in card
-    assert "| within noise |" in next(line for line in card.splitlines() if line.startswith("| 8 | QLoRA nf4 | 2 |"))
+    assert (
+        "\n1 equal-memory jobs did not complete: 4: no batch fits under train.memory_cap_gib=3.0: batch 1 peaked "
+        "at 9.000 GiB; raise the cap.\n"
+    ) in card
+    assert "| within noise |" in next(
+        line for line in card.splitlines() if line.startswith("| 8 | QLoRA nf4 | 2 |")
+    )
 
 
 def test_real_sweep_with_equal_memory_runs_the_capped_job_after_its_lora_job(tmp_path):
@@ -348,10 +472,20 @@ def test_real_sweep_with_equal_memory_runs_the_capped_job_after_its_lora_job(tmp
     under LoRA's measured peak (the CPU process's peak RSS here), launched after both have ended."""
     sweep_dir = tmp_path / "sweep"
     # launched in this process; the isolated launcher still runs each job in a fresh one (its peak is the job's own)
-    result = run_main("-m", "+experiment=lora_vs_qlora", "model=tiny_random", "dataset.size=8", "dataset.eval_size=4",
-                      "dataset.max_seq_length=64", "train.max_steps=2", "train.eval_steps=1",
-                      "train.speed_skip_steps=0", "sweep.equal_memory=true", "train.auto_batch_start=8",
-                      f"hydra.sweep.dir={sweep_dir}")
+    result = run_main(
+        "-m",
+        "+experiment=lora_vs_qlora",
+        "model=tiny_random",
+        "dataset.size=8",
+        "dataset.eval_size=4",
+        "dataset.max_seq_length=64",
+        "train.max_steps=2",
+        "train.eval_steps=1",
+        "train.speed_skip_steps=0",
+        "sweep.equal_memory=true",
+        "train.auto_batch_start=8",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(sweep_dir.glob("*/run.json"), key=lambda p: int(p.parent.name.split("_")[0]))
     assert len(jobs) == 3
@@ -360,9 +494,14 @@ def test_real_sweep_with_equal_memory_runs_the_capped_job_after_its_lora_job(tmp
     assert infos[2]["started_at"] >= max(infos[0]["ended_at"], infos[1]["ended_at"])
     cap = math.floor(lora["memory/train_peak_gib"] * 1e4) / 1e4
     overrides = yaml.safe_load((jobs[2].parent / ".hydra" / "overrides.yaml").read_text())
-    assert "quantization=nf4" in overrides and overrides[-2:] == ["train.batch_size=auto", f"train.memory_cap_gib={cap}"]
+    assert "quantization=nf4" in overrides and overrides[-2:] == [
+        "train.batch_size=auto",
+        f"train.memory_cap_gib={cap}",
+    ]
     # the batch kept stayed under the cap; every larger one tried went over it
     assert spent["train/memory_cap_gib"] == cap and spent["memory/train_peak_gib"] <= cap
-    assert all(o["peak_gib"] > cap and o["batch"] > spent["train/batch_size"] for o in spent["train/batch_over_cap"])
+    assert all(
+        o["peak_gib"] > cap and o["batch"] > spent["train/batch_size"] for o in spent["train/batch_over_cap"]
+    )
     card = (sweep_dir / "decision.md").read_text()
     assert f"| 8 | QLoRA nf4 at equal memory | {spent['train/batch_size']} |" in card

@@ -17,10 +17,24 @@ def launch(run_dir: Path, *args: str, processes: int = 2) -> subprocess.Complete
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "qlora_lab"]
     if processes > 1:
-        command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
-                   str(ROOT / "accelerate" / "cpu_ddp_2proc.yaml"), "--num_processes", str(processes), "-m", "qlora_lab"]
-    return subprocess.run([*command, *TINY, *args, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+        command = [
+            str(Path(sys.executable).with_name("accelerate")),
+            "launch",
+            "--config_file",
+            str(ROOT / "accelerate" / "cpu_ddp_2proc.yaml"),
+            "--num_processes",
+            str(processes),
+            "-m",
+            "qlora_lab",
+        ]
+    return subprocess.run(
+        [*command, *TINY, *args, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.parametrize("quant", ["none", "nf4"])
@@ -41,7 +55,12 @@ def test_two_process_ddp_ranks_agree(tmp_path, quant):
         # DDP is one process with the global batch: 2 ranks x 2 rows give the per-step losses of 1 process x 4 rows
         # (without dropout, whose masks each rank draws from its own random stream)
         single = tmp_path / "single"
-        assert launch(single, "quantization=none", "train.batch_size=4", "lora.dropout=0", processes=1).returncode == 0
+        assert (
+            launch(
+                single, "quantization=none", "train.batch_size=4", "lora.dropout=0", processes=1
+            ).returncode
+            == 0
+        )
         alone = json.loads((single / "metrics.json").read_text())
         assert len(metrics["train/losses"]) == len(alone["train/losses"]) == 8
         assert metrics["train/losses"] == pytest.approx(alone["train/losses"], abs=1e-5)
@@ -54,8 +73,11 @@ def test_slurm_launcher_preset_composes():
     from .conftest import CONF
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
-                      return_hydra_config=True)
+        cfg = compose(
+            config_name="config",
+            overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+            return_hydra_config=True,
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.timeout_min == 240
@@ -80,26 +102,43 @@ def test_plain_launch_on_several_gpus_trains_on_one_instead_of_data_parallel(tmp
     assert isinstance(wrapped(guard=False)[0], nn.DataParallel)
     module, line = wrapped(guard=True)
     assert module is model
-    assert line == ("2 GPUs visible; training on the first only (one process, no DataParallel). To train on all 2 "
-                    "with DDP: accelerate launch --config_file accelerate/ddp_2gpu.yaml --num_processes 2 -m qlora_lab "
-                    "+experiment=quickstart 'dataset.path=my data.json'")
+    assert line == (
+        "2 GPUs visible; training on the first only (one process, no DataParallel). To train on all 2 "
+        "with DDP: accelerate launch --config_file accelerate/ddp_2gpu.yaml --num_processes 2 -m qlora_lab "
+        "+experiment=quickstart 'dataset.path=my data.json'"
+    )
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     args._n_gpu = 2
     monkeypatch.setenv("WORLD_SIZE", "2")  # under accelerate launch each rank has one GPU already
     assert one_gpu_per_process(args) is None
 
 
-@pytest.mark.parametrize("overrides, env, gpus, message", [
-    ([], {"LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "4"}, 2,
-     "accelerate launch started 4 processes on this machine but it has 2 GPUs; set num_processes to at most 2 "
-     "(--num_processes 2, or num_processes: in the accelerate config)."),
-    (["train.batch_size=auto"], {"LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "2"}, 2,
-     "train.batch_size=auto lets each rank halve its batch after its own out-of-memory errors, so the ranks could "
-     "train on different batches; under accelerate launch set train.batch_size to a number."),
-    (["quantization.storage_dtype=uint8"], {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"}, 0,
-     "FSDP shards flat parameters of one dtype, but quantization.storage_dtype=uint8 differs from the model dtype "
-     "float32; set quantization.storage_dtype=auto (the model dtype)."),
-])
+@pytest.mark.parametrize(
+    "overrides, env, gpus, message",
+    [
+        (
+            [],
+            {"LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "4"},
+            2,
+            "accelerate launch started 4 processes on this machine but it has 2 GPUs; set num_processes to at most 2 "
+            "(--num_processes 2, or num_processes: in the accelerate config).",
+        ),
+        (
+            ["train.batch_size=auto"],
+            {"LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "2"},
+            2,
+            "train.batch_size=auto lets each rank halve its batch after its own out-of-memory errors, so the ranks could "
+            "train on different batches; under accelerate launch set train.batch_size to a number.",
+        ),
+        (
+            ["quantization.storage_dtype=uint8"],
+            {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"},
+            0,
+            "FSDP shards flat parameters of one dtype, but quantization.storage_dtype=uint8 differs from the model dtype "
+            "float32; set quantization.storage_dtype=auto (the model dtype).",
+        ),
+    ],
+)
 def test_distributed_launch_mistakes_are_refused_before_loading(monkeypatch, overrides, env, gpus, message):
     import torch
 
@@ -143,8 +182,16 @@ def _shard_and_gather(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     whole = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     mesh = init_device_mesh("cpu", (2,))
@@ -188,8 +235,17 @@ def _fused_loss_reads_lm_head(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        )
+    )
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     causal_lm = model.get_base_model()
     head = causal_lm.lm_head
@@ -232,4 +288,8 @@ def test_fsdp2_fused_loss_gets_the_whole_lm_head(tmp_path):
         port = s.getsockname()[1]
     out = tmp_path / "result.json"
     mp.spawn(_fused_loss_reads_lm_head, args=(port, str(out)), nprocs=2)
-    assert json.loads(out.read_text()) == {"without_gather": "DTensor", "same_logits": True, "head_sharded_after": True}
+    assert json.loads(out.read_text()) == {
+        "without_gather": "DTensor",
+        "same_logits": True,
+        "head_sharded_after": True,
+    }

@@ -20,8 +20,16 @@ from .conftest import TINY, make_cfg, run_main
 def trained_gsm8k(tmp_path_factory):
     """A tiny run trained on GSM8K (quantization none: fast and exact)."""
     run_dir = tmp_path_factory.mktemp("train")
-    cfg = make_cfg([*TINY, "dataset=gsm8k", "dataset.max_seq_length=160", "quantization=none",
-                    "dataset.eval_size=6", "train.max_steps=12"])
+    cfg = make_cfg(
+        [
+            *TINY,
+            "dataset=gsm8k",
+            "dataset.max_seq_length=160",
+            "quantization=none",
+            "dataset.eval_size=6",
+            "train.max_steps=12",
+        ]
+    )
     (run_dir / ".hydra").mkdir()
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")  # as Hydra does for a CLI run
     run = Run(dir=run_dir, source=run_dir)
@@ -47,7 +55,9 @@ def test_before_after_table_and_metric_keys(trained_gsm8k, tmp_path):
     train_metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["eval/perplexity"] < metrics["eval_base/perplexity"]
     assert math.log(metrics["eval/perplexity"]) == pytest.approx(train_metrics["eval/loss"], rel=0.05)
-    assert math.log(metrics["eval_base/perplexity"]) == pytest.approx(train_metrics["eval/loss_before"], rel=0.05)
+    assert math.log(metrics["eval_base/perplexity"]) == pytest.approx(
+        train_metrics["eval/loss_before"], rel=0.05
+    )
 
     rows = list(csv.reader(open(tmp_path / "evaluation.csv")))
     assert rows[0] == ["metric", "base", "adapter", "change"]
@@ -60,7 +70,9 @@ def test_before_after_table_and_metric_keys(trained_gsm8k, tmp_path):
 
 
 def test_base_model_alone_needs_no_run(tmp_path):
-    cfg = make_cfg([*TINY, "quantization=none", "eval.modes=[base]", "inference=base", "eval.metrics=[perplexity]"])
+    cfg = make_cfg(
+        [*TINY, "quantization=none", "eval.modes=[base]", "inference=base", "eval.metrics=[perplexity]"]
+    )
     run = Run(dir=tmp_path, source=tmp_path)
     run.start(cfg)
     results = evaluate.run(cfg, run)
@@ -76,8 +88,14 @@ def test_unknown_metric_is_refused_at_compose_time():
 
 def test_cli_evaluate_on_a_run_dir(trained_gsm8k, tmp_path):
     _, run_dir = trained_gsm8k
-    result = run_main("pipeline=evaluate", f"run_dir={run_dir}", "eval.max_samples=2", "eval.metrics=[perplexity,rouge]",
-                      "generation.max_new_tokens=4", f"hydra.run.dir={tmp_path / 'eval'}")
+    result = run_main(
+        "pipeline=evaluate",
+        f"run_dir={run_dir}",
+        "eval.max_samples=2",
+        "eval.metrics=[perplexity,rouge]",
+        "generation.max_new_tokens=4",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| perplexity |" in result.stdout and "ROUGE-1" in result.stdout
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())

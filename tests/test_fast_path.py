@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from qlora_lab.config import ConfigError, KbitPreparation, Kernels
-from qlora_lab.validation import validate
 from qlora_lab.data import (
     IGNORE_INDEX,
     PackedCollator,
@@ -19,6 +18,7 @@ from qlora_lab.data import (
     tokenize_split,
 )
 from qlora_lab.models import load_model, load_tokenizer, model_path, tokenizer_path
+from qlora_lab.validation import validate
 
 from .conftest import TINY, make_cfg
 
@@ -26,8 +26,12 @@ from .conftest import TINY, make_cfg
 def test_pack_examples_fills_rows_in_order_without_splitting_examples():
     from datasets import Dataset
 
-    ds = Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]],
-                            "labels": [[-100, 2, 3], [-100, 5], [-100, -100, 8, 9], [10]]})
+    ds = Dataset.from_dict(
+        {
+            "input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]],
+            "labels": [[-100, 2, 3], [-100, 5], [-100, -100, 8, 9], [10]],
+        }
+    )
     rows = pack_examples(ds, 5)
     assert rows["input_ids"] == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
     assert rows["lengths"] == [[3, 2], [4, 1]]
@@ -38,11 +42,14 @@ def test_pack_examples_fills_rows_in_order_without_splitting_examples():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3, *range(55)]]
     assert batch["input_ids"][0, 10:].tolist() == [0] * 54
     # the first token of each example is never a target: nothing is predicted across a boundary
-    assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5, IGNORE_INDEX, -100, 8, 9, IGNORE_INDEX]
-                                        + [IGNORE_INDEX] * 54]
+    assert batch["labels"].tolist() == [
+        [IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5, IGNORE_INDEX, -100, 8, 9, IGNORE_INDEX] + [IGNORE_INDEX] * 54
+    ]
     assert mean_context(rows) == pytest.approx((6 + 3 + 10 + 1) / 10)
     # first fit: a short example fills the gap an earlier long one left open
-    ds = Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5, 6, 7], [8, 9]], "labels": [[1, 2, 3], [4, 5, 6, 7], [8, 9]]})
+    ds = Dataset.from_dict(
+        {"input_ids": [[1, 2, 3], [4, 5, 6, 7], [8, 9]], "labels": [[1, 2, 3], [4, 5, 6, 7], [8, 9]]}
+    )
     assert pack_examples(ds, 5)["lengths"] == [[3, 2], [4]]
 
 
@@ -50,7 +57,7 @@ def _per_example_losses(logits: torch.Tensor, labels: torch.Tensor, lengths: lis
     """Mean next-token loss of each example in one flat sequence (the HF shift: logits[i] predicts labels[i+1])."""
     losses, start = [], 0
     for n in lengths:
-        lg, lb = logits[start:start + n - 1], labels[start + 1:start + n]
+        lg, lb = logits[start : start + n - 1], labels[start + 1 : start + n]
         losses.append(torch.nn.functional.cross_entropy(lg.double(), lb, ignore_index=IGNORE_INDEX).item())
         start += n
     return losses
@@ -58,8 +65,15 @@ def _per_example_losses(logits: torch.Tensor, labels: torch.Tensor, lengths: lis
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_losses_equal_unpacked_per_example(attn):
-    cfg = make_cfg([*TINY, "quantization=none", "dataset.pack=true", "dataset.max_seq_length=1024",
-                    f"model.attn_implementation={attn}"])
+    cfg = make_cfg(
+        [
+            *TINY,
+            "quantization=none",
+            "dataset.pack=true",
+            "dataset.max_seq_length=1024",
+            f"model.attn_implementation={attn}",
+        ]
+    )
     tokenizer = load_tokenizer(tokenizer_path(cfg))
     split = load_splits(cfg).train[:12]
     rows, _ = tokenize_split(split, tokenizer, cfg.dataset, "train")
@@ -68,15 +82,19 @@ def test_packed_losses_equal_unpacked_per_example(attn):
     model = load_model(model_path(cfg), cfg).float().eval()
     batch = PackedCollator(tokenizer.pad_token_id)(list(rows.select(range(2))))
     lengths = [n for row in rows["lengths"][:2] for n in row]
-    lengths[-1] = batch["input_ids"].shape[1] - sum(lengths[:-1])  # the alignment tokens: part of the last example
+    lengths[-1] = batch["input_ids"].shape[1] - sum(
+        lengths[:-1]
+    )  # the alignment tokens: part of the last example
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        packed = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits[0]
         packed_losses = _per_example_losses(packed, batch["labels"][0], lengths)
         alone_losses, start = [], 0
         for n in lengths:
-            ids = batch["input_ids"][:, start:start + n]
+            ids = batch["input_ids"][:, start : start + n]
             logits = model(input_ids=ids).logits[0]
-            alone_losses += _per_example_losses(logits, batch["labels"][0, start:start + n], [n])
+            alone_losses += _per_example_losses(logits, batch["labels"][0, start : start + n], [n])
             start += n
     assert len(packed_losses) == len(lengths) > 2
     assert packed_losses == pytest.approx(alone_losses, abs=1e-5)
@@ -89,9 +107,12 @@ def segment_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(
     k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     bounds = cu_q.tolist()
     assert max_q == max_k == max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
-    out = [torch.nn.functional.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)),
-                                                            is_causal=True, scale=scale).transpose(0, 1)
-           for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    out = [
+        torch.nn.functional.scaled_dot_product_attention(
+            *(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True, scale=scale
+        ).transpose(0, 1)
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
     return torch.cat(out)
 
 
@@ -118,19 +139,24 @@ def test_varlen_packed_losses_equal_unpacked_per_example(cpu_varlen):
     assert batch["input_ids"].shape[1] == sum(lengths)  # no alignment tokens: every token is a real one
     assert batch["cu_seq_lens_q"].tolist() == [sum(lengths[:i]) for i in range(len(lengths) + 1)]
     with torch.no_grad():
-        alone = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        alone = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits[0]
         use_varlen(model)
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         packed = model(**inputs, use_cache=False).logits[0]
     labels = batch["labels"][0]
     # sdpa's mask (the same boundaries) and varlen agree, and each example alone gives the same losses
-    assert _per_example_losses(packed, labels, lengths) == pytest.approx(_per_example_losses(alone, labels, lengths),
-                                                                        abs=1e-5)
+    assert _per_example_losses(packed, labels, lengths) == pytest.approx(
+        _per_example_losses(alone, labels, lengths), abs=1e-5
+    )
     start, alone_losses = 0, []
     for n in lengths:
         with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"][:, start:start + n]).logits[0]  # no cu_seq_lens: sdpa
-        alone_losses += _per_example_losses(logits, labels[start:start + n], [n])
+            logits = model(input_ids=batch["input_ids"][:, start : start + n]).logits[
+                0
+            ]  # no cu_seq_lens: sdpa
+        alone_losses += _per_example_losses(logits, labels[start : start + n], [n])
         start += n
     assert _per_example_losses(packed, labels, lengths) == pytest.approx(alone_losses, abs=1e-5)
 
@@ -156,12 +182,28 @@ def test_varlen_training_steps_equal_masked_ones(cpu_varlen, tmp_path):
     reach the recomputed layers) gives the same per-step losses as the masked packing, and counts every token."""
     results = {}
     for mode in ("mask", "varlen"):
-        run, losses = _train(tmp_path / mode, [
-            "model=tiny_random", "quantization=none", "model.dtype=float32", "train.precision=fp32", "dataset.size=8",
-            "dataset.eval_size=4", "dataset.max_seq_length=768", "dataset.pack=true", "train.max_steps=2",
-            "train.batch_size=2", "train.learning_rate=5e-3", "train.report_to=[]", "train.logging_steps=1",
-            "train.eval_before=false", "train.gradient_checkpointing=true",
-            "lora.dropout=0", f"train.packed_attention={mode}"])  # dropout draws per token: off
+        run, losses = _train(
+            tmp_path / mode,
+            [
+                "model=tiny_random",
+                "quantization=none",
+                "model.dtype=float32",
+                "train.precision=fp32",
+                "dataset.size=8",
+                "dataset.eval_size=4",
+                "dataset.max_seq_length=768",
+                "dataset.pack=true",
+                "train.max_steps=2",
+                "train.batch_size=2",
+                "train.learning_rate=5e-3",
+                "train.report_to=[]",
+                "train.logging_steps=1",
+                "train.eval_before=false",
+                "train.gradient_checkpointing=true",
+                "lora.dropout=0",
+                f"train.packed_attention={mode}",
+            ],
+        )  # dropout draws per token: off
         assert run.metrics["data/train_rows"] in (3, 4) and len(losses) == 2  # 2 steps of 2 rows see them all
         results[mode] = losses, run.metrics["train/tokens_seen"], run.metrics["data/train_tokens"]
     (mask_losses, mask_seen, tokens), (varlen_losses, varlen_seen, _) = results["mask"], results["varlen"]
@@ -177,8 +219,15 @@ def test_fused_lora_layers_compute_what_peft_does(quantization, dropout):
     from qlora_lab.fused_lora import fuse_lora
     from qlora_lab.models import attach_lora
 
-    cfg = make_cfg(["model=tiny_random", f"quantization={quantization}", "model.dtype=float32",
-                    f"lora.dropout={dropout}", "train.gradient_checkpointing=true"])
+    cfg = make_cfg(
+        [
+            "model=tiny_random",
+            f"quantization={quantization}",
+            "model.dtype=float32",
+            f"lora.dropout={dropout}",
+            "train.gradient_checkpointing=true",
+        ]
+    )
     torch.manual_seed(0)
     model = attach_lora(load_model(model_path(cfg), cfg), cfg)
     model.config.use_cache = False
@@ -190,7 +239,9 @@ def test_fused_lora_layers_compute_what_peft_does(quantization, dropout):
 
     def step():
         model.zero_grad()
-        torch.manual_seed(1)  # the same dropout masks: both draw them from the same generator, in the same order
+        torch.manual_seed(
+            1
+        )  # the same dropout masks: both draw them from the same generator, in the same order
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -213,7 +264,14 @@ def test_fused_lora_layer_answers_in_the_input_dtype():
     from qlora_lab.fused_lora import fuse_lora
     from qlora_lab.models import attach_lora
 
-    cfg = make_cfg(["model=tiny_random", "quantization=nf4", "model.dtype=float32", "quantization.compute_dtype=bfloat16"])
+    cfg = make_cfg(
+        [
+            "model=tiny_random",
+            "quantization=nf4",
+            "model.dtype=float32",
+            "quantization.compute_dtype=bfloat16",
+        ]
+    )
     torch.manual_seed(0)
     model = attach_lora(load_model(model_path(cfg), cfg), cfg).train()
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
@@ -225,7 +283,9 @@ def test_fused_lora_layer_answers_in_the_input_dtype():
     fuse_lora(model)
     got = layer(x)
     assert got.dtype == expected.dtype == torch.float32
-    assert torch.allclose(got, expected, rtol=2e-2, atol=2e-2)  # the adapter runs in bf16 here, in fp32 in PEFT's
+    assert torch.allclose(
+        got, expected, rtol=2e-2, atol=2e-2
+    )  # the adapter runs in bf16 here, in fp32 in PEFT's
     got.sum().backward()
     assert x.grad.dtype == torch.float32
 
@@ -233,11 +293,25 @@ def test_fused_lora_layer_answers_in_the_input_dtype():
 def test_fused_lora_training_steps_equal_peft_ones(tmp_path):
     losses = {}
     for mode in ("peft", "fused"):
-        losses[mode] = _train(tmp_path / mode, [
-            "model=tiny_random", "quantization=nf4", "model.dtype=float32", "train.precision=fp32", "dataset.size=8",
-            "dataset.eval_size=4", "dataset.max_seq_length=96", "train.max_steps=3", "train.batch_size=2",
-            "train.learning_rate=5e-3", "train.report_to=[]", "train.logging_steps=1", "train.eval_before=false",
-            f"train.lora_layers={mode}"])[1]  # lora.dropout 0.05
+        losses[mode] = _train(
+            tmp_path / mode,
+            [
+                "model=tiny_random",
+                "quantization=nf4",
+                "model.dtype=float32",
+                "train.precision=fp32",
+                "dataset.size=8",
+                "dataset.eval_size=4",
+                "dataset.max_seq_length=96",
+                "train.max_steps=3",
+                "train.batch_size=2",
+                "train.learning_rate=5e-3",
+                "train.report_to=[]",
+                "train.logging_steps=1",
+                "train.eval_before=false",
+                f"train.lora_layers={mode}",
+            ],
+        )[1]  # lora.dropout 0.05
     assert len(losses["fused"]) == 3 and losses["fused"] == pytest.approx(losses["peft"], abs=1e-5)
 
 
@@ -250,7 +324,9 @@ def test_recipes_compose_and_validate():
     assert (fast.train.optim, paper.train.optim) == ("auto", "adamw_torch")
     assert (fast.train.kernels, paper.train.kernels) == (Kernels.auto, Kernels.none)
     assert (fast.train.autocast, paper.train.autocast) == (False, True)
-    assert fast.lora == paper.lora and fast.train.learning_rate == paper.train.learning_rate  # no hyperparameters
+    assert (
+        fast.lora == paper.lora and fast.train.learning_rate == paper.train.learning_rate
+    )  # no hyperparameters
     # a command-line value still wins over the recipe
     assert make_cfg(["recipe=paper", "train.optim=adamw_torch_fused"]).train.optim == "adamw_torch_fused"
 
@@ -261,16 +337,19 @@ def test_liger_requested_where_it_cannot_run_is_one_sentence():
         validate(make_cfg(["train.kernels=liger"]))
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (["train.batch_size=0"], "train.batch_size"),
-    (["train.batch_size=biggest"], "train.batch_size"),
-    (["train.checkpoint_every_n_layers=0"], "train.checkpoint_every_n_layers"),
-    (["train.activation_offload=true"], "train.activation_offload"),
-    (["train.packed_attention=varlen", "dataset.pack=false"], "train.packed_attention"),
-    (["train.packed_attention=varlen"], "train.packed_attention"),
-    (["train.lora_layers=fused", "recipe=paper"], "train.autocast"),
-    (["train.lora_layers=fused", "quantization=int8"], "quantization=int8"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["train.batch_size=0"], "train.batch_size"),
+        (["train.batch_size=biggest"], "train.batch_size"),
+        (["train.checkpoint_every_n_layers=0"], "train.checkpoint_every_n_layers"),
+        (["train.activation_offload=true"], "train.activation_offload"),
+        (["train.packed_attention=varlen", "dataset.pack=false"], "train.packed_attention"),
+        (["train.packed_attention=varlen"], "train.packed_attention"),
+        (["train.lora_layers=fused", "recipe=paper"], "train.autocast"),
+        (["train.lora_layers=fused", "quantization=int8"], "quantization=int8"),
+    ],
+)
 def test_fast_path_options_are_checked(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         validate(make_cfg(overrides))
@@ -292,12 +371,24 @@ def test_llama3_8b_matmul_weights_and_flops_per_token():
 def test_batch_size_auto_and_speed_figures_on_cpu(tmp_path):
     from .conftest import run_main
 
-    out = run_main(*TINY, "quantization=none", "dataset.pack=true", "train.batch_size=auto", "train.max_steps=3",
-                   "train.speed_skip_steps=0", "train.eval_before=false", f"hydra.run.dir={tmp_path / 'run'}")
+    out = run_main(
+        *TINY,
+        "quantization=none",
+        "dataset.pack=true",
+        "train.batch_size=auto",
+        "train.max_steps=3",
+        "train.speed_skip_steps=0",
+        "train.eval_before=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["train/batch_size"] == 64  # nothing runs out of memory on a CPU: the first size tried
-    assert metrics["train/step_time_min_s"] <= metrics["train/step_time_median_s"] <= metrics["train/step_time_max_s"]
+    assert (
+        metrics["train/step_time_min_s"]
+        <= metrics["train/step_time_median_s"]
+        <= metrics["train/step_time_max_s"]
+    )
     assert metrics["train/timed_steps"] == 3 and metrics["perf/flops_per_token"] > 0
     assert "perf/mfu" not in metrics  # no peak figure for a CPU
     assert "recipe fast: attention sdpa" in out.stdout and "kernels transformers" in out.stdout
@@ -310,7 +401,9 @@ def test_fast_recipe_on_cuda_uses_liger_and_fused_adamw(tmp_path):
     from .conftest import cli
 
     pytest.importorskip("liger_kernel")
-    out = cli(*TINY, "quantization=nf4", "dataset.pack=true", "train.max_steps=3", f"hydra.run.dir={tmp_path / 'r'}")
+    out = cli(
+        *TINY, "quantization=nf4", "dataset.pack=true", "train.max_steps=3", f"hydra.run.dir={tmp_path / 'r'}"
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "optimizer adamw_torch_fused" in out.stdout
     assert "kernels Liger" in out.stdout

@@ -33,8 +33,13 @@ def interrupted_run(tmp_path):
 
 def holder(run):
     """Another process holding the run folder, as a training run does."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -44,7 +49,9 @@ def test_second_process_on_a_run_folder_is_refused_naming_the_live_one(interrupt
 
     proc = holder(interrupted_run)
     try:
-        with pytest.raises(ConfigError, match=rf"run_dir=.*run is in use by another process \(pid {proc.pid} on "):
+        with pytest.raises(
+            ConfigError, match=rf"run_dir=.*run is in use by another process \(pid {proc.pid} on "
+        ):
             hold_run_dir(interrupted_run)
     finally:
         proc.kill()
@@ -65,7 +72,9 @@ def test_concurrent_resume_is_refused_and_leaves_the_run_alone(interrupted_run):
 
 
 def test_resume_with_another_hydra_run_dir_is_refused(interrupted_run, tmp_path):
-    result = run_main("train.resume=true", f"run_dir={interrupted_run}", f"hydra.run.dir={tmp_path / 'other'}")
+    result = run_main(
+        "train.resume=true", f"run_dir={interrupted_run}", f"hydra.run.dir={tmp_path / 'other'}"
+    )
     assert_refused(result, ["train.resume=true", f"hydra.run.dir={tmp_path / 'other'}", "drop hydra.run.dir"])
     assert not (tmp_path / "other").exists()
 
@@ -79,10 +88,27 @@ def test_ctrl_c_on_a_sweep_stops_it_with_one_line(tmp_path, launcher):
 
     sweep_dir = tmp_path / "sweep"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen([sys.executable, "-m", "qlora_lab", "-m", *TINY, "quantization=none", "train.max_steps=400",
-                             "train.eval_before=false", f"hydra/launcher={launcher}", "dataset.size=8,12",
-                             f"hydra.sweep.dir={sweep_dir}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qlora_lab",
+            "-m",
+            *TINY,
+            "quantization=none",
+            "train.max_steps=400",
+            "train.eval_before=false",
+            f"hydra/launcher={launcher}",
+            "dataset.size=8,12",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     for line in proc.stdout:  # the first logged step: training is under way
         if "'loss'" in line:
             break
@@ -90,7 +116,11 @@ def test_ctrl_c_on_a_sweep_stops_it_with_one_line(tmp_path, launcher):
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
     lines = [line for line in stderr.splitlines() if "interrupted" in line]
-    assert len(lines) == 1 and lines[0].startswith("interrupted at step ") and "in job #0 (SIGINT received" in lines[0]
+    assert (
+        len(lines) == 1
+        and lines[0].startswith("interrupted at step ")
+        and "in job #0 (SIGINT received" in lines[0]
+    )
     assert lines[0].endswith(f"hydra.sweep.dir={sweep_dir} train.resume=true")
     jobs = [p for p in sweep_dir.iterdir() if p.is_dir()]
     assert len(jobs) == 1  # the second job never started
@@ -129,9 +159,12 @@ runpy.run_module("qlora_lab", run_name="__main__", alter_sys=True)
 def faulty_cli(tmp_path, fault: str, *args: str) -> subprocess.CompletedProcess:
     script = tmp_path / "faulty.py"
     script.write_text(FAULTY)
-    env = dict(os.environ, FAULT=fault, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, str(script), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    env = dict(
+        os.environ, FAULT=fault, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false"
+    )
+    return subprocess.run(
+        [sys.executable, str(script), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_no_space_at_start_is_one_sentence_before_anything_is_written(tmp_path):
@@ -145,11 +178,19 @@ def test_disk_full_while_training_is_one_sentence_and_the_run_resumes(tmp_path):
     run_dir = tmp_path / "run"
     args = [*TINY, "quantization=none", "train.save_steps=2", "train.eval_before=false"]
     result = faulty_cli(tmp_path, "checkpoint:4", *args, f"hydra.run.dir={run_dir}")
-    assert_refused(result, [f"no space left on the disk holding {run_dir} while writing the training run",
-                            "needed", f"train.resume=true run_dir={run_dir}"])
+    assert_refused(
+        result,
+        [
+            f"no space left on the disk holding {run_dir} while writing the training run",
+            "needed",
+            f"train.resume=true run_dir={run_dir}",
+        ],
+    )
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "failed" and info["last_checkpoint"].endswith("checkpoint-2")
-    assert (run_dir / "checkpoints" / "checkpoint-4").is_dir()  # left unmarked: resuming ignores and removes it
+    assert (
+        run_dir / "checkpoints" / "checkpoint-4"
+    ).is_dir()  # left unmarked: resuming ignores and removes it
 
     again = run_main("train.resume=true", f"run_dir={run_dir}")  # once space is freed
     assert again.returncode == 0, again.stderr[-3000:]
@@ -183,35 +224,58 @@ def test_disk_full_in_merge_or_export_removes_the_partial_files_and_says_what_is
         raise full
     assert not partial.exists()
     message = str(e.value)
-    assert message.startswith(f"no space left on the disk holding {source / 'export'} while writing the export")
+    assert message.startswith(
+        f"no space left on the disk holding {source / 'export'} while writing the export"
+    )
     # 1e6 weights x (34/32 + 2) bytes = 3.06e6 bytes
     assert "about 2.9 MiB needed" in message and "model-q8_0.gguf.tmp removed" in message, message
     assert f"pipeline=export run_dir={source}" in message
 
     (source / "merged.tmp").mkdir()
     (source / "merged.tmp" / "model.safetensors").write_bytes(b"partial")
-    with pytest.raises(ConfigError, match=r"while writing merged/ .*about .* needed; the partial merged.tmp removed\); "
-                                          r"free some space, then merge again"), disk_space_for("merge", cfg, run):
+    with (
+        pytest.raises(
+            ConfigError,
+            match=r"while writing merged/ .*about .* needed; the partial merged.tmp removed\); "
+            r"free some space, then merge again",
+        ),
+        disk_space_for("merge", cfg, run),
+    ):
         raise OSError(28, "No space left on device")
     assert not (source / "merged.tmp").exists()
 
 
 # ---------------------------------------------------------------- bitsandbytes' start-up warning
 
+
 def test_the_kernels_community_warning_alone_is_silenced():
     """bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" concerns a CPU layout this project
     never uses; other messages of the same logger still get through."""
-    code = ("import logging; logging.basicConfig(); {first}import bitsandbytes; "
-            "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('another message')")
+    code = (
+        "import logging; logging.basicConfig(); {first}import bitsandbytes; "
+        "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('another message')"
+    )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    ours = subprocess.run([sys.executable, "-c", code.format(first="import qlora_lab; ")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    ours = subprocess.run(
+        [sys.executable, "-c", code.format(first="import qlora_lab; ")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert "gemm_4bit_forward" not in ours.stderr and "another message" in ours.stderr, ours.stderr
     from bitsandbytes.functional import has_avx512bf16
 
     if has_avx512bf16():  # where bitsandbytes warns at all, it does so without the filter
-        plain = subprocess.run([sys.executable, "-c", code.format(first="")], cwd=ROOT, env=env, capture_output=True,
-                               text=True, timeout=300)
+        plain = subprocess.run(
+            [sys.executable, "-c", code.format(first="")],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert "Failed to load CPU gemm_4bit_forward from kernels-community" in plain.stderr, plain.stderr
 
 
@@ -221,7 +285,9 @@ def small_disk(tmp_path):
     mount (root in most containers); skipped elsewhere."""
     folder = tmp_path / "disk"
     folder.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(folder)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(folder)], capture_output=True
+    ).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         yield folder
@@ -231,10 +297,21 @@ def small_disk(tmp_path):
 
 def test_a_really_full_disk_during_training_then_resume_once_space_is_freed(small_disk):
     run_dir = small_disk / "run"
-    result = cli(*TINY, "quantization=none", "train.save_steps=2", "train.eval_before=false",
-                 f"hydra.run.dir={run_dir}")
-    assert_refused(result, [f"no space left on the disk holding {run_dir} while writing the training run (0 bytes "
-                            f"free, about", f"train.resume=true run_dir={run_dir}"])
+    result = cli(
+        *TINY,
+        "quantization=none",
+        "train.save_steps=2",
+        "train.eval_before=false",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert_refused(
+        result,
+        [
+            f"no space left on the disk holding {run_dir} while writing the training run (0 bytes "
+            f"free, about",
+            f"train.resume=true run_dir={run_dir}",
+        ],
+    )
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "failed" and info["last_checkpoint"].endswith("checkpoint-2")
 
@@ -249,22 +326,46 @@ def test_a_really_full_disk_in_merge_and_export_leaves_no_partial_files(small_di
     import shutil
 
     trained = tmp_path / "trained"
-    result = run_main(*TINY, "quantization=none", "train.max_steps=2", "train.save_steps=null",
-                      "train.eval_before=false", f"hydra.run.dir={trained}")
+    result = run_main(
+        *TINY,
+        "quantization=none",
+        "train.max_steps=2",
+        "train.save_steps=null",
+        "train.eval_before=false",
+        f"hydra.run.dir={trained}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run = small_disk / "run"
     shutil.copytree(trained, run)  # 3.6 MiB of the 6: the merged model (12 MiB) cannot fit
 
     merge = cli("pipeline=merge", f"run_dir={run}", f"hydra.run.dir={tmp_path / 'merge'}")
-    assert_refused(merge, [f"no space left on the disk holding {run} while writing merged/", "MiB needed",
-                           "the partial merged.tmp removed", f"pipeline=merge run_dir={run}"])
+    assert_refused(
+        merge,
+        [
+            f"no space left on the disk holding {run} while writing merged/",
+            "MiB needed",
+            "the partial merged.tmp removed",
+            f"pipeline=merge run_dir={run}",
+        ],
+    )
     assert not (run / "merged.tmp").exists() and not (run / "merged").exists()
 
     subprocess.run(["mount", "-o", "remount,size=40m", str(small_disk)], check=True)
-    assert run_main("pipeline=merge", f"run_dir={run}", f"hydra.run.dir={tmp_path / 'merge2'}").returncode == 0
+    assert (
+        run_main("pipeline=merge", f"run_dir={run}", f"hydra.run.dir={tmp_path / 'merge2'}").returncode == 0
+    )
     used = shutil.disk_usage(small_disk).used  # now leave 1 MiB: the q8_0 GGUF (~3.4 MiB) cannot fit
     subprocess.run(["mount", "-o", f"remount,size={used + (1 << 20)}", str(small_disk)], check=True)
-    export = cli("pipeline=export", f"run_dir={run}", "export.measure=false", f"hydra.run.dir={tmp_path / 'export'}")
-    assert_refused(export, [f"no space left on the disk holding {run / 'export'} while writing the export",
-                            "MiB needed", "model-q8_0.gguf.tmp removed", f"pipeline=export run_dir={run}"])
+    export = cli(
+        "pipeline=export", f"run_dir={run}", "export.measure=false", f"hydra.run.dir={tmp_path / 'export'}"
+    )
+    assert_refused(
+        export,
+        [
+            f"no space left on the disk holding {run / 'export'} while writing the export",
+            "MiB needed",
+            "model-q8_0.gguf.tmp removed",
+            f"pipeline=export run_dir={run}",
+        ],
+    )
     assert not list((run / "export").glob("*.tmp"))

@@ -27,7 +27,9 @@ def fp32_run(lora_run, tmp_path_factory):
     _, trained = lora_run
     run_dir = copy_run(trained, tmp_path_factory, "fp32_run")
     cfg = make_cfg([*TINY, "quantization=none", "train.eval_before=false", "merge.max_shard_size=5MB"])
-    merge.run(cfg, Run(dir=tmp_path_factory.mktemp("fp32_merge"), source=run_dir))  # merged/ goes into run_dir
+    merge.run(
+        cfg, Run(dir=tmp_path_factory.mktemp("fp32_merge"), source=run_dir)
+    )  # merged/ goes into run_dir
     return cfg, run_dir
 
 
@@ -36,8 +38,14 @@ def nf4_run(tmp_path_factory):
     """A QLoRA nf4 run trained and merged (merge.base=auto: into the dequantized base) by one CLI command: merge
     follows train."""
     run_dir = tmp_path_factory.mktemp("nf4") / "run"
-    result = run_main(*TINY, "quantization=nf4", "train.eval_before=false", "pipeline.stages=[train,merge]",
-                      *FAST_GEN, f"hydra.run.dir={run_dir}")
+    result = run_main(
+        *TINY,
+        "quantization=nf4",
+        "train.eval_before=false",
+        "pipeline.stages=[train,merge]",
+        *FAST_GEN,
+        f"hydra.run.dir={run_dir}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "merge.base=auto: this run trained on nf4 weights" in result.stdout
     return make_cfg([*TINY, "quantization=nf4"]), run_dir
@@ -48,6 +56,7 @@ def eval_ids(cfg, tokenizer):
 
 
 # ---------------------------------------------------------------- merge
+
 
 def test_merged_model_equals_adapter_model_on_fp32_base(fp32_run):
     cfg, run_dir = fp32_run
@@ -75,7 +84,9 @@ def test_batched_left_padded_generation_equals_one_at_a_time(fp32_run):
     cfg, run_dir = fp32_run
     model, tokenizer = load_for_inference(cfg, run_dir, "merged")
     prompts = [p["prompt"] for p in eval_prompts(cfg, tokenizer, 3)]
-    assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 1  # different lengths: padding is exercised
+    assert (
+        len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 1
+    )  # different lengths: padding is exercised
     gen = make_cfg(["generation.max_new_tokens=5"]).generation
     batched = generate(model, tokenizer, prompts, gen, batch_size=3)
     single = [generate(model, tokenizer, [p], gen, batch_size=1)[0] for p in prompts]
@@ -94,8 +105,10 @@ def test_existing_merge_is_never_overwritten_silently(fp32_run, tmp_path):
     # merge.overwrite=true replaces it
     again = make_cfg([*TINY, "quantization=none", "merge.overwrite=true", "merge.max_shard_size=5MB"])
     merge.run(again, Run(dir=tmp_path, source=run_dir))
-    assert json.loads((run_dir / "merged" / "merge_report.json").read_text())["merge/time_s"] != \
-        json.loads(report)["merge/time_s"]
+    assert (
+        json.loads((run_dir / "merged" / "merge_report.json").read_text())["merge/time_s"]
+        != json.loads(report)["merge/time_s"]
+    )
     assert not (run_dir / "merged.tmp").exists()
 
 
@@ -123,7 +136,10 @@ def test_merge_reports_agreement_with_the_trained_model_for_both_bases(nf4_run, 
     dequantized = json.loads((run_dir / "merged" / "merge_report.json").read_text())
     source = tmp_path / "run"
     shutil.copytree(run_dir, source, ignore=shutil.ignore_patterns("merged"))
-    merge.run(make_cfg([*TINY, "quantization=nf4", "merge.base=original", *FAST_GEN]), Run(dir=tmp_path, source=source))
+    merge.run(
+        make_cfg([*TINY, "quantization=nf4", "merge.base=original", *FAST_GEN]),
+        Run(dir=tmp_path, source=source),
+    )
     original = json.loads((source / "merged" / "merge_report.json").read_text())
     assert original["merge/base"] == "original" and dequantized["merge/trained_prompts"] == 3
     assert dequantized["merge/trained_exact_match"] == 1.0 and dequantized["merge/trained_mean_kl"] < 1e-6
@@ -136,6 +152,7 @@ def test_merge_reports_agreement_with_the_trained_model_for_both_bases(nf4_run, 
 
 
 # ---------------------------------------------------------------- infer and compare
+
 
 @pytest.mark.parametrize("mode", ["merged", "adapter", "merge_and_unload"])
 def test_every_mode_generates_on_tiny_random(nf4_run, tmp_path, mode):
@@ -156,8 +173,16 @@ def test_infer_cli_with_prompts_file_and_sampling(nf4_run, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Name a fruit."}\n{"instruction": "Add 2 and 3."}\n')
     job = tmp_path / "job"
-    result = run_main(*TINY, "pipeline=infer", f"run_dir={run_dir}", "inference=merge_and_unload", "generation=sampling",
-                      f"inference.prompts_file={prompts}", "inference.before_after=true", f"hydra.run.dir={job}")
+    result = run_main(
+        *TINY,
+        "pipeline=infer",
+        f"run_dir={run_dir}",
+        "inference=merge_and_unload",
+        "generation=sampling",
+        f"inference.prompts_file={prompts}",
+        "inference.before_after=true",
+        f"hydra.run.dir={job}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (job / "generations.jsonl").read_text().splitlines()]
     assert [r["message"] for r in rows] == ["Name a fruit.", "Add 2 and 3."]
@@ -180,44 +205,68 @@ def test_prompts_file_mistakes_name_the_line(nf4_run, tmp_path):
 def test_compare_writes_the_table(nf4_run, tmp_path, capsys):
     _, run_dir = nf4_run
     job = tmp_path
-    cfg = make_cfg([*TINY, "quantization=nf4", "inference.modes=[merged,adapter,base]", "inference.agreement_examples=2",
-                    *FAST_GEN])
+    cfg = make_cfg(
+        [
+            *TINY,
+            "quantization=nf4",
+            "inference.modes=[merged,adapter,base]",
+            "inference.agreement_examples=2",
+            *FAST_GEN,
+        ]
+    )
     compare.run(cfg, Run(dir=job, source=run_dir))
     rows = {r["mode"]: r for r in csv.DictReader((job / "comparison.csv").open())}
     assert list(rows) == ["adapter", "merged", "base"]  # the reference first
     ref, merged, base = rows["adapter"], rows["merged"], rows["base"]
     assert float(ref["exact_match"]) == 1.0 and float(ref["mean_kl"]) == 0.0
-    assert 0 < float(merged["max_abs_logit_diff"]) < float(base["max_abs_logit_diff"])  # rounding < the whole update
+    assert (
+        0 < float(merged["max_abs_logit_diff"]) < float(base["max_abs_logit_diff"])
+    )  # rounding < the whole update
     assert 0 < float(merged["mean_kl"]) < float(base["mean_kl"])
     for row in rows.values():
-        assert float(row["eval_perplexity"]) > 1 and float(row["tokens_per_s"]) > 0 and float(row["load_s"]) > 0
+        assert (
+            float(row["eval_perplexity"]) > 1 and float(row["tokens_per_s"]) > 0 and float(row["load_s"]) > 0
+        )
     assert (job / "comparison.md").read_text() in capsys.readouterr().out
     assert len((job / "comparison_generations.jsonl").read_text().splitlines()) == 3
 
 
 # ---------------------------------------------------------------- chat
 
+
 def test_chat_through_piped_stdin(fp32_run, tmp_path):
     cfg, run_dir = fp32_run
     # the same message through infer (greedy, one prompt): chat's first reply must be the same text
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Name a fruit.\n")
-    expected = infer.run(make_cfg([*TINY, "quantization=none", f"inference.prompts_file={prompts}",
-                                   "generation.max_new_tokens=6"]), Run(dir=tmp_path, source=run_dir))[0]["output"]
+    expected = infer.run(
+        make_cfg(
+            [*TINY, "quantization=none", f"inference.prompts_file={prompts}", "generation.max_new_tokens=6"]
+        ),
+        Run(dir=tmp_path, source=run_dir),
+    )[0]["output"]
 
     stdin = "Name a fruit.\nAnd another?\n/reset\n\nName a fruit.\n/exit\nnever read\n"
-    result = run_main(*TINY, "pipeline=chat", f"run_dir={run_dir}", "generation.max_new_tokens=6",
-                      f"hydra.run.dir={tmp_path / 'job'}", stdin=stdin)
+    result = run_main(
+        *TINY,
+        "pipeline=chat",
+        f"run_dir={run_dir}",
+        "generation.max_new_tokens=6",
+        f"hydra.run.dir={tmp_path / 'job'}",
+        stdin=stdin,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    replies = [line[len("assistant> "):] for line in out.splitlines() if line.startswith("assistant> ")]
+    replies = [line[len("assistant> ") :] for line in out.splitlines() if line.startswith("assistant> ")]
     assert len(replies) == 3 and "(history cleared)" in out and out.rstrip().endswith("bye")
     assert "never read" not in out  # /exit stops reading
     assert replies[0].strip() == expected.strip() == replies[2].strip()  # after /reset: the same fresh start
     assert json.loads((tmp_path / "job" / "metrics.json").read_text())["chat/turns"] == 3
 
 
-def test_chat_keeps_a_system_prompt_and_the_history_as_a_conversation(fp32_run, tmp_path, monkeypatch, tokenizer):
+def test_chat_keeps_a_system_prompt_and_the_history_as_a_conversation(
+    fp32_run, tmp_path, monkeypatch, tokenizer
+):
     import io
     import sys
 
@@ -225,22 +274,40 @@ def test_chat_keeps_a_system_prompt_and_the_history_as_a_conversation(fp32_run, 
 
     _, run_dir = fp32_run
     seen = []
-    monkeypatch.setattr("qlora_lab.inference.render_prompt",  # chat fits the context with inference's rule
-                        lambda *a, **k: seen.append(render_prompt(*a, **k)) or seen[-1])
+    monkeypatch.setattr(
+        "qlora_lab.inference.render_prompt",  # chat fits the context with inference's rule
+        lambda *a, **k: seen.append(render_prompt(*a, **k)) or seen[-1],
+    )
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Name a fruit.\nAnd another?\n")))
-    cfg = make_cfg([*TINY, "quantization=none", "pipeline=chat", "chat.system_prompt=Answer in one word.",
-                    "dataset.system_prompt=never used", "generation.max_new_tokens=3"])
+    cfg = make_cfg(
+        [
+            *TINY,
+            "quantization=none",
+            "pipeline=chat",
+            "chat.system_prompt=Answer in one word.",
+            "dataset.system_prompt=never used",
+            "generation.max_new_tokens=3",
+        ]
+    )
     conversation = chat.run(cfg, Run(dir=tmp_path, source=run_dir))
     assert [m["role"] for m in conversation] == ["system", "user", "assistant", "user", "assistant"]
-    assert conversation[0]["content"] == "Answer in one word." and conversation[3]["content"] == "And another?"
+    assert (
+        conversation[0]["content"] == "Answer in one word." and conversation[3]["content"] == "And another?"
+    )
     # the second prompt is the whole conversation so far, rendered as training renders it
     assert seen[1] == render_prompt(conversation[:4], tokenizer, cfg.dataset)
-    assert seen[1].startswith("<|im_start|>system\nAnswer in one word.<|im_end|>") and "never used" not in seen[1]
+    assert (
+        seen[1].startswith("<|im_start|>system\nAnswer in one word.<|im_end|>")
+        and "never used" not in seen[1]
+    )
 
 
 def test_chat_renders_the_whole_history(tokenizer):
-    history = [{"role": "user", "content": "first question"}, {"role": "assistant", "content": "first answer"},
-               {"role": "user", "content": "second question"}]
+    history = [
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "first answer"},
+        {"role": "user", "content": "second question"},
+    ]
     text = render_prompt(history, tokenizer, make_cfg().dataset)  # what pipeline=chat gives the model
     assert text.index("first question") < text.index("first answer") < text.index("second question")
     assert text.endswith("<|im_start|>assistant\n")
@@ -250,8 +317,11 @@ def test_chat_renders_the_whole_history(tokenizer):
 
 # ---------------------------------------------------------------- wrong run_dir
 
+
 def test_wrong_run_dir_is_one_sentence(tmp_path, nf4_run):
-    result = run_main(*TINY, "pipeline=infer", f"run_dir={tmp_path / 'no_such_run'}", f"hydra.run.dir={tmp_path / 'a'}")
+    result = run_main(
+        *TINY, "pipeline=infer", f"run_dir={tmp_path / 'no_such_run'}", f"hydra.run.dir={tmp_path / 'a'}"
+    )
     assert_one_sentence_error(result, "run_dir=", "does not exist")
 
     _, run_dir = nf4_run

@@ -21,8 +21,14 @@ from qlora_lab.validation import validate
 
 from .conftest import TINY, make_cfg
 
-FAST = ["train.max_steps=2", "train.eval_before=false", "generation.max_new_tokens=4", "inference.num_prompts=2",
-        "inference.batch_size=2", "inference.agreement_examples=2"]
+FAST = [
+    "train.max_steps=2",
+    "train.eval_before=false",
+    "generation.max_new_tokens=4",
+    "inference.num_prompts=2",
+    "inference.batch_size=2",
+    "inference.agreement_examples=2",
+]
 OPTIONS = {
     "dora": ["quantization=nf4", "lora.variant=dora"],
     "rslora": ["quantization=nf4", "lora.rslora=true", "lora.r=32"],
@@ -169,17 +175,23 @@ def test_every_stage_takes_the_adapter(variant_run, tmp_path):
     results = evaluate.run(cfg, job)
     assert results["adapter"]["perplexity"] > 1
     (tmp_path / "export").mkdir()
-    export.run(make_cfg([*overrides, "pipeline=export", "export.targets=[int8_dynamic]", "export.measure=false"]),
-               Run(dir=tmp_path / "export", source=run_dir))
+    export.run(
+        make_cfg([*overrides, "pipeline=export", "export.targets=[int8_dynamic]", "export.measure=false"]),
+        Run(dir=tmp_path / "export", source=run_dir),
+    )
     assert (run_dir / "export" / "int8_dynamic").is_dir()
     (tmp_path / "int8_dynamic").mkdir()
-    infer.run(make_cfg([*overrides, "inference=int8_dynamic"]), Run(dir=tmp_path / "int8_dynamic", source=run_dir))
+    infer.run(
+        make_cfg([*overrides, "inference=int8_dynamic"]), Run(dir=tmp_path / "int8_dynamic", source=run_dir)
+    )
     assert (tmp_path / "int8_dynamic" / "generations.jsonl").is_file()
 
     from qlora_lab.pipelines.web import ModelCache
 
     loaded = ModelCache(make_cfg(overrides), None).get(run_dir, "adapter")
-    assert isinstance(loaded.model, PeftModel) and loaded.model.peft_config["default"].use_dora == (option == "dora")
+    assert isinstance(loaded.model, PeftModel) and loaded.model.peft_config["default"].use_dora == (
+        option == "dora"
+    )
 
 
 def test_sweep_report_has_a_row_per_variant_against_the_lora_job():
@@ -188,15 +200,20 @@ def test_sweep_report_has_a_row_per_variant_against_the_lora_job():
     def label(*overrides):
         return lora_label(make_cfg(["+experiment=qlora_variants", *overrides]))
 
-    assert [label(f"+qlora_variant={v}") for v in ("lora", "qlora", "qlora_loftq", "qlora_dora", "qlora_rslora")] == \
-        ["LoRA r16", "LoRA r16", "LoRA r16, loftq init", "DoRA r16", "rsLoRA r64"]
+    assert [
+        label(f"+qlora_variant={v}") for v in ("lora", "qlora", "qlora_loftq", "qlora_dora", "qlora_rslora")
+    ] == ["LoRA r16", "LoRA r16", "LoRA r16, loftq init", "DoRA r16", "rsLoRA r64"]
     keys = ("trainable_params", "eval_loss_before", "eval_loss", "eval_perplexity", "train_s", "tokens_per_s")
     row = dict.fromkeys(keys, 1.0) | {"dataset_size": 16, "seed": 42}
-    done = [row | {"quantization": "none", "lora": "LoRA r16", "wall_s": 10.0, "peak_gib": 2.0},
-            row | {"quantization": "nf4", "lora": "DoRA r16", "wall_s": 15.0, "peak_gib": 3.0}]
+    done = [
+        row | {"quantization": "none", "lora": "LoRA r16", "wall_s": 10.0, "peak_gib": 2.0},
+        row | {"quantization": "nf4", "lora": "DoRA r16", "wall_s": 15.0, "peak_gib": 3.0},
+    ]
     lines = variants(done)
     assert lines[1] == "## LoRA variants"
-    assert lines[-3].endswith("| QLoRA nf4 | DoRA r16 | 1 | 1.0000 | 1.0000 | 1.00 | 15.0 | 1.0 | 1 | 3.00 | 1.50 | 1.50 |")
+    assert lines[-3].endswith(
+        "| QLoRA nf4 | DoRA r16 | 1 | 1.0000 | 1.0000 | 1.00 | 15.0 | 1.0 | 1 | 3.00 | 1.50 | 1.50 |"
+    )
     assert variants(done[:1]) == [] and variants([done[0], done[0] | {"quantization": "nf4"}]) == []
 
 

@@ -41,9 +41,13 @@ def test_rouge_is_the_mean_over_pairs():
 def test_bleu_hand_checked():
     assert bleu4(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(100)
     # all n-gram precisions are 1; brevity penalty exp(1 - 7/6)
-    assert bleu4(["the cat sat on the mat"], ["the cat sat on the mat today"]) == pytest.approx(100 * 2.718281828 ** (-1 / 6), rel=1e-4)
+    assert bleu4(["the cat sat on the mat"], ["the cat sat on the mat today"]) == pytest.approx(
+        100 * 2.718281828 ** (-1 / 6), rel=1e-4
+    )
     # Chinese: the zh tokenizer splits characters; 4 of 7, brevity penalty exp(1 - 7/4)
-    assert bleu4(["我爱北京"], ["我爱北京天安门"], language="zh") == pytest.approx(100 * 2.718281828 ** (-0.75), rel=1e-4)
+    assert bleu4(["我爱北京"], ["我爱北京天安门"], language="zh") == pytest.approx(
+        100 * 2.718281828 ** (-0.75), rel=1e-4
+    )
 
 
 def test_language_detection():
@@ -51,11 +55,23 @@ def test_language_detection():
     assert detect_language(["Give three tips for staying healthy."]) == "en"
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("#### 18", "18"), ("So she makes $18.\n#### 18", "18"), ("#### 1,000", "1000"), ("#### -5", "-5"),
-    ("#### 3.50", "3.5"), ("#### 7.", "7"), ("#### $2,125.00", "2125"), ("#### 0.25", "0.25"),
-    ("#### 12 apples", "12"), ("first #### 3 then #### 4", "4"), ("no marker 42", None), ("#### none", None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("#### 18", "18"),
+        ("So she makes $18.\n#### 18", "18"),
+        ("#### 1,000", "1000"),
+        ("#### -5", "-5"),
+        ("#### 3.50", "3.5"),
+        ("#### 7.", "7"),
+        ("#### $2,125.00", "2125"),
+        ("#### 0.25", "0.25"),
+        ("#### 12 apples", "12"),
+        ("first #### 3 then #### 4", "4"),
+        ("no marker 42", None),
+        ("#### none", None),
+    ],
+)
 def test_gsm8k_answer_extraction(text, expected):
     assert gsm8k_answer(text) == expected
 

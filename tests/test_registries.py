@@ -11,15 +11,16 @@ from qlora_lab.exports import EXPORTS
 from qlora_lab.inference_modes import MODES
 
 
-@pytest.mark.parametrize(("enum", "registry", "key"), [
-    (DataFormat, FORMATS, "format"), (ExportFormat, EXPORTS, "format"), (InferenceMode, MODES, "mode")])
+@pytest.mark.parametrize(
+    ("enum", "registry", "key"),
+    [(DataFormat, FORMATS, "format"), (ExportFormat, EXPORTS, "format"), (InferenceMode, MODES, "mode")],
+)
 def test_every_enum_value_has_a_registry_entry(enum, registry, key):
     chosen = {member for member in enum if member.value != "auto"}  # auto resolves to one of the others
     assert set(registry) == chosen
     for member, entry in registry.items():
         assert getattr(entry, key) is member
         assert entry.doc.strip()
-
 
 
 def test_the_schema_imports_no_torch_and_no_transformers():

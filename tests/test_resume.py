@@ -40,10 +40,22 @@ runpy.run_module("qlora_lab", run_name="__main__", alter_sys=True)
 def killed_run(tmp_path, run_dir, signal_name: str, step: int) -> subprocess.CompletedProcess:
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
-    env = dict(os.environ, KILL_AT_STEP=str(step), KILL_SIGNAL=signal_name, HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, str(script), *RUN, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        KILL_AT_STEP=str(step),
+        KILL_SIGNAL=signal_name,
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(ROOT),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return subprocess.run(
+        [sys.executable, str(script), *RUN, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def adapter(run_dir) -> dict[str, torch.Tensor]:
@@ -68,7 +80,9 @@ def assert_same_as_uninterrupted(run_dir, uninterrupted):
     for name in reference:
         assert torch.equal(mine[name], reference[name]), name  # bitwise: CPU fp32, same data order and RNG
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["train/steps"] == 8 == json.loads((uninterrupted / "metrics.json").read_text())["train/steps"]
+    assert (
+        metrics["train/steps"] == 8 == json.loads((uninterrupted / "metrics.json").read_text())["train/steps"]
+    )
     assert info(run_dir)["status"] == "completed"
 
 
@@ -105,7 +119,9 @@ def test_sigint_stops_cleanly_with_a_checkpoint_then_resume_gives_the_same_adapt
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_as_uninterrupted(run_dir, uninterrupted)
 
-    again = run_main("train.resume=true", f"run_dir={run_dir}")  # a completed run: nothing to do, nothing touched
+    again = run_main(
+        "train.resume=true", f"run_dir={run_dir}"
+    )  # a completed run: nothing to do, nothing touched
     assert again.returncode == 0 and "already completed" in again.stdout
 
 
@@ -120,8 +136,16 @@ def test_resume_refuses_a_changed_hyperparameter_and_leaves_the_run_alone(tmp_pa
 def test_resumed_sweep_skips_completed_jobs_resumes_interrupted_and_runs_missing(tmp_path):
     sweep_dir = tmp_path / "sweep"
     # the basic launcher runs the jobs in this process: cheaper than a fresh process per job
-    sweep = ["-m", *TINY, "quantization=none", "train.max_steps=2", "train.eval_before=false", "hydra/launcher=basic",
-             "dataset.size=8,12,16", f"hydra.sweep.dir={sweep_dir}"]
+    sweep = [
+        "-m",
+        *TINY,
+        "quantization=none",
+        "train.max_steps=2",
+        "train.eval_before=false",
+        "hydra/launcher=basic",
+        "dataset.size=8,12,16",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
     first = run_main(*sweep)
     assert first.returncode == 0, first.stderr[-3000:]
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())

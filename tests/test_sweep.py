@@ -16,8 +16,17 @@ from qlora_lab.report import write_report
 from .conftest import ROOT, cli, run_main
 
 # 2 modes x 2 sizes on the tiny model, plus a size the data cannot supply: a job that fails at run time.
-SWEEP = ["-m", "+experiment=lora_vs_qlora", "model=tiny_random", "quantization=none,nf4", "dataset.size=8,16,5000",
-         "dataset.eval_size=4", "dataset.max_seq_length=64", "train.max_steps=2", "train.speed_skip_steps=0"]
+SWEEP = [
+    "-m",
+    "+experiment=lora_vs_qlora",
+    "model=tiny_random",
+    "quantization=none,nf4",
+    "dataset.size=8,16,5000",
+    "dataset.eval_size=4",
+    "dataset.max_seq_length=64",
+    "train.max_steps=2",
+    "train.speed_skip_steps=0",
+]
 
 
 def read_rows(sweep_dir):
@@ -47,17 +56,29 @@ def test_sweep_writes_one_row_per_job_with_ratios_from_metrics(sweep):
     assert len(rows) == 6 and len(list(sweep_dir.glob("*/.hydra"))) == 6
     done = {job: r for job, r in rows.items() if r["status"] == "completed"}
     assert sorted((r["quantization"], r["dataset_size"]) for r in done.values()) == [
-        ("nf4", "16"), ("nf4", "8"), ("none", "16"), ("none", "8")]
+        ("nf4", "16"),
+        ("nf4", "8"),
+        ("none", "16"),
+        ("none", "8"),
+    ]
     # same seeds in every job, whatever the mode or size
     assert {(r["seed"], r["data_seed"]) for r in rows.values()} == {("42", "42")}
     for job, r in done.items():
-        lora = next(j for j, b in done.items() if b["quantization"] == "none" and b["dataset_size"] == r["dataset_size"])
+        lora = next(
+            j
+            for j, b in done.items()
+            if b["quantization"] == "none" and b["dataset_size"] == r["dataset_size"]
+        )
         mine, base = metrics(sweep_dir, job), metrics(sweep_dir, lora)
         assert float(r["tokens_per_s"]) == pytest.approx(mine["train/tokens_per_s"])
         assert float(r["time_ratio"]) == pytest.approx(mine["time/wall_s"] / base["time/wall_s"])
-        assert float(r["lora_speedup"]) == pytest.approx(base["train/tokens_per_s"] / mine["train/tokens_per_s"])
+        assert float(r["lora_speedup"]) == pytest.approx(
+            base["train/tokens_per_s"] / mine["train/tokens_per_s"]
+        )
         assert float(r["memory_ratio"]) == pytest.approx(mine["memory/peak_gib"] / base["memory/peak_gib"])
-        assert 0 < int(r["train_examples"]) <= int(r["dataset_size"])  # a prompt longer than 64 tokens is dropped
+        assert (
+            0 < int(r["train_examples"]) <= int(r["dataset_size"])
+        )  # a prompt longer than 64 tokens is dropped
     # the markdown table holds both modes at both sizes, and the callback printed it
     md = (sweep_dir / "summary.md").read_text()
     for size in ("8", "16"):
@@ -74,8 +95,13 @@ def test_submitit_local_launcher_gives_the_same_jobs_and_summary(sweep, tmp_path
     isolated_dir, _ = sweep
     submitit_dir = tmp_path / "submitit"
     args = [a for a in SWEEP if not a.startswith(("quantization=", "dataset.size="))]
-    result = cli(*args, "hydra/launcher=submitit_local", "quantization=none", "dataset.size=8,16",
-                 f"hydra.sweep.dir={submitit_dir}")
+    result = cli(
+        *args,
+        "hydra/launcher=submitit_local",
+        "quantization=none",
+        "dataset.size=8,16",
+        f"hydra.sweep.dir={submitit_dir}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     isolated, submitit = read_rows(isolated_dir), read_rows(submitit_dir)
     assert set(submitit) <= set(isolated) and len(submitit) == 2  # the same folder names: <n>_<overrides>
@@ -88,8 +114,9 @@ def test_submitit_local_launcher_gives_the_same_jobs_and_summary(sweep, tmp_path
         assert metrics(submitit_dir, job).keys() == metrics(isolated_dir, job).keys()
         for name in ("run.json", "__main__.log", ".hydra/config.yaml", "adapter/adapter_config.json"):
             assert (submitit_dir / job / name).is_file(), name
-        assert (submitit_dir / job / ".hydra" / "config.yaml").read_text() == \
-            (isolated_dir / job / ".hydra" / "config.yaml").read_text()
+        assert (submitit_dir / job / ".hydra" / "config.yaml").read_text() == (
+            isolated_dir / job / ".hydra" / "config.yaml"
+        ).read_text()
 
 
 def test_failed_job_is_reported_with_its_error(sweep):
@@ -126,7 +153,9 @@ def test_report_marks_dead_and_unstarted_jobs_failed(sweep, tmp_path):
     (copy / done[1] / "run.json").unlink()
     write_report(copy)
     rows = read_rows(copy)
-    assert rows[done[0]]["status"] == "died" and "is gone without recording an ending" in rows[done[0]]["error"]
+    assert (
+        rows[done[0]]["status"] == "died" and "is gone without recording an ending" in rows[done[0]]["error"]
+    )
     assert rows[done[1]]["status"] == "failed" and "no run.json" in rows[done[1]]["error"]
     assert sum(r["status"] == "completed" for r in rows.values()) == 2
 
@@ -137,7 +166,11 @@ def test_report_shows_evaluate_metrics_when_jobs_have_them(sweep, tmp_path):
     shutil.copytree(sweep_dir, copy)
     done = [job for job, r in read_rows(sweep_dir).items() if r["status"] == "completed"]
     for i, job in enumerate(done):
-        m = metrics(copy, job) | {"eval/perplexity": 10.0 + i, "eval/accuracy": 2.5 * i, "eval_base/accuracy": 0.0}
+        m = metrics(copy, job) | {
+            "eval/perplexity": 10.0 + i,
+            "eval/accuracy": 2.5 * i,
+            "eval_base/accuracy": 0.0,
+        }
         (copy / job / "metrics.json").write_text(json.dumps(m))
     write_report(copy)
     rows = read_rows(copy)
@@ -147,13 +180,14 @@ def test_report_shows_evaluate_metrics_when_jobs_have_them(sweep, tmp_path):
 
 
 def test_report_command_rejects_a_folder_without_jobs(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "qlora_lab.report", str(tmp_path)], cwd=ROOT, capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "qlora_lab.report", str(tmp_path)], cwd=ROOT, capture_output=True, text=True
+    )
     assert out.returncode == 2 and out.stderr.startswith("error: ") and "no Hydra job folders" in out.stderr
     assert "Traceback" not in out.stderr
 
 
-TOY_APP = '''
+TOY_APP = """
 import os
 from pathlib import Path
 
@@ -170,16 +204,28 @@ def main(cfg):
 
 if __name__ == "__main__":
     main()
-'''
+"""
 
 
 def test_isolated_launcher_runs_each_job_in_its_own_process_and_survives_a_dead_one(tmp_path):
     (tmp_path / "app.py").write_text(TOY_APP)
     sweep_dir = tmp_path / "sweep"
     env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "app.py", "-m", "+n=1,2,3", f"hydra.sweep.dir={sweep_dir}",
-                          "hydra.launcher._target_=hydra_plugins.qlora_lab_launcher.isolated_launcher.IsolatedLauncher"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "app.py",
+            "-m",
+            "+n=1,2,3",
+            f"hydra.sweep.dir={sweep_dir}",
+            "hydra.launcher._target_=hydra_plugins.qlora_lab_launcher.isolated_launcher.IsolatedLauncher",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     jobs = [sweep_dir / str(num) for num in range(3)]  # Hydra's default subdir: the job number
     pids = [int((j / "pid").read_text()) for j in jobs]
@@ -189,7 +235,7 @@ def test_isolated_launcher_runs_each_job_in_its_own_process_and_survives_a_dead_
     assert not (jobs[0] / "run.json").exists() and not (jobs[2] / "run.json").exists()
 
 
-GPU_APP = '''
+GPU_APP = """
 import os
 import time
 from pathlib import Path
@@ -208,15 +254,28 @@ def main(cfg):
 
 if __name__ == "__main__":
     main()
-'''
+"""
 
 
 def run_gpu_app(tmp_path, visible: str, *extra: str) -> subprocess.CompletedProcess:
     (tmp_path / "app.py").write_text(GPU_APP)
     env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": visible}
-    return subprocess.run([sys.executable, "app.py", "-m", "+n=1,2,3,4", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-                           "hydra.launcher._target_=hydra_plugins.qlora_lab_launcher.isolated_launcher.IsolatedLauncher",
-                           *extra], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "app.py",
+            "-m",
+            "+n=1,2,3,4",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            "hydra.launcher._target_=hydra_plugins.qlora_lab_launcher.isolated_launcher.IsolatedLauncher",
+            *extra,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_isolated_launcher_runs_one_job_per_gpu_at_once(tmp_path):
@@ -240,7 +299,8 @@ def test_isolated_launcher_refuses_more_jobs_at_once_than_gpus(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == (
         "error: hydra.launcher.n_jobs=3 but 2 GPUs are visible, and each job at once needs a GPU of its own; "
-        "set hydra.launcher.n_jobs=2 or auto.")
+        "set hydra.launcher.n_jobs=2 or auto."
+    )
     assert not (tmp_path / "sweep" / "0").exists()
 
 
@@ -254,9 +314,18 @@ def test_sweep_over_paths_keeps_one_folder_level_per_job_and_reports_them(tmp_pa
         paths.append(tmp_path / name / "d.json")
         paths[-1].write_text(json.dumps(records))
     sweep_dir = tmp_path / "sweep"
-    result = run_main("-m", "model=tiny_random", f"dataset.path={paths[0]},{paths[1]}", "dataset.size=8",
-                      "dataset.eval_size=4", "dataset.max_seq_length=64", "train.max_steps=1", "train.eval_before=false",
-                      "train.report_to=[]", f"hydra.sweep.dir={sweep_dir}")
+    result = run_main(
+        "-m",
+        "model=tiny_random",
+        f"dataset.path={paths[0]},{paths[1]}",
+        "dataset.size=8",
+        "dataset.eval_size=4",
+        "dataset.max_seq_length=64",
+        "train.max_steps=1",
+        "train.eval_before=false",
+        "train.report_to=[]",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
     assert len(jobs) == 2 and all((sweep_dir / job / ".hydra" / "config.yaml").is_file() for job in jobs)

@@ -24,8 +24,9 @@ def test_tiny_training_learns_and_adapter_reloads(tmp_path, quant, caplog):
     model = train.run(cfg, run)
     run.finish()
     # bitsandbytes' per-matmul int8 warning is shown once, not on every matmul of every step
-    assert sum("MatMul8bitLt" in r.getMessage() for r in caplog.records) == (quant == "int8" and
-                                                                             not torch.cuda.is_available())
+    assert sum("MatMul8bitLt" in r.getMessage() for r in caplog.records) == (
+        quant == "int8" and not torch.cuda.is_available()
+    )
 
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["eval/loss"] < metrics["eval/loss_before"] - 0.05, metrics
@@ -91,16 +92,27 @@ def test_memory_cap_finds_the_largest_batch_under_it_from_the_same_start(tmp_pat
     monkeypatch.setattr(train.EvalCurve, "on_evaluate", on_evaluate)
     monkeypatch.setattr(train, "peak_memory_gib", lambda: 0.5 + 0.05 * seen["batch"])
     monkeypatch.setattr(train, "reset_peak_memory", lambda: None)
-    cfg = make_cfg([*TINY, "quantization=nf4", "train.batch_size=auto", "train.auto_batch_start=16",
-                    "train.memory_cap_gib=1.0", "train.max_steps=2"])
+    cfg = make_cfg(
+        [
+            *TINY,
+            "quantization=nf4",
+            "train.batch_size=auto",
+            "train.auto_batch_start=16",
+            "train.memory_cap_gib=1.0",
+            "train.max_steps=2",
+        ]
+    )
     run = Run(dir=tmp_path, source=tmp_path)
     run.start(cfg)
     train.run(cfg, run)
     run.finish()
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["train/batch_size"] == 10 and metrics["train/memory_cap_gib"] == 1.0
-    assert metrics["train/batch_over_cap"] == [{"batch": 16, "peak_gib": 1.3}, {"batch": 14, "peak_gib": 1.2},
-                                               {"batch": 12, "peak_gib": 1.1}]
+    assert metrics["train/batch_over_cap"] == [
+        {"batch": 16, "peak_gib": 1.3},
+        {"batch": 14, "peak_gib": 1.2},
+        {"batch": 12, "peak_gib": 1.1},
+    ]
     # each attempt began from the untrained adapter, though the ones over the cap had taken a step
     assert len(losses_at_start) == 4 and len(set(losses_at_start)) == 1
 
@@ -113,6 +125,9 @@ def test_memory_cap_that_no_batch_fits_says_so(tmp_path, monkeypatch):
     cfg = make_cfg([*TINY, "train.batch_size=auto", "train.auto_batch_start=2", "train.memory_cap_gib=0.5"])
     run = Run(dir=tmp_path, source=tmp_path)
     run.start(cfg)
-    with pytest.raises(ConfigError, match=r"^no batch fits under train.memory_cap_gib=0.5: batch 1 peaked at 2.500 "
-                                          r"GiB; raise the cap \(or shorten dataset.max_seq_length\).$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^no batch fits under train.memory_cap_gib=0.5: batch 1 peaked at 2.500 "
+        r"GiB; raise the cap \(or shorten dataset.max_seq_length\).$",
+    ):
         train.run(cfg, run)

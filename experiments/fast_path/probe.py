@@ -57,10 +57,21 @@ def timed(name, make_batch, model, opt, n_tokens, extras=()):
         times.append(time.perf_counter() - t)
     med = statistics.median(times[2:])
     toks = n_tokens(0)
-    print(json.dumps({"variant": name, "step_s": round(med, 4), "min": round(min(times[2:]), 4),
-                      "max": round(max(times[2:]), 4),
-                      "launch_s": round(statistics.median(launch[2:]), 4), "tokens_per_step": toks, "tokens_per_s": round(toks / med),
-                      "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "variant": name,
+                "step_s": round(med, 4),
+                "min": round(min(times[2:]), 4),
+                "max": round(max(times[2:]), 4),
+                "launch_s": round(statistics.median(launch[2:]), 4),
+                "tokens_per_step": toks,
+                "tokens_per_s": round(toks / med),
+                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            }
+        ),
+        flush=True,
+    )
 
 
 tokenizer = load_tokenizer(tokenizer_path(cfg))
@@ -76,9 +87,11 @@ def fixed(b):  # pad to exactly 4096 tokens with a filler example (own positions
     if n <= 0:
         return b
     pad = torch.full((1, n), tokenizer.pad_token_id)
-    return {"input_ids": torch.cat([b["input_ids"], pad], 1),
-            "labels": torch.cat([b["labels"], torch.full((1, n), IGNORE_INDEX)], 1),
-            "position_ids": torch.cat([b["position_ids"], torch.arange(n)[None]], 1)}
+    return {
+        "input_ids": torch.cat([b["input_ids"], pad], 1),
+        "labels": torch.cat([b["labels"], torch.full((1, n), IGNORE_INDEX)], 1),
+        "position_ids": torch.cat([b["position_ids"], torch.arange(n)[None]], 1),
+    }
 
 
 def on_gpu(b):
@@ -102,26 +115,67 @@ for attn in ["sdpa", "flex_attention"]:
     timed(f"random_{short}", lambda i: {"input_ids": ids, "labels": ids}, model, opt, lambda i: 4096)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):  # no cuDNN
-        timed(f"packed_{short}", lambda i: on_gpu(batches[i % len(batches)]), model, opt,
-              lambda i: round(fill * 4096))
+    with sdpa_kernel(
+        [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    ):  # no cuDNN
+        timed(
+            f"packed_{short}",
+            lambda i: on_gpu(batches[i % len(batches)]),
+            model,
+            opt,
+            lambda i: round(fill * 4096),
+        )
         for extra in ["train", "clip", "zero"]:
-            timed(f"packed_{short}_{extra}", lambda i: on_gpu(batches[i % len(batches)]), model, opt,
-                  lambda i: round(fill * 4096), (extra,))
-        timed(f"packed_{short}_trainerlike", lambda i: on_gpu(batches[i % len(batches)]), model, opt,
-              lambda i: round(fill * 4096), ("train", "clip", "zero"))
-    if short == "sdpa":  # every SDPA backend, cuDNN included (the train stage leaves cuDNN out for packed rows)
-        timed("packed_sdpa_cudnn", lambda i: on_gpu(batches[i % len(batches)]), model, opt,
-              lambda i: round(fill * 4096))
+            timed(
+                f"packed_{short}_{extra}",
+                lambda i: on_gpu(batches[i % len(batches)]),
+                model,
+                opt,
+                lambda i: round(fill * 4096),
+                (extra,),
+            )
+        timed(
+            f"packed_{short}_trainerlike",
+            lambda i: on_gpu(batches[i % len(batches)]),
+            model,
+            opt,
+            lambda i: round(fill * 4096),
+            ("train", "clip", "zero"),
+        )
+    if (
+        short == "sdpa"
+    ):  # every SDPA backend, cuDNN included (the train stage leaves cuDNN out for packed rows)
+        timed(
+            "packed_sdpa_cudnn",
+            lambda i: on_gpu(batches[i % len(batches)]),
+            model,
+            opt,
+            lambda i: round(fill * 4096),
+        )
     if short == "sdpa":  # one shape for every step (a filler example tops each batch up to 2 x 2048)
-        timed("packed_fixed_sdpa", lambda i: on_gpu(fixed(batches[i % len(batches)])), model, opt,
-              lambda i: round(fill * 4096))
+        timed(
+            "packed_fixed_sdpa",
+            lambda i: on_gpu(fixed(batches[i % len(batches)])),
+            model,
+            opt,
+            lambda i: round(fill * 4096),
+        )
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        timed(f"packed_{short}_autocast", lambda i: on_gpu(batches[i % len(batches)]), model, opt,
-              lambda i: round(fill * 4096))
+        timed(
+            f"packed_{short}_autocast",
+            lambda i: on_gpu(batches[i % len(batches)]),
+            model,
+            opt,
+            lambda i: round(fill * 4096),
+        )
     if short == "flex":
-        timed("packed_fixed_flex", lambda i: on_gpu(fixed(batches[i % len(batches)])), model, opt,
-              lambda i: round(fill * 4096))
+        timed(
+            "packed_fixed_flex",
+            lambda i: on_gpu(fixed(batches[i % len(batches)])),
+            model,
+            opt,
+            lambda i: round(fill * 4096),
+        )
     del model, opt
     torch.cuda.empty_cache()
 
@@ -141,7 +195,12 @@ if any("compiled" in v for v in wanted):
         for layer in model.get_base_model().model.layers:
             layer.compile()
         timed("random_compiled", lambda i: {"input_ids": ids, "labels": ids}, model, opt, lambda i: 4096)
-        timed("packed_fixed_compiled", lambda i: on_gpu(fixed(batches[i % len(batches)])), model, opt,
-              lambda i: round(fill * 4096))
+        timed(
+            "packed_fixed_compiled",
+            lambda i: on_gpu(fixed(batches[i % len(batches)])),
+            model,
+            opt,
+            lambda i: round(fill * 4096),
+        )
     except Exception as e:  # noqa: BLE001 - a probe: report and go on
         print(json.dumps({"variant": "compiled", "error": f"{type(e).__name__}: {e}"[:3000]}), flush=True)

@@ -2,6 +2,7 @@
 
 Run from the project root after the nf4 experiment: PYTHONPATH=. .venv/bin/python experiments/inference_modes/probe_merge_rounding.py
 """
+
 from pathlib import Path
 
 from peft import PeftModel
@@ -23,5 +24,14 @@ qs = layer.base_layer.weight.quant_state
 print("blocksize", qs.blocksize, "nested", qs.nested, "dtype", qs.dtype, qs.quant_type)
 layer.merge()  # what merge_and_unload() does to every layer: dequantize, add, re-quantize
 w1 = dequantize_bnb_weight(layer.base_layer.weight).float()
-print("delta norm", delta.norm().item(), "|w1-(w0+delta)|", (w1 - (w0 + delta)).norm().item(), "|w1-w0|", (w1 - w0).norm().item(), "|w0|", w0.norm().item())
+print(
+    "delta norm",
+    delta.norm().item(),
+    "|w1-(w0+delta)|",
+    (w1 - (w0 + delta)).norm().item(),
+    "|w1-w0|",
+    (w1 - w0).norm().item(),
+    "|w0|",
+    w0.norm().item(),
+)
 print("frac changed", (w1 != w0).float().mean().item())

@@ -23,7 +23,10 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
-SPENT = ("train.batch_size=", "train.memory_cap_gib=")  # what an equal-memory job sets on top of its QLoRA job
+SPENT = (
+    "train.batch_size=",
+    "train.memory_cap_gib=",
+)  # what an equal-memory job sets on top of its QLoRA job
 
 
 def _quantization(overrides: Sequence[str]) -> str | None:
@@ -62,12 +65,16 @@ def equal_memory_jobs(jobs: Sequence[Any]) -> tuple[list[list[str]], list[str]]:
             continue
         peak = peaks.get(_twin_key(job.overrides))
         if peak is None:
-            skipped.append(f"no equal-memory job for {' '.join(job.overrides)}: its LoRA job (quantization=none) "
-                           f"did not complete with a measured peak")
+            skipped.append(
+                f"no equal-memory job for {' '.join(job.overrides)}: its LoRA job (quantization=none) "
+                f"did not complete with a measured peak"
+            )
             continue
         cap = math.floor(peak * 1e4) / 1e4  # 4 decimals, never above LoRA's peak
-        extra.append([o for o in job.overrides if not o.startswith(SPENT)]
-                     + ["train.batch_size=auto", f"train.memory_cap_gib={cap}"])
+        extra.append(
+            [o for o in job.overrides if not o.startswith(SPENT)]
+            + ["train.batch_size=auto", f"train.memory_cap_gib={cap}"]
+        )
     return extra, skipped
 
 
@@ -81,7 +88,9 @@ class EqualMemorySweeper(BasicSweeper):
         for sentence in skipped:
             log.warning(sentence)
         if extra:
-            log.info(f"Equal memory: {len(extra)} QLoRA jobs with train.batch_size=auto under their LoRA job's peak")
+            log.info(
+                f"Equal memory: {len(extra)} QLoRA jobs with train.batch_size=auto under their LoRA job's peak"
+            )
             self.validate_batch_is_legal(extra)
             returns.append(self.launcher.launch(extra, initial_job_idx=len(done)))
         return returns

@@ -55,8 +55,14 @@ def _task_function(module: str, qualname: str) -> TaskFunction:
     return inspect.unwrap(fn)  # @hydra.main wraps it; Hydra calls the function inside
 
 
-def _execute_job(sweep_config: DictConfig, hydra_context: HydraContext, task: tuple[str, str], singletons: dict,
-                 argv: list[str], gpu: str | None) -> tuple[str, Any]:
+def _execute_job(
+    sweep_config: DictConfig,
+    hydra_context: HydraContext,
+    task: tuple[str, str],
+    singletons: dict,
+    argv: list[str],
+    gpu: str | None,
+) -> tuple[str, Any]:
     """Runs in the child process: what Hydra's own launchers do for one job. Returns (status, value or error)."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before anything in this fresh process initialises CUDA
@@ -67,8 +73,13 @@ def _execute_job(sweep_config: DictConfig, hydra_context: HydraContext, task: tu
     # and the app's, registered again when _task_function imported the app's module.
     Singleton.set_state({"instances": singletons, "omegaconf_resolvers": BaseContainer._resolvers})
     HydraConfig.instance().set_config(sweep_config)
-    ret = run_job(hydra_context=hydra_context, task_function=task_function, config=sweep_config,
-                  job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+    ret = run_job(
+        hydra_context=hydra_context,
+        task_function=task_function,
+        config=sweep_config,
+        job_dir_key="hydra.sweep.dir",
+        job_subdir_key="hydra.sweep.subdir",
+    )
     # A JobReturn holds Hydra's config classes, which pickle cannot send back: send back what the sweeper reads.
     if ret.status is JobStatus.COMPLETED:
         return "COMPLETED", ret.return_value
@@ -103,8 +114,10 @@ def jobs_at_once(n_jobs: int | str, gpus: list[str]) -> int:
         raise ValueError(f"hydra.launcher.n_jobs must be auto or a positive number (got {n_jobs!r}).")
     if n_jobs > max(1, len(gpus)):
         have = f"{len(gpus)} GPUs are visible" if gpus else "this machine has no GPU"
-        raise ValueError(f"hydra.launcher.n_jobs={n_jobs} but {have}, and each job at once needs a GPU of its own; "
-                         f"set hydra.launcher.n_jobs={max(1, len(gpus))} or auto.")
+        raise ValueError(
+            f"hydra.launcher.n_jobs={n_jobs} but {have}, and each job at once needs a GPU of its own; "
+            f"set hydra.launcher.n_jobs={max(1, len(gpus))} or auto."
+        )
     return n_jobs
 
 
@@ -134,7 +147,7 @@ class IsolatedLauncher(Launcher):
         where = f"{at_once} at a time, one GPU each" if gpus else "one at a time"
         log.info(f"Launching {len(job_overrides)} jobs, one fresh process each, {where}, into {sweep_dir}")
         free: queue.Queue = queue.Queue()
-        for gpu in (gpus[:at_once] if gpus else [None]):
+        for gpu in gpus[:at_once] if gpus else [None]:
             free.put(gpu)
         jobs = list(enumerate(job_overrides, start=initial_job_idx))
         # A Ctrl-C reaches the jobs' processes too (the terminal signals the whole process group): each saves a
@@ -158,20 +171,40 @@ class IsolatedLauncher(Launcher):
         try:
             if self._interrupted:
                 return None
-            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}" + (f"  (GPU {gpu})" if gpu is not None else ""))
+            log.info(
+                f"\t#{idx} : {' '.join(filter_overrides(overrides))}"
+                + (f"  (GPU {gpu})" if gpu is not None else "")
+            )
             sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
             with open_dict(sweep_config):
                 sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{idx}"
                 sweep_config.hydra.job.num = idx
-            ret = JobReturn(overrides=list(overrides), cfg=sweep_config, task_name=str(sweep_config.hydra.job.name),
-                            working_dir=str(Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)))
+            ret = JobReturn(
+                overrides=list(overrides),
+                cfg=sweep_config,
+                task_name=str(sweep_config.hydra.job.name),
+                working_dir=str(
+                    Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
+                ),
+            )
             if sweep_config.get("train", {}).get("resume") and (Path(ret.working_dir) / "run.json").is_file():
                 with open_dict(sweep_config):
-                    sweep_config.hydra.output_subdir = None  # a resumed job is checked against its own saved config
-            spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing inherited from this one
+                    sweep_config.hydra.output_subdir = (
+                        None  # a resumed job is checked against its own saved config
+                    )
+            spawn = multiprocessing.get_context(
+                "spawn"
+            )  # a fresh interpreter: nothing inherited from this one
             with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-                future = pool.submit(_execute_job, sweep_config, self.hydra_context, _task_address(self.task_function),
-                                     Singleton.get_state()["instances"], list(sys.argv), gpu)
+                future = pool.submit(
+                    _execute_job,
+                    sweep_config,
+                    self.hydra_context,
+                    _task_address(self.task_function),
+                    Singleton.get_state()["instances"],
+                    list(sys.argv),
+                    gpu,
+                )
                 try:
                     status, value = future.result()
                     ret.status = JobStatus[status]

@@ -21,8 +21,12 @@ class DataFormatSpec:
     convert: Callable[..., dict]
     turns_column: str | None = None  # a conversation format: the default column of its list of turns
     first_turn_keys: tuple[str, ...] = ()  # a conversation format: keys of a turn that show it
-    column: Callable[[Any], str] | None = None  # a column format: the column (from dataset.columns) that shows it
-    check: Callable[..., None] | None = None  # (records, DatasetConfig, source): the whole file against the config
+    column: Callable[[Any], str] | None = (
+        None  # a column format: the column (from dataset.columns) that shows it
+    )
+    check: Callable[..., None] | None = (
+        None  # (records, DatasetConfig, source): the whole file against the config
+    )
 
     def key(self, cols) -> str:
         return self.column(cols) if self.column else self.turns_column
@@ -59,5 +63,7 @@ def detect(record: dict, cols) -> tuple[DataFormat, str] | None:
             if any(k in first for k in spec.first_turn_keys):
                 return spec.format, key
         # an empty or odd list: the format whose column it is, else the first conversation format
-        return next((s.format for s in CONVERSATIONAL if s.turns_column == key), CONVERSATIONAL[0].format), key
+        return next(
+            (s.format for s in CONVERSATIONAL if s.turns_column == key), CONVERSATIONAL[0].format
+        ), key
     return None

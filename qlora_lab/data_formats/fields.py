@@ -26,8 +26,9 @@ def json_field(value, where: str, name: str):
     try:
         return json.loads(value)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{where}'s {name} is not valid JSON ({e.msg} at column {e.colno}); fix that "
-                          f"value.") from None
+        raise ConfigError(
+            f"{where}'s {name} is not valid JSON ({e.msg} at column {e.colno}); fix that value."
+        ) from None
 
 
 def tools_field(record: dict, cols, where: str) -> list | None:
@@ -35,8 +36,10 @@ def tools_field(record: dict, cols, where: str) -> list | None:
         return None
     tools = json_field(record[cols.tools], where, cols.tools)
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise ConfigError(f"{where}'s {cols.tools} is not a list of function schemas (JSON objects); fix it or set "
-                          f"dataset.columns.tools=null to leave tools out.")
+        raise ConfigError(
+            f"{where}'s {cols.tools} is not a list of function schemas (JSON objects); fix it or set "
+            f"dataset.columns.tools=null to leave tools out."
+        )
     return tools or None
 
 
@@ -45,7 +48,9 @@ def tool_call(call, where: str, name: str) -> dict:
     (arguments a dict, as chat templates render them)."""
     fn = call.get("function", call) if isinstance(call, dict) else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-        raise ConfigError(f"{where}'s {name} is not a function call {{\"name\": ..., \"arguments\": {{...}}}}; fix it.")
+        raise ConfigError(
+            f'{where}\'s {name} is not a function call {{"name": ..., "arguments": {{...}}}}; fix it.'
+        )
     arguments = json_field(fn.get("arguments", {}), where, f"{name}.arguments")
     out = {"type": "function", "function": {"name": fn["name"], "arguments": arguments}}
     return out | ({"id": call["id"]} if isinstance(call, dict) and call.get("id") else {})
@@ -55,10 +60,14 @@ def turns_list(record: dict, key: str, where: str) -> list:
     turns = record.get(key)
     if not isinstance(turns, list):
         what = "missing" if turns is None else f"a {type(turns).__name__}, not a list"
-        raise ConfigError(f"{where}'s {key!r} (dataset.columns.messages) is {what}; give every record a list of turns.")
+        raise ConfigError(
+            f"{where}'s {key!r} (dataset.columns.messages) is {what}; give every record a list of turns."
+        )
     for j, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise ConfigError(f"{where}'s {key}[{j}] is a {type(turn).__name__}, not a JSON object; fix that turn.")
+            raise ConfigError(
+                f"{where}'s {key}[{j}] is a {type(turn).__name__}, not a JSON object; fix that turn."
+            )
     return turns
 
 
@@ -70,16 +79,22 @@ def content_text(content, where: str, name: str) -> str:
     texts = []
     for k, part in enumerate(content):
         if not isinstance(part, dict):
-            raise ConfigError(f"{where}'s {name}[{k}] is a {type(part).__name__}, not a part {{\"type\": \"text\", "
-                              f"\"text\": ...}}; fix that part.")
+            raise ConfigError(
+                f'{where}\'s {name}[{k}] is a {type(part).__name__}, not a part {{"type": "text", '
+                f'"text": ...}}; fix that part.'
+            )
         kind = part.get("type")
         if kind != "text":
-            raise ConfigError(f"{where}'s {name}[{k}] is a part of type {kind!r}; only text parts are read, so remove "
-                              f"it or the record.")
+            raise ConfigError(
+                f"{where}'s {name}[{k}] is a part of type {kind!r}; only text parts are read, so remove "
+                f"it or the record."
+            )
         text = part.get("text", part.get("value"))
         if not isinstance(text, str):
-            raise ConfigError(f"{where}'s {name}[{k}] is a text part with no string in 'text' or 'value' (its keys: "
-                              f"{', '.join(map(str, part))}); write the text there.")
+            raise ConfigError(
+                f"{where}'s {name}[{k}] is a text part with no string in 'text' or 'value' (its keys: "
+                f"{', '.join(map(str, part))}); write the text there."
+            )
         texts.append(text)
     return "\n\n".join(texts)
 
@@ -91,11 +106,13 @@ def loss_weight(turn: dict, role: str, where: str, name: str) -> dict:
         return {}
     weight = turn["loss_weight"]
     if isinstance(weight, bool) or weight not in (0, 1):
-        raise ConfigError(f"{where}'s {name}.loss_weight is {weight!r}; it must be 0 (not trained) or 1 (trained), "
-                          f"so fix that turn.")
+        raise ConfigError(
+            f"{where}'s {name}.loss_weight is {weight!r}; it must be 0 (not trained) or 1 (trained), "
+            f"so fix that turn."
+        )
     if role != "assistant" and weight == 1:
-        raise ConfigError(f"{where}'s {name}.loss_weight is 1 on a {role} turn, but only assistant turns are trained "
-                          f"(dataset.train_on_prompt=true trains every token); set it to 0 or remove it.")
+        raise ConfigError(
+            f"{where}'s {name}.loss_weight is 1 on a {role} turn, but only assistant turns are trained "
+            f"(dataset.train_on_prompt=true trains every token); set it to 0 or remove it."
+        )
     return {"loss_weight": 0} if weight == 0 and role == "assistant" else {}
-
-

@@ -14,19 +14,29 @@ def from_openai(record: dict, cols, key: str, where: str, need_answer: bool = Tr
         name = f"{key}[{j}]"
         role = turn.get("role")
         if role not in ROLES:
-            raise ConfigError(f"{where}'s {name}.role is {role!r}, not one of {', '.join(ROLES)}; fix that turn.")
+            raise ConfigError(
+                f"{where}'s {name}.role is {role!r}, not one of {', '.join(ROLES)}; fix that turn."
+            )
         message = {"role": role, "content": content_text(turn.get("content"), where, f"{name}.content")}
         message |= loss_weight(turn, role, where, name)
         if role == "assistant" and turn.get("tool_calls"):
             calls = turn["tool_calls"]
             if not isinstance(calls, list):
                 raise ConfigError(f"{where}'s {name}.tool_calls is not a list of calls; fix that turn.")
-            message["tool_calls"] = [tool_call(c, where, f"{name}.tool_calls[{k}]") for k, c in enumerate(calls)]
+            message["tool_calls"] = [
+                tool_call(c, where, f"{name}.tool_calls[{k}]") for k, c in enumerate(calls)
+            ]
         if role == "tool":
             message |= {k: str(turn[k]) for k in ("name", "tool_call_id") if turn.get(k)}
         messages.append(message)
     return {"messages": messages, "tools": tools_field(record, cols, where)}
 
 
-FORMAT = DataFormatSpec(DataFormat.openai, doc="a {key!r} list of {{role, content}}", needs="a {key!r} list",
-                        convert=from_openai, turns_column="messages", first_turn_keys=("role",))
+FORMAT = DataFormatSpec(
+    DataFormat.openai,
+    doc="a {key!r} list of {{role, content}}",
+    needs="a {key!r} list",
+    convert=from_openai,
+    turns_column="messages",
+    first_turn_keys=("role",),
+)

@@ -52,8 +52,12 @@ def export_targets(e: ExportConfig) -> list[tuple[ExportSpec, str | None]]:
         fmt, _, variant = str(target).partition(":")
         spec = next((s for s in EXPORTS.values() if s.format.value == fmt), None)
         if spec is None or (variant not in spec.variants if spec.variants else variant):
-            forms = " or ".join(f"{s.format.value}:TYPE with TYPE one of {', '.join(s.variants)}" if s.variants else
-                                s.format.value for s in sorted(EXPORTS.values(), key=lambda s: bool(s.variants)))
+            forms = " or ".join(
+                f"{s.format.value}:TYPE with TYPE one of {', '.join(s.variants)}"
+                if s.variants
+                else s.format.value
+                for s in sorted(EXPORTS.values(), key=lambda s: bool(s.variants))
+            )
             raise ConfigError(f"export.targets has {target!r}; write {forms}.")
         out.append((spec, variant or None))
     return list(dict.fromkeys(out))

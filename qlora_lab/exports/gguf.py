@@ -40,6 +40,14 @@ def load(path: Path, cfg):
     return model, tokenizer
 
 
-EXPORT = ExportSpec(ExportFormat.gguf, doc="one .gguf file for llama.cpp / Ollama (weights, tokenizer, chat template)",
-                    path=path, write=write, load=load, bytes_per_weight=BYTES_PER_WEIGHT.__getitem__,
-                    variants=tuple(t.value for t in GgufType), check=check, own_tokenizer=True)
+EXPORT = ExportSpec(
+    ExportFormat.gguf,
+    doc="one .gguf file for llama.cpp / Ollama (weights, tokenizer, chat template)",
+    path=path,
+    write=write,
+    load=load,
+    bytes_per_weight=BYTES_PER_WEIGHT.__getitem__,
+    variants=tuple(t.value for t in GgufType),
+    check=check,
+    own_tokenizer=True,
+)

@@ -32,5 +32,11 @@ def load(path: Path, cfg):
     return int8_dynamic.load(path), load_tokenizer(str(path), cfg.model.trust_remote_code)
 
 
-EXPORT = ExportSpec(ExportFormat.int8_dynamic, doc="PyTorch dynamic int8 linear layers, for CPU inference in Python",
-                    path=path, write=write, load=load, bytes_per_weight=lambda variant: 1)
+EXPORT = ExportSpec(
+    ExportFormat.int8_dynamic,
+    doc="PyTorch dynamic int8 linear layers, for CPU inference in Python",
+    path=path,
+    write=write,
+    load=load,
+    bytes_per_weight=lambda variant: 1,
+)

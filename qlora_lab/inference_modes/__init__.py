@@ -24,8 +24,10 @@ class InferenceModeSpec:
 def _modes() -> dict[InferenceMode, InferenceModeSpec]:
     from . import adapter, base, int8_dynamic, merge_and_unload, merged
 
-    return {spec.mode: spec for spec in (adapter.MODE, merge_and_unload.MODE, merged.MODE, int8_dynamic.MODE,
-                                         base.MODE)}
+    return {
+        spec.mode: spec
+        for spec in (adapter.MODE, merge_and_unload.MODE, merged.MODE, int8_dynamic.MODE, base.MODE)
+    }
 
 
 MODES = _modes()  # the web app offers a run's modes in this order

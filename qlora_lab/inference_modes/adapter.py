@@ -26,5 +26,6 @@ def load(cfg, source: Path):
     return PeftModel.from_pretrained(model, adapter), tokenizer
 
 
-MODE = InferenceModeSpec(InferenceMode.adapter, "base (quantized as in training) + unmerged PEFT adapter", available,
-                         load)
+MODE = InferenceModeSpec(
+    InferenceMode.adapter, "base (quantized as in training) + unmerged PEFT adapter", available, load
+)

@@ -23,5 +23,9 @@ def load(cfg, source: Path):
     return int8_dynamic.load(folder), tokenizer  # PyTorch's int8 kernels are CPU kernels: it stays on the CPU
 
 
-MODE = InferenceModeSpec(InferenceMode.int8_dynamic, "<run_dir>/export/int8_dynamic (the export stage's), on the CPU",
-                         available, load)
+MODE = InferenceModeSpec(
+    InferenceMode.int8_dynamic,
+    "<run_dir>/export/int8_dynamic (the export stage's), on the CPU",
+    available,
+    load,
+)

@@ -14,4 +14,6 @@ def load(cfg, source: Path):
     return model.merge_and_unload(), tokenizer
 
 
-MODE = InferenceModeSpec(InferenceMode.merge_and_unload, "base + adapter merged in memory", adapter.available, load)
+MODE = InferenceModeSpec(
+    InferenceMode.merge_and_unload, "base + adapter merged in memory", adapter.available, load
+)

@@ -19,7 +19,9 @@ def load(cfg, source: Path):
 
     folder = merged_dir(source)
     tokenizer = load_tokenizer(str(folder), cfg.model.trust_remote_code)
-    return load_model(str(folder), cfg), tokenizer  # quantized per cfg.quantization, like merged weights in 4-bit
+    return load_model(
+        str(folder), cfg
+    ), tokenizer  # quantized per cfg.quantization, like merged weights in 4-bit
 
 
 MODE = InferenceModeSpec(InferenceMode.merged, "merged weights loaded from <run_dir>/merged", available, load)

@@ -35,8 +35,10 @@ def user_lines() -> Iterator[str]:
             try:
                 line = raw.decode("utf-8").rstrip("\n")
             except UnicodeDecodeError:
-                raise ConfigError(f"stdin line {number} is not UTF-8 text; pipe UTF-8 text to pipeline=chat, "
-                                  f"one message a line.") from None
+                raise ConfigError(
+                    f"stdin line {number} is not UTF-8 text; pipe UTF-8 text to pipeline=chat, "
+                    f"one message a line."
+                ) from None
             print(f"you> {line}", flush=True)
             yield line
 
@@ -70,18 +72,22 @@ def run(cfg: Config, run: Run) -> list[dict]:
         history.append({"role": "user", "content": text})
         # the oldest exchanges are forgotten until the conversation fits the context
         ids, kept = conversation_ids(system + history, tokenizer, cfg.dataset, config.max_new_tokens, max_len)
-        history = kept[len(system):]
+        history = kept[len(system) :]
         print("assistant> ", end="", flush=True)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         try:
             with torch.no_grad():
-                out = model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
-                                     generation_config=config, streamer=streamer)
+                out = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=torch.ones_like(ids).to(device),
+                    generation_config=config,
+                    streamer=streamer,
+                )
         except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
             print("\n(interrupted)", flush=True)
             history.pop()
             continue
-        reply = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
         history.append({"role": "assistant", "content": reply})
         turns += 1
     print("bye", flush=True)

@@ -27,11 +27,23 @@ from ..rundir import Run, hardware, peak_memory_gib, refuse_existing, reset_peak
 from .infer import read_prompts_file
 
 REFERENCE = InferenceMode.adapter
-COLUMNS = ["mode", "load_s", "ttft_s", "tokens_per_s", "peak_memory_gib", "footprint_gib", "exact_match",
-           "max_abs_logit_diff", "mean_kl", "eval_perplexity", "new_tokens"]
+COLUMNS = [
+    "mode",
+    "load_s",
+    "ttft_s",
+    "tokens_per_s",
+    "peak_memory_gib",
+    "footprint_gib",
+    "exact_match",
+    "max_abs_logit_diff",
+    "mean_kl",
+    "eval_perplexity",
+    "new_tokens",
+]
 
 
 # ---------------------------------------------------------------- report
+
 
 def markdown(rows: list[dict], header: str) -> str:
     return markdown_table(rows, COLUMNS, header)
@@ -39,7 +51,9 @@ def markdown(rows: list[dict], header: str) -> str:
 
 def run(cfg: Config, run: Run) -> list[dict]:
     inf = cfg.inference
-    modes = [REFERENCE] + [m for m in dict.fromkeys(inf.modes) if m is not REFERENCE]  # validate(): it is there
+    modes = [REFERENCE] + [
+        m for m in dict.fromkeys(inf.modes) if m is not REFERENCE
+    ]  # validate(): it is there
     outputs = [run.dir / name for name in ("comparison.csv", "comparison.md", "comparison_generations.jsonl")]
     refuse_existing(outputs, "run the comparison in a new job directory so that it is kept.")
     # Exact match only means something for deterministic decoding: the comparison always decodes greedily.
@@ -61,24 +75,39 @@ def run(cfg: Config, run: Run) -> list[dict]:
         t0 = time.perf_counter()
         model, tok = load_for_inference(cfg, run.source, mode)
         load_s = time.perf_counter() - t0
-        stats, answers, logits = measure_generation(model, tok, prompts, gen, inf.batch_size, examples,
-                                                    tok.pad_token_id, inf.agreement_examples)
+        stats, answers, logits = measure_generation(
+            model, tok, prompts, gen, inf.batch_size, examples, tok.pad_token_id, inf.agreement_examples
+        )
         outputs_by_mode[mode.value] = answers
         ppl = stats["eval_perplexity"]
-        row = {"mode": mode.value, "load_s": load_s, "ttft_s": stats["ttft_s"], "tokens_per_s": stats["tokens_per_s"],
-               "peak_memory_gib": peak_memory_gib(), "footprint_gib": memory_footprint_gib(model),
-               "eval_perplexity": ppl, "new_tokens": stats["new_tokens"]}
+        row = {
+            "mode": mode.value,
+            "load_s": load_s,
+            "ttft_s": stats["ttft_s"],
+            "tokens_per_s": stats["tokens_per_s"],
+            "peak_memory_gib": peak_memory_gib(),
+            "footprint_gib": memory_footprint_gib(model),
+            "eval_perplexity": ppl,
+            "new_tokens": stats["new_tokens"],
+        }
         if mode is REFERENCE:
             reference_logits = logits
             row |= {"exact_match": 1.0, "max_abs_logit_diff": 0.0, "mean_kl": 0.0}
         else:
             ref_out = outputs_by_mode[REFERENCE.value]
             max_diff, kl = agreement(reference_logits, logits)
-            row |= {"exact_match": sum(a == b for a, b in zip(ref_out, outputs_by_mode[mode.value], strict=True))
-                    / len(ref_out), "max_abs_logit_diff": max_diff, "mean_kl": kl}
+            row |= {
+                "exact_match": sum(a == b for a, b in zip(ref_out, outputs_by_mode[mode.value], strict=True))
+                / len(ref_out),
+                "max_abs_logit_diff": max_diff,
+                "mean_kl": kl,
+            }
         rows.append(row)
-        print(f"{mode.value}: loaded in {load_s:.1f} s, {row['tokens_per_s']:.1f} tokens/s, "
-              f"perplexity {ppl:.3f}", flush=True)
+        print(
+            f"{mode.value}: loaded in {load_s:.1f} s, {row['tokens_per_s']:.1f} tokens/s, "
+            f"perplexity {ppl:.3f}",
+            flush=True,
+        )
         del model, logits
         gc.collect()
 
@@ -86,12 +115,14 @@ def run(cfg: Config, run: Run) -> list[dict]:
     merge_report = RunLayout(run.source).merge_report
     merge_base = json.loads(merge_report.read_text()).get("merge/base") if merge_report.is_file() else None
     q = cfg.quantization
-    header = (f"Inference modes of {run.source.name}: model {cfg.model.name_or_path}, quantization "
-              f"{q.method.value}{' (double quant)' if q.double_quant else ''}, dtype {resolve_dtype(cfg.model.dtype)}, "
-              f"merge.base {merge_base or '-'}, device {hardware()['device']}; {len(prompts)} prompts, greedy, "
-              f"max_new_tokens {gen.max_new_tokens}, batch {inf.batch_size}; agreement over "
-              f"{sum(len(x) for x in reference_logits)} positions of {len(reference_logits)} eval examples; "
-              f"perplexity over {len(examples)} eval examples. Reference: adapter.")
+    header = (
+        f"Inference modes of {run.source.name}: model {cfg.model.name_or_path}, quantization "
+        f"{q.method.value}{' (double quant)' if q.double_quant else ''}, dtype {resolve_dtype(cfg.model.dtype)}, "
+        f"merge.base {merge_base or '-'}, device {hardware()['device']}; {len(prompts)} prompts, greedy, "
+        f"max_new_tokens {gen.max_new_tokens}, batch {inf.batch_size}; agreement over "
+        f"{sum(len(x) for x in reference_logits)} positions of {len(reference_logits)} eval examples; "
+        f"perplexity over {len(examples)} eval examples. Reference: adapter."
+    )
     table = markdown(rows, header)
     with outputs[0].open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)

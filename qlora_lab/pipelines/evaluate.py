@@ -24,9 +24,16 @@ from ..rundir import Run
 log = logging.getLogger(__name__)
 
 # Rows of the before/after table, in order: (metric key, label, higher is better)
-TABLE_ROWS = [("perplexity", "perplexity", False), ("rouge1", "ROUGE-1", True), ("rouge2", "ROUGE-2", True),
-              ("rougeL", "ROUGE-L", True), ("bleu4", "BLEU-4", True), ("accuracy", "accuracy (####)", True),
-              ("accuracy_lenient", "accuracy (last number)", True), ("answer_format_rate", "answers with ####", True)]
+TABLE_ROWS = [
+    ("perplexity", "perplexity", False),
+    ("rouge1", "ROUGE-1", True),
+    ("rouge2", "ROUGE-2", True),
+    ("rougeL", "ROUGE-L", True),
+    ("bleu4", "BLEU-4", True),
+    ("accuracy", "accuracy (####)", True),
+    ("accuracy_lenient", "accuracy (last number)", True),
+    ("answer_format_rate", "answers with ####", True),
+]
 
 
 def perplexity(model, tokenizer, cfg: Config) -> float:
@@ -35,7 +42,9 @@ def perplexity(model, tokenizer, cfg: Config) -> float:
     return teacher_forced(model, list(eval_ds), cfg.eval.batch_size, tokenizer.pad_token_id, keep=0)[0]
 
 
-def evaluate_mode(cfg: Config, run: Run, mode: InferenceMode, metrics: list[EvalMetric]) -> tuple[dict, list[dict]]:
+def evaluate_mode(
+    cfg: Config, run: Run, mode: InferenceMode, metrics: list[EvalMetric]
+) -> tuple[dict, list[dict]]:
     model, tokenizer = load_for_inference(cfg, run.source, mode)
     scores: dict[str, float] = {}
     if EvalMetric.perplexity in metrics:
@@ -43,18 +52,32 @@ def evaluate_mode(cfg: Config, run: Run, mode: InferenceMode, metrics: list[Eval
     generations: list[dict] = []
     if {EvalMetric.rouge, EvalMetric.bleu, EvalMetric.accuracy} & set(metrics):
         examples = eval_prompts(cfg, tokenizer, cfg.eval.max_samples)
-        outputs = generate(model, tokenizer, [e["prompt"] for e in examples], cfg.generation, cfg.eval.batch_size)
+        outputs = generate(
+            model, tokenizer, [e["prompt"] for e in examples], cfg.generation, cfg.eval.batch_size
+        )
         predictions = [o["output"] for o in outputs]
         references = [e["reference"] for e in examples]
-        language = detect_language(references) if cfg.eval.language is Language.auto else cfg.eval.language.value
+        language = (
+            detect_language(references) if cfg.eval.language is Language.auto else cfg.eval.language.value
+        )
         if EvalMetric.rouge in metrics:
             scores |= rouge(predictions, references, language)
         if EvalMetric.bleu in metrics:
             scores["bleu4"] = bleu4(predictions, references, language)
-        if EvalMetric.accuracy in metrics and all("####" in r for r in references):  # GSM8K-style references only
+        if EvalMetric.accuracy in metrics and all(
+            "####" in r for r in references
+        ):  # GSM8K-style references only
             scores |= gsm8k_accuracy(predictions, references)
-        generations = [{"mode": mode.value, "prompt": e["prompt"], "reference": e["reference"], "output": o["output"],
-                        "new_tokens": o["new_tokens"]} for e, o in zip(examples, outputs, strict=True)]
+        generations = [
+            {
+                "mode": mode.value,
+                "prompt": e["prompt"],
+                "reference": e["reference"],
+                "output": o["output"],
+                "new_tokens": o["new_tokens"],
+            }
+            for e, o in zip(examples, outputs, strict=True)
+        ]
     del model
     gc.collect()
     return scores, generations
@@ -103,9 +126,11 @@ def run(cfg: Config, run: Run) -> dict:
         csv.writer(f).writerows([header, *rows])
     text = markdown(header, rows)
     n_gen = len(all_generations) // len(modes)
-    note = (f"\nEval split: {cfg.dataset.name}, perplexity over its response tokens; generation metrics on "
-            f"{n_gen} prompts ({'sampling' if cfg.generation.do_sample else 'greedy'}, max {cfg.generation.max_new_tokens} "
-            f"new tokens). Scores are 0-100 except perplexity (lower is better).\n")
+    note = (
+        f"\nEval split: {cfg.dataset.name}, perplexity over its response tokens; generation metrics on "
+        f"{n_gen} prompts ({'sampling' if cfg.generation.do_sample else 'greedy'}, max {cfg.generation.max_new_tokens} "
+        f"new tokens). Scores are 0-100 except perplexity (lower is better).\n"
+    )
     RunLayout(run.dir).evaluation_md.write_text(f"# Evaluation: {', '.join(results)}\n\n" + text + note)
     print("\n" + text + note, flush=True)
     return results

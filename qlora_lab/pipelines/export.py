@@ -46,13 +46,27 @@ from . import merge
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["export", "size_mib", "export_s", "load_s", "tokens_per_s", "peak_rss_gib", "eval_perplexity",
-           "learnt_kept", "exact_match", "mean_kl", "max_abs_logit_diff", "trained_exact_match", "trained_mean_kl"]
+COLUMNS = [
+    "export",
+    "size_mib",
+    "export_s",
+    "load_s",
+    "tokens_per_s",
+    "peak_rss_gib",
+    "eval_perplexity",
+    "learnt_kept",
+    "exact_match",
+    "mean_kl",
+    "max_abs_logit_diff",
+    "trained_exact_match",
+    "trained_mean_kl",
+]
 # An export that keeps less than this share of what fine-tuning taught (learnt_kept) is warned about.
 LEARNT_KEPT_WARNING = 0.9
 
 
 # ---------------------------------------------------------------- what to write, and where
+
 
 def targets(cfg: Config) -> list[tuple[ExportSpec, str | None]]:
     """[(format, variant or None)], e.g. [(gguf, "q8_0"), (int8_dynamic, None)] (qlora_lab/exports)."""
@@ -64,7 +78,9 @@ def model_config(cfg: Config, source: Path) -> dict:
     merged = RunLayout(source).merged_config
     if merged.is_file():
         return json.loads(merged.read_text())
-    return AutoConfig.from_pretrained(model_path(cfg), trust_remote_code=cfg.model.trust_remote_code).to_dict()
+    return AutoConfig.from_pretrained(
+        model_path(cfg), trust_remote_code=cfg.model.trust_remote_code
+    ).to_dict()
 
 
 def check(cfg: Config, source: Path, todo: list[tuple[ExportSpec, str | None]]) -> None:
@@ -73,8 +89,11 @@ def check(cfg: Config, source: Path, todo: list[tuple[ExportSpec, str | None]]) 
     for spec in dict.fromkeys(spec for spec, _ in todo):
         if spec.check:
             spec.check(cfg, source, model_config(cfg, source), adapter)
-    refuse_existing([spec.path(source, variant) for spec, variant in todo],
-                    "remove it or pass export.overwrite=true to replace it.", cfg.export.overwrite)
+    refuse_existing(
+        [spec.path(source, variant) for spec, variant in todo],
+        "remove it or pass export.overwrite=true to replace it.",
+        cfg.export.overwrite,
+    )
 
 
 def model_card_license(folder: Path | None) -> str | None:
@@ -108,17 +127,27 @@ def provenance(cfg: Config, source: Path) -> dict:
         base |= {"organization": name.split("/")[0], "repo_url": f"https://huggingface.co/{name}"}
         card = try_to_load_from_cache(name, "README.md")
         license_ = model_card_license(Path(card).parent) if isinstance(card, str) else None
-    method = "lora" if cfg.quantization.method is QuantMethod.none else f"qlora-{cfg.quantization.method.value}"
+    method = (
+        "lora" if cfg.quantization.method is QuantMethod.none else f"qlora-{cfg.quantization.method.value}"
+    )
     report = RunLayout(source).merge_report
     merge_base = json.loads(report.read_text()).get("merge/base", "?") if report.is_file() else "?"
-    return {"base_model": base, "license": license_, "finetune": method, "tags": ["fine-tune", method],
-            "description": f"{method} fine-tune of {name} (run {source.name}), adapter merged into the {merge_base} "
-                           f"base weights, written by qlora_lab"}
+    return {
+        "base_model": base,
+        "license": license_,
+        "finetune": method,
+        "tags": ["fine-tune", method],
+        "description": f"{method} fine-tune of {name} (run {source.name}), adapter merged into the {merge_base} "
+        f"base weights, written by qlora_lab",
+    }
 
 
 # ---------------------------------------------------------------- writing
 
-def write_export(merged: Path, spec: ExportSpec, variant: str | None, target: Path, name: str, about: dict) -> dict:
+
+def write_export(
+    merged: Path, spec: ExportSpec, variant: str | None, target: Path, name: str, about: dict
+) -> dict:
     """Write into a temporary path, then swap it in: a half-written export never looks finished."""
     tmp = target.with_name(target.name + ".tmp")
     if tmp.is_dir():
@@ -135,15 +164,22 @@ def write_export(merged: Path, spec: ExportSpec, variant: str | None, target: Pa
 
 
 def size_mib(path: Path) -> float:
-    files = [path] if path.is_file() else [p for p in path.iterdir() if p.suffix in (".safetensors", ".pt", ".gguf")]
+    files = (
+        [path]
+        if path.is_file()
+        else [p for p in path.iterdir() if p.suffix in (".safetensors", ".pt", ".gguf")]
+    )
     return sum(p.stat().st_size for p in files) / 2**20
 
 
 # ---------------------------------------------------------------- measuring
 
+
 def export_spec(name: str) -> ExportSpec:
     """The format of an export named as ExportSpec.name writes it (gguf-q8_0, int8_dynamic)."""
-    return next(s for s in EXPORTS.values() if name == s.format.value or name.startswith(f"{s.format.value}-"))
+    return next(
+        s for s in EXPORTS.values() if name == s.format.value or name.startswith(f"{s.format.value}-")
+    )
 
 
 def load_export(name: str, path: Path, cfg: Config):
@@ -165,8 +201,9 @@ def load_export(name: str, path: Path, cfg: Config):
     return model.eval(), tokenizer
 
 
-def measure(name: str, path: Path, cfg: Config, prompts: list[str], examples: list[dict],
-            source_tokenizer) -> tuple[dict, list[str], list[torch.Tensor]]:
+def measure(
+    name: str, path: Path, cfg: Config, prompts: list[str], examples: list[dict], source_tokenizer
+) -> tuple[dict, list[str], list[torch.Tensor]]:
     """One export's costs: (row, greedy outputs, fp32 logits of the first agreement examples)."""
     register()  # in a spawned process: the config's interpolations (paths) need their resolvers
     gen = OmegaConf.merge(cfg.generation, {"do_sample": False})  # exact match needs deterministic decoding
@@ -176,13 +213,30 @@ def measure(name: str, path: Path, cfg: Config, prompts: list[str], examples: li
     model, tokenizer = load_export(name, path, cfg)
     load_s = time.perf_counter() - t0
     # the same token ids (the run's tokenizer's) for every export, so that the logits line up position by position
-    stats, outputs, logits = measure_generation(model, tokenizer, prompts, gen, batch, examples,
-                                                source_tokenizer.pad_token_id, cfg.inference.agreement_examples)
-    row = {"export": name, "size_mib": None if name == "trained" else size_mib(path), "load_s": load_s,
-           "tokens_per_s": stats["tokens_per_s"], "peak_rss_gib": peak_memory_gib(), "runtime_rss_gib": runtime_gib,
-           "eval_perplexity": stats["eval_perplexity"], "new_tokens": stats["new_tokens"]}
+    stats, outputs, logits = measure_generation(
+        model,
+        tokenizer,
+        prompts,
+        gen,
+        batch,
+        examples,
+        source_tokenizer.pad_token_id,
+        cfg.inference.agreement_examples,
+    )
+    row = {
+        "export": name,
+        "size_mib": None if name == "trained" else size_mib(path),
+        "load_s": load_s,
+        "tokens_per_s": stats["tokens_per_s"],
+        "peak_rss_gib": peak_memory_gib(),
+        "runtime_rss_gib": runtime_gib,
+        "eval_perplexity": stats["eval_perplexity"],
+        "new_tokens": stats["new_tokens"],
+    }
     if name not in ("trained", "base", "merged") and export_spec(name).own_tokenizer:  # against the run's
-        same = [encode(p, tokenizer)["input_ids"] == encode(p, source_tokenizer)["input_ids"] for p in prompts]
+        same = [
+            encode(p, tokenizer)["input_ids"] == encode(p, source_tokenizer)["input_ids"] for p in prompts
+        ]
         row["tokenizer_match"] = sum(same) / len(same)
         row["chat_template_match"] = tokenizer.chat_template == source_tokenizer.chat_template
     return row, outputs, logits
@@ -197,11 +251,16 @@ def measure_in_fresh_process(*args):
 
 # ---------------------------------------------------------------- report
 
+
 def compared(reference: dict, other: dict) -> dict:
     """Greedy exact-match rate, mean KL(reference || other) and max |logit difference| of one model against another."""
     max_diff, kl = agreement(reference["logits"], other["logits"])
     pairs = list(zip(reference["outputs"], other["outputs"], strict=True))
-    return {"exact_match": sum(a == b for a, b in pairs) / len(pairs), "mean_kl": kl, "max_abs_logit_diff": max_diff}
+    return {
+        "exact_match": sum(a == b for a, b in pairs) / len(pairs),
+        "mean_kl": kl,
+        "max_abs_logit_diff": max_diff,
+    }
 
 
 def learnt_kept(base_ppl: float, trained_ppl: float, ppl: float) -> float | None:
@@ -223,7 +282,10 @@ def run(cfg: Config, run: Run) -> list[dict]:
     # ---- the merged model everything is exported from (merge.base as configured)
     merged = RunLayout(source).merged
     if not (merged / "config.json").is_file():
-        print(f"{source} has no merged/ yet: merging the adapter first (merge.base={cfg.merge.base.value})", flush=True)
+        print(
+            f"{source} has no merged/ yet: merging the adapter first (merge.base={cfg.merge.base.value})",
+            flush=True,
+        )
         merge.run(cfg, run)
 
     # ---- write
@@ -233,9 +295,14 @@ def run(cfg: Config, run: Run) -> list[dict]:
     about = provenance(cfg, source)
     for spec, variant in todo:
         name, path = spec.name(variant), spec.path(source, variant)
-        written[name] = (path, write_export(merged, spec, variant, path, f"{cfg.model.name_or_path} ({source.name})",
-                                            about))
-        print(f"{name}: wrote {path} ({size_mib(path):.1f} MiB, {written[name][1]['export_s']:.1f} s)", flush=True)
+        written[name] = (
+            path,
+            write_export(merged, spec, variant, path, f"{cfg.model.name_or_path} ({source.name})", about),
+        )
+        print(
+            f"{name}: wrote {path} ({size_mib(path):.1f} MiB, {written[name][1]['export_s']:.1f} s)",
+            flush=True,
+        )
     if not cfg.export.measure:
         return []
 
@@ -249,7 +316,12 @@ def run(cfg: Config, run: Run) -> list[dict]:
     # the trained model (adapter on the quantized base) and the base before fine-tuning first: the exports are
     # compared with the trained model, and how much of the fine-tuning's eval-loss gain each keeps is measured
     # between the two
-    measured = {"trained": (source, {}), "base": (Path(model_path(cfg)), {}), "merged": (merged, {}), **written}
+    measured = {
+        "trained": (source, {}),
+        "base": (Path(model_path(cfg)), {}),
+        "merged": (merged, {}),
+        **written,
+    }
     rows, results = [], {}
     for name, (path, info) in measured.items():
         print(f"measuring {name} ...", flush=True)
@@ -259,33 +331,42 @@ def run(cfg: Config, run: Run) -> list[dict]:
     for row in rows:
         row |= compared(results["merged"], results[row["export"]])
         row |= {f"trained_{k}": v for k, v in compared(results["trained"], results[row["export"]]).items()}
-        row["learnt_kept"] = learnt_kept(rows[1]["eval_perplexity"], rows[0]["eval_perplexity"], row["eval_perplexity"])
+        row["learnt_kept"] = learnt_kept(
+            rows[1]["eval_perplexity"], rows[0]["eval_perplexity"], row["eval_perplexity"]
+        )
     reference = results["merged"]
     for row in rows[2:]:
         if row["learnt_kept"] is not None and row["learnt_kept"] < LEARNT_KEPT_WARNING:
-            print(f"warning: {row['export']} keeps {row['learnt_kept']:.0%} of what fine-tuning taught (of the eval "
-                  f"loss gain from the base to the trained model), less than {LEARNT_KEPT_WARNING:.0%}; "
-                  f"{row['trained_exact_match']:.0%} of its greedy answers equal the trained model's.",
-                  file=sys.stderr, flush=True)
+            print(
+                f"warning: {row['export']} keeps {row['learnt_kept']:.0%} of what fine-tuning taught (of the eval "
+                f"loss gain from the base to the trained model), less than {LEARNT_KEPT_WARNING:.0%}; "
+                f"{row['trained_exact_match']:.0%} of its greedy answers equal the trained model's.",
+                file=sys.stderr,
+                flush=True,
+            )
 
     # ---- write the report
     report_path = RunLayout(source).export_report
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    report |= {r["export"]: r | ({"file": str(written[r["export"]][0])} if r["export"] in written else {})
-               for r in rows}
+    report |= {
+        r["export"]: r | ({"file": str(written[r["export"]][0])} if r["export"] in written else {})
+        for r in rows
+    }
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     merge_report = read_json(RunLayout(source).merge_report)
     runtime = min(r["runtime_rss_gib"] for r in rows)
-    header = (f"Exports of {source.name}: model {cfg.model.name_or_path}, merged into the "
-              f"{merge_report.get('merge/base', '?')} base; CPU ({hardware().get('cpu_count')} cores, {threads} torch "
-              f"threads); {len(prompts)} eval prompts, greedy, max_new_tokens {cfg.generation.max_new_tokens}, batch "
-              f"{cfg.inference.batch_size}; peak RSS of a fresh process per export, {runtime:.2f} GiB of it before "
-              f"loading (the runtime); agreement with merged (fp32) and with the trained model (trained_*: the adapter on "
-              f"the {'unquantized' if cfg.quantization.method is QuantMethod.none else cfg.quantization.method.value} "
-              f"base) over {sum(len(x) for x in reference['logits'])} positions of "
-              f"{len(reference['logits'])} eval examples; perplexity over {len(examples)} eval examples; learnt_kept: "
-              f"the share of the eval-loss gain from base to trained that a model keeps (warned below "
-              f"{LEARNT_KEPT_WARNING:.0%}). GGUF rows: read back and run by transformers (dequantized to fp32).")
+    header = (
+        f"Exports of {source.name}: model {cfg.model.name_or_path}, merged into the "
+        f"{merge_report.get('merge/base', '?')} base; CPU ({hardware().get('cpu_count')} cores, {threads} torch "
+        f"threads); {len(prompts)} eval prompts, greedy, max_new_tokens {cfg.generation.max_new_tokens}, batch "
+        f"{cfg.inference.batch_size}; peak RSS of a fresh process per export, {runtime:.2f} GiB of it before "
+        f"loading (the runtime); agreement with merged (fp32) and with the trained model (trained_*: the adapter on "
+        f"the {'unquantized' if cfg.quantization.method is QuantMethod.none else cfg.quantization.method.value} "
+        f"base) over {sum(len(x) for x in reference['logits'])} positions of "
+        f"{len(reference['logits'])} eval examples; perplexity over {len(examples)} eval examples; learnt_kept: "
+        f"the share of the eval-loss gain from base to trained that a model keeps (warned below "
+        f"{LEARNT_KEPT_WARNING:.0%}). GGUF rows: read back and run by transformers (dequantized to fp32)."
+    )
     table = markdown(rows, header)
     (run.dir / "export.md").write_text(table)
     if cfg.export.table_dir:
@@ -293,7 +374,13 @@ def run(cfg: Config, run: Run) -> list[dict]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "export.md").write_text(table)
         (out / "export_report.json").write_text(json.dumps({r["export"]: r for r in rows}, indent=2) + "\n")
-    run.log({f"export/{r['export']}/{k}": v for r in rows for k, v in r.items()
-             if isinstance(v, int | float) and not isinstance(v, bool)})
+    run.log(
+        {
+            f"export/{r['export']}/{k}": v
+            for r in rows
+            for k, v in r.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+    )
     print("\n" + table, flush=True)
     return rows

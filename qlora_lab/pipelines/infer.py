@@ -22,7 +22,9 @@ from ..rundir import Run, refuse_existing
 
 def read_prompts_file(path_str: str, root: str, cfg: Config, tokenizer) -> list[dict]:
     """Generation tasks (data.prompt_and_reference) for the prompts file's rows."""
-    return [prompt_and_reference(row, tokenizer, cfg.dataset) for row in read_prompt_rows(path_str, root, cfg)]
+    return [
+        prompt_and_reference(row, tokenizer, cfg.dataset) for row in read_prompt_rows(path_str, root, cfg)
+    ]
 
 
 def read_prompt_rows(path_str: str, root: str, cfg: Config) -> list[dict]:
@@ -31,15 +33,19 @@ def read_prompt_rows(path_str: str, root: str, cfg: Config) -> list[dict]:
     (detected from the first such line); a conversation ending in an assistant turn has it as its reference."""
     path = next((p for p in (Path(path_str).expanduser(), Path(root) / path_str) if p.is_file()), None)
     if path is None:
-        raise ConfigError(f"inference.prompts_file={path_str}: no such file; give a text file (one prompt a line) "
-                          f"or a JSONL file with a `prompt` field.")
+        raise ConfigError(
+            f"inference.prompts_file={path_str}: no such file; give a text file (one prompt a line) "
+            f"or a JSONL file with a `prompt` field."
+        )
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")  # -sig: a byte-order mark (Windows editors write one) is dropped
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise ConfigError(f"inference.prompts_file={path}: line {line} is not UTF-8 text (byte {e.start}); "
-                          f"save the file as UTF-8.") from None
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"inference.prompts_file={path}: line {line} is not UTF-8 text (byte {e.start}); "
+            f"save the file as UTF-8."
+        ) from None
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise ConfigError(f"inference.prompts_file={path} holds no prompts; write one prompt a line.")
@@ -50,26 +56,40 @@ def read_prompt_rows(path_str: str, root: str, cfg: Config) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            raise ConfigError(f"inference.prompts_file={path}: line {i} is not valid JSON; write one JSON object "
-                              f"a line.") from None
+            raise ConfigError(
+                f"inference.prompts_file={path}: line {i} is not valid JSON; write one JSON object a line."
+            ) from None
         if not isinstance(record, dict):
-            raise ConfigError(f"inference.prompts_file={path}: line {i} is not a JSON object; write one object a "
-                              f"line, e.g. {{\"prompt\": ...}}.")
+            raise ConfigError(
+                f"inference.prompts_file={path}: line {i} is not a JSON object; write one object a "
+                f'line, e.g. {{"prompt": ...}}.'
+            )
         if "prompt" not in record and detect(record, cfg.dataset.columns) is None:
-            raise ConfigError(f"inference.prompts_file={path}: line {i} has neither a `prompt` field nor a dataset "
-                              f"record's list of turns or {cfg.dataset.columns.instruction!r} field; add one.")
+            raise ConfigError(
+                f"inference.prompts_file={path}: line {i} has neither a `prompt` field nor a dataset "
+                f"record's list of turns or {cfg.dataset.columns.instruction!r} field; add one."
+            )
         if "prompt" in record:
             reference = record.get("reference")
             answer = [{"role": "assistant", "content": str(reference)}] if reference is not None else []
-            rows.append({"messages": [{"role": "user", "content": str(record["prompt"])}, *answer], "tools": None})
+            rows.append(
+                {"messages": [{"role": "user", "content": str(record["prompt"])}, *answer], "tools": None}
+            )
         else:
             rows.append(None)  # filled below, in file order
             records.append(record)
             numbers.append(i)
     if records:  # records in a dataset format: read as the training data is, whatever format the dataset has
-        converted = iter(to_conversations(records, cfg.dataset, f"inference.prompts_file={path}",
-                                          label=lambda k: f"line {numbers[k]}", fmt=DataFormat.auto,
-                                          need_answer=False))
+        converted = iter(
+            to_conversations(
+                records,
+                cfg.dataset,
+                f"inference.prompts_file={path}",
+                label=lambda k: f"line {numbers[k]}",
+                fmt=DataFormat.auto,
+                need_answer=False,
+            )
+        )
         rows = [row or next(converted) for row in rows]
     return rows
 
@@ -109,9 +129,16 @@ def run(cfg: Config, run: Run) -> list[dict]:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     batches = {r["latency_s"]: r["ttft_s"] for r in results}  # one latency per batch
     new_tokens = sum(r["new_tokens"] for r in results)
-    run.log({"infer/load_s": load_s, "infer/prompts": len(results), "infer/new_tokens": new_tokens,
-             "infer/tokens_per_s": new_tokens / sum(batches), "infer/ttft_s": sum(batches.values()) / len(batches),
-             "infer/footprint_gib": footprint})
+    run.log(
+        {
+            "infer/load_s": load_s,
+            "infer/prompts": len(results),
+            "infer/new_tokens": new_tokens,
+            "infer/tokens_per_s": new_tokens / sum(batches),
+            "infer/ttft_s": sum(batches.values()) / len(batches),
+            "infer/footprint_gib": footprint,
+        }
+    )
     for i, (item, res) in enumerate(zip(items[:3], results[:3], strict=False)):
         print(f"\n--- prompt {i + 1}: {item['message'][:300]}", flush=True)
         if before:
@@ -119,6 +146,9 @@ def run(cfg: Config, run: Run) -> list[dict]:
             print(f"[{mode.value}]  {res['output'].strip()}", flush=True)
         else:
             print(res["output"].strip(), flush=True)
-    print(f"\n{len(results)} generations ({mode.value}, {new_tokens} new tokens, "
-          f"{new_tokens / sum(batches):.1f} tokens/s) -> {out_path}", flush=True)
+    print(
+        f"\n{len(results)} generations ({mode.value}, {new_tokens} new tokens, "
+        f"{new_tokens / sum(batches):.1f} tokens/s) -> {out_path}",
+        flush=True,
+    )
     return results

@@ -58,7 +58,9 @@ def quantization_round_trip(model, cfg: Config, replace: bool) -> dict:
         if qweight is None or not get_bnb_param_type(qweight):
             continue
         weight = modules[name].weight
-        round_trip = dequantize_bnb_weight(qweight, getattr(qmodule, "state", None)).to(weight.device, torch.float32)
+        round_trip = dequantize_bnb_weight(qweight, getattr(qmodule, "state", None)).to(
+            weight.device, torch.float32
+        )
         diff = weight.detach().float() - round_trip
         max_abs = max(max_abs, diff.abs().max().item())
         err_sq += diff.pow(2).sum().item()
@@ -68,8 +70,11 @@ def quantization_round_trip(model, cfg: Config, replace: bool) -> dict:
             with torch.no_grad():
                 weight.copy_(round_trip.to(weight.dtype))
     del quantized
-    return {"merge/quantized_layers": layers, "merge/base_diff_max_abs": max_abs,
-            "merge/base_diff_rel": (err_sq / norm_sq) ** 0.5 if norm_sq else 0.0}
+    return {
+        "merge/quantized_layers": layers,
+        "merge/base_diff_max_abs": max_abs,
+        "merge/base_diff_rel": (err_sq / norm_sq) ** 0.5 if norm_sq else 0.0,
+    }
 
 
 def lora_update_size(peft_model) -> dict:
@@ -81,7 +86,10 @@ def lora_update_size(peft_model) -> dict:
             max_abs = max(max_abs, delta.abs().max().item())
             delta_sq += delta.pow(2).sum().item()
             norm_sq += module.get_base_layer().weight.detach().float().pow(2).sum().item()
-    return {"merge/lora_delta_max_abs": max_abs, "merge/lora_delta_rel": (delta_sq / norm_sq) ** 0.5 if norm_sq else 0.0}
+    return {
+        "merge/lora_delta_max_abs": max_abs,
+        "merge/lora_delta_rel": (delta_sq / norm_sq) ** 0.5 if norm_sq else 0.0,
+    }
 
 
 def chosen_base(cfg: Config) -> MergeBase:
@@ -94,8 +102,9 @@ def chosen_base(cfg: Config) -> MergeBase:
 def outputs_and_logits(model, tokenizer, cfg: Config, prompts: list[str], examples: list[dict]):
     gen = OmegaConf.merge(cfg.generation, {"do_sample": False})  # exact match needs deterministic decoding
     outputs = [r["output"] for r in generate(model, tokenizer, prompts, gen, cfg.inference.batch_size)]
-    _, logits = teacher_forced(model, examples, cfg.inference.batch_size, tokenizer.pad_token_id,
-                               cfg.inference.agreement_examples)
+    _, logits = teacher_forced(
+        model, examples, cfg.inference.batch_size, tokenizer.pad_token_id, cfg.inference.agreement_examples
+    )
     return outputs, logits
 
 
@@ -105,17 +114,28 @@ def agreement_with_trained(cfg: Config, source: Path, merged: Path) -> dict:
     |logit difference| over every position of inference.agreement_examples eval examples."""
     trained, tokenizer = load_for_inference(cfg, source, InferenceMode.adapter)
     prompts = [p["prompt"] for p in eval_prompts(cfg, tokenizer, cfg.inference.num_prompts)]
-    examples = [e for e in (tokenize_example(r, tokenizer, cfg.dataset) for r in load_splits(cfg).eval)
-                if e["trainable"]]
+    examples = [
+        e
+        for e in (tokenize_example(r, tokenizer, cfg.dataset) for r in load_splits(cfg).eval)
+        if e["trainable"]
+    ]
     with torch.no_grad():
         reference, reference_logits = outputs_and_logits(trained, tokenizer, cfg, prompts, examples)
         del trained
-        model = AutoModelForCausalLM.from_pretrained(merged, dtype=resolve_dtype(cfg.model.dtype)).to(device()).eval()
+        model = (
+            AutoModelForCausalLM.from_pretrained(merged, dtype=resolve_dtype(cfg.model.dtype))
+            .to(device())
+            .eval()
+        )
         outputs, logits = outputs_and_logits(model, tokenizer, cfg, prompts, examples)
     max_diff, kl = agreement(reference_logits, logits)
-    return {"merge/trained_exact_match": sum(a == b for a, b in zip(reference, outputs, strict=True)) / len(prompts),
-            "merge/trained_mean_kl": kl, "merge/trained_max_abs_logit_diff": max_diff,
-            "merge/trained_prompts": len(prompts)}
+    return {
+        "merge/trained_exact_match": sum(a == b for a, b in zip(reference, outputs, strict=True))
+        / len(prompts),
+        "merge/trained_mean_kl": kl,
+        "merge/trained_max_abs_logit_diff": max_diff,
+        "merge/trained_prompts": len(prompts),
+    }
 
 
 def run(cfg: Config, run: Run) -> Path:
@@ -128,9 +148,12 @@ def run(cfg: Config, run: Run) -> Path:
     refuse_existing([target], "remove it or pass merge.overwrite=true to replace it.", m.overwrite)
 
     if m.base is MergeBase.auto and quant is not QuantMethod.none:
-        print(f"merge.base=auto: this run trained on {quant.value} weights, so the adapter is merged into "
-              f"dequantize(quantize(W)), the weights it was trained against (merge.base=original merges into the "
-              f"full-precision weights instead: another model)", flush=True)
+        print(
+            f"merge.base=auto: this run trained on {quant.value} weights, so the adapter is merged into "
+            f"dequantize(quantize(W)), the weights it was trained against (merge.base=original merges into the "
+            f"full-precision weights instead: another model)",
+            flush=True,
+        )
     # ---- base, unquantized (merging into 4-bit weights would round the result to 4 bits)
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(str(adapter), cfg.model.trust_remote_code)
@@ -154,7 +177,9 @@ def run(cfg: Config, run: Run) -> Path:
     report["merge/time_s"] = time.perf_counter() - t0
     del model
     report |= agreement_with_trained(cfg, run.source, tmp)
-    (tmp / RunLayout(run.source).merge_report.name).write_text(json.dumps(report, indent=2) + "\n")  # tmp: merged/
+    (tmp / RunLayout(run.source).merge_report.name).write_text(
+        json.dumps(report, indent=2) + "\n"
+    )  # tmp: merged/
     if target.exists():  # only reached with merge.overwrite=true (or an empty folder)
         shutil.rmtree(target)
     tmp.rename(target)
@@ -162,17 +187,29 @@ def run(cfg: Config, run: Run) -> Path:
     run.log({k: v for k, v in report.items() if not isinstance(v, str)})
     line = f"merged {adapter} into the {base_choice.value} base -> {target} ({report['merge/time_s']:.1f} s)"
     if "merge/base_diff_rel" in report:
-        line += (f"\nweight difference original vs dequantized base ({quant.value}): max |dW| "
-                 f"{report['merge/base_diff_max_abs']:.3g}, relative {report['merge/base_diff_rel']:.3%}; "
-                 f"LoRA update: max {report['merge/lora_delta_max_abs']:.3g}, relative "
-                 f"{report['merge/lora_delta_rel']:.3%}")
+        line += (
+            f"\nweight difference original vs dequantized base ({quant.value}): max |dW| "
+            f"{report['merge/base_diff_max_abs']:.3g}, relative {report['merge/base_diff_rel']:.3%}; "
+            f"LoRA update: max {report['merge/lora_delta_max_abs']:.3g}, relative "
+            f"{report['merge/lora_delta_rel']:.3%}"
+        )
     trained_on = "unquantized" if quant is QuantMethod.none else quant.value
-    line += (f"\nagreement with the model as trained (adapter on the {trained_on} base): "
-             f"{report['merge/trained_exact_match']:.0%} of {report['merge/trained_prompts']} greedy answers identical, "
-             f"mean KL {report['merge/trained_mean_kl']:.3g}")
+    line += (
+        f"\nagreement with the model as trained (adapter on the {trained_on} base): "
+        f"{report['merge/trained_exact_match']:.0%} of {report['merge/trained_prompts']} greedy answers identical, "
+        f"mean KL {report['merge/trained_mean_kl']:.3g}"
+    )
     print(line, flush=True)
-    if report["merge/trained_exact_match"] < 1 and base_choice is MergeBase.original and quant is not QuantMethod.none:
-        print(f"warning: merged into the original weights, the model differs from the one trained on {quant.value} "
-              f"weights; merge.base=dequantized (the default, auto) merges into the weights it was trained "
-              f"against.", file=sys.stderr, flush=True)
+    if (
+        report["merge/trained_exact_match"] < 1
+        and base_choice is MergeBase.original
+        and quant is not QuantMethod.none
+    ):
+        print(
+            f"warning: merged into the original weights, the model differs from the one trained on {quant.value} "
+            f"weights; merge.base=dequantized (the default, auto) merges into the weights it was trained "
+            f"against.",
+            file=sys.stderr,
+            flush=True,
+        )
     return target

@@ -72,12 +72,21 @@ class StepTimer(TrainerCallback):
 
     def summary(self, skip: int, samples_per_step: int, world_size: int) -> dict:
         """Speed over the steps after the first `skip` (all steps if there are not more than that)."""
-        s, t = (self.step_s[skip:], self.step_tokens[skip:]) if len(self.step_s) > skip else (self.step_s, self.step_tokens)
+        s, t = (
+            (self.step_s[skip:], self.step_tokens[skip:])
+            if len(self.step_s) > skip
+            else (self.step_s, self.step_tokens)
+        )
         if not s:
             return {}
-        return {"train/tokens_per_s": sum(t) / sum(s), "train/tokens_per_s_per_gpu": sum(t) / sum(s) / world_size,
-                "train/samples_per_s": samples_per_step * len(s) / sum(s), "train/timed_steps": len(s),
-                "train/timed_tokens": sum(t), "train/step_times_s": [round(x, 4) for x in s]} | step_time_spread(s)
+        return {
+            "train/tokens_per_s": sum(t) / sum(s),
+            "train/tokens_per_s_per_gpu": sum(t) / sum(s) / world_size,
+            "train/samples_per_s": samples_per_step * len(s) / sum(s),
+            "train/timed_steps": len(s),
+            "train/timed_tokens": sum(t),
+            "train/step_times_s": [round(x, 4) for x in s],
+        } | step_time_spread(s)
 
 
 class EvalCurve(TrainerCallback):
@@ -93,8 +102,12 @@ class EvalCurve(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if metrics and "eval_loss" in metrics:
-            point = {"step": state.global_step, "tokens": state.num_input_tokens_seen,
-                     "train_s": round(sum(self.timer.step_s), 4), "loss": metrics["eval_loss"]}
+            point = {
+                "step": state.global_step,
+                "tokens": state.num_input_tokens_seen,
+                "train_s": round(sum(self.timer.step_s), 4),
+                "loss": metrics["eval_loss"],
+            }
             self.points = [p for p in self.points if p["step"] != point["step"]] + [point]
 
 
@@ -123,11 +136,14 @@ class MemoryCap(TrainerCallback):
         batch = state.train_batch_size
         self.over.append({"batch": batch, "peak_gib": round(peak, 4)})
         if batch <= 1:
-            raise ConfigError(f"no batch fits under train.memory_cap_gib={self.cap}: batch 1 peaked at {peak:.3f} GiB; "
-                              f"raise the cap (or shorten dataset.max_seq_length).")
+            raise ConfigError(
+                f"no batch fits under train.memory_cap_gib={self.cap}: batch 1 peaked at {peak:.3f} GiB; "
+                f"raise the cap (or shorten dataset.max_seq_length)."
+            )
         # the one-argument RuntimeError naming " out of memory." that accelerate's search takes for an OOM
-        raise RuntimeError(f"batch {batch} peaked at {peak:.3f} GiB, over train.memory_cap_gib={self.cap}: "
-                           f"out of memory.")
+        raise RuntimeError(
+            f"batch {batch} peaked at {peak:.3f} GiB, over train.memory_cap_gib={self.cap}: out of memory."
+        )
 
 
 def utilisation(metrics: dict, model, trainable: int, context: float, peak_override: float | None) -> dict:
@@ -136,11 +152,18 @@ def utilisation(metrics: dict, model, trainable: int, context: float, peak_overr
     if per_gpu is None:
         return {}
     flops = flops_per_token(model.config, trainable, context)
-    out = {"perf/flops_per_token": flops, "perf/mean_context": context,
-           "perf/model_tflops_per_s_per_gpu": per_gpu * flops / 1e12}
+    out = {
+        "perf/flops_per_token": flops,
+        "perf/mean_context": context,
+        "perf/model_tflops_per_s_per_gpu": per_gpu * flops / 1e12,
+    }
     peak, source = peak_tflops(peak_override)
     if peak:
-        out |= {"perf/peak_tflops": peak, "perf/peak_source": source, "perf/mfu": per_gpu * flops / 1e12 / peak}
+        out |= {
+            "perf/peak_tflops": peak,
+            "perf/peak_source": source,
+            "perf/mfu": per_gpu * flops / 1e12 / peak,
+        }
     return out
 
 
@@ -153,7 +176,9 @@ class StepProfiler(TrainerCallback):
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         self.out_dir, self.start = out_dir, start
-        self.prof = profile(activities=activities, schedule=schedule(wait=start, warmup=1, active=PROFILE_STEPS))
+        self.prof = profile(
+            activities=activities, schedule=schedule(wait=start, warmup=1, active=PROFILE_STEPS)
+        )
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.prof.start()
@@ -165,7 +190,10 @@ class StepProfiler(TrainerCallback):
             device_sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
             table = self.prof.key_averages()
             (self.out_dir / "profile.txt").write_text(
-                table.table(sort_by=device_sort, row_limit=40) + "\n" + table.table(sort_by="cpu_time_total", row_limit=40))
+                table.table(sort_by=device_sort, row_limit=40)
+                + "\n"
+                + table.table(sort_by="cpu_time_total", row_limit=40)
+            )
             self.prof.export_chrome_trace(str(self.out_dir / "profile_trace.json"))
 
 
@@ -180,11 +208,16 @@ def check_ranks_agree(model, world_size: int) -> dict:
         if param.requires_grad:
             h.update(name.encode() + param.detach().float().cpu().numpy().tobytes())
     gathered = gather_object([(h.hexdigest(), peak_memory_gib())])
-    out = {"distributed/world_size": world_size, "distributed/strategy": "fsdp" if fsdp else "ddp",
-           "memory/peak_gib_per_rank": [p for _, p in gathered]}
+    out = {
+        "distributed/world_size": world_size,
+        "distributed/strategy": "fsdp" if fsdp else "ddp",
+        "memory/peak_gib_per_rank": [p for _, p in gathered],
+    }
     if not fsdp:
-        out |= {"distributed/adapters_identical": len({d for d, _ in gathered}) == 1,
-                "distributed/adapter_sha256": [d[:16] for d, _ in gathered]}
+        out |= {
+            "distributed/adapters_identical": len({d for d, _ in gathered}) == 1,
+            "distributed/adapter_sha256": [d[:16] for d, _ in gathered],
+        }
     return out
 
 
@@ -192,8 +225,11 @@ def full_adapter_state(model) -> dict:
     """The trained tensors, whole, on the CPU. Under FSDP2 each is a DTensor sharded across the ranks, and
     `full_tensor()` gathers it (a collective: every rank must call this). Only the adapter is gathered: the
     Trainer's own FSDP save gathers the whole 4-bit base first."""
-    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
-            for name, p in model.named_parameters() if p.requires_grad}
+    return {
+        name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 class LossGuard(TrainerCallback):
@@ -203,10 +239,16 @@ class LossGuard(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")
         if loss is not None and (loss == 0 or not math.isfinite(loss)):
-            hint = (" FSDP with a 4-bit base is known to do this; train the same run with DDP "
-                    "(accelerate/ddp_2gpu.yaml) to compare." if fsdp_enabled() else "")
-            raise ConfigError(f"the training loss is {loss} at step {state.global_step}: the computation is broken, "
-                              f"so the run stops here.{hint}")
+            hint = (
+                " FSDP with a 4-bit base is known to do this; train the same run with DDP "
+                "(accelerate/ddp_2gpu.yaml) to compare."
+                if fsdp_enabled()
+                else ""
+            )
+            raise ConfigError(
+                f"the training loss is {loss} at step {state.global_step}: the computation is broken, "
+                f"so the run stops here.{hint}"
+            )
 
 
 class LabTrainer(Trainer):
@@ -258,8 +300,14 @@ def run(cfg: Config, run: Run):
     tokenizer = load_tokenizer(tokenizer_path(cfg), cfg.model.trust_remote_code)
     train_ds, train_stats = tokenize_split(splits.train, tokenizer, cfg.dataset, "train")
     eval_ds, eval_stats = tokenize_split(splits.eval, tokenizer, cfg.dataset, "eval")
-    run.note(dataset={"files": [str(f) for f in splits.files], "sha256": file_sha256(splits.files),
-                      "train_examples": len(train_ds), "eval_examples": len(eval_ds)})
+    run.note(
+        dataset={
+            "files": [str(f) for f in splits.files],
+            "sha256": file_sha256(splits.files),
+            "train_examples": len(train_ds),
+            "eval_examples": len(eval_ds),
+        }
+    )
     run.log(train_stats | eval_stats)
 
     # ---- model
@@ -277,10 +325,19 @@ def run(cfg: Config, run: Run):
     trainable, total = count_params(model)
     quantized = cfg.quantization.method is not QuantMethod.none
     mode = f"QLoRA ({cfg.quantization.method.value})" if quantized else "LoRA"
-    print(f"{mode}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
-          f"base footprint {footprint:.3f} GiB, loaded in {load_s:.1f} s", flush=True)
-    run.log({"model/load_s": load_s, "model/footprint_gib": footprint, "params/trainable": trainable,
-             "params/total": total})
+    print(
+        f"{mode}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
+        f"base footprint {footprint:.3f} GiB, loaded in {load_s:.1f} s",
+        flush=True,
+    )
+    run.log(
+        {
+            "model/load_s": load_s,
+            "model/footprint_gib": footprint,
+            "params/trainable": trainable,
+            "params/total": total,
+        }
+    )
     if torch.cuda.is_available():  # what loading alone took on this rank (under FSDP: before sharding)
         run.log({"memory/load_peak_gib": torch.cuda.max_memory_allocated() / 2**30})
     # No KV cache in training: with one, transformers ignores packed position ids and lets examples attend across
@@ -296,14 +353,21 @@ def run(cfg: Config, run: Run):
     varlen = packed_varlen(cfg, model.dtype)
     if varlen:
         use_varlen(model)
-    attention = "varlen (PyTorch FlashAttention) for packed rows" if varlen else model.config._attn_implementation + (
-        " with a block-diagonal mask for packed rows" if cfg.dataset.pack else "")
-    print(f"recipe {cfg.recipe}: attention {attention}, k-bit preparation "
-          f"{cfg.quantization.preparation.value if quantized else 'n/a (not quantized)'}, optimizer {optimizer(t.optim)}, "
-          f"kernels {'Liger (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy)' if liger else 'transformers'}, "
-          f"LoRA layers {f'fused ({fused})' if unfused is None else f'peft ({unfused})'}, "
-          f"autocast {'on' if t.autocast else 'off'}, "
-          f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}", flush=True)
+    attention = (
+        "varlen (PyTorch FlashAttention) for packed rows"
+        if varlen
+        else model.config._attn_implementation
+        + (" with a block-diagonal mask for packed rows" if cfg.dataset.pack else "")
+    )
+    print(
+        f"recipe {cfg.recipe}: attention {attention}, k-bit preparation "
+        f"{cfg.quantization.preparation.value if quantized else 'n/a (not quantized)'}, optimizer {optimizer(t.optim)}, "
+        f"kernels {'Liger (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy)' if liger else 'transformers'}, "
+        f"LoRA layers {f'fused ({fused})' if unfused is None else f'peft ({unfused})'}, "
+        f"autocast {'on' if t.autocast else 'off'}, "
+        f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}",
+        flush=True,
+    )
 
     # ---- trainer
     checkpoint = last_checkpoint(layout.checkpoints) if t.resume else None
@@ -312,30 +376,47 @@ def run(cfg: Config, run: Run):
     flags = precision_flags(t.precision, t.autocast)
     args = TrainingArguments(
         output_dir=str(layout.checkpoints),
-        max_steps=t.max_steps, num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        num_train_epochs=t.epochs,
         # batch_size=auto: accelerate's find_executable_batch_size, 0.9x from train.auto_batch_start on each OOM
         per_device_train_batch_size=t.auto_batch_start if auto_batch else t.batch_size,
-        per_device_eval_batch_size=1 if auto_batch else t.batch_size, auto_find_batch_size=auto_batch,
+        per_device_eval_batch_size=1 if auto_batch else t.batch_size,
+        auto_find_batch_size=auto_batch,
         gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.learning_rate, lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_steps,
-        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, optim=optimizer(t.optim),
-        seed=t.seed, data_seed=t.seed,  # same seed, same data order in every job of a sweep
-        logging_steps=t.logging_steps, logging_first_step=True,
-        eval_strategy="steps" if t.eval_steps else "no", eval_steps=t.eval_steps,
-        save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=optimizer(t.optim),
+        seed=t.seed,
+        data_seed=t.seed,  # same seed, same data order in every job of a sweep
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
         # eval_before runs inside train(), after the model is wrapped: a trainer.evaluate() before train() left
         # DDP ranks unsynchronised (measured: different adapters on 2 gloo ranks).
-        eval_on_start=t.eval_before and checkpoint is None,  # a resumed run has it in its restored log history
+        eval_on_start=t.eval_before
+        and checkpoint is None,  # a resumed run has it in its restored log history
         # tokens/s counts real tokens: every token of a varlen batch; else the attention mask's ones, or for packed
         # rows aligned with pad tokens, the tokens that are not the pad token (where the pad token is EOS, EOS
         # tokens too: ~1.5% of Alpaca rows rendered with SmolLM2's chat template)
-        report_to=list(t.report_to), include_num_input_tokens_seen="all" if varlen else "non_padding",
+        report_to=list(t.report_to),
+        include_num_input_tokens_seen="all" if varlen else "non_padding",
         use_liger_kernel=liger,
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
         # DDP: every adapter weight gets a gradient in every step, and the only buffers (rotary tables) never change.
         # The Trainer's default for a PEFT model searches the graph for unused weights after every backward
         # (find_unused_parameters) and broadcasts buffers before every forward: CPU time a step cannot spare.
-        ddp_find_unused_parameters=False, ddp_broadcast_buffers=False, **flags,
+        ddp_find_unused_parameters=False,
+        ddp_broadcast_buffers=False,
+        **flags,
     )
     # accelerate launch hands its config's mixed_precision to the Trainer through the environment, which would turn
     # autocast on behind train.autocast (and send the fused LoRA layers down PEFT's path): the run's config decides.
@@ -346,11 +427,19 @@ def run(cfg: Config, run: Run):
     timer = StepTimer()
     curve = EvalCurve(timer)
     cap = MemoryCap(t.memory_cap_gib, model) if auto_batch and t.memory_cap_gib is not None else None
-    trainer = LabTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-                      data_collator=PackedCollator(tokenizer.pad_token_id, varlen) if cfg.dataset.pack else
-                      DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-                      callbacks=[timer, curve, Progress(run), LossGuard()] + ([cap] if cap else [])
-                      + ([StepProfiler(run.dir, t.speed_skip_steps)] if t.profile else []))
+    trainer = LabTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        data_collator=PackedCollator(tokenizer.pad_token_id, varlen)
+        if cfg.dataset.pack
+        else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=[timer, curve, Progress(run), LossGuard()]
+        + ([cap] if cap else [])
+        + ([StepProfiler(run.dir, t.speed_skip_steps)] if t.profile else []),
+    )
 
     # ---- loop
     if checkpoint:
@@ -361,16 +450,29 @@ def run(cfg: Config, run: Run):
         loss_before = next(h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h)
         run.log({"eval/loss_before": loss_before, "eval/perplexity_before": math.exp(loss_before)})
     eval_loss = trainer.evaluate()["eval_loss"]
-    batch, world = trainer.state.train_batch_size, trainer.accelerator.num_processes  # batch: as found, with auto
+    batch, world = (
+        trainer.state.train_batch_size,
+        trainer.accelerator.num_processes,
+    )  # batch: as found, with auto
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    run.log({"train/loss": result.training_loss, "train/loss_first": losses[0] if losses else None,
-             "train/loss_last": losses[-1] if losses else None, "train/steps": trainer.state.global_step,
-             "train/runtime_s": result.metrics.get("train_runtime"), "train/tokens_seen": trainer.state.num_input_tokens_seen,
-             "eval/loss": eval_loss, "eval/perplexity": math.exp(eval_loss),
-             "train/batch_size": batch, "train/losses": losses, "eval/curve": curve.points,
-             # training's own peak: memory/peak_gib is the whole job's, later stages (evaluate, merge) included
-             "memory/train_peak_gib": peak_memory_gib()}
-            | timer.summary(t.speed_skip_steps, batch * t.grad_accum * world, world))
+    run.log(
+        {
+            "train/loss": result.training_loss,
+            "train/loss_first": losses[0] if losses else None,
+            "train/loss_last": losses[-1] if losses else None,
+            "train/steps": trainer.state.global_step,
+            "train/runtime_s": result.metrics.get("train_runtime"),
+            "train/tokens_seen": trainer.state.num_input_tokens_seen,
+            "eval/loss": eval_loss,
+            "eval/perplexity": math.exp(eval_loss),
+            "train/batch_size": batch,
+            "train/losses": losses,
+            "eval/curve": curve.points,
+            # training's own peak: memory/peak_gib is the whole job's, later stages (evaluate, merge) included
+            "memory/train_peak_gib": peak_memory_gib(),
+        }
+        | timer.summary(t.speed_skip_steps, batch * t.grad_accum * world, world)
+    )
     run.log(utilisation(run.metrics, model, trainable, mean_context(train_ds), t.peak_tflops))
     if cap:  # the batch found under the cap, and the larger ones that went over it
         run.log({"train/memory_cap_gib": t.memory_cap_gib, "train/batch_over_cap": cap.over})
@@ -385,9 +487,16 @@ def run(cfg: Config, run: Run):
             model.save_pretrained(layout.adapter, state_dict=adapter)
             tokenizer.save_pretrained(layout.adapter)
     elif trainer.is_world_process_zero():
-        model.save_pretrained(layout.adapter, path_initial_model_for_weight_conversion=pissa_init and str(pissa_init))
+        model.save_pretrained(
+            layout.adapter, path_initial_model_for_weight_conversion=pissa_init and str(pissa_init)
+        )
         tokenizer.save_pretrained(layout.adapter)
     before = run.metrics.get("eval/loss_before")
-    print(f"eval loss: {before:.4f} -> {eval_loss:.4f}" if before is not None else f"eval loss: {eval_loss:.4f}",
-          f"| adapter saved to {layout.adapter}", flush=True)
+    print(
+        f"eval loss: {before:.4f} -> {eval_loss:.4f}"
+        if before is not None
+        else f"eval loss: {eval_loss:.4f}",
+        f"| adapter saved to {layout.adapter}",
+        flush=True,
+    )
     return model

@@ -35,7 +35,9 @@ from pathlib import Path
 from queue import Queue
 from urllib.parse import urlsplit
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports, no version check on the network
+os.environ.setdefault(
+    "GRADIO_ANALYTICS_ENABLED", "False"
+)  # no usage reports, no version check on the network
 
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
@@ -58,6 +60,7 @@ NO_RUN = "(no run: the base model)"
 
 
 # ---------------------------------------------------------------- loaded models
+
 
 @dataclass
 class Loaded:
@@ -144,6 +147,7 @@ class ModelCache:
 
 # ---------------------------------------------------------------- streaming
 
+
 class _TokenStreamer(BaseStreamer):
     """Hands the answer so far to the reading thread after every new token, and times the first one.
     (TextIteratorStreamer holds text back until a space, which Chinese text or a random test model may never write.)"""
@@ -181,11 +185,14 @@ class _StopWhenSet(StoppingCriteria):
         self.event = event
 
     def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        return torch.full(
+            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
+        )
 
 
-def stream_reply(loaded: Loaded, ids, gen: GenerationConfig, stop: threading.Event | None = None,
-                 every_s: float = 0.1) -> Iterator[tuple[str, dict]]:
+def stream_reply(
+    loaded: Loaded, ids, gen: GenerationConfig, stop: threading.Event | None = None, every_s: float = 0.1
+) -> Iterator[tuple[str, dict]]:
     """Yields (the answer so far, stats) while generate() runs in a thread, at most once every `every_s` seconds
     (a page sent every token of a fast model falls behind it), then the whole answer; stats: new_tokens, ttft_s,
     seconds, tokens_per_s (new tokens ÷ the answer's wall time), stopped. An error inside generate() is raised here.
@@ -202,9 +209,13 @@ def stream_reply(loaded: Loaded, ids, gen: GenerationConfig, stop: threading.Eve
     def work():
         try:
             with torch.no_grad():
-                model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
-                               generation_config=config, streamer=streamer,
-                               stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]))
+                model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=torch.ones_like(ids).to(device),
+                    generation_config=config,
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]),
+                )
         except BaseException as e:  # noqa: B036 - handed to the page's thread, which shows it
             failure.append(e)
             streamer.end()  # unblock the reader
@@ -217,8 +228,13 @@ def stream_reply(loaded: Loaded, ids, gen: GenerationConfig, stop: threading.Eve
     def stats() -> dict:
         seconds = time.perf_counter() - t0
         ttft = streamer.first_token_at - t0 if streamer.first_token_at else None
-        return {"new_tokens": len(streamer.tokens), "ttft_s": ttft, "seconds": seconds,
-                "tokens_per_s": len(streamer.tokens) / seconds if seconds > 0 else 0.0, "stopped": stop.is_set()}
+        return {
+            "new_tokens": len(streamer.tokens),
+            "ttft_s": ttft,
+            "seconds": seconds,
+            "tokens_per_s": len(streamer.tokens) / seconds if seconds > 0 else 0.0,
+            "stopped": stop.is_set(),
+        }
 
     finished, shown_at = False, 0.0
     try:
@@ -232,8 +248,11 @@ def stream_reply(loaded: Loaded, ids, gen: GenerationConfig, stop: threading.Eve
             stop.set()
         thread.join()
         if stop.is_set():
-            log.info("web app: generation stopped after %d new tokens (%s)", len(streamer.tokens),
-                     "stop button" if finished else "cancelled or the page went away")
+            log.info(
+                "web app: generation stopped after %d new tokens (%s)",
+                len(streamer.tokens),
+                "stop button" if finished else "cancelled or the page went away",
+            )
     if failure:
         raise failure[0]
     yield text.strip(), stats()
@@ -242,20 +261,35 @@ def stream_reply(loaded: Loaded, ids, gen: GenerationConfig, stop: threading.Eve
 def stats_line(stats: dict) -> str:
     ttft = f"{stats['ttft_s']:.2f} s" if stats["ttft_s"] is not None else "–"
     stopped = "stopped: " if stats["stopped"] else ""
-    return (f"{stopped}{stats['new_tokens']} tokens in {stats['seconds']:.2f} s: "
-            f"**{stats['tokens_per_s']:.1f} tokens/s**, time to first token **{ttft}**")
+    return (
+        f"{stopped}{stats['new_tokens']} tokens in {stats['seconds']:.2f} s: "
+        f"**{stats['tokens_per_s']:.1f} tokens/s**, time to first token **{ttft}**"
+    )
 
 
 def progress_line(stats: dict) -> str:
     return f"generating: {stats['new_tokens']} tokens so far"
 
 
-def generation_settings(base: GenerationConfig, sampling: bool, temperature: float, top_k: int, top_p: float,
-                        max_new_tokens: int, repetition_penalty: float) -> GenerationConfig:
+def generation_settings(
+    base: GenerationConfig,
+    sampling: bool,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    max_new_tokens: int,
+    repetition_penalty: float,
+) -> GenerationConfig:
     """The generation group with the page's values; the page's controls keep each in its valid range."""
-    return replace(base, do_sample=bool(sampling), temperature=float(temperature), top_k=int(top_k),
-                   top_p=float(top_p), max_new_tokens=int(max_new_tokens),
-                   repetition_penalty=float(repetition_penalty))
+    return replace(
+        base,
+        do_sample=bool(sampling),
+        temperature=float(temperature),
+        top_k=int(top_k),
+        top_p=float(top_p),
+        max_new_tokens=int(max_new_tokens),
+        repetition_penalty=float(repetition_penalty),
+    )
 
 
 # ---------------------------------------------------------------- what the page shows
@@ -278,8 +312,10 @@ def as_reply(text: str) -> str:
 
 def shown(messages: list[dict]) -> list[dict]:
     """The chat history as the page shows it (the history kept for the model stays as typed and generated)."""
-    return [{"role": m["role"], "content": (as_typed if m["role"] == "user" else as_reply)(m["content"])}
-            for m in messages]
+    return [
+        {"role": m["role"], "content": (as_typed if m["role"] == "user" else as_reply)(m["content"])}
+        for m in messages
+    ]
 
 
 # ---------------------------------------------------------------- the server's guard
@@ -334,7 +370,9 @@ class Guard:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         if refused := self.refusal(scope):
-            log.warning("web app: refused %s %s (%s)", scope.get("method", "websocket"), scope["path"], refused[1])
+            log.warning(
+                "web app: refused %s %s (%s)", scope.get("method", "websocket"), scope["path"], refused[1]
+            )
             if scope["type"] == "websocket":
                 return await send({"type": "websocket.close", "code": 1008})
             return await PlainTextResponse(refused[1], status_code=refused[0])(scope, receive, send)
@@ -349,49 +387,71 @@ class Guard:
 
 # ---------------------------------------------------------------- the app
 
+
 @dataclass
 class Turn:
     """One answer being generated for one page: Stop sets `stop`; Reset also sets `discarded` (no more output)."""
+
     stop: threading.Event = field(default_factory=threading.Event)
     discarded: bool = False
 
 
 def too_long_line(prompt_tokens: int, max_new_tokens: int, context: int) -> str:
-    return (f"**not sent:** the message is {prompt_tokens} tokens, and with max new tokens {max_new_tokens} that is "
-            f"more than the model's context of {context} tokens; shorten it, or lower max new tokens.")
+    return (
+        f"**not sent:** the message is {prompt_tokens} tokens, and with max new tokens {max_new_tokens} that is "
+        f"more than the model's context of {context} tokens; shorten it, or lower max new tokens."
+    )
 
 
 @dataclass
 class AppState:
     """What the pages share: the job's config, the runs the app may serve, the loaded models and the answers being
     generated (one per session and page)."""
+
     cfg: Config
     source: Path | None
     output_dir: Path = field(init=False)
-    roots: list[Path] = field(init=False)  # the app serves only runs under these: never a path typed into the page
+    roots: list[Path] = field(
+        init=False
+    )  # the app serves only runs under these: never a path typed into the page
     cache: ModelCache = field(init=False)
     gen0: GenerationConfig = field(init=False)  # the job's generation settings, the pages' starting values
-    turns: dict[tuple[str, str], Turn] = field(default_factory=dict)  # (session, page) -> the answer generated there
+    turns: dict[tuple[str, str], Turn] = field(
+        default_factory=dict
+    )  # (session, page) -> the answer generated there
 
     def __post_init__(self):
         cfg = self.cfg
         self.output_dir = Path(cfg.paths.output_dir).resolve()
         self.source = self.source.resolve() if self.source is not None else None
-        self.roots = [self.output_dir] + ([self.source.parent] if self.source is not None
-                                          and not self.source.is_relative_to(self.output_dir) else [])
+        self.roots = [self.output_dir] + (
+            [self.source.parent]
+            if self.source is not None and not self.source.is_relative_to(self.output_dir)
+            else []
+        )
         self.cache = ModelCache(cfg, self.source)
-        self.gen0 = GenerationConfig(**OmegaConf.to_container(cfg.generation)) if OmegaConf.is_config(cfg.generation) \
+        self.gen0 = (
+            GenerationConfig(**OmegaConf.to_container(cfg.generation))
+            if OmegaConf.is_config(cfg.generation)
             else cfg.generation
+        )
 
     def run_name(self, path: Path) -> str:
         """A run's name in the page: its folder relative to output_dir (where the Runs page lists it)."""
-        return path.relative_to(self.output_dir).as_posix() if path.is_relative_to(self.output_dir) else str(path)
+        return (
+            path.relative_to(self.output_dir).as_posix()
+            if path.is_relative_to(self.output_dir)
+            else str(path)
+        )
 
     def run_choices(self) -> list[str]:
         names = [self.run_name(self.source)] if self.source is not None else []
         for root in self.roots:
-            names += [self.run_name(root / r["run"]) for r in web_pages.runs_table(root)
-                      if "train" in r["stages"].split(",")]
+            names += [
+                self.run_name(root / r["run"])
+                for r in web_pages.runs_table(root)
+                if "train" in r["stages"].split(",")
+            ]
         return [NO_RUN] + list(dict.fromkeys(names))
 
     def run_path(self, choice: str | None) -> Path | None:
@@ -401,8 +461,10 @@ class AppState:
         path = Path(choice)
         path = (path if path.is_absolute() else self.output_dir / path).resolve()
         if not any(path.is_relative_to(root) for root in self.roots) or not RunLayout(path).config.is_file():
-            raise ConfigError(f"{choice!r} is not a run under {' or '.join(map(str, self.roots))}; pick a run from "
-                              f"the list.")
+            raise ConfigError(
+                f"{choice!r} is not a run under {' or '.join(map(str, self.roots))}; pick a run from "
+                f"the list."
+            )
         return path
 
     def modes_for(self, choice: str | None) -> list[str]:
@@ -413,8 +475,9 @@ class AppState:
 
     def describe(self, key: tuple[str, str]) -> str:
         run_dir, mode = key
-        return f"the {mode} model" + (f" of {self.run_name(Path(run_dir))}" if run_dir else
-                                      f" ({self.cfg.model.name_or_path})")
+        return f"the {mode} model" + (
+            f" of {self.run_name(Path(run_dir))}" if run_dir else f" ({self.cfg.model.name_or_path})"
+        )
 
     def loading_line(self, run_dir: Path | None, mode: str) -> str | None:
         """What the page says while a model loads; None when the one asked for is already loaded."""
@@ -447,9 +510,12 @@ class AppState:
 @dataclass
 class Controls:
     """The controls above the pages that the Chat and Side by side pages read."""
+
     run_box: gr.Dropdown
     system_box: gr.Textbox
-    settings: list  # sampling, temperature, top-k, top-p, max new tokens, repetition penalty (generation_settings)
+    settings: (
+        list  # sampling, temperature, top-k, top-p, max new tokens, repetition penalty (generation_settings)
+    )
 
 
 def header(state: AppState, start_choice: str) -> tuple[Controls, gr.Button]:
@@ -457,42 +523,66 @@ def header(state: AppState, start_choice: str) -> tuple[Controls, gr.Button]:
     gen0 = state.gen0
     with gr.Row(equal_height=True):
         gr.Markdown("## QLoRA Lab", scale=0, min_width=160)
-        run_box = gr.Dropdown(state.run_choices(), value=start_choice, label="run", scale=3, elem_id="run-select")
+        run_box = gr.Dropdown(
+            state.run_choices(), value=start_choice, label="run", scale=3, elem_id="run-select"
+        )
         refresh_runs = gr.Button("↻ runs", scale=0, elem_id="run-refresh")
     with gr.Accordion("System prompt and generation settings", open=False, elem_id="settings"):
-        system_box = gr.Textbox(state.cfg.dataset.system_prompt or "", label="system prompt", lines=2,
-                                elem_id="system-prompt")
+        system_box = gr.Textbox(
+            state.cfg.dataset.system_prompt or "", label="system prompt", lines=2, elem_id="system-prompt"
+        )
         with gr.Row():
             sampling = gr.Checkbox(gen0.do_sample, label="sampling (off: greedy)")
-            temperature = gr.Slider(0.05, 2.0, value=max(gen0.temperature, 0.05), step=0.05, label="temperature")
+            temperature = gr.Slider(
+                0.05, 2.0, value=max(gen0.temperature, 0.05), step=0.05, label="temperature"
+            )
             top_k = gr.Slider(0, 200, value=gen0.top_k, step=1, label="top-k (0: off)")
             top_p = gr.Slider(0.05, 1.0, value=gen0.top_p, step=0.05, label="top-p")
         with gr.Row():
-            max_new = gr.Slider(1, 1024, value=gen0.max_new_tokens, step=1, label="max new tokens",
-                                elem_id="max-new-tokens")
-            repetition = gr.Slider(1.0, 2.0, value=max(gen0.repetition_penalty, 1.0), step=0.05,
-                                   label="repetition penalty")
-    return Controls(run_box, system_box, [sampling, temperature, top_k, top_p, max_new, repetition]), refresh_runs
+            max_new = gr.Slider(
+                1, 1024, value=gen0.max_new_tokens, step=1, label="max new tokens", elem_id="max-new-tokens"
+            )
+            repetition = gr.Slider(
+                1.0, 2.0, value=max(gen0.repetition_penalty, 1.0), step=0.05, label="repetition penalty"
+            )
+    return Controls(
+        run_box, system_box, [sampling, temperature, top_k, top_p, max_new, repetition]
+    ), refresh_runs
 
 
 def chat_page(state: AppState, controls: Controls, start_modes: list[str], start_mode: str) -> gr.Dropdown:
     """The Chat page: a conversation with one run in one inference mode, streamed; returns its mode picker."""
     cache, gen0 = state.cache, state.gen0
     with gr.Row(equal_height=True):
-        chat_mode = gr.Dropdown(start_modes, value=start_mode, label="inference mode", scale=1, elem_id="chat-mode")
+        chat_mode = gr.Dropdown(
+            start_modes, value=start_mode, label="inference mode", scale=1, elem_id="chat-mode"
+        )
         chat_status = gr.Markdown("", elem_id="chat-status")
     # user text shown as typed and replies without HTML or images: see shown()
     chatbot = gr.Chatbot(label="conversation", elem_id="chat-history", height=300)
     with gr.Row():
-        message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=5,
-                             elem_id="chat-input")
+        message = gr.Textbox(
+            placeholder="Type a message and press Enter", show_label=False, scale=5, elem_id="chat-input"
+        )
         send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
         stop = gr.Button("Stop", variant="stop", scale=1, elem_id="chat-stop")
         reset = gr.Button("Reset", scale=1, elem_id="chat-reset")
     history = gr.State([])  # the conversation as typed and generated: what the model sees
 
-    def respond(text, messages, choice, mode, system, sampling, temperature, top_k, top_p, max_new,
-                repetition, request: gr.Request):
+    def respond(
+        text,
+        messages,
+        choice,
+        mode,
+        system,
+        sampling,
+        temperature,
+        top_k,
+        top_p,
+        max_new,
+        repetition,
+        request: gr.Request,
+    ):
         text = (text or "").strip()
         if not text:
             yield "", gr.skip(), messages, gr.skip()
@@ -512,22 +602,37 @@ def chat_page(state: AppState, controls: Controls, start_modes: list[str], start
                 gen = generation_settings(gen0, sampling, temperature, top_k, top_p, max_new, repetition)
                 prompt = [{"role": "system", "content": system}] if system.strip() else []
                 max_len = context_length(loaded.model)
-                ids, kept = conversation_ids(prompt + messages, loaded.tokenizer, loaded.cfg.dataset,
-                                             gen.max_new_tokens, max_len)
+                ids, kept = conversation_ids(
+                    prompt + messages, loaded.tokenizer, loaded.cfg.dataset, gen.max_new_tokens, max_len
+                )
                 if ids.shape[1] + gen.max_new_tokens > max_len:
-                    yield text, shown(messages[:-1]), messages[:-1], \
-                        too_long_line(ids.shape[1], gen.max_new_tokens, max_len)
+                    yield (
+                        text,
+                        shown(messages[:-1]),
+                        messages[:-1],
+                        too_long_line(ids.shape[1], gen.max_new_tokens, max_len),
+                    )
                     return
                 dropped = len(prompt) + len(messages) - len(kept)
-                note = (f" · the oldest {dropped} messages no longer fit the context ({max_len} tokens) "
-                        f"and were left out of the prompt") if dropped else ""
+                note = (
+                    (
+                        f" · the oldest {dropped} messages no longer fit the context ({max_len} tokens) "
+                        f"and were left out of the prompt"
+                    )
+                    if dropped
+                    else ""
+                )
                 with closing(stream_reply(loaded, ids, gen, turn.stop)) as stream:
                     for answer, stats in stream:
                         if turn.discarded:
                             return
                         # gr.skip(): the box keeps what the user types next while this answer streams
-                        yield gr.skip(), shown(messages + [{"role": "assistant", "content": answer}]), \
-                            gr.skip(), f"{status} · {progress_line(stats)}{note}"
+                        yield (
+                            gr.skip(),
+                            shown(messages + [{"role": "assistant", "content": answer}]),
+                            gr.skip(),
+                            f"{status} · {progress_line(stats)}{note}",
+                        )
                 if turn.discarded:
                     return
                 messages = messages + [{"role": "assistant", "content": answer}]
@@ -542,8 +647,10 @@ def chat_page(state: AppState, controls: Controls, start_modes: list[str], start
 
     chat_inputs = [message, history, controls.run_box, chat_mode, controls.system_box, *controls.settings]
     chat_outputs = [message, chatbot, history, chat_status]
-    answering = [send.click(respond, chat_inputs, chat_outputs),
-                 message.submit(respond, chat_inputs, chat_outputs)]
+    answering = [
+        send.click(respond, chat_inputs, chat_outputs),
+        message.submit(respond, chat_inputs, chat_outputs),
+    ]
 
     def stop_chat(request: gr.Request):  # the answer so far stays, as the last reply
         state.stop_turn(request, "chat")
@@ -551,12 +658,14 @@ def chat_page(state: AppState, controls: Controls, start_modes: list[str], start
     stop.click(stop_chat, None, None)
     # cleared again one round trip later: an answer's update already on its way may land after the first
     reset.click(reset_chat, None, [chatbot, history, chat_status], cancels=answering).then(
-        lambda: ([], [], "history cleared"), None, [chatbot, history, chat_status])
+        lambda: ([], [], "history cleared"), None, [chatbot, history, chat_status]
+    )
     return chat_mode
 
 
-def side_by_side_page(state: AppState, controls: Controls, start_modes: list[str], start_mode: str,
-                      other_mode: str) -> tuple[gr.Dropdown, gr.Dropdown]:
+def side_by_side_page(
+    state: AppState, controls: Controls, start_modes: list[str], start_mode: str, other_mode: str
+) -> tuple[gr.Dropdown, gr.Dropdown]:
     """The Side by side page: one prompt answered by two inference modes in turn; returns its two mode pickers."""
     cache, gen0, cfg = state.cache, state.gen0, state.cfg
     with gr.Row(equal_height=True):
@@ -565,25 +674,42 @@ def side_by_side_page(state: AppState, controls: Controls, start_modes: list[str
         sbs_stop = gr.Button("Stop", variant="stop", scale=0, elem_id="sbs-stop")
     with gr.Row():
         with gr.Column():
-            mode_a = gr.Dropdown(start_modes, value=other_mode, label="left: inference mode", elem_id="sbs-mode-a")
+            mode_a = gr.Dropdown(
+                start_modes, value=other_mode, label="left: inference mode", elem_id="sbs-mode-a"
+            )
             answer_a = gr.Textbox(label="left answer", lines=10, interactive=False, elem_id="sbs-a")
             stats_a = gr.Markdown("", elem_id="sbs-a-stats")
         with gr.Column():
-            mode_b = gr.Dropdown(start_modes, value=start_mode, label="right: inference mode", elem_id="sbs-mode-b")
+            mode_b = gr.Dropdown(
+                start_modes, value=start_mode, label="right: inference mode", elem_id="sbs-mode-b"
+            )
             answer_b = gr.Textbox(label="right answer", lines=10, interactive=False, elem_id="sbs-b")
             stats_b = gr.Markdown("", elem_id="sbs-b-stats")
     sbs_status = gr.Markdown("", elem_id="sbs-status")
 
-    def side_by_side(text, choice, left, right, system, sampling, temperature, top_k, top_p, max_new,
-                     repetition, request: gr.Request):
+    def side_by_side(
+        text,
+        choice,
+        left,
+        right,
+        system,
+        sampling,
+        temperature,
+        top_k,
+        top_p,
+        max_new,
+        repetition,
+        request: gr.Request,
+    ):
         out = {answer_a: "", answer_b: "", stats_a: "", stats_b: "", sbs_status: ""}
         if not (text or "").strip():
             yield out | {sbs_status: "type a prompt first"}
             return
         turn = state.new_turn(request, "side")
         gen = generation_settings(gen0, sampling, temperature, top_k, top_p, max_new, repetition)
-        messages = ([{"role": "system", "content": system}] if system.strip() else []) + \
-            [{"role": "user", "content": text.strip()}]
+        messages = ([{"role": "system", "content": system}] if system.strip() else []) + [
+            {"role": "user", "content": text.strip()}
+        ]
         with cache.lock:
             for mode, answer, stats in ((left, answer_a, stats_a), (right, answer_b, stats_b)):
                 if turn.stop.is_set():
@@ -596,8 +722,9 @@ def side_by_side_page(state: AppState, controls: Controls, start_modes: list[str
                         yield out | {stats: line}
                     loaded = cache.get(run_dir, mode)
                     max_len = context_length(loaded.model)
-                    ids, _ = conversation_ids(messages, loaded.tokenizer, loaded.cfg.dataset, gen.max_new_tokens,
-                                              max_len)
+                    ids, _ = conversation_ids(
+                        messages, loaded.tokenizer, loaded.cfg.dataset, gen.max_new_tokens, max_len
+                    )
                     if ids.shape[1] + gen.max_new_tokens > max_len:
                         out |= {stats: f"{mode}: {too_long_line(ids.shape[1], gen.max_new_tokens, max_len)}"}
                         yield out
@@ -630,9 +757,14 @@ def runs_page(state: AppState):
     load calls to read the folders again."""
     output_dir = state.output_dir
     gr.Markdown(f"Runs under `{output_dir}`, newest first; times in UTC.")
-    runs_df = gr.Dataframe([], headers=web_pages.RUN_COLUMNS, interactive=False, wrap=True,
-                           column_widths=["38%", "10%", "11%", "7%", "9%", "5%", "8%", "6%", "6%"],
-                           elem_id="runs-table")
+    runs_df = gr.Dataframe(
+        [],
+        headers=web_pages.RUN_COLUMNS,
+        interactive=False,
+        wrap=True,
+        column_widths=["38%", "10%", "11%", "7%", "9%", "5%", "8%", "6%", "6%"],
+        elem_id="runs-table",
+    )
     with gr.Row():
         open_box = gr.Dropdown([], value=None, label="open a run", scale=3, elem_id="run-open")
         refresh = gr.Button("↻ refresh", scale=0, elem_id="runs-refresh")
@@ -644,22 +776,30 @@ def runs_page(state: AppState):
 
     def refresh_table():
         rows = web_pages.runs_table(output_dir)
-        return ([[r[c] for c in web_pages.RUN_COLUMNS] for r in rows],
-                gr.update(choices=[r["run"] for r in rows]))
+        return (
+            [[r[c] for c in web_pages.RUN_COLUMNS] for r in rows],
+            gr.update(choices=[r["run"] for r in rows]),
+        )
 
     def open_run(name):
         if not name:
             return None, "", "", ""
         run_dir = (output_dir / name).resolve()
         if not run_dir.is_relative_to(output_dir) or not run_dir.is_dir():
-            return None, f"**`{name}` is not a run under `{output_dir}` (any more?);** ↻ refresh " \
-                         f"the list.", "", ""
+            return (
+                None,
+                f"**`{name}` is not a run under `{output_dir}` (any more?);** ↻ refresh the list.",
+                "",
+                "",
+            )
         details = web_pages.run_details(run_dir)
         figure = web_pages.loss_figure(details["history"], name)
         evaluation_text = details["evaluation"]
         if figure is None:
-            evaluation_text = "No loss history (no checkpoint's trainer_state.json, no TensorBoard " \
-                              "events) in this run.\n\n" + evaluation_text
+            evaluation_text = (
+                "No loss history (no checkpoint's trainer_state.json, no TensorBoard "
+                "events) in this run.\n\n" + evaluation_text
+            )
         return figure, evaluation_text, json.dumps(details["metrics"], indent=2), details["config"]
 
     refresh.click(refresh_table, None, [runs_df, open_box])
@@ -677,10 +817,14 @@ def sweeps_page(state: AppState):
     # the decision card on top when the sweep has one (decision.md + decision.png), then summary.md
     with gr.Row():
         sweep_card = gr.Markdown("", elem_id="sweep-card")
-        sweep_card_plot = gr.Image(None, label="decision", visible=False, interactive=False, elem_id="sweep-card-plot")
+        sweep_card_plot = gr.Image(
+            None, label="decision", visible=False, interactive=False, elem_id="sweep-card-plot"
+        )
     sweep_md = gr.Markdown("", elem_id="sweep-summary")
     # "contain": each plot whole, axes and legend included (the default crops them to the tile)
-    sweep_plots = gr.Gallery(label="plots", columns=2, height="auto", object_fit="contain", elem_id="sweep-plots")
+    sweep_plots = gr.Gallery(
+        label="plots", columns=2, height="auto", object_fit="contain", elem_id="sweep-plots"
+    )
 
     def sweep_list(current=None):
         names = [p.relative_to(output_dir).as_posix() for p in web_pages.sweep_dirs(output_dir)]
@@ -689,8 +833,12 @@ def sweeps_page(state: AppState):
     def open_sweep(name):
         no_card = ("", gr.update(value=None, visible=False))
         if not name:
-            return (*no_card, f"No sweep report under `{output_dir}` yet: `python -m qlora_lab -m "
-                              f"+experiment=lora_vs_qlora` writes one.", [])
+            return (
+                *no_card,
+                f"No sweep report under `{output_dir}` yet: `python -m qlora_lab -m "
+                f"+experiment=lora_vs_qlora` writes one.",
+                [],
+            )
         folder = (output_dir / name).resolve()
         if not folder.is_relative_to(output_dir):
             return *no_card, f"**`{name}` is not a sweep under `{output_dir}`.**", []
@@ -701,10 +849,18 @@ def sweeps_page(state: AppState):
             plots = [(Image.open(p).convert("RGB"), p.name) for p in page["plots"]]
             card_plot = Image.open(page["card_plot"]).convert("RGB") if page["card_plot"] else None
         except OSError as e:  # moved or deleted since the list was read: this sweep only
-            return (*no_card, f"**The sweep `{name}` cannot be read** ({e.strerror or e}): it was moved "
-                              f"or deleted; ↻ refresh the list.", [])
-        return (page["card"] or "", gr.update(value=card_plot, visible=card_plot is not None),
-                page["summary"], plots)
+            return (
+                *no_card,
+                f"**The sweep `{name}` cannot be read** ({e.strerror or e}): it was moved "
+                f"or deleted; ↻ refresh the list.",
+                [],
+            )
+        return (
+            page["card"] or "",
+            gr.update(value=card_plot, visible=card_plot is not None),
+            page["summary"],
+            plots,
+        )
 
     sweep_outputs = [sweep_card, sweep_card_plot, sweep_md, sweep_plots]
     sweep_box.input(open_sweep, sweep_box, sweep_outputs)
@@ -737,8 +893,11 @@ def build_app(cfg: Config, source: Path | None) -> gr.Blocks:
         def new_run(choice):
             modes = state.modes_for(choice)
             pick = lambda want: want if want in modes else modes[0]  # noqa: E731
-            return (gr.update(choices=modes, value=pick(start_mode)), gr.update(choices=modes, value=pick("base")),
-                    gr.update(choices=modes, value=pick(start_mode)))
+            return (
+                gr.update(choices=modes, value=pick(start_mode)),
+                gr.update(choices=modes, value=pick("base")),
+                gr.update(choices=modes, value=pick(start_mode)),
+            )
 
         controls.run_box.change(new_run, controls.run_box, [chat_mode, mode_a, mode_b])
         refresh_runs.click(lambda: gr.update(choices=state.run_choices()), None, controls.run_box)
@@ -748,12 +907,14 @@ def build_app(cfg: Config, source: Path | None) -> gr.Blocks:
             table, opened = refresh_table()
             return gr.update(choices=state.run_choices()), table, opened, sweep_list()
 
-        app.load(on_load, None, [controls.run_box, *runs_outputs, sweep_box]).then(open_sweep, sweep_box,
-                                                                                    sweep_outputs)
+        app.load(on_load, None, [controls.run_box, *runs_outputs, sweep_box]).then(
+            open_sweep, sweep_box, sweep_outputs
+        )
     return app
 
 
 # ---------------------------------------------------------------- the stage
+
 
 def check_port(host: str, port: int) -> None:
     """Fail with one sentence, before Gradio starts, when the address cannot be served."""
@@ -762,8 +923,10 @@ def check_port(host: str, port: int) -> None:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((host, port))
     except OSError as e:
-        raise ConfigError(f"web.host={host} web.port={port} cannot be served ({e.strerror}); pick a free port with "
-                          f"web.port=N, or a local address for web.host.") from None
+        raise ConfigError(
+            f"web.host={host} web.port={port} cannot be served ({e.strerror}); pick a free port with "
+            f"web.port=N, or a local address for web.host."
+        ) from None
 
 
 def run(cfg: Config, run: Run) -> None:
@@ -771,15 +934,28 @@ def run(cfg: Config, run: Run) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up requests to itself
     check_port(host, port)
     if not is_loopback(host):  # validate() has made sure of a login
-        log.warning("web.host=%s: the app listens on that interface; anyone who reaches port %d gets its login page "
-                    "(web.auth)", host, port)
+        log.warning(
+            "web.host=%s: the app listens on that interface; anyone who reaches port %d gets its login page "
+            "(web.auth)",
+            host,
+            port,
+        )
     source = run.source if cfg.run_dir else None
     app = build_app(cfg, source)
     app.queue(default_concurrency_limit=1)
     auth = tuple(cfg.web.auth.split(":", 1)) if cfg.web.auth else None
-    app.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=True, quiet=True,
-               show_error=True, ssr_mode=False, inbrowser=False, auth=auth,
-               app_kwargs={"middleware": [Middleware(Guard, names=served_names(host))]})
+    app.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        prevent_thread_lock=True,
+        quiet=True,
+        show_error=True,
+        ssr_mode=False,
+        inbrowser=False,
+        auth=auth,
+        app_kwargs={"middleware": [Middleware(Guard, names=served_names(host))]},
+    )
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     print(f"web app: http://{shown}:{port}  (Ctrl-C stops it)", flush=True)
     try:
