@@ -1112,7 +1112,9 @@ def test_a_message_too_long_is_not_sent_and_trimmed_turns_are_named(browser, app
     assert box.get_attribute("value").strip() == long.strip() and not bubbles(browser, "user")  # handed back
 
     half = "word " * 500  # two of these with their answers do not fit: the first exchange is dropped
-    for _ in range(2):
+    # the second reply's status must be waited for by its own note: the first reply's "tokens/s" is still shown
+    # while the second one generates
+    for done in ("tokens/s", "no longer fit"):
         browser.execute_script(
             "arguments[0].value = arguments[1]; "
             "arguments[0].dispatchEvent(new Event('input', {bubbles: true}))",
@@ -1120,7 +1122,7 @@ def test_a_message_too_long_is_not_sent_and_trimmed_turns_are_named(browser, app
             half,
         )
         browser.find_element(By.ID, "chat-send").click()
-        wait_for(lambda: "tokens/s" in text_of(browser, "chat-status"), 120, "the reply")
+        wait_for(lambda done=done: done in text_of(browser, "chat-status"), 120, "the reply")
     status = text_of(browser, "chat-status")
     assert "the oldest 2 messages no longer fit the context (2048 tokens)" in status, status
     assert len(bubbles(browser, "user")) == 2  # still in view
