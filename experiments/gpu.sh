@@ -11,7 +11,7 @@
 #   bash experiments/gpu.sh sweep2      # 2 GPUs: the 8B LoRA-vs-QLoRA sweep one job at a time vs one job per GPU
 # Results go to $OUT (default /tmp/gpu-out): logs, reference_*.jsonl and one .tgz per sweep.
 set -uo pipefail
-stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality|variants|decision|multi|multi2|before|fsdpmem|fsdp8b|sweep2}
+stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality|variants|decision|decision2|multi|multi2|before|fsdpmem|fsdp8b|sweep2}
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT" /root/smolparts
 cp .gpu/smolpart.* /root/smolparts/ 2>/dev/null  # the SmolLM2 GGUF travels in parts, one per call (64 MiB a call)
@@ -187,6 +187,7 @@ case $stage in
     tar czf "$OUT/runs_fsdpmem.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard --exclude=merged -C /root runs ;;
   fsdp8b)  # FSDP2 on 8B with Liger's fused cross-entropy (the LM head gathered for the loss) against one GPU
     m=$(model_dir +experiment=multi_gpu_8b)
+    CUDA_VISIBLE_DEVICES=0 python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference.jsonl"
     LAUNCH=accelerate/fsdp_2gpu.yaml one fsdp_8b +experiment=multi_gpu_8b
     CUDA_VISIBLE_DEVICES=0 one single_8b +experiment=multi_gpu_8b
     CUDA_VISIBLE_DEVICES=0 python3 experiments/multi_gpu/same_adapter_layout.py /root/runs/single_8b/adapter /root/runs/fsdp_8b/adapter | tee -a "$OUT/runs.jsonl"
@@ -204,6 +205,27 @@ case $stage in
     python3 experiments/lora_vs_qlora/reference_loop.py "$QLORA_LAB_CACHE/models/SmolLM2-135M-Instruct" \
       --recipes fast_qlora,fast_lora --batch 8 --seq 1024 | tee "$OUT/reference.jsonl"
     tar czf "$OUT/decision_sweeps.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard -C /root/sw . ;;
+  decision2)  # issue 23 on 2 GPUs, one seed's sweep per GPU, each one job at a time: `decision2 42 43` (seed 42 on
+    # GPU 0, 43 on GPU 1), then `decision2 44` (seed 44 on GPU 0 beside +experiment=qlora_variants, issue 25, on
+    # GPU 1); the plain reference loop on GPU 0 after them, same call. Merge the seed folders afterwards.
+    real_smollm2
+    rm -rf /root/sw
+    gpu=0
+    for seed in "${@:2}"; do
+      CUDA_VISIBLE_DEVICES=$gpu timeout ${SWEEP_TIMEOUT:-450} python3 -m qlora_lab -m +experiment=decision_gsm8k \
+        sweep.repeats=1 train.seed=$seed eval.batch_size=${EVAL_BATCH:-440} hydra.sweep.dir=/root/sw/seed$seed \
+        > "$OUT/sweep_seed$seed.log" 2>&1 &
+      gpu=$((gpu + 1))
+      sleep 20  # the first sweep converts the GGUF into the cache before the second needs it
+    done
+    [ $# -eq 2 ] && CUDA_VISIBLE_DEVICES=1 timeout ${SWEEP_TIMEOUT:-450} python3 -m qlora_lab -m +experiment=qlora_variants \
+      dataset.size=256 dataset.max_seq_length=512 sweep.repeats=3 hydra.sweep.dir=/root/sw/variants \
+      > "$OUT/sweep_variants.log" 2>&1 &
+    wait
+    for f in "$OUT"/sweep_*.log; do echo "== $f"; grep -E "^\| |rror" "$f" | tail -n 12; done
+    CUDA_VISIBLE_DEVICES=0 python3 experiments/lora_vs_qlora/reference_loop.py "$QLORA_LAB_CACHE/models/SmolLM2-135M-Instruct" \
+      --recipes fast_qlora,fast_lora --batch 8 --seq 1024 | tee "$OUT/reference.jsonl"
+    tar czf "$OUT/sweeps_${2}.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard --exclude=merged -C /root/sw . ;;
   sweep2)  # the 8B LoRA-vs-QLoRA sweep (fast recipe): one job at a time, then one job per GPU
     m=$(model_dir +experiment=lora_vs_qlora_gpu_8b)
     CUDA_VISIBLE_DEVICES=0 python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora,fast_lora | tee "$OUT/reference_sweep2.jsonl"
