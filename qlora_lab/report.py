@@ -121,8 +121,13 @@ RATIO_NOTE = (
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
     """Job folders (those Hydra wrote a config into), in job-number order. Also found below the top level: a
-    hydra.sweep.subdir with a '/' in it (or a sweep from before job_dirname) nests them."""
-    dirs = [p.parent.parent for p in sweep_dir.glob("**/.hydra/config.yaml") if p.parent.parent != sweep_dir]
+    hydra.sweep.subdir with a '/' in it (or a sweep from before job_dirname) nests them. The re-runs of
+    `verify` (SWEEP_DIR/verify/) are not jobs of the sweep."""
+    dirs = [
+        p.parent.parent
+        for p in sweep_dir.glob("**/.hydra/config.yaml")
+        if p.parent.parent != sweep_dir and p.relative_to(sweep_dir).parts[0] != "verify"
+    ]
 
     def number(p: Path) -> int:
         first = p.relative_to(sweep_dir).parts[0].split("_", 1)[0]
