@@ -185,6 +185,9 @@ def job_row(job_dir: Path) -> dict:
     row["_curve"] = metrics.get("eval/curve") or []  # [{step, tokens, train_s, loss}]: qlora_lab/decision.py
     row["_info"] = info
     row["equal_memory"] = row["memory_cap_gib"] is not None
+    # whether the cap chose the batch: the batches tried over it, and the first one the search tried
+    row["_batch_over_cap"] = metrics.get("train/batch_over_cap") or []
+    row["_auto_batch_start"] = OmegaConf.select(cfg, "train.auto_batch_start", default=None)
     return row
 
 

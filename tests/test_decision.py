@@ -12,7 +12,7 @@ import yaml
 from omegaconf import OmegaConf, open_dict
 
 from hydra_plugins.qlora_lab_launcher.equal_memory_sweeper import measured_peak
-from qlora_lab import callbacks, report
+from qlora_lab import callbacks, decision, report
 from qlora_lab.decision import interval
 from qlora_lab.report import main as report_main
 from qlora_lab.report import write_report
@@ -462,6 +462,42 @@ def test_card_gives_throughput_and_time_to_target_at_equal_memory_beside_equal_b
     )
 
 
+def test_headline_says_what_the_saved_memory_buys_at_equal_memory_and_that_a_cpu_peak_is_rss(tmp_path):
+    equal_memory_sweep(tmp_path)
+    write_report(tmp_path)
+    first = (tmp_path / "decision.md").read_text().split("![decision]", 1)[0]  # the card's headline
+    speed, half = interval([200.0, 220.0])  # 300 and 320 tokens/s against LoRA's 100, per seed
+    assert (
+        "At equal memory (QLoRA nf4 with train.batch_size=auto under its LoRA job's peak; 2 pairs by data size and "
+        f"seed, means ± their 95% interval): batch 12 against LoRA's 4; tokens/s +{speed:.0f}% ± {half:.0f}% "
+        "against LoRA's (+0% ± 0% at LoRA's batch); training seconds to the target (LoRA's final eval loss + 2%) "
+        "-25% ± 0% against LoRA's.\n"  # 3 s against LoRA's 4 s, both seeds
+    ) in first
+    assert (
+        "On a CPU the peaks (and the equal-memory cap) are the job process's peak RSS, not GPU memory"
+        in first
+    )
+    rows = report.collect(tmp_path)
+    assert decision.plot_title(rows, True).endswith(
+        "; equal memory: QLoRA's batch_size=auto under LoRA's peak (CPU: peaks are process RSS, not GPU memory)"
+    )
+    assert "equal memory" not in decision.plot_title(rows, False)
+
+
+def test_headline_at_equal_memory_prints_no_gain_its_data_do_not_show(tmp_path):
+    """On a GPU: the equal-memory jobs found no larger batch than LoRA's, and never reached the target."""
+    equal_memory_sweep(tmp_path, batch=4, losses=(3.0, 2.6, 2.5), gpu="NVIDIA H200")
+    write_report(tmp_path)
+    first = (tmp_path / "decision.md").read_text().split("![decision]", 1)[0]
+    assert (
+        "batch 4 against LoRA's 4 (no larger batch fit, so here its saved memory bought no larger batch)"
+        in first
+    )
+    assert "time to target not compared for 2 of 2 (QLoRA nf4 at equal memory did not reach it)." in first
+    assert "training seconds to the target" not in first and "On a CPU" not in first
+    assert "CPU" not in decision.plot_title(report.collect(tmp_path), True)
+
+
 def test_an_equal_memory_job_that_found_no_batch_is_listed_with_its_reason(tmp_path):
     fake_sweep(tmp_path, {8: [0.0, 0.01]})
     name = add_equal_memory_job(tmp_path, 4, 8, 42, LORA_PEAK, 1, 9.0, 1.0, status="failed")
@@ -479,6 +515,10 @@ def test_an_equal_memory_job_that_found_no_batch_is_listed_with_its_reason(tmp_p
     assert "| within noise |" in next(
         line for line in card.splitlines() if line.startswith("| 8 | QLoRA nf4 | 2 |")
     )
+    assert (
+        "At equal memory: no QLoRA nf4 job completed with train.batch_size=auto under its LoRA job's peak (see the "
+        "equal-memory table), so there is nothing to compare."
+    ) in card.split("![decision]", 1)[0]
 
 
 def fake_rerun(monkeypatch, batch: int, device: str | None = None) -> list[list[str]]:
@@ -608,6 +648,7 @@ def test_real_sweep_with_equal_memory_runs_the_capped_job_after_its_lora_job_and
     )
     card = (sweep_dir / "decision.md").read_text()
     assert f"| 8 | QLoRA nf4 at equal memory | {spent['train/batch_size']} |" in card
+    assert "At equal memory (QLoRA nf4 with train.batch_size=auto under its LoRA job's peak; 1 pair" in card
     from qlora_lab import verify
 
     capsys.readouterr()
