@@ -208,12 +208,13 @@ case $stage in
   decision2)  # issue 23 on 2 GPUs, one seed's sweep per GPU, each one job at a time: `decision2 42 43` (seed 42 on
     # GPU 0, 43 on GPU 1), then `decision2 44` (seed 44 on GPU 0 beside +experiment=qlora_variants, issue 25, on
     # GPU 1); the plain reference loop on GPU 0 after them, same call. Merge the seed folders afterwards.
+    # EXTRA: more overrides for the decision sweeps, e.g. EXTRA=dataset.size=3000,7473 for the cells left to run
     real_smollm2
     rm -rf /root/sw
     gpu=0
     for seed in "${@:2}"; do
       CUDA_VISIBLE_DEVICES=$gpu timeout ${SWEEP_TIMEOUT:-450} python3 -m qlora_lab -m +experiment=decision_gsm8k \
-        sweep.repeats=1 train.seed=$seed eval.batch_size=${EVAL_BATCH:-440} hydra.sweep.dir=/root/sw/seed$seed \
+        sweep.repeats=1 train.seed=$seed eval.batch_size=${EVAL_BATCH:-440} ${EXTRA:-} hydra.sweep.dir=/root/sw/seed$seed \
         > "$OUT/sweep_seed$seed.log" 2>&1 &
       gpu=$((gpu + 1))
       sleep 20  # the first sweep converts the GGUF into the cache before the second needs it

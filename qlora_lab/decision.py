@@ -24,6 +24,7 @@ FIGURES = [
     ("eval_accuracy", "accuracy", 2),
     ("tokens_per_s", "tokens/s", 0),
     ("peak_gib", "peak GiB", 2),
+    ("train_s", "train s", 1),
     ("wall_s", "wall s", 1),
 ]
 
@@ -124,7 +125,8 @@ def compare(cell: list[dict], q: str) -> dict:
         ]
     )
     lora_peak, _ = interval([a["peak_gib"] for a, _ in ps])
-    time, time_half = interval([b["wall_s"] / a["wall_s"] - 1 for a, b in ps if a["wall_s"] and b["wall_s"]])
+    # training time, not the job's wall time: that also holds model conversion, loading and the evaluate stage
+    time, time_half = interval([b["train_s"] / a["train_s"] - 1 for a, b in ps if a["train_s"] and b["train_s"]])
     if len(ps) < MIN_PAIRS or gap_half is None:
         verdict = "no verdict (fewer than 2 seeds)" if ps else "no verdict (no pair)"
     elif gap - gap_half <= 0 <= gap + gap_half:
@@ -178,7 +180,7 @@ def headline(found: list[dict], rows: list[dict]) -> list[str]:
             [a["peak_gib"] - b["peak_gib"] for a, b in every if a["peak_gib"] and b["peak_gib"]]
         )
         lora_peak, _ = interval([a["peak_gib"] for a, _ in every])
-        time, _ = interval([b["wall_s"] / a["wall_s"] - 1 for a, b in every if a["wall_s"] and b["wall_s"]])
+        time, _ = interval([b["train_s"] / a["train_s"] - 1 for a, b in every if a["train_s"] and b["train_s"]])
         costs = []
         if saved is not None and lora_peak:
             costs.append(
@@ -186,7 +188,7 @@ def headline(found: list[dict], rows: list[dict]) -> list[str]:
                 f"peak memory ({-100 * saved / lora_peak:+.0f}%)"
             )
         if time is not None:
-            costs.append(f"{'costs' if time >= 0 else 'saves'} {abs(100 * time):.0f}% wall time")
+            costs.append(f"{'costs' if time >= 0 else 'saves'} {abs(100 * time):.0f}% training time")
         text = f"{where}: {mode(q)} " + " and ".join(costs) + " (means over all pairs); "
         judged = [c for c in mine if not c["verdict"].startswith("no verdict")]
         if len(judged) < len(mine):
@@ -375,7 +377,7 @@ def card(rows: list[dict]) -> str:
     lines += [
         "",
         "Pairs: a LoRA and a QLoRA job of the same cell and seed (same data subset and order). Gap, memory "
-        "saved and time cost are means of the per-pair differences (time cost: QLoRA's wall time ÷ LoRA's − 1) "
+        "saved and time cost are means of the per-pair differences (time cost: QLoRA's training time ÷ LoRA's − 1) "
         f"± the half-width of their 95% Student-t interval. Within noise: the gap's interval holds 0; "
         f"worse/better: it lies wholly above/below 0. Cells with fewer than {MIN_PAIRS} pairs get no "
         f"interval and no verdict. Runs: the job folders of the pairs (LoRA, QLoRA per seed).",
@@ -490,7 +492,7 @@ def plot(rows: list[dict], path: Path) -> bool:
     panels = [
         ("gap", "gap_half", "eval loss gap (QLoRA − LoRA)"),
         ("saved_gib", "saved_half", "peak memory saved (GiB)"),
-        ("time_pct", "time_half", "wall time cost (%)"),
+        ("time_pct", "time_half", "training time cost (%)"),
     ]
     if spent:  # the fourth panel: tokens/s against LoRA's at LoRA's batch and at equal memory
         ax = axes[3]
