@@ -289,3 +289,109 @@ def test_fsdp2_fused_loss_gets_the_whole_lm_head(tmp_path):
         "same_logits": True,
         "head_sharded_after": True,
     }
+
+
+def _sharded_against_whole(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks under FSDP: the tiny nf4 model loaded shard by shard (sharded_loading) against the same
+    checkpoint loaded whole on this rank as one process loads it (load_model + attach_lora), both from seed 42."""
+    import torch
+    import torch.distributed as dist
+    from transformers import set_seed
+
+    from qlora_lab.models import attach_lora, load_model, model_path
+    from qlora_lab.pipelines.train import full_adapter_state
+    from qlora_lab.sharded_loading import load_sharded
+
+    from .conftest import make_cfg
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        ACCELERATE_USE_FSDP="true",
+    )
+    torch.set_num_threads(1)
+    cfg = make_cfg([*TINY, "quantization=nf4", "lora.dropout=0", f"paths.cache_dir={Path(out).parent / 'cache'}"])
+    if rank == 0:
+        model_path(cfg)  # build the random checkpoint once, before rank 1 reads it
+    dist.barrier() if dist.is_initialized() else None
+    path = model_path(cfg)
+    set_seed(42)
+    sharded, _, (trainable, total) = load_sharded(path, cfg)
+    set_seed(42)
+    whole = attach_lora(load_model(path, cfg), cfg)
+
+    def local_4bit_bytes(model) -> int:
+        import bitsandbytes as bnb
+
+        return sum(
+            (w.to_local() if hasattr(w, "to_local") else w).untyped_storage().nbytes()
+            for m in model.modules()
+            if isinstance(m, bnb.nn.Linear4bit)
+            for w in [m.weight]
+        )
+
+    lora = [(n, p) for n, p in sharded.named_parameters() if p.requires_grad]
+    whole_start = {n: p.detach().clone() for n, p in whole.named_parameters() if p.requires_grad}
+    sharded_start = full_adapter_state(sharded)
+    result = {
+        "bytes_ratio": local_4bit_bytes(sharded) / local_4bit_bytes(whole),
+        "params": [trainable, total] == list(whole.get_nb_trainable_parameters()),
+        "lora_is_fsdp": all(type(p).__name__ == "DTensor" for _, p in lora) and len(lora) == len(whole_start),
+        "same_lora_init": sharded_start.keys() == whole_start.keys()
+        and all(torch.equal(sharded_start[k], whole_start[k]) for k in whole_start),
+    }
+    # the same batch on both ranks: FSDP's averaged gradient is then one process's gradient on that batch
+    ids = torch.arange(48).reshape(2, 24) * 7 % 5000 + 100
+    with torch.no_grad():
+        result["max_logit_diff"] = (sharded(input_ids=ids).logits - whole(input_ids=ids).logits).abs().max().item()
+    losses = {"sharded": [], "whole": []}
+    for name, model in (("sharded", sharded), ("whole", whole)):
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=5e-3)
+        for step in range(3):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            if name == "sharded" and step == 0:
+                grads = [p.grad for p in params]
+                result["lora_grads"] = all(g is not None for g in grads) and all(
+                    g.full_tensor().abs().sum() > 0 for (n, _), g in zip(lora, grads) if "lora_B" in n
+                )
+            opt.step()
+            opt.zero_grad()
+            losses[name].append(loss.item())
+    result["max_loss_diff"] = max(abs(a - b) for a, b in zip(losses["sharded"], losses["whole"]))
+    result["loss_moved"] = losses["sharded"][-1] < losses["sharded"][0]
+    adapter = full_adapter_state(sharded)
+    trained = {n: p.detach() for n, p in whole.named_parameters() if p.requires_grad}
+    result["adapter_max_diff"] = max((adapter[k] - trained[k]).abs().max().item() for k in trained)
+    if rank == 0:
+        sharded.save_pretrained(Path(out).parent / "adapter", state_dict=adapter)
+        Path(out).write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def test_fsdp_sharded_loading_matches_whole_loading(tmp_path):
+    """FSDP + 4-bit loads shard by shard: each rank holds half the 4-bit weights, with the logits, LoRA
+    initialisation, per-step losses and trained adapter of the model loaded whole (fp32 on a CPU: to 1e-5), the
+    adapter FSDP-managed and trained, and saved whole as a normal PEFT folder."""
+    from safetensors.torch import load_file
+
+    result = on_two_gloo_ranks(_sharded_against_whole, tmp_path)
+    assert result.pop("bytes_ratio") == pytest.approx(0.5, abs=0.01)
+    assert result.pop("max_logit_diff") < 1e-5
+    assert result.pop("max_loss_diff") < 1e-5
+    assert result.pop("adapter_max_diff") < 1e-5
+    assert result == {
+        "params": True,
+        "lora_is_fsdp": True,
+        "same_lora_init": True,
+        "lora_grads": True,
+        "loss_moved": True,
+    }
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert len(saved) == 28 and all(t.shape[0] in (16, 64, 128) or t.shape[1] == 16 for t in saved.values())
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 16
