@@ -137,6 +137,27 @@ def test_plain_launch_on_several_gpus_trains_on_one_instead_of_data_parallel(tmp
             "FSDP shards flat parameters of one dtype, but quantization.storage_dtype=uint8 differs from the model dtype "
             "float32; set quantization.storage_dtype=auto (the model dtype).",
         ),
+        (
+            ["quantization=nf4", "lora.init=loftq"],
+            {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"},
+            0,
+            "lora.init=loftq fits the adapter to the whole unsharded base, which FSDP's shard-by-shard loading never "
+            "holds; use lora.init=default under FSDP, or DDP or one GPU for LoftQ.",
+        ),
+        (
+            ["quantization=nf4", "lora.variant=dora"],
+            {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"},
+            0,
+            "lora.variant=dora is not built by FSDP's shard-by-shard loading of a 4-bit base (not tried); use "
+            "lora.variant=lora under FSDP, or DDP or one GPU for DoRA.",
+        ),
+        (
+            ["quantization=nf4", "model.random_in_memory=true", "pipeline.stages=[train,evaluate]"],
+            {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"},
+            0,
+            "model.random_in_memory keeps its weights in the training processes only, so pipeline stage evaluate "
+            "would have no base to load; use pipeline=train, or drop model.random_in_memory.",
+        ),
     ],
 )
 def test_distributed_launch_mistakes_are_refused_before_loading(monkeypatch, overrides, env, gpus, message):
@@ -315,10 +336,7 @@ def _sharded_against_whole(rank: int, port: int, out: str) -> None:
     )
     torch.set_num_threads(1)
     cfg = make_cfg([*TINY, "quantization=nf4", "lora.dropout=0", f"paths.cache_dir={Path(out).parent / 'cache'}"])
-    if rank == 0:
-        model_path(cfg)  # build the random checkpoint once, before rank 1 reads it
-    dist.barrier() if dist.is_initialized() else None
-    path = model_path(cfg)
+    path = model_path(cfg)  # the random checkpoint, built once (under a file lock) by whichever rank comes first
     set_seed(42)
     sharded, _, (trainable, total) = load_sharded(path, cfg)
     set_seed(42)

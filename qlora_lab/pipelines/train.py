@@ -17,7 +17,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 from ..attention import packed_varlen, use_varlen
 from ..config import Config, ConfigError, LoraInit, Precision, QuantMethod
 from ..data import PackedCollator, file_sha256, load_splits, mean_context, tokenize_split
-from ..distributed import fsdp_enabled, is_main_process, one_gpu_per_process
+from ..distributed import cap_gpu_memory, fsdp_enabled, is_main_process, one_gpu_per_process
 from ..fused_lora import fuse_lora, lora_unfused_reason
 from ..layout import RunLayout
 from ..models import (
@@ -34,6 +34,7 @@ from ..models import (
 from ..perf import flops_per_token, peak_tflops, step_time_spread
 from ..resume import Progress, last_checkpoint
 from ..rundir import Run, peak_memory_gib, reset_peak_memory
+from ..sharded_loading import load_sharded, sharded_loading
 
 log = logging.getLogger(__name__)
 PROFILE_STEPS = 3  # train.profile: optimizer steps recorded
@@ -311,18 +312,27 @@ def run(cfg: Config, run: Run):
     run.log(train_stats | eval_stats)
 
     # ---- model
-    path = model_path(cfg)  # outside the timer: a random-weight model is built on first use
+    # outside the timer: a random-weight model is built on first use (or drawn while loading: random_in_memory)
+    path = None if cfg.model.random_in_memory else model_path(cfg)
+    capped = cap_gpu_memory(t.gpu_memory_cap_gib)
+    if capped:
+        print(capped, flush=True)
+        run.log({"train/gpu_memory_cap_gib": t.gpu_memory_cap_gib})
     t0 = time.perf_counter()
-    model = load_model(path, cfg)
-    load_s = time.perf_counter() - t0
-    footprint = memory_footprint_gib(model)
-    model = attach_lora(model, cfg)
+    if sharded_loading(cfg):  # FSDP + 4-bit: each rank builds only its shard, LoRA included
+        model, footprint, (trainable, total) = load_sharded(path, cfg)
+        load_s = time.perf_counter() - t0
+    else:
+        model = load_model(path, cfg)
+        load_s = time.perf_counter() - t0
+        footprint = memory_footprint_gib(model)
+        model = attach_lora(model, cfg)
+        trainable, total = count_params(model)
     pissa_init = layout.pissa_init if cfg.lora.init is LoraInit.pissa else None
     if pissa_init and not (pissa_init / "adapter_config.json").is_file() and is_main_process():
         # the adapter as initialised: at the end, PEFT turns the trained PiSSA adapter into a plain LoRA (rank 2r)
         # over the original weights, which every later stage loads; a resumed run re-derives the same init
         model.save_pretrained(pissa_init)
-    trainable, total = count_params(model)
     quantized = cfg.quantization.method is not QuantMethod.none
     mode = f"QLoRA ({cfg.quantization.method.value})" if quantized else "LoRA"
     print(
@@ -338,7 +348,7 @@ def run(cfg: Config, run: Run):
             "params/total": total,
         }
     )
-    if torch.cuda.is_available():  # what loading alone took on this rank (under FSDP: before sharding)
+    if torch.cuda.is_available():  # what loading alone took on this rank
         run.log({"memory/load_peak_gib": torch.cuda.max_memory_allocated() / 2**30})
     # No KV cache in training: with one, transformers ignores packed position ids and lets examples attend across
     # their boundaries (recent Trainers set this too)
