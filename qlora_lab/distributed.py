@@ -58,7 +58,9 @@ def cap_gpu_memory(gib: float | None) -> str | None:
     target = device()
     total = torch.cuda.get_device_properties(target).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total), target)
-    return f"GPU memory capped at {gib:g} GiB of {total / 2**30:.1f} GiB on {target} (train.gpu_memory_cap_gib)"
+    return (
+        f"GPU memory capped at {gib:g} GiB of {total / 2**30:.1f} GiB on {target} (train.gpu_memory_cap_gib)"
+    )
 
 
 def launch_command(n_gpus: int) -> str:

@@ -16,7 +16,6 @@ Per-rank load peak: about (the 4-bit model / world size) + one layer.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -95,12 +94,13 @@ class Weights:
     def __init__(self, path: str | None, config, target: torch.device, dtype: torch.dtype):
         from .models import full_precision_weights
 
-        self.files = full_precision_weights(
-            path, "FSDP's shard-by-shard loading", "train with DDP or on one GPU"
-        ) if path else None
+        self.files = (
+            full_precision_weights(path, "FSDP's shard-by-shard loading", "train with DDP or on one GPU")
+            if path
+            else None
+        )
         self.path, self.config, self.target, self.dtype = path, config, target, dtype
         self.generator = None
-        self.made: dict[int, nn.Parameter] = {}  # meta parameter -> its real one (a tied weight is made once)
 
     def start_group(self, index: int) -> None:
         if self.files is None:
@@ -132,7 +132,8 @@ def materialize(modules, names: dict, weights: Weights, prefix: str) -> None:
     quantized as transformers' loader does (bnb.nn.Params4bit(...).to(device)). A tied parameter is made once."""
     import bitsandbytes as bnb
 
-    made = weights.made
+    # meta parameter -> its real one; per call, so that nothing holds a layer once it is sharded
+    made: dict[int, nn.Parameter] = {}
     for top in modules:
         for sub_name, sub in top.named_modules(prefix=names[top]):
             if "lora_" in sub_name:  # the adapter: PEFT builds it (make_lora)
@@ -144,7 +145,9 @@ def materialize(modules, names: dict, weights: Weights, prefix: str) -> None:
                     key = f"{sub_name}.{pname}".replace(".base_layer", "")
                     value = weights.get(key, param.shape, prefix)
                     if isinstance(param, bnb.nn.Params4bit):
-                        new = bnb.nn.Params4bit(value, requires_grad=False, **param.__dict__).to(weights.target)
+                        new = bnb.nn.Params4bit(value, requires_grad=False, **param.__dict__).to(
+                            weights.target
+                        )
                     else:
                         new = nn.Parameter(value, requires_grad=False)
                     made[id(param)] = new
@@ -164,16 +167,19 @@ def make_lora(module: nn.Module, names: dict, peft_model, adapter: str = "defaul
     config = peft_model.peft_config[adapter]
     for name, layer in module.named_modules(prefix=names[module]):
         if isinstance(layer, LoraLayer):
-            layer.update_layer(adapter, config.r, lora_alpha=config.lora_alpha, target_name=name, config=config)
+            layer.update_layer(
+                adapter, config.r, lora_alpha=config.lora_alpha, target_name=name, config=config
+            )
     cast_adapter_dtype(module, adapter)
 
 
 def skeleton(path: str | None, cfg: Config, dtype: torch.dtype):
     """The causal LM on the meta device with 4-bit Linear layers (transformers' bitsandbytes quantizer) and PEFT's
     LoRA layers: the same modules as `load_model` + `attach_lora` build, with no weights yet."""
-    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.quantizers import AutoHfQuantizer
+
+    from accelerate import init_empty_weights
 
     from .models import attach_lora, bnb_config
 
@@ -188,7 +194,10 @@ def skeleton(path: str | None, cfg: Config, dtype: torch.dtype):
     with torch.random.fork_rng():
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(
-                config, dtype=dtype, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code
+                config,
+                dtype=dtype,
+                attn_implementation=m.attn_implementation,
+                trust_remote_code=m.trust_remote_code,
             )
             quantizer.preprocess_model(model, device_map=None)
         # outside init_empty_weights, which gives every parameter set on a module a copy of its own
@@ -196,7 +205,8 @@ def skeleton(path: str | None, cfg: Config, dtype: torch.dtype):
         quantizer.postprocess_model(model)  # marks it loaded in 4 bits, as PEFT and the Trainer look for
         model.hf_quantizer = quantizer
         if path is not None:
-            model.config._name_or_path = path  # the adapter's base_model_name_or_path, as from_pretrained sets it
+            # the adapter's base_model_name_or_path, as from_pretrained sets it
+            model.config._name_or_path = path
         return attach_lora(model, cfg, on_meta=True)
 
 
@@ -231,17 +241,23 @@ def load_sharded(path: str | None, cfg: Config):
         fully_shard(layer, **shard)  # this rank keeps its shard; the whole layer is freed
     embed, head = causal_lm.get_input_embeddings(), causal_lm.get_output_embeddings()
     tied = head is not None and head.weight is embed.weight
-    weights.start_group(0)
-    materialize([embed], names, weights, prefix)
-    if not tied:
-        fully_shard(embed, **shard)
     # the rest (final norm, LM head, rotary tables): accelerate's tail group, kept unsharded after the forward
-    weights.start_group(len(layers) + 1)
     in_layers = {id(m) for _, layer in layers for m in layer.modules()}
-    rest = [m for m in causal_lm.modules() if id(m) not in in_layers and m is not embed and not list(m.children())]
-    materialize(rest, names, weights, prefix)
+    rest = [
+        m for m in causal_lm.modules() if id(m) not in in_layers and m is not embed and not list(m.children())
+    ]
+    weights.start_group(0)
+    if tied:  # one call: the LM head takes the embedding's new weight
+        materialize([embed, *rest], names, weights, prefix)
+    else:
+        materialize([embed], names, weights, prefix)
+        fully_shard(embed, **shard)
+        weights.start_group(len(layers) + 1)
+        materialize(rest, names, weights, prefix)
     norm = getattr(causal_lm.get_decoder(), "norm", None)
-    tail = [m for m in (norm, embed if tied else None, head) if m is not None and not isinstance(m, FSDPModule)]
+    tail = [
+        m for m in (norm, embed if tied else None, head) if m is not None and not isinstance(m, FSDPModule)
+    ]
     fully_shard(tail, **shard, reshard_after_forward=False)
     fully_shard(model, **shard)
     keep_one_cpu_4bit_path(model)

@@ -315,6 +315,9 @@ def test_fsdp2_fused_loss_gets_the_whole_lm_head(tmp_path):
 def _sharded_against_whole(rank: int, port: int, out: str) -> None:
     """One of two gloo ranks under FSDP: the tiny nf4 model loaded shard by shard (sharded_loading) against the same
     checkpoint loaded whole on this rank as one process loads it (load_model + attach_lora), both from seed 42."""
+    import gc
+
+    import bitsandbytes as bnb
     import torch
     import torch.distributed as dist
     from transformers import set_seed
@@ -335,16 +338,20 @@ def _sharded_against_whole(rank: int, port: int, out: str) -> None:
         ACCELERATE_USE_FSDP="true",
     )
     torch.set_num_threads(1)
-    cfg = make_cfg([*TINY, "quantization=nf4", "lora.dropout=0", f"paths.cache_dir={Path(out).parent / 'cache'}"])
-    path = model_path(cfg)  # the random checkpoint, built once (under a file lock) by whichever rank comes first
+    cfg = make_cfg(
+        [*TINY, "quantization=nf4", "lora.dropout=0", f"paths.cache_dir={Path(out).parent / 'cache'}"]
+    )
+    # the random checkpoint, built once (under a file lock) by whichever rank comes first
+    path = model_path(cfg)
     set_seed(42)
     sharded, _, (trainable, total) = load_sharded(path, cfg)
+    gc.collect()
+    # loading kept no whole 4-bit weight alive: each was freed once its layer was sharded
+    whole_left = sum(isinstance(o, bnb.nn.Params4bit) and not o.is_meta for o in gc.get_objects())
     set_seed(42)
     whole = attach_lora(load_model(path, cfg), cfg)
 
     def local_4bit_bytes(model) -> int:
-        import bitsandbytes as bnb
-
         return sum(
             (w.to_local() if hasattr(w, "to_local") else w).untyped_storage().nbytes()
             for m in model.modules()
@@ -356,6 +363,7 @@ def _sharded_against_whole(rank: int, port: int, out: str) -> None:
     whole_start = {n: p.detach().clone() for n, p in whole.named_parameters() if p.requires_grad}
     sharded_start = full_adapter_state(sharded)
     result = {
+        "whole_4bit_weights_left": whole_left,
         "bytes_ratio": local_4bit_bytes(sharded) / local_4bit_bytes(whole),
         "params": [trainable, total] == list(whole.get_nb_trainable_parameters()),
         "lora_is_fsdp": all(type(p).__name__ == "DTensor" for _, p in lora) and len(lora) == len(whole_start),
@@ -365,7 +373,9 @@ def _sharded_against_whole(rank: int, port: int, out: str) -> None:
     # the same batch on both ranks: FSDP's averaged gradient is then one process's gradient on that batch
     ids = torch.arange(48).reshape(2, 24) * 7 % 5000 + 100
     with torch.no_grad():
-        result["max_logit_diff"] = (sharded(input_ids=ids).logits - whole(input_ids=ids).logits).abs().max().item()
+        result["max_logit_diff"] = (
+            (sharded(input_ids=ids).logits - whole(input_ids=ids).logits).abs().max().item()
+        )
     losses = {"sharded": [], "whole": []}
     for name, model in (("sharded", sharded), ("whole", whole)):
         params = [p for p in model.parameters() if p.requires_grad]
@@ -376,12 +386,14 @@ def _sharded_against_whole(rank: int, port: int, out: str) -> None:
             if name == "sharded" and step == 0:
                 grads = [p.grad for p in params]
                 result["lora_grads"] = all(g is not None for g in grads) and all(
-                    g.full_tensor().abs().sum() > 0 for (n, _), g in zip(lora, grads) if "lora_B" in n
+                    g.full_tensor().abs().sum() > 0
+                    for (n, _), g in zip(lora, grads, strict=True)
+                    if "lora_B" in n
                 )
             opt.step()
             opt.zero_grad()
             losses[name].append(loss.item())
-    result["max_loss_diff"] = max(abs(a - b) for a, b in zip(losses["sharded"], losses["whole"]))
+    result["max_loss_diff"] = max(abs(a - b) for a, b in zip(losses["sharded"], losses["whole"], strict=True))
     result["loss_moved"] = losses["sharded"][-1] < losses["sharded"][0]
     adapter = full_adapter_state(sharded)
     trained = {n: p.detach() for n, p in whole.named_parameters() if p.requires_grad}
@@ -404,6 +416,7 @@ def test_fsdp_sharded_loading_matches_whole_loading(tmp_path):
     assert result.pop("max_loss_diff") < 1e-5
     assert result.pop("adapter_max_diff") < 1e-5
     assert result == {
+        "whole_4bit_weights_left": 0,
         "params": True,
         "lora_is_fsdp": True,
         "same_lora_init": True,
