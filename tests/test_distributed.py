@@ -426,3 +426,67 @@ def test_fsdp_sharded_loading_matches_whole_loading(tmp_path):
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert len(saved) == 28 and all(t.shape[0] in (16, 64, 128) or t.shape[1] == 16 for t in saved.values())
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 16
+
+
+def _random_in_memory(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks under FSDP: the tiny nf4 model with its random weights drawn in memory, twice."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from qlora_lab.sharded_loading import load_sharded
+
+    from .conftest import make_cfg
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        ACCELERATE_USE_FSDP="true",
+    )
+    torch.set_num_threads(1)
+    cfg = make_cfg([*TINY, "quantization=nf4", "model.random_in_memory=true"])
+    ids = torch.arange(48).reshape(2, 24) * 7 % 5000 + 100
+    logits = []
+    for _ in range(2):
+        model, _, _ = load_sharded(None, cfg)
+        with torch.no_grad():
+            logits.append(model(input_ids=ids).logits)
+    for module in model.modules():  # the tail group stays unsharded after a forward
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    causal_lm = model.get_base_model()
+    embedding = causal_lm.get_input_embeddings().weight.full_tensor()
+    norm = causal_lm.model.norm.weight.full_tensor()
+    # each rank dequantizes the gathered 4-bit weights with its own quantization state: the two agree only if every
+    # rank drew the same weights
+    both = [None, None]
+    dist.all_gather_object(both, logits[0])
+    if rank == 0:
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "same_on_both_ranks": bool(torch.equal(both[0], both[1])),
+                    "same_when_drawn_again": bool(torch.equal(logits[0], logits[1])),
+                    "embedding_std": round(embedding.std().item(), 3),
+                    "norms_ones": bool(torch.equal(norm, torch.ones_like(norm))),
+                    "finite": bool(logits[0].isfinite().all()),
+                }
+            )
+        )
+    dist.destroy_process_group()
+
+
+def test_fsdp_random_weights_drawn_in_memory_per_layer(tmp_path):
+    """model.random_in_memory: no checkpoint folder; every rank draws the same weights (as transformers initialises
+    the architecture: N(0, 0.02) matrices, ones for the norms), the same again on every load."""
+    assert on_two_gloo_ranks(_random_in_memory, tmp_path) == {
+        "same_on_both_ranks": True,
+        "same_when_drawn_again": True,
+        "embedding_std": 0.02,
+        "norms_ones": True,
+        "finite": True,
+    }
