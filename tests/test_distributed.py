@@ -188,6 +188,47 @@ def test_fsdp_qlora_config_composes_and_validates(monkeypatch):
     validate(make_cfg([*TINY, "quantization=nf4", "quantization.storage_dtype=auto", "train.batch_size=2"]))
 
 
+def test_fsdp_70b_experiment_composes_and_validates(monkeypatch):
+    """+experiment=multi_gpu_70b validates under the FSDP launcher (its weights drawn in memory, no folder built), and
+    a plain launch of it is refused in one sentence saying how to launch it."""
+    from qlora_lab.config import ConfigError
+    from qlora_lab.sharded_loading import sharded_loading
+    from qlora_lab.validation import validate
+
+    from .conftest import make_cfg
+
+    cfg = make_cfg(["+experiment=multi_gpu_70b"])
+    assert cfg.model.random_init.num_hidden_layers == 80 and cfg.model.random_init.hidden_size == 8192
+    assert cfg.model.random_in_memory and cfg.train.gpu_memory_cap_gib == 24 and cfg.train.batch_size == 1
+    with pytest.raises(ConfigError, match="model.random_in_memory needs the shard-by-shard loading of FSDP"):
+        validate(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    validate(cfg)
+    assert sharded_loading(cfg)
+    assert not sharded_loading(make_cfg([*TINY, "quantization=int8"]))
+
+
+def test_gpu_memory_cap_sets_the_process_fraction(monkeypatch):
+    """train.gpu_memory_cap_gib=24 on a 140 GiB GPU lets the process allocate 24/140 of it (a GPU faked here)."""
+    import types
+
+    import torch
+
+    from qlora_lab.distributed import cap_gpu_memory
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=140 * 2**30)
+    )
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, d)))
+    assert cap_gpu_memory(None) is None and calls == []
+    line = cap_gpu_memory(24)
+    assert calls == [(24 / 140, torch.device("cuda", 0))]
+    assert line == "GPU memory capped at 24 GiB of 140.0 GiB on cuda:0 (train.gpu_memory_cap_gib)"
+
+
 def on_two_gloo_ranks(fn, tmp_path) -> dict:
     """Run fn(rank, port, out) on two spawned CPU processes; returns what rank 0 wrote to `out` (JSON)."""
     import socket

@@ -198,9 +198,9 @@ class StepProfiler(TrainerCallback):
             self.prof.export_chrome_trace(str(self.out_dir / "profile_trace.json"))
 
 
-def check_ranks_agree(model, world_size: int) -> dict:
-    """Distributed runs: gather every rank's adapter digest and peak memory. DDP must leave identical adapters;
-    FSDP ranks hold different shards by design, so only their memory is compared."""
+def check_ranks_agree(model, world_size: int, load_peak: float | None = None) -> dict:
+    """Distributed runs: gather every rank's adapter digest, peak memory and load peak. DDP must leave identical
+    adapters; FSDP ranks hold different shards by design, so only their memory is compared."""
     from accelerate.utils import gather_object
 
     fsdp = fsdp_enabled()
@@ -208,16 +208,17 @@ def check_ranks_agree(model, world_size: int) -> dict:
     for name, param in [] if fsdp else sorted(model.named_parameters()):
         if param.requires_grad:
             h.update(name.encode() + param.detach().float().cpu().numpy().tobytes())
-    gathered = gather_object([(h.hexdigest(), peak_memory_gib())])
+    gathered = gather_object([(h.hexdigest(), peak_memory_gib(), load_peak)])
     out = {
         "distributed/world_size": world_size,
         "distributed/strategy": "fsdp" if fsdp else "ddp",
-        "memory/peak_gib_per_rank": [p for _, p in gathered],
+        "memory/peak_gib_per_rank": [p for _, p, _ in gathered],
+        "memory/load_peak_gib_per_rank": [p for _, _, p in gathered],
     }
     if not fsdp:
         out |= {
-            "distributed/adapters_identical": len({d for d, _ in gathered}) == 1,
-            "distributed/adapter_sha256": [d[:16] for d, _ in gathered],
+            "distributed/adapters_identical": len({d for d, _, _ in gathered}) == 1,
+            "distributed/adapter_sha256": [d[:16] for d, _, _ in gathered],
         }
     return out
 
@@ -348,8 +349,9 @@ def run(cfg: Config, run: Run):
             "params/total": total,
         }
     )
-    if torch.cuda.is_available():  # what loading alone took on this rank
-        run.log({"memory/load_peak_gib": torch.cuda.max_memory_allocated() / 2**30})
+    load_peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    if load_peak is not None:  # what loading alone took on this rank
+        run.log({"memory/load_peak_gib": load_peak})
     # No KV cache in training: with one, transformers ignores packed position ids and lets examples attend across
     # their boundaries (recent Trainers set this too)
     model.config.use_cache = False
@@ -487,7 +489,7 @@ def run(cfg: Config, run: Run):
     if cap:  # the batch found under the cap, and the larger ones that went over it
         run.log({"train/memory_cap_gib": t.memory_cap_gib, "train/batch_over_cap": cap.over})
     if trainer.accelerator.num_processes > 1:
-        run.log(check_ranks_agree(model, trainer.accelerator.num_processes))
+        run.log(check_ranks_agree(model, trainer.accelerator.num_processes, load_peak))
 
     # ---- save: standard PEFT folder (adapter_config.json + adapter_model.safetensors) with the tokenizer
     if trainer.is_fsdp_enabled:
