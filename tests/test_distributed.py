@@ -138,6 +138,13 @@ def test_plain_launch_on_several_gpus_trains_on_one_instead_of_data_parallel(tmp
             "float32; set quantization.storage_dtype=auto (the model dtype).",
         ),
         (
+            ["quantization=nf4", "train.lora_layers=fused"],
+            {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"},
+            0,
+            "train.lora_layers=fused cannot be used here: the fused layers are not tried on FSDP's sharded weights "
+            "(train with DDP or one GPU); fix that or use train.lora_layers=auto.",
+        ),
+        (
             ["quantization=nf4", "lora.init=loftq"],
             {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"},
             0,
