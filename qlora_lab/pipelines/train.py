@@ -453,6 +453,11 @@ def run(cfg: Config, run: Run):
         + ([StepProfiler(run.dir, t.speed_skip_steps)] if t.profile else []),
     )
 
+    if sharded_loading(cfg):
+        # Sharded already, which accelerate's prepare leaves as it is; but first it looks the decoder layer's class up
+        # by name to choose what to wrap, and fully_shard has renamed it (FSDPLlamaDecoderLayer): nothing to wrap.
+        trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = None
+
     # ---- loop
     if checkpoint:
         print(f"resuming from {checkpoint}", flush=True)
