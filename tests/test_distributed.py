@@ -1,4 +1,4 @@
-"""DDP through `accelerate launch`: 2 CPU processes (gloo) train the tiny model; both ranks end with the same adapter."""
+"""DDP and FSDP through `accelerate launch`, and FSDP2 on gloo ranks: 2 CPU processes train the tiny model."""
 
 from __future__ import annotations
 
@@ -12,16 +12,22 @@ import pytest
 
 from .conftest import ROOT, TINY
 
+# FSDP on CPU processes, for tests (see its sitecustomize.py)
+CPU_FSDP = ROOT / "tests" / "fixtures" / "cpu_fsdp"
 
-def launch(run_dir: Path, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
+
+def launch(run_dir: Path, *args: str, processes: int = 2, fsdp: bool = False) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    if fsdp:
+        env |= {"QLORA_LAB_TEST_CPU_FSDP": "1", "PYTHONPATH": os.pathsep.join([str(CPU_FSDP), str(ROOT)])}
+    config = CPU_FSDP / "fsdp_2proc.yaml" if fsdp else ROOT / "accelerate" / "cpu_ddp_2proc.yaml"
     command = [sys.executable, "-m", "qlora_lab"]
     if processes > 1:
         command = [
             str(Path(sys.executable).with_name("accelerate")),
             "launch",
             "--config_file",
-            str(ROOT / "accelerate" / "cpu_ddp_2proc.yaml"),
+            str(config),
             "--num_processes",
             str(processes),
             "-m",
@@ -65,6 +71,35 @@ def test_two_process_ddp_ranks_agree(tmp_path, quant):
         assert len(metrics["train/losses"]) == len(alone["train/losses"]) == 8
         assert metrics["train/losses"] == pytest.approx(alone["train/losses"], abs=1e-5)
         assert metrics["eval/loss"] == pytest.approx(alone["eval/loss"], abs=1e-5)
+
+
+def test_fsdp_qlora_train_stage_loads_shard_by_shard_and_matches_ddp(tmp_path):
+    """The train stage under FSDP + nf4 (the Trainer's FSDP path, on 2 CPU processes) loads shard by shard and trains
+    as DDP does with the same global batch: the same per-step losses and eval loss, and the same adapter, saved whole
+    by rank 0 (fp32: to 1e-5)."""
+    import torch
+    from safetensors.torch import load_file
+
+    runs, printed = {}, {}
+    for name, fsdp in (("fsdp", True), ("ddp", False)):
+        result = launch(
+            tmp_path / name, "quantization=nf4", "train.batch_size=2", "lora.dropout=0", fsdp=fsdp
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+        runs[name], printed[name] = json.loads((tmp_path / name / "metrics.json").read_text()), result.stdout
+    fsdp, ddp = runs["fsdp"], runs["ddp"]
+    assert "FSDP: the base loaded shard by shard on 2 ranks" in printed["fsdp"]
+    assert "shard by shard" not in printed["ddp"]
+    assert fsdp["distributed/strategy"] == "fsdp" and ddp["distributed/strategy"] == "ddp"
+    assert len(fsdp["train/losses"]) == 8
+    assert fsdp["train/losses"] == pytest.approx(ddp["train/losses"], abs=1e-5)
+    assert fsdp["eval/loss"] == pytest.approx(ddp["eval/loss"], abs=1e-5)
+    assert fsdp["eval/loss"] < fsdp["eval/loss_before"]
+    assert fsdp["params/total"] == ddp["params/total"] and fsdp["params/trainable"] == ddp["params/trainable"]
+    adapters = {n: load_file(tmp_path / n / "adapter" / "adapter_model.safetensors") for n in runs}
+    assert adapters["fsdp"].keys() == adapters["ddp"].keys() and len(adapters["fsdp"]) == 28
+    for key, tensor in adapters["ddp"].items():
+        assert torch.allclose(adapters["fsdp"][key], tensor, rtol=0, atol=1e-5), key
 
 
 def test_slurm_launcher_preset_composes():
