@@ -194,15 +194,16 @@ case $stage in
     tar czf "$OUT/runs_fsdp8b.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard --exclude=merged -C /root runs ;;
   fsdp70b)  # a model larger than one GPU: FSDP + 4-bit loads the base shard by shard (qlora_lab/sharded_loading.py).
     # 8B on 2 GPUs (each rank's load peak against the whole 4-bit base, model/footprint_gib), then Llama-3-70B shapes
-    # (weights drawn in memory) with each GPU capped at 24 GiB; if that run ends without a speed, 3 steps without the
-    # cap and without the activation offload (untried under FSDP) measure what it needs
+    # (weights drawn in memory) with each GPU capped at 24 GiB; if that run runs out of memory, 3 steps without the
+    # cap and without the activation offload (untried under FSDP) measure what it needs. Within one 10-minute call
     m=$(model_dir +experiment=multi_gpu_8b)
     CUDA_VISIBLE_DEVICES=0 python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference_fsdp70b.jsonl"
-    LAUNCH=accelerate/fsdp_2gpu.yaml RUN_TIMEOUT=200 one fsdp_8b_sharded +experiment=multi_gpu_8b train.max_steps=10
-    LAUNCH=accelerate/fsdp_2gpu.yaml RUN_TIMEOUT=300 one fsdp_70b +experiment=multi_gpu_70b
-    python3 -c "import json,sys; sys.exit(0 if json.load(open('/root/runs/fsdp_70b/metrics.json')).get('train/tokens_per_s') else 1)" 2>/dev/null || {
-      grep -E "OutOfMemoryError|out of memory|Error" "$OUT/runs.log" | tail -n 3
-      LAUNCH=accelerate/fsdp_2gpu.yaml RUN_TIMEOUT=240 one fsdp_70b_uncapped +experiment=multi_gpu_70b train.gpu_memory_cap_gib=null \
+    LAUNCH=accelerate/fsdp_2gpu.yaml RUN_TIMEOUT=150 one fsdp_8b_sharded +experiment=multi_gpu_8b train.max_steps=10
+    LAUNCH=accelerate/fsdp_2gpu.yaml RUN_TIMEOUT=240 one fsdp_70b +experiment=multi_gpu_70b
+    python3 -c "import json,sys; sys.exit(0 if json.load(open('/root/runs/fsdp_70b/metrics.json')).get('train/tokens_per_s') else 1)" 2>/dev/null ||
+      ! grep -qE "OutOfMemoryError|out of memory" "$OUT/runs.log" || {
+      grep -E "OutOfMemoryError|out of memory" "$OUT/runs.log" | tail -n 2
+      LAUNCH=accelerate/fsdp_2gpu.yaml RUN_TIMEOUT=150 one fsdp_70b_uncapped +experiment=multi_gpu_70b train.gpu_memory_cap_gib=null \
         train.activation_offload=false train.max_steps=3; }
     tar czf "$OUT/runs_fsdp70b.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard -C /root runs ;;
   decision)  # issue 23 on the real SmolLM2 (its GGUF reassembled from the parts that earlier `parts` calls left):
