@@ -403,6 +403,7 @@ def _sharded_against_whole(rank: int, port: int, out: str) -> None:
     import bitsandbytes as bnb
     import torch
     import torch.distributed as dist
+    import torch.distributed.fsdp as fsdp
     from transformers import set_seed
 
     from qlora_lab.models import attach_lora, load_model, model_path
@@ -426,11 +427,22 @@ def _sharded_against_whole(rank: int, port: int, out: str) -> None:
     )
     # the random checkpoint, built once (under a file lock) by whichever rank comes first
     path = model_path(cfg)
+
+    def whole_4bit_weights() -> int:
+        gc.collect()
+        return sum(isinstance(o, bnb.nn.Params4bit) and not o.is_meta for o in gc.get_objects())
+
+    alive, fully_shard = [], fsdp.fully_shard
+
+    def counting_fully_shard(module, **kwargs):  # how many whole 4-bit weights exist as each unit is sharded
+        alive.append(whole_4bit_weights())
+        return fully_shard(module, **kwargs)
+
+    fsdp.fully_shard = counting_fully_shard
     set_seed(42)
     sharded, _, (trainable, total) = load_sharded(path, cfg)
-    gc.collect()
-    # loading kept no whole 4-bit weight alive: each was freed once its layer was sharded
-    whole_left = sum(isinstance(o, bnb.nn.Params4bit) and not o.is_meta for o in gc.get_objects())
+    fsdp.fully_shard = fully_shard
+    whole_left = whole_4bit_weights()  # each whole 4-bit weight was freed once its layer was sharded
     set_seed(42)
     whole = attach_lora(load_model(path, cfg), cfg)
 
@@ -446,6 +458,7 @@ def _sharded_against_whole(rank: int, port: int, out: str) -> None:
     whole_start = {n: p.detach().clone() for n, p in whole.named_parameters() if p.requires_grad}
     sharded_start = full_adapter_state(sharded)
     result = {
+        "most_whole_4bit_weights": max(alive),  # one decoder layer's 7 linear layers (the model has 14)
         "whole_4bit_weights_left": whole_left,
         "bytes_ratio": local_4bit_bytes(sharded) / local_4bit_bytes(whole),
         "params": [trainable, total] == list(whole.get_nb_trainable_parameters()),
@@ -499,6 +512,7 @@ def test_fsdp_sharded_loading_matches_whole_loading(tmp_path):
     assert result.pop("max_loss_diff") < 1e-5
     assert result.pop("adapter_max_diff") < 1e-5
     assert result == {
+        "most_whole_4bit_weights": 7,
         "whole_4bit_weights_left": 0,
         "params": True,
         "lora_is_fsdp": True,
