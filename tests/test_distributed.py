@@ -395,7 +395,7 @@ def test_fsdp2_fused_loss_gets_the_whole_lm_head(tmp_path):
     }
 
 
-def _sharded_against_whole(rank: int, port: int, out: str) -> None:
+def _sharded_against_whole(rank: int, port: int, out: str, quant: str = "nf4") -> None:
     """One of two gloo ranks under FSDP: the tiny nf4 model loaded shard by shard (sharded_loading) against the same
     checkpoint loaded whole on this rank as one process loads it (load_model + attach_lora), both from seed 42."""
     import gc
@@ -423,7 +423,7 @@ def _sharded_against_whole(rank: int, port: int, out: str) -> None:
     )
     torch.set_num_threads(1)
     cfg = make_cfg(
-        [*TINY, "quantization=nf4", "lora.dropout=0", f"paths.cache_dir={Path(out).parent / 'cache'}"]
+        [*TINY, f"quantization={quant}", "lora.dropout=0", f"paths.cache_dir={Path(out).parent / 'cache'}"]
     )
     # the random checkpoint, built once (under a file lock) by whichever rank comes first
     path = model_path(cfg)
@@ -500,13 +500,16 @@ def _sharded_against_whole(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_fsdp_sharded_loading_matches_whole_loading(tmp_path):
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+def test_fsdp_sharded_loading_matches_whole_loading(tmp_path, quant):
     """FSDP + 4-bit loads shard by shard: each rank holds half the 4-bit weights, with the logits, LoRA
     initialisation, per-step losses and trained adapter of the model loaded whole (fp32 on a CPU: to 1e-5), the
     adapter FSDP-managed and trained, and saved whole as a normal PEFT folder."""
     from safetensors.torch import load_file
 
-    result = on_two_gloo_ranks(_sharded_against_whole, tmp_path)
+    import functools
+
+    result = on_two_gloo_ranks(functools.partial(_sharded_against_whole, quant=quant), tmp_path)
     assert result.pop("bytes_ratio") == pytest.approx(0.5, abs=0.01)
     assert result.pop("max_logit_diff") < 1e-5
     assert result.pop("max_loss_diff") < 1e-5
