@@ -505,9 +505,9 @@ def test_fsdp_sharded_loading_matches_whole_loading(tmp_path, quant):
     """FSDP + 4-bit loads shard by shard: each rank holds half the 4-bit weights, with the logits, LoRA
     initialisation, per-step losses and trained adapter of the model loaded whole (fp32 on a CPU: to 1e-5), the
     adapter FSDP-managed and trained, and saved whole as a normal PEFT folder."""
-    from safetensors.torch import load_file
-
     import functools
+
+    from safetensors.torch import load_file
 
     result = on_two_gloo_ranks(functools.partial(_sharded_against_whole, quant=quant), tmp_path)
     assert result.pop("bytes_ratio") == pytest.approx(0.5, abs=0.01)
