@@ -23,10 +23,6 @@ from torch import nn
 from .config import Config, ConfigError, LoraInit, LoraVariant, QuantMethod
 from .distributed import device, fsdp_enabled, world_size
 
-# Seeds of the in-memory random weights: one stream per decoder layer (and one each for the embedding and the
-# head), so that every rank draws the same layer without drawing the ones before it.
-RANDOM_SEED = 0
-
 
 def sharded_loading(cfg: Config) -> bool:
     """Whether the train stage loads the base shard by shard: under FSDP with a 4-bit base, always (loading the whole
@@ -103,8 +99,10 @@ class Weights:
         self.generator = None
 
     def start_group(self, index: int) -> None:
+        """In-memory weights: one random stream per group (0: embedding, 1..n: decoder layers, n + 1: the rest),
+        seeded by its index, so that every rank draws each layer alike without drawing the layers before it."""
         if self.files is None:
-            self.generator = torch.Generator(self.target).manual_seed(RANDOM_SEED * 1_000_003 + index)
+            self.generator = torch.Generator(self.target).manual_seed(index)
 
     def get(self, key: str, shape: torch.Size, prefix: str) -> torch.Tensor:
         if self.files is None:
