@@ -74,8 +74,8 @@ def test_two_process_ddp_ranks_agree(tmp_path, quant):
 
 
 def test_fsdp_qlora_train_stage_loads_shard_by_shard_and_matches_ddp(tmp_path):
-    """The train stage under FSDP + nf4 (the Trainer's FSDP path, on 2 CPU processes) loads shard by shard and trains
-    as DDP does with the same global batch: the same per-step losses and eval loss, and the same adapter, saved whole
+    """The train stage under FSDP + nf4 with checkpointing (the Trainer's FSDP path, on 2 CPU processes) loads shard
+    by shard and trains as DDP does with the same global batch: the same per-step losses and eval loss, and the same adapter, saved whole
     by rank 0 (fp32: to 1e-5)."""
     import torch
     from safetensors.torch import load_file
@@ -83,7 +83,12 @@ def test_fsdp_qlora_train_stage_loads_shard_by_shard_and_matches_ddp(tmp_path):
     runs, printed = {}, {}
     for name, fsdp in (("fsdp", True), ("ddp", False)):
         result = launch(
-            tmp_path / name, "quantization=nf4", "train.batch_size=2", "lora.dropout=0", fsdp=fsdp
+            tmp_path / name,
+            "quantization=nf4",
+            "train.batch_size=2",
+            "lora.dropout=0",
+            "train.gradient_checkpointing=true",
+            fsdp=fsdp,
         )
         assert result.returncode == 0, result.stderr[-4000:]
         runs[name], printed[name] = json.loads((tmp_path / name / "metrics.json").read_text()), result.stdout
@@ -534,6 +539,7 @@ def _random_in_memory(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule
 
+    from qlora_lab.models import gather_lm_head_for_fused_loss
     from qlora_lab.sharded_loading import load_sharded
 
     from .conftest import make_cfg
@@ -548,17 +554,35 @@ def _random_in_memory(rank: int, port: int, out: str) -> None:
         ACCELERATE_USE_FSDP="true",
     )
     torch.set_num_threads(1)
-    cfg = make_cfg([*TINY, "quantization=nf4", "model.random_in_memory=true"])
+    # untied, as Llama-3: the embedding is sharded on its own, the LM head with the final norm
+    tiny = [
+        *TINY,
+        "quantization=nf4",
+        "model.random_in_memory=true",
+        "model.random_init.tie_word_embeddings=false",
+    ]
+    cfg = make_cfg(tiny)
     ids = torch.arange(48).reshape(2, 24) * 7 % 5000 + 100
     logits = []
     for _ in range(2):
         model, _, _ = load_sharded(None, cfg)
         with torch.no_grad():
             logits.append(model(input_ids=ids).logits)
+    # Liger's fused loss reads the LM head's weight inside the causal LM's forward: gathered whole for it
+    causal_lm = model.get_base_model()
+    fused = {}
+
+    def fused_loss(module, args, output):
+        fused["logits"] = output.last_hidden_state @ causal_lm.lm_head.weight.T
+
+    causal_lm.model.register_forward_hook(fused_loss)
+    gather_lm_head_for_fused_loss(model)
+    with torch.no_grad():
+        whole_head_logits = model(input_ids=ids).logits
+    same_fused = bool(torch.allclose(fused["logits"], whole_head_logits, atol=1e-6))
     for module in model.modules():  # the tail group stays unsharded after a forward
         if isinstance(module, FSDPModule):
             module.reshard()
-    causal_lm = model.get_base_model()
     embedding = causal_lm.get_input_embeddings().weight.full_tensor()
     norm = causal_lm.model.norm.weight.full_tensor()
     # each rank dequantizes the gathered 4-bit weights with its own quantization state: the two agree only if every
@@ -574,6 +598,8 @@ def _random_in_memory(rank: int, port: int, out: str) -> None:
                     "embedding_std": round(embedding.std().item(), 3),
                     "norms_ones": bool(torch.equal(norm, torch.ones_like(norm))),
                     "finite": bool(logits[0].isfinite().all()),
+                    "untied": causal_lm.lm_head.weight is not causal_lm.get_input_embeddings().weight,
+                    "fused_loss_gets_whole_head": same_fused,
                 }
             )
         )
@@ -582,11 +608,14 @@ def _random_in_memory(rank: int, port: int, out: str) -> None:
 
 def test_fsdp_random_weights_drawn_in_memory_per_layer(tmp_path):
     """model.random_in_memory: no checkpoint folder; every rank draws the same weights (as transformers initialises
-    the architecture: N(0, 0.02) matrices, ones for the norms), the same again on every load."""
+    the architecture: N(0, 0.02) matrices, ones for the norms), the same again on every load. Untied LM head: Liger's
+    fused loss gets it whole."""
     assert on_two_gloo_ranks(_random_in_memory, tmp_path) == {
         "same_on_both_ranks": True,
         "same_when_drawn_again": True,
         "embedding_std": 0.02,
         "norms_ones": True,
         "finite": True,
+        "untied": True,
+        "fused_loss_gets_whole_head": True,
     }
