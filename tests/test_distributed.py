@@ -185,6 +185,13 @@ def test_plain_launch_on_several_gpus_trains_on_one_instead_of_data_parallel(tmp
             "(train with DDP or one GPU); fix that or use train.lora_layers=auto.",
         ),
         (
+            ["quantization=nf4", "train.resume=true"],
+            {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"},
+            0,
+            "train.resume is not supported with FSDP's shard-by-shard loading of a 4-bit base (its checkpoints are "
+            "not tried); start a new run, or resume with DDP.",
+        ),
+        (
             ["quantization=nf4", "lora.init=loftq"],
             {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"},
             0,
