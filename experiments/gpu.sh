@@ -12,7 +12,7 @@
 #   bash experiments/gpu.sh fsdp70b     # 2 GPUs: FSDP + 4-bit loaded shard by shard, 8B, then 70B shapes at 24 GiB a GPU
 # Results go to $OUT (default /tmp/gpu-out): logs, reference_*.jsonl and one .tgz per sweep.
 set -uo pipefail
-stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality|variants|decision|decision2|multi|multi2|before|fsdpmem|fsdp8b|fsdp70b|sweep2}
+stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality|variants|decision|decision2|multi|multi2|before|fsdpmem|fsdp8b|fsdp70b|fsdp70b_short|sweep2}
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT" /root/smolparts
 cp .gpu/smolpart.* /root/smolparts/ 2>/dev/null  # the SmolLM2 GGUF travels in parts, one per call (64 MiB a call)
@@ -242,6 +242,15 @@ case $stage in
     CUDA_VISIBLE_DEVICES=0 python3 experiments/lora_vs_qlora/reference_loop.py "$QLORA_LAB_CACHE/models/SmolLM2-135M-Instruct" \
       --recipes fast_qlora,fast_lora --batch 8 --seq 1024 | tee "$OUT/reference.jsonl"
     tar czf "$OUT/sweeps_${2}.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard --exclude=merged -C /root/sw . ;;
+  fsdp70b_short)  # fsdp70b for a short lease: 70B under the 24 GiB cap first, then the reference loop and the
+    # shard-by-shard loading on Llama-3.2-1B shapes (per-rank load peak against the whole 4-bit base)
+    LAUNCH=accelerate/fsdp_2gpu.yaml RUN_TIMEOUT=${RUN70:-170} one fsdp_70b +experiment=multi_gpu_70b
+    grep -E "OutOfMemoryError|out of memory|Error" "$OUT/runs.log" | tail -n 3
+    b=(+experiment=multi_gpu_8b model=llama3_1b_random)
+    m=$(model_dir "${b[@]}")
+    CUDA_VISIBLE_DEVICES=0 python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference.jsonl"
+    LAUNCH=accelerate/fsdp_2gpu.yaml RUN_TIMEOUT=60 one fsdp_1b_sharded "${b[@]}" train.max_steps=10
+    tar czf "$OUT/runs_fsdp70b.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard -C /root runs ;;
   sweep2)  # the 8B LoRA-vs-QLoRA sweep (fast recipe): one job at a time, then one job per GPU
     m=$(model_dir +experiment=lora_vs_qlora_gpu_8b)
     CUDA_VISIBLE_DEVICES=0 python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora,fast_lora | tee "$OUT/reference_sweep2.jsonl"
