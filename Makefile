@@ -34,10 +34,10 @@ quickstart: setup
 	$(PY) -m qlora_lab +experiment=quickstart
 
 test: setup
-	$(PY) -m pytest -q -n 2  # two worker processes (pytest-xdist): the suite keeps one core busy, the machine has two
+	$(PY) -m pytest -q -n 2 --dist loadgroup  # two worker processes (pytest-xdist): the suite keeps one core busy, the machine has two
 
 test-fast: setup
-	$(PY) -m pytest -q -n 2 -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
 
 # ruff (a dev dependency): the lint rules and the formatter, both set in pyproject.toml's [tool.ruff].
 lint: setup

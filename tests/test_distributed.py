@@ -43,10 +43,25 @@ def launch(run_dir: Path, *args: str, processes: int = 2, fsdp: bool = False) ->
     )
 
 
+# The DDP nf4 run that test_two_process_ddp_ranks_agree checks and the FSDP test compares with: trained once per
+# worker (the xdist group keeps both tests on one worker under `pytest -n 2 --dist loadgroup`).
+DDP_NF4 = ("quantization=nf4", "train.batch_size=2", "lora.dropout=0", "train.gradient_checkpointing=true")
+
+
+@pytest.fixture(scope="module")
+def ddp_nf4(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    run_dir = tmp_path_factory.mktemp("ddp_nf4") / "run"
+    return run_dir, launch(run_dir, *DDP_NF4)
+
+
+@pytest.mark.xdist_group("ddp_nf4")
 @pytest.mark.parametrize("quant", ["none", "nf4"])
-def test_two_process_ddp_ranks_agree(tmp_path, quant):
-    run_dir = tmp_path / "run"
-    result = launch(run_dir, f"quantization={quant}", "train.batch_size=2", "lora.dropout=0")
+def test_two_process_ddp_ranks_agree(tmp_path, quant, request):
+    if quant == "nf4":
+        run_dir, result = request.getfixturevalue("ddp_nf4")
+    else:
+        run_dir = tmp_path / "run"
+        result = launch(run_dir, "quantization=none", "train.batch_size=2", "lora.dropout=0")
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["distributed/world_size"] == 2
@@ -73,25 +88,20 @@ def test_two_process_ddp_ranks_agree(tmp_path, quant):
         assert metrics["eval/loss"] == pytest.approx(alone["eval/loss"], abs=1e-5)
 
 
-def test_fsdp_qlora_train_stage_loads_shard_by_shard_and_matches_ddp(tmp_path):
+@pytest.mark.xdist_group("ddp_nf4")
+def test_fsdp_qlora_train_stage_loads_shard_by_shard_and_matches_ddp(tmp_path, ddp_nf4):
     """The train stage under FSDP + nf4 with checkpointing (the Trainer's FSDP path, on 2 CPU processes) loads shard
     by shard and trains as DDP does with the same global batch: the same per-step losses and eval loss, and the same adapter, saved whole
     by rank 0 (fp32: to 1e-5)."""
     import torch
     from safetensors.torch import load_file
 
+    dirs = {"fsdp": tmp_path / "fsdp", "ddp": ddp_nf4[0]}
+    results = {"fsdp": launch(dirs["fsdp"], *DDP_NF4, fsdp=True), "ddp": ddp_nf4[1]}
     runs, printed = {}, {}
-    for name, fsdp in (("fsdp", True), ("ddp", False)):
-        result = launch(
-            tmp_path / name,
-            "quantization=nf4",
-            "train.batch_size=2",
-            "lora.dropout=0",
-            "train.gradient_checkpointing=true",
-            fsdp=fsdp,
-        )
+    for name, result in results.items():
         assert result.returncode == 0, result.stderr[-4000:]
-        runs[name], printed[name] = json.loads((tmp_path / name / "metrics.json").read_text()), result.stdout
+        runs[name], printed[name] = json.loads((dirs[name] / "metrics.json").read_text()), result.stdout
     fsdp, ddp = runs["fsdp"], runs["ddp"]
     assert "FSDP: the base loaded shard by shard on 2 ranks" in printed["fsdp"]
     assert "shard by shard" not in printed["ddp"]
@@ -101,7 +111,7 @@ def test_fsdp_qlora_train_stage_loads_shard_by_shard_and_matches_ddp(tmp_path):
     assert fsdp["eval/loss"] == pytest.approx(ddp["eval/loss"], abs=1e-5)
     assert fsdp["eval/loss"] < fsdp["eval/loss_before"]
     assert fsdp["params/total"] == ddp["params/total"] and fsdp["params/trainable"] == ddp["params/trainable"]
-    adapters = {n: load_file(tmp_path / n / "adapter" / "adapter_model.safetensors") for n in runs}
+    adapters = {n: load_file(dirs[n] / "adapter" / "adapter_model.safetensors") for n in runs}
     assert adapters["fsdp"].keys() == adapters["ddp"].keys() and len(adapters["fsdp"]) == 28
     for key, tensor in adapters["ddp"].items():
         assert torch.allclose(adapters["fsdp"][key], tensor, rtol=0, atol=1e-5), key
