@@ -126,7 +126,9 @@ def compare(cell: list[dict], q: str) -> dict:
     )
     lora_peak, _ = interval([a["peak_gib"] for a, _ in ps])
     # training time, not the job's wall time: that also holds model conversion, loading and the evaluate stage
-    time, time_half = interval([b["train_s"] / a["train_s"] - 1 for a, b in ps if a["train_s"] and b["train_s"]])
+    time, time_half = interval(
+        [b["train_s"] / a["train_s"] - 1 for a, b in ps if a["train_s"] and b["train_s"]]
+    )
     if len(ps) < MIN_PAIRS or gap_half is None:
         verdict = "no verdict (fewer than 2 seeds)" if ps else "no verdict (no pair)"
     elif gap - gap_half <= 0 <= gap + gap_half:
@@ -180,7 +182,9 @@ def headline(found: list[dict], rows: list[dict]) -> list[str]:
             [a["peak_gib"] - b["peak_gib"] for a, b in every if a["peak_gib"] and b["peak_gib"]]
         )
         lora_peak, _ = interval([a["peak_gib"] for a, _ in every])
-        time, _ = interval([b["train_s"] / a["train_s"] - 1 for a, b in every if a["train_s"] and b["train_s"]])
+        time, _ = interval(
+            [b["train_s"] / a["train_s"] - 1 for a, b in every if a["train_s"] and b["train_s"]]
+        )
         costs = []
         if saved is not None and lora_peak:
             costs.append(
