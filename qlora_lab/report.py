@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from . import decision
 from .config import ConfigError
 from .layout import RunLayout
-from .rundir import read_json, run_status
+from .rundir import override_values, read_json, run_status
 
 SUMMARY_FILES = [
     "summary.csv",
@@ -133,8 +133,7 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 def _overrides(job_dir: Path) -> dict[str, str]:
     path = RunLayout(job_dir).overrides
-    items = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
-    return dict(item.split("=", 1) for item in items if "=" in item)
+    return override_values([str(o) for o in OmegaConf.load(path)]) if path.is_file() else {}
 
 
 def job_row(job_dir: Path) -> dict:
