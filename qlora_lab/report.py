@@ -242,7 +242,7 @@ def variants(done: list[dict]) -> list[str]:
 def search_settings(sweep_dir: Path) -> dict | None:
     """The Optuna sweeper's settings as a job recorded them (.hydra/hydra.yaml); None for any other sweeper."""
     for job_dir in job_dirs(sweep_dir):
-        path = RunLayout(job_dir).hydra / "hydra.yaml"
+        path = RunLayout(job_dir).hydra_yaml
         if path.is_file():
             sweeper = OmegaConf.load(path).hydra.sweeper
             if "optuna" not in str(sweeper.get("_target_", "")):

@@ -296,7 +296,7 @@ def hold_run_dir(folder: Path) -> None:
         _held_lock.close()
         _held_lock = None
     RunLayout(folder).hydra.mkdir(parents=True, exist_ok=True)
-    f = open(RunLayout(folder).hydra / "lock", "a+")
+    f = open(RunLayout(folder).lock, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -23,6 +23,8 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from qlora_lab.layout import RunLayout  # a few lines, no heavy imports
+
 log = logging.getLogger(__name__)
 SPENT = ("train.batch_size", "train.memory_cap_gib")  # what an equal-memory job sets on top of its QLoRA job
 
@@ -48,9 +50,9 @@ def measured_peak(job_dir: Path) -> float | None:
     """Training's peak memory of a job that completed (run.json, metrics.json: qlora_lab/rundir.py), else None;
     the whole job's peak where training did not record its own."""
     try:
-        if json.loads((job_dir / "run.json").read_text()).get("status") != "completed":
+        if json.loads(RunLayout(job_dir).run_json.read_text()).get("status") != "completed":
             return None
-        metrics = json.loads((job_dir / "metrics.json").read_text())
+        metrics = json.loads(RunLayout(job_dir).metrics_json.read_text())
         return metrics.get("memory/train_peak_gib", metrics.get("memory/peak_gib"))
     except (OSError, ValueError):
         return None
