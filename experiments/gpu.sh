@@ -9,9 +9,10 @@
 #   bash experiments/gpu.sh variants    # +experiment=qlora_variants on the real SmolLM2-135M-Instruct, 3 seeds
 #   bash experiments/gpu.sh multi       # 2 GPUs: one GPU vs DDP vs FSDP, 8B QLoRA (experiments/multi_gpu)
 #   bash experiments/gpu.sh sweep2      # 2 GPUs: the 8B LoRA-vs-QLoRA sweep one job at a time vs one job per GPU
+#   bash experiments/gpu.sh fsdp70b     # 2 GPUs: FSDP + 4-bit loaded shard by shard, 8B, then 70B shapes at 24 GiB a GPU
 # Results go to $OUT (default /tmp/gpu-out): logs, reference_*.jsonl and one .tgz per sweep.
 set -uo pipefail
-stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality|variants|decision|multi|multi2|before|fsdpmem|fsdp8b|sweep2}
+stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality|variants|decision|decision2|multi|multi2|before|fsdpmem|fsdp8b|fsdp70b|fsdp70b_short|sweep2}
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT" /root/smolparts
 cp .gpu/smolpart.* /root/smolparts/ 2>/dev/null  # the SmolLM2 GGUF travels in parts, one per call (64 MiB a call)
@@ -52,7 +53,7 @@ one() {  # one NAME [overrides...]: a single run (LAUNCH=accelerate config for a
   local t0=$SECONDS; rm -rf /root/runs/$name  # a repeated call starts the run afresh
   echo "=== $name: ${cmd[*]} $*" >> "$OUT/runs.log"
   timeout ${RUN_TIMEOUT:-400} "${cmd[@]}" "$@" hydra.run.dir=/root/runs/$name 2>&1 | tee -a "$OUT/runs.log" | grep -E "recipe|eval loss|error|GPUs visible|Error" | tail -n 5
-  python3 -c "import json,sys; m=json.load(open('/root/runs/$name/metrics.json')); print(json.dumps({'run': '$name', 'wall_s': $SECONDS - $t0, **{k: m.get(k) for k in ['train/batch_size','train/steps','train/tokens_per_s','train/tokens_per_s_per_gpu','train/step_time_min_s','train/step_time_median_s','train/step_time_max_s','perf/mfu','memory/peak_gib','memory/peak_gib_per_rank','memory/peak_reserved_gib','distributed/world_size','distributed/strategy','distributed/adapters_identical','data/train_tokens','eval/loss','eval/loss_before','train/losses']}}))" | tee -a "$OUT/runs.jsonl"
+  python3 -c "import json,sys; m=json.load(open('/root/runs/$name/metrics.json')); print(json.dumps({'run': '$name', 'wall_s': $SECONDS - $t0, **{k: m.get(k) for k in ['train/batch_size','train/steps','train/tokens_per_s','train/tokens_per_s_per_gpu','train/step_time_min_s','train/step_time_median_s','train/step_time_max_s','perf/mfu','memory/peak_gib','memory/peak_gib_per_rank','memory/peak_reserved_gib','distributed/world_size','distributed/strategy','distributed/adapters_identical','data/train_tokens','eval/loss','eval/loss_before','train/losses','model/footprint_gib','model/load_s','memory/load_peak_gib_per_rank','train/gpu_memory_cap_gib']}}))" | tee -a "$OUT/runs.jsonl"
 }
 
 case $stage in
@@ -187,10 +188,25 @@ case $stage in
     tar czf "$OUT/runs_fsdpmem.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard --exclude=merged -C /root runs ;;
   fsdp8b)  # FSDP2 on 8B with Liger's fused cross-entropy (the LM head gathered for the loss) against one GPU
     m=$(model_dir +experiment=multi_gpu_8b)
+    CUDA_VISIBLE_DEVICES=0 python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference.jsonl"
     LAUNCH=accelerate/fsdp_2gpu.yaml one fsdp_8b +experiment=multi_gpu_8b
     CUDA_VISIBLE_DEVICES=0 one single_8b +experiment=multi_gpu_8b
     CUDA_VISIBLE_DEVICES=0 python3 experiments/multi_gpu/same_adapter_layout.py /root/runs/single_8b/adapter /root/runs/fsdp_8b/adapter | tee -a "$OUT/runs.jsonl"
     tar czf "$OUT/runs_fsdp8b.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard --exclude=merged -C /root runs ;;
+  fsdp70b)  # a model larger than one GPU: FSDP + 4-bit loads the base shard by shard (qlora_lab/sharded_loading.py).
+    # 8B on 2 GPUs (each rank's load peak against the whole 4-bit base, model/footprint_gib), then Llama-3-70B shapes
+    # (weights drawn in memory) with each GPU capped at 24 GiB; if that run runs out of memory, 3 steps without the
+    # cap and without the activation offload (untried under FSDP) measure what it needs. Within one 10-minute call
+    m=$(model_dir +experiment=multi_gpu_8b)
+    CUDA_VISIBLE_DEVICES=0 python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference_fsdp70b.jsonl"
+    LAUNCH=accelerate/fsdp_2gpu.yaml RUN_TIMEOUT=150 one fsdp_8b_sharded +experiment=multi_gpu_8b train.max_steps=10
+    LAUNCH=accelerate/fsdp_2gpu.yaml RUN_TIMEOUT=240 one fsdp_70b +experiment=multi_gpu_70b
+    python3 -c "import json,sys; sys.exit(0 if json.load(open('/root/runs/fsdp_70b/metrics.json')).get('train/tokens_per_s') else 1)" 2>/dev/null ||
+      ! grep -qE "OutOfMemoryError|out of memory" "$OUT/runs.log" || {
+      grep -E "OutOfMemoryError|out of memory" "$OUT/runs.log" | tail -n 2
+      LAUNCH=accelerate/fsdp_2gpu.yaml RUN_TIMEOUT=150 one fsdp_70b_uncapped +experiment=multi_gpu_70b train.gpu_memory_cap_gib=null \
+        train.activation_offload=false train.max_steps=3; }
+    tar czf "$OUT/runs_fsdp70b.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard -C /root runs ;;
   decision)  # issue 23 on the real SmolLM2 (its GGUF reassembled from the parts that earlier `parts` calls left):
     # the GSM8K decision sweep, one seed per sweep folder (seeds as arguments: `decision 42 43`, then `decision 44`
     # in the next call), one job at a time; merge the seed folders into one sweep folder afterwards
@@ -204,6 +220,37 @@ case $stage in
     python3 experiments/lora_vs_qlora/reference_loop.py "$QLORA_LAB_CACHE/models/SmolLM2-135M-Instruct" \
       --recipes fast_qlora,fast_lora --batch 8 --seq 1024 | tee "$OUT/reference.jsonl"
     tar czf "$OUT/decision_sweeps.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard -C /root/sw . ;;
+  decision2)  # issue 23 on 2 GPUs, one seed's sweep per GPU, each one job at a time: `decision2 42 43` (seed 42 on
+    # GPU 0, 43 on GPU 1), then `decision2 44` (seed 44 on GPU 0 beside +experiment=qlora_variants, issue 25, on
+    # GPU 1); the plain reference loop on GPU 0 after them, same call. Merge the seed folders afterwards.
+    # EXTRA: more overrides for the decision sweeps, e.g. EXTRA=dataset.size=3000,7473 for the cells left to run
+    real_smollm2
+    rm -rf /root/sw
+    gpu=0
+    for seed in "${@:2}"; do
+      CUDA_VISIBLE_DEVICES=$gpu timeout ${SWEEP_TIMEOUT:-450} python3 -m qlora_lab -m +experiment=decision_gsm8k \
+        sweep.repeats=1 train.seed=$seed eval.batch_size=${EVAL_BATCH:-440} ${EXTRA:-} hydra.sweep.dir=/root/sw/seed$seed \
+        > "$OUT/sweep_seed$seed.log" 2>&1 &
+      gpu=$((gpu + 1))
+      sleep 20  # the first sweep converts the GGUF into the cache before the second needs it
+    done
+    [ $# -eq 2 ] && CUDA_VISIBLE_DEVICES=1 timeout ${SWEEP_TIMEOUT:-450} python3 -m qlora_lab -m +experiment=qlora_variants \
+      dataset.size=256 dataset.max_seq_length=512 sweep.repeats=3 hydra.sweep.dir=/root/sw/variants \
+      > "$OUT/sweep_variants.log" 2>&1 &
+    wait
+    for f in "$OUT"/sweep_*.log; do echo "== $f"; grep -E "^\| |rror" "$f" | tail -n 12; done
+    CUDA_VISIBLE_DEVICES=0 python3 experiments/lora_vs_qlora/reference_loop.py "$QLORA_LAB_CACHE/models/SmolLM2-135M-Instruct" \
+      --recipes fast_qlora,fast_lora --batch 8 --seq 1024 | tee "$OUT/reference.jsonl"
+    tar czf "$OUT/sweeps_${2}.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard --exclude=merged -C /root/sw . ;;
+  fsdp70b_short)  # fsdp70b for a short lease: 70B under the 24 GiB cap first, then the reference loop and the
+    # shard-by-shard loading on Llama-3.2-1B shapes (per-rank load peak against the whole 4-bit base)
+    LAUNCH=accelerate/fsdp_2gpu.yaml RUN_TIMEOUT=${RUN70:-170} one fsdp_70b +experiment=multi_gpu_70b
+    grep -E "OutOfMemoryError|out of memory|Error" "$OUT/runs.log" | tail -n 3
+    b=(+experiment=multi_gpu_8b model=llama3_1b_random)
+    m=$(model_dir "${b[@]}")
+    CUDA_VISIBLE_DEVICES=0 python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference.jsonl"
+    LAUNCH=accelerate/fsdp_2gpu.yaml RUN_TIMEOUT=60 one fsdp_1b_sharded "${b[@]}" train.max_steps=10
+    tar czf "$OUT/runs_fsdp70b.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard -C /root runs ;;
   sweep2)  # the 8B LoRA-vs-QLoRA sweep (fast recipe): one job at a time, then one job per GPU
     m=$(model_dir +experiment=lora_vs_qlora_gpu_8b)
     CUDA_VISIBLE_DEVICES=0 python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora,fast_lora | tee "$OUT/reference_sweep2.jsonl"

@@ -176,6 +176,10 @@ class ModelConfig:
     # varlen; flex_attention ran no faster than sdpa on Llama-3-8B shapes and took 3 GiB more (experiments/fast_path)
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
+    # With random_init, under FSDP with a 4-bit base only: draw each decoder layer's random weights in memory as it is
+    # loaded (seeded per layer, the same on every rank) instead of building a checkpoint folder once: for models whose
+    # checkpoint would not fit the disk (70B in bf16: 140 GB). Its weights differ from the folder's.
+    random_in_memory: bool = False
 
 
 @dataclass
@@ -314,6 +318,10 @@ class TrainConfig:
     # With batch_size=auto: a step whose peak memory (as the report measures it) is over this many GiB counts as
     # out of memory. sweep.equal_memory sets it to LoRA's measured peak; None: only the device's own limit
     memory_cap_gib: float | None = None
+    # The most GPU memory each training process may allocate, in GiB (torch.cuda.set_per_process_memory_fraction):
+    # a smaller GPU on a larger one (e.g. 24 GiB cards on an H200). Past it, out of memory. None: the whole GPU; no
+    # effect on a CPU
+    gpu_memory_cap_gib: float | None = None
 
 
 @dataclass

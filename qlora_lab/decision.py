@@ -2,7 +2,8 @@
 paired difference between QLoRA and LoRA jobs that share a seed (and so the data subset and order), and the card
 (decision.md + decision.png) that says, per data size, whether QLoRA's eval-loss gap is within noise and what it
 saves in memory and costs in time. A verdict is printed only where at least two pairs give an interval. With
-sweep.equal_memory the card also sets QLoRA at LoRA's measured peak (a larger batch) beside equal batch.
+sweep.equal_memory the card also sets QLoRA at LoRA's measured peak (a larger batch) beside equal batch, and its
+headline says what that buys in tokens/s and time to target against LoRA's.
 
 Rows are those of qlora_lab.report.collect: one per job, with `cell` (data size and any other varied setting,
 the seed left out), `seed`, `quantization` and the metrics.
@@ -23,6 +24,7 @@ FIGURES = [
     ("eval_accuracy", "accuracy", 2),
     ("tokens_per_s", "tokens/s", 0),
     ("peak_gib", "peak GiB", 2),
+    ("train_s", "train s", 1),
     ("wall_s", "wall s", 1),
 ]
 
@@ -123,7 +125,8 @@ def compare(cell: list[dict], q: str) -> dict:
         ]
     )
     lora_peak, _ = interval([a["peak_gib"] for a, _ in ps])
-    time, time_half = interval([b["wall_s"] / a["wall_s"] - 1 for a, b in ps if a["wall_s"] and b["wall_s"]])
+    # training time, not the job's wall time: that also holds model conversion, loading and the evaluate stage
+    time, time_half = interval([b["train_s"] / a["train_s"] - 1 for a, b in ps if a["train_s"] and b["train_s"]])
     if len(ps) < MIN_PAIRS or gap_half is None:
         verdict = "no verdict (fewer than 2 seeds)" if ps else "no verdict (no pair)"
     elif gap - gap_half <= 0 <= gap + gap_half:
@@ -177,7 +180,7 @@ def headline(found: list[dict], rows: list[dict]) -> list[str]:
             [a["peak_gib"] - b["peak_gib"] for a, b in every if a["peak_gib"] and b["peak_gib"]]
         )
         lora_peak, _ = interval([a["peak_gib"] for a, _ in every])
-        time, _ = interval([b["wall_s"] / a["wall_s"] - 1 for a, b in every if a["wall_s"] and b["wall_s"]])
+        time, _ = interval([b["train_s"] / a["train_s"] - 1 for a, b in every if a["train_s"] and b["train_s"]])
         costs = []
         if saved is not None and lora_peak:
             costs.append(
@@ -185,7 +188,7 @@ def headline(found: list[dict], rows: list[dict]) -> list[str]:
                 f"peak memory ({-100 * saved / lora_peak:+.0f}%)"
             )
         if time is not None:
-            costs.append(f"{'costs' if time >= 0 else 'saves'} {abs(100 * time):.0f}% wall time")
+            costs.append(f"{'costs' if time >= 0 else 'saves'} {abs(100 * time):.0f}% training time")
         text = f"{where}: {mode(q)} " + " and ".join(costs) + " (means over all pairs); "
         judged = [c for c in mine if not c["verdict"].startswith("no verdict")]
         if len(judged) < len(mine):
@@ -218,6 +221,110 @@ def headline(found: list[dict], rows: list[dict]) -> list[str]:
     return lines
 
 
+def signed_pct(values: list[float]) -> str:
+    mean, half = interval(values)
+    return "–" if mean is None else f"{mean:+.0f}%" + (f" ± {half:.0f}%" if half is not None else "")
+
+
+def spent_pairs(rows: list[dict], q: str) -> list[tuple[dict, dict | None, dict]]:
+    """(LoRA job, QLoRA job at LoRA's batch or None, QLoRA job at equal memory) for each completed equal-memory job
+    of mode q whose LoRA job (same cell and seed) completed."""
+    done = [r for r in rows if r["status"] == "completed"]
+
+    def twin(job: dict, quantization: str) -> dict | None:
+        return next(
+            (
+                r
+                for r in done
+                if not r.get("equal_memory")
+                and (r["quantization"], r["cell"], r["seed"]) == (quantization, job["cell"], job["seed"])
+            ),
+            None,
+        )
+
+    spent = [r for r in done if r.get("equal_memory") and r["quantization"] == q]
+    return [(twin(r, "none"), twin(r, q), r) for r in spent if twin(r, "none")]
+
+
+def equal_memory_headline(rows: list[dict], gap: float = TARGET_GAP) -> list[str]:
+    """sweep.equal_memory: one sentence per quantized mode on what its saved memory buys (the batch found under
+    LoRA's peak, tokens/s and training seconds to the target against LoRA's, paired by data size and seed)."""
+    targets = {}
+    for cell in cells(rows):
+        lora_final, _ = interval([r["eval_loss"] for r in cell if r["quantization"] == "none"])
+        if lora_final is not None:
+            targets[cell[0]["cell"]] = lora_final * (1 + gap)
+    lines = []
+    for q in sorted({r["quantization"] for r in rows if r.get("equal_memory")}):
+        ps = spent_pairs(rows, q)
+        if not ps:
+            lines.append(
+                f"At equal memory: no {mode(q)} job completed with train.batch_size=auto under its LoRA job's "
+                f"peak (see the equal-memory table), so there is nothing to compare."
+            )
+            continue
+        lora_batch = sorted({a["batch_size_used"] or a["batch_size"] for a, _, _ in ps})
+        found = sorted({c["batch_size_used"] for _, _, c in ps if c["batch_size_used"]})
+        text = (
+            f"At equal memory ({mode(q)} with train.batch_size=auto under its LoRA job's peak; {len(ps)} "
+            f"{'pairs' if len(ps) > 1 else 'pair'} by data size and seed, "
+            + ("means ± their 95% interval" if len(ps) >= MIN_PAIRS else "no interval")
+            + f"): batch {', '.join(map(str, found)) or '?'} against LoRA's {', '.join(map(str, lora_batch))}"
+        )
+        if not any((c["batch_size_used"] or 0) > (a["batch_size_used"] or a["batch_size"]) for a, _, c in ps):
+            text += " (no larger batch fit, so here its saved memory bought no larger batch)"
+        unbound = [
+            c for _, _, c in ps if not c["_batch_over_cap"] and c["batch_size_used"] == c["_auto_batch_start"]
+        ]
+        if unbound:
+            text += (
+                f" ({len(unbound)} of {len(ps)} kept the search's first batch, train.auto_batch_start: the cap did "
+                f"not bind, so a larger batch may fit)"
+            )
+        speed = [
+            c["tokens_per_s"] / a["tokens_per_s"] - 1
+            for a, _, c in ps
+            if a["tokens_per_s"] and c["tokens_per_s"]
+        ]
+        at_batch = [
+            b["tokens_per_s"] / a["tokens_per_s"] - 1
+            for a, b, _ in ps
+            if b and a["tokens_per_s"] and b["tokens_per_s"]
+        ]
+        if speed:
+            text += f"; tokens/s {signed_pct([100 * v for v in speed])} against LoRA's"
+            if at_batch:
+                text += f" ({signed_pct([100 * v for v in at_batch])} at LoRA's batch)"
+        faster, skipped = [], {}
+        for a, _, c in ps:
+            target = targets.get(c["cell"])
+            if target is None or not a["_curve"] or not c["_curve"]:
+                reason = "no learning curve (train.eval_steps)"
+            else:
+                hit_lora, hit = reach(a["_curve"], target), reach(c["_curve"], target)
+                if hit is None:
+                    reason = f"{mode(q)} at equal memory did not reach it"
+                elif hit_lora is None:
+                    reason = "LoRA did not reach it"
+                elif hit_lora["train_s"] <= 0:
+                    reason = "LoRA met it before training"
+                else:
+                    faster.append(100 * (hit["train_s"] / hit_lora["train_s"] - 1))
+                    continue
+            skipped[reason] = skipped.get(reason, 0) + 1
+        if faster:
+            text += (
+                f"; training seconds to the target (LoRA's final eval loss + {100 * gap:g}%) "
+                f"{signed_pct(faster)} against LoRA's"
+            )
+        if skipped:
+            text += "; time to target not compared for " + ", ".join(
+                f"{n} of {len(ps)} ({reason})" for reason, n in skipped.items()
+            )
+        lines.append(text + ".")
+    return lines
+
+
 def card(rows: list[dict]) -> str:
     """decision.md: the headline, then one row per cell with its verdict and the runs behind every figure."""
     done = [r for r in rows if r["status"] == "completed"]
@@ -236,7 +343,16 @@ def card(rows: list[dict]) -> str:
             ]
         )
     found = comparisons(rows)
-    lines += headline(found, rows) + [
+    spent = equal_memory_headline(rows)
+    lines += headline(found, rows) + ([""] + spent if spent else [])
+    if any(r["device"] == "cpu" for r in done):
+        lines += [
+            "",
+            f"On a CPU the peaks{' (and the equal-memory cap)' if spent else ''} are the job process's peak RSS, "
+            f"not GPU memory: they do not say what QLoRA saves{', or what its saving buys,' if spent else ''} on a "
+            f"GPU.",
+        ]
+    lines += [
         "",
         f"![decision]({DECISION_PLOT})",
         "",
@@ -261,7 +377,7 @@ def card(rows: list[dict]) -> str:
     lines += [
         "",
         "Pairs: a LoRA and a QLoRA job of the same cell and seed (same data subset and order). Gap, memory "
-        "saved and time cost are means of the per-pair differences (time cost: QLoRA's wall time ÷ LoRA's − 1) "
+        "saved and time cost are means of the per-pair differences (time cost: QLoRA's training time ÷ LoRA's − 1) "
         f"± the half-width of their 95% Student-t interval. Within noise: the gap's interval holds 0; "
         f"worse/better: it lies wholly above/below 0. Cells with fewer than {MIN_PAIRS} pairs get no "
         f"interval and no verdict. Runs: the job folders of the pairs (LoRA, QLoRA per seed).",
@@ -348,6 +464,16 @@ def has_pairs(rows: list[dict]) -> bool:
     return any(c["pairs"] for c in comparisons(rows))
 
 
+def plot_title(rows: list[dict], equal_memory: bool) -> str:
+    title = "QLoRA vs LoRA, paired by seed (error bars: 95% interval)"
+    if not equal_memory:
+        return title
+    title += "; equal memory: QLoRA's batch_size=auto under LoRA's peak"
+    if any(r["device"] == "cpu" for r in rows if r["status"] == "completed"):
+        title += " (CPU: peaks are process RSS, not GPU memory)"
+    return title
+
+
 def plot(rows: list[dict], path: Path) -> bool:
     """decision.png: per cell, the eval-loss gap, the memory saved and the time cost with their intervals.
     Returns False (and removes an older plot) when there are no pairs to draw."""
@@ -360,13 +486,43 @@ def plot(rows: list[dict], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    spent = {q: spent_pairs(rows, q) for q in sorted({c["mode"] for c in found})}
+    spent = {q: ps for q, ps in spent.items() if ps}
+    fig, axes = plt.subplots(1, 4 if spent else 3, figsize=(17 if spent else 13, 4))
     panels = [
         ("gap", "gap_half", "eval loss gap (QLoRA − LoRA)"),
         ("saved_gib", "saved_half", "peak memory saved (GiB)"),
-        ("time_pct", "time_half", "wall time cost (%)"),
+        ("time_pct", "time_half", "training time cost (%)"),
     ]
-    for ax, (key, half, label) in zip(axes, panels, strict=True):
+    if spent:  # the fourth panel: tokens/s against LoRA's at LoRA's batch and at equal memory
+        ax = axes[3]
+        for q, ps in spent.items():
+            series = (
+                (f"{mode(q)}, LoRA's batch", [(a, b) for a, b, _ in ps]),
+                (f"{mode(q)}, equal memory", [(a, c) for a, _, c in ps]),
+            )
+            for label, jobs in series:
+                by_cell: dict[str, list[float]] = {}
+                for lora, job in jobs:
+                    if job and lora["tokens_per_s"] and job["tokens_per_s"]:
+                        by_cell.setdefault(job["cell"], []).append(
+                            100 * (job["tokens_per_s"] / lora["tokens_per_s"] - 1)
+                        )
+                points = [(cell, *interval(v)) for cell, v in by_cell.items()]
+                ax.errorbar(
+                    [c for c, _, _ in points],
+                    [m for _, m, _ in points],
+                    yerr=[h or 0 for _, _, h in points],
+                    marker="o",
+                    capsize=4,
+                    label=label,
+                )
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("training examples (dataset.size)")
+        ax.set_ylabel("tokens/s against LoRA's (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    for ax, (key, half, label) in zip(axes[:3], panels, strict=True):
         for q in sorted({c["mode"] for c in found}):
             mine = [c for c in found if c["mode"] == q and c[key] is not None]
             ax.errorbar(
@@ -382,7 +538,7 @@ def plot(rows: list[dict], path: Path) -> bool:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("QLoRA vs LoRA, paired by seed (error bars: 95% interval)")
+    fig.suptitle(plot_title(rows, bool(spent)))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

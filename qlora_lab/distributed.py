@@ -51,6 +51,21 @@ def device() -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def cap_gpu_memory(gib: float | None) -> str | None:
+    """train.gpu_memory_cap_gib: let this process allocate at most `gib` GiB of its GPU (a smaller card on a larger
+    one); beyond it, out of memory as on that card. Returns the line that says so, or None (no cap, or no GPU)."""
+    import torch
+
+    if gib is None or not torch.cuda.is_available():
+        return None
+    target = device()
+    total = torch.cuda.get_device_properties(target).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total), target)
+    return (
+        f"GPU memory capped at {gib:g} GiB of {total / 2**30:.1f} GiB on {target} (train.gpu_memory_cap_gib)"
+    )
+
+
 def launch_command(n_gpus: int) -> str:
     """The command that runs this same job on `n_gpus` GPUs with DDP."""
     overrides = " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -35,6 +35,8 @@ def lora_unfused_reason(cfg: Config) -> str | None:
         if cfg.quantization.method is QuantMethod.int8
         else ("lora.variant=dora, which the fused layers do not cover", "lora.variant=dora has no fused form")
         if dora
+        else ("FSDP", "the fused layers are not tried on FSDP's sharded weights (train with DDP or one GPU)")
+        if fsdp_enabled()
         else None
     )
     if t.lora_layers is LoraLayers.fused:

@@ -545,8 +545,9 @@ def lora_config(cfg: Config):
     )
 
 
-def full_precision_weights(path: str):
-    """name -> safetensors file, for every tensor of the model at `path` (a local folder or a cached hub id)."""
+def full_precision_weights(path: str, reader: str = "lora.init=loftq", other: str = "use another lora.init"):
+    """name -> safetensors file, for every tensor of the model at `path` (a local folder or a cached hub id).
+    `reader` reads them and `other` is the alternative, for the error."""
     from safetensors import safe_open
 
     folder = Path(path).expanduser()
@@ -560,8 +561,8 @@ def full_precision_weights(path: str):
             files |= dict.fromkeys(f.keys(), file)
     if not files:
         raise ConfigError(
-            f"lora.init=loftq reads the full-precision weights from safetensors files, and {folder} "
-            f"has none; save the model as safetensors or use another lora.init."
+            f"{reader} reads the full-precision weights from safetensors files, and {folder} has none; "
+            f"save the model as safetensors or {other}."
         )
     return files
 
@@ -598,8 +599,9 @@ def loftq_init(peft_model, path: str, adapter: str = "default") -> int:
     return count
 
 
-def attach_lora(model, cfg: Config):
-    """Prepare the base for training (recipe: quantization.preparation, checkpointing) and wrap it in PEFT LoRA."""
+def attach_lora(model, cfg: Config, on_meta: bool = False):
+    """Prepare the base for training (recipe: quantization.preparation, checkpointing) and wrap it in PEFT LoRA.
+    `on_meta`: the base is a meta-device skeleton (sharded_loading), so the LoRA layers are made on meta too."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     t = cfg.train
@@ -618,7 +620,7 @@ def attach_lora(model, cfg: Config):
         # frozen inputs need no requires_grad trick. Also turns on input grads (the embedding is frozen).
         model.activation_checkpointing_enable(**checkpointing)
     try:
-        model = get_peft_model(model, lora_config(cfg))
+        model = get_peft_model(model, lora_config(cfg), low_cpu_mem_usage=on_meta)
     except ValueError as e:
         raise ConfigError(
             f"lora.target_modules={list(cfg.lora.target_modules)} does not fit this model: {e}"

@@ -121,8 +121,13 @@ RATIO_NOTE = (
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
     """Job folders (those Hydra wrote a config into), in job-number order. Also found below the top level: a
-    hydra.sweep.subdir with a '/' in it (or a sweep from before job_dirname) nests them."""
-    dirs = [p.parent.parent for p in sweep_dir.glob("**/.hydra/config.yaml") if p.parent.parent != sweep_dir]
+    hydra.sweep.subdir with a '/' in it (or a sweep from before job_dirname) nests them. The re-runs of
+    `verify` (SWEEP_DIR/verify/) are not jobs of the sweep."""
+    dirs = [
+        p.parent.parent
+        for p in sweep_dir.glob("**/.hydra/config.yaml")
+        if p.parent.parent != sweep_dir and p.relative_to(sweep_dir).parts[0] != "verify"
+    ]
 
     def number(p: Path) -> int:
         first = p.relative_to(sweep_dir).parts[0].split("_", 1)[0]
@@ -179,6 +184,9 @@ def job_row(job_dir: Path) -> dict:
     row["_curve"] = metrics.get("eval/curve") or []  # [{step, tokens, train_s, loss}]: qlora_lab/decision.py
     row["_info"] = info
     row["equal_memory"] = row["memory_cap_gib"] is not None
+    # whether the cap chose the batch: the batches tried over it, and the first one the search tried
+    row["_batch_over_cap"] = metrics.get("train/batch_over_cap") or []
+    row["_auto_batch_start"] = OmegaConf.select(cfg, "train.auto_batch_start", default=None)
     return row
 
 

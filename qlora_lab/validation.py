@@ -19,6 +19,7 @@ def validate(cfg: Config) -> None:
     from .attention import packed_varlen
     from .fused_lora import lora_unfused_reason
     from .models import check_lora_variant, check_model, check_quantization, liger_kernels, resolve_dtype
+    from .sharded_loading import check_sharded_loading
 
     check_added_keys(cfg)
     check_stages(cfg)
@@ -30,6 +31,7 @@ def validate(cfg: Config) -> None:
     packed_varlen(cfg, resolve_dtype(cfg.model.dtype))
     check_counts(cfg)
     check_lora_variant(cfg)
+    check_sharded_loading(cfg)
     check_values(cfg)
     check_model(cfg.model)
     check_folders(cfg)
@@ -228,6 +230,19 @@ def check_values(cfg: Config) -> None:
             f"train.memory_cap_gib={cap} caps the batch search of train.batch_size=auto, but "
             f"train.batch_size={cfg.train.batch_size}; set train.batch_size=auto or drop the cap."
         )
+    gpu_cap = cfg.train.gpu_memory_cap_gib
+    if gpu_cap is not None and gpu_cap <= 0:
+        raise ConfigError(f"train.gpu_memory_cap_gib must be a positive number of GiB (got {gpu_cap}).")
+    if gpu_cap is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            total = torch.cuda.get_device_properties(0).total_memory / 2**30
+            if gpu_cap > total:
+                raise ConfigError(
+                    f"train.gpu_memory_cap_gib={gpu_cap} is more than this GPU's {total:.1f} GiB, so it caps "
+                    f"nothing; lower it or drop it."
+                )
     if cfg.sweep.equal_memory and cfg.train.batch_size == "auto" and cap is None:
         raise ConfigError(
             "sweep.equal_memory compares QLoRA with LoRA at LoRA's batch, which must be fixed, but "

@@ -321,6 +321,17 @@ BAD_INPUTS = [
         ["train.lora_layers=fused", "lora.variant=dora"],
         ["train.lora_layers=fused", "lora.variant=dora has no fused form", "train.lora_layers=auto"],
     ),
+    ("negative GPU memory cap", ["train.gpu_memory_cap_gib=-1"], ["train.gpu_memory_cap_gib", "positive"]),
+    (
+        "random weights in memory without FSDP",
+        ["quantization=nf4", "model.random_in_memory=true"],
+        ["model.random_in_memory", "accelerate/fsdp_2gpu.yaml", "drop model.random_in_memory"],
+    ),
+    (
+        "random weights in memory of a non-random model",
+        ["model.random_init=null", "model.random_in_memory=true"],
+        ["model.random_in_memory", "no random_init"],
+    ),
 ]
 
 

@@ -12,7 +12,7 @@ import yaml
 from omegaconf import OmegaConf, open_dict
 
 from hydra_plugins.qlora_lab_launcher.equal_memory_sweeper import measured_peak
-from qlora_lab import callbacks, report
+from qlora_lab import callbacks, decision, report
 from qlora_lab.decision import interval
 from qlora_lab.report import main as report_main
 from qlora_lab.report import write_report
@@ -38,7 +38,7 @@ def test_card_gives_a_verdict_per_size_and_the_size_from_which_qlora_is_within_n
     mean, half = interval([0.10, 0.12, 0.11])
     assert "its eval loss is within noise of LoRA's from 16 examples on" in card
     assert f"at 8 it is worse by {mean:.4f} ± {half:.4f}" in card
-    assert "saves 1.00 GiB of peak memory (-33%)" in card and "costs 20% wall time" in card
+    assert "saves 1.00 GiB of peak memory (-33%)" in card and "costs 40% training time" in card  # 7 s / 5 s, not the wall time's 12 / 10
     row8 = next(line for line in card.splitlines() if line.startswith("| 8 |"))
     assert "| worse |" in row8 and f"{mean:.4f} ± {half:.4f}" in row8
     for seed in (42, 43, 44):  # every run behind the row is linked
@@ -392,14 +392,18 @@ def test_equal_memory_refused_with_one_sentence(tmp_path, capsys, overrides, mes
     assert stop.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
 
 
-def test_card_gives_throughput_and_time_to_target_at_equal_memory_beside_equal_batch(tmp_path):
-    # size 8, seeds 42 and 43: LoRA ends at 2.0 (target 2.04); QLoRA at LoRA's batch needs 3 evaluations (300
-    # tokens, 6 s), QLoRA at equal memory (batch 12 under LoRA's 3.0 GiB) gets there at 300 tokens in 3 s
+def equal_memory_sweep(
+    sweep_dir, batch: int = 12, losses=(3.0, 2.4, 2.03), gpu: str | None = None
+) -> list[str]:
+    """Size 8, seeds 42 and 43: LoRA ends at 2.0 (target 2.04, reached at 200 tokens in 4 s); QLoRA at LoRA's batch
+    needs 3 evaluations (300 tokens, 6 s); QLoRA at equal memory (`batch` under LoRA's 3.0 GiB, 300 and 320
+    tokens/s against LoRA's 100) has the learning curve `losses`, 150 tokens and 1.5 s per evaluation. Returns the
+    equal-memory jobs' folder names."""
     num = 0
     for seed in (42, 43):
-        add_job(tmp_path, num, "none", 8, seed, 2.0, 10.0, LORA_PEAK, curve=curve(3.0, 2.5, 2.0))
+        add_job(sweep_dir, num, "none", 8, seed, 2.0, 10.0, LORA_PEAK, curve=curve(3.0, 2.5, 2.0))
         add_job(
-            tmp_path,
+            sweep_dir,
             num + 1,
             "nf4",
             8,
@@ -412,21 +416,31 @@ def test_card_gives_throughput_and_time_to_target_at_equal_memory_beside_equal_b
         num += 2
     spent = [
         add_equal_memory_job(
-            tmp_path,
+            sweep_dir,
             num + i,
             8,
             seed,
             LORA_PEAK,
-            12,
+            batch,
             2.9,
             tps,
             curve_=[
                 {"step": s, "tokens": 150 * s, "train_s": 1.5 * s, "loss": loss}
-                for s, loss in enumerate((3.0, 2.4, 2.03))
+                for s, loss in enumerate(losses)
             ],
         )
         for i, (seed, tps) in enumerate(((42, 300.0), (43, 320.0)))
     ]
+    if gpu:
+        for info in sweep_dir.glob("*/run.json"):
+            info.write_text(
+                json.dumps(json.loads(info.read_text()) | {"hardware": {"device": "cuda", "gpu": gpu}})
+            )
+    return spent
+
+
+def test_card_gives_throughput_and_time_to_target_at_equal_memory_beside_equal_batch(tmp_path):
+    spent = equal_memory_sweep(tmp_path)
     summary = write_report(tmp_path)
     card = (tmp_path / "decision.md").read_text()
     # the equal-memory jobs are neither pairs nor cells of the equal-batch verdict
@@ -459,6 +473,42 @@ def test_card_gives_throughput_and_time_to_target_at_equal_memory_beside_equal_b
     )
 
 
+def test_headline_says_what_the_saved_memory_buys_at_equal_memory_and_that_a_cpu_peak_is_rss(tmp_path):
+    equal_memory_sweep(tmp_path)
+    write_report(tmp_path)
+    first = (tmp_path / "decision.md").read_text().split("![decision]", 1)[0]  # the card's headline
+    speed, half = interval([200.0, 220.0])  # 300 and 320 tokens/s against LoRA's 100, per seed
+    assert (
+        "At equal memory (QLoRA nf4 with train.batch_size=auto under its LoRA job's peak; 2 pairs by data size and "
+        f"seed, means ± their 95% interval): batch 12 against LoRA's 4; tokens/s +{speed:.0f}% ± {half:.0f}% "
+        "against LoRA's (+0% ± 0% at LoRA's batch); training seconds to the target (LoRA's final eval loss + 2%) "
+        "-25% ± 0% against LoRA's.\n"  # 3 s against LoRA's 4 s, both seeds
+    ) in first
+    assert (
+        "On a CPU the peaks (and the equal-memory cap) are the job process's peak RSS, not GPU memory"
+        in first
+    )
+    rows = report.collect(tmp_path)
+    assert decision.plot_title(rows, True).endswith(
+        "; equal memory: QLoRA's batch_size=auto under LoRA's peak (CPU: peaks are process RSS, not GPU memory)"
+    )
+    assert "equal memory" not in decision.plot_title(rows, False)
+
+
+def test_headline_at_equal_memory_prints_no_gain_its_data_do_not_show(tmp_path):
+    """On a GPU: the equal-memory jobs found no larger batch than LoRA's, and never reached the target."""
+    equal_memory_sweep(tmp_path, batch=4, losses=(3.0, 2.6, 2.5), gpu="NVIDIA H200")
+    write_report(tmp_path)
+    first = (tmp_path / "decision.md").read_text().split("![decision]", 1)[0]
+    assert (
+        "batch 4 against LoRA's 4 (no larger batch fit, so here its saved memory bought no larger batch)"
+        in first
+    )
+    assert "time to target not compared for 2 of 2 (QLoRA nf4 at equal memory did not reach it)." in first
+    assert "training seconds to the target" not in first and "On a CPU" not in first
+    assert "CPU" not in decision.plot_title(report.collect(tmp_path), True)
+
+
 def test_an_equal_memory_job_that_found_no_batch_is_listed_with_its_reason(tmp_path):
     fake_sweep(tmp_path, {8: [0.0, 0.01]})
     name = add_equal_memory_job(tmp_path, 4, 8, 42, LORA_PEAK, 1, 9.0, 1.0, status="failed")
@@ -476,11 +526,104 @@ def test_an_equal_memory_job_that_found_no_batch_is_listed_with_its_reason(tmp_p
     assert "| within noise |" in next(
         line for line in card.splitlines() if line.startswith("| 8 | QLoRA nf4 | 2 |")
     )
+    assert (
+        "At equal memory: no QLoRA nf4 job completed with train.batch_size=auto under its LoRA job's peak (see the "
+        "equal-memory table), so there is nothing to compare."
+    ) in card.split("![decision]", 1)[0]
 
 
-def test_real_sweep_with_equal_memory_runs_the_capped_job_after_its_lora_job(tmp_path):
+def fake_rerun(monkeypatch, batch: int, device: str | None = None) -> list[list[str]]:
+    """verify's re-run replaced: each job folder copied with its recorded figures, an equal-memory job with the
+    batch `batch` found, every job recorded on `device` if given. Returns the overrides of every re-run."""
+    from qlora_lab import verify
+
+    calls = []
+
+    def rerun(job_dir, overrides, out):
+        calls.append(overrides)
+        shutil.copytree(job_dir, out / job_dir.name)
+        if "train.batch_size=auto" in overrides:
+            metrics = out / job_dir.name / "metrics.json"
+            metrics.write_text(json.dumps(json.loads(metrics.read_text()) | {"train/batch_size": batch}))
+        if device:
+            (out / job_dir.name / "run.json").write_text(
+                json.dumps({"status": "completed", "hardware": {"device": device}})
+            )
+        return out / job_dir.name
+
+    monkeypatch.setattr(verify, "rerun", rerun)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "gpu, batch, code, verdict",
+    [
+        ("NVIDIA H200", 12, 0, "yes"),
+        ("NVIDIA H200", 8, 1, "no: drift"),  # on a GPU another batch under the same cap is drift
+        (None, 8, 0, "outside, not counted (CPU: RSS)"),  # on a CPU the cap bounds RSS: shown, not counted
+    ],
+)
+def test_verify_reruns_the_equal_memory_jobs_under_their_recorded_cap(
+    tmp_path, monkeypatch, capsys, gpu, batch, code, verdict
+):
+    from qlora_lab import verify
+
+    equal_memory_sweep(tmp_path, gpu=gpu)
+    monkeypatch.setattr(verify, "this_device", lambda: gpu or "cpu")
+    calls = fake_rerun(monkeypatch, batch)
+    assert report_main(["verify", str(tmp_path), "8"]) == code
+    text = capsys.readouterr().out
+    assert (
+        "Re-ran 6 jobs from their recorded overrides" in text
+        and "The 2 equal-memory jobs ran under the cap they recorded (train.memory_cap_gib 3: their LoRA job's "
+        "peak in the sweep), not a new measurement."
+        in text
+    )
+    spent = [c for c in calls if "train.batch_size=auto" in c]
+    assert len(spent) == 2 and all(c[-1] == f"train.memory_cap_gib={LORA_PEAK}" for c in spent)
+    rows = {
+        line.split(" | ")[1]: line
+        for line in text.splitlines()
+        if line.startswith("| QLoRA nf4 at equal memory |")
+    }
+    assert rows["batch found"] == f"| QLoRA nf4 at equal memory | batch found | 12 | {batch} | {verdict} |"
+    # the card's time to target: LoRA's 2.0 + 2% -> 2.04, reached at the third evaluation (300 tokens, 3 s)
+    if gpu or batch == 12:
+        assert rows["tokens to target"].endswith("| 300 ± 0 | 300 | yes |")
+        assert rows["train s to target"].endswith("| 3.0 ± 0.0 | 3.0 | yes |")
+    else:  # another batch on a CPU: what followed from it is shown, not counted
+        assert rows["eval loss"].endswith("| not counted (CPU: the re-run found another batch) |")
+        assert verify.CPU_NOTE in text and "No drift: every counted re-run figure" in text
+    # the re-runs under SWEEP_DIR/verify/ are not jobs of the sweep: the report and a second verify leave them out
+    assert len(report.collect(tmp_path)) == 6
+
+
+def test_verify_does_not_rerun_equal_memory_jobs_whose_cap_was_measured_on_another_device(
+    tmp_path, monkeypatch, capsys
+):
+    from qlora_lab import verify
+
+    equal_memory_sweep(tmp_path, gpu="NVIDIA H200")
+    monkeypatch.setattr(verify, "this_device", lambda: "cpu")
+    calls = fake_rerun(monkeypatch, 12, device="cpu")
+    assert report_main(["verify", str(tmp_path), "8"]) == 0
+    text = capsys.readouterr().out
+    assert "Re-ran 4 jobs" in text and not any("train.batch_size=auto" in c for c in calls)
+    assert (
+        "The 2 equal-memory jobs are not re-run: their cap is LoRA's peak measured on NVIDIA H200, and on this "
+        "machine (cpu) it would bound another memory, so the batch they find and every figure that follows from "
+        "it could not be compared."
+    ) in text
+    assert (
+        "| LoRA | tokens/s | 100 ± 0 | 100 | not compared (recorded on NVIDIA H200, re-run on cpu) |" in text
+    )
+    assert "| LoRA | eval loss |" in text and "at equal memory" not in text
+
+
+def test_real_sweep_with_equal_memory_runs_the_capped_job_after_its_lora_job_and_verifies(tmp_path, capsys):
     """sweep.equal_memory=true on the tiny model: LoRA and QLoRA at batch 4, then QLoRA again with batch_size=auto
-    under LoRA's measured peak (the CPU process's peak RSS here), launched after both have ended."""
+    under LoRA's measured peak (the CPU process's peak RSS here), launched after both have ended; then verify
+    re-runs the three, the equal-memory one under the cap it recorded."""
     sweep_dir = tmp_path / "sweep"
     # launched in this process; the isolated launcher still runs each job in a fresh one (its peak is the job's own)
     result = run_main(
@@ -516,3 +659,28 @@ def test_real_sweep_with_equal_memory_runs_the_capped_job_after_its_lora_job(tmp
     )
     card = (sweep_dir / "decision.md").read_text()
     assert f"| 8 | QLoRA nf4 at equal memory | {spent['train/batch_size']} |" in card
+    assert "At equal memory (QLoRA nf4 with train.batch_size=auto under its LoRA job's peak; 1 pair" in card
+    from qlora_lab import verify
+
+    capsys.readouterr()
+    code = report_main(["verify", str(sweep_dir), "8"])
+    out = capsys.readouterr().out
+    # tokens/s on a shared CPU may drift: exit 1 is allowed, the table says which figure
+    assert code in (0, 1) and "Re-ran 3 jobs" in out and f"(train.memory_cap_gib {cap:g}:" in out, out
+    again = next((sweep_dir / "verify").glob("*/2"))  # the equal-memory job's re-run (job number 2)
+    assert (
+        yaml.safe_load((again / ".hydra" / "overrides.yaml").read_text())[-1] == f"train.memory_cap_gib={cap}"
+    )
+    assert verify.CPU_NOTE in out
+    rows = {
+        line.split(" | ")[1]: line
+        for line in out.splitlines()
+        if line.startswith("| QLoRA nf4 at equal memory |")
+    }
+    batch = json.loads((again / "metrics.json").read_text())["train/batch_size"]
+    assert rows["batch found"].startswith(
+        f"| QLoRA nf4 at equal memory | batch found | {spent['train/batch_size']} | {batch} |"
+    )
+    if batch == spent["train/batch_size"]:  # the same batch and seed: the same eval loss
+        _, _, was, now, _ = rows["eval loss"].split(" | ")
+        assert was == now == f"{spent['eval/loss']:.4f}"

@@ -1,4 +1,4 @@
-"""DDP through `accelerate launch`: 2 CPU processes (gloo) train the tiny model; both ranks end with the same adapter."""
+"""DDP and FSDP through `accelerate launch`, and FSDP2 on gloo ranks: 2 CPU processes train the tiny model."""
 
 from __future__ import annotations
 
@@ -12,16 +12,22 @@ import pytest
 
 from .conftest import ROOT, TINY
 
+# FSDP on CPU processes, for tests (see its sitecustomize.py)
+CPU_FSDP = ROOT / "tests" / "fixtures" / "cpu_fsdp"
 
-def launch(run_dir: Path, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
+
+def launch(run_dir: Path, *args: str, processes: int = 2, fsdp: bool = False) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    if fsdp:
+        env |= {"QLORA_LAB_TEST_CPU_FSDP": "1", "PYTHONPATH": os.pathsep.join([str(CPU_FSDP), str(ROOT)])}
+    config = CPU_FSDP / "fsdp_2proc.yaml" if fsdp else ROOT / "accelerate" / "cpu_ddp_2proc.yaml"
     command = [sys.executable, "-m", "qlora_lab"]
     if processes > 1:
         command = [
             str(Path(sys.executable).with_name("accelerate")),
             "launch",
             "--config_file",
-            str(ROOT / "accelerate" / "cpu_ddp_2proc.yaml"),
+            str(config),
             "--num_processes",
             str(processes),
             "-m",
@@ -37,10 +43,24 @@ def launch(run_dir: Path, *args: str, processes: int = 2) -> subprocess.Complete
     )
 
 
+# The DDP nf4 run that test_two_process_ddp_ranks_agree checks and the FSDP test compares with: trained once per
+# worker (make test's `--dist loadscope` runs this module on one worker).
+DDP_NF4 = ("quantization=nf4", "train.batch_size=2", "lora.dropout=0", "train.gradient_checkpointing=true")
+
+
+@pytest.fixture(scope="module")
+def ddp_nf4(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    run_dir = tmp_path_factory.mktemp("ddp_nf4") / "run"
+    return run_dir, launch(run_dir, *DDP_NF4)
+
+
 @pytest.mark.parametrize("quant", ["none", "nf4"])
-def test_two_process_ddp_ranks_agree(tmp_path, quant):
-    run_dir = tmp_path / "run"
-    result = launch(run_dir, f"quantization={quant}", "train.batch_size=2", "lora.dropout=0")
+def test_two_process_ddp_ranks_agree(tmp_path, quant, request):
+    if quant == "nf4":
+        run_dir, result = request.getfixturevalue("ddp_nf4")
+    else:
+        run_dir = tmp_path / "run"
+        result = launch(run_dir, "quantization=none", "train.batch_size=2", "lora.dropout=0")
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["distributed/world_size"] == 2
@@ -65,6 +85,34 @@ def test_two_process_ddp_ranks_agree(tmp_path, quant):
         assert len(metrics["train/losses"]) == len(alone["train/losses"]) == 8
         assert metrics["train/losses"] == pytest.approx(alone["train/losses"], abs=1e-5)
         assert metrics["eval/loss"] == pytest.approx(alone["eval/loss"], abs=1e-5)
+
+
+def test_fsdp_qlora_train_stage_loads_shard_by_shard_and_matches_ddp(tmp_path, ddp_nf4):
+    """The train stage under FSDP + nf4 with checkpointing (the Trainer's FSDP path, on 2 CPU processes) loads shard
+    by shard and trains as DDP does with the same global batch: the same per-step losses and eval loss, and the same adapter, saved whole
+    by rank 0 (fp32: to 1e-5)."""
+    import torch
+    from safetensors.torch import load_file
+
+    dirs = {"fsdp": tmp_path / "fsdp", "ddp": ddp_nf4[0]}
+    results = {"fsdp": launch(dirs["fsdp"], *DDP_NF4, fsdp=True), "ddp": ddp_nf4[1]}
+    runs, printed = {}, {}
+    for name, result in results.items():
+        assert result.returncode == 0, result.stderr[-4000:]
+        runs[name], printed[name] = json.loads((dirs[name] / "metrics.json").read_text()), result.stdout
+    fsdp, ddp = runs["fsdp"], runs["ddp"]
+    assert "FSDP: the base loaded shard by shard on 2 ranks" in printed["fsdp"]
+    assert "shard by shard" not in printed["ddp"]
+    assert fsdp["distributed/strategy"] == "fsdp" and ddp["distributed/strategy"] == "ddp"
+    assert len(fsdp["train/losses"]) == 8
+    assert fsdp["train/losses"] == pytest.approx(ddp["train/losses"], abs=1e-5)
+    assert fsdp["eval/loss"] == pytest.approx(ddp["eval/loss"], abs=1e-5)
+    assert fsdp["eval/loss"] < fsdp["eval/loss_before"]
+    assert fsdp["params/total"] == ddp["params/total"] and fsdp["params/trainable"] == ddp["params/trainable"]
+    adapters = {n: load_file(dirs[n] / "adapter" / "adapter_model.safetensors") for n in runs}
+    assert adapters["fsdp"].keys() == adapters["ddp"].keys() and len(adapters["fsdp"]) == 28
+    for key, tensor in adapters["ddp"].items():
+        assert torch.allclose(adapters["fsdp"][key], tensor, rtol=0, atol=1e-5), key
 
 
 def test_slurm_launcher_preset_composes():
@@ -137,6 +185,41 @@ def test_plain_launch_on_several_gpus_trains_on_one_instead_of_data_parallel(tmp
             "FSDP shards flat parameters of one dtype, but quantization.storage_dtype=uint8 differs from the model dtype "
             "float32; set quantization.storage_dtype=auto (the model dtype).",
         ),
+        (
+            ["quantization=nf4", "train.lora_layers=fused"],
+            {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"},
+            0,
+            "train.lora_layers=fused cannot be used here: the fused layers are not tried on FSDP's sharded weights "
+            "(train with DDP or one GPU); fix that or use train.lora_layers=auto.",
+        ),
+        (
+            ["quantization=nf4", "train.resume=true"],
+            {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"},
+            0,
+            "train.resume is not supported with FSDP's shard-by-shard loading of a 4-bit base (its checkpoints are "
+            "not tried); start a new run, or resume with DDP.",
+        ),
+        (
+            ["quantization=nf4", "lora.init=loftq"],
+            {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"},
+            0,
+            "lora.init=loftq fits the adapter to the whole unsharded base, which FSDP's shard-by-shard loading never "
+            "holds; use lora.init=default under FSDP, or DDP or one GPU for LoftQ.",
+        ),
+        (
+            ["quantization=nf4", "lora.variant=dora"],
+            {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"},
+            0,
+            "lora.variant=dora is not built by FSDP's shard-by-shard loading of a 4-bit base (not tried); use "
+            "lora.variant=lora under FSDP, or DDP or one GPU for DoRA.",
+        ),
+        (
+            ["quantization=nf4", "model.random_in_memory=true", "pipeline.stages=[train,evaluate]"],
+            {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"},
+            0,
+            "model.random_in_memory keeps its weights in the training processes only, so pipeline stage evaluate "
+            "would have no base to load; use pipeline=train, or drop model.random_in_memory.",
+        ),
     ],
 )
 def test_distributed_launch_mistakes_are_refused_before_loading(monkeypatch, overrides, env, gpus, message):
@@ -165,6 +248,47 @@ def test_fsdp_qlora_config_composes_and_validates(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     validate(make_cfg([*TINY, "quantization=nf4", "quantization.storage_dtype=auto", "train.batch_size=2"]))
+
+
+def test_fsdp_70b_experiment_composes_and_validates(monkeypatch):
+    """+experiment=multi_gpu_70b validates under the FSDP launcher (its weights drawn in memory, no folder built), and
+    a plain launch of it is refused in one sentence saying how to launch it."""
+    from qlora_lab.config import ConfigError
+    from qlora_lab.sharded_loading import sharded_loading
+    from qlora_lab.validation import validate
+
+    from .conftest import make_cfg
+
+    cfg = make_cfg(["+experiment=multi_gpu_70b"])
+    assert cfg.model.random_init.num_hidden_layers == 80 and cfg.model.random_init.hidden_size == 8192
+    assert cfg.model.random_in_memory and cfg.train.gpu_memory_cap_gib == 24 and cfg.train.batch_size == 1
+    with pytest.raises(ConfigError, match="model.random_in_memory needs the shard-by-shard loading of FSDP"):
+        validate(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    validate(cfg)
+    assert sharded_loading(cfg)
+    assert not sharded_loading(make_cfg([*TINY, "quantization=int8"]))
+
+
+def test_gpu_memory_cap_sets_the_process_fraction(monkeypatch):
+    """train.gpu_memory_cap_gib=24 on a 140 GiB GPU lets the process allocate 24/140 of it (a GPU faked here)."""
+    import types
+
+    import torch
+
+    from qlora_lab.distributed import cap_gpu_memory
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=140 * 2**30)
+    )
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, d)))
+    assert cap_gpu_memory(None) is None and calls == []
+    line = cap_gpu_memory(24)
+    assert calls == [(24 / 140, torch.device("cuda", 0))]
+    assert line == "GPU memory capped at 24 GiB of 140.0 GiB on cuda:0 (train.gpu_memory_cap_gib)"
 
 
 def on_two_gloo_ranks(fn, tmp_path) -> dict:
@@ -288,4 +412,225 @@ def test_fsdp2_fused_loss_gets_the_whole_lm_head(tmp_path):
         "without_gather": "DTensor",
         "same_logits": True,
         "head_sharded_after": True,
+    }
+
+
+def _sharded_against_whole(rank: int, port: int, out: str, quant: str = "nf4") -> None:
+    """One of two gloo ranks under FSDP: the tiny nf4 model loaded shard by shard (sharded_loading) against the same
+    checkpoint loaded whole on this rank as one process loads it (load_model + attach_lora), both from seed 42."""
+    import gc
+
+    import bitsandbytes as bnb
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.fsdp as fsdp
+    from transformers import set_seed
+
+    from qlora_lab.models import attach_lora, load_model, model_path
+    from qlora_lab.pipelines.train import full_adapter_state
+    from qlora_lab.sharded_loading import load_sharded
+
+    from .conftest import make_cfg
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        ACCELERATE_USE_FSDP="true",
+    )
+    torch.set_num_threads(1)
+    cfg = make_cfg(
+        [*TINY, f"quantization={quant}", "lora.dropout=0", f"paths.cache_dir={Path(out).parent / 'cache'}"]
+    )
+    # the random checkpoint, built once (under a file lock) by whichever rank comes first
+    path = model_path(cfg)
+
+    def whole_4bit_weights() -> int:
+        gc.collect()
+        return sum(isinstance(o, bnb.nn.Params4bit) and not o.is_meta for o in gc.get_objects())
+
+    alive, fully_shard = [], fsdp.fully_shard
+
+    def counting_fully_shard(module, **kwargs):  # how many whole 4-bit weights exist as each unit is sharded
+        alive.append(whole_4bit_weights())
+        return fully_shard(module, **kwargs)
+
+    fsdp.fully_shard = counting_fully_shard
+    set_seed(42)
+    sharded, _, (trainable, total) = load_sharded(path, cfg)
+    fsdp.fully_shard = fully_shard
+    whole_left = whole_4bit_weights()  # each whole 4-bit weight was freed once its layer was sharded
+    set_seed(42)
+    whole = attach_lora(load_model(path, cfg), cfg)
+
+    def local_4bit_bytes(model) -> int:
+        return sum(
+            (w.to_local() if hasattr(w, "to_local") else w).untyped_storage().nbytes()
+            for m in model.modules()
+            if isinstance(m, bnb.nn.Linear4bit)
+            for w in [m.weight]
+        )
+
+    lora = [(n, p) for n, p in sharded.named_parameters() if p.requires_grad]
+    whole_start = {n: p.detach().clone() for n, p in whole.named_parameters() if p.requires_grad}
+    sharded_start = full_adapter_state(sharded)
+    result = {
+        "most_whole_4bit_weights": max(alive),  # one decoder layer's 7 linear layers (the model has 14)
+        "whole_4bit_weights_left": whole_left,
+        "bytes_ratio": local_4bit_bytes(sharded) / local_4bit_bytes(whole),
+        "params": [trainable, total] == list(whole.get_nb_trainable_parameters()),
+        "lora_is_fsdp": all(type(p).__name__ == "DTensor" for _, p in lora) and len(lora) == len(whole_start),
+        "same_lora_init": sharded_start.keys() == whole_start.keys()
+        and all(torch.equal(sharded_start[k], whole_start[k]) for k in whole_start),
+    }
+    # the same batch on both ranks: FSDP's averaged gradient is then one process's gradient on that batch
+    ids = torch.arange(48).reshape(2, 24) * 7 % 5000 + 100
+    with torch.no_grad():
+        result["max_logit_diff"] = (
+            (sharded(input_ids=ids).logits - whole(input_ids=ids).logits).abs().max().item()
+        )
+    losses = {"sharded": [], "whole": []}
+    for name, model in (("sharded", sharded), ("whole", whole)):
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=5e-3)
+        for step in range(3):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            if name == "sharded" and step == 0:
+                grads = [p.grad for p in params]
+                result["lora_grads"] = all(g is not None for g in grads) and all(
+                    g.full_tensor().abs().sum() > 0
+                    for (n, _), g in zip(lora, grads, strict=True)
+                    if "lora_B" in n
+                )
+            opt.step()
+            opt.zero_grad()
+            losses[name].append(loss.item())
+    result["max_loss_diff"] = max(abs(a - b) for a, b in zip(losses["sharded"], losses["whole"], strict=True))
+    result["loss_moved"] = losses["sharded"][-1] < losses["sharded"][0]
+    adapter = full_adapter_state(sharded)
+    trained = {n: p.detach() for n, p in whole.named_parameters() if p.requires_grad}
+    result["adapter_max_diff"] = max((adapter[k] - trained[k]).abs().max().item() for k in trained)
+    if rank == 0:
+        sharded.save_pretrained(Path(out).parent / "adapter", state_dict=adapter)
+        Path(out).write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+def test_fsdp_sharded_loading_matches_whole_loading(tmp_path, quant):
+    """FSDP + 4-bit loads shard by shard: each rank holds half the 4-bit weights, with the logits, LoRA
+    initialisation, per-step losses and trained adapter of the model loaded whole (fp32 on a CPU: to 1e-5), the
+    adapter FSDP-managed and trained, and saved whole as a normal PEFT folder."""
+    import functools
+
+    from safetensors.torch import load_file
+
+    result = on_two_gloo_ranks(functools.partial(_sharded_against_whole, quant=quant), tmp_path)
+    assert result.pop("bytes_ratio") == pytest.approx(0.5, abs=0.01)
+    assert result.pop("max_logit_diff") < 1e-5
+    assert result.pop("max_loss_diff") < 1e-5
+    assert result.pop("adapter_max_diff") < 1e-5
+    assert result == {
+        "most_whole_4bit_weights": 7,
+        "whole_4bit_weights_left": 0,
+        "params": True,
+        "lora_is_fsdp": True,
+        "same_lora_init": True,
+        "lora_grads": True,
+        "loss_moved": True,
+    }
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert len(saved) == 28 and all(t.shape[0] in (16, 64, 128) or t.shape[1] == 16 for t in saved.values())
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 16
+
+
+def _random_in_memory(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks under FSDP: the tiny nf4 model with its random weights drawn in memory, twice."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from qlora_lab.models import gather_lm_head_for_fused_loss
+    from qlora_lab.sharded_loading import load_sharded
+
+    from .conftest import make_cfg
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        ACCELERATE_USE_FSDP="true",
+    )
+    torch.set_num_threads(1)
+    # untied, as Llama-3: the embedding is sharded on its own, the LM head with the final norm
+    tiny = [
+        *TINY,
+        "quantization=nf4",
+        "model.random_in_memory=true",
+        "model.random_init.tie_word_embeddings=false",
+    ]
+    cfg = make_cfg(tiny)
+    ids = torch.arange(48).reshape(2, 24) * 7 % 5000 + 100
+    logits = []
+    for _ in range(2):
+        model, _, _ = load_sharded(None, cfg)
+        with torch.no_grad():
+            logits.append(model(input_ids=ids).logits)
+    # Liger's fused loss reads the LM head's weight inside the causal LM's forward: gathered whole for it
+    causal_lm = model.get_base_model()
+    fused = {}
+
+    def fused_loss(module, args, output):
+        fused["logits"] = output.last_hidden_state @ causal_lm.lm_head.weight.T
+
+    causal_lm.model.register_forward_hook(fused_loss)
+    gather_lm_head_for_fused_loss(model)
+    with torch.no_grad():
+        whole_head_logits = model(input_ids=ids).logits
+    same_fused = bool(torch.allclose(fused["logits"], whole_head_logits, atol=1e-6))
+    for module in model.modules():  # the tail group stays unsharded after a forward
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    embedding = causal_lm.get_input_embeddings().weight.full_tensor()
+    norm = causal_lm.model.norm.weight.full_tensor()
+    # each rank dequantizes the gathered 4-bit weights with its own quantization state: the two agree only if every
+    # rank drew the same weights
+    both = [None, None]
+    dist.all_gather_object(both, logits[0])
+    if rank == 0:
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "same_on_both_ranks": bool(torch.equal(both[0], both[1])),
+                    "same_when_drawn_again": bool(torch.equal(logits[0], logits[1])),
+                    "embedding_std": round(embedding.std().item(), 3),
+                    "norms_ones": bool(torch.equal(norm, torch.ones_like(norm))),
+                    "finite": bool(logits[0].isfinite().all()),
+                    "untied": causal_lm.lm_head.weight is not causal_lm.get_input_embeddings().weight,
+                    "fused_loss_gets_whole_head": same_fused,
+                }
+            )
+        )
+    dist.destroy_process_group()
+
+
+def test_fsdp_random_weights_drawn_in_memory_per_layer(tmp_path):
+    """model.random_in_memory: no checkpoint folder; every rank draws the same weights (as transformers initialises
+    the architecture: N(0, 0.02) matrices, ones for the norms), the same again on every load. Untied LM head: Liger's
+    fused loss gets it whole."""
+    assert on_two_gloo_ranks(_random_in_memory, tmp_path) == {
+        "same_on_both_ranks": True,
+        "same_when_drawn_again": True,
+        "embedding_std": 0.02,
+        "norms_ones": True,
+        "finite": True,
+        "untied": True,
+        "fused_loss_gets_whole_head": True,
     }

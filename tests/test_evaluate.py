@@ -51,6 +51,9 @@ def test_before_after_table_and_metric_keys(trained_gsm8k, tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("perplexity", "rouge1", "rouge2", "rougeL", "bleu4", "accuracy", "accuracy_lenient"):
         assert f"eval/{key}" in metrics and f"eval_base/{key}" in metrics, key
+    # where the time went, and how many tokens the 4 answers of at most 8 tokens took
+    assert metrics["eval/perplexity_s"] > 0 and metrics["eval/generation_s"] > 0
+    assert 4 <= metrics["eval/generated_tokens"] <= 4 * 8
     # fine-tuning lowered the eval perplexity; the training run's own eval loss agrees with it
     train_metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["eval/perplexity"] < metrics["eval_base/perplexity"]

@@ -24,7 +24,7 @@ def rows(call: Path):
     runs = {
         r["run"]: r for r in map(json.loads, (call / "runs.jsonl").read_text().splitlines()) if "run" in r
     }
-    one = runs.get("single_b2") or runs.get("single_1b")
+    one = runs.get("single_b2") or runs.get("single_1b") or runs.get("single_8b")
     ref_file = call / "reference.jsonl"
     reference = json.loads(ref_file.read_text().splitlines()[0]) if ref_file.is_file() else None
     for name, r in runs.items():

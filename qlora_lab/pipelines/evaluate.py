@@ -13,6 +13,7 @@ import csv
 import gc
 import json
 import logging
+import time
 
 from ..config import Config, EvalMetric, InferenceMode, Language
 from ..data import load_splits, tokenize_split
@@ -47,14 +48,20 @@ def evaluate_mode(
 ) -> tuple[dict, list[dict]]:
     model, tokenizer = load_for_inference(cfg, run.source, mode)
     scores: dict[str, float] = {}
+    # seconds per part, so that a slow evaluation says where its time went
+    t0 = time.perf_counter()
     if EvalMetric.perplexity in metrics:
         scores["perplexity"] = perplexity(model, tokenizer, cfg)
+        scores["perplexity_s"] = time.perf_counter() - t0
     generations: list[dict] = []
     if {EvalMetric.rouge, EvalMetric.bleu, EvalMetric.accuracy} & set(metrics):
         examples = eval_prompts(cfg, tokenizer, cfg.eval.max_samples)
+        t0 = time.perf_counter()
         outputs = generate(
             model, tokenizer, [e["prompt"] for e in examples], cfg.generation, cfg.eval.batch_size
         )
+        scores["generation_s"] = time.perf_counter() - t0
+        scores["generated_tokens"] = sum(o["new_tokens"] for o in outputs)
         predictions = [o["output"] for o in outputs]
         references = [e["reference"] for e in examples]
         language = (

@@ -17,7 +17,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 from ..attention import packed_varlen, use_varlen
 from ..config import Config, ConfigError, LoraInit, Precision, QuantMethod
 from ..data import PackedCollator, file_sha256, load_splits, mean_context, tokenize_split
-from ..distributed import fsdp_enabled, is_main_process, one_gpu_per_process
+from ..distributed import cap_gpu_memory, fsdp_enabled, is_main_process, one_gpu_per_process
 from ..fused_lora import fuse_lora, lora_unfused_reason
 from ..layout import RunLayout
 from ..models import (
@@ -34,6 +34,7 @@ from ..models import (
 from ..perf import flops_per_token, peak_tflops, step_time_spread
 from ..resume import Progress, last_checkpoint
 from ..rundir import Run, peak_memory_gib, reset_peak_memory
+from ..sharded_loading import load_sharded, sharded_loading
 
 log = logging.getLogger(__name__)
 PROFILE_STEPS = 3  # train.profile: optimizer steps recorded
@@ -197,9 +198,9 @@ class StepProfiler(TrainerCallback):
             self.prof.export_chrome_trace(str(RunLayout(self.out_dir).profile_trace))
 
 
-def check_ranks_agree(model, world_size: int) -> dict:
-    """Distributed runs: gather every rank's adapter digest and peak memory. DDP must leave identical adapters;
-    FSDP ranks hold different shards by design, so only their memory is compared."""
+def check_ranks_agree(model, world_size: int, load_peak: float | None = None) -> dict:
+    """Distributed runs: gather every rank's adapter digest, peak memory and load peak. DDP must leave identical
+    adapters; FSDP ranks hold different shards by design, so only their memory is compared."""
     from accelerate.utils import gather_object
 
     fsdp = fsdp_enabled()
@@ -207,16 +208,17 @@ def check_ranks_agree(model, world_size: int) -> dict:
     for name, param in [] if fsdp else sorted(model.named_parameters()):
         if param.requires_grad:
             h.update(name.encode() + param.detach().float().cpu().numpy().tobytes())
-    gathered = gather_object([(h.hexdigest(), peak_memory_gib())])
+    gathered = gather_object([(h.hexdigest(), peak_memory_gib(), load_peak)])
     out = {
         "distributed/world_size": world_size,
         "distributed/strategy": "fsdp" if fsdp else "ddp",
-        "memory/peak_gib_per_rank": [p for _, p in gathered],
+        "memory/peak_gib_per_rank": [p for _, p, _ in gathered],
+        "memory/load_peak_gib_per_rank": [p for _, _, p in gathered],
     }
     if not fsdp:
         out |= {
-            "distributed/adapters_identical": len({d for d, _ in gathered}) == 1,
-            "distributed/adapter_sha256": [d[:16] for d, _ in gathered],
+            "distributed/adapters_identical": len({d for d, _, _ in gathered}) == 1,
+            "distributed/adapter_sha256": [d[:16] for d, _, _ in gathered],
         }
     return out
 
@@ -311,18 +313,27 @@ def run(cfg: Config, run: Run):
     run.log(train_stats | eval_stats)
 
     # ---- model
-    path = model_path(cfg)  # outside the timer: a random-weight model is built on first use
+    # outside the timer: a random-weight model is built on first use (or drawn while loading: random_in_memory)
+    path = None if cfg.model.random_in_memory else model_path(cfg)
+    capped = cap_gpu_memory(t.gpu_memory_cap_gib)
+    if capped:
+        print(capped, flush=True)
+        run.log({"train/gpu_memory_cap_gib": t.gpu_memory_cap_gib})
     t0 = time.perf_counter()
-    model = load_model(path, cfg)
-    load_s = time.perf_counter() - t0
-    footprint = memory_footprint_gib(model)
-    model = attach_lora(model, cfg)
+    if sharded_loading(cfg):  # FSDP + 4-bit: each rank builds only its shard, LoRA included
+        model, footprint, (trainable, total) = load_sharded(path, cfg)
+        load_s = time.perf_counter() - t0
+    else:
+        model = load_model(path, cfg)
+        load_s = time.perf_counter() - t0
+        footprint = memory_footprint_gib(model)
+        model = attach_lora(model, cfg)
+        trainable, total = count_params(model)
     pissa_init = layout.pissa_init if cfg.lora.init is LoraInit.pissa else None
     if pissa_init and not (pissa_init / "adapter_config.json").is_file() and is_main_process():
         # the adapter as initialised: at the end, PEFT turns the trained PiSSA adapter into a plain LoRA (rank 2r)
         # over the original weights, which every later stage loads; a resumed run re-derives the same init
         model.save_pretrained(pissa_init)
-    trainable, total = count_params(model)
     quantized = cfg.quantization.method is not QuantMethod.none
     mode = f"QLoRA ({cfg.quantization.method.value})" if quantized else "LoRA"
     print(
@@ -338,8 +349,9 @@ def run(cfg: Config, run: Run):
             "params/total": total,
         }
     )
-    if torch.cuda.is_available():  # what loading alone took on this rank (under FSDP: before sharding)
-        run.log({"memory/load_peak_gib": torch.cuda.max_memory_allocated() / 2**30})
+    load_peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    if load_peak is not None:  # what loading alone took on this rank
+        run.log({"memory/load_peak_gib": load_peak})
     # No KV cache in training: with one, transformers ignores packed position ids and lets examples attend across
     # their boundaries (recent Trainers set this too)
     model.config.use_cache = False
@@ -441,6 +453,11 @@ def run(cfg: Config, run: Run):
         + ([StepProfiler(run.dir, t.speed_skip_steps)] if t.profile else []),
     )
 
+    if sharded_loading(cfg):
+        # Sharded already, which accelerate's prepare leaves as it is; but first it looks the decoder layer's class up
+        # by name to choose what to wrap, and fully_shard has renamed it (FSDPLlamaDecoderLayer): nothing to wrap.
+        trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = None
+
     # ---- loop
     if checkpoint:
         print(f"resuming from {checkpoint}", flush=True)
@@ -477,7 +494,7 @@ def run(cfg: Config, run: Run):
     if cap:  # the batch found under the cap, and the larger ones that went over it
         run.log({"train/memory_cap_gib": t.memory_cap_gib, "train/batch_over_cap": cap.over})
     if trainer.accelerator.num_processes > 1:
-        run.log(check_ranks_agree(model, trainer.accelerator.num_processes))
+        run.log(check_ranks_agree(model, trainer.accelerator.num_processes, load_peak))
 
     # ---- save: standard PEFT folder (adapter_config.json + adapter_model.safetensors) with the tokenizer
     if trainer.is_fsdp_enabled:
