@@ -33,11 +33,13 @@ $(STAMP): pyproject.toml Makefile
 quickstart: setup
 	$(PY) -m qlora_lab +experiment=quickstart
 
+# Two worker processes (pytest-xdist): the suite keeps one core busy, the machine has two. --dist loadscope gives
+# each worker whole modules, so a module's fixtures (the real sweep, the web app, the export) are built once.
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadgroup  # two worker processes (pytest-xdist): the suite keeps one core busy, the machine has two
+	$(PY) -m pytest -q -n 2 --dist loadscope
 
 test-fast: setup
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadscope -m "not slow"
 
 # ruff (a dev dependency): the lint rules and the formatter, both set in pyproject.toml's [tool.ruff].
 lint: setup

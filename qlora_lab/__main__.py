@@ -84,7 +84,7 @@ def disk_space_for(name: str, cfg: DictConfig, run: Run):
         return files_bytes(Path(base)) if looks_local(base) else None
 
     def merged_tmp():
-        return [p for p in [source / "merged.tmp"] if p.exists()]
+        return [p for p in [RunLayout(source).merged_tmp] if p.exists()]
 
     if name == "merge":
         return disk_space(

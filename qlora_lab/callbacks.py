@@ -35,8 +35,14 @@ def _holds_results(p: Path) -> bool:
     return p.is_dir() and any(not (distributed and f.suffix == ".log") for f in p.iterdir())
 
 
+def _overrides(overrides: list[str]) -> list:
+    from .rundir import parse_overrides
+
+    return parse_overrides(overrides)
+
+
 def _given(config: DictConfig, key: str) -> bool:
-    return any(o.lstrip("+").startswith(f"{key}=") for o in config.hydra.overrides.hydra)
+    return any(o.key_or_group == key and not o.is_delete() for o in _overrides(config.hydra.overrides.hydra))
 
 
 def check_writable(path: Path, config: DictConfig, key: str) -> None:
@@ -157,7 +163,8 @@ def seed_axis(config: DictConfig) -> str | None:
         _refuse(f"sweep.repeats must be 1 or more seeds per cell (got {repeats}).")
     params = OmegaConf.select(config, "hydra.sweeper.params") or {}
     swept = "train.seed" in params or any(
-        o.startswith("train.seed=") and "," in o for o in config.hydra.overrides.task
+        o.key_or_group == "train.seed" and o.is_sweep_override()
+        for o in _overrides(config.hydra.overrides.task)
     )
     if repeats == 1:
         return None
@@ -176,11 +183,14 @@ EQUAL_MEMORY_SWEEPER = "hydra_plugins.qlora_lab_launcher.equal_memory_sweeper.Eq
 def swept_values(config: DictConfig, key: str) -> list[str]:
     """The values a basic sweep gives `key` (its sweeper params, then the command line: the latter wins)."""
     params = OmegaConf.select(config, "hydra.sweeper.params") or {}
-    value = params.get(key)
-    for o in config.hydra.overrides.task:
-        if o.lstrip("+").startswith(f"{key}="):
-            value = o.split("=", 1)[1]
-    return [] if value is None else [v.strip() for v in str(value).split(",")]
+    lines = [f"{key}={params[key]}"] if key in params else []
+    given = [o for o in _overrides([*lines, *config.hydra.overrides.task]) if o.key_or_group == key]
+    if not given or given[-1].is_delete():
+        return []
+    last = given[-1]
+    return (
+        list(last.sweep_string_iterator()) if last.is_sweep_override() else [last.get_value_element_as_str()]
+    )
 
 
 def equal_memory_sweeper(config: DictConfig) -> str | None:

@@ -19,6 +19,9 @@ DDP_CONFIG = "accelerate/ddp_2gpu.yaml"
 FSDP_CONFIG = "accelerate/fsdp_2gpu.yaml"
 
 
+# Rank and world size are read from what the launcher set, not from PartialState: PartialState() joins the process
+# group (it waits for every rank, and picks the rank's GPU), which must wait until validate() has checked the launch
+# (check_launch), and Hydra's callbacks ask for the rank before that.
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 

@@ -35,6 +35,14 @@ class RunLayout:
     def overrides(self) -> Path:
         return self.hydra / "overrides.yaml"
 
+    @property
+    def hydra_yaml(self) -> Path:  # Hydra's own settings of the job (its sweeper and launcher)
+        return self.hydra / "hydra.yaml"
+
+    @property
+    def lock(self) -> Path:  # held by the process that runs in the folder
+        return self.hydra / "lock"
+
     # ---- what the stages write
     @property
     def checkpoints(self) -> Path:  # train: the Trainer's checkpoints, to resume from
@@ -45,8 +53,40 @@ class RunLayout:
         return self.root / "tensorboard"
 
     @property
+    def profile_txt(self) -> Path:  # train.profile=true: the profiler's tables
+        return self.root / "profile.txt"
+
+    @property
+    def profile_trace(self) -> Path:  # train.profile=true: a Chrome trace
+        return self.root / "profile_trace.json"
+
+    @property
+    def generations(self) -> Path:  # infer: one line per prompt
+        return self.root / "generations.jsonl"
+
+    @property
     def evaluation_md(self) -> Path:  # evaluate: the table the web app's Runs page shows
         return self.root / "evaluation.md"
+
+    @property
+    def evaluation_csv(self) -> Path:
+        return self.root / "evaluation.csv"
+
+    @property
+    def eval_generations(self) -> Path:
+        return self.root / "eval_generations.jsonl"
+
+    @property
+    def comparison_csv(self) -> Path:  # compare: the table of the inference modes
+        return self.root / "comparison.csv"
+
+    @property
+    def comparison_md(self) -> Path:
+        return self.root / "comparison.md"
+
+    @property
+    def comparison_generations(self) -> Path:
+        return self.root / "comparison_generations.jsonl"
 
     @property
     def adapter(self) -> Path:  # train: the PEFT adapter with the tokenizer
@@ -67,6 +107,10 @@ class RunLayout:
         return self.root / "merged"
 
     @property
+    def merged_tmp(self) -> Path:  # merge writes here, then renames it to merged/
+        return self.root / "merged.tmp"
+
+    @property
     def merged_config(self) -> Path:  # present once a merge finished
         return self.merged / "config.json"
 
@@ -85,3 +129,7 @@ class RunLayout:
     @property
     def export_report(self) -> Path:
         return self.export / "export_report.json"
+
+    @property
+    def export_md(self) -> Path:  # export: the table of every export's measurements
+        return self.root / "export.md"

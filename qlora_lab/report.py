@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from . import decision
 from .config import ConfigError
 from .layout import RunLayout
-from .rundir import read_json, run_status
+from .rundir import override_values, read_json, run_status
 
 SUMMARY_FILES = [
     "summary.csv",
@@ -138,8 +138,7 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 def _overrides(job_dir: Path) -> dict[str, str]:
     path = RunLayout(job_dir).overrides
-    items = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
-    return dict(item.split("=", 1) for item in items if "=" in item)
+    return override_values([str(o) for o in OmegaConf.load(path)]) if path.is_file() else {}
 
 
 def job_row(job_dir: Path) -> dict:
@@ -251,7 +250,7 @@ def variants(done: list[dict]) -> list[str]:
 def search_settings(sweep_dir: Path) -> dict | None:
     """The Optuna sweeper's settings as a job recorded them (.hydra/hydra.yaml); None for any other sweeper."""
     for job_dir in job_dirs(sweep_dir):
-        path = RunLayout(job_dir).hydra / "hydra.yaml"
+        path = RunLayout(job_dir).hydra_yaml
         if path.is_file():
             sweeper = OmegaConf.load(path).hydra.sweeper
             if "optuna" not in str(sweeper.get("_target_", "")):

@@ -296,7 +296,7 @@ def hold_run_dir(folder: Path) -> None:
         _held_lock.close()
         _held_lock = None
     RunLayout(folder).hydra.mkdir(parents=True, exist_ok=True)
-    f = open(RunLayout(folder).hydra / "lock", "a+")
+    f = open(RunLayout(folder).lock, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -367,12 +367,25 @@ def saved_config(run_dir: Path) -> DictConfig:
     return OmegaConf.load(saved)
 
 
-def override_keys(overrides: list[str]) -> list[str]:
-    """The key (or group) of each command-line override, as Hydra's own parser reads it: `+x.y=1`, `~x.y` and
-    `x.y=[a,b]` all name `x.y`."""
+def parse_overrides(overrides: list[str]) -> list:
+    """Command-line overrides as Hydra's own parser reads them (hydra.core.override_parser.types.Override)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    return [o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides))]
+    return OverridesParser.create().parse_overrides(list(overrides))
+
+
+def override_keys(overrides: list[str]) -> list[str]:
+    """The key (or group) of each command-line override: `+x.y=1`, `~x.y` and `x.y=[a,b]` all name `x.y`."""
+    return [o.key_or_group for o in parse_overrides(overrides)]
+
+
+def override_values(overrides: list[str]) -> dict[str, str]:
+    """{key as written, with its `+`, `++` or `~`: value as written} of the overrides that give a value."""
+    return {
+        o.get_key_element(): o.get_value_string()
+        for o in parse_overrides(overrides)
+        if not (o.is_delete() and o.value() is None)  # `~x.y` deletes without one
+    }
 
 
 def named_on_command_line(cfg: DictConfig, overrides: list[str]) -> tuple[set[str], list[str]]:

@@ -203,3 +203,9 @@ def test_output_dir_that_is_a_file_is_refused_before_hydra_writes(tmp_path):
         result, [f"paths.output_dir={tmp_path / 'file'}", "cannot hold the run folder", "file is a file"]
     )
     assert (tmp_path / "file").read_text() == "x"
+
+
+def test_run_dir_given_as_a_file_is_named_as_given(tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = run_main(*TINY, f"hydra.run.dir={tmp_path / 'file' / 'run'}")
+    assert_refused(result, [f"hydra.run.dir={tmp_path / 'file' / 'run'} cannot hold the run folder"])

@@ -77,11 +77,12 @@ def test_existing_run_dir_is_never_overwritten(tmp_path):
 @pytest.mark.slow
 def test_real_short_run_on_smollm2(tmp_path):
     run_dir = tmp_path / "run"
-    # every stage of the quickstart on the real model, with short generations: generating is most of its time
+    # every stage of the quickstart on the real model, kept small: 3 steps of 2 examples, short generations
     result = cli(
         "+experiment=quickstart",
-        "dataset.size=12",
+        "dataset.size=6",
         "dataset.eval_size=4",
+        "train.batch_size=2",
         "train.max_steps=3",
         "train.logging_steps=1",
         "train.speed_skip_steps=1",

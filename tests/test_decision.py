@@ -154,6 +154,17 @@ def test_repeats_refused_with_one_sentence(tmp_path, capsys, repeats, seed_axis,
     assert stop.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
 
 
+@pytest.mark.parametrize("axis", ["train.seed=1,2", "train.seed=range(1,3)"])
+def test_repeats_refused_beside_a_seed_axis_on_the_command_line(tmp_path, capsys, axis):
+    cfg = config_for(tmp_path, "sweep.repeats=2")
+    with open_dict(cfg.hydra):  # compose() takes no sweep: as `-m ... train.seed=1,2` records it
+        cfg.hydra.overrides.task.append(axis)
+    with pytest.raises(SystemExit) as stop:
+        callbacks.SweepReport().on_multirun_start(cfg)
+    message = "sweep.repeats and a train.seed axis both choose the seeds; give one of them."
+    assert stop.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+
+
 def test_real_sweep_with_repeats_pairs_by_seed_records_learning_curves_and_verifies(tmp_path, capsys):
     """The one real sweep here: sweep.repeats=2 on the tiny model -> 2 modes x 2 seeds, each LoRA/QLoRA pair trained
     on the same data in the same order, every job with a learning curve, and a card with two pairs."""

@@ -44,7 +44,7 @@ def launch(run_dir: Path, *args: str, processes: int = 2, fsdp: bool = False) ->
 
 
 # The DDP nf4 run that test_two_process_ddp_ranks_agree checks and the FSDP test compares with: trained once per
-# worker (the xdist group keeps both tests on one worker under `pytest -n 2 --dist loadgroup`).
+# worker (make test's `--dist loadscope` runs this module on one worker).
 DDP_NF4 = ("quantization=nf4", "train.batch_size=2", "lora.dropout=0", "train.gradient_checkpointing=true")
 
 
@@ -54,7 +54,6 @@ def ddp_nf4(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return run_dir, launch(run_dir, *DDP_NF4)
 
 
-@pytest.mark.xdist_group("ddp_nf4")
 @pytest.mark.parametrize("quant", ["none", "nf4"])
 def test_two_process_ddp_ranks_agree(tmp_path, quant, request):
     if quant == "nf4":
@@ -88,7 +87,6 @@ def test_two_process_ddp_ranks_agree(tmp_path, quant, request):
         assert metrics["eval/loss"] == pytest.approx(alone["eval/loss"], abs=1e-5)
 
 
-@pytest.mark.xdist_group("ddp_nf4")
 def test_fsdp_qlora_train_stage_loads_shard_by_shard_and_matches_ddp(tmp_path, ddp_nf4):
     """The train stage under FSDP + nf4 with checkpointing (the Trainer's FSDP path, on 2 CPU processes) loads shard
     by shard and trains as DDP does with the same global batch: the same per-step losses and eval loss, and the same adapter, saved whole

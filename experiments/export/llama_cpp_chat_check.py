@@ -30,6 +30,8 @@ from transformers import AutoModelForCausalLM
 
 from qlora_lab.config import register
 from qlora_lab.data import encode, end_of_turn_id, load_splits, render_prompt, with_system
+from qlora_lab.exports import gguf
+from qlora_lab.layout import RunLayout
 from qlora_lab.models import load_tokenizer
 
 OUT = Path(__file__).resolve().parent
@@ -92,8 +94,9 @@ def main() -> int:
         return 0
 
     register()
-    cfg = OmegaConf.load(args.run / ".hydra" / "config.yaml")
-    gguf_file = args.gguf or args.run / "export" / "model-f16.gguf"
+    layout = RunLayout(args.run)
+    cfg = OmegaConf.load(layout.config)
+    gguf_file = args.gguf or gguf.path(args.run, "f16")
     if not gguf_file.is_file():
         print(
             f"error: {gguf_file} does not exist; write it with `python -m qlora_lab pipeline=export "
@@ -101,8 +104,8 @@ def main() -> int:
             file=sys.stderr,
         )
         return 2
-    tokenizer = load_tokenizer(str(args.run / "merged"), cfg.model.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(args.run / "merged", dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(str(layout.merged), cfg.model.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(layout.merged, dtype=torch.float32).eval()
     # logits_all: the logprobs of the chat completion name each generated token
     kv = {"type_k": 0, "type_v": 0} if args.kv_f32 else {}  # 0: GGML_TYPE_F32
     llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=2048, seed=0, logits_all=True, verbose=False, **kv)

@@ -9,6 +9,7 @@ from peft import PeftModel
 from peft.utils.integrations import dequantize_bnb_weight
 
 from qlora_lab.config import register
+from qlora_lab.layout import RunLayout
 
 register()
 from qlora_lab.models import load_model, model_path  # noqa: E402
@@ -16,7 +17,7 @@ from tests.conftest import make_cfg  # noqa: E402
 
 cfg = make_cfg(["+experiment=inference_modes"])
 run = Path("outputs/inference_modes/nf4")  # the nf4 experiment run
-m = PeftModel.from_pretrained(load_model(model_path(cfg), cfg), run / "adapter")
+m = PeftModel.from_pretrained(load_model(model_path(cfg), cfg), RunLayout(run).adapter)
 layer = m.base_model.model.model.layers[3].mlp.down_proj  # any adapted layer
 w0 = dequantize_bnb_weight(layer.base_layer.weight).float()
 delta = layer.get_delta_weight("default").float()

@@ -20,31 +20,39 @@ from pathlib import Path
 from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from qlora_lab.layout import RunLayout  # a few lines, no heavy imports
+
 log = logging.getLogger(__name__)
-SPENT = (
-    "train.batch_size=",
-    "train.memory_cap_gib=",
-)  # what an equal-memory job sets on top of its QLoRA job
+SPENT = ("train.batch_size", "train.memory_cap_gib")  # what an equal-memory job sets on top of its QLoRA job
+
+
+def _keyed(overrides: Sequence[str]) -> list[tuple[str, str, str | None]]:
+    """(key, the override as written, its value as written) of each of a job's overrides, read by Hydra's parser."""
+    return [
+        (o.key_or_group, o.input_line, None if o.is_delete() else o.get_value_string())
+        for o in OverridesParser.create().parse_overrides(list(overrides))
+    ]
 
 
 def _quantization(overrides: Sequence[str]) -> str | None:
-    return next((o.split("=", 1)[1] for o in overrides if o.startswith("quantization=")), None)
+    return next((value for key, _, value in _keyed(overrides) if key == "quantization"), None)
 
 
 def _twin_key(overrides: Sequence[str]) -> tuple[str, ...]:
     """A job's settings less its quantization: a LoRA job and a QLoRA job with the same key are a pair."""
-    return tuple(sorted(o for o in overrides if not o.startswith("quantization=")))
+    return tuple(sorted(line for key, line, _ in _keyed(overrides) if key != "quantization"))
 
 
 def measured_peak(job_dir: Path) -> float | None:
     """Training's peak memory of a job that completed (run.json, metrics.json: qlora_lab/rundir.py), else None;
     the whole job's peak where training did not record its own."""
     try:
-        if json.loads((job_dir / "run.json").read_text()).get("status") != "completed":
+        if json.loads(RunLayout(job_dir).run_json.read_text()).get("status") != "completed":
             return None
-        metrics = json.loads((job_dir / "metrics.json").read_text())
+        metrics = json.loads(RunLayout(job_dir).metrics_json.read_text())
         return metrics.get("memory/train_peak_gib", metrics.get("memory/peak_gib"))
     except (OSError, ValueError):
         return None
@@ -72,7 +80,7 @@ def equal_memory_jobs(jobs: Sequence[Any]) -> tuple[list[list[str]], list[str]]:
             continue
         cap = math.floor(peak * 1e4) / 1e4  # 4 decimals, never above LoRA's peak
         extra.append(
-            [o for o in job.overrides if not o.startswith(SPENT)]
+            [line for key, line, _ in _keyed(job.overrides) if key not in SPENT]
             + ["train.batch_size=auto", f"train.memory_cap_gib={cap}"]
         )
     return extra, skipped

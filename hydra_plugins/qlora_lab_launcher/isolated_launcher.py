@@ -36,6 +36,8 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 from omegaconf.basecontainer import BaseContainer
 
+from qlora_lab.layout import RunLayout  # a few lines, no heavy imports
+
 log = logging.getLogger(__name__)
 
 
@@ -88,7 +90,7 @@ def _execute_job(
 
 def _record_crash(job_dir: Path, message: str) -> None:
     """A process that died (killed, out of memory) could not write its own ending: write it into run.json."""
-    path = job_dir / "run.json"
+    path = RunLayout(job_dir).run_json
     info = json.loads(path.read_text()) if path.is_file() else {}
     info.update(status="failed", error=message)
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -187,7 +189,7 @@ class IsolatedLauncher(Launcher):
                     Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
                 ),
             )
-            if sweep_config.get("train", {}).get("resume") and (Path(ret.working_dir) / "run.json").is_file():
+            if sweep_config.get("train", {}).get("resume") and RunLayout(ret.working_dir).run_json.is_file():
                 with open_dict(sweep_config):
                     sweep_config.hydra.output_subdir = (
                         None  # a resumed job is checked against its own saved config

@@ -54,8 +54,11 @@ def run(cfg: Config, run: Run) -> list[dict]:
     modes = [REFERENCE] + [
         m for m in dict.fromkeys(inf.modes) if m is not REFERENCE
     ]  # validate(): it is there
-    outputs = [run.dir / name for name in ("comparison.csv", "comparison.md", "comparison_generations.jsonl")]
-    refuse_existing(outputs, "run the comparison in a new job directory so that it is kept.")
+    layout = RunLayout(run.dir)
+    refuse_existing(
+        [layout.comparison_csv, layout.comparison_md, layout.comparison_generations],
+        "run the comparison in a new job directory so that it is kept.",
+    )
     # Exact match only means something for deterministic decoding: the comparison always decodes greedily.
     gen = OmegaConf.merge(cfg.generation, {"do_sample": False})
 
@@ -124,12 +127,12 @@ def run(cfg: Config, run: Run) -> list[dict]:
         f"perplexity over {len(examples)} eval examples. Reference: adapter."
     )
     table = markdown(rows, header)
-    with outputs[0].open("w", newline="") as f:
+    with layout.comparison_csv.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    outputs[1].write_text(table)
-    with outputs[2].open("w", encoding="utf-8") as f:
+    layout.comparison_md.write_text(table)
+    with layout.comparison_generations.open("w", encoding="utf-8") as f:
         for i, item in enumerate(items):
             record = {"message": item["message"], "reference": item["reference"]}
             record |= {m: outs[i] for m, outs in outputs_by_mode.items()}

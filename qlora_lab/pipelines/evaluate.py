@@ -125,11 +125,12 @@ def run(cfg: Config, run: Run) -> dict:
         prefix = "eval" if mode.value == main else f"eval_{mode.value}"
         run.log({f"{prefix}/{k}": v for k, v in results[mode.value].items()})
 
-    with open(run.dir / "eval_generations.jsonl", "w") as f:
+    layout = RunLayout(run.dir)
+    with open(layout.eval_generations, "w") as f:
         for g in all_generations:
             f.write(json.dumps(g, ensure_ascii=False) + "\n")
     header, rows = table(results, main)
-    with open(run.dir / "evaluation.csv", "w", newline="") as f:
+    with open(layout.evaluation_csv, "w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
     text = markdown(header, rows)
     n_gen = len(all_generations) // len(modes)
@@ -138,6 +139,6 @@ def run(cfg: Config, run: Run) -> dict:
         f"{n_gen} prompts ({'sampling' if cfg.generation.do_sample else 'greedy'}, max {cfg.generation.max_new_tokens} "
         f"new tokens). Scores are 0-100 except perplexity (lower is better).\n"
     )
-    RunLayout(run.dir).evaluation_md.write_text(f"# Evaluation: {', '.join(results)}\n\n" + text + note)
+    layout.evaluation_md.write_text(f"# Evaluation: {', '.join(results)}\n\n" + text + note)
     print("\n" + text + note, flush=True)
     return results

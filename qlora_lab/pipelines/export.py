@@ -281,7 +281,7 @@ def run(cfg: Config, run: Run) -> list[dict]:
 
     # ---- the merged model everything is exported from (merge.base as configured)
     merged = RunLayout(source).merged
-    if not (merged / "config.json").is_file():
+    if not RunLayout(source).merged_config.is_file():
         print(
             f"{source} has no merged/ yet: merging the adapter first (merge.base={cfg.merge.base.value})",
             flush=True,
@@ -368,7 +368,7 @@ def run(cfg: Config, run: Run) -> list[dict]:
         f"{LEARNT_KEPT_WARNING:.0%}). GGUF rows: read back and run by transformers (dequantized to fp32)."
     )
     table = markdown(rows, header)
-    (run.dir / "export.md").write_text(table)
+    RunLayout(run.dir).export_md.write_text(table)
     if cfg.export.table_dir:
         out = Path(cfg.export.table_dir)
         out.mkdir(parents=True, exist_ok=True)

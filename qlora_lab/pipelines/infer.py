@@ -16,6 +16,7 @@ from ..config import Config, ConfigError, DataFormat, InferenceMode
 from ..data import prompt_and_reference, to_conversations
 from ..data_formats import detect
 from ..inference import eval_prompts, generate, load_for_inference
+from ..layout import RunLayout
 from ..models import memory_footprint_gib
 from ..rundir import Run, refuse_existing
 
@@ -97,7 +98,7 @@ def read_prompt_rows(path_str: str, root: str, cfg: Config) -> list[dict]:
 def run(cfg: Config, run: Run) -> list[dict]:
     inf = cfg.inference
     mode = inf.mode
-    out_path = run.dir / "generations.jsonl"
+    out_path = RunLayout(run.dir).generations
     refuse_existing([out_path], "run infer in a new job directory so that it is kept.")
 
     # ---- model and prompts

@@ -170,7 +170,7 @@ def run(cfg: Config, run: Run) -> Path:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     # ---- save into a temporary folder, then swap it in: a half-written merge never looks finished
-    tmp = target.with_name("merged.tmp")
+    tmp = RunLayout(run.source).merged_tmp
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, max_shard_size=m.max_shard_size)  # also writes generation_config.json
     tokenizer.save_pretrained(tmp)

@@ -190,12 +190,12 @@ class StepProfiler(TrainerCallback):
             self.prof.stop()
             device_sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
             table = self.prof.key_averages()
-            (self.out_dir / "profile.txt").write_text(
+            RunLayout(self.out_dir).profile_txt.write_text(
                 table.table(sort_by=device_sort, row_limit=40)
                 + "\n"
                 + table.table(sort_by="cpu_time_total", row_limit=40)
             )
-            self.prof.export_chrome_trace(str(self.out_dir / "profile_trace.json"))
+            self.prof.export_chrome_trace(str(RunLayout(self.out_dir).profile_trace))
 
 
 def check_ranks_agree(model, world_size: int, load_peak: float | None = None) -> dict:
