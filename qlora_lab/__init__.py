@@ -8,11 +8,12 @@ import os
 # threads under load, 1.2 ms with PASSIVE). Set before torch loads its OpenMP runtime; a user's value wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-# bitsandbytes, on a CPU with AVX512-BF16, tries at import to fetch a hub kernel (kernels-community, through the
-# `kernels` package and the network) for its AVX512-BF16 4-bit inference layout, and warns on every start when it
-# cannot. That layout is the only user of the kernel, and this project never takes it: every 4-bit model comes
-# through models.load_model, which keeps each layer on the fp32 path (models.keep_one_cpu_4bit_path). Installing
-# `kernels` would not help offline (it downloads the kernel at run time), so only that one message is dropped.
+# bitsandbytes, on a CPU with AVX512-BF16, tries at import to fetch a hub kernel (kernels-community, through
+# the `kernels` package and the network) for its AVX512-BF16 4-bit inference layout, and warns on every start
+# when it cannot. That layout is the only user of the kernel, and this project never takes it: every 4-bit
+# model comes through models.load_model, which keeps each layer on the fp32 path
+# (models.keep_one_cpu_4bit_path). Installing `kernels` would not help offline (it downloads the kernel at run
+# time), so only that one message is dropped.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: "gemm_4bit_forward from kernels-community" not in record.getMessage()
 )

@@ -32,8 +32,8 @@ def preflight(cfg: DictConfig) -> None:
             else f"{cfg.model.name_or_path} and {cfg.model.tokenizer}"
         )
         print(
-            f"warning: model.trust_remote_code=true runs the Python code shipped in {source} in this process; "
-            f"use it only for a folder or repository you trust.",
+            f"warning: model.trust_remote_code=true runs the Python code shipped in {source} in this "
+            "process; use it only for a folder or repository you trust.",
             file=sys.stderr,
             flush=True,
         )
@@ -55,8 +55,8 @@ def preflight(cfg: DictConfig) -> None:
 
 def disk_space_for(name: str, cfg: DictConfig, run: Run):
     """What a full disk during stage `name` should say: the folder, the space needed where it can be known (a
-    checkpoint like the last one; the base model's weight files for a merge; the weight count times each export's
-    bytes per weight), the leftovers removed, and the command that continues."""
+    checkpoint like the last one; the base model's weight files for a merge; the weight count times each
+    export's bytes per weight), the leftovers removed, and the command that continues."""
     from .exports import export_targets
     from .models import looks_local, model_path, weight_count
     from .rundir import disk_space
@@ -127,7 +127,8 @@ def disk_space_for(name: str, cfg: DictConfig, run: Run):
 
 def checked_config(cfg: DictConfig, job_dir: Path, overrides: list[str]) -> DictConfig | None:
     """The config this job really runs, every rule checked and every input file read, before any model loads:
-    the run's own config when resuming (None: it already completed), the fields taken from run_dir otherwise."""
+    the run's own config when resuming (None: it already completed), the fields taken from run_dir
+    otherwise."""
     from .resume import resume_config
 
     inherited: list[str] = []
@@ -148,8 +149,8 @@ def checked_config(cfg: DictConfig, job_dir: Path, overrides: list[str]) -> Dict
 
 
 def close_progress_bars() -> None:
-    """Close the progress bars a stopped stage left open (the Trainer's, a download's), so that the message that
-    follows starts a line of its own instead of trailing the bar."""
+    """Close the progress bars a stopped stage left open (the Trainer's, a download's), so that the message
+    that follows starts a line of its own instead of trailing the bar."""
     from tqdm import tqdm
 
     for bar in list(getattr(tqdm, "_instances", [])):
@@ -157,8 +158,9 @@ def close_progress_bars() -> None:
 
 
 def record_ending(run: Run, cfg: DictConfig, error: BaseException, resume: bool) -> None:
-    """run.json's ending. Every job past composition leaves a record (a resumed run keeps its own). On a full disk
-    this write may fail too: the one-line message about the disk matters more than a traceback about run.json."""
+    """run.json's ending. Every job past composition leaves a record (a resumed run keeps its own). On a full
+    disk this write may fail too: the one-line message about the disk matters more than a traceback about
+    run.json."""
     from .rundir import disk_full
 
     close_progress_bars()
@@ -175,8 +177,8 @@ def record_ending(run: Run, cfg: DictConfig, error: BaseException, resume: bool)
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Run the job; return its objective (cfg.objective.metric from metrics.json), None when it failed or has none:
-    a search (hydra/sweeper=optuna) records such a trial as failed and goes on."""
+    """Run the job; return its objective (cfg.objective.metric from metrics.json), None when it failed or has
+    none: a search (hydra/sweeper=optuna) records such a trial as failed and goes on."""
     from .resume import SweepInterrupted, install_signal_handlers, job_to_resume, sweep_resume_command
 
     hc = HydraConfig.get()
@@ -248,8 +250,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def run_cli() -> None:
-    """The command: Hydra's main, and one line instead of a traceback for a Ctrl-C that no job handles itself (on a
-    sweep: between jobs, or in the launching process while a job runs in its own)."""
+    """The command: Hydra's main, and one line instead of a traceback for a Ctrl-C that no job handles itself
+    (on a sweep: between jobs, or in the launching process while a job runs in its own)."""
     from .callbacks import SWEEP
 
     try:

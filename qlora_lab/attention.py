@@ -3,8 +3,9 @@ torch >= 2.10, CUDA, bf16/fp16): each example of a packed batch attends only wit
 and no work spent on the masked-out blocks.
 
 Written by hand because transformers reaches varlen attention only through the flash-attn package (no wheel
-installable here) or hub kernels (no network), while PyTorch ships the kernel. Registered as one more attention
-implementation; a batch without sequence boundaries (eval with padding, generation) takes transformers' sdpa.
+installable here) or hub kernels (no network), while PyTorch ships the kernel. Registered as one more
+attention implementation; a batch without sequence boundaries (eval with padding, generation) takes
+transformers' sdpa.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ def available(dtype: torch.dtype) -> bool:
 
 
 def packed_varlen(cfg: Config, dtype: torch.dtype) -> bool:
-    """Whether packed rows use the varlen kernel (train.packed_attention), the one rule for validate() and the train
-    stage: `auto` where it is available, an explicit `varlen` that cannot run refused."""
+    """Whether packed rows use the varlen kernel (train.packed_attention), the one rule for validate() and the
+    train stage: `auto` where it is available, an explicit `varlen` that cannot run refused."""
     mode = cfg.train.packed_attention
     if mode is PackedAttention.varlen:
         if not cfg.dataset.pack:
@@ -116,8 +117,8 @@ def varlen_attention_forward(
 
 
 def varlen_mask(*args, attention_mask=None, **kwargs):
-    """transformers' mask interface: no mask for packed rows (the boundaries travel as cu_seq_lens), sdpa's mask
-    when a padded batch brings a 2D attention mask."""
+    """transformers' mask interface: no mask for packed rows (the boundaries travel as cu_seq_lens), sdpa's
+    mask when a padded batch brings a 2D attention mask."""
     if attention_mask is None:
         return None
     from transformers.masking_utils import sdpa_mask

@@ -53,8 +53,8 @@ def check_writable(path: Path, config: DictConfig, key: str) -> None:
     if problem:
         named = f"{key}={path}" if _given(config, key) else f"paths.output_dir={config.paths.output_dir}"
         _refuse(
-            f"{named} cannot hold the run folder: {problem}; point it at a folder (or a path that does not exist "
-            f"yet)."
+            f"{named} cannot hold the run folder: {problem}; point it at a folder (or a path that does not "
+            "exist yet)."
         )
 
 
@@ -62,21 +62,23 @@ MIN_FREE = 1 << 20  # bytes: below this Hydra could not even write the run's con
 
 
 def check_free_space(path: Path) -> None:
-    """A disk already full at start would fail inside Hydra (writing .hydra/), with a traceback: say it first."""
+    """A disk already full at start would fail inside Hydra (writing .hydra/), with a traceback: say it
+    first."""
     from .rundir import free_space, size_text
 
     free = free_space(path)
     if free < MIN_FREE:
         _refuse(
-            f"no space left on the disk holding {path} ({size_text(free)} free); free some space (a run needs "
-            f"room for its config, log, checkpoints and adapter), or point paths.output_dir at another disk."
+            f"no space left on the disk holding {path} ({size_text(free)} free); free some space (a run "
+            "needs room for its config, log, checkpoints and adapter), or point paths.output_dir at another "
+            "disk."
         )
 
 
 def claim(path: Path, marker: str, explicit: bool, key: str) -> Path:
-    """Take a run/sweep folder for this process alone. Creating `marker` in it (the folder Hydra writes next) with
-    O_EXCL/mkdir is atomic: of two processes started in the same second only one succeeds; the other takes the
-    next free `_1`, `_2`, ... sibling (or, for a folder the user named, stops)."""
+    """Take a run/sweep folder for this process alone. Creating `marker` in it (the folder Hydra writes next)
+    with O_EXCL/mkdir is atomic: of two processes started in the same second only one succeeds; the other
+    takes the next free `_1`, `_2`, ... sibling (or, for a folder the user named, stops)."""
     for n in range(1000):
         candidate = path if n == 0 else path.with_name(f"{path.name}_{n}")
         if not _holds_results(candidate):
@@ -99,8 +101,9 @@ def claim(path: Path, marker: str, explicit: bool, key: str) -> Path:
 
 
 class RunDirGuard(Callback):
-    """Each run gets a folder of its own: never a non-empty one (Hydra would overwrite `.hydra/` and our results),
-    never one shared with a run started in the same second. `train.resume=true run_dir=R` trains in R itself."""
+    """Each run gets a folder of its own: never a non-empty one (Hydra would overwrite `.hydra/` and our
+    results), never one shared with a run started in the same second. `train.resume=true run_dir=R` trains in
+    R itself."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if (
@@ -144,7 +147,8 @@ class RunDirGuard(Callback):
             if not _given(config, "hydra.sweep.dir") or not sweep_dir.is_dir():
                 _refuse(
                     f"train.resume=true in a sweep continues an earlier sweep: give its folder as "
-                    f"hydra.sweep.dir=DIR (got {sweep_dir}, {'missing' if not sweep_dir.is_dir() else 'unset'})."
+                    f"hydra.sweep.dir=DIR (got {sweep_dir}, "
+                    f"{'missing' if not sweep_dir.is_dir() else 'unset'})."
                 )
             SWEEP["dir"] = str(sweep_dir)
             return  # completed jobs are skipped, the others resumed or run (qlora_lab.resume.job_to_resume)
@@ -194,7 +198,8 @@ def swept_values(config: DictConfig, key: str) -> list[str]:
 
 
 def equal_memory_sweeper(config: DictConfig) -> str | None:
-    """sweep.equal_memory=true: the sweeper that adds the equal-memory jobs, refused where it cannot add them."""
+    """sweep.equal_memory=true: the sweeper that adds the equal-memory jobs, refused where it cannot add
+    them."""
     if not OmegaConf.select(config, "sweep.equal_memory", default=False):
         return None
     target = str(OmegaConf.select(config, "hydra.sweeper._target_", default=""))
@@ -214,8 +219,9 @@ def equal_memory_sweeper(config: DictConfig) -> str | None:
 
 class SweepReport(Callback):
     """When a multirun ends, write summary.csv, summary.md and plots into the sweep dir and print the table.
-    When it starts, turn sweep.repeats=N into a train.seed axis (Hydra reads the sweeper's params after this), and
-    for sweep.equal_memory=true put the equal-memory sweeper in the basic one's place (Hydra creates it after this)."""
+    When it starts, turn sweep.repeats=N into a train.seed axis (Hydra reads the sweeper's params after this),
+    and for sweep.equal_memory=true put the equal-memory sweeper in the basic one's place (Hydra creates it
+    after this)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweeper = equal_memory_sweeper(config)
@@ -240,7 +246,8 @@ class SweepReport(Callback):
             print(f"error: no sweep report: {e}", file=sys.stderr)
             sys.exit(1)
         print(
-            f"report: {Path(sweep_dir) / 'summary.md'} (rebuild it with `python -m qlora_lab.report {sweep_dir}`)",
+            f"report: {Path(sweep_dir) / 'summary.md'} (rebuild it with `python -m qlora_lab.report "
+            f"{sweep_dir}`)",
             flush=True,
         )
         from .report import collect

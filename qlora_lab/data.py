@@ -1,14 +1,16 @@
-"""Data: a file in one of four formats -> conversations -> seeded train/eval split -> the text the model sees, rendered
-by one function for every stage -> tokens whose labels cover the assistant turns only.
+"""Data: a file in one of four formats -> conversations -> seeded train/eval split -> the text the model sees,
+rendered by one function for every stage -> tokens whose labels cover the assistant turns only.
 
 The canonical row, which every format converts to and every stage reads:
     {"messages": [{"role": "system" | "user" | "assistant" | "tool", "content": str,
-                   "tool_calls": [{"type": "function", "function": {"name": str, "arguments": dict}}],  # optional
+                   # optional:
+                   "tool_calls": [{"type": "function", "function": {"name": str, "arguments": dict}}],
                    "name": str, "tool_call_id": str,  # optional, on tool results
                    "loss_weight": 0},  # optional, on an assistant turn left out of the loss
                   ...],
      "tools": [function schema, ...] | None}
-These are the messages and tools of transformers' chat templates, so a row renders with `apply_chat_template` as is.
+These are the messages and tools of transformers' chat templates, so a row renders with `apply_chat_template`
+as is.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ IGNORE_INDEX = -100  # labels with this value are left out of the loss
 
 @dataclass
 class Splits:
-    # Canonical rows as plain dicts, not Arrow tables: Arrow gives every dict in a column the union of all records'
-    # keys, which would add other records' keys (as nulls) to tool-call arguments and tool schemas.
+    # Canonical rows as plain dicts, not Arrow tables: Arrow gives every dict in a column the union of all
+    # records' keys, which would add other records' keys (as nulls) to tool-call arguments and tool schemas.
     train: list[dict]
     eval: list[dict]
     files: list[Path]
@@ -60,8 +62,8 @@ def resolve_file(path: str, root: str, field_name: str) -> Path:
 
 
 def read_records(path: Path, field_name: str) -> list[dict]:
-    """The file's records, each a dict exactly as written. JSON is read with the json module (records keep their own
-    keys, see Splits); CSV and Parquet with `datasets`."""
+    """The file's records, each a dict exactly as written. JSON is read with the json module (records keep
+    their own keys, see Splits); CSV and Parquet with `datasets`."""
     builder = BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise ConfigError(
@@ -167,7 +169,7 @@ def file_sha256(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-# ---------------------------------------------------------------- formats -> canonical rows (qlora_lab/data_formats)
+# --------------------------------------------------------- formats -> canonical rows (qlora_lab/data_formats)
 
 
 def describe(fmt: DataFormat, key: str) -> str:
@@ -182,9 +184,10 @@ def to_conversations(
     fmt: DataFormat | None = None,
     need_answer: bool = True,
 ) -> list[dict]:
-    """Every record as a canonical row. Format `auto` (dataset.format unless `fmt` is given) takes the format of the
-    first record and logs it; a record in another format is refused, as is any record the converter cannot read.
-    `need_answer=False` (prompts to generate for) accepts conversations with no assistant turn."""
+    """Every record as a canonical row. Format `auto` (dataset.format unless `fmt` is given) takes the format
+    of the first record and logs it; a record in another format is refused, as is any record the converter
+    cannot read. `need_answer=False` (prompts to generate for) accepts conversations with no assistant
+    turn."""
     cols = d.columns
     fmt = DataFormat(fmt or d.format)
     if len(records) == 1 and len(records[0]) == 1 and detect(records[0], cols) is None:
@@ -231,8 +234,8 @@ def to_conversations(
 
 
 def check_conversation(messages: list[dict], where: str, key: str, need_answer: bool = True) -> None:
-    """What every format must give: turns, a user turn before the first answer, an assistant turn to train on, and
-    no empty user or assistant turn."""
+    """What every format must give: turns, a user turn before the first answer, an assistant turn to train on,
+    and no empty user or assistant turn."""
     if not messages or all(m["role"] == "system" for m in messages):
         raise ConfigError(
             f"{where}'s {key!r} holds no turns (an empty conversation); fix or remove that record."
@@ -257,7 +260,8 @@ def check_conversation(messages: list[dict], where: str, key: str, need_answer: 
 
 
 def check_trained(messages: list[dict], where: str, key: str | None, train_on) -> None:
-    """A conversation whose every trained answer has loss_weight 0 would train nothing: say so, naming the field."""
+    """A conversation whose every trained answer has loss_weight 0 would train nothing: say so, naming the
+    field."""
     answers = [m for m in messages if m["role"] == "assistant"]
     chosen = answers if TrainOn(train_on) is TrainOn.all_assistant else answers[-1:]
     if all(m.get("loss_weight") == 0 for m in chosen):
@@ -273,7 +277,8 @@ def check_trained(messages: list[dict], where: str, key: str | None, train_on) -
 
 
 def shuffled(rows: list, seed: int) -> list:
-    """The permutation datasets' Dataset.shuffle(seed=seed) draws, so that a seed gives the same split either way."""
+    """The permutation datasets' Dataset.shuffle(seed=seed) draws, so that a seed gives the same split either
+    way."""
     return [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))]
 
 
@@ -281,8 +286,8 @@ _READ: dict[tuple, list[dict]] = {}  # (file, its content's hash, the settings t
 
 
 def load_conversations(path: str, d: DatasetConfig, root: str, field_name: str) -> tuple[Path, list[dict]]:
-    """A data file's canonical rows, read once per process: the preflight and every stage of a job share one read
-    (a file changed since is read again)."""
+    """A data file's canonical rows, read once per process: the preflight and every stage of a job share one
+    read (a file changed since is read again)."""
     file = resolve_file(path, root, field_name)
     digest = hashlib.sha256(
         file.read_bytes()
@@ -296,7 +301,8 @@ def load_conversations(path: str, d: DatasetConfig, root: str, field_name: str) 
 
 
 def load_splits(cfg: Config) -> Splits:
-    """Seeded split. The eval set never depends on dataset.size, and a smaller size is a prefix of a larger one."""
+    """Seeded split. The eval set never depends on dataset.size, and a smaller size is a prefix of a larger
+    one."""
     d = cfg.dataset
     train_file, rows = load_conversations(d.path, d, cfg.paths.root, "dataset.path")
     rows = shuffled(rows, d.seed)
@@ -323,7 +329,7 @@ def load_splits(cfg: Config) -> Splits:
     return Splits(train=pool[:size], eval=eval_rows, files=files)
 
 
-# ---------------------------------------------------------------- rendering: the one place text is made for the model
+# -------------------------------------------------------- rendering: the one place text is made for the model
 
 
 def uses_chat_template(tokenizer, template: Template | str) -> bool:
@@ -349,8 +355,8 @@ def calls_text(message: dict) -> str:
 
 
 def tools_as_text(messages: list[dict], tools: list | None, keep_calls: bool) -> list[dict]:
-    """For a template that does not render tools (or tool calls): the tools go into the system turn as text, and each
-    call becomes the assistant's text (calls_text). Tool results keep the role `tool`."""
+    """For a template that does not render tools (or tool calls): the tools go into the system turn as text,
+    and each call becomes the assistant's text (calls_text). Tool results keep the role `tool`."""
     out = [
         m if keep_calls or not m.get("tool_calls") else {"role": "assistant", "content": calls_text(m)}
         for m in messages
@@ -368,8 +374,8 @@ def tools_as_text(messages: list[dict], tools: list | None, keep_calls: bool) ->
 
 
 def leading_special_text(tokenizer) -> str:
-    """The special tokens the tokenizer puts in front of a text by itself (e.g. Llama's BOS), written out: the plain
-    rendering carries them in its text, so that every rendered text is tokenized alike (see encode)."""
+    """The special tokens the tokenizer puts in front of a text by itself (e.g. Llama's BOS), written out: the
+    plain rendering carries them in its text, so that every rendered text is tokenized alike (see encode)."""
     with_special = tokenizer("a")["input_ids"]
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     for k in range(len(with_special) - len(plain) + 1):
@@ -382,8 +388,9 @@ PLAIN_HEADERS = {"user": "### Instruction:\n", "tool": "### Tool result:\n", "as
 
 
 def render_plain(messages: list[dict], tokenizer, add_generation_prompt: bool) -> str:
-    """The plain rendering, for dataset.template=plain or a tokenizer without a chat template: a system turn as
-    text, then `### Instruction:` / `### Tool result:` / `### Answer:` sections; an answer ends with EOS."""
+    """The plain rendering, for dataset.template=plain or a tokenizer without a chat template: a system turn
+    as text, then `### Instruction:` / `### Tool result:` / `### Answer:` sections; an answer ends with
+    EOS."""
     text = leading_special_text(tokenizer)
     for m in messages:
         if m["role"] == "system":
@@ -402,8 +409,8 @@ def render(
     template: Template | str,
     add_generation_prompt: bool = False,
 ) -> str:
-    """The conversation as the model's input text, every special token written in: the chat template (tools passed
-    to it when it renders them, else written as text by tools_as_text), or the plain rendering."""
+    """The conversation as the model's input text, every special token written in: the chat template (tools
+    passed to it when it renders them, else written as text by tools_as_text), or the plain rendering."""
     if not uses_chat_template(tokenizer, template):
         return render_plain(
             tools_as_text(messages, tools, keep_calls=False), tokenizer, add_generation_prompt
@@ -426,15 +433,17 @@ def render(
 
 
 def render_prompt(messages: list[dict], tokenizer, d: DatasetConfig, tools: list | None = None) -> str:
-    """What every stage that generates (infer, evaluate, compare, export, chat) gives the model: the conversation so
-    far (dataset.system_prompt added when it has no system turn) and the start of the assistant's turn."""
+    """What every stage that generates (infer, evaluate, compare, export, chat) gives the model: the
+    conversation so far (dataset.system_prompt added when it has no system turn) and the start of the
+    assistant's turn."""
     return render(
         with_system(messages, d.system_prompt), tools, tokenizer, d.template, add_generation_prompt=True
     )
 
 
 def encode(text: str | list[str], tokenizer, **kwargs):
-    """Rendered text -> tokens. The renderer writes every special token (BOS included), so none is added here."""
+    """Rendered text -> tokens. The renderer writes every special token (BOS included), so none is added
+    here."""
     return tokenizer(text, add_special_tokens=False, **kwargs)
 
 
@@ -445,8 +454,9 @@ def special_ids(tokenizer) -> set[int]:
 
 
 def end_of_turn_id(tokenizer) -> int | None:
-    """The token the chat template closes an assistant turn with (e.g. <|eot_id|>, <end_of_turn>), which may not be
-    EOS: generation stops at it too. None without a chat template, or when it closes turns with no special token."""
+    """The token the chat template closes an assistant turn with (e.g. <|eot_id|>, <end_of_turn>), which may
+    not be EOS: generation stops at it too. None without a chat template, or when it closes turns with no
+    special token."""
     if not getattr(tokenizer, "chat_template", None):
         return None
     row = {
@@ -462,8 +472,9 @@ def end_of_turn_id(tokenizer) -> int | None:
 
 
 def prompt_and_reference(row: dict, tokenizer, d: DatasetConfig) -> dict:
-    """A row as a generation task: the prompt is the conversation up to its last assistant turn, the reference that
-    turn (its text, function calls as JSON); a row with no assistant turn is all prompt, with no reference."""
+    """A row as a generation task: the prompt is the conversation up to its last assistant turn, the reference
+    that turn (its text, function calls as JSON); a row with no assistant turn is all prompt, with no
+    reference."""
     messages = row["messages"]
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     context = messages if last is None else messages[:last]
@@ -481,10 +492,10 @@ def prompt_and_reference(row: dict, tokenizer, d: DatasetConfig) -> dict:
 def turn_pieces(
     row: dict, tokenizer, template, system_prompt: str | None, train_on
 ) -> list[tuple[str, bool]]:
-    """The conversation's text cut into (text, trained) pieces, up to its last assistant turn. A trained piece is one
-    assistant turn exactly as the template renders it, through its end-of-turn token; the whitespace the template puts
-    between turns is context. Found by rendering the conversation up to each turn: the text before the turn (with the
-    generation prompt) and the text through it must both begin the whole text."""
+    """The conversation's text cut into (text, trained) pieces, up to its last assistant turn. A trained piece
+    is one assistant turn exactly as the template renders it, through its end-of-turn token; the whitespace
+    the template puts between turns is context. Found by rendering the conversation up to each turn: the text
+    before the turn (with the generation prompt) and the text through it must both begin the whole text."""
     messages = with_system(row["messages"], system_prompt)
     tools = row.get("tools")
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -509,10 +520,10 @@ def turn_pieces(
 
 
 def tokenize_example(row: dict, tokenizer, d: DatasetConfig) -> dict:
-    """Tokens and labels of one conversation. Labels cover the trained assistant turns (dataset.train_on), each with
-    the end-of-turn token its template renders (EOS is added only where a template closes a turn with no special
-    token, so that generation can stop). A conversation longer than dataset.max_seq_length keeps whole turns from
-    its start; when even its first turn is too long, that turn is cut at the limit."""
+    """Tokens and labels of one conversation. Labels cover the trained assistant turns (dataset.train_on),
+    each with the end-of-turn token its template renders (EOS is added only where a template closes a turn
+    with no special token, so that generation can stop). A conversation longer than dataset.max_seq_length
+    keeps whole turns from its start; when even its first turn is too long, that turn is cut at the limit."""
     eos, special = tokenizer.eos_token_id, special_ids(tokenizer)
     turns, ids, labels = (
         [],
@@ -549,7 +560,8 @@ def tokenize_example(row: dict, tokenizer, d: DatasetConfig) -> dict:
 
 
 def tokenize_split(rows: list[dict], tokenizer, d: DatasetConfig, split: str) -> tuple[Dataset, dict]:
-    """Tokenize; count truncated examples and the turns cut, and drop those whose whole response was cut off."""
+    """Tokenize; count truncated examples and the turns cut, and drop those whose whole response was cut
+    off."""
     examples = [tokenize_example(r, tokenizer, d) for r in rows]
     kept = [e for e in examples if e["trainable"]]
     truncated = sum(e["truncated"] for e in examples)
@@ -564,8 +576,8 @@ def tokenize_split(rows: list[dict], tokenizer, d: DatasetConfig, split: str) ->
     if truncated:
         log.warning(
             "%s: %d of %d examples truncated to dataset.max_seq_length=%d: %d answers cut short at the "
-            "limit, %d later assistant turns left out, %d examples dropped (nothing of their first answer was "
-            "left)",
+            "limit, %d later assistant turns left out, %d examples dropped (nothing of their first answer "
+            "was left)",
             split,
             truncated,
             len(examples),
@@ -594,11 +606,12 @@ PACK_WINDOW = 64  # open rows an example may join: bounds packing time, keeps ro
 
 
 def pack_examples(ds: Dataset, max_len: int) -> Dataset:
-    """Packing that keeps examples apart: whole examples fill rows of up to `max_len` tokens, each joining the first
-    of the last PACK_WINDOW rows with room for it (first fit: rows come out ~97% full on Alpaca lengths, against
-    ~88% when a row is closed at the first example that does not fit). Each row keeps its examples' lengths, so
-    that the collator can restart position ids and attention at every boundary. Written by hand: transformers'
-    DataCollatorWithFlattening flattens a batch of examples, but has no notion of fixed-size rows to batch by."""
+    """Packing that keeps examples apart: whole examples fill rows of up to `max_len` tokens, each joining the
+    first of the last PACK_WINDOW rows with room for it (first fit: rows come out ~97% full on Alpaca lengths,
+    against ~88% when a row is closed at the first example that does not fit). Each row keeps its examples'
+    lengths, so that the collator can restart position ids and attention at every boundary. Written by hand:
+    transformers' DataCollatorWithFlattening flattens a batch of examples, but has no notion of fixed-size
+    rows to batch by."""
     rows: list[dict] = []
     for ids, labels in zip(ds["input_ids"], ds["labels"], strict=True):
         start = max(0, len(rows) - PACK_WINDOW)
@@ -615,16 +628,19 @@ def pack_examples(ds: Dataset, max_len: int) -> Dataset:
 
 class PackedCollator:
     """A batch of packed rows -> one [1, tokens] sequence with position ids restarting at every example and no
-    padding between examples (transformers' DataCollatorWithFlattening, fed the rows' examples). The first label of
-    each example is -100, so no token is predicted across a boundary. Two ways to keep the examples apart:
+    padding between examples (transformers' DataCollatorWithFlattening, fed the rows' examples). The first
+    label of each example is -100, so no token is predicted across a boundary. Two ways to keep the examples
+    apart:
 
     - `varlen=True`: the boundaries also travel as FlashAttention's cu_seq_lens/max_length, which the varlen
       kernel reads (qlora_lab/attention.py); every token of the batch is a real one.
-    - `varlen=False`: the attention implementation turns the restarts into a block-diagonal mask. The sequence is
+    - `varlen=False`: the attention implementation turns the restarts into a block-diagonal mask. The sequence
+    is
       then extended to a multiple of ALIGN tokens: SDPA's fused kernels need an aligned mask, and an unaligned
       length fell back to the unfused kernel (measured on 8B shapes: 0.99 s steps instead of 0.69 s). The
-      extension continues the last example with `pad_id` tokens, labelled -100: causal attention keeps them out of
-      every real token's view, so no real loss changes, and the Trainer's non-padding count leaves them out."""
+      extension continues the last example with `pad_id` tokens, labelled -100: causal attention keeps them
+      out of every real token's view, so no real loss changes, and the Trainer's non-padding count leaves them
+      out."""
 
     ALIGN = 64
 

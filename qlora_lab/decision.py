@@ -1,9 +1,9 @@
 """The LoRA-vs-QLoRA decision of a sweep: mean and 95% interval of every figure over the seeds of a cell, the
-paired difference between QLoRA and LoRA jobs that share a seed (and so the data subset and order), and the card
-(decision.md + decision.png) that says, per data size, whether QLoRA's eval-loss gap is within noise and what it
-saves in memory and costs in time. A verdict is printed only where at least two pairs give an interval. With
-sweep.equal_memory the card also sets QLoRA at LoRA's measured peak (a larger batch) beside equal batch, and its
-headline says what that buys in tokens/s and time to target against LoRA's.
+paired difference between QLoRA and LoRA jobs that share a seed (and so the data subset and order), and the
+card (decision.md + decision.png) that says, per data size, whether QLoRA's eval-loss gap is within noise and
+what it saves in memory and costs in time. A verdict is printed only where at least two pairs give an
+interval. With sweep.equal_memory the card also sets QLoRA at LoRA's measured peak (a larger batch) beside
+equal batch, and its headline says what that buys in tokens/s and time to target against LoRA's.
 
 Rows are those of qlora_lab.report.collect: one per job, with `cell` (data size and any other varied setting,
 the seed left out), `seed`, `quantization` and the metrics.
@@ -30,7 +30,8 @@ FIGURES = [
 
 
 def interval(values: list[float]) -> tuple[float | None, float | None]:
-    """Mean and the half-width of its 95% Student-t interval; (mean, None) for one value, (None, None) for none."""
+    """Mean and the half-width of its 95% Student-t interval; (mean, None) for one value, (None, None) for
+    none."""
     values = [v for v in values if v is not None]
     if not values:
         return None, None
@@ -53,7 +54,8 @@ def _size_key(cell_rows: list[dict]):
 
 
 def cells(rows: list[dict]) -> list[list[dict]]:
-    """Completed jobs by cell, in data-size order; the equal-memory jobs are not among them (equal_memory_section)."""
+    """Completed jobs by cell, in data-size order; the equal-memory jobs are not among them
+    (equal_memory_section)."""
     by_cell: dict[str, list[dict]] = {}
     for r in rows:
         if r["status"] == "completed" and not r.get("equal_memory"):
@@ -164,11 +166,15 @@ def links(jobs: list[dict]) -> str:
 
 
 def headline(found: list[dict], rows: list[dict]) -> list[str]:
-    """One sentence per quantized mode: what it saves and costs, and from which data size its loss is within noise."""
+    """One sentence per quantized mode: what it saves and costs, and from which data size its loss is within
+    noise."""
     done = [r for r in rows if r["status"] == "completed"]
     first = done[0]
     hw = first["_info"].get("hardware", {})
-    where = f"{first['model']} on {first['dataset']}, {hw.get('gpu') or (hw.get('device') or 'unknown device').upper()}"
+    where = (
+        f"{first['model']} on {first['dataset']}, "
+        f"{hw.get('gpu') or (hw.get('device') or 'unknown device').upper()}"
+    )
     lines = []
     for q in sorted({c["mode"] for c in found}):
         mine = [c for c in found if c["mode"] == q and c["pairs"]]
@@ -197,8 +203,8 @@ def headline(found: list[dict], rows: list[dict]) -> list[str]:
         judged = [c for c in mine if not c["verdict"].startswith("no verdict")]
         if len(judged) < len(mine):
             text += (
-                f"its eval loss gets no verdict: {len(mine) - len(judged)} of {len(mine)} cells have fewer than "
-                f"{MIN_PAIRS} seeds (run the sweep with sweep.repeats=3 or more)."
+                f"its eval loss gets no verdict: {len(mine) - len(judged)} of {len(mine)} cells have fewer "
+                f"than {MIN_PAIRS} seeds (run the sweep with sweep.repeats=3 or more)."
             )
         elif len({c["cell"] for c in mine}) != len({c["size"] for c in mine}):
             text += "its eval loss per cell: see the table (cells differ in more than data size)."
@@ -209,7 +215,10 @@ def headline(found: list[dict], rows: list[dict]) -> list[str]:
                     break
                 tail.append(c)
             if len(tail) == len(mine):
-                text += f"its eval loss is within noise of LoRA's at every data size ({', '.join(c['cell'] for c in mine)})."
+                text += (
+                    "its eval loss is within noise of LoRA's at every data size "
+                    f"({', '.join(c['cell'] for c in mine)})."
+                )
             else:
                 below = mine[len(mine) - len(tail) - 1]
                 text += (
@@ -231,8 +240,8 @@ def signed_pct(values: list[float]) -> str:
 
 
 def spent_pairs(rows: list[dict], q: str) -> list[tuple[dict, dict | None, dict]]:
-    """(LoRA job, QLoRA job at LoRA's batch or None, QLoRA job at equal memory) for each completed equal-memory job
-    of mode q whose LoRA job (same cell and seed) completed."""
+    """(LoRA job, QLoRA job at LoRA's batch or None, QLoRA job at equal memory) for each completed
+    equal-memory job of mode q whose LoRA job (same cell and seed) completed."""
     done = [r for r in rows if r["status"] == "completed"]
 
     def twin(job: dict, quantization: str) -> dict | None:
@@ -251,8 +260,9 @@ def spent_pairs(rows: list[dict], q: str) -> list[tuple[dict, dict | None, dict]
 
 
 def equal_memory_headline(rows: list[dict], gap: float = TARGET_GAP) -> list[str]:
-    """sweep.equal_memory: one sentence per quantized mode on what its saved memory buys (the batch found under
-    LoRA's peak, tokens/s and training seconds to the target against LoRA's, paired by data size and seed)."""
+    """sweep.equal_memory: one sentence per quantized mode on what its saved memory buys (the batch found
+    under LoRA's peak, tokens/s and training seconds to the target against LoRA's, paired by data size and
+    seed)."""
     targets = {}
     for cell in cells(rows):
         lora_final, _ = interval([r["eval_loss"] for r in cell if r["quantization"] == "none"])
@@ -263,8 +273,8 @@ def equal_memory_headline(rows: list[dict], gap: float = TARGET_GAP) -> list[str
         ps = spent_pairs(rows, q)
         if not ps:
             lines.append(
-                f"At equal memory: no {mode(q)} job completed with train.batch_size=auto under its LoRA job's "
-                f"peak (see the equal-memory table), so there is nothing to compare."
+                f"At equal memory: no {mode(q)} job completed with train.batch_size=auto under its LoRA "
+                "job's peak (see the equal-memory table), so there is nothing to compare."
             )
             continue
         lora_batch = sorted({a["batch_size_used"] or a["batch_size"] for a, _, _ in ps})
@@ -282,8 +292,8 @@ def equal_memory_headline(rows: list[dict], gap: float = TARGET_GAP) -> list[str
         ]
         if unbound:
             text += (
-                f" ({len(unbound)} of {len(ps)} kept the search's first batch, train.auto_batch_start: the cap did "
-                f"not bind, so a larger batch may fit)"
+                f" ({len(unbound)} of {len(ps)} kept the search's first batch, train.auto_batch_start: the "
+                "cap did not bind, so a larger batch may fit)"
             )
         speed = [
             c["tokens_per_s"] / a["tokens_per_s"] - 1
@@ -352,16 +362,17 @@ def card(rows: list[dict]) -> str:
     if any(r["device"] == "cpu" for r in done):
         lines += [
             "",
-            f"On a CPU the peaks{' (and the equal-memory cap)' if spent else ''} are the job process's peak RSS, "
-            f"not GPU memory: they do not say what QLoRA saves{', or what its saving buys,' if spent else ''} on a "
-            f"GPU.",
+            f"On a CPU the peaks{' (and the equal-memory cap)' if spent else ''} are the job process's peak "
+            "RSS, "
+            "not GPU memory: they do not say what QLoRA "
+            f"saves{', or what its saving buys,' if spent else ''} on a GPU.",
         ]
     lines += [
         "",
         f"![decision]({DECISION_PLOT})",
         "",
-        "| data size | mode | pairs | eval loss gap (QLoRA − LoRA) | verdict | memory saved GiB | peak memory "
-        "| time cost | runs |",
+        "| data size | mode | pairs | eval loss gap (QLoRA − LoRA) | verdict | memory saved GiB | peak "
+        "memory | time cost | runs |",
         "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | --- |",
     ]
     for c in found:
@@ -381,18 +392,19 @@ def card(rows: list[dict]) -> str:
     lines += [
         "",
         "Pairs: a LoRA and a QLoRA job of the same cell and seed (same data subset and order). Gap, memory "
-        "saved and time cost are means of the per-pair differences (time cost: QLoRA's training time ÷ LoRA's − 1) "
-        f"± the half-width of their 95% Student-t interval. Within noise: the gap's interval holds 0; "
-        f"worse/better: it lies wholly above/below 0. Cells with fewer than {MIN_PAIRS} pairs get no "
-        f"interval and no verdict. Runs: the job folders of the pairs (LoRA, QLoRA per seed).",
+        "saved and time cost are means of the per-pair differences (time cost: QLoRA's training time ÷ "
+        "LoRA's − 1) ± the half-width of their 95% Student-t interval. Within noise: the gap's interval "
+        f"holds 0; worse/better: it lies wholly above/below 0. Cells with fewer than {MIN_PAIRS} pairs get "
+        "no interval and no verdict. Runs: the job folders of the pairs (LoRA, QLoRA per seed).",
         "",
     ]
     return "\n".join(lines)
 
 
 def equal_memory_section(rows: list[dict], gap: float = TARGET_GAP) -> list[str]:
-    """sweep.equal_memory: per data size, LoRA and QLoRA at LoRA's batch, and QLoRA with the batch it found under
-    LoRA's measured peak: batch, peak, tokens/s and the time and tokens to the same target as target_section's."""
+    """sweep.equal_memory: per data size, LoRA and QLoRA at LoRA's batch, and QLoRA with the batch it found
+    under LoRA's measured peak: batch, peak, tokens/s and the time and tokens to the same target as
+    target_section's."""
     spent = [r for r in rows if r.get("equal_memory") and r["status"] == "completed"]
     failed = [r for r in rows if r.get("equal_memory") and r["status"] != "completed"]
     if not spent and not failed:
@@ -401,8 +413,8 @@ def equal_memory_section(rows: list[dict], gap: float = TARGET_GAP) -> list[str]
         "",
         "### Equal memory: QLoRA spends what it saves on a larger batch",
         "",
-        "| data size | mode | batch | peak GiB | memory cap GiB | tokens/s | reached target | tokens to target "
-        "| train s to target | runs |",
+        "| data size | mode | batch | peak GiB | memory cap GiB | tokens/s | reached target | tokens to "
+        "target | train s to target | runs |",
         "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |",
     ]
     for cell in cells(rows):
@@ -555,7 +567,8 @@ def reach(curve: list[dict], target: float) -> dict | None:
 
 
 def target_section(rows: list[dict], gap: float = TARGET_GAP) -> list[str]:
-    """Tokens and training seconds each mode needs to reach LoRA's final eval loss (+ gap) at the same cell."""
+    """Tokens and training seconds each mode needs to reach LoRA's final eval loss (+ gap) at the same
+    cell."""
     found = []
     for cell in cells(rows):
         lora_final, _ = interval([r["eval_loss"] for r in cell if r["quantization"] == "none"])
@@ -589,17 +602,20 @@ def target_section(rows: list[dict], gap: float = TARGET_GAP) -> list[str]:
         "| --- | --- | ---: | --- | ---: | ---: | --- |",
         *found,
         "",
-        "Read from each run's learning curve (eval/curve: an evaluation before training, every train.eval_steps "
-        "and at the end): the first evaluation at or below the target. Tokens: real tokens trained on by then; "
-        "train s: seconds in optimizer steps by then (evaluation left out). Mean ± 95% interval over the runs "
-        f"that reached it. Curves: `{CURVES_PLOT}`.",
+        "Read from each run's learning curve (eval/curve: an evaluation before training, every "
+        "train.eval_steps "
+        "and at the end): the first evaluation at or below the target. Tokens: real tokens trained on by "
+        "then; "
+        "train s: seconds in optimizer steps by then (evaluation left out). Mean ± 95% interval over the "
+        f"runs that reached it. Curves: `{CURVES_PLOT}`.",
         "",
     ]
 
 
 def curves_plot(rows: list[dict], path: Path) -> bool:
-    """learning_curves.png: eval loss against tokens (left) and training seconds (right), one row per cell, one
-    line per job (colour: mode). Returns False (and removes an older plot) when no job recorded a curve."""
+    """learning_curves.png: eval loss against tokens (left) and training seconds (right), one row per cell,
+    one line per job (colour: mode). Returns False (and removes an older plot) when no job recorded a
+    curve."""
     groups = [cell for cell in cells(rows) if any(r["_curve"] for r in cell)]
     if not groups:
         path.unlink(missing_ok=True)

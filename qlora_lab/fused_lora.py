@@ -1,11 +1,11 @@
-"""One autograd function per LoRA layer: y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ, W dequantized on the fly from 4 bits (QLoRA) or
-used as is (LoRA).
+"""One autograd function per LoRA layer: y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ, W dequantized on the fly from 4 bits (QLoRA)
+or used as is (LoRA).
 
-A (Q)LoRA step on a GPU is bound by the CPU issuing kernels (experiments/fast_path). PEFT computes such a layer
-as a chain of modules and autograd nodes: the base matmul (bitsandbytes' for 4 bits), a defensive clone, a cast
-of the input to the adapter's fp32, two linears, a scaling, a cast back and an add; the backward walks each of
-them. Here the same layer is one node with the matmuls alone: the adapter runs in the base's compute dtype
-(bf16), as it does under the paper recipe's autocast, and its gradients land in the adapter's own dtype.
+A (Q)LoRA step on a GPU is bound by the CPU issuing kernels (experiments/fast_path). PEFT computes such a
+layer as a chain of modules and autograd nodes: the base matmul (bitsandbytes' for 4 bits), a defensive clone,
+a cast of the input to the adapter's fp32, two linears, a scaling, a cast back and an add; the backward walks
+each of them. Here the same layer is one node with the matmuls alone: the adapter runs in the base's compute
+dtype (bf16), as it does under the paper recipe's autocast, and its gradients land in the adapter's own dtype.
 
 Written by hand because neither PEFT nor bitsandbytes has a fused LoRA layer (Unsloth has its own). Used only
 where it computes what PEFT's layer does: one active plain-LoRA adapter (no DoRA, no adapter bias), unmerged,
@@ -23,9 +23,9 @@ from .distributed import fsdp_enabled
 
 
 def lora_unfused_reason(cfg: Config) -> str | None:
-    """Why the LoRA layers run as PEFT's modules, or None when they run fused (train.lora_layers): the one rule for
-    validate() and the train stage. `fused` where it cannot compute what PEFT's layer does is refused; `auto`
-    fuses on CUDA only, and not under FSDP (not tried with its shards)."""
+    """Why the LoRA layers run as PEFT's modules, or None when they run fused (train.lora_layers): the one
+    rule for validate() and the train stage. `fused` where it cannot compute what PEFT's layer does is
+    refused; `auto` fuses on CUDA only, and not under FSDP (not tried with its shards)."""
     t = cfg.train
     dora = cfg.lora.variant is LoraVariant.dora
     blocker = (
@@ -94,7 +94,8 @@ class LoRALinear(torch.autograd.Function):
         w = base_weight(weight, quant_state, dtype)  # dtype: the base layer's compute dtype
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         a, b = lora_a.to(w.dtype), lora_b.to(w.dtype)
-        # LoRA dropout acts on the adapter's input only; the mask is kept for the backward, as nn.Dropout keeps it
+        # LoRA dropout acts on the adapter's input only; the mask is kept for the backward, as nn.Dropout
+        # keeps it
         xd, mask = torch.native_dropout(x2, dropout, True) if dropout else (x2, None)
         xa = torch.mm(xd, a.t())
         y = torch.mm(x2, w.t()).addmm_(xa, b.t(), alpha=scale)
@@ -207,8 +208,9 @@ def fusable_layers(model) -> list:
 
 
 def fuse_lora(model, keep_weight: bool = False) -> int:
-    """Route every fusable LoRA layer through LoRALinear; returns how many. keep_weight: only when every decoder
-    layer is checkpointed (see LoRALinear.forward); else each kept weight would live from forward to backward."""
+    """Route every fusable LoRA layer through LoRALinear; returns how many. keep_weight: only when every
+    decoder layer is checkpointed (see LoRALinear.forward); else each kept weight would live from forward to
+    backward."""
     layers = fusable_layers(model)
     for module in layers:
         module.forward = types.MethodType(_fused_forward, module)

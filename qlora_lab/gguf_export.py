@@ -1,4 +1,5 @@
-"""A merged Llama-family model folder -> one GGUF file (weights, tokenizer, chat template) for llama.cpp / Ollama.
+"""A merged Llama-family model folder -> one GGUF file (weights, tokenizer, chat template) for llama.cpp /
+Ollama.
 
 The `gguf` package (llama.cpp's own Python library) does the file format (GGUFWriter), the tensor names
 (gguf.get_tensor_name_map), the special tokens (gguf.SpecialVocab: merges, bos/eos/pad ids, chat template)
@@ -6,7 +7,8 @@ and the block quantization (gguf.quants: NumPy ports of ggml's
 reference Q8_0/Q4_0 rows). What it does not ship is the conversion recipe, which lives in llama.cpp's
 convert_hf_to_gguf.py (a script, not part of the package). The Llama part of that recipe is hand-written here:
 the metadata keys, the Q/K row permutation, which tensors stay F32, the pre-tokenizer name, the token types
-(which llama.cpp's tokenizer depends on), padding the vocabulary to the embedding's rows and the provenance keys.
+(which llama.cpp's tokenizer depends on), padding the vocabulary to the embedding's rows and the provenance
+keys.
 """
 
 from __future__ import annotations
@@ -31,13 +33,13 @@ GGUF_TYPES = {
     "f32": (gguf.LlamaFileType.ALL_F32, Q.F32, Q.F32),
     "f16": (gguf.LlamaFileType.MOSTLY_F16, Q.F16, Q.F16),
     "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, Q.Q8_0, Q.Q8_0),
-    # llama-quantize keeps the embedding/output matrices at higher precision (Q6_K) for its 4-bit types; the gguf
-    # package cannot write Q6_K, so they stay Q8_0 here.
+    # llama-quantize keeps the embedding/output matrices at higher precision (Q6_K) for its 4-bit types; the
+    # gguf package cannot write Q6_K, so they stay Q8_0 here.
     "q4_0": (gguf.LlamaFileType.MOSTLY_Q4_0, Q.Q4_0, Q.Q8_0),
 }
 # The regex Llama-3's tokenizer splits text with before byte-level BPE (llama.cpp calls this pre-tokenizer
-# `llama-bpe`). llama.cpp recognises pre-tokenizers by hashing the tokens of a test text; we recognise the few we
-# support from the tokenizer's own description instead.
+# `llama-bpe`). llama.cpp recognises pre-tokenizers by hashing the tokens of a test text; we recognise the few
+# we support from the tokenizer's own description instead.
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -48,7 +50,8 @@ LLAMA3_SPLIT = (
 
 
 def check_supported(config: dict) -> None:
-    """One sentence naming what is unsupported, before any weight is read. `config` is the model's config.json."""
+    """One sentence naming what is unsupported, before any weight is read. `config` is the model's
+    config.json."""
     archs = config.get("architectures") or [config.get("model_type", "?")]
     if archs[0] not in SUPPORTED_ARCHITECTURES:
         raise ConfigError(
@@ -59,8 +62,8 @@ def check_supported(config: dict) -> None:
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        # llama.cpp stores Llama-3.1 scaling as a rope_freqs tensor, which transformers' GGUF reader ignores: such a
-        # file could not be checked against the merged model here, so it is not written.
+        # llama.cpp stores Llama-3.1 scaling as a rope_freqs tensor, which transformers' GGUF reader ignores:
+        # such a file could not be checked against the merged model here, so it is not written.
         raise ConfigError(
             f"export.format=gguf does not support RoPE scaling (rope_type={rope_type}) yet; "
             f"only models with the default RoPE can be exported and verified."
@@ -105,18 +108,19 @@ def check_tokenizer(folder: Path) -> str:
 
 
 def looks_special(text: str) -> bool:
-    """Chat-control tokens written like <|im_start|> (or with fullwidth bars, as DeepSeek's): llama.cpp types these
-    CONTROL even when the tokenizer does not flag them special, since it matches CONTROL tokens in the text only."""
+    """Chat-control tokens written like <|im_start|> (or with fullwidth bars, as DeepSeek's): llama.cpp types
+    these CONTROL even when the tokenizer does not flag them special, since it matches CONTROL tokens in the
+    text only."""
     return (text.startswith("<|") and text.endswith("|>")) or (
         text.startswith("<\uff5c") and text.endswith("\uff5c>")
     )
 
 
 def token_list(tokenizer_json: dict, n_vocab: int, folder: Path) -> tuple[list[str], list[int]]:
-    """The vocabulary by id with llama.cpp's token types: added tokens CONTROL when special (or special-looking),
-    USER_DEFINED otherwise, all others NORMAL; ids the tokenizer does not use (embedding rows past it) UNUSED.
-    llama.cpp splits a text at CONTROL and USER_DEFINED tokens before BPE: typed NORMAL, `<|im_start|>` would be
-    tokenized as its 8 characters."""
+    """The vocabulary by id with llama.cpp's token types: added tokens CONTROL when special (or
+    special-looking), USER_DEFINED otherwise, all others NORMAL; ids the tokenizer does not use (embedding
+    rows past it) UNUSED. llama.cpp splits a text at CONTROL and USER_DEFINED tokens before BPE: typed NORMAL,
+    `<|im_start|>` would be tokenized as its 8 characters."""
     by_id = {i: text for text, i in tokenizer_json["model"]["vocab"].items()}
     added = {t["id"]: t for t in tokenizer_json.get("added_tokens", [])}
     by_id |= {i: t["content"] for i, t in added.items()}
@@ -144,7 +148,8 @@ def token_list(tokenizer_json: dict, n_vocab: int, folder: Path) -> tuple[list[s
 
 
 def adds_bos(folder: Path, bos_id: int | None) -> bool:
-    """Whether the tokenizer puts BOS in front of a text by itself (its post-processor), as llama.cpp must too."""
+    """Whether the tokenizer puts BOS in front of a text by itself (its post-processor), as llama.cpp must
+    too."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -153,8 +158,8 @@ def adds_bos(folder: Path, bos_id: int | None) -> bool:
 
 
 def add_provenance(writer: gguf.GGUFWriter, provenance: dict) -> None:
-    """general.* keys saying what the file is: a fine-tune (general.finetune, general.description) of a base model
-    (general.base_model.0.*), under the base's license."""
+    """general.* keys saying what the file is: a fine-tune (general.finetune, general.description) of a base
+    model (general.base_model.0.*), under the base's license."""
     base = provenance.get("base_model") or {}
     if base.get("name"):
         writer.add_base_model_count(1)
@@ -178,9 +183,9 @@ def add_provenance(writer: gguf.GGUFWriter, provenance: dict) -> None:
 
 
 def permute_for_llama_cpp(weight: torch.Tensor, n_head: int) -> torch.Tensor:
-    """llama.cpp's rotary embedding pairs neighbouring dimensions, transformers' pairs the two halves of each head:
-    convert_hf_to_gguf reorders the rows of Q and K (per head: interleave the halves), and transformers' GGUF
-    reader undoes it. Same formula as LlamaModel.permute there."""
+    """llama.cpp's rotary embedding pairs neighbouring dimensions, transformers' pairs the two halves of each
+    head: convert_hf_to_gguf reorders the rows of Q and K (per head: interleave the halves), and transformers'
+    GGUF reader undoes it. Same formula as LlamaModel.permute there."""
     return (
         weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
         .swapaxes(1, 2)
@@ -253,8 +258,8 @@ def write_gguf(folder: Path, out: Path, gguf_type: str, name: str, provenance: d
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    # ---- tokenizer: tokens typed and padded to the embedding's rows (as convert_hf_to_gguf does), merges, special
-    # ids, whether to add BOS, the chat template
+    # ---- tokenizer: tokens typed and padded to the embedding's rows (as convert_hf_to_gguf does), merges,
+    # special ids, whether to add BOS, the chat template
     tokenizer_json = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     tokens, types = token_list(tokenizer_json, config["vocab_size"], folder)
     writer.add_tokenizer_model("gpt2")

@@ -7,7 +7,8 @@ qlora_lab/inference_modes:
   merge_and_unload  the same base + adapter, merged in memory by PEFT (on a 4-bit base PEFT dequantizes,
                     adds the LoRA delta and quantizes again)
   base              the base model alone
-  int8_dynamic      <run>/export/int8_dynamic (written by the export stage): dynamic int8 linear layers, CPU only
+  int8_dynamic      <run>/export/int8_dynamic (written by the export stage): dynamic int8 linear layers,
+                    CPU only
 """
 
 from __future__ import annotations
@@ -91,9 +92,9 @@ def context_length(model) -> int:
 
 
 def conversation_ids(messages: list[dict], tokenizer, d, max_new_tokens: int, max_len: int):
-    """(input ids, the messages they hold): rendered by data.render_prompt, as training renders, with the oldest
-    exchanges dropped until the prompt and the answer fit the context. The one rule for pipeline=chat and the web
-    app; a single message that alone does not fit is returned as is (the caller says so)."""
+    """(input ids, the messages they hold): rendered by data.render_prompt, as training renders, with the
+    oldest exchanges dropped until the prompt and the answer fit the context. The one rule for pipeline=chat
+    and the web app; a single message that alone does not fit is returned as is (the caller says so)."""
     system = [m for m in messages[:1] if m["role"] == "system"]
     history = messages[len(system) :]
     while True:
@@ -129,7 +130,8 @@ class _FirstTokenClock(BaseStreamer):
 
 def hf_generation_config(gen: GenerationConfig, tokenizer) -> HFGenerationConfig:
     """Our generation group as a transformers GenerationConfig (sampling knobs only when sampling)."""
-    # stop at EOS and at the token the chat template ends a turn with, where that is another (as trained: data.py)
+    # stop at EOS and at the token the chat template ends a turn with, where that is another (as trained:
+    # data.py)
     stop = list(dict.fromkeys([tokenizer.eos_token_id, end_of_turn_id(tokenizer) or tokenizer.eos_token_id]))
     kwargs = {
         "max_new_tokens": gen.max_new_tokens,
@@ -198,12 +200,12 @@ def generate(model, tokenizer, prompts: list[str], gen: GenerationConfig, batch_
 
 
 def eval_prompts(cfg: Config, tokenizer, n: int) -> list[dict]:
-    """The first n rows of the eval split as generation tasks: prompt (the conversation up to its last assistant
-    turn, rendered as in training), reference (that turn), message (the last user turn), row."""
+    """The first n rows of the eval split as generation tasks: prompt (the conversation up to its last
+    assistant turn, rendered as in training), reference (that turn), message (the last user turn), row."""
     return [prompt_and_reference(row, tokenizer, cfg.dataset) for row in load_splits(cfg).eval[:n]]
 
 
-# ---------------------------------------------------------------- teacher-forced pass over the eval split, agreement
+# --------------------------------------------------------- teacher-forced pass over the eval split, agreement
 
 
 def eval_batches(examples: list[dict], batch_size: int, pad_id: int):
@@ -221,7 +223,8 @@ def eval_batches(examples: list[dict], batch_size: int, pad_id: int):
 
 @torch.no_grad()
 def teacher_forced(model, examples: list[dict], batch_size: int, pad_id: int, keep: int):
-    """(eval perplexity over the response tokens, fp32 logits of the first `keep` examples without padding)."""
+    """(eval perplexity over the response tokens, fp32 logits of the first `keep` examples without
+    padding)."""
     device = next(model.parameters()).device
     nll, tokens, kept = 0.0, 0, []
     for ids, mask, labels in eval_batches(examples, batch_size, pad_id):
@@ -241,8 +244,8 @@ def teacher_forced(model, examples: list[dict], batch_size: int, pad_id: int, ke
 def measure_generation(
     model, tokenizer, prompts: list[str], gen, batch_size: int, examples: list[dict], pad_id: int, keep: int
 ) -> tuple[dict, list[str], list[torch.Tensor]]:
-    """The measurement every comparison of models makes (compare's modes, export's files): a warm-up, greedy or
-    sampled answers to `prompts`, teacher-forced perplexity over `examples`. Returns (ttft_s, tokens_per_s,
+    """The measurement every comparison of models makes (compare's modes, export's files): a warm-up, greedy
+    or sampled answers to `prompts`, teacher-forced perplexity over `examples`. Returns (ttft_s, tokens_per_s,
     eval_perplexity and new_tokens; the outputs; the fp32 logits of the first `keep` examples)."""
     from omegaconf import OmegaConf
 

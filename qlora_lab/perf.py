@@ -1,15 +1,16 @@
 """Benchmark figures a performance engineer can check: model FLOPs per token, MFU, step-time spread.
 
-MFU (model FLOPs utilisation, PaLM, Chowdhery et al. 2022, appendix B) = the FLOPs the model needs per second at
-the measured throughput ÷ the GPU's peak dense bf16 FLOP/s. Recomputation (gradient checkpointing) is not counted:
-it is work the recipe adds, not work the model needs. For LoRA the frozen weights need no weight gradient, so a
-token costs
+MFU (model FLOPs utilisation, PaLM, Chowdhery et al. 2022, appendix B) = the FLOPs the model needs per second
+at the measured throughput ÷ the GPU's peak dense bf16 FLOP/s. Recomputation (gradient checkpointing) is not
+counted: it is work the recipe adds, not work the model needs. For LoRA the frozen weights need no weight
+gradient, so a token costs
 
     2·N (forward) + 2·N (backward, input gradients) + 6·N_lora (adapters: forward, input and weight gradients)
     + 12·L·d·c (attention scores and values: 4·d·c forward per layer, twice that backward)
 
-with N the frozen matmul weights (every linear layer, the LM head included; the embedding is a lookup), L layers,
-d = heads × head size, c the mean number of tokens each token attends to (causal, within its own example).
+with N the frozen matmul weights (every linear layer, the LM head included; the embedding is a lookup), L
+layers, d = heads × head size, c the mean number of tokens each token attends to (causal, within its own
+example).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ PEAK_BF16_TFLOPS = [
 
 
 def peak_tflops(override: float | None = None) -> tuple[float | None, str | None]:
-    """(peak TFLOP/s, where the figure comes from) for this process's GPU; (None, None) when unknown or on a CPU."""
+    """(peak TFLOP/s, where the figure comes from) for this process's GPU; (None, None) when unknown or on a
+    CPU."""
     if override:
         return override, "train.peak_tflops"
     if not torch.cuda.is_available():

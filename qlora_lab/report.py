@@ -2,8 +2,8 @@
 for a hyperparameter search (hydra/sweeper=optuna) also every trial's parameters and objective, the best trial
 and objective.png.
 
-    python -m qlora_lab.report outputs/multirun/lora_vs_qlora/<time>     # (re)write the report of a sweep
-    python -m qlora_lab.report verify SWEEP_DIR [CELL]   # re-run one cell, check it against the recorded intervals
+    python -m qlora_lab.report outputs/multirun/lora_vs_qlora/<time>  # (re)write the report of a sweep
+    python -m qlora_lab.report verify SWEEP_DIR [CELL]  # re-run one cell, check it against its intervals
 
 The SweepReport Hydra callback (qlora_lab/callbacks.py) calls `write_report` when a multirun ends. Each job is
 read from its own folder only (.hydra/config.yaml, .hydra/overrides.yaml, run.json, metrics.json), so the
@@ -63,7 +63,8 @@ METRICS = {
     "mfu": "perf/mfu",
     "flops_per_token": "perf/flops_per_token",
     "peak_tflops": "perf/peak_tflops",
-    # quality: eval/perplexity comes from the train stage too; the rest from the evaluate stage, if the sweep runs it
+    # quality: eval/perplexity comes from the train stage too; the rest from the evaluate stage, if the sweep
+    # runs it
     "eval_perplexity": "eval/perplexity",
     "eval_rougeL": "eval/rougeL",
     "eval_bleu4": "eval/bleu4",
@@ -167,7 +168,8 @@ def job_row(job_dir: Path) -> dict:
         "pack": OmegaConf.select(cfg, "dataset.pack", default=False),
         "batch_size": OmegaConf.select(cfg, "train.batch_size"),
         "grad_accum": OmegaConf.select(cfg, "train.grad_accum"),
-        # sweep.equal_memory's jobs: QLoRA with batch_size=auto under LoRA's measured peak (qlora_lab/decision.py)
+        # sweep.equal_memory's jobs: QLoRA with batch_size=auto under LoRA's measured peak
+        # (qlora_lab/decision.py)
         "memory_cap_gib": OmegaConf.select(cfg, "train.memory_cap_gib", default=None),
         "gradient_checkpointing": OmegaConf.select(cfg, "train.gradient_checkpointing"),
         "seed": OmegaConf.select(cfg, "train.seed"),
@@ -177,7 +179,8 @@ def job_row(job_dir: Path) -> dict:
     row |= {column: metrics.get(key) for column, key in METRICS.items()}
     # a job that trained and then evaluated or merged: its training's peak is the one to compare
     row["peak_gib"] = metrics.get("memory/train_peak_gib", row["peak_gib"])
-    # what `python -m qlora_lab` returned: the number a search optimizes (objective.metric, eval/loss by default)
+    # what `python -m qlora_lab` returned: the number a search optimizes (objective.metric, eval/loss by
+    # default)
     row["objective"] = metrics.get(OmegaConf.select(cfg, "objective.metric", default="eval/loss"))
     row["_direction"] = OmegaConf.select(cfg, "objective.direction", default="minimize")
     row["_overrides"] = _overrides(job_dir)
@@ -206,16 +209,16 @@ def lora_label(cfg) -> str:
 
 
 def variants(done: list[dict]) -> list[str]:
-    """Quality, time and memory per adapter variant, each against the plain LoRA job (quantization=none) of the
-    same data size and seed; only for sweeps whose jobs train different adapters."""
+    """Quality, time and memory per adapter variant, each against the plain LoRA job (quantization=none) of
+    the same data size and seed; only for sweeps whose jobs train different adapters."""
     if len({(r["quantization"], r["lora"]) for r in done}) < 2 or len({r["lora"] for r in done}) < 2:
         return []
     lines = [
         "",
         "## LoRA variants",
         "",
-        "| data size | seed | mode | adapter | trainable | eval loss before | eval loss | perplexity | wall s "
-        "| train s | tokens/s | peak GiB | time ÷ LoRA | memory ÷ LoRA |",
+        "| data size | seed | mode | adapter | trainable | eval loss before | eval loss | perplexity | wall "
+        "s | train s | tokens/s | peak GiB | time ÷ LoRA | memory ÷ LoRA |",
         "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     plain = lambda b: b["lora"].startswith("LoRA r") and "," not in b["lora"]  # noqa: E731 (no DoRA, rsLoRA, init)
@@ -248,7 +251,8 @@ def variants(done: list[dict]) -> list[str]:
 
 
 def search_settings(sweep_dir: Path) -> dict | None:
-    """The Optuna sweeper's settings as a job recorded them (.hydra/hydra.yaml); None for any other sweeper."""
+    """The Optuna sweeper's settings as a job recorded them (.hydra/hydra.yaml); None for any other
+    sweeper."""
     for job_dir in job_dirs(sweep_dir):
         path = RunLayout(job_dir).hydra_yaml
         if path.is_file():
@@ -267,8 +271,9 @@ def _ratio(a, b):
 
 
 def add_groups_and_ratios(rows: list[dict]) -> None:
-    """Group jobs that differ only in quantization; compare each with its group's LoRA job. An equal-memory job
-    joins the group of its QLoRA job (its batch and cap are what it measures, not a setting of the cell)."""
+    """Group jobs that differ only in quantization; compare each with its group's LoRA job. An equal-memory
+    job joins the group of its QLoRA job (its batch and cap are what it measures, not a setting of the
+    cell)."""
     base = [r for r in rows if not r.get("equal_memory")] or rows
     keys = {k for r in base for k in r["_overrides"]}
     varying = sorted(
@@ -331,7 +336,8 @@ def _fmt(value, digits: int = 2, thousands: bool = False) -> str:
 
 
 def markdown_table(rows: list[dict], columns: list[str], header: str) -> str:
-    """A header line, then one markdown row per dict over `columns` (3 significant digits, "-" for missing)."""
+    """A header line, then one markdown row per dict over `columns` (3 significant digits, "-" for
+    missing)."""
 
     def fmt(v):
         if v is None:
@@ -378,15 +384,15 @@ def markdown(rows: list[dict], sweep_dir: Path, target_gap: float = decision.TAR
         *decision.target_section(rows, target_gap),
         "## LoRA vs QLoRA per data size",
         "",
-        "| data size | mode | steps | wall s | train s | tokens/s | weights GiB | peak GiB | eval loss | time ÷ LoRA "
-        "| LoRA speed-up | memory ÷ LoRA |",
+        "| data size | mode | steps | wall s | train s | tokens/s | weights GiB | peak GiB | eval loss | "
+        "time ÷ LoRA | LoRA speed-up | memory ÷ LoRA |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in _order(done):
         lines.append(
-            f"| {r['group']} | {_mode(r['quantization'], r)} | {r['train_steps'] or '–'} | {_fmt(r['wall_s'], 1)} "
-            f"| {_fmt(r['train_s'], 1)} | {_fmt(r['tokens_per_s'], 0, True)} | {_fmt(r['footprint_gib'])} "
-            f"| {_fmt(r['peak_gib'])} "
+            f"| {r['group']} | {_mode(r['quantization'], r)} | {r['train_steps'] or '–'} | "
+            f"{_fmt(r['wall_s'], 1)} | {_fmt(r['train_s'], 1)} | {_fmt(r['tokens_per_s'], 0, True)} | "
+            f"{_fmt(r['footprint_gib'])} | {_fmt(r['peak_gib'])} "
             f"| {_fmt(r['eval_loss'], 4)} | {_fmt(r['time_ratio'])} | {_fmt(r['lora_speedup'])} "
             f"| {_fmt(r['memory_ratio'])} |"
         )
@@ -444,7 +450,8 @@ def search_params(rows: list[dict], settings: dict) -> list[str]:
 
 
 def search_section(rows: list[dict], settings: dict, metric: str) -> list[str]:
-    """An Optuna search: every trial with its parameters and objective (a failed trial as failed), and the best."""
+    """An Optuna search: every trial with its parameters and objective (a failed trial as failed), and the
+    best."""
     params = search_params(rows, settings)
     best = best_trial(rows)
     direction = rows[0]["_direction"]
@@ -474,16 +481,16 @@ def search_section(rows: list[dict], settings: dict, metric: str) -> list[str]:
 
 
 def performance(done: list[dict]) -> list[str]:
-    """Throughput with its spread, MFU and both memory peaks; and, when the sweep ran both recipes, what the fast
-    recipe buys over the paper's for each mode."""
+    """Throughput with its spread, MFU and both memory peaks; and, when the sweep ran both recipes, what the
+    fast recipe buys over the paper's for each mode."""
     if not any(r["step_time_median_s"] for r in done):
         return []
     lines = [
         "",
         "## Performance",
         "",
-        "| data size | mode | batch | tokens/s per GPU | step s (min / median / max) | MFU | peak allocated GiB "
-        "| peak reserved GiB |",
+        "| data size | mode | batch | tokens/s per GPU | step s (min / median / max) | MFU | peak allocated "
+        "GiB | peak reserved GiB |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in _order(done):
@@ -510,7 +517,8 @@ def performance(done: list[dict]) -> list[str]:
             "",
             "## What the fast recipe buys (fast ÷ paper, same mode and data size)",
             "",
-            "| data size | mode | paper tokens/s | fast tokens/s | speed-up | paper peak GiB | fast peak GiB |",
+            "| data size | mode | paper tokens/s | fast tokens/s | speed-up | paper peak GiB | fast peak GiB "
+            "|",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in _order([r for r in done if r["recipe"] == "fast"]):
@@ -526,9 +534,11 @@ def performance(done: list[dict]) -> list[str]:
             )
             if paper:
                 lines.append(
-                    f"| {r['group']} | {_mode(r['quantization'], r)} | {_fmt(paper['tokens_per_s'], 0, True)} "
-                    f"| {_fmt(r['tokens_per_s'], 0, True)} | {_fmt(_ratio(r['tokens_per_s'], paper['tokens_per_s']))} "
-                    f"| {_fmt(paper['peak_gib'])} | {_fmt(r['peak_gib'])} |"
+                    f"| {r['group']} | {_mode(r['quantization'], r)} | "
+                    f"{_fmt(paper['tokens_per_s'], 0, True)} "
+                    f"| {_fmt(r['tokens_per_s'], 0, True)} | "
+                    f"{_fmt(_ratio(r['tokens_per_s'], paper['tokens_per_s']))} | {_fmt(paper['peak_gib'])} | "
+                    f"{_fmt(r['peak_gib'])} |"
                 )
     return lines
 
@@ -579,7 +589,8 @@ def plots(rows: list[dict], sweep_dir: Path) -> None:
 
 
 def search_plot(rows: list[dict], sweep_dir: Path, metric: str) -> None:
-    """The objective of each trial in trial order, the best so far as a step line, failed trials as crosses."""
+    """The objective of each trial in trial order, the best so far as a step line, failed trials as
+    crosses."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,8 +1,9 @@
-"""Interrupted runs: checkpoints to resume from, a clean stop on Ctrl-C / SIGTERM, and `train.resume=true run_dir=RUN`.
+"""Interrupted runs: checkpoints to resume from, a clean stop on Ctrl-C / SIGTERM, and `train.resume=true
+run_dir=RUN`.
 
-The Trainer already saves and restores everything a resumed run needs (adapter, optimizer, scheduler, RNG states,
-the position in the data order) through `save_steps` and `train(resume_from_checkpoint=...)`. What it does not do,
-and this module adds:
+The Trainer already saves and restores everything a resumed run needs (adapter, optimizer, scheduler, RNG
+states, the position in the data order) through `save_steps` and `train(resume_from_checkpoint=...)`. What it
+does not do, and this module adds:
   - mark a checkpoint complete only once every file is written (a SIGKILL mid-save leaves an unmarked folder,
     which resuming ignores and removes), and record it in run.json at once;
   - on the first Ctrl-C or SIGTERM during training, finish the current step, save a checkpoint and stop
@@ -34,8 +35,8 @@ class Interrupted(KeyboardInterrupt):
 
 
 class SweepInterrupted(KeyboardInterrupt):
-    """Ctrl-C on a sweep: the job in progress ended `interrupted` and no further job starts. The message is the one
-    line printed, with the command that resumes the sweep."""
+    """Ctrl-C on a sweep: the job in progress ended `interrupted` and no further job starts. The message is
+    the one line printed, with the command that resumes the sweep."""
 
 
 def sweep_resume_command(sweep_dir: str | Path) -> str:
@@ -79,7 +80,8 @@ def install_signal_handlers() -> None:
 
 
 def last_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint in `folder`; incomplete ones (the process died while saving) are removed."""
+    """The newest complete checkpoint in `folder`; incomplete ones (the process died while saving) are
+    removed."""
     if not folder.is_dir():
         return None
     found = sorted(
@@ -95,7 +97,8 @@ def last_checkpoint(folder: Path) -> Path | None:
 
 
 class Progress(TrainerCallback):
-    """Keeps run.json's step and last checkpoint true, marks checkpoints complete, stops cleanly on a signal."""
+    """Keeps run.json's step and last checkpoint true, marks checkpoints complete, stops cleanly on a
+    signal."""
 
     def __init__(self, run: Run):
         self.run = run
@@ -149,7 +152,8 @@ def resume_config(cfg: DictConfig, run_dir: Path, job_dir: Path, overrides: list
             f"{info.get('hardware', {}).get('host')}); stop it before resuming it."
         )
     keys = [k for k in Config.__dataclass_fields__ if k not in ("run_dir", "paths")]
-    # `+experiment=...` sets fields the command line does not list: then every field counts as named and must match
+    # `+experiment=...` sets fields the command line does not list: then every field counts as named and must
+    # match
     keys_named = override_keys(overrides)
     global_groups = any("." not in k and k not in cfg for k in keys_named)
     groups, _ = named_on_command_line(cfg, overrides)

@@ -34,8 +34,9 @@ PACKAGES = [
     "hydra-core",
     "omegaconf",
 ]
-# Groups that describe what a run trained: a later stage takes them from the run, field by field (the command line
-# changes only the fields it names). Stage settings (generation, inference, eval, merge, pipeline) are this job's own.
+# Groups that describe what a run trained: a later stage takes them from the run, field by field (the command
+# line changes only the fields it names). Stage settings (generation, inference, eval, merge, pipeline) are
+# this job's own.
 INHERITED_GROUPS = ["model", "quantization", "lora", "dataset", "train"]
 
 
@@ -83,7 +84,8 @@ def hardware() -> dict:
 
 
 def reset_peak_memory() -> None:
-    """Start measuring a new peak (peak_memory_gib): the GPU allocator's, or on a CPU the process's peak RSS."""
+    """Start measuring a new peak (peak_memory_gib): the GPU allocator's, or on a CPU the process's peak
+    RSS."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -96,8 +98,8 @@ def reset_peak_memory() -> None:
 
 
 def peak_memory_gib() -> float:
-    """GPU: the allocator's peak since the job started or the last reset_peak_memory(). CPU: this process's peak
-    RSS since then (the Python runtime included; one process per job)."""
+    """GPU: the allocator's peak since the job started or the last reset_peak_memory(). CPU: this process's
+    peak RSS since then (the Python runtime included; one process per job)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     try:
@@ -120,7 +122,8 @@ class Run:
     last_checkpoint: str | None = None
 
     def start(self, cfg: DictConfig, resume: bool = False) -> None:
-        """Write run.json with status `running`. `resume`: keep the record (and metrics) of the earlier attempts."""
+        """Write run.json with status `running`. `resume`: keep the record (and metrics) of the earlier
+        attempts."""
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -142,7 +145,8 @@ class Run:
             "data_seed": OmegaConf.select(cfg, "dataset.seed"),
             "versions": _versions(),
             "hardware": hardware(),
-            # pid + host + the process's start time tell a live run from one whose process died (see run_status)
+            # pid + host + the process's start time tell a live run from one whose process died (see
+            # run_status)
             "pid": os.getpid(),
             "process_started": _process_start(os.getpid()),
         }
@@ -163,7 +167,8 @@ class Run:
             )
 
     def progress(self, step: int | None = None, checkpoint: str | None = None) -> None:
-        """Training progress; a new checkpoint is written to run.json at once (the process may be killed next)."""
+        """Training progress; a new checkpoint is written to run.json at once (the process may be killed
+        next)."""
         if step is not None:
             self.step = step
         if checkpoint is not None:
@@ -205,8 +210,8 @@ class Run:
 
 
 def refuse_existing(paths, fix: str, overwrite: bool = False) -> None:
-    """The guard of every stage that writes results: an earlier result (a file, or a folder that is not empty) is
-    never written over unless the stage's overwrite setting says so; `fix` says what to do instead."""
+    """The guard of every stage that writes results: an earlier result (a file, or a folder that is not empty)
+    is never written over unless the stage's overwrite setting says so; `fix` says what to do instead."""
     if overwrite:
         return
     for path in map(Path, paths):
@@ -218,7 +223,8 @@ def refuse_existing(paths, fix: str, overwrite: bool = False) -> None:
 
 def disk_full(error: BaseException | None) -> bool:
     """True for "No space left on device" (or a full quota), also when a library wraps it: safetensors' Rust
-    writer raises SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")."""
+    writer raises SafetensorError("Error while serializing: I/O error: No space left on device (os error
+    28)")."""
     import errno
 
     while error is not None:
@@ -250,10 +256,10 @@ def free_space(folder: Path) -> int:
 
 @contextmanager
 def disk_space(folder: Path, what: str, then: str, needed=lambda: None, leftovers=lambda: []):
-    """A full disk while writing `what` into `folder` ends in one sentence (a ConfigError) naming the folder, the
-    free and (when known) the needed space, and what to run once space is freed. `leftovers()`: the temporary files
-    or folders being written, removed (a half-written one would only hold on to the space); `needed()`: bytes or
-    None. Both are asked only once the disk is full."""
+    """A full disk while writing `what` into `folder` ends in one sentence (a ConfigError) naming the folder,
+    the free and (when known) the needed space, and what to run once space is freed. `leftovers()`: the
+    temporary files or folders being written, removed (a half-written one would only hold on to the space);
+    `needed()`: bytes or None. Both are asked only once the disk is full."""
     import shutil
 
     try:
@@ -285,10 +291,10 @@ _held_lock = None  # the open lock file of the run folder this process works in 
 
 
 def hold_run_dir(folder: Path) -> None:
-    """Lock the run folder for this process: fcntl.flock on .hydra/lock, released by the OS when the process ends,
-    however it ends (a SIGKILL included), so a second process resuming the same run is refused while this one lives.
-    The lock file holds the holder's pid and host, for that refusal. A sweep's jobs run one after another in one
-    process: taking the next job's folder lets go of the previous one."""
+    """Lock the run folder for this process: fcntl.flock on .hydra/lock, released by the OS when the process
+    ends, however it ends (a SIGKILL included), so a second process resuming the same run is refused while
+    this one lives. The lock file holds the holder's pid and host, for that refusal. A sweep's jobs run one
+    after another in one process: taking the next job's folder lets go of the previous one."""
     import fcntl
 
     global _held_lock
@@ -332,7 +338,8 @@ def _process_start(pid: int) -> float | None:
 def run_status(info: dict) -> tuple[str, str]:
     """(status, error) as they really are: a `running` record whose process is gone becomes `died`.
 
-    The pid is checked only on the host that wrote it; its start time tells a reused pid from the original process.
+    The pid is checked only on the host that wrote it; its start time tells a reused pid from the original
+    process.
     """
     status, error = info.get("status"), info.get("error", "")
     if status != "running":
@@ -389,7 +396,8 @@ def override_values(overrides: list[str]) -> dict[str, str]:
 
 
 def named_on_command_line(cfg: DictConfig, overrides: list[str]) -> tuple[set[str], list[str]]:
-    """(groups whose option the command line picks, e.g. `dataset=gsm8k`; fields it sets, e.g. `dataset.size`)."""
+    """(groups whose option the command line picks, e.g. `dataset=gsm8k`; fields it sets, e.g.
+    `dataset.size`)."""
     groups, fields = set(), []
     for key in override_keys(overrides):
         if "." not in key and key in cfg and OmegaConf.is_dict(cfg[key]):
@@ -406,9 +414,10 @@ def inherit_from_run(
     keys: list[str] = INHERITED_GROUPS,
     all_named: bool = False,
 ) -> tuple[DictConfig, list[str]]:
-    """Take `keys` (groups or top-level fields) from the run's saved config, then apply the command line's own:
-    a field it names (`dataset.eval_size=4`) replaces that field only; a group option it picks (`dataset=gsm8k`)
-    replaces the whole group. `all_named`: every field counts as named (the composed config wins everywhere).
+    """Take `keys` (groups or top-level fields) from the run's saved config, then apply the command line's
+    own: a field it names (`dataset.eval_size=4`) replaces that field only; a group option it picks
+    (`dataset=gsm8k`) replaces the whole group. `all_named`: every field counts as named (the composed config
+    wins everywhere).
 
     Returns the config and the fields that came from the run (to say so when one of them is refused).
     """
@@ -439,4 +448,7 @@ def explain_inherited(message: str, inherited: list[str], run_dir: str) -> str:
     named = [f for f in sorted(inherited, key=len, reverse=True) if f in message]
     if not named:
         return message
-    return f"{message.rstrip('.')} ({named[0]} came from run_dir={run_dir}; set it on the command line to change it)."
+    return (
+        f"{message.rstrip('.')} ({named[0]} came from run_dir={run_dir}; set it on the command line to "
+        "change it)."
+    )

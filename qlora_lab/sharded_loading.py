@@ -1,16 +1,20 @@
-"""FSDP2 + 4-bit: build the model shard by shard, so that no rank ever holds the whole model (Answer.AI's fsdp_qlora).
+"""FSDP2 + 4-bit: build the model shard by shard, so that no rank ever holds the whole model (Answer.AI's
+fsdp_qlora).
 
-transformers places a bitsandbytes-quantized model whole on each rank's GPU, and FSDP shards it only afterwards (in
-accelerate's prepare): a 4-bit 70B (~37 GiB) never fits a 24 GiB GPU that way. Here each rank instead
-1. builds the skeleton on the meta device (no memory), its Linear layers made bitsandbytes Linear4bit by transformers'
+transformers places a bitsandbytes-quantized model whole on each rank's GPU, and FSDP shards it only
+afterwards (in accelerate's prepare): a 4-bit 70B (~37 GiB) never fits a 24 GiB GPU that way. Here each rank
+instead
+1. builds the skeleton on the meta device (no memory), its Linear layers made bitsandbytes Linear4bit by
+transformers'
    own quantizer, and PEFT's LoRA layers attached, still on meta;
-2. materializes one decoder layer at a time on its device: the base weights read from the checkpoint (only that
-   layer's tensors) or drawn in memory (model.random_in_memory), quantized to 4 bits as transformers does it, the
-   LoRA layers built by PEFT's own `update_layer` (so initialised as `get_peft_model` does, in the same order), then
-   `fully_shard(layer)`: the rank keeps its shard and frees the rest before the next layer;
-3. ends with the embeddings, final norm and LM head (accelerate's grouping) and `fully_shard` of the whole model.
-accelerate's prepare returns a model that is already FSDP-sharded unchanged, so the Trainer runs as before.
-Per-rank load peak: about (the 4-bit model / world size) + one layer.
+2. materializes one decoder layer at a time on its device: the base weights read from the checkpoint (only
+that
+   layer's tensors) or drawn in memory (model.random_in_memory), quantized to 4 bits as transformers does it,
+   the LoRA layers built by PEFT's own `update_layer` (so initialised as `get_peft_model` does, in the same
+   order), then `fully_shard(layer)`: the rank keeps its shard and frees the rest before the next layer;
+3. ends with the embeddings, final norm and LM head (accelerate's grouping) and `fully_shard` of the whole
+model. accelerate's prepare returns a model that is already FSDP-sharded unchanged, so the Trainer runs as
+before. Per-rank load peak: about (the 4-bit model / world size) + one layer.
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ from .distributed import device, fsdp_enabled, world_size
 
 
 def sharded_loading(cfg: Config) -> bool:
-    """Whether the train stage loads the base shard by shard: under FSDP with a 4-bit base, always (loading the whole
-    model on every rank first is never better). The one rule for validate() and the stage."""
+    """Whether the train stage loads the base shard by shard: under FSDP with a 4-bit base, always (loading
+    the whole model on every rank first is never better). The one rule for validate() and the stage."""
     return fsdp_enabled() and cfg.quantization.method in (QuantMethod.nf4, QuantMethod.fp4)
 
 
@@ -36,14 +40,15 @@ def check_sharded_loading(cfg: Config) -> None:
     if m.random_in_memory:
         if not m.random_init:
             raise ConfigError(
-                "model.random_in_memory draws the weights of a model.random_init architecture, but this model has "
-                "no random_init; drop model.random_in_memory."
+                "model.random_in_memory draws the weights of a model.random_init architecture, but this "
+                "model has no random_init; drop model.random_in_memory."
             )
         if not sharded_loading(cfg):
             raise ConfigError(
-                "model.random_in_memory needs the shard-by-shard loading of FSDP with a 4-bit base: launch with "
-                "accelerate launch --config_file accelerate/fsdp_2gpu.yaml and quantization=nf4 (or fp4), or drop "
-                "model.random_in_memory (the weights are then built once into a folder)."
+                "model.random_in_memory needs the shard-by-shard loading of FSDP with a 4-bit base: launch "
+                "with "
+                "accelerate launch --config_file accelerate/fsdp_2gpu.yaml and quantization=nf4 (or fp4), or "
+                "drop model.random_in_memory (the weights are then built once into a folder)."
             )
         if not m.tokenizer:
             raise ConfigError(
@@ -60,32 +65,32 @@ def check_sharded_loading(cfg: Config) -> None:
         return
     if cfg.lora.init is LoraInit.loftq:
         raise ConfigError(
-            "lora.init=loftq fits the adapter to the whole unsharded base, which FSDP's shard-by-shard loading "
-            "never holds; use lora.init=default under FSDP, or DDP or one GPU for LoftQ."
+            "lora.init=loftq fits the adapter to the whole unsharded base, which FSDP's shard-by-shard "
+            "loading never holds; use lora.init=default under FSDP, or DDP or one GPU for LoftQ."
         )
     if cfg.lora.variant is LoraVariant.dora:
         raise ConfigError(
-            "lora.variant=dora is not built by FSDP's shard-by-shard loading of a 4-bit base (not tried); use "
-            "lora.variant=lora under FSDP, or DDP or one GPU for DoRA."
+            "lora.variant=dora is not built by FSDP's shard-by-shard loading of a 4-bit base (not tried); "
+            "use lora.variant=lora under FSDP, or DDP or one GPU for DoRA."
         )
     if cfg.train.resume:
         raise ConfigError(
-            "train.resume is not supported with FSDP's shard-by-shard loading of a 4-bit base (its checkpoints "
-            "are not tried); start a new run, or resume with DDP."
+            "train.resume is not supported with FSDP's shard-by-shard loading of a 4-bit base (its "
+            "checkpoints are not tried); start a new run, or resume with DDP."
         )
 
 
 def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of each decoder layer: the modules transformers keeps whole (`_no_split_modules`), which are
-    also accelerate's FSDP wrap units (TRANSFORMER_BASED_WRAP)."""
+    """(name, module) of each decoder layer: the modules transformers keeps whole (`_no_split_modules`), which
+    are also accelerate's FSDP wrap units (TRANSFORMER_BASED_WRAP)."""
     classes = set(model._no_split_modules or [])
     return [(n, m) for n, m in model.named_modules() if type(m).__name__ in classes]
 
 
 class Weights:
-    """Each base tensor by name: read from the checkpoint's safetensors files (only the tensors asked for), or drawn
-    in memory as transformers initialises the architecture (N(0, initializer_range) matrices, ones for norms, zeros
-    for biases), from one seeded stream per group so that every rank draws the same values."""
+    """Each base tensor by name: read from the checkpoint's safetensors files (only the tensors asked for), or
+    drawn in memory as transformers initialises the architecture (N(0, initializer_range) matrices, ones for
+    norms, zeros for biases), from one seeded stream per group so that every rank draws the same values."""
 
     def __init__(self, path: str | None, config, target: torch.device, dtype: torch.dtype):
         from .models import full_precision_weights
@@ -99,8 +104,9 @@ class Weights:
         self.generator = None
 
     def start_group(self, index: int) -> None:
-        """In-memory weights: one random stream per group (0: embedding, 1..n: decoder layers, n + 1: the rest),
-        seeded by its index, so that every rank draws each layer alike without drawing the layers before it."""
+        """In-memory weights: one random stream per group (0: embedding, 1..n: decoder layers, n + 1: the
+        rest), seeded by its index, so that every rank draws each layer alike without drawing the layers
+        before it."""
         if self.files is None:
             self.generator = torch.Generator(self.target).manual_seed(index)
 
@@ -126,8 +132,9 @@ class Weights:
 
 @torch.no_grad()
 def materialize(modules, names: dict, weights: Weights, prefix: str) -> None:
-    """Give every base parameter of `modules` (meta tensors) its values on the target device; 4-bit layers' weights
-    quantized as transformers' loader does (bnb.nn.Params4bit(...).to(device)). A tied parameter is made once."""
+    """Give every base parameter of `modules` (meta tensors) its values on the target device; 4-bit layers'
+    weights quantized as transformers' loader does (bnb.nn.Params4bit(...).to(device)). A tied parameter is
+    made once."""
     import bitsandbytes as bnb
 
     # meta parameter -> its real one; per call, so that nothing holds a layer once it is sharded
@@ -157,8 +164,8 @@ def materialize(modules, names: dict, weights: Weights, prefix: str) -> None:
 
 def make_lora(module: nn.Module, names: dict, peft_model, adapter: str = "default") -> None:
     """Build the LoRA layers inside `module` on its now real base weights with PEFT's own `update_layer` (what
-    `get_peft_model` calls: the same initialisation, the same random draws in the same order), adapters in fp32 as
-    `get_peft_model` leaves them."""
+    `get_peft_model` calls: the same initialisation, the same random draws in the same order), adapters in
+    fp32 as `get_peft_model` leaves them."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import cast_adapter_dtype
 
@@ -172,8 +179,8 @@ def make_lora(module: nn.Module, names: dict, peft_model, adapter: str = "defaul
 
 
 def skeleton(path: str | None, cfg: Config, dtype: torch.dtype):
-    """The causal LM on the meta device with 4-bit Linear layers (transformers' bitsandbytes quantizer) and PEFT's
-    LoRA layers: the same modules as `load_model` + `attach_lora` build, with no weights yet."""
+    """The causal LM on the meta device with 4-bit Linear layers (transformers' bitsandbytes quantizer) and
+    PEFT's LoRA layers: the same modules as `load_model` + `attach_lora` build, with no weights yet."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.quantizers import AutoHfQuantizer
 
@@ -188,7 +195,8 @@ def skeleton(path: str | None, cfg: Config, dtype: torch.dtype):
     else:
         config = AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code)
     quantizer = AutoHfQuantizer.from_config(bnb_config(cfg.quantization, dtype), pre_quantized=False)
-    # Nothing here may draw from the run's random stream: the LoRA layers draw theirs later, as get_peft_model would
+    # Nothing here may draw from the run's random stream: the LoRA layers draw theirs later, as get_peft_model
+    # would
     with torch.random.fork_rng():
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(
@@ -210,8 +218,8 @@ def skeleton(path: str | None, cfg: Config, dtype: torch.dtype):
 
 def load_sharded(path: str | None, cfg: Config):
     """The PEFT model sharded by FSDP2 across the ranks, built layer by layer (see the module's docstring).
-    `path`: the checkpoint folder or hub id, or None to draw random weights in memory (model.random_in_memory).
-    Returns (model, base footprint in GiB, (trainable, total) parameters)."""
+    `path`: the checkpoint folder or hub id, or None to draw random weights in memory
+    (model.random_in_memory). Returns (model, base footprint in GiB, (trainable, total) parameters)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -262,7 +270,8 @@ def load_sharded(path: str | None, cfg: Config):
     if any(p.is_meta for p in model.parameters()) or any(b.is_meta for b in model.buffers()):
         missing = next(n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta)
         raise RuntimeError(f"shard-by-shard loading left {missing} without weights")
-    # the whole base's bytes (every shard), as load_model's footprint counts them: 4-bit weights in their storage
+    # the whole base's bytes (every shard), as load_model's footprint counts them: 4-bit weights in their
+    # storage
     footprint = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     footprint += sum(b.numel() * b.element_size() for b in model.buffers())
     print(

@@ -1,7 +1,8 @@
-"""validate(): every rule a schema cannot express, for every stage the pipeline will run, checked once before any
-data or model loads; each failure names the field and the fix. It is the single entry: the rules about one part
-live with that part and are called from here (models: model and quantization; fused_lora, attention, models: the
-`auto` knobs of training, whose one resolver both refuses an unmet explicit choice here and decides in the stage).
+"""validate(): every rule a schema cannot express, for every stage the pipeline will run, checked once before
+any data or model loads; each failure names the field and the fix. It is the single entry: the rules about one
+part live with that part and are called from here (models: model and quantization; fused_lora, attention,
+models: the `auto` knobs of training, whose one resolver both refuses an unmet explicit choice here and
+decides in the stage).
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ def check_stages(cfg: Config) -> None:
 
 
 def check_stage_settings(cfg: Config) -> None:
-    """The settings of the stages this pipeline runs (a stage that does not run is not held to its settings)."""
+    """The settings of the stages this pipeline runs (a stage that does not run is not held to its
+    settings)."""
     stages = set(cfg.pipeline.stages)
     if "compare" in stages and InferenceMode.adapter not in cfg.inference.modes:
         raise ConfigError(
@@ -147,8 +149,8 @@ def check_stage_settings(cfg: Config) -> None:
 
 
 def check_added_keys(cfg: Config) -> None:
-    """`+lora.rank=8` adds a key the schema does not have: Hydra accepts it (its own typo hint suggests the `+`),
-    and nothing would ever read it. Refuse it, pointing at the closest real field."""
+    """`+lora.rank=8` adds a key the schema does not have: Hydra accepts it (its own typo hint suggests the
+    `+`), and nothing would ever read it. Refuse it, pointing at the closest real field."""
     import dataclasses
     import difflib
     import typing
@@ -289,8 +291,8 @@ REPORTING_PACKAGES = {
 
 
 def check_optim_and_reporting(t: TrainConfig) -> None:
-    """train.optim and train.report_to as transformers reads them: an unknown name or a missing package would only
-    fail once the model has loaded."""
+    """train.optim and train.report_to as transformers reads them: an unknown name or a missing package would
+    only fail once the model has loaded."""
     import difflib
 
     from transformers.integrations.integration_utils import (
@@ -339,6 +341,6 @@ def check_run_dir(cfg: Config) -> None:
         raise ConfigError(
             f"run_dir={cfg.run_dir} names an earlier run, but pipeline.stages={stages} starts by "
             f"training a new adapter; add train.resume=true to continue that run, drop the train "
-            f"stage (e.g. pipeline.stages=[{','.join(s for s in cfg.pipeline.stages if s != 'train')}]) to use its "
-            f"adapter, or drop run_dir to train a new run."
+            f"stage (e.g. pipeline.stages=[{','.join(s for s in cfg.pipeline.stages if s != 'train')}]) to "
+            "use its adapter, or drop run_dir to train a new run."
         )

@@ -1,12 +1,12 @@
-"""`python -m qlora_lab.report verify SWEEP_DIR [CELL]`: re-run every job of one cell of a sweep (all modes and
-seeds) from the overrides it recorded, into SWEEP_DIR/verify/<time>/, and say whether the new figures fall inside
-the recorded 95% interval of each mode: a card checked into a repository can be re-checked, and drift shows.
-With sweep.equal_memory the cell's equal-memory jobs are re-run too, under the cap they recorded (their LoRA job's
-peak in the sweep, not a new measurement), and checked against the card's equal-memory figures.
+"""`python -m qlora_lab.report verify SWEEP_DIR [CELL]`: re-run every job of one cell of a sweep (all modes
+and seeds) from the overrides it recorded, into SWEEP_DIR/verify/<time>/, and say whether the new figures fall
+inside the recorded 95% interval of each mode: a card checked into a repository can be re-checked, and drift
+shows. With sweep.equal_memory the cell's equal-memory jobs are re-run too, under the cap they recorded (their
+LoRA job's peak in the sweep, not a new measurement), and checked against the card's equal-memory figures.
 
-CELL is a data size as the report names it ("16", or "16 (recipe=fast)" when other settings vary); by default the
-smallest cell, the cheapest to re-run. Exit status: 0 when every figure is inside its interval, 1 on drift, 2 on a
-user mistake (one sentence).
+CELL is a data size as the report names it ("16", or "16 (recipe=fast)" when other settings vary); by default
+the smallest cell, the cheapest to re-run. Exit status: 0 when every figure is inside its interval, 1 on
+drift, 2 on a user mistake (one sentence).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from .layout import RunLayout
 FIGURES = [("eval_loss", "eval loss", 4), ("tokens_per_s", "tokens/s", 0), ("peak_gib", "peak GiB", 3)]
 DRIFT = "no: drift"
 HARDWARE_BOUND = {"tokens_per_s", "peak_gib"}  # compared only when the re-run runs on the recorded device
-# An equal-memory job's figures: the batch it found under its cap, then what that batch gave, then its time to the
-# card's target (LoRA's final eval loss + 2%), read from its learning curve as the card reads it.
+# An equal-memory job's figures: the batch it found under its cap, then what that batch gave, then its time to
+# the card's target (LoRA's final eval loss + 2%), read from its learning curve as the card reads it.
 SPENT_FIGURES = [
     ("batch", "batch found", 0),
     ("eval_loss", "eval loss", 4),
@@ -37,10 +37,12 @@ SPENT_FIGURES = [
     ("train_s_to_target", "train s to target", 1),
 ]
 CPU_NOTE = (
-    "On a CPU the memory cap bounds the job process's peak RSS (the Python runtime and its libraries included; it "
-    "varies between runs of the same job), not GPU memory, so the batch the equal-memory jobs find under it and "
-    "their peak are hardware-bound: shown, but a re-run outside the recorded values is not counted as drift, and "
-    "where the re-run found another batch its other figures are not counted either."
+    "On a CPU the memory cap bounds the job process's peak RSS (the Python runtime and its libraries "
+    "included; it "
+    "varies between runs of the same job), not GPU memory, so the batch the equal-memory jobs find under it "
+    "and "
+    "their peak are hardware-bound: shown, but a re-run outside the recorded values is not counted as drift, "
+    "and where the re-run found another batch its other figures are not counted either."
 )
 
 
@@ -65,8 +67,8 @@ def recorded_overrides(job_dir: Path) -> list[str]:
 
 
 def check_composes(job_dir: Path, overrides: list[str]) -> None:
-    """Compose (and check) the job's config as it is recorded: a cell whose config no longer composes stops here,
-    with one sentence, before any job runs."""
+    """Compose (and check) the job's config as it is recorded: a cell whose config no longer composes stops
+    here, with one sentence, before any job runs."""
     from hydra import compose, initialize_config_dir
 
     from .config import project_root, register
@@ -93,7 +95,8 @@ def this_device() -> str:
 
 
 def spent_figures(job: dict, target: float | None) -> dict:
-    """SPENT_FIGURES of one equal-memory job; tokens and train s to target are None where it did not reach it."""
+    """SPENT_FIGURES of one equal-memory job; tokens and train s to target are None where it did not reach
+    it."""
     hit = reach(job["_curve"], target) if target is not None and job["_curve"] else None
     return {
         "batch": job["batch_size_used"],
@@ -107,8 +110,8 @@ def spent_figures(job: dict, target: float | None) -> dict:
 
 
 def judge(recorded: list, again: list, digits: int, discrete: bool = False) -> tuple[str, str, str]:
-    """Recorded figure, re-run figure and whether the re-run is inside: the 95% interval of the recorded mean, or
-    for a discrete figure (the batch found) the recorded values' range."""
+    """Recorded figure, re-run figure and whether the re-run is inside: the 95% interval of the recorded mean,
+    or for a discrete figure (the batch found) the recorded values' range."""
     if discrete:
         old, new = sorted({v for v in recorded if v is not None}), sorted({v for v in again if v is not None})
         inside = bool(old) and bool(new) and old[0] <= new[0] and new[-1] <= old[-1]
@@ -167,7 +170,8 @@ def rerun(job_dir: Path, overrides: list[str], out: Path) -> Path:
 
 
 def verify(sweep_dir: str | Path, cell_name: str | None = None) -> tuple[str, bool]:
-    """Re-run the cell; return the comparison as markdown and whether every figure stayed inside its interval."""
+    """Re-run the cell; return the comparison as markdown and whether every figure stayed inside its
+    interval."""
     from .report import collect, job_row
 
     sweep_dir = Path(sweep_dir)
@@ -186,14 +190,14 @@ def verify(sweep_dir: str | Path, cell_name: str | None = None) -> tuple[str, bo
     notes = []
     if len(spent) < len(spent_all):
         notes.append(
-            f"{len(spent_all) - len(spent)} equal-memory jobs of this cell did not complete in the sweep: not "
-            f"re-run (no figures to compare with)."
+            f"{len(spent_all) - len(spent)} equal-memory jobs of this cell did not complete in the sweep: "
+            "not re-run (no figures to compare with)."
         )
     if spent and here != recorded_on:
         notes.append(
             f"The {len(spent)} equal-memory jobs are not re-run: their cap is LoRA's peak measured on "
-            f"{recorded_on}, and on this machine ({here}) it would bound another memory, so the batch they find "
-            f"and every figure that follows from it could not be compared."
+            f"{recorded_on}, and on this machine ({here}) it would bound another memory, so the batch they "
+            "find and every figure that follows from it could not be compared."
         )
         spent = []
     caps = ", ".join(sorted({f"{r['memory_cap_gib']:g}" for r in spent}))
@@ -251,8 +255,8 @@ def verify(sweep_dir: str | Path, cell_name: str | None = None) -> tuple[str, bo
         notes.append(CPU_NOTE)
     if spent and target is not None:
         notes.append(
-            f"Target: LoRA's recorded final eval loss in this cell + {100 * TARGET_GAP:g}% ({target:.4f}), as on "
-            f"the card; the first evaluation of a job's learning curve at or below it."
+            f"Target: LoRA's recorded final eval loss in this cell + {100 * TARGET_GAP:g}% ({target:.4f}), "
+            "as on the card; the first evaluation of a job's learning curve at or below it."
         )
     if failed:
         notes.append(
@@ -277,8 +281,8 @@ def verify(sweep_dir: str | Path, cell_name: str | None = None) -> tuple[str, bo
 def main(argv: list[str]) -> int:
     if not 1 <= len(argv) <= 2 or argv[0] in ("-h", "--help"):
         print(
-            "usage: python -m qlora_lab.report verify SWEEP_DIR [CELL]   re-runs one cell (default: the smallest) "
-            "and checks its figures against the recorded intervals",
+            "usage: python -m qlora_lab.report verify SWEEP_DIR [CELL]   re-runs one cell (default: the "
+            "smallest) and checks its figures against the recorded intervals",
             file=sys.stderr,
         )
         return 2

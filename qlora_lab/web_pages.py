@@ -1,7 +1,8 @@
 """What the web app's Runs and Sweeps pages show, read from the run folders alone (no web framework here).
 
 A run is any Hydra job folder under `paths.output_dir` (one with .hydra/config.yaml), sweep jobs included; the
-web app's own job folders are left out. A sweep is a folder holding the report `summary.md` (qlora_lab/report.py).
+web app's own job folders are left out. A sweep is a folder holding the report `summary.md`
+(qlora_lab/report.py).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ RUN_COLUMNS = [
 
 
 def run_dirs(output_dir: Path) -> list[Path]:
-    """Job folders under output_dir, newest first. A job folder holds no other job, so the walk stops at one."""
+    """Job folders under output_dir, newest first. A job folder holds no other job, so the walk stops at
+    one."""
     found = []
     for here, dirs, _ in os.walk(output_dir):
         if RunLayout(here).config.is_file():
@@ -104,8 +106,8 @@ def inference_modes(run_dir: Path | None) -> list[str]:
 
 
 def shell_arg(key: str, path: Path | str) -> str:
-    """`key=path` for a command line, pasteable into a shell, quoted for Hydra where the path has characters its
-    override grammar reads (a sweep job folder like `3_+experiment=x,dataset.size=16`)."""
+    """`key=path` for a command line, pasteable into a shell, quoted for Hydra where the path has characters
+    its override grammar reads (a sweep job folder like `3_+experiment=x,dataset.size=16`)."""
     value = str(path)
     if re.search(r"[^\w./-]", value):
         value = "'" + value.replace("'", "\\'") + "'"
@@ -118,8 +120,8 @@ def shell_arg(key: str, path: Path | str) -> str:
 
 
 def loss_history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """{"train": [(step, loss)], "eval": [(step, loss)]}: the Trainer's log history, with the final eval loss of
-    metrics.json (measured after the last checkpoint was saved) as the last eval point."""
+    """{"train": [(step, loss)], "eval": [(step, loss)]}: the Trainer's log history, with the final eval loss
+    of metrics.json (measured after the last checkpoint was saved) as the last eval point."""
     history = _logged_losses(run_dir)
     metrics = read_json(RunLayout(run_dir).metrics_json)
     steps, final = metrics.get("train/steps"), metrics.get("eval/loss")
@@ -134,7 +136,8 @@ def loss_history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def _logged_losses(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """The newest checkpoint's trainer_state.json, else the TensorBoard event files; empty lists without either."""
+    """The newest checkpoint's trainer_state.json, else the TensorBoard event files; empty lists without
+    either."""
     states = sorted(
         run_dir.glob("checkpoints/checkpoint-*/trainer_state.json"),
         key=lambda p: (
@@ -192,7 +195,8 @@ def run_details(run_dir: Path) -> dict:
         "metrics": read_json(RunLayout(run_dir).metrics_json),
         "evaluation": evaluation.read_text()
         if evaluation.is_file()
-        else f"No evaluation table yet: `python -m qlora_lab pipeline=evaluate {shell_arg('run_dir', run_dir)}` writes one.",
+        else "No evaluation table yet: `python -m qlora_lab pipeline=evaluate "
+        f"{shell_arg('run_dir', run_dir)}` writes one.",
         "history": loss_history(run_dir),
     }
 
@@ -221,14 +225,15 @@ def _inside(sweep_dir: Path, name: str) -> Path | None:
 
 
 def sweep_page(sweep_dir: Path) -> dict:
-    """The decision card (decision.md as the page shows it, and decision.png) when the sweep has one, summary.md
-    less the card (shown once, on top), and the report's other PNG plots. Only files inside the sweep folder."""
+    """The decision card (decision.md as the page shows it, and decision.png) when the sweep has one,
+    summary.md less the card (shown once, on top), and the report's other PNG plots. Only files inside the
+    sweep folder."""
     summary = (sweep_dir / "summary.md").read_text()
     card_file = _inside(sweep_dir, CARD)
     card = None
     if card_file:
-        # the page cannot open the job folders the card links to: it names them by job number (the Runs page lists
-        # them as <sweep>/<number>_...), and shows the card's PNG beside the text
+        # the page cannot open the job folders the card links to: it names them by job number (the Runs page
+        # lists them as <sweep>/<number>_...), and shows the card's PNG beside the text
         lines = [
             line
             for line in card_file.read_text().splitlines()

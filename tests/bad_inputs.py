@@ -1,10 +1,10 @@
 """The battery of user mistakes and the sentence each must get. Add a row with every new option.
 
-Each row: (id, command-line arguments, fragments the one `error:` line must contain). `{tmp}` stands for a folder
-holding the files written by `write_bad_files`; `{run}` for a saved run (its .hydra/config.yaml) trained on GSM8K.
-Rows without run_dir get the tiny test model's settings (tests/conftest.py TINY) in front.
-Every row must fail before any data or model is loaded: tests/test_bad_inputs.py checks each in-process through the
-functions `python -m qlora_lab` runs first, and a few through the real command line.
+Each row: (id, command-line arguments, fragments the one `error:` line must contain). `{tmp}` stands for a
+folder holding the files written by `write_bad_files`; `{run}` for a saved run (its .hydra/config.yaml)
+trained on GSM8K. Rows without run_dir get the tiny test model's settings (tests/conftest.py TINY) in front.
+Every row must fail before any data or model is loaded: tests/test_bad_inputs.py checks each in-process
+through the functions `python -m qlora_lab` runs first, and a few through the real command line.
 """
 
 from __future__ import annotations
@@ -336,7 +336,8 @@ BAD_INPUTS = [
 
 
 def write_bad_files(tmp: Path, saved_run_config) -> None:
-    """The files the rows above refer to. `saved_run_config(dir, overrides)` saves a run's .hydra/config.yaml."""
+    """The files the rows above refer to. `saved_run_config(dir, overrides)` saves a run's
+    .hydra/config.yaml."""
     good = [dict(RECORD, instruction=f"Say hi {i}.") for i in range(12)]
     (tmp / "wrapped.json").write_text(json.dumps({"data": good}))
     (tmp / "truncated.json").write_text("[\n" + json.dumps(good[0]) + ",\n" + json.dumps(good[1])[:20])

@@ -1,6 +1,6 @@
-"""Shared helpers: compose configs in-process; run the CLI in this process (`run_main`, about a second) or as a real
-subprocess (`cli`, about ten seconds of start-up: for what only a process shows, such as its exit on a signal, no
-stdin, or a fresh interpreter)."""
+"""Shared helpers: compose configs in-process; run the CLI in this process (`run_main`, about a second) or as
+a real subprocess (`cli`, about ten seconds of start-up: for what only a process shows, such as its exit on a
+signal, no stdin, or a fresh interpreter)."""
 
 from __future__ import annotations
 
@@ -65,8 +65,8 @@ def cli(
 
 def run_main(*args: str, cwd: Path = ROOT, stdin: str | None = None) -> subprocess.CompletedProcess:
     """`python -m qlora_lab ARGS` in this process, as `python -m` runs it (runpy: qlora_lab/__main__.py as
-    `__main__`, which is also how Hydra finds conf/): its exit status, stdout and stderr as `cli` returns them.
-    What the job changes in the process (the working folder, sys.argv, signal handlers, logging, the run
+    `__main__`, which is also how Hydra finds conf/): its exit status, stdout and stderr as `cli` returns
+    them. What the job changes in the process (the working folder, sys.argv, signal handlers, logging, the run
     folder's lock) is put back afterwards."""
     from hydra.core.global_hydra import GlobalHydra
 
@@ -150,7 +150,8 @@ def assert_refused(result, fragments):
 
 
 def saved_run_config(run_dir: Path, overrides: list[str]) -> Path:
-    """A run folder as far as later stages read it: its .hydra/config.yaml (no training needed to test them)."""
+    """A run folder as far as later stages read it: its .hydra/config.yaml (no training needed to test
+    them)."""
     (run_dir / ".hydra").mkdir(parents=True)
     OmegaConf.save(make_cfg(overrides), run_dir / ".hydra" / "config.yaml")
     return run_dir

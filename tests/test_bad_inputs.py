@@ -1,4 +1,5 @@
-"""Every row of tests/bad_inputs.py: one sentence naming the field or file, before any data or model is loaded.
+"""Every row of tests/bad_inputs.py: one sentence naming the field or file, before any data or model is
+loaded.
 
 All rows run in-process through `checked_config`, what `python -m qlora_lab` runs before any stage; a few run
 through the real command line (exit 2, no traceback, nothing written beyond a failed run.json).

@@ -1,5 +1,5 @@
-"""The command line (in-process through its entry, `run_main`): bad input gets one clear sentence and a non-zero exit;
-a real run on SmolLM2 as a real subprocess."""
+"""The command line (in-process through its entry, `run_main`): bad input gets one clear sentence and a
+non-zero exit; a real run on SmolLM2 as a real subprocess."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Composed configs stay what they were: the default, every experiment and every group option.
 
-tests/fixtures/composed_configs.json holds each one's job config (interpolations unresolved, Enums as strings) and
-its sweep settings. After a deliberate change, rewrite it with `python -m tests.test_composed_configs` and review
-the diff.
+tests/fixtures/composed_configs.json holds each one's job config (interpolations unresolved, Enums as strings)
+and its sweep settings. After a deliberate change, rewrite it with `python -m tests.test_composed_configs` and
+review the diff.
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ from omegaconf import OmegaConf
 from .conftest import CONF
 
 FIXTURE = CONF.parent / "tests" / "fixtures" / "composed_configs.json"
-# Groups outside the root defaults list, added with +GROUP=OPTION (conf/qlora_variant: the qlora_variants sweep).
+# Groups outside the root defaults list, added with +GROUP=OPTION (conf/qlora_variant: the qlora_variants
+# sweep).
 ADDED_GROUPS = ["qlora_variant"]
 
 
 def cases() -> list[str]:
-    """ "" (the plain default), +experiment=NAME for every experiment, GROUP=OPTION for every option of every group."""
+    """ "" (the plain default), +experiment=NAME for every experiment, GROUP=OPTION for every option of every
+    group."""
     out = [""] + [f"+experiment={p.stem}" for p in sorted((CONF / "experiment").glob("*.yaml"))]
     for group in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name not in ("experiment", "hydra")):
         added = "+" if group.name in ADDED_GROUPS else ""

@@ -143,7 +143,8 @@ def test_typo_in_every_group_fails_at_compose_time(override, typo):
 
 
 def test_issue_example_fails_before_training(tmp_path):
-    """`+experiment=gsm8k eval.metrics=[rouge,bleuu]` used to fail after training: now Hydra refuses it at once."""
+    """`+experiment=gsm8k eval.metrics=[rouge,bleuu]` used to fail after training: now Hydra refuses it at
+    once."""
     from .conftest import run_main
 
     result = run_main("+experiment=gsm8k", "eval.metrics=[rouge,bleuu]", f"hydra.run.dir={tmp_path / 'run'}")

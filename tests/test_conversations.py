@@ -1,5 +1,5 @@
-"""Conversation data: every format to the canonical row, labels under three chat-template families, truncation by
-whole turns, prompts and references for generation, and each format through the real command line."""
+"""Conversation data: every format to the canonical row, labels under three chat-template families, truncation
+by whole turns, prompts and references for generation, and each format through the real command line."""
 
 from __future__ import annotations
 
@@ -138,15 +138,16 @@ def test_sharegpt_tools_may_be_a_list_and_columns_are_configurable():
 # ---------------------------------------------------------------- labels under three template families
 
 LLAMA3 = (
-    "{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' "
-    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
-    "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\n\n' "
+    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + "
+    "content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 GEMMA = (
-    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else "
-    "message['role'] %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' "
+    "else message['role'] %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + "
+    "'<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
 
 
@@ -182,19 +183,20 @@ CONVERSATION = {
 # there: Llama-3's "\n\n" is one token (ĊĊ) before an answer, as in a generation prompt, two inside a prompt.
 MASKS = {
     "chatml (SmolLM2: end of turn = EOS, then a newline)": (
-        "<|im_start|> system Ċ Be Ġbrief . <|im_end|> Ċ <|im_start|> user Ċ Hi <|im_end|> Ċ <|im_start|> ass istant Ċ "
-        "[Hello] [<|im_end|>] Ċ <|im_start|> user Ċ By e <|im_end|> Ċ <|im_start|> ass istant Ċ [See] [Ġyou] "
-        "[<|im_end|>]"
+        "<|im_start|> system Ċ Be Ġbrief . <|im_end|> Ċ <|im_start|> user Ċ Hi <|im_end|> Ċ <|im_start|> ass "
+        "istant Ċ [Hello] [<|im_end|>] Ċ <|im_start|> user Ċ By e <|im_end|> Ċ <|im_start|> ass istant Ċ "
+        "[See] [Ġyou] [<|im_end|>]"
     ),
     "llama3 (<|eot_id|> = EOS, BOS from the template)": (
         "<|begin_of_text|> <|start_header_id|> system <|end_header_id|> Ċ Ċ Be Ġbrief . <|eot_id|> "
-        "<|start_header_id|> user <|end_header_id|> Ċ Ċ Hi <|eot_id|> <|start_header_id|> ass istant <|end_header_id|> "
-        "ĊĊ [Hello] [<|eot_id|>] <|start_header_id|> user <|end_header_id|> Ċ Ċ By e <|eot_id|> <|start_header_id|> "
-        "ass istant <|end_header_id|> ĊĊ [See] [Ġyou] [<|eot_id|>]"
+        "<|start_header_id|> user <|end_header_id|> Ċ Ċ Hi <|eot_id|> <|start_header_id|> ass istant "
+        "<|end_header_id|> "
+        "ĊĊ [Hello] [<|eot_id|>] <|start_header_id|> user <|end_header_id|> Ċ Ċ By e <|eot_id|> "
+        "<|start_header_id|> ass istant <|end_header_id|> ĊĊ [See] [Ġyou] [<|eot_id|>]"
     ),
     "gemma (<end_of_turn>, not EOS)": (
-        "<bos> <start_of_turn> system Ċ Be Ġbrief . <end_of_turn> Ċ <start_of_turn> user Ċ Hi <end_of_turn> Ċ "
-        "<start_of_turn> model Ċ [Hello] [<end_of_turn>] Ċ <start_of_turn> user Ċ By e <end_of_turn> Ċ "
+        "<bos> <start_of_turn> system Ċ Be Ġbrief . <end_of_turn> Ċ <start_of_turn> user Ċ Hi <end_of_turn> "
+        "Ċ <start_of_turn> model Ċ [Hello] [<end_of_turn>] Ċ <start_of_turn> user Ċ By e <end_of_turn> Ċ "
         "<start_of_turn> model Ċ [See] [Ġyou] [<end_of_turn>]"
     ),
 }
@@ -261,8 +263,8 @@ def test_tools_go_to_a_template_that_renders_them_else_into_the_system_turn(toke
     text = render(row["messages"], row["tools"], tok, "chat")
     assert text.startswith('<|im_start|>system\nTools: [{"name": "get_weather"')
     assert (
-        '<|im_start|>assistant\n<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
-        in text
+        '<|im_start|>assistant\n<tool_call>{"name": "get_weather", "arguments": {"city": '
+        '"Paris"}}</tool_call>' in text
     )
     trained = tok.decode([t for t in tokenize_example(row, tok, d)["labels"] if t != IGNORE_INDEX])
     assert trained == (
@@ -284,7 +286,8 @@ def test_tools_go_to_a_template_that_renders_them_else_into_the_system_turn(toke
 
 
 def alpaca_tokens_before(record: dict, tokenizer, system_prompt: str | None) -> list[int]:
-    """data.tokenize_example as it was before conversations (commit c2dd1b9): chat template prompt + output + EOS."""
+    """data.tokenize_example as it was before conversations (commit c2dd1b9): chat template prompt + output +
+    EOS."""
     user = (
         record["instruction"] if not record.get("input") else f"{record['instruction']}\n\n{record['input']}"
     )
@@ -343,7 +346,8 @@ def test_truncation_keeps_whole_turns_from_the_start(tokenizer):
         and not cut["shortened"]
     )
     assert tokenizer.decode(cut["input_ids"]).endswith("Answer 1.<|im_end|>")
-    # when even the first turn does not fit, it is cut at the limit (its answer partly trained), as single turns are
+    # when even the first turn does not fit, it is cut at the limit (its answer partly trained), as single
+    # turns are
     first_turn = len(
         tokenize_example(
             {"messages": turns[:3], "tools": None},

@@ -127,7 +127,8 @@ def test_generic_column_mapping(tmp_path, suffix, writer):
 
 @pytest.mark.parametrize("suffix", [".json", ".jsonl"])
 def test_a_byte_order_mark_is_read_past(tmp_path, suffix):
-    """Windows editors start UTF-8 files with a BOM; a JSON list (or JSON Lines) so saved reads as without one."""
+    """Windows editors start UTF-8 files with a BOM; a JSON list (or JSON Lines) so saved reads as without
+    one."""
     rows = [{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(12)]
     text = json.dumps(rows, indent=1) if suffix == ".json" else "\n".join(json.dumps(r) for r in rows)
     path = tmp_path / f"bom{suffix}"

@@ -1,7 +1,8 @@
-"""What goes in is what is trained: for every documented record format, the text in the file is read here on its
-own (not through qlora_lab's converters) and compared with what the model is given and with the trained label
-spans. A field the reader drops in silence makes the model's text lack one of the file's strings, and an assistant
-text that is not trained (or a trained span with no assistant text behind it) makes the spans disagree."""
+"""What goes in is what is trained: for every documented record format, the text in the file is read here on
+its own (not through qlora_lab's converters) and compared with what the model is given and with the trained
+label spans. A field the reader drops in silence makes the model's text lack one of the file's strings, and an
+assistant text that is not trained (or a trained span with no assistant text behind it) makes the spans
+disagree."""
 
 from __future__ import annotations
 

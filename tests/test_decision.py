@@ -1,5 +1,6 @@
-"""The decision card and the figures over seeds, built from fake sweep folders laid out as real jobs write them
-(.hydra/config.yaml, .hydra/overrides.yaml, run.json, metrics.json): no training, so every case is fast."""
+"""The decision card and the figures over seeds, built from fake sweep folders laid out as real jobs write
+them (.hydra/config.yaml, .hydra/overrides.yaml, run.json, metrics.json): no training, so every case is
+fast."""
 
 from __future__ import annotations
 
@@ -52,8 +53,8 @@ def test_card_gives_a_verdict_per_size_and_the_size_from_which_qlora_is_within_n
 
 
 def test_the_report_compares_training_peaks_not_a_later_stage_s(tmp_path):
-    """A job that trained and then evaluated: its evaluation's peak (generation, perplexity) must not stand for the
-    memory the mode needs to train."""
+    """A job that trained and then evaluated: its evaluation's peak (generation, perplexity) must not stand
+    for the memory the mode needs to train."""
     name = add_job(tmp_path, 0, "nf4", 8, 42, 1.0, 10.0, peak=12.0)
     metrics = tmp_path / name / "metrics.json"
     metrics.write_text(json.dumps(json.loads(metrics.read_text()) | {"memory/train_peak_gib": 2.5}))
@@ -105,7 +106,8 @@ def test_time_to_target_per_mode_and_not_reached_with_the_best_value(tmp_path):
     section = summary.split("## Time to target (LoRA's final eval loss + 2%)", 1)[1]
     lora8 = next(line for line in section.splitlines() if line.startswith("| 8 | LoRA |"))
     qlora8 = next(line for line in section.splitlines() if line.startswith("| 8 | QLoRA nf4 |"))
-    # LoRA's own seed 43 ends at 2.2, above the target: one of its two runs reaches it (seed 42, at 200 tokens)
+    # LoRA's own seed 43 ends at 2.2, above the target: one of its two runs reaches it (seed 42, at 200
+    # tokens)
     assert "| 2.1420 |" in lora8 and "| 1 of 2 |" in lora8 and "| 200 | 4.0 |" in lora8
     tokens, half = interval([300, 200])
     assert "| 2 of 2 |" in qlora8 and f"| {tokens:,.0f} ± {half:,.0f} |" in qlora8
@@ -166,8 +168,8 @@ def test_repeats_refused_beside_a_seed_axis_on_the_command_line(tmp_path, capsys
 
 
 def test_real_sweep_with_repeats_pairs_by_seed_records_learning_curves_and_verifies(tmp_path, capsys):
-    """The one real sweep here: sweep.repeats=2 on the tiny model -> 2 modes x 2 seeds, each LoRA/QLoRA pair trained
-    on the same data in the same order, every job with a learning curve, and a card with two pairs."""
+    """The one real sweep here: sweep.repeats=2 on the tiny model -> 2 modes x 2 seeds, each LoRA/QLoRA pair
+    trained on the same data in the same order, every job with a learning curve, and a card with two pairs."""
     sweep_dir = tmp_path / "sweep"
     # the jobs run in this process (the basic launcher; tests/test_sweep.py runs the experiment's isolated
     # one), and verify re-runs each in a fresh process: the same seed must give the same eval loss either way
@@ -202,8 +204,9 @@ def test_real_sweep_with_repeats_pairs_by_seed_records_learning_curves_and_verif
     card = (sweep_dir / "decision.md").read_text()
     assert "| 8 | QLoRA nf4 | 2 |" in card and "## Over the seeds" in (sweep_dir / "summary.md").read_text()
     assert (sweep_dir / "learning_curves.png").is_file() and (sweep_dir / "decision.png").is_file()
-    # verify re-runs the cell from the recorded overrides: on CPU the same seed gives the same eval loss, inside the
-    # recorded interval (speed and memory on a shared machine may drift: exit 1 is allowed, its table must say so)
+    # verify re-runs the cell from the recorded overrides: on CPU the same seed gives the same eval loss,
+    # inside the recorded interval (speed and memory on a shared machine may drift: exit 1 is allowed, its
+    # table must say so)
     capsys.readouterr()
     code = report_main(["verify", str(sweep_dir), "8"])  # `python -m qlora_lab.report verify SWEEP 8`
     out = capsys.readouterr()
@@ -251,8 +254,8 @@ def test_verify_refuses_a_folder_that_is_not_a_sweep_an_unknown_cell_and_a_cell_
 
 @pytest.mark.parametrize("shift, inside", [(0.0, True), (0.5, False)])
 def test_verify_compares_the_rerun_with_the_recorded_interval(tmp_path, monkeypatch, capsys, shift, inside):
-    """The re-run itself is one `python -m qlora_lab` per job (the real one: see the real sweep test); here each
-    re-run writes its job folder with the recorded figures, shifted by `shift` in eval loss for QLoRA."""
+    """The re-run itself is one `python -m qlora_lab` per job (the real one: see the real sweep test); here
+    each re-run writes its job folder with the recorded figures, shifted by `shift` in eval loss for QLoRA."""
     from qlora_lab import verify
     from qlora_lab.report import main
 
@@ -293,7 +296,8 @@ def add_equal_memory_job(
     curve_: list | None = None,
     status: str = "completed",
 ) -> str:
-    """The job the equal-memory sweeper adds: the QLoRA job's overrides + batch_size=auto under LoRA's peak."""
+    """The job the equal-memory sweeper adds: the QLoRA job's overrides + batch_size=auto under LoRA's
+    peak."""
     name = add_job(sweep_dir, num, "nf4", size, seed, 2.0, 11.0, peak, status=status, curve=curve_)
     extra = ["train.batch_size=auto", f"train.memory_cap_gib={cap}"]
     job = sweep_dir / name
@@ -396,10 +400,10 @@ def test_equal_memory_refused_with_one_sentence(tmp_path, capsys, overrides, mes
 def equal_memory_sweep(
     sweep_dir, batch: int = 12, losses=(3.0, 2.4, 2.03), gpu: str | None = None
 ) -> list[str]:
-    """Size 8, seeds 42 and 43: LoRA ends at 2.0 (target 2.04, reached at 200 tokens in 4 s); QLoRA at LoRA's batch
-    needs 3 evaluations (300 tokens, 6 s); QLoRA at equal memory (`batch` under LoRA's 3.0 GiB, 300 and 320
-    tokens/s against LoRA's 100) has the learning curve `losses`, 150 tokens and 1.5 s per evaluation. Returns the
-    equal-memory jobs' folder names."""
+    """Size 8, seeds 42 and 43: LoRA ends at 2.0 (target 2.04, reached at 200 tokens in 4 s); QLoRA at LoRA's
+    batch needs 3 evaluations (300 tokens, 6 s); QLoRA at equal memory (`batch` under LoRA's 3.0 GiB, 300 and
+    320 tokens/s against LoRA's 100) has the learning curve `losses`, 150 tokens and 1.5 s per evaluation.
+    Returns the equal-memory jobs' folder names."""
     num = 0
     for seed in (42, 43):
         add_job(sweep_dir, num, "none", 8, seed, 2.0, 10.0, LORA_PEAK, curve=curve(3.0, 2.5, 2.0))
@@ -463,8 +467,8 @@ def test_card_gives_throughput_and_time_to_target_at_equal_memory_beside_equal_b
     )
     tps, half = interval([300.0, 320.0])
     assert rows["QLoRA nf4 at equal memory"].startswith(
-        f"| 8 | QLoRA nf4 at equal memory | 12 | 2.90 ± 0.00 | 3.00 ± 0.00 | {tps:,.0f} ± {half:,.0f} | 2 of 2 "
-        f"| 300 ± 0 | 3.0 ± 0.0 |"
+        f"| 8 | QLoRA nf4 at equal memory | 12 | 2.90 ± 0.00 | 3.00 ± 0.00 | {tps:,.0f} ± {half:,.0f} | 2 of "
+        "2 | 300 ± 0 | 3.0 ± 0.0 |"
     )
     assert all(f"(<{name}>)" in rows["QLoRA nf4 at equal memory"] for name in spent)
     # the per-job table names them, in the same group as their QLoRA job
@@ -480,10 +484,10 @@ def test_headline_says_what_the_saved_memory_buys_at_equal_memory_and_that_a_cpu
     first = (tmp_path / "decision.md").read_text().split("![decision]", 1)[0]  # the card's headline
     speed, half = interval([200.0, 220.0])  # 300 and 320 tokens/s against LoRA's 100, per seed
     assert (
-        "At equal memory (QLoRA nf4 with train.batch_size=auto under its LoRA job's peak; 2 pairs by data size and "
-        f"seed, means ± their 95% interval): batch 12 against LoRA's 4; tokens/s +{speed:.0f}% ± {half:.0f}% "
-        "against LoRA's (+0% ± 0% at LoRA's batch); training seconds to the target (LoRA's final eval loss + 2%) "
-        "-25% ± 0% against LoRA's.\n"  # 3 s against LoRA's 4 s, both seeds
+        "At equal memory (QLoRA nf4 with train.batch_size=auto under its LoRA job's peak; 2 pairs by data "
+        f"size and seed, means ± their 95% interval): batch 12 against LoRA's 4; tokens/s +{speed:.0f}% ± "
+        f"{half:.0f}% against LoRA's (+0% ± 0% at LoRA's batch); training seconds to the target (LoRA's "
+        "final eval loss + 2%) -25% ± 0% against LoRA's.\n"  # 3 s against LoRA's 4 s, both seeds
     ) in first
     assert (
         "On a CPU the peaks (and the equal-memory cap) are the job process's peak RSS, not GPU memory"
@@ -491,7 +495,8 @@ def test_headline_says_what_the_saved_memory_buys_at_equal_memory_and_that_a_cpu
     )
     rows = report.collect(tmp_path)
     assert decision.plot_title(rows, True).endswith(
-        "; equal memory: QLoRA's batch_size=auto under LoRA's peak (CPU: peaks are process RSS, not GPU memory)"
+        "; equal memory: QLoRA's batch_size=auto under LoRA's peak (CPU: peaks are process RSS, not GPU "
+        "memory)"
     )
     assert "equal memory" not in decision.plot_title(rows, False)
 
@@ -521,21 +526,22 @@ def test_an_equal_memory_job_that_found_no_batch_is_listed_with_its_reason(tmp_p
     write_report(tmp_path)
     card = (tmp_path / "decision.md").read_text()
     assert (
-        "\n1 equal-memory jobs did not complete: 4: no batch fits under train.memory_cap_gib=3.0: batch 1 peaked "
-        "at 9.000 GiB; raise the cap.\n"
+        "\n1 equal-memory jobs did not complete: 4: no batch fits under train.memory_cap_gib=3.0: batch 1 "
+        "peaked at 9.000 GiB; raise the cap.\n"
     ) in card
     assert "| within noise |" in next(
         line for line in card.splitlines() if line.startswith("| 8 | QLoRA nf4 | 2 |")
     )
     assert (
-        "At equal memory: no QLoRA nf4 job completed with train.batch_size=auto under its LoRA job's peak (see the "
-        "equal-memory table), so there is nothing to compare."
+        "At equal memory: no QLoRA nf4 job completed with train.batch_size=auto under its LoRA job's peak "
+        "(see the equal-memory table), so there is nothing to compare."
     ) in card.split("![decision]", 1)[0]
 
 
 def fake_rerun(monkeypatch, batch: int, device: str | None = None) -> list[list[str]]:
-    """verify's re-run replaced: each job folder copied with its recorded figures, an equal-memory job with the
-    batch `batch` found, every job recorded on `device` if given. Returns the overrides of every re-run."""
+    """verify's re-run replaced: each job folder copied with its recorded figures, an equal-memory job with
+    the batch `batch` found, every job recorded on `device` if given. Returns the overrides of every
+    re-run."""
     from qlora_lab import verify
 
     calls = []
@@ -576,8 +582,8 @@ def test_verify_reruns_the_equal_memory_jobs_under_their_recorded_cap(
     text = capsys.readouterr().out
     assert (
         "Re-ran 6 jobs from their recorded overrides" in text
-        and "The 2 equal-memory jobs ran under the cap they recorded (train.memory_cap_gib 3: their LoRA job's "
-        "peak in the sweep), not a new measurement."
+        and "The 2 equal-memory jobs ran under the cap they recorded (train.memory_cap_gib 3: their LoRA "
+        "job's peak in the sweep), not a new measurement."
         in text
     )
     spent = [c for c in calls if "train.batch_size=auto" in c]
@@ -595,7 +601,8 @@ def test_verify_reruns_the_equal_memory_jobs_under_their_recorded_cap(
     else:  # another batch on a CPU: what followed from it is shown, not counted
         assert rows["eval loss"].endswith("| not counted (CPU: the re-run found another batch) |")
         assert verify.CPU_NOTE in text and "No drift: every counted re-run figure" in text
-    # the re-runs under SWEEP_DIR/verify/ are not jobs of the sweep: the report and a second verify leave them out
+    # the re-runs under SWEEP_DIR/verify/ are not jobs of the sweep: the report and a second verify leave them
+    # out
     assert len(report.collect(tmp_path)) == 6
 
 
@@ -611,9 +618,10 @@ def test_verify_does_not_rerun_equal_memory_jobs_whose_cap_was_measured_on_anoth
     text = capsys.readouterr().out
     assert "Re-ran 4 jobs" in text and not any("train.batch_size=auto" in c for c in calls)
     assert (
-        "The 2 equal-memory jobs are not re-run: their cap is LoRA's peak measured on NVIDIA H200, and on this "
-        "machine (cpu) it would bound another memory, so the batch they find and every figure that follows from "
-        "it could not be compared."
+        "The 2 equal-memory jobs are not re-run: their cap is LoRA's peak measured on NVIDIA H200, and on "
+        "this "
+        "machine (cpu) it would bound another memory, so the batch they find and every figure that follows "
+        "from it could not be compared."
     ) in text
     assert (
         "| LoRA | tokens/s | 100 ± 0 | 100 | not compared (recorded on NVIDIA H200, re-run on cpu) |" in text
@@ -622,11 +630,12 @@ def test_verify_does_not_rerun_equal_memory_jobs_whose_cap_was_measured_on_anoth
 
 
 def test_real_sweep_with_equal_memory_runs_the_capped_job_after_its_lora_job_and_verifies(tmp_path, capsys):
-    """sweep.equal_memory=true on the tiny model: LoRA and QLoRA at batch 4, then QLoRA again with batch_size=auto
-    under LoRA's measured peak (the CPU process's peak RSS here), launched after both have ended; then verify
-    re-runs the three, the equal-memory one under the cap it recorded."""
+    """sweep.equal_memory=true on the tiny model: LoRA and QLoRA at batch 4, then QLoRA again with
+    batch_size=auto under LoRA's measured peak (the CPU process's peak RSS here), launched after both have
+    ended; then verify re-runs the three, the equal-memory one under the cap it recorded."""
     sweep_dir = tmp_path / "sweep"
-    # launched in this process; the isolated launcher still runs each job in a fresh one (its peak is the job's own)
+    # launched in this process; the isolated launcher still runs each job in a fresh one (its peak is the
+    # job's own)
     result = run_main(
         "-m",
         "+experiment=lora_vs_qlora",

@@ -43,8 +43,8 @@ def launch(run_dir: Path, *args: str, processes: int = 2, fsdp: bool = False) ->
     )
 
 
-# The DDP nf4 run that test_two_process_ddp_ranks_agree checks and the FSDP test compares with: trained once per
-# worker (make test's `--dist loadscope` runs this module on one worker).
+# The DDP nf4 run that test_two_process_ddp_ranks_agree checks and the FSDP test compares with: trained once
+# per worker (make test's `--dist loadscope` runs this module on one worker).
 DDP_NF4 = ("quantization=nf4", "train.batch_size=2", "lora.dropout=0", "train.gradient_checkpointing=true")
 
 
@@ -72,8 +72,8 @@ def test_two_process_ddp_ranks_agree(tmp_path, quant, request):
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((run_dir / "run.json").read_text())["hardware"]["world_size"] == 2
     if quant == "none":
-        # DDP is one process with the global batch: 2 ranks x 2 rows give the per-step losses of 1 process x 4 rows
-        # (without dropout, whose masks each rank draws from its own random stream)
+        # DDP is one process with the global batch: 2 ranks x 2 rows give the per-step losses of 1 process x 4
+        # rows (without dropout, whose masks each rank draws from its own random stream)
         single = tmp_path / "single"
         assert (
             launch(
@@ -88,9 +88,9 @@ def test_two_process_ddp_ranks_agree(tmp_path, quant, request):
 
 
 def test_fsdp_qlora_train_stage_loads_shard_by_shard_and_matches_ddp(tmp_path, ddp_nf4):
-    """The train stage under FSDP + nf4 with checkpointing (the Trainer's FSDP path, on 2 CPU processes) loads shard
-    by shard and trains as DDP does with the same global batch: the same per-step losses and eval loss, and the same adapter, saved whole
-    by rank 0 (fp32: to 1e-5)."""
+    """The train stage under FSDP + nf4 with checkpointing (the Trainer's FSDP path, on 2 CPU processes) loads
+    shard by shard and trains as DDP does with the same global batch: the same per-step losses and eval loss,
+    and the same adapter, saved whole by rank 0 (fp32: to 1e-5)."""
     import torch
     from safetensors.torch import load_file
 
@@ -132,7 +132,8 @@ def test_slurm_launcher_preset_composes():
 
 
 def test_plain_launch_on_several_gpus_trains_on_one_instead_of_data_parallel(tmp_path, monkeypatch, capsys):
-    """The Trainer wraps the model in nn.DataParallel when it counts several GPUs; the guard keeps one per process."""
+    """The Trainer wraps the model in nn.DataParallel when it counts several GPUs; the guard keeps one per
+    process."""
     import torch.nn as nn
     from transformers import Trainer, TrainingArguments
 
@@ -168,57 +169,58 @@ def test_plain_launch_on_several_gpus_trains_on_one_instead_of_data_parallel(tmp
             [],
             {"LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "4"},
             2,
-            "accelerate launch started 4 processes on this machine but it has 2 GPUs; set num_processes to at most 2 "
-            "(--num_processes 2, or num_processes: in the accelerate config).",
+            "accelerate launch started 4 processes on this machine but it has 2 GPUs; set num_processes to "
+            "at most 2 (--num_processes 2, or num_processes: in the accelerate config).",
         ),
         (
             ["train.batch_size=auto"],
             {"LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "2"},
             2,
-            "train.batch_size=auto lets each rank halve its batch after its own out-of-memory errors, so the ranks could "
-            "train on different batches; under accelerate launch set train.batch_size to a number.",
+            "train.batch_size=auto lets each rank halve its batch after its own out-of-memory errors, so the "
+            "ranks could train on different batches; under accelerate launch set train.batch_size to a "
+            "number.",
         ),
         (
             ["quantization.storage_dtype=uint8"],
             {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"},
             0,
-            "FSDP shards flat parameters of one dtype, but quantization.storage_dtype=uint8 differs from the model dtype "
-            "float32; set quantization.storage_dtype=auto (the model dtype).",
+            "FSDP shards flat parameters of one dtype, but quantization.storage_dtype=uint8 differs from the "
+            "model dtype float32; set quantization.storage_dtype=auto (the model dtype).",
         ),
         (
             ["quantization=nf4", "train.lora_layers=fused"],
             {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"},
             0,
-            "train.lora_layers=fused cannot be used here: the fused layers are not tried on FSDP's sharded weights "
-            "(train with DDP or one GPU); fix that or use train.lora_layers=auto.",
+            "train.lora_layers=fused cannot be used here: the fused layers are not tried on FSDP's sharded "
+            "weights (train with DDP or one GPU); fix that or use train.lora_layers=auto.",
         ),
         (
             ["quantization=nf4", "train.resume=true"],
             {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"},
             0,
-            "train.resume is not supported with FSDP's shard-by-shard loading of a 4-bit base (its checkpoints are "
-            "not tried); start a new run, or resume with DDP.",
+            "train.resume is not supported with FSDP's shard-by-shard loading of a 4-bit base (its "
+            "checkpoints are not tried); start a new run, or resume with DDP.",
         ),
         (
             ["quantization=nf4", "lora.init=loftq"],
             {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"},
             0,
-            "lora.init=loftq fits the adapter to the whole unsharded base, which FSDP's shard-by-shard loading never "
-            "holds; use lora.init=default under FSDP, or DDP or one GPU for LoftQ.",
+            "lora.init=loftq fits the adapter to the whole unsharded base, which FSDP's shard-by-shard "
+            "loading never holds; use lora.init=default under FSDP, or DDP or one GPU for LoftQ.",
         ),
         (
             ["quantization=nf4", "lora.variant=dora"],
             {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"},
             0,
-            "lora.variant=dora is not built by FSDP's shard-by-shard loading of a 4-bit base (not tried); use "
-            "lora.variant=lora under FSDP, or DDP or one GPU for DoRA.",
+            "lora.variant=dora is not built by FSDP's shard-by-shard loading of a 4-bit base (not tried); "
+            "use lora.variant=lora under FSDP, or DDP or one GPU for DoRA.",
         ),
         (
             ["quantization=nf4", "model.random_in_memory=true", "pipeline.stages=[train,evaluate]"],
             {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"},
             0,
-            "model.random_in_memory keeps its weights in the training processes only, so pipeline stage evaluate "
-            "would have no base to load; use pipeline=train, or drop model.random_in_memory.",
+            "model.random_in_memory keeps its weights in the training processes only, so pipeline stage "
+            "evaluate would have no base to load; use pipeline=train, or drop model.random_in_memory.",
         ),
     ],
 )
@@ -251,8 +253,8 @@ def test_fsdp_qlora_config_composes_and_validates(monkeypatch):
 
 
 def test_fsdp_70b_experiment_composes_and_validates(monkeypatch):
-    """+experiment=multi_gpu_70b validates under the FSDP launcher (its weights drawn in memory, no folder built), and
-    a plain launch of it is refused in one sentence saying how to launch it."""
+    """+experiment=multi_gpu_70b validates under the FSDP launcher (its weights drawn in memory, no folder
+    built), and a plain launch of it is refused in one sentence saying how to launch it."""
     from qlora_lab.config import ConfigError
     from qlora_lab.sharded_loading import sharded_loading
     from qlora_lab.validation import validate
@@ -272,7 +274,8 @@ def test_fsdp_70b_experiment_composes_and_validates(monkeypatch):
 
 
 def test_gpu_memory_cap_sets_the_process_fraction(monkeypatch):
-    """train.gpu_memory_cap_gib=24 on a 140 GiB GPU lets the process allocate 24/140 of it (a GPU faked here)."""
+    """train.gpu_memory_cap_gib=24 on a 140 GiB GPU lets the process allocate 24/140 of it (a GPU faked
+    here)."""
     import types
 
     import torch
@@ -306,8 +309,8 @@ def on_two_gloo_ranks(fn, tmp_path) -> dict:
 
 
 def _shard_and_gather(rank: int, port: int, out: str) -> None:
-    """One of two gloo ranks: shard a tiny LoRA model with FSDP2 (as accelerate does per decoder layer), then gather
-    the adapter whole and compare it with the unsharded weights."""
+    """One of two gloo ranks: shard a tiny LoRA model with FSDP2 (as accelerate does per decoder layer), then
+    gather the adapter whole and compare it with the unsharded weights."""
     import torch
     import torch.distributed as dist
     from peft import LoraConfig, get_peft_model
@@ -350,8 +353,9 @@ def test_fsdp2_adapter_is_gathered_whole(tmp_path):
 
 
 def _fused_loss_reads_lm_head(rank: int, port: int, out: str) -> None:
-    """One of two gloo ranks: the LM head sharded as its own FSDP2 unit (as accelerate does), and a loss that reads
-    `lm_head.weight` inside the causal LM's forward without calling the LM head, as Liger's fused cross-entropy does."""
+    """One of two gloo ranks: the LM head sharded as its own FSDP2 unit (as accelerate does), and a loss that
+    reads `lm_head.weight` inside the causal LM's forward without calling the LM head, as Liger's fused
+    cross-entropy does."""
     import torch
     import torch.distributed as dist
     from peft import LoraConfig, get_peft_model
@@ -406,8 +410,8 @@ def _fused_loss_reads_lm_head(rank: int, port: int, out: str) -> None:
 
 
 def test_fsdp2_fused_loss_gets_the_whole_lm_head(tmp_path):
-    """Liger's fused cross-entropy under FSDP2: the LM head is gathered for the causal LM's forward (else the loss
-    reads a shard: the GPU run failed with `mixed torch.Tensor and DTensor`) and freed after it."""
+    """Liger's fused cross-entropy under FSDP2: the LM head is gathered for the causal LM's forward (else the
+    loss reads a shard: the GPU run failed with `mixed torch.Tensor and DTensor`) and freed after it."""
     assert on_two_gloo_ranks(_fused_loss_reads_lm_head, tmp_path) == {
         "without_gather": "DTensor",
         "same_logits": True,
@@ -416,8 +420,9 @@ def test_fsdp2_fused_loss_gets_the_whole_lm_head(tmp_path):
 
 
 def _sharded_against_whole(rank: int, port: int, out: str, quant: str = "nf4") -> None:
-    """One of two gloo ranks under FSDP: the tiny nf4 model loaded shard by shard (sharded_loading) against the same
-    checkpoint loaded whole on this rank as one process loads it (load_model + attach_lora), both from seed 42."""
+    """One of two gloo ranks under FSDP: the tiny nf4 model loaded shard by shard (sharded_loading) against
+    the same checkpoint loaded whole on this rank as one process loads it (load_model + attach_lora), both
+    from seed 42."""
     import gc
 
     import bitsandbytes as bnb
@@ -523,8 +528,8 @@ def _sharded_against_whole(rank: int, port: int, out: str, quant: str = "nf4") -
 @pytest.mark.parametrize("quant", ["nf4", "fp4"])
 def test_fsdp_sharded_loading_matches_whole_loading(tmp_path, quant):
     """FSDP + 4-bit loads shard by shard: each rank holds half the 4-bit weights, with the logits, LoRA
-    initialisation, per-step losses and trained adapter of the model loaded whole (fp32 on a CPU: to 1e-5), the
-    adapter FSDP-managed and trained, and saved whole as a normal PEFT folder."""
+    initialisation, per-step losses and trained adapter of the model loaded whole (fp32 on a CPU: to 1e-5),
+    the adapter FSDP-managed and trained, and saved whole as a normal PEFT folder."""
     import functools
 
     from safetensors.torch import load_file
@@ -600,8 +605,8 @@ def _random_in_memory(rank: int, port: int, out: str) -> None:
             module.reshard()
     embedding = causal_lm.get_input_embeddings().weight.full_tensor()
     norm = causal_lm.model.norm.weight.full_tensor()
-    # each rank dequantizes the gathered 4-bit weights with its own quantization state: the two agree only if every
-    # rank drew the same weights
+    # each rank dequantizes the gathered 4-bit weights with its own quantization state: the two agree only if
+    # every rank drew the same weights
     both = [None, None]
     dist.all_gather_object(both, logits[0])
     if rank == 0:
@@ -622,9 +627,9 @@ def _random_in_memory(rank: int, port: int, out: str) -> None:
 
 
 def test_fsdp_random_weights_drawn_in_memory_per_layer(tmp_path):
-    """model.random_in_memory: no checkpoint folder; every rank draws the same weights (as transformers initialises
-    the architecture: N(0, 0.02) matrices, ones for the norms), the same again on every load. Untied LM head: Liger's
-    fused loss gets it whole."""
+    """model.random_in_memory: no checkpoint folder; every rank draws the same weights (as transformers
+    initialises the architecture: N(0, 0.02) matrices, ones for the norms), the same again on every load.
+    Untied LM head: Liger's fused loss gets it whole."""
     assert on_two_gloo_ranks(_random_in_memory, tmp_path) == {
         "same_on_both_ranks": True,
         "same_when_drawn_again": True,

@@ -2,9 +2,10 @@
 the recorded value. Any change to the data, the prompt format, the label masking, the model build, the
 quantization of the base, LoRA's initialisation or the optimizer settings moves them.
 
-The values were recorded on a CPU: the fp32 ones with torch 2.13, transformers 5.23 and peft 0.21, the QLoRA ones
-with torch 2.13, transformers 5.24, peft 0.21 and bitsandbytes 0.50. A new version of one of them may move them
-too (then check why, and record the new values, which `python -m tests.test_exact_values` prints)."""
+The values were recorded on a CPU: the fp32 ones with torch 2.13, transformers 5.23 and peft 0.21, the QLoRA
+ones with torch 2.13, transformers 5.24, peft 0.21 and bitsandbytes 0.50. A new version of one of them may
+move them too (then check why, and record the new values, which `python -m tests.test_exact_values`
+prints)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Export to GGUF and dynamic int8 on the tiny random model: read back, compared with merged/, bad input refused."""
+"""Export to GGUF and dynamic int8 on the tiny random model: read back, compared with merged/, bad input
+refused."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ FAST = [
     "inference.agreement_examples=2",
 ]
 # q8_0 stores every weight as int8 with one fp16 scale per 32 values. The tiny random model's next-token
-# distributions are near uniform, so its mean KL to merged is small: ~5e-7 measured. The bound catches a file whose
-# blocks decode to the wrong values; the Q/K order is checked exactly by the f16 test below.
+# distributions are near uniform, so its mean KL to merged is small: ~5e-7 measured. The bound catches a file
+# whose blocks decode to the wrong values; the Q/K order is checked exactly by the f16 test below.
 Q8_0_KL_BOUND = 1e-4
 
 
@@ -39,7 +40,8 @@ def export_run(lora_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(export_run, tmp_path_factory):
-    """`pipeline=export` through the command line (in-process): q8_0 GGUF and int8, each measured against merged/."""
+    """`pipeline=export` through the command line (in-process): q8_0 GGUF and int8, each measured against
+    merged/."""
     _, run_dir = export_run
     job = tmp_path_factory.mktemp("export_job") / "job"
     result = run_main(
@@ -102,8 +104,9 @@ def test_gguf_f16_reloads_with_merged_logits(exported, tmp_path):
     ).eval()
     with torch.no_grad():
         expected, got = reference(input_ids=ids).logits, reloaded(input_ids=ids).logits
-        # f16 stores the matrices in fp16 (11 significant bits) and the norms in fp32: merged with exactly that
-        # rounding must give the same logits. (Q and K rows left in transformers' order differ by ~6e-4 here.)
+        # f16 stores the matrices in fp16 (11 significant bits) and the norms in fp32: merged with exactly
+        # that rounding must give the same logits. (Q and K rows left in transformers' order differ by ~6e-4
+        # here.)
         for param in reference.parameters():
             if param.ndim == 2:
                 param.copy_(param.half().float())
@@ -220,7 +223,7 @@ def test_unknown_pre_tokenizer_is_refused():
         gguf_export.pre_tokenizer_name({"pre_tokenizer": {"type": "Metaspace"}})
 
 
-# ---------------------------------------------------------------- what llama.cpp reads: token types, pre-tokenizer,
+# ---------------------------------------------------------- what llama.cpp reads: token types, pre-tokenizer,
 # add_bos, provenance (transformers' GGUF reader ignores token types, so only reading the file checks them)
 
 

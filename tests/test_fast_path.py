@@ -1,5 +1,5 @@
-"""The GPU fast path's CPU-checkable parts: packing that keeps examples apart, recipe options, batch_size=auto,
-the FLOPs count behind MFU. GPU-only checks are marked `gpu` and skip without CUDA."""
+"""The GPU fast path's CPU-checkable parts: packing that keeps examples apart, recipe options,
+batch_size=auto, the FLOPs count behind MFU. GPU-only checks are marked `gpu` and skip without CUDA."""
 
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def test_pack_examples_fills_rows_in_order_without_splitting_examples():
 
 
 def _per_example_losses(logits: torch.Tensor, labels: torch.Tensor, lengths: list[int]) -> list[float]:
-    """Mean next-token loss of each example in one flat sequence (the HF shift: logits[i] predicts labels[i+1])."""
+    """Mean next-token loss of each example in one flat sequence (the HF shift: logits[i] predicts
+    labels[i+1])."""
     losses, start = [], 0
     for n in lengths:
         lg, lb = logits[start : start + n - 1], labels[start + 1 : start + n]
@@ -118,8 +119,8 @@ def segment_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(
 
 @pytest.fixture
 def cpu_varlen(monkeypatch):
-    """Route packed_attention=varlen to segment_sdpa on a CPU: the collator, the kwargs through the model and the
-    attention plumbing run as on a GPU; only the kernel differs."""
+    """Route packed_attention=varlen to segment_sdpa on a CPU: the collator, the kwargs through the model and
+    the attention plumbing run as on a GPU; only the kernel differs."""
     import qlora_lab.attention
 
     monkeypatch.setattr(qlora_lab.attention, "varlen_kernel", lambda: segment_sdpa)
@@ -162,7 +163,8 @@ def test_varlen_packed_losses_equal_unpacked_per_example(cpu_varlen):
 
 
 def _train(run_dir, overrides: list[str]):
-    """The train stage in this process (so that monkeypatches apply); returns the Run and its per-step losses."""
+    """The train stage in this process (so that monkeypatches apply); returns the Run and its per-step
+    losses."""
     from qlora_lab.pipelines import train
     from qlora_lab.rundir import Run
 
@@ -178,8 +180,9 @@ def _train(run_dir, overrides: list[str]):
 
 
 def test_varlen_training_steps_equal_masked_ones(cpu_varlen, tmp_path):
-    """The whole train stage with packed_attention=varlen (gradient checkpointing on, so the boundaries must also
-    reach the recomputed layers) gives the same per-step losses as the masked packing, and counts every token."""
+    """The whole train stage with packed_attention=varlen (gradient checkpointing on, so the boundaries must
+    also reach the recomputed layers) gives the same per-step losses as the masked packing, and counts every
+    token."""
     results = {}
     for mode in ("mask", "varlen"):
         run, losses = _train(
@@ -214,8 +217,9 @@ def test_varlen_training_steps_equal_masked_ones(cpu_varlen, tmp_path):
 
 @pytest.mark.parametrize("quantization, dropout", [("nf4", 0.0), ("none", 0.0), ("nf4", 0.1)])
 def test_fused_lora_layers_compute_what_peft_does(quantization, dropout):
-    """The fused LoRA layer (qlora_lab/fused_lora.py) against PEFT's modules on the same weights: same loss, same
-    adapter gradients (fp32 on a CPU); calls it does not cover (adapter disabled) still take PEFT's path."""
+    """The fused LoRA layer (qlora_lab/fused_lora.py) against PEFT's modules on the same weights: same loss,
+    same adapter gradients (fp32 on a CPU); calls it does not cover (adapter disabled) still take PEFT's
+    path."""
     from qlora_lab.fused_lora import fuse_lora
     from qlora_lab.models import attach_lora
 
@@ -259,8 +263,8 @@ def test_fused_lora_layers_compute_what_peft_does(quantization, dropout):
 
 
 def test_fused_lora_layer_answers_in_the_input_dtype():
-    """A 4-bit base computing in bf16 under an fp32 model: bitsandbytes hands back fp32, and so must the fused layer
-    (a bf16 output would turn the residual stream's adds into mixed-dtype ones)."""
+    """A 4-bit base computing in bf16 under an fp32 model: bitsandbytes hands back fp32, and so must the fused
+    layer (a bf16 output would turn the residual stream's adds into mixed-dtype ones)."""
     from qlora_lab.fused_lora import fuse_lora
     from qlora_lab.models import attach_lora
 

@@ -1,5 +1,5 @@
-"""Faults around a run rather than mistakes in its config: two processes on one run folder, Ctrl-C on a sweep, a full
-disk. Each ends in one sentence, and what was written stays safe."""
+"""Faults around a run rather than mistakes in its config: two processes on one run folder, Ctrl-C on a sweep,
+a full disk. Each ends in one sentence, and what was written stays safe."""
 
 from __future__ import annotations
 
@@ -81,9 +81,10 @@ def test_resume_with_another_hydra_run_dir_is_refused(interrupted_run, tmp_path)
 
 @pytest.mark.parametrize("launcher", ["basic", "isolated"])
 def test_ctrl_c_on_a_sweep_stops_it_with_one_line(tmp_path, launcher):
-    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) mid-training in the first job: that job
-    saves a checkpoint and ends `interrupted`, no further job starts, and the sweep ends with one line saying how to
-    resume it, not a traceback (isolated: the job runs in a process of its own, the launcher waits for it)."""
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) mid-training in the first job: that
+    job saves a checkpoint and ends `interrupted`, no further job starts, and the sweep ends with one line
+    saying how to resume it, not a traceback (isolated: the job runs in a process of its own, the launcher
+    waits for it)."""
     import signal
 
     sweep_dir = tmp_path / "sweep"
@@ -130,8 +131,8 @@ def test_ctrl_c_on_a_sweep_stops_it_with_one_line(tmp_path, launcher):
 
 # ---------------------------------------------------------------- a full disk
 
-# Runs the real CLI with a full disk faked where FAULT says: `start` (no space at all), `checkpoint:N` (the save of
-# checkpoint N writes part of its folder, then the disk is full).
+# Runs the real CLI with a full disk faked where FAULT says: `start` (no space at all), `checkpoint:N` (the
+# save of checkpoint N writes part of its folder, then the disk is full).
 FAULTY = """
 import errno, os, runpy, shutil, sys
 fault = os.environ["FAULT"]
@@ -249,8 +250,8 @@ def test_disk_full_in_merge_or_export_removes_the_partial_files_and_says_what_is
 
 
 def test_the_kernels_community_warning_alone_is_silenced():
-    """bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" concerns a CPU layout this project
-    never uses; other messages of the same logger still get through."""
+    """bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" concerns a CPU layout this
+    project never uses; other messages of the same logger still get through."""
     code = (
         "import logging; logging.basicConfig(); {first}import bitsandbytes; "
         "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('another message')"
@@ -281,8 +282,8 @@ def test_the_kernels_community_warning_alone_is_silenced():
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 6 MiB tmpfs: the tiny model's first checkpoint (3.8 MiB) fits, the second does not. Needs the right to
-    mount (root in most containers); skipped elsewhere."""
+    """A 6 MiB tmpfs: the tiny model's first checkpoint (3.8 MiB) fits, the second does not. Needs the right
+    to mount (root in most containers); skipped elsewhere."""
     folder = tmp_path / "disk"
     folder.mkdir()
     if subprocess.run(

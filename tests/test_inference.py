@@ -35,8 +35,8 @@ def fp32_run(lora_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def nf4_run(tmp_path_factory):
-    """A QLoRA nf4 run trained and merged (merge.base=auto: into the dequantized base) by one CLI command: merge
-    follows train."""
+    """A QLoRA nf4 run trained and merged (merge.base=auto: into the dequantized base) by one CLI command:
+    merge follows train."""
     run_dir = tmp_path_factory.mktemp("nf4") / "run"
     result = run_main(
         *TINY,
@@ -113,8 +113,8 @@ def test_existing_merge_is_never_overwritten_silently(fp32_run, tmp_path):
 
 
 def test_dequantized_merge_reloaded_in_nf4_equals_in_memory_merge(nf4_run):
-    """merge.base=dequantized writes Q(W) + BA; quantizing that on load is what PEFT's in-memory merge into the
-    4-bit base does, so the two give the same model. The unmerged adapter computes Q(W) + BA unrounded."""
+    """merge.base=dequantized writes Q(W) + BA; quantizing that on load is what PEFT's in-memory merge into
+    the 4-bit base does, so the two give the same model. The unmerged adapter computes Q(W) + BA unrounded."""
     cfg, run_dir = nf4_run
     report = json.loads((run_dir / "merged" / "merge_report.json").read_text())
     assert report["merge/base"] == "dequantized" and report["merge/quantized_layers"] == 14
@@ -130,8 +130,8 @@ def test_dequantized_merge_reloaded_in_nf4_equals_in_memory_merge(nf4_run):
 
 
 def test_merge_reports_agreement_with_the_trained_model_for_both_bases(nf4_run, tmp_path, capfd):
-    """The default (dequantized) merge computes what was trained; merged into the original weights it is further
-    from it, and the merge says so."""
+    """The default (dequantized) merge computes what was trained; merged into the original weights it is
+    further from it, and the merge says so."""
     cfg, run_dir = nf4_run
     dequantized = json.loads((run_dir / "merged" / "merge_report.json").read_text())
     source = tmp_path / "run"

@@ -1,5 +1,6 @@
-"""lora.variant, lora.rslora and lora.init (issue 25) on the tiny random model: each composes, trains and reloads;
-LoftQ starts closer to the full-precision model; every later stage takes their adapters. All in-process."""
+"""lora.variant, lora.rslora and lora.init (issue 25) on the tiny random model: each composes, trains and
+reloads; LoftQ starts closer to the full-precision model; every later stage takes their adapters. All
+in-process."""
 
 from __future__ import annotations
 
@@ -99,8 +100,9 @@ def test_pissa_is_refused_under_fsdp(monkeypatch):
 
 
 def test_loftq_start_halves_the_quantization_error_on_a_fixed_batch():
-    """The nf4 model with LoftQ's initial adapter against the full-precision model: the RMS logit error on a fixed
-    batch falls from 0.0161 (plain QLoRA, whose adapter starts as a no-op) to 0.0078 (measured, r=16)."""
+    """The nf4 model with LoftQ's initial adapter against the full-precision model: the RMS logit error on a
+    fixed batch falls from 0.0161 (plain QLoRA, whose adapter starts as a no-op) to 0.0078 (measured,
+    r=16)."""
     torch.manual_seed(0)
     ids = torch.randint(0, 49152, (2, 32))
     full_cfg = make_cfg([*TINY, "quantization=none"])
@@ -118,9 +120,9 @@ def test_loftq_start_halves_the_quantization_error_on_a_fixed_batch():
 
 @pytest.mark.parametrize("option", ["pissa", "loftq", "dora"])
 def test_resume_rederives_the_start_and_ends_with_the_same_adapter(tmp_path, option, capsys):
-    """A run's last checkpoint and adapter are dropped and the run resumed from the one before: PiSSA's residual
-    base and LoftQ's start are computed again, DoRA's magnitudes come back from the checkpoint, and the adapter
-    ends as the uninterrupted run's did (CPU fp32)."""
+    """A run's last checkpoint and adapter are dropped and the run resumed from the one before: PiSSA's
+    residual base and LoftQ's start are computed again, DoRA's magnitudes come back from the checkpoint, and
+    the adapter ends as the uninterrupted run's did (CPU fp32)."""
     from safetensors.torch import load_file
 
     steps = ["train.max_steps=4", "train.save_steps=2"]
@@ -149,8 +151,8 @@ def variant_run(request, tmp_path_factory):
 
 
 def test_every_stage_takes_the_adapter(variant_run, tmp_path):
-    """merge (both bases where the run is quantized), infer in every mode, evaluate, export and the web app's model
-    loading, on a DoRA QLoRA run and a PiSSA LoRA run."""
+    """merge (both bases where the run is quantized), infer in every mode, evaluate, export and the web app's
+    model loading, on a DoRA QLoRA run and a PiSSA LoRA run."""
     option, run_dir = variant_run
     overrides = [*TINY, *FAST, *OPTIONS[option]]
     quantized = option != "pissa"
@@ -219,8 +221,8 @@ def test_sweep_report_has_a_row_per_variant_against_the_lora_job():
 
 @pytest.mark.parametrize("option", ["rslora", "loftq", "pissa"])
 def test_fused_layers_compute_what_peft_does_for_the_options_they_cover(option, monkeypatch):
-    """rsLoRA changes only the scale and LoftQ/PiSSA only the starting weights, so the fast recipe's fused layers
-    keep them (train.lora_layers=auto fuses on CUDA); the same logits as PEFT's layers."""
+    """rsLoRA changes only the scale and LoftQ/PiSSA only the starting weights, so the fast recipe's fused
+    layers keep them (train.lora_layers=auto fuses on CUDA); the same logits as PEFT's layers."""
     from qlora_lab import fused_lora
     from qlora_lab.fused_lora import fuse_lora
 

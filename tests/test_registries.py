@@ -27,6 +27,9 @@ def test_the_schema_imports_no_torch_and_no_transformers():
     import subprocess
     import sys
 
-    code = "import sys, qlora_lab.config; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    code = (
+        "import sys, qlora_lab.config; print(sorted(m for m in ('torch', 'transformers') if m in "
+        "sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -1,5 +1,6 @@
-"""Interrupted runs: a real CLI process gets SIGKILL or SIGINT mid-training, then `train.resume=true run_dir=R`
-ends with the same adapter (bitwise, CPU fp32) and step count as an uninterrupted run; sweeps resume too."""
+"""Interrupted runs: a real CLI process gets SIGKILL or SIGINT mid-training, then `train.resume=true
+run_dir=R` ends with the same adapter (bitwise, CPU fp32) and step count as an uninterrupted run; sweeps
+resume too."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from safetensors.torch import load_file
 
 from .conftest import ROOT, TINY, run_main
 
-# 8 steps over 24 examples in batches of 4: the run crosses an epoch boundary (the data order must be restored);
-# lora.dropout (0.05 by default) draws random numbers every step (the RNG state must be restored).
+# 8 steps over 24 examples in batches of 4: the run crosses an epoch boundary (the data order must be
+# restored); lora.dropout (0.05 by default) draws random numbers every step (the RNG state must be restored).
 RUN = [*TINY, "quantization=none", "train.save_steps=2", "train.eval_before=false"]
 
-# Runs the real CLI, but sends this process a signal at the end of one optimizer step: a deterministic "mid-run".
+# Runs the real CLI, but sends this process a signal at the end of one optimizer step: a deterministic
+# "mid-run".
 KILLER = """
 import os, runpy, signal, sys
 import transformers.trainer_callback as tc

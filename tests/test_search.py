@@ -1,4 +1,5 @@
-"""Hyperparameter search as a sweep: `main` returns the objective, the Optuna sweeper searches, the report shows it."""
+"""Hyperparameter search as a sweep: `main` returns the objective, the Optuna sweeper searches, the report
+shows it."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import yaml
 
 from .conftest import run_main
 
-# 3 trials of the shipped search on the tiny model. The learning rate is drawn from an interval that crosses zero:
-# with the sampler's seed (42) the third trial draws a negative one, which validate() refuses: a failed trial.
+# 3 trials of the shipped search on the tiny model. The learning rate is drawn from an interval that crosses
+# zero: with the sampler's seed (42) the third trial draws a negative one, which validate() refuses: a failed
+# trial.
 SEARCH = [
     "-m",
     "+experiment=lr_search",

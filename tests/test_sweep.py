@@ -1,4 +1,5 @@
-"""Multirun sweeps through the real CLI: one row per job, ratios that match the jobs' own metrics, failures reported."""
+"""Multirun sweeps through the real CLI: one row per job, ratios that match the jobs' own metrics, failures
+reported."""
 
 from __future__ import annotations
 
@@ -89,9 +90,10 @@ def test_sweep_writes_one_row_per_job_with_ratios_from_metrics(sweep):
 
 
 def test_submitit_local_launcher_gives_the_same_jobs_and_summary(sweep, tmp_path):
-    """hydra/launcher=submitit_local runs the cluster launcher's code path (submitit pickles each job and runs it in
-    a process of its own, as on Slurm) on this machine: two jobs of the isolated sweep above, run again through it,
-    give the same job folders, the same files in them and the same summary columns, filled the same way."""
+    """hydra/launcher=submitit_local runs the cluster launcher's code path (submitit pickles each job and runs
+    it in a process of its own, as on Slurm) on this machine: two jobs of the isolated sweep above, run again
+    through it, give the same job folders, the same files in them and the same summary columns, filled the
+    same way."""
     isolated_dir, _ = sweep
     submitit_dir = tmp_path / "submitit"
     args = [a for a in SWEEP if not a.startswith(("quantization=", "dataset.size="))]
@@ -142,8 +144,8 @@ def test_report_command_rebuilds_the_same_summary(sweep, tmp_path, capsys):
 
 
 def test_report_marks_dead_and_unstarted_jobs_failed(sweep, tmp_path):
-    """A job whose process died leaves run.json at `running` (its pid is gone: `died`); one stopped before it started
-    leaves none."""
+    """A job whose process died leaves run.json at `running` (its pid is gone: `died`); one stopped before it
+    started leaves none."""
     sweep_dir, _ = sweep
     copy = tmp_path / "copy"
     shutil.copytree(sweep_dir, copy)
@@ -305,8 +307,8 @@ def test_isolated_launcher_refuses_more_jobs_at_once_than_gpus(tmp_path):
 
 
 def test_sweep_over_paths_keeps_one_folder_level_per_job_and_reports_them(tmp_path):
-    """`-m dataset.path=a/d.json,b/d.json`: Hydra's override_dirname holds the '/' of the values; the job folders
-    must still be one level (job_dirname writes it %2F), and the report must find every job."""
+    """`-m dataset.path=a/d.json,b/d.json`: Hydra's override_dirname holds the '/' of the values; the job
+    folders must still be one level (job_dirname writes it %2F), and the report must find every job."""
     records = [{"instruction": f"Say hi {i}.", "output": "Hi."} for i in range(12)]
     paths = []
     for name in ("a", "b"):

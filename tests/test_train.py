@@ -1,4 +1,5 @@
-"""Training on the tiny random model in every quantization mode: the loss falls and the adapter reloads exactly."""
+"""Training on the tiny random model in every quantization mode: the loss falls and the adapter reloads
+exactly."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from .conftest import TINY, make_cfg
 @pytest.mark.parametrize("quant", ["none", "nf4", "fp4", "int8"])
 def test_tiny_training_learns_and_adapter_reloads(tmp_path, quant, caplog):
     cfg = make_cfg([*TINY, f"quantization={quant}"])
-    # the filter lets each message through once per process: forget what earlier in-process runs of the suite showed
+    # the filter lets each message through once per process: forget what earlier in-process runs of the suite
+    # showed
     for f in logging.getLogger("bitsandbytes.autograd._functions").filters:
         if isinstance(f, OncePerMessage):
             f.seen.clear()
@@ -44,7 +46,8 @@ def test_tiny_training_learns_and_adapter_reloads(tmp_path, quant, caplog):
     adapter = tmp_path / "adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
 
-    # The saved adapter on a freshly loaded (and freshly quantized) base reproduces the trained model's logits.
+    # The saved adapter on a freshly loaded (and freshly quantized) base reproduces the trained model's
+    # logits.
     tokenizer = load_tokenizer(tokenizer_path(cfg))
     batch = tokenize_split(load_splits(cfg).eval[:2], tokenizer, cfg.dataset, "eval")[0]
     ids = torch.tensor([batch["input_ids"][0]])
@@ -59,8 +62,9 @@ def test_tiny_training_learns_and_adapter_reloads(tmp_path, quant, caplog):
 
 
 def test_4bit_layers_stay_trainable_after_an_eval_forward():
-    """On AVX512-BF16 CPUs bitsandbytes would switch a 4-bit layer to a bf16 inference layout at its first eval
-    forward and keep it for training, with no gradient through the layer (models.keep_one_cpu_4bit_path)."""
+    """On AVX512-BF16 CPUs bitsandbytes would switch a 4-bit layer to a bf16 inference layout at its first
+    eval forward and keep it for training, with no gradient through the layer
+    (models.keep_one_cpu_4bit_path)."""
     from qlora_lab.models import attach_lora
 
     cfg = make_cfg([*TINY, "quantization=nf4"])
@@ -73,14 +77,16 @@ def test_4bit_layers_stay_trainable_after_an_eval_forward():
     model(input_ids=ids, labels=ids).loss.backward()
     base = model.get_base_model().model.layers[0].self_attn.q_proj
     assert not getattr(base.base_layer.weight.quant_state, "packing_format_for_cpu", False)
-    # layer 0's adapter gets a gradient only through the 4-bit layers above it (B: A starts with none, as B = 0)
+    # layer 0's adapter gets a gradient only through the 4-bit layers above it (B: A starts with none, as B =
+    # 0)
     assert base.lora_B["default"].weight.grad.abs().sum() > 0
 
 
 def test_memory_cap_finds_the_largest_batch_under_it_from_the_same_start(tmp_path, monkeypatch):
-    """train.memory_cap_gib with batch_size=auto: a step over the cap counts as out of memory and the batch search
-    shrinks the batch (0.9x). The peaks are faked as a function of the batch (on a CPU the process's RSS says
-    little about a batch), so the outcome is exact: 0.5 + 0.05·batch GiB under a 1.0 GiB cap fits batch 10."""
+    """train.memory_cap_gib with batch_size=auto: a step over the cap counts as out of memory and the batch
+    search shrinks the batch (0.9x). The peaks are faked as a function of the batch (on a CPU the process's
+    RSS says little about a batch), so the outcome is exact: 0.5 + 0.05·batch GiB under a 1.0 GiB cap fits
+    batch 10."""
     seen, losses_at_start = {}, []
     begin, evaluate = train.MemoryCap.on_train_begin, train.EvalCurve.on_evaluate
 

@@ -255,7 +255,8 @@ def generation_threads() -> list[threading.Thread]:
 
 
 def test_stop_and_closing_end_the_generation(outputs):
-    """The Stop button's event ends the answer early; a closed stream (page gone, event cancelled) ends generate()."""
+    """The Stop button's event ends the answer early; a closed stream (page gone, event cancelled) ends
+    generate()."""
     loaded = ModelCache(make_cfg([*TINY, "quantization=none"]), None).get(None, "base")
     ids = torch.tensor([[1, 2, 3]])
     long = GenerationConfig(max_new_tokens=500)
@@ -427,7 +428,8 @@ class Server:
 
 
 def launch(args: list[str], job: Path, **env) -> tuple[subprocess.Popen, str, list[str]]:
-    """`python -m qlora_lab pipeline=web ARGS` on a free port: (process, its URL, its output lines as they come)."""
+    """`python -m qlora_lab pipeline=web ARGS` on a free port: (process, its URL, its output lines as they
+    come)."""
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **env)
     proc = subprocess.Popen(
@@ -525,8 +527,8 @@ def test_web_auth_asks_for_a_login_and_stays_off_disk(outputs, tmp_path):
 
 @pytest.fixture(scope="module")
 def other_site(tmp_path_factory):
-    """Another web site, http://attacker.example:PORT (the browser resolves the name to 127.0.0.1), serving the pages
-    the tests write into its folder and recording every path requested from it."""
+    """Another web site, http://attacker.example:PORT (the browser resolves the name to 127.0.0.1), serving
+    the pages the tests write into its folder and recording every path requested from it."""
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
     folder = tmp_path_factory.mktemp("other_site")
@@ -549,9 +551,9 @@ def other_site(tmp_path_factory):
     server.shutdown()
 
 
-# Counts, per component id, the events that updated it: how often Gradio's progress tracker of that component went
-# from shown (an event with it among its outputs is running) to hidden again. Installed in every page the browser
-# opens, before Gradio's own scripts, so that no update is missed.
+# Counts, per component id, the events that updated it: how often Gradio's progress tracker of that component
+# went from shown (an event with it among its outputs is running) to hidden again. Installed in every page the
+# browser opens, before Gradio's own scripts, so that no update is missed.
 COUNT_UPDATES = """
 window.updates = {};
 new MutationObserver(records => {
@@ -594,8 +596,9 @@ def chromium():
 
 @pytest.fixture
 def browser(chromium, app):
-    """The browser on a known page whatever the test before it left: one tab at the default size, the app loaded
-    afresh (a new session: default settings, the Chat page, the start run; an older page's generation ends with it)."""
+    """The browser on a known page whatever the test before it left: one tab at the default size, the app
+    loaded afresh (a new session: default settings, the Chat page, the start run; an older page's generation
+    ends with it)."""
     for handle in chromium.window_handles[1:]:
         chromium.switch_to.window(handle)
         chromium.close()
@@ -611,7 +614,8 @@ def count_updates(browser) -> None:
 
 
 def load_app(browser, url: str) -> None:
-    """Open the app and wait until its page-load event has updated the run list (it reads the folders again)."""
+    """Open the app and wait until its page-load event has updated the run list (it reads the folders
+    again)."""
     browser.get(url)
     wait_for(lambda: updates(browser, "run-select"), what="the page load to update the run list")
 
@@ -715,7 +719,8 @@ def choose(browser, element_id: str, value: str) -> None:
 def compare_answers(
     browser, left: str, right: str, timeout: float = 60
 ) -> tuple[tuple[str, str], tuple[str, str]]:
-    """Click the button; wait until each side shows its mode's numbers; ((stats, answer) left, (stats, answer) right)."""
+    """Click the button; wait until each side shows its mode's numbers; ((stats, answer) left, (stats, answer)
+    right)."""
     from selenium.webdriver.common.by import By
 
     browser.find_element(By.ID, "sbs-send").click()
@@ -792,7 +797,7 @@ def test_sweeps_page_shows_the_report(browser):
     browser.save_screenshot(str(ARTIFACTS / "sweeps.png"))
 
 
-# ---------------------------------------------------------------- safe on a shared machine, finished where a user looks
+# ------------------------------------------------------ safe on a shared machine, finished where a user looks
 
 
 def server_line(app: Server, text: str, since: int, timeout: float) -> str:
@@ -835,7 +840,8 @@ def send_message(browser, text: str) -> None:
 
 
 def bubbles(browser, who: str) -> list[str]:
-    """The text of the chat's user or bot messages, read at once (a streaming page replaces them as it goes)."""
+    """The text of the chat's user or bot messages, read at once (a streaming page replaces them as it
+    goes)."""
     return browser.execute_script(
         """return [...document.querySelectorAll('#chat-history [data-testid]')]
         .filter(b => b.dataset.testid === arguments[0]).map(b => b.innerText)""",
@@ -969,7 +975,8 @@ def test_reset_during_an_answer_forgets_it(browser, app):
 
 
 def test_a_run_outside_the_roots_is_refused(browser, app, outputs, tmp_path):
-    """Only runs under paths.output_dir and run_dir's parent: a folder elsewhere, typed or posted, is not loaded."""
+    """Only runs under paths.output_dir and run_dir's parent: a folder elsewhere, typed or posted, is not
+    loaded."""
     from gradio_client import Client
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -1142,8 +1149,8 @@ def test_a_message_too_long_is_not_sent_and_trimmed_turns_are_named(browser, app
     assert box.get_attribute("value").strip() == long.strip() and not bubbles(browser, "user")  # handed back
 
     half = "word " * 500  # two of these with their answers do not fit: the first exchange is dropped
-    # the second reply's status must be waited for by its own note: the first reply's "tokens/s" is still shown
-    # while the second one generates
+    # the second reply's status must be waited for by its own note: the first reply's "tokens/s" is still
+    # shown while the second one generates
     for done in ("tokens/s", "no longer fit"):
         browser.execute_script(
             "arguments[0].value = arguments[1]; "

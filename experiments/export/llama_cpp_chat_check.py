@@ -3,18 +3,20 @@
     PYTHONPATH=. .venv/bin/python experiments/export/llama_cpp_chat_check.py RUN [--gguf FILE] [--prompts 3]
 
 RUN is a trained run with merged/ and a GGUF export (default RUN/export/model-f16.gguf, from
-`python -m qlora_lab pipeline=export run_dir=RUN export.gguf_type=f16`). For the first --prompts conversations of the
-run's eval split (up to their last assistant turn, with dataset.system_prompt as in training):
-  - merged: RUN/merged in fp32 with transformers, the prompt rendered by qlora_lab (data.render_prompt), greedy;
+`python -m qlora_lab pipeline=export run_dir=RUN export.gguf_type=f16`). For the first --prompts conversations
+of the run's eval split (up to their last assistant turn, with dataset.system_prompt as in training):
+  - merged: RUN/merged in fp32 with transformers, the prompt rendered by qlora_lab (data.render_prompt),
+  greedy;
   - llama.cpp: llama_cpp.Llama on the GGUF file, `create_chat_completion` with the messages, so that the chat
     template embedded in the file renders them and llama.cpp's own tokenizer reads the result, greedy
     (temperature 0);
-and compares the answers token for token (the pieces of llama.cpp's generated tokens, from its logprobs, against
-the merged model's generated tokens decoded one by one) and as text, plus whether llama.cpp tokenizes the rendered
-prompt to the same ids (this is where mistyped special tokens show: `<|im_start|>` split into its characters).
-Writes experiments/export/llama_cpp_chat.json and llama_cpp_chat.md (or --out). Needs llama-cpp-python; without it,
-says so and writes nothing. Meant for runs rendered with the model's chat template (dataset.template=chat): a run
-trained on the plain rendering is prompted differently from what the file's template writes.
+and compares the answers token for token (the pieces of llama.cpp's generated tokens, from its logprobs,
+against the merged model's generated tokens decoded one by one) and as text, plus whether llama.cpp tokenizes
+the rendered prompt to the same ids (this is where mistyped special tokens show: `<|im_start|>` split into its
+characters). Writes experiments/export/llama_cpp_chat.json and llama_cpp_chat.md (or --out). Needs
+llama-cpp-python; without it, says so and writes nothing. Meant for runs rendered with the model's chat
+template (dataset.template=chat): a run trained on the plain rendering is prompted differently from what the
+file's template writes.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def conversations(cfg, n: int) -> list[dict]:
 
 
 def merged_answer(model, tokenizer, cfg, conversation: dict, max_new_tokens: int) -> tuple[str, list[int]]:
-    """The prompt as qlora_lab renders it (the system prompt is already in the messages) and the greedy answer's ids."""
+    """The prompt as qlora_lab renders it (the system prompt is already in the messages) and the greedy
+    answer's ids."""
     prompt = render_prompt(conversation["messages"], tokenizer, cfg.dataset, conversation["tools"])
     ids = encode(prompt, tokenizer, return_tensors="pt")["input_ids"]
     stops = [t for t in (tokenizer.eos_token_id, end_of_turn_id(tokenizer)) if t is not None]
@@ -88,8 +91,10 @@ def main() -> int:
         import llama_cpp
     except ImportError:
         print(
-            "skipped: llama_cpp (llama-cpp-python) is not importable here, so llama.cpp cannot be checked; install "
-            "it (pip install llama-cpp-python builds llama.cpp from source) or put it on PYTHONPATH. Nothing written."
+            "skipped: llama_cpp (llama-cpp-python) is not importable here, so llama.cpp cannot be checked; "
+            "install "
+            "it (pip install llama-cpp-python builds llama.cpp from source) or put it on PYTHONPATH. Nothing "
+            "written."
         )
         return 0
 
@@ -168,9 +173,10 @@ def main() -> int:
     lines = [
         f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) on {gguf_file.name}, KV cache "
         f"{summary['kv_cache']}, create_chat_completion "
-        f"with the file's chat template, greedy, max {args.max_new_tokens} new tokens, against {args.run.name}/"
-        f"merged (fp32, transformers, greedy): {same} of {len(results)} answers equal token for token; the "
-        f"rendered prompt tokenized alike in {summary['prompt_tokens_same']} of {len(results)}.",
+        f"with the file's chat template, greedy, max {args.max_new_tokens} new tokens, against "
+        f"{args.run.name}/merged (fp32, transformers, greedy): {same} of {len(results)} answers equal token "
+        f"for token; the rendered prompt tokenized alike in {summary['prompt_tokens_same']} of "
+        f"{len(results)}.",
         "",
         "| # | same tokens | same text | prompt tokens same | merged | llama.cpp |",
         "|---|---|---|---|---|---|",

@@ -1,13 +1,13 @@
 """Which linear layers make dynamic int8 disagree with the merged model? Quantize one kind at a time.
 
-    python experiments/export/probe_int8_layers.py RUN/merged            # or .cache/models/SmolLM2-135M-Instruct
+    python experiments/export/probe_int8_layers.py RUN/merged   # or .cache/models/SmolLM2-135M-Instruct
     python experiments/export/probe_int8_layers.py RUN/merged blocks     # down_proj block by block
 
-For each projection name (q_proj ... down_proj, lm_head) the merged fp32 model gets only those layers quantized
-by PyTorch's quantize_dynamic (per output channel, as the int8 export does), then every linear layer but the kinds
-named (kept in float), and the mean KL(merged || probe) of the next-token distributions over a few GSM8K eval
-prompts is printed. With `blocks`: one down_proj at a time. A probe, not part of the pipeline; it chose
-qlora_lab.int8_dynamic.FLOAT_LAYERS.
+For each projection name (q_proj ... down_proj, lm_head) the merged fp32 model gets only those layers
+quantized by PyTorch's quantize_dynamic (per output channel, as the int8 export does), then every linear layer
+but the kinds named (kept in float), and the mean KL(merged || probe) of the next-token distributions over a
+few GSM8K eval prompts is printed. With `blocks`: one down_proj at a time. A probe, not part of the pipeline;
+it chose qlora_lab.int8_dynamic.FLOAT_LAYERS.
 """
 
 from __future__ import annotations

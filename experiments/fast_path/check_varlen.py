@@ -1,5 +1,6 @@
-"""Checks, on the GPU, that qlora_lab/attention.py's varlen path computes what sdpa with the block-diagonal mask
-computes (forward and gradients, Llama-3-8B head shapes with grouped key/value heads, bf16). Exit 1 on a mismatch.
+"""Checks, on the GPU, that qlora_lab/attention.py's varlen path computes what sdpa with the block-diagonal
+mask computes (forward and gradients, Llama-3-8B head shapes with grouped key/value heads, bf16). Exit 1 on a
+mismatch.
 
     python3 experiments/fast_path/check_varlen.py
 """

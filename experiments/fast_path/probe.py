@@ -4,12 +4,12 @@ the same step, each timed like reference_loop.py (median of the steps after 2 wa
     python experiments/fast_path/probe.py +experiment=lora_vs_qlora_gpu_8b quantization=nf4 dataset.size=400
 
 PROBE_VARIANTS=packed_sdpa (comma-separated) runs only those; PROBE_STEPS sets the steps per variant (10).
-Variants: `random_sdpa` (the reference: random ids, 2 x 2048, sdpa), `random_flex` (the same ids, flex attention),
-`packed_flex` / `packed_sdpa` (our packed Alpaca rows, boundaries kept), `packed_fixed_flex` (rows padded to
-exactly 2 x 2048 with a filler example: one shape for every step), `packed_fixed_sdpa` (the same with every SDPA
-backend), `packed_sdpa_{train,clip,zero,trainerlike}` (the packed sdpa step plus what the Trainer does around it,
-one piece at a time, then all together), `random_compiled` / `packed_fixed_compiled` (decoder layers under
-torch.compile).
+Variants: `random_sdpa` (the reference: random ids, 2 x 2048, sdpa), `random_flex` (the same ids, flex
+attention), `packed_flex` / `packed_sdpa` (our packed Alpaca rows, boundaries kept), `packed_fixed_flex` (rows
+padded to exactly 2 x 2048 with a filler example: one shape for every step), `packed_fixed_sdpa` (the same
+with every SDPA backend), `packed_sdpa_{train,clip,zero,trainerlike}` (the packed sdpa step plus what the
+Trainer does around it, one piece at a time, then all together), `random_compiled` / `packed_fixed_compiled`
+(decoder layers under torch.compile).
 """
 
 import json
@@ -35,8 +35,8 @@ wanted = set(filter(None, os.environ.get("PROBE_VARIANTS", "").split(",")))
 
 
 def timed(name, make_batch, model, opt, n_tokens, extras=()):
-    """extras: what the Trainer adds around the same step ("train": model.train(), "clip": clip_grad_norm_ over
-    model.parameters() read back as a float, "zero": model.zero_grad() instead of the optimizer's)."""
+    """extras: what the Trainer adds around the same step ("train": model.train(), "clip": clip_grad_norm_
+    over model.parameters() read back as a float, "zero": model.zero_grad() instead of the optimizer's)."""
     if wanted and name not in wanted:
         return
     times, launch = [], []
@@ -180,8 +180,9 @@ for attn in ["sdpa", "flex_attention"]:
     torch.cuda.empty_cache()
 
 if any("compiled" in v for v in wanted):
-    # torch.compile of each decoder layer. Liger's in-layer kernels (RMSNorm, RoPE, SwiGLU) are left out: Inductor
-    # fuses those itself, and Liger's autograd Functions fail under dynamo; its fused linear cross-entropy stays.
+    # torch.compile of each decoder layer. Liger's in-layer kernels (RMSNorm, RoPE, SwiGLU) are left out:
+    # Inductor fuses those itself, and Liger's autograd Functions fail under dynamo; its fused linear
+    # cross-entropy stays.
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
     cfg.model.attn_implementation = "sdpa"

@@ -1,6 +1,7 @@
 """One layer of the nf4 run: how much of the LoRA update survives PEFT's in-memory merge into the 4-bit base.
 
-Run from the project root after the nf4 experiment: PYTHONPATH=. .venv/bin/python experiments/inference_modes/probe_merge_rounding.py
+Run from the project root after the nf4 experiment: PYTHONPATH=. .venv/bin/python
+experiments/inference_modes/probe_merge_rounding.py
 """
 
 from pathlib import Path

@@ -1,4 +1,5 @@
-"""Compare two PEFT adapter folders: the same tensor names, shapes and dtypes, and trained (non-zero) B matrices.
+"""Compare two PEFT adapter folders: the same tensor names, shapes and dtypes, and trained (non-zero) B
+matrices.
 
     python3 experiments/multi_gpu/same_adapter_layout.py ONE_GPU/adapter FSDP/adapter
 

@@ -1,9 +1,11 @@
-"""The multi-GPU table from the committed device calls: one row per run, against the one-GPU run of the same call.
+"""The multi-GPU table from the committed device calls: one row per run, against the one-GPU run of the same
+call.
 
     python experiments/multi_gpu/summarize.py            # prints the README's table
 
-Scaling efficiency = tokens/s ÷ (GPUs × the same call's one-GPU tokens/s). Loss agreement = the largest difference
-between this run's per-step losses and those of the run it is compared with (same global batch, same data order).
+Scaling efficiency = tokens/s ÷ (GPUs × the same call's one-GPU tokens/s). Loss agreement = the largest
+difference between this run's per-step losses and those of the run it is compared with (same global batch,
+same data order).
 """
 
 import json
@@ -43,9 +45,11 @@ def rows(call: Path):
             diff = max(abs(a - b) for a, b in zip(r["train/losses"], other["train/losses"], strict=True))
             agree = f"{diff:.4f} vs {other['run']}"
         yield (
-            f"| {call.name} | {name} | {gpus} | {r.get('distributed/strategy') or ('ddp' if gpus > 1 else 'one process')} | "
-            f"{r['train/batch_size']} | {r['train/tokens_per_s']:,.0f} | {r['train/tokens_per_s_per_gpu']:,.0f} | "
-            f"{r['train/step_time_median_s']:.3f} | {eff} | {peak:.2f} | {agree} | "
+            f"| {call.name} | {name} | {gpus} | "
+            f"{r.get('distributed/strategy') or ('ddp' if gpus > 1 else 'one process')} | "
+            f"{r['train/batch_size']} | {r['train/tokens_per_s']:,.0f} | "
+            f"{r['train/tokens_per_s_per_gpu']:,.0f} | {r['train/step_time_median_s']:.3f} | {eff} | "
+            f"{peak:.2f} | {agree} | "
             + (
                 f"{reference['tokens_per_s']:,} tok/s, {reference['peak_gib']} GiB |"
                 if reference

@@ -1,2 +1,2 @@
-"""QLoRA Lab's Hydra plugins: the isolated launcher and the equal-memory sweeper (Hydra only loads plugins from the
-`hydra_plugins` namespace)."""
+"""QLoRA Lab's Hydra plugins: the isolated launcher and the equal-memory sweeper (Hydra only loads plugins
+from the `hydra_plugins` namespace)."""

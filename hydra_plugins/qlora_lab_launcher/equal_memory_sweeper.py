@@ -1,10 +1,10 @@
 """sweep.equal_memory=true: Hydra's basic sweeper, then one more job per QLoRA job, in which QLoRA spends the
-memory it saves: the same settings with train.batch_size=auto under train.memory_cap_gib = the peak memory its LoRA
-job (the same settings with quantization=none: same data size, seed and rows) measured in this sweep.
+memory it saves: the same settings with train.batch_size=auto under train.memory_cap_gib = the peak memory its
+LoRA job (the same settings with quantization=none: same data size, seed and rows) measured in this sweep.
 
-The cap must come from a finished LoRA job, so these jobs are launched as a second batch, after every job of the
-sweep's product has ended (also when several GPUs run jobs at once). The cap is written into each job's overrides,
-so the job's recorded config says what it ran under, and `verify` could re-run it alone.
+The cap must come from a finished LoRA job, so these jobs are launched as a second batch, after every job of
+the sweep's product has ended (also when several GPUs run jobs at once). The cap is written into each job's
+overrides, so the job's recorded config says what it ran under, and `verify` could re-run it alone.
 
 SweepReport (qlora_lab/callbacks.py) puts this sweeper in place of the basic one when sweep.equal_memory=true.
 Kept free of heavy imports: Hydra imports every plugin module on every start.
@@ -30,7 +30,8 @@ SPENT = ("train.batch_size", "train.memory_cap_gib")  # what an equal-memory job
 
 
 def _keyed(overrides: Sequence[str]) -> list[tuple[str, str, str | None]]:
-    """(key, the override as written, its value as written) of each of a job's overrides, read by Hydra's parser."""
+    """(key, the override as written, its value as written) of each of a job's overrides, read by Hydra's
+    parser."""
     return [
         (o.key_or_group, o.input_line, None if o.is_delete() else o.get_value_string())
         for o in OverridesParser.create().parse_overrides(list(overrides))
@@ -47,8 +48,8 @@ def _twin_key(overrides: Sequence[str]) -> tuple[str, ...]:
 
 
 def measured_peak(job_dir: Path) -> float | None:
-    """Training's peak memory of a job that completed (run.json, metrics.json: qlora_lab/rundir.py), else None;
-    the whole job's peak where training did not record its own."""
+    """Training's peak memory of a job that completed (run.json, metrics.json: qlora_lab/rundir.py), else
+    None; the whole job's peak where training did not record its own."""
     try:
         if json.loads(RunLayout(job_dir).run_json.read_text()).get("status") != "completed":
             return None
@@ -59,8 +60,8 @@ def measured_peak(job_dir: Path) -> float | None:
 
 
 def equal_memory_jobs(jobs: Sequence[Any]) -> tuple[list[list[str]], list[str]]:
-    """From the finished jobs (each with .overrides and .working_dir): the overrides of one equal-memory job per
-    QLoRA job whose LoRA twin completed, and a sentence for each QLoRA job that gets none."""
+    """From the finished jobs (each with .overrides and .working_dir): the overrides of one equal-memory job
+    per QLoRA job whose LoRA twin completed, and a sentence for each QLoRA job that gets none."""
     peaks = {}
     for job in jobs:
         if _quantization(job.overrides) == "none":
@@ -97,7 +98,8 @@ class EqualMemorySweeper(BasicSweeper):
             log.warning(sentence)
         if extra:
             log.info(
-                f"Equal memory: {len(extra)} QLoRA jobs with train.batch_size=auto under their LoRA job's peak"
+                f"Equal memory: {len(extra)} QLoRA jobs with train.batch_size=auto under their LoRA job's "
+                "peak"
             )
             self.validate_batch_is_legal(extra)
             returns.append(self.launcher.launch(extra, initial_job_idx=len(done)))

@@ -1,5 +1,5 @@
-"""`hydra/launcher=isolated`: run each of a sweep's jobs in a fresh Python process; on a machine with several GPUs,
-one job per GPU at a time.
+"""`hydra/launcher=isolated`: run each of a sweep's jobs in a fresh Python process; on a machine with several
+GPUs, one job per GPU at a time.
 
 Why not Hydra's joblib launcher: with n_jobs=1 joblib runs every job in the launching process, and with
 n_jobs>1 its workers are reused across jobs and share the devices. Either way a job's peak RSS, allocator
@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 
 
 def _task_address(fn: TaskFunction) -> tuple[str, str]:
-    """Where the child finds the task function again. `python -m pkg` runs pkg/__main__.py as `__main__`, which
-    spawn does not re-run in the child: import it by its real name there."""
+    """Where the child finds the task function again. `python -m pkg` runs pkg/__main__.py as `__main__`,
+    which spawn does not re-run in the child: import it by its real name there."""
     module = fn.__module__
     spec = getattr(sys.modules.get(module), "__spec__", None)
     return (spec.name if module == "__main__" and spec is not None else module), fn.__qualname__
@@ -65,14 +65,15 @@ def _execute_job(
     argv: list[str],
     gpu: str | None,
 ) -> tuple[str, Any]:
-    """Runs in the child process: what Hydra's own launchers do for one job. Returns (status, value or error)."""
+    """Runs in the child process: what Hydra's own launchers do for one job. Returns (status, value or
+    error)."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before anything in this fresh process initialises CUDA
     sys.argv = argv  # run.json records the sweep's command, not multiprocessing's
     task_function = _task_function(*task)
     setup_globals()
-    # OmegaConf resolvers are closures that pickle cannot carry; the child has its own: Hydra's (setup_globals)
-    # and the app's, registered again when _task_function imported the app's module.
+    # OmegaConf resolvers are closures that pickle cannot carry; the child has its own: Hydra's
+    # (setup_globals) and the app's, registered again when _task_function imported the app's module.
     Singleton.set_state({"instances": singletons, "omegaconf_resolvers": BaseContainer._resolvers})
     HydraConfig.instance().set_config(sweep_config)
     ret = run_job(
@@ -82,7 +83,8 @@ def _execute_job(
         job_dir_key="hydra.sweep.dir",
         job_subdir_key="hydra.sweep.subdir",
     )
-    # A JobReturn holds Hydra's config classes, which pickle cannot send back: send back what the sweeper reads.
+    # A JobReturn holds Hydra's config classes, which pickle cannot send back: send back what the sweeper
+    # reads.
     if ret.status is JobStatus.COMPLETED:
         return "COMPLETED", ret.return_value
     return "FAILED", f"{type(ret._return_value).__name__}: {ret._return_value}"
@@ -108,8 +110,8 @@ def visible_gpus() -> list[str]:
 
 
 def jobs_at_once(n_jobs: int | str, gpus: list[str]) -> int:
-    """hydra.launcher.n_jobs: `auto` is one job per GPU (one at a time without GPUs); a number may not exceed the
-    GPUs, since each job needs one of its own. Raises ValueError with the sentence for the user."""
+    """hydra.launcher.n_jobs: `auto` is one job per GPU (one at a time without GPUs); a number may not exceed
+    the GPUs, since each job needs one of its own. Raises ValueError with the sentence for the user."""
     if n_jobs == "auto":
         return max(1, len(gpus))
     if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs < 1:
@@ -152,9 +154,9 @@ class IsolatedLauncher(Launcher):
         for gpu in gpus[:at_once] if gpus else [None]:
             free.put(gpu)
         jobs = list(enumerate(job_overrides, start=initial_job_idx))
-        # A Ctrl-C reaches the jobs' processes too (the terminal signals the whole process group): each saves a
-        # checkpoint and stops, and its SweepInterrupted comes back through its future. This process only notes the
-        # signal meanwhile, and starts no further job.
+        # A Ctrl-C reaches the jobs' processes too (the terminal signals the whole process group): each saves
+        # a checkpoint and stops, and its SweepInterrupted comes back through its future. This process only
+        # notes the signal meanwhile, and starts no further job.
         self._interrupted = []
         previous = signal.signal(signal.SIGINT, lambda signum, frame: self._interrupted.append(signum))
         try:
@@ -167,8 +169,8 @@ class IsolatedLauncher(Launcher):
         return runs
 
     def _run_one(self, idx: int, overrides: Sequence[str], free: queue.Queue) -> JobReturn | None:
-        """One job in a fresh process, on a GPU taken from `free` (given back when the job ends); None when the
-        sweep was interrupted before this job started."""
+        """One job in a fresh process, on a GPU taken from `free` (given back when the job ends); None when
+        the sweep was interrupted before this job started."""
         gpu = free.get()
         try:
             if self._interrupted:
@@ -215,8 +217,8 @@ class IsolatedLauncher(Launcher):
                     message = "the job's process died before it could finish (killed, e.g. out of memory)"
                     log.error(f"job #{idx}: {message}; the sweep goes on")
                     _record_crash(Path(ret.working_dir), message)
-                    # COMPLETED as far as Hydra is concerned, like a job whose error the task caught: the sweep
-                    # goes on, and the report lists this job as failed from its run.json.
+                    # COMPLETED as far as Hydra is concerned, like a job whose error the task caught: the
+                    # sweep goes on, and the report lists this job as failed from its run.json.
                     ret.status = JobStatus.COMPLETED
             return ret
         finally:

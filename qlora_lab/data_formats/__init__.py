@@ -1,6 +1,7 @@
 """Data formats (dataset.format): one file per format, each holding one DataFormatSpec: how a record in it is
-recognised (dataset.format=auto), its config check, its converter to the canonical row (qlora_lab/data.py) and its
-doc line. A new format: a file here, a DataFormat member in config.py, and its FORMAT added to FORMATS below.
+recognised (dataset.format=auto), its config check, its converter to the canonical row (qlora_lab/data.py) and
+its doc line. A new format: a file here, a DataFormat member in config.py, and its FORMAT added to FORMATS
+below.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ CONVERSATIONAL = [spec for spec in FORMATS.values() if spec.turns_column]
 
 
 def detect(record: dict, cols) -> tuple[DataFormat, str] | None:
-    """The format one record is written in and the column that shows it (None: no format), from its keys and the
-    shape of its list of turns: a 'conversations' list of {role, content} is openai, whatever its name."""
+    """The format one record is written in and the column that shows it (None: no format), from its keys and
+    the shape of its list of turns: a 'conversations' list of {role, content} is openai, whatever its name."""
     for spec in FORMATS.values():
         if spec.column and record.get(spec.column(cols)) is not None:
             return spec.format, spec.column(cols)

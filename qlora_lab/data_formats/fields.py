@@ -20,7 +20,8 @@ def text_field(value, where: str, name: str) -> str:
 
 
 def json_field(value, where: str, name: str):
-    """A value that may be written as JSON text (tools, function-call arguments): parsed, or named if broken."""
+    """A value that may be written as JSON text (tools, function-call arguments): parsed, or named if
+    broken."""
     if not isinstance(value, str):
         return value
     try:
@@ -44,8 +45,8 @@ def tools_field(record: dict, cols, where: str) -> list | None:
 
 
 def tool_call(call, where: str, name: str) -> dict:
-    """One function call, OpenAI's {type, function: {name, arguments}} or a bare {name, arguments}, in canonical form
-    (arguments a dict, as chat templates render them)."""
+    """One function call, OpenAI's {type, function: {name, arguments}} or a bare {name, arguments}, in
+    canonical form (arguments a dict, as chat templates render them)."""
     fn = call.get("function", call) if isinstance(call, dict) else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
         raise ConfigError(
@@ -72,8 +73,8 @@ def turns_list(record: dict, key: str, where: str) -> list:
 
 
 def content_text(content, where: str, name: str) -> str:
-    """A message's content: a string, or a list of typed parts of which only text parts are read. A text part holds
-    its text in `text` (OpenAI) or `value` (LLaMA-Factory)."""
+    """A message's content: a string, or a list of typed parts of which only text parts are read. A text part
+    holds its text in `text` (OpenAI) or `value` (LLaMA-Factory)."""
     if not isinstance(content, list):
         return text_field(content, where, name)
     texts = []
@@ -100,8 +101,8 @@ def content_text(content, where: str, name: str) -> str:
 
 
 def loss_weight(turn: dict, role: str, where: str, name: str) -> dict:
-    """A turn's `loss_weight` (LLaMA-Factory): 0 leaves an assistant turn out of the loss (it stays as context), 1
-    trains it as usual. Returned as {"loss_weight": 0} for the canonical message, or {}."""
+    """A turn's `loss_weight` (LLaMA-Factory): 0 leaves an assistant turn out of the loss (it stays as
+    context), 1 trains it as usual. Returned as {"loss_weight": 0} for the canonical message, or {}."""
     if "loss_weight" not in turn or turn["loss_weight"] is None:
         return {}
     weight = turn["loss_weight"]

@@ -1,4 +1,5 @@
-"""openai: {messages: [{role, content, tool_calls}], tools}, as OpenAI's chat API and transformers' chat templates."""
+"""openai: {messages: [{role, content, tool_calls}], tools}, as OpenAI's chat API and transformers' chat
+templates."""
 
 from __future__ import annotations
 

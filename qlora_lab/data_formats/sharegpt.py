@@ -1,4 +1,5 @@
-"""sharegpt: {conversations: [{from, value}], system, tools} (LLaMA-Factory's sharegpt, function calls included)."""
+"""sharegpt: {conversations: [{from, value}], system, tools} (LLaMA-Factory's sharegpt, function calls
+included)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""Export formats (export.format, export.targets): one file per format, each holding one ExportSpec: its doc line,
-its variants (gguf's types), where it lands in a run, its checks, how it is written and how it is loaded back. The
-export stage (qlora_lab/pipelines/export.py) only loops over the chosen ones. A new format: a file here, an
-ExportFormat member in config.py, and its EXPORT added to EXPORTS below.
+"""Export formats (export.format, export.targets): one file per format, each holding one ExportSpec: its doc
+line, its variants (gguf's types), where it lands in a run, its checks, how it is written and how it is loaded
+back. The export stage (qlora_lab/pipelines/export.py) only loops over the chosen ones. A new format: a file
+here, an ExportFormat member in config.py, and its EXPORT added to EXPORTS below.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""gguf: one .gguf file for llama.cpp / Ollama (weights, tokenizer, chat template), written by qlora_lab/gguf_export.py."""
+"""gguf: one .gguf file for llama.cpp / Ollama (weights, tokenizer, chat template), written by
+qlora_lab/gguf_export.py."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""int8_dynamic: PyTorch dynamic int8 linear layers, for CPU inference in Python (qlora_lab/int8_dynamic.py); loaded
-back by inference.mode=int8_dynamic."""
+"""int8_dynamic: PyTorch dynamic int8 linear layers, for CPU inference in Python (qlora_lab/int8_dynamic.py);
+loaded back by inference.mode=int8_dynamic."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""Inference modes (inference.mode, inference.modes): one file per mode, each holding one InferenceModeSpec: its doc
-line, whether a run folder has the files it loads, and how it loads (qlora_lab/inference.py load_for_inference adds
-what every mode shares). A new mode: a file here, an InferenceMode member in config.py, and its MODE added to
-MODES below.
+"""Inference modes (inference.mode, inference.modes): one file per mode, each holding one InferenceModeSpec:
+its doc line, whether a run folder has the files it loads, and how it loads (qlora_lab/inference.py
+load_for_inference adds what every mode shares). A new mode: a file here, an InferenceMode member in
+config.py, and its MODE added to MODES below.
 """
 
 from __future__ import annotations

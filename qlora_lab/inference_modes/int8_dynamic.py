@@ -1,4 +1,5 @@
-"""int8_dynamic: <run>/export/int8_dynamic (written by the export stage): dynamic int8 linear layers, CPU only."""
+"""int8_dynamic: <run>/export/int8_dynamic (written by the export stage): dynamic int8 linear layers, CPU
+only."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""merge_and_unload: the adapter's base + adapter, merged in memory by PEFT (on a 4-bit base PEFT dequantizes, adds
-the LoRA delta and quantizes again)."""
+"""merge_and_unload: the adapter's base + adapter, merged in memory by PEFT (on a 4-bit base PEFT dequantizes,
+adds the LoRA delta and quantizes again)."""
 
 from __future__ import annotations
 

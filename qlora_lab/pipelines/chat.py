@@ -1,9 +1,10 @@
-"""Chat: talk to a trained run. `python -m qlora_lab pipeline=chat run_dir=RUN [inference=merged] [generation=sampling]`
+"""Chat: talk to a trained run. `python -m qlora_lab pipeline=chat run_dir=RUN [inference=merged]
+[generation=sampling]`
 
-A REPL with streamed replies, `/reset` and `/exit`. The history is a conversation in the canonical form of data.py
-(a system turn from chat.system_prompt, else dataset.system_prompt, then user and assistant turns), rendered by
-data.render_prompt exactly as training rendered its conversations. With piped stdin (no TTY) it reads one message a
-line, echoes it, and ends cleanly at EOF.
+A REPL with streamed replies, `/reset` and `/exit`. The history is a conversation in the canonical form of
+data.py (a system turn from chat.system_prompt, else dataset.system_prompt, then user and assistant turns),
+rendered by data.render_prompt exactly as training rendered its conversations. With piped stdin (no TTY) it
+reads one message a line, echoes it, and ends cleanly at EOF.
 """
 
 from __future__ import annotations

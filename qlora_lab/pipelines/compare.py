@@ -2,8 +2,8 @@
 
 For every mode in inference.modes (the `adapter` mode, the model as trained, is the reference and runs first):
   cost       load time, time to first token, generated tokens/s, peak memory, model footprint
-  agreement  greedy exact-match rate with the adapter's outputs, max |logit difference| and mean KL(adapter || mode)
-             over every position of the first inference.agreement_examples eval examples
+  agreement  greedy exact-match rate with the adapter's outputs, max |logit difference| and mean
+             KL(adapter || mode) over every position of the first inference.agreement_examples eval examples
   quality    eval perplexity (response tokens only, as the training loss)
 Writes comparison.csv, comparison.md (also printed) and comparison_generations.jsonl in the job dir.
 """
@@ -120,11 +120,11 @@ def run(cfg: Config, run: Run) -> list[dict]:
     q = cfg.quantization
     header = (
         f"Inference modes of {run.source.name}: model {cfg.model.name_or_path}, quantization "
-        f"{q.method.value}{' (double quant)' if q.double_quant else ''}, dtype {resolve_dtype(cfg.model.dtype)}, "
-        f"merge.base {merge_base or '-'}, device {hardware()['device']}; {len(prompts)} prompts, greedy, "
-        f"max_new_tokens {gen.max_new_tokens}, batch {inf.batch_size}; agreement over "
-        f"{sum(len(x) for x in reference_logits)} positions of {len(reference_logits)} eval examples; "
-        f"perplexity over {len(examples)} eval examples. Reference: adapter."
+        f"{q.method.value}{' (double quant)' if q.double_quant else ''}, dtype "
+        f"{resolve_dtype(cfg.model.dtype)}, merge.base {merge_base or '-'}, device {hardware()['device']}; "
+        f"{len(prompts)} prompts, greedy, max_new_tokens {gen.max_new_tokens}, batch {inf.batch_size}; "
+        f"agreement over {sum(len(x) for x in reference_logits)} positions of {len(reference_logits)} eval "
+        f"examples; perplexity over {len(examples)} eval examples. Reference: adapter."
     )
     table = markdown(rows, header)
     with layout.comparison_csv.open("w", newline="") as f:

@@ -1,4 +1,5 @@
-"""Evaluate: perplexity, ROUGE, BLEU-4 and GSM8K accuracy of each model in eval.modes, as a before/after table.
+"""Evaluate: perplexity, ROUGE, BLEU-4 and GSM8K accuracy of each model in eval.modes, as a before/after
+table.
 
 For every mode (e.g. `base` = before fine-tuning, `adapter` = after) on the same eval split:
   perplexity  exp(mean NLL over the response tokens of the eval split), token-weighted
@@ -38,7 +39,8 @@ TABLE_ROWS = [
 
 
 def perplexity(model, tokenizer, cfg: Config) -> float:
-    """Token-weighted perplexity of the eval split's responses (labels as in training: the prompt is masked)."""
+    """Token-weighted perplexity of the eval split's responses (labels as in training: the prompt is
+    masked)."""
     eval_ds, _ = tokenize_split(load_splits(cfg).eval, tokenizer, cfg.dataset, "eval")
     return teacher_forced(model, list(eval_ds), cfg.eval.batch_size, tokenizer.pad_token_id, keep=0)[0]
 
@@ -136,8 +138,9 @@ def run(cfg: Config, run: Run) -> dict:
     n_gen = len(all_generations) // len(modes)
     note = (
         f"\nEval split: {cfg.dataset.name}, perplexity over its response tokens; generation metrics on "
-        f"{n_gen} prompts ({'sampling' if cfg.generation.do_sample else 'greedy'}, max {cfg.generation.max_new_tokens} "
-        f"new tokens). Scores are 0-100 except perplexity (lower is better).\n"
+        f"{n_gen} prompts ({'sampling' if cfg.generation.do_sample else 'greedy'}, max "
+        f"{cfg.generation.max_new_tokens} new tokens). Scores are 0-100 except perplexity (lower is "
+        "better).\n"
     )
     layout.evaluation_md.write_text(f"# Evaluation: {', '.join(results)}\n\n" + text + note)
     print("\n" + text + note, flush=True)

@@ -1,22 +1,26 @@
-"""Export: a trained run -> a GGUF file for llama.cpp / Ollama, or a dynamic-int8 model for CPUs, with its costs.
+"""Export: a trained run -> a GGUF file for llama.cpp / Ollama, or a dynamic-int8 model for CPUs, with its
+costs.
 
-`python -m qlora_lab pipeline=export run_dir=RUN export.format=gguf|int8_dynamic [export.gguf_type=f16|q8_0|q4_0]`
+    python -m qlora_lab pipeline=export run_dir=RUN export.format=gguf|int8_dynamic
+        [export.gguf_type=f16|q8_0|q4_0]
+
 Reads top to bottom: check everything a user can get wrong, merge the adapter if the run has no merged/ yet
 (with the run's merge.base choice), write each export, then load each one back on the CPU and measure it, with
 the trained model and the base before fine-tuning, against the unquantized merged model:
   cost       file size, load time, generated tokens/s, peak RSS (each export is measured in a fresh process)
-  quality    eval perplexity (response tokens, as the training loss), and learnt_kept: the share of the eval-loss
-             gain from the base to the trained model that the export keeps (a warning below LEARNT_KEPT_WARNING)
+  quality    eval perplexity (response tokens, as the training loss), and learnt_kept: the share of the
+             eval-loss gain from the base to the trained model that the export keeps (a warning below
+             LEARNT_KEPT_WARNING)
   agreement  greedy exact-match rate of the outputs with merged's, max |logit difference| and mean
-             KL(merged || export) of next-token distributions over every position of inference.agreement_examples
-             eval examples, and the same against the trained model (the adapter on the base quantized as in
-             training: trained_exact_match, trained_mean_kl); for GGUF also whether its embedded tokenizer gives
-             the same ids as the run's
+             KL(merged || export) of next-token distributions over every position of
+             inference.agreement_examples eval examples, and the same against the trained model (the adapter
+             on the base quantized as in training: trained_exact_match, trained_mean_kl); for GGUF also
+             whether its embedded tokenizer gives the same ids as the run's
 Writes RUN/export/<files>, RUN/export/export_report.json (one entry per export, kept across jobs) and a table
 (export.md in the job dir, also printed; also into export.table_dir when set).
 
-GGUF files are read back with transformers, which dequantizes them to fp32: their load time and speed are those
-of that path, not of llama.cpp (their file size is what llama.cpp and Ollama load).
+GGUF files are read back with transformers, which dequantizes them to fp32: their load time and speed are
+those of that path, not of llama.cpp (their file size is what llama.cpp and Ollama load).
 """
 
 from __future__ import annotations
@@ -74,7 +78,8 @@ def targets(cfg: Config) -> list[tuple[ExportSpec, str | None]]:
 
 
 def model_config(cfg: Config, source: Path) -> dict:
-    """The config.json of what will be exported: merged/ if it exists, else the base the run was trained on."""
+    """The config.json of what will be exported: merged/ if it exists, else the base the run was trained
+    on."""
     merged = RunLayout(source).merged_config
     if merged.is_file():
         return json.loads(merged.read_text())
@@ -106,8 +111,9 @@ def model_card_license(folder: Path | None) -> str | None:
 
 
 def provenance(cfg: Config, source: Path) -> dict:
-    """What a GGUF export records about itself (general.* keys): the base model it is a fine-tune of, the base's
-    license, how it was fine-tuned. From the embedded GGUF's own keys, a hub id, or a local folder's model card."""
+    """What a GGUF export records about itself (general.* keys): the base model it is a fine-tune of, the
+    base's license, how it was fine-tuned. From the embedded GGUF's own keys, a hub id, or a local folder's
+    model card."""
     name = cfg.model.name_or_path
     base: dict = {"name": name}
     license_ = None
@@ -137,8 +143,8 @@ def provenance(cfg: Config, source: Path) -> dict:
         "license": license_,
         "finetune": method,
         "tags": ["fine-tune", method],
-        "description": f"{method} fine-tune of {name} (run {source.name}), adapter merged into the {merge_base} "
-        f"base weights, written by qlora_lab",
+        "description": f"{method} fine-tune of {name} (run {source.name}), adapter merged into the "
+        f"{merge_base} base weights, written by qlora_lab",
     }
 
 
@@ -183,9 +189,9 @@ def export_spec(name: str) -> ExportSpec:
 
 
 def load_export(name: str, path: Path, cfg: Config):
-    """(model in eval mode, tokenizer) for the trained model (the adapter on the base quantized as in training), the
-    base before fine-tuning (fp32), merged/ (fp32), or an export (`name` as ExportSpec.name); all but the trained
-    model on the CPU."""
+    """(model in eval mode, tokenizer) for the trained model (the adapter on the base quantized as in
+    training), the base before fine-tuning (fp32), merged/ (fp32), or an export (`name` as ExportSpec.name);
+    all but the trained model on the CPU."""
     if name == "trained":
         return load_for_inference(cfg, path, InferenceMode.adapter)
     if name == "base":
@@ -212,7 +218,8 @@ def measure(
     t0 = time.perf_counter()
     model, tokenizer = load_export(name, path, cfg)
     load_s = time.perf_counter() - t0
-    # the same token ids (the run's tokenizer's) for every export, so that the logits line up position by position
+    # the same token ids (the run's tokenizer's) for every export, so that the logits line up position by
+    # position
     stats, outputs, logits = measure_generation(
         model,
         tokenizer,
@@ -243,8 +250,9 @@ def measure(
 
 
 def measure_in_fresh_process(*args):
-    """measure() in a new Python process: its peak RSS is that export's alone (a process that loaded an earlier model
-    keeps the freed memory, so its peak would carry over), and nothing is warm from an earlier row."""
+    """measure() in a new Python process: its peak RSS is that export's alone (a process that loaded an
+    earlier model keeps the freed memory, so its peak would carry over), and nothing is warm from an earlier
+    row."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(measure, args)
 
@@ -253,7 +261,8 @@ def measure_in_fresh_process(*args):
 
 
 def compared(reference: dict, other: dict) -> dict:
-    """Greedy exact-match rate, mean KL(reference || other) and max |logit difference| of one model against another."""
+    """Greedy exact-match rate, mean KL(reference || other) and max |logit difference| of one model against
+    another."""
     max_diff, kl = agreement(reference["logits"], other["logits"])
     pairs = list(zip(reference["outputs"], other["outputs"], strict=True))
     return {
@@ -264,8 +273,8 @@ def compared(reference: dict, other: dict) -> dict:
 
 
 def learnt_kept(base_ppl: float, trained_ppl: float, ppl: float) -> float | None:
-    """The share of fine-tuning's eval-loss gain (log perplexity, base -> trained) a model keeps: 1 = all of it,
-    0 = back to the base. None when fine-tuning gained (almost) nothing to keep."""
+    """The share of fine-tuning's eval-loss gain (log perplexity, base -> trained) a model keeps: 1 = all of
+    it, 0 = back to the base. None when fine-tuning gained (almost) nothing to keep."""
     gain = math.log(base_ppl) - math.log(trained_ppl)
     return (math.log(base_ppl) - math.log(ppl)) / gain if gain > 1e-3 else None
 
@@ -338,8 +347,8 @@ def run(cfg: Config, run: Run) -> list[dict]:
     for row in rows[2:]:
         if row["learnt_kept"] is not None and row["learnt_kept"] < LEARNT_KEPT_WARNING:
             print(
-                f"warning: {row['export']} keeps {row['learnt_kept']:.0%} of what fine-tuning taught (of the eval "
-                f"loss gain from the base to the trained model), less than {LEARNT_KEPT_WARNING:.0%}; "
+                f"warning: {row['export']} keeps {row['learnt_kept']:.0%} of what fine-tuning taught (of the "
+                f"eval loss gain from the base to the trained model), less than {LEARNT_KEPT_WARNING:.0%}; "
                 f"{row['trained_exact_match']:.0%} of its greedy answers equal the trained model's.",
                 file=sys.stderr,
                 flush=True,
@@ -357,15 +366,17 @@ def run(cfg: Config, run: Run) -> list[dict]:
     runtime = min(r["runtime_rss_gib"] for r in rows)
     header = (
         f"Exports of {source.name}: model {cfg.model.name_or_path}, merged into the "
-        f"{merge_report.get('merge/base', '?')} base; CPU ({hardware().get('cpu_count')} cores, {threads} torch "
-        f"threads); {len(prompts)} eval prompts, greedy, max_new_tokens {cfg.generation.max_new_tokens}, batch "
-        f"{cfg.inference.batch_size}; peak RSS of a fresh process per export, {runtime:.2f} GiB of it before "
-        f"loading (the runtime); agreement with merged (fp32) and with the trained model (trained_*: the adapter on "
-        f"the {'unquantized' if cfg.quantization.method is QuantMethod.none else cfg.quantization.method.value} "
-        f"base) over {sum(len(x) for x in reference['logits'])} positions of "
-        f"{len(reference['logits'])} eval examples; perplexity over {len(examples)} eval examples; learnt_kept: "
-        f"the share of the eval-loss gain from base to trained that a model keeps (warned below "
-        f"{LEARNT_KEPT_WARNING:.0%}). GGUF rows: read back and run by transformers (dequantized to fp32)."
+        f"{merge_report.get('merge/base', '?')} base; CPU ({hardware().get('cpu_count')} cores, {threads} "
+        "torch "
+        f"threads); {len(prompts)} eval prompts, greedy, max_new_tokens {cfg.generation.max_new_tokens}, "
+        f"batch {cfg.inference.batch_size}; peak RSS of a fresh process per export, {runtime:.2f} GiB of it "
+        "before loading (the runtime); agreement with merged (fp32) and with the trained model (trained_*: "
+        "the adapter on the "
+        f"{'unquantized' if cfg.quantization.method is QuantMethod.none else cfg.quantization.method.value} "
+        f"base) over {sum(len(x) for x in reference['logits'])} positions of {len(reference['logits'])} eval "
+        f"examples; perplexity over {len(examples)} eval examples; learnt_kept: the share of the eval-loss "
+        f"gain from base to trained that a model keeps (warned below {LEARNT_KEPT_WARNING:.0%}). GGUF rows: "
+        "read back and run by transformers (dequantized to fp32)."
     )
     table = markdown(rows, header)
     RunLayout(run.dir).export_md.write_text(table)

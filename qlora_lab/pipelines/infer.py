@@ -1,7 +1,8 @@
 """Infer: load a trained run in one inference mode, answer a set of prompts, write generations.jsonl.
 
-`python -m qlora_lab pipeline=infer run_dir=RUN inference=merged|adapter|merge_and_unload|base generation=greedy|sampling`
-Prompts come from inference.prompts_file (one a line, or JSONL) or from the dataset's eval split.
+`python -m qlora_lab pipeline=infer run_dir=RUN inference=merged|adapter|merge_and_unload|base
+generation=greedy|sampling` Prompts come from inference.prompts_file (one a line, or JSONL) or from the
+dataset's eval split.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ def read_prompts_file(path_str: str, root: str, cfg: Config, tokenizer) -> list[
 
 
 def read_prompt_rows(path_str: str, root: str, cfg: Config) -> list[dict]:
-    """The prompts file's rows as conversations, checked (no tokenizer needed: runs before any model loads). Plain
-    text: one user message a line. JSONL: {"prompt": ..., "reference": ...} or a record in any dataset format
-    (detected from the first such line); a conversation ending in an assistant turn has it as its reference."""
+    """The prompts file's rows as conversations, checked (no tokenizer needed: runs before any model loads).
+    Plain text: one user message a line. JSONL: {"prompt": ..., "reference": ...} or a record in any dataset
+    format (detected from the first such line); a conversation ending in an assistant turn has it as its
+    reference."""
     path = next((p for p in (Path(path_str).expanduser(), Path(root) / path_str) if p.is_file()), None)
     if path is None:
         raise ConfigError(

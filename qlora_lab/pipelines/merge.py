@@ -3,12 +3,13 @@
 The result loads with `AutoModelForCausalLM.from_pretrained(merged)` without peft. Reads top to bottom:
 check, load the base, (optionally) swap in the quantize->dequantize weights, merge, save, report.
 
-merge.base=original merges into the full-precision base; merge.base=dequantized first replaces every weight that
-training saw quantized by dequantize(quantize(W)), so the merged model computes what the QLoRA adapter was
-trained against. merge.base=auto (the default) takes the weights training saw: dequantized for a quantized run,
-original otherwise (the adapter merged into the original weights of a QLoRA run is another model: PEFT issue 2321).
-The report gives the size of that difference next to the size of the LoRA update itself, and how closely the
-merged model, as written, agrees with the model as trained (the adapter on the base quantized as in training).
+merge.base=original merges into the full-precision base; merge.base=dequantized first replaces every weight
+that training saw quantized by dequantize(quantize(W)), so the merged model computes what the QLoRA adapter
+was trained against. merge.base=auto (the default) takes the weights training saw: dequantized for a quantized
+run, original otherwise (the adapter merged into the original weights of a QLoRA run is another model: PEFT
+issue 2321). The report gives the size of that difference next to the size of the LoRA update itself, and how
+closely the merged model, as written, agrees with the model as trained (the adapter on the base quantized as
+in training).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ log = logging.getLogger(__name__)
 
 
 def quantization_round_trip(model, cfg: Config, replace: bool) -> dict:
-    """Compare every weight bitsandbytes quantizes with dequantize(quantize(W)), loaded exactly as training did.
+    """Compare every weight bitsandbytes quantizes with dequantize(quantize(W)), loaded exactly as training
+    did.
 
     With `replace`, the base's weights are swapped for the round-tripped ones (merge.base=dequantized).
     Layer by layer, so memory stays at one full-precision model plus one quantized model.
@@ -109,8 +111,9 @@ def outputs_and_logits(model, tokenizer, cfg: Config, prompts: list[str], exampl
 
 
 def agreement_with_trained(cfg: Config, source: Path, merged: Path) -> dict:
-    """The merged model as written (unquantized) against the model as trained (the adapter on the base quantized as
-    in training): greedy exact match over inference.num_prompts eval prompts, mean KL(trained || merged) and max
+    """The merged model as written (unquantized) against the model as trained (the adapter on the base
+    quantized as in training): greedy exact match over inference.num_prompts eval prompts, mean KL(trained ||
+    merged) and max
     |logit difference| over every position of inference.agreement_examples eval examples."""
     trained, tokenizer = load_for_inference(cfg, source, InferenceMode.adapter)
     prompts = [p["prompt"] for p in eval_prompts(cfg, tokenizer, cfg.inference.num_prompts)]
@@ -150,8 +153,8 @@ def run(cfg: Config, run: Run) -> Path:
     if m.base is MergeBase.auto and quant is not QuantMethod.none:
         print(
             f"merge.base=auto: this run trained on {quant.value} weights, so the adapter is merged into "
-            f"dequantize(quantize(W)), the weights it was trained against (merge.base=original merges into the "
-            f"full-precision weights instead: another model)",
+            "dequantize(quantize(W)), the weights it was trained against (merge.base=original merges into "
+            "the full-precision weights instead: another model)",
             flush=True,
         )
     # ---- base, unquantized (merging into 4-bit weights would round the result to 4 bits)
@@ -196,8 +199,8 @@ def run(cfg: Config, run: Run) -> Path:
     trained_on = "unquantized" if quant is QuantMethod.none else quant.value
     line += (
         f"\nagreement with the model as trained (adapter on the {trained_on} base): "
-        f"{report['merge/trained_exact_match']:.0%} of {report['merge/trained_prompts']} greedy answers identical, "
-        f"mean KL {report['merge/trained_mean_kl']:.3g}"
+        f"{report['merge/trained_exact_match']:.0%} of {report['merge/trained_prompts']} greedy answers "
+        f"identical, mean KL {report['merge/trained_mean_kl']:.3g}"
     )
     print(line, flush=True)
     if (
@@ -206,9 +209,9 @@ def run(cfg: Config, run: Run) -> Path:
         and quant is not QuantMethod.none
     ):
         print(
-            f"warning: merged into the original weights, the model differs from the one trained on {quant.value} "
-            f"weights; merge.base=dequantized (the default, auto) merges into the weights it was trained "
-            f"against.",
+            "warning: merged into the original weights, the model differs from the one trained on "
+            f"{quant.value} weights; merge.base=dequantized (the default, auto) merges into the weights it "
+            "was trained against.",
             file=sys.stderr,
             flush=True,
         )

@@ -91,9 +91,10 @@ class StepTimer(TrainerCallback):
 
 
 class EvalCurve(TrainerCallback):
-    """Every evaluation (the one before training, every train.eval_steps, the final one) as a point of the learning
-    curve: step, real tokens trained on, seconds in optimizer steps so far (the StepTimer's: evaluation and
-    logging left out) and eval loss. The sweep report draws these and reads time and tokens to a target loss."""
+    """Every evaluation (the one before training, every train.eval_steps, the final one) as a point of the
+    learning curve: step, real tokens trained on, seconds in optimizer steps so far (the StepTimer's:
+    evaluation and logging left out) and eval loss. The sweep report draws these and reads time and tokens to
+    a target loss."""
 
     def __init__(self, timer: StepTimer):
         self.timer, self.points = timer, []
@@ -113,10 +114,11 @@ class EvalCurve(TrainerCallback):
 
 
 class MemoryCap(TrainerCallback):
-    """train.memory_cap_gib with train.batch_size=auto: a step whose peak memory, measured as the report measures
-    it (peak_memory_gib), is over the cap counts as out of memory, so the Trainer's batch search (accelerate's
-    find_executable_batch_size, 0.9x the batch each time) tries a smaller batch. Every attempt starts from the same
-    adapter weights (an attempt over the cap has already taken an optimizer step) and with a fresh peak."""
+    """train.memory_cap_gib with train.batch_size=auto: a step whose peak memory, measured as the report
+    measures it (peak_memory_gib), is over the cap counts as out of memory, so the Trainer's batch search
+    (accelerate's find_executable_batch_size, 0.9x the batch each time) tries a smaller batch. Every attempt
+    starts from the same adapter weights (an attempt over the cap has already taken an optimizer step) and
+    with a fresh peak."""
 
     def __init__(self, cap_gib: float, model):
         self.cap, self.model = cap_gib, model
@@ -169,8 +171,8 @@ def utilisation(metrics: dict, model, trainable: int, context: float, peak_overr
 
 
 class StepProfiler(TrainerCallback):
-    """train.profile: torch.profiler over PROFILE_STEPS optimizer steps after the warm-up; writes profile.txt (ops
-    by total device time, then by CPU time) and a Chrome trace (profile_trace.json) into the run dir."""
+    """train.profile: torch.profiler over PROFILE_STEPS optimizer steps after the warm-up; writes profile.txt
+    (ops by total device time, then by CPU time) and a Chrome trace (profile_trace.json) into the run dir."""
 
     def __init__(self, out_dir, start: int):
         from torch.profiler import ProfilerActivity, profile, schedule
@@ -199,8 +201,8 @@ class StepProfiler(TrainerCallback):
 
 
 def check_ranks_agree(model, world_size: int, load_peak: float | None = None) -> dict:
-    """Distributed runs: gather every rank's adapter digest, peak memory and load peak. DDP must leave identical
-    adapters; FSDP ranks hold different shards by design, so only their memory is compared."""
+    """Distributed runs: gather every rank's adapter digest, peak memory and load peak. DDP must leave
+    identical adapters; FSDP ranks hold different shards by design, so only their memory is compared."""
     from accelerate.utils import gather_object
 
     fsdp = fsdp_enabled()
@@ -235,8 +237,8 @@ def full_adapter_state(model) -> dict:
 
 
 class LossGuard(TrainerCallback):
-    """Stops a run whose logged loss is 0 or not finite: a broken computation, not learning. FSDP with a 4-bit base
-    is known to train on like this without an error (accelerate issues 3983 and 3874)."""
+    """Stops a run whose logged loss is 0 or not finite: a broken computation, not learning. FSDP with a 4-bit
+    base is known to train on like this without an error (accelerate issues 3983 and 3874)."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")
@@ -254,12 +256,14 @@ class LossGuard(TrainerCallback):
 
 
 class LabTrainer(Trainer):
-    """The HF Trainer, less two per-step costs in Python. A QLoRA step on a GPU is bound by the CPU issuing its
-    kernels (experiments/fast_path: the issue time equals the step time), so every millisecond of Python counts:
+    """The HF Trainer, less two per-step costs in Python. A QLoRA step on a GPU is bound by the CPU issuing
+    its kernels (experiments/fast_path: the issue time equals the step time), so every millisecond of Python
+    counts:
     - `floating_point_ops` walks every module and parameter on every step (~40 ms for 32 PEFT-wrapped layers,
       cProfile); QLoRA Lab counts model FLOPs once, from the architecture (qlora_lab/perf.py).
     - gradient clipping over `model.parameters()` walks every frozen base weight too; only the adapters have
-      gradients, so clip over those (the same norm, the same clipping). FSDP keeps its own sharded clipping."""
+      gradients, so clip over those (the same norm, the same clipping). FSDP keeps its own sharded
+      clipping."""
 
     def floating_point_ops(self, inputs) -> int:
         return 0
@@ -273,16 +277,17 @@ class LabTrainer(Trainer):
 
 
 def optimizer(name: str) -> str:
-    """`auto`: fused AdamW on CUDA (one kernel for all adapter tensors, not several per tensor), else adamw_torch."""
+    """`auto`: fused AdamW on CUDA (one kernel for all adapter tensors, not several per tensor), else
+    adamw_torch."""
     if name != "auto":
         return name
     return "adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch"
 
 
 def precision_flags(precision: Precision, autocast: bool) -> dict:
-    """The Trainer's mixed-precision flags. Without autocast the step runs in the weights' own dtypes (bf16 base,
-    fp32 adapters, as PEFT keeps them), as the reference loop does; on 8B shapes it measured neither faster nor
-    slower (experiments/fast_path)."""
+    """The Trainer's mixed-precision flags. Without autocast the step runs in the weights' own dtypes (bf16
+    base, fp32 adapters, as PEFT keeps them), as the reference loop does; on 8B shapes it measured neither
+    faster nor slower (experiments/fast_path)."""
     if not autocast:
         return {"bf16": False, "fp16": False}
     if precision is Precision.auto:
@@ -313,7 +318,8 @@ def run(cfg: Config, run: Run):
     run.log(train_stats | eval_stats)
 
     # ---- model
-    # outside the timer: a random-weight model is built on first use (or drawn while loading: random_in_memory)
+    # outside the timer: a random-weight model is built on first use (or drawn while loading:
+    # random_in_memory)
     path = None if cfg.model.random_in_memory else model_path(cfg)
     capped = cap_gpu_memory(t.gpu_memory_cap_gib)
     if capped:
@@ -331,8 +337,8 @@ def run(cfg: Config, run: Run):
         trainable, total = count_params(model)
     pissa_init = layout.pissa_init if cfg.lora.init is LoraInit.pissa else None
     if pissa_init and not (pissa_init / "adapter_config.json").is_file() and is_main_process():
-        # the adapter as initialised: at the end, PEFT turns the trained PiSSA adapter into a plain LoRA (rank 2r)
-        # over the original weights, which every later stage loads; a resumed run re-derives the same init
+        # the adapter as initialised: at the end, PEFT turns the trained PiSSA adapter into a plain LoRA (rank
+        # 2r) over the original weights, which every later stage loads; a resumed run re-derives the same init
         model.save_pretrained(pissa_init)
     quantized = cfg.quantization.method is not QuantMethod.none
     mode = f"QLoRA ({cfg.quantization.method.value})" if quantized else "LoRA"
@@ -352,14 +358,15 @@ def run(cfg: Config, run: Run):
     load_peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     if load_peak is not None:  # what loading alone took on this rank
         run.log({"memory/load_peak_gib": load_peak})
-    # No KV cache in training: with one, transformers ignores packed position ids and lets examples attend across
-    # their boundaries (recent Trainers set this too)
+    # No KV cache in training: with one, transformers ignores packed position ids and lets examples attend
+    # across their boundaries (recent Trainers set this too)
     model.config.use_cache = False
     liger = liger_kernels(cfg, model.config.model_type)
     if liger and fsdp_enabled():
         gather_lm_head_for_fused_loss(model)
     unfused = lora_unfused_reason(cfg)
-    # under per-layer checkpointing a fused 4-bit layer keeps its dequantized weight from recompute to backward
+    # under per-layer checkpointing a fused 4-bit layer keeps its dequantized weight from recompute to
+    # backward
     keep_weight = t.gradient_checkpointing and t.checkpoint_every_n_layers == 1 and not t.activation_offload
     fused = fuse_lora(model, keep_weight) if unfused is None else 0
     varlen = packed_varlen(cfg, model.dtype)
@@ -373,11 +380,12 @@ def run(cfg: Config, run: Run):
     )
     print(
         f"recipe {cfg.recipe}: attention {attention}, k-bit preparation "
-        f"{cfg.quantization.preparation.value if quantized else 'n/a (not quantized)'}, optimizer {optimizer(t.optim)}, "
-        f"kernels {'Liger (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy)' if liger else 'transformers'}, "
-        f"LoRA layers {f'fused ({fused})' if unfused is None else f'peft ({unfused})'}, "
-        f"autocast {'on' if t.autocast else 'off'}, "
-        f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}",
+        f"{cfg.quantization.preparation.value if quantized else 'n/a (not quantized)'}, optimizer "
+        f"{optimizer(t.optim)}, kernels "
+        f"{'Liger (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy)' if liger else 'transformers'}, LoRA "
+        f"layers {f'fused ({fused})' if unfused is None else f'peft ({unfused})'}, autocast "
+        f"{'on' if t.autocast else 'off'}, gradient checkpointing "
+        f"{'on' if t.gradient_checkpointing else 'off'}",
         flush=True,
     )
 
@@ -390,7 +398,8 @@ def run(cfg: Config, run: Run):
         output_dir=str(layout.checkpoints),
         max_steps=t.max_steps,
         num_train_epochs=t.epochs,
-        # batch_size=auto: accelerate's find_executable_batch_size, 0.9x from train.auto_batch_start on each OOM
+        # batch_size=auto: accelerate's find_executable_batch_size, 0.9x from train.auto_batch_start on each
+        # OOM
         per_device_train_batch_size=t.auto_batch_start if auto_batch else t.batch_size,
         per_device_eval_batch_size=1 if auto_batch else t.batch_size,
         auto_find_batch_size=auto_batch,
@@ -410,28 +419,30 @@ def run(cfg: Config, run: Run):
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
-        # eval_before runs inside train(), after the model is wrapped: a trainer.evaluate() before train() left
-        # DDP ranks unsynchronised (measured: different adapters on 2 gloo ranks).
+        # eval_before runs inside train(), after the model is wrapped: a trainer.evaluate() before train()
+        # left DDP ranks unsynchronised (measured: different adapters on 2 gloo ranks).
         eval_on_start=t.eval_before
         and checkpoint is None,  # a resumed run has it in its restored log history
-        # tokens/s counts real tokens: every token of a varlen batch; else the attention mask's ones, or for packed
-        # rows aligned with pad tokens, the tokens that are not the pad token (where the pad token is EOS, EOS
-        # tokens too: ~1.5% of Alpaca rows rendered with SmolLM2's chat template)
+        # tokens/s counts real tokens: every token of a varlen batch; else the attention mask's ones, or for
+        # packed rows aligned with pad tokens, the tokens that are not the pad token (where the pad token is
+        # EOS, EOS tokens too: ~1.5% of Alpaca rows rendered with SmolLM2's chat template)
         report_to=list(t.report_to),
         include_num_input_tokens_seen="all" if varlen else "non_padding",
         use_liger_kernel=liger,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         remove_unused_columns=False,
-        # DDP: every adapter weight gets a gradient in every step, and the only buffers (rotary tables) never change.
-        # The Trainer's default for a PEFT model searches the graph for unused weights after every backward
-        # (find_unused_parameters) and broadcasts buffers before every forward: CPU time a step cannot spare.
+        # DDP: every adapter weight gets a gradient in every step, and the only buffers (rotary tables) never
+        # change. The Trainer's default for a PEFT model searches the graph for unused weights after every
+        # backward (find_unused_parameters) and broadcasts buffers before every forward: CPU time a step
+        # cannot spare.
         ddp_find_unused_parameters=False,
         ddp_broadcast_buffers=False,
         **flags,
     )
-    # accelerate launch hands its config's mixed_precision to the Trainer through the environment, which would turn
-    # autocast on behind train.autocast (and send the fused LoRA layers down PEFT's path): the run's config decides.
+    # accelerate launch hands its config's mixed_precision to the Trainer through the environment, which would
+    # turn autocast on behind train.autocast (and send the fused LoRA layers down PEFT's path): the run's
+    # config decides.
     args.mixed_precision = "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "no"
     single = one_gpu_per_process(args)
     if single:
@@ -454,8 +465,9 @@ def run(cfg: Config, run: Run):
     )
 
     if sharded_loading(cfg):
-        # Sharded already, which accelerate's prepare leaves as it is; but first it looks the decoder layer's class up
-        # by name to choose what to wrap, and fully_shard has renamed it (FSDPLlamaDecoderLayer): nothing to wrap.
+        # Sharded already, which accelerate's prepare leaves as it is; but first it looks the decoder layer's
+        # class up by name to choose what to wrap, and fully_shard has renamed it (FSDPLlamaDecoderLayer):
+        # nothing to wrap.
         trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = None
 
     # ---- loop

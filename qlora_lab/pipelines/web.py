@@ -1,9 +1,12 @@
 """Web app: `python -m qlora_lab pipeline=web [run_dir=RUN] [web.host=...] [web.port=...]`
 
 Four pages in one Gradio app, served on web.host:web.port (this machine only by default) until Ctrl-C:
-  Chat          streamed replies from a run in any inference mode, the history rendered as in training and chat
-  Side by side  one prompt, two inference modes (base vs fine-tuned by default), with time to first token and tokens/s
-  Runs          the runs under paths.output_dir; one run's config, metrics.json, evaluation table and loss curve
+  Chat          streamed replies from a run in any inference mode, the history rendered as in training and
+                chat
+  Side by side  one prompt, two inference modes (base vs fine-tuned by default), with time to first token
+                and tokens/s
+  Runs          the runs under paths.output_dir; one run's config, metrics.json, evaluation table and loss
+                curve
   Sweeps        a sweep's decision card (decision.md + decision.png), summary.md tables and plots
 
 Gradio rather than Streamlit: a Gradio event handler that is a Python generator streams each yield to the page
@@ -12,9 +15,9 @@ config this job already composed, with no second command line. Loaded models are
 memory budget (ModelCache).
 
 On a shared machine the app is safe by default: it answers only under the names it is served at (Guard: no DNS
-rebinding), refuses state-changing requests from other origins and all uploads, lets the page load no remote image,
-serves only runs under its roots (paths.output_dir and run_dir's parent) with the job's own trust_remote_code, and
-asks for a login (web.auth) whenever web.host is not a loopback address.
+rebinding), refuses state-changing requests from other origins and all uploads, lets the page load no remote
+image, serves only runs under its roots (paths.output_dir and run_dir's parent) with the job's own
+trust_remote_code, and asks for a login (web.auth) whenever web.host is not a loopback address.
 """
 
 from __future__ import annotations
@@ -84,9 +87,10 @@ def default_budget() -> int:
 
 
 class ModelCache:
-    """The models the page loaded, by (run, mode), so that side by side and switching back need no reload. The least
-    recently used go first when the next one would not fit in `budget` bytes (the newest is always kept). `lock` is
-    held by whoever loads or generates, so that a model is never dropped from under a running generation."""
+    """The models the page loaded, by (run, mode), so that side by side and switching back need no reload. The
+    least recently used go first when the next one would not fit in `budget` bytes (the newest is always
+    kept). `lock` is held by whoever loads or generates, so that a model is never dropped from under a running
+    generation."""
 
     def __init__(self, cfg: Config, source: Path | None, budget: int | None = None):
         self.cfg, self.source = cfg, source  # the job's config and run (run_dir=), if any
@@ -95,8 +99,9 @@ class ModelCache:
         self.lock = threading.Lock()
 
     def run_config(self, run_dir: Path | None) -> Config:
-        """The config a run was trained with (model, quantization, lora, dataset, train), on this job's settings.
-        trust_remote_code is always the job's own: a browsed run's saved config cannot turn it on."""
+        """The config a run was trained with (model, quantization, lora, dataset, train), on this job's
+        settings. trust_remote_code is always the job's own: a browsed run's saved config cannot turn it
+        on."""
         if run_dir is None or run_dir == self.source:
             return self.cfg
         cfg = inherit_from_run(self.cfg, run_dir, [])[0]
@@ -108,8 +113,8 @@ class ModelCache:
         return str(run_dir or ""), InferenceMode(mode).value
 
     def to_drop(self, key: tuple[str, str]) -> list[tuple[str, str]]:
-        """The models that loading `key` unloads, oldest first. Its size is guessed from a held model of the same
-        run, else the largest held one."""
+        """The models that loading `key` unloads, oldest first. Its size is guessed from a held model of the
+        same run, else the largest held one."""
         if key in self.loaded:
             return []
         same_run = [m.bytes for k, m in self.loaded.items() if k[0] == key[0]]
@@ -150,7 +155,8 @@ class ModelCache:
 
 class _TokenStreamer(BaseStreamer):
     """Hands the answer so far to the reading thread after every new token, and times the first one.
-    (TextIteratorStreamer holds text back until a space, which Chinese text or a random test model may never write.)"""
+    (TextIteratorStreamer holds text back until a space, which Chinese text or a random test model may never
+    write.)"""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -193,12 +199,14 @@ class _StopWhenSet(StoppingCriteria):
 def stream_reply(
     loaded: Loaded, ids, gen: GenerationConfig, stop: threading.Event | None = None, every_s: float = 0.1
 ) -> Iterator[tuple[str, dict]]:
-    """Yields (the answer so far, stats) while generate() runs in a thread, at most once every `every_s` seconds
-    (a page sent every token of a fast model falls behind it), then the whole answer; stats: new_tokens, ttft_s,
-    seconds, tokens_per_s (new tokens ÷ the answer's wall time), stopped. An error inside generate() is raised here.
+    """Yields (the answer so far, stats) while generate() runs in a thread, at most once every `every_s`
+    seconds (a page sent every token of a fast model falls behind it), then the whole answer; stats:
+    new_tokens, ttft_s, seconds, tokens_per_s (new tokens ÷ the answer's wall time), stopped. An error inside
+    generate() is raised here.
 
-    Setting `stop` ends the answer early (the Stop button). Closing this generator (the page cancelled the event,
-    or its client went away) stops generate() too and waits for its thread, so no model runs for nobody."""
+    Setting `stop` ends the answer early (the Stop button). Closing this generator (the page cancelled the
+    event, or its client went away) stops generate() too and waits for its thread, so no model runs for
+    nobody."""
     model, tokenizer = loaded.model, loaded.tokenizer
     config = hf_generation_config(gen, tokenizer)
     streamer = _TokenStreamer(tokenizer)
@@ -299,13 +307,14 @@ _CODE = re.compile(r"(```.*?(?:```|\Z)|`[^`\n]*`)", re.S)  # a fence still open 
 
 
 def as_typed(text: str) -> str:
-    """A user's message as Markdown that shows exactly the text typed: every Markdown and HTML character escaped."""
+    """A user's message as Markdown that shows exactly the text typed: every Markdown and HTML character
+    escaped."""
     return _MARKDOWN_PUNCTUATION.sub(r"\\\1", text)
 
 
 def as_reply(text: str) -> str:
-    """A model's reply as Markdown without raw HTML or images (which the browser would fetch from anywhere); code
-    spans and blocks are left as written (Markdown shows them as text)."""
+    """A model's reply as Markdown without raw HTML or images (which the browser would fetch from anywhere);
+    code spans and blocks are left as written (Markdown shows them as text)."""
     parts = _CODE.split(text)
     return "".join(p if i % 2 else p.replace("<", "&lt;").replace("![", "!\\[") for i, p in enumerate(parts))
 
@@ -325,7 +334,8 @@ CSP = "img-src 'self' data: blob:; media-src 'self' data: blob:; frame-ancestors
 
 
 def served_names(host: str) -> frozenset[str]:
-    """The Host names the app answers to: loopback, web.host, and on a wildcard address this machine's names."""
+    """The Host names the app answers to: loopback, web.host, and on a wildcard address this machine's
+    names."""
     names = {"127.0.0.1", "localhost", "::1", host.lower().strip("[]")}
     if host in ("0.0.0.0", "::", ""):
         hostname = socket.gethostname()
@@ -345,8 +355,8 @@ def host_name(host_header: str) -> str:
 class Guard:
     """ASGI middleware in front of Gradio's app. Refuses a Host this app is not served under (400: a page on a
     name that resolves here, i.e. DNS rebinding), a state-changing request from another origin (403: a page on
-    another site posting to it), and uploads (403: the app has no upload component). Every page it serves may load
-    images only from itself (CSP), so a message or reply cannot make the browser fetch a remote image."""
+    another site posting to it), and uploads (403: the app has no upload component). Every page it serves may
+    load images only from itself (CSP), so a message or reply cannot make the browser fetch a remote image."""
 
     def __init__(self, app, names: frozenset[str]):
         self.app, self.names = app, names
@@ -390,7 +400,8 @@ class Guard:
 
 @dataclass
 class Turn:
-    """One answer being generated for one page: Stop sets `stop`; Reset also sets `discarded` (no more output)."""
+    """One answer being generated for one page: Stop sets `stop`; Reset also sets `discarded` (no more
+    output)."""
 
     stop: threading.Event = field(default_factory=threading.Event)
     discarded: bool = False
@@ -398,15 +409,15 @@ class Turn:
 
 def too_long_line(prompt_tokens: int, max_new_tokens: int, context: int) -> str:
     return (
-        f"**not sent:** the message is {prompt_tokens} tokens, and with max new tokens {max_new_tokens} that is "
-        f"more than the model's context of {context} tokens; shorten it, or lower max new tokens."
+        f"**not sent:** the message is {prompt_tokens} tokens, and with max new tokens {max_new_tokens} that "
+        f"is more than the model's context of {context} tokens; shorten it, or lower max new tokens."
     )
 
 
 @dataclass
 class AppState:
-    """What the pages share: the job's config, the runs the app may serve, the loaded models and the answers being
-    generated (one per session and page)."""
+    """What the pages share: the job's config, the runs the app may serve, the loaded models and the answers
+    being generated (one per session and page)."""
 
     cfg: Config
     source: Path | None
@@ -455,7 +466,8 @@ class AppState:
         return [NO_RUN] + list(dict.fromkeys(names))
 
     def run_path(self, choice: str | None) -> Path | None:
-        """The run folder of a name from the list; a ConfigError for anything else (a typed or posted path)."""
+        """The run folder of a name from the list; a ConfigError for anything else (a typed or posted
+        path)."""
         if not choice or choice == NO_RUN:
             return None
         path = Path(choice)
@@ -666,7 +678,8 @@ def chat_page(state: AppState, controls: Controls, start_modes: list[str], start
 def side_by_side_page(
     state: AppState, controls: Controls, start_modes: list[str], start_mode: str, other_mode: str
 ) -> tuple[gr.Dropdown, gr.Dropdown]:
-    """The Side by side page: one prompt answered by two inference modes in turn; returns its two mode pickers."""
+    """The Side by side page: one prompt answered by two inference modes in turn; returns its two mode
+    pickers."""
     cache, gen0, cfg = state.cache, state.gen0, state.cfg
     with gr.Row(equal_height=True):
         prompt_box = gr.Textbox(label="prompt", lines=2, scale=5, elem_id="sbs-input")
@@ -753,8 +766,8 @@ def side_by_side_page(
 
 
 def runs_page(state: AppState):
-    """The Runs page: the runs under output_dir and one run's details. Returns (refresh, its outputs): what a page
-    load calls to read the folders again."""
+    """The Runs page: the runs under output_dir and one run's details. Returns (refresh, its outputs): what a
+    page load calls to read the folders again."""
     output_dir = state.output_dir
     gr.Markdown(f"Runs under `{output_dir}`, newest first; times in UTC.")
     runs_df = gr.Dataframe(
