@@ -419,10 +419,10 @@ def test_fsdp2_fused_loss_gets_the_whole_lm_head(tmp_path):
     }
 
 
-def _sharded_against_whole(rank: int, port: int, out: str, quant: str = "nf4") -> None:
-    """One of two gloo ranks under FSDP: the tiny nf4 model loaded shard by shard (sharded_loading) against
-    the same checkpoint loaded whole on this rank as one process loads it (load_model + attach_lora), both
-    from seed 42."""
+def _sharded_against_whole(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks under FSDP: the tiny model in nf4, then fp4 (one process group for both, to spare
+    a second pair of processes), loaded shard by shard (sharded_loading) against the same checkpoint loaded
+    whole on this rank as one process loads it (load_model + attach_lora), both from seed 42."""
     import gc
 
     import bitsandbytes as bnb
@@ -447,110 +447,127 @@ def _sharded_against_whole(rank: int, port: int, out: str, quant: str = "nf4") -
         ACCELERATE_USE_FSDP="true",
     )
     torch.set_num_threads(1)
-    cfg = make_cfg(
-        [*TINY, f"quantization={quant}", "lora.dropout=0", f"paths.cache_dir={Path(out).parent / 'cache'}"]
-    )
-    # the random checkpoint, built once (under a file lock) by whichever rank comes first
-    path = model_path(cfg)
 
-    def whole_4bit_weights() -> int:
-        gc.collect()
-        return sum(isinstance(o, bnb.nn.Params4bit) and not o.is_meta for o in gc.get_objects())
-
-    alive, fully_shard = [], fsdp.fully_shard
-
-    def counting_fully_shard(module, **kwargs):  # how many whole 4-bit weights exist as each unit is sharded
-        alive.append(whole_4bit_weights())
-        return fully_shard(module, **kwargs)
-
-    fsdp.fully_shard = counting_fully_shard
-    set_seed(42)
-    sharded, _, (trainable, total) = load_sharded(path, cfg)
-    fsdp.fully_shard = fully_shard
-    whole_left = whole_4bit_weights()  # each whole 4-bit weight was freed once its layer was sharded
-    set_seed(42)
-    whole = attach_lora(load_model(path, cfg), cfg)
-
-    def local_4bit_bytes(model) -> int:
-        return sum(
-            (w.to_local() if hasattr(w, "to_local") else w).untyped_storage().nbytes()
-            for m in model.modules()
-            if isinstance(m, bnb.nn.Linear4bit)
-            for w in [m.weight]
+    def one(quant: str) -> dict:
+        cfg = make_cfg(
+            [
+                *TINY,
+                f"quantization={quant}",
+                "lora.dropout=0",
+                f"paths.cache_dir={Path(out).parent / 'cache'}",
+            ]
         )
+        # the random checkpoint, built once (under a file lock) by whichever rank comes first
+        path = model_path(cfg)
 
-    lora = [(n, p) for n, p in sharded.named_parameters() if p.requires_grad]
-    whole_start = {n: p.detach().clone() for n, p in whole.named_parameters() if p.requires_grad}
-    sharded_start = full_adapter_state(sharded)
-    result = {
-        "most_whole_4bit_weights": max(alive),  # one decoder layer's 7 linear layers (the model has 14)
-        "whole_4bit_weights_left": whole_left,
-        "bytes_ratio": local_4bit_bytes(sharded) / local_4bit_bytes(whole),
-        "params": [trainable, total] == list(whole.get_nb_trainable_parameters()),
-        "lora_is_fsdp": all(type(p).__name__ == "DTensor" for _, p in lora) and len(lora) == len(whole_start),
-        "same_lora_init": sharded_start.keys() == whole_start.keys()
-        and all(torch.equal(sharded_start[k], whole_start[k]) for k in whole_start),
-    }
-    # the same batch on both ranks: FSDP's averaged gradient is then one process's gradient on that batch
-    ids = torch.arange(48).reshape(2, 24) * 7 % 5000 + 100
-    with torch.no_grad():
-        result["max_logit_diff"] = (
-            (sharded(input_ids=ids).logits - whole(input_ids=ids).logits).abs().max().item()
+        def whole_4bit_weights() -> int:
+            gc.collect()
+            return sum(isinstance(o, bnb.nn.Params4bit) and not o.is_meta for o in gc.get_objects())
+
+        alive, fully_shard = [], fsdp.fully_shard
+
+        # how many whole 4-bit weights exist as each unit is sharded
+        def counting_fully_shard(module, **kwargs):
+            alive.append(whole_4bit_weights())
+            return fully_shard(module, **kwargs)
+
+        fsdp.fully_shard = counting_fully_shard
+        set_seed(42)
+        sharded, _, (trainable, total) = load_sharded(path, cfg)
+        fsdp.fully_shard = fully_shard
+        whole_left = whole_4bit_weights()  # each whole 4-bit weight was freed once its layer was sharded
+        set_seed(42)
+        whole = attach_lora(load_model(path, cfg), cfg)
+
+        def local_4bit_bytes(model) -> int:
+            return sum(
+                (w.to_local() if hasattr(w, "to_local") else w).untyped_storage().nbytes()
+                for m in model.modules()
+                if isinstance(m, bnb.nn.Linear4bit)
+                for w in [m.weight]
+            )
+
+        lora = [(n, p) for n, p in sharded.named_parameters() if p.requires_grad]
+        whole_start = {n: p.detach().clone() for n, p in whole.named_parameters() if p.requires_grad}
+        sharded_start = full_adapter_state(sharded)
+        result = {
+            "most_whole_4bit_weights": max(alive),  # one decoder layer's 7 linear layers (the model has 14)
+            "whole_4bit_weights_left": whole_left,
+            "bytes_ratio": local_4bit_bytes(sharded) / local_4bit_bytes(whole),
+            "params": [trainable, total] == list(whole.get_nb_trainable_parameters()),
+            "lora_is_fsdp": all(type(p).__name__ == "DTensor" for _, p in lora)
+            and len(lora) == len(whole_start),
+            "same_lora_init": sharded_start.keys() == whole_start.keys()
+            and all(torch.equal(sharded_start[k], whole_start[k]) for k in whole_start),
+        }
+        # the same batch on both ranks: FSDP's averaged gradient is then one process's gradient on that batch
+        ids = torch.arange(48).reshape(2, 24) * 7 % 5000 + 100
+        with torch.no_grad():
+            result["max_logit_diff"] = (
+                (sharded(input_ids=ids).logits - whole(input_ids=ids).logits).abs().max().item()
+            )
+        losses = {"sharded": [], "whole": []}
+        for name, model in (("sharded", sharded), ("whole", whole)):
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=5e-3)
+            for step in range(3):
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                if name == "sharded" and step == 0:
+                    grads = [p.grad for p in params]
+                    result["lora_grads"] = all(g is not None for g in grads) and all(
+                        g.full_tensor().abs().sum() > 0
+                        for (n, _), g in zip(lora, grads, strict=True)
+                        if "lora_B" in n
+                    )
+                opt.step()
+                opt.zero_grad()
+                losses[name].append(loss.item())
+        result["max_loss_diff"] = max(
+            abs(a - b) for a, b in zip(losses["sharded"], losses["whole"], strict=True)
         )
-    losses = {"sharded": [], "whole": []}
-    for name, model in (("sharded", sharded), ("whole", whole)):
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=5e-3)
-        for step in range(3):
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            if name == "sharded" and step == 0:
-                grads = [p.grad for p in params]
-                result["lora_grads"] = all(g is not None for g in grads) and all(
-                    g.full_tensor().abs().sum() > 0
-                    for (n, _), g in zip(lora, grads, strict=True)
-                    if "lora_B" in n
-                )
-            opt.step()
-            opt.zero_grad()
-            losses[name].append(loss.item())
-    result["max_loss_diff"] = max(abs(a - b) for a, b in zip(losses["sharded"], losses["whole"], strict=True))
-    result["loss_moved"] = losses["sharded"][-1] < losses["sharded"][0]
-    adapter = full_adapter_state(sharded)
-    trained = {n: p.detach() for n, p in whole.named_parameters() if p.requires_grad}
-    result["adapter_max_diff"] = max((adapter[k] - trained[k]).abs().max().item() for k in trained)
+        result["loss_moved"] = losses["sharded"][-1] < losses["sharded"][0]
+        adapter = full_adapter_state(sharded)
+        trained = {n: p.detach() for n, p in whole.named_parameters() if p.requires_grad}
+        result["adapter_max_diff"] = max((adapter[k] - trained[k]).abs().max().item() for k in trained)
+        if rank == 0:
+            sharded.save_pretrained(Path(out).parent / quant / "adapter", state_dict=adapter)
+        return result
+
+    results = {quant: one(quant) for quant in ("nf4", "fp4")}
     if rank == 0:
-        sharded.save_pretrained(Path(out).parent / "adapter", state_dict=adapter)
-        Path(out).write_text(json.dumps(result))
+        Path(out).write_text(json.dumps(results))
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("quant", ["nf4", "fp4"])
-def test_fsdp_sharded_loading_matches_whole_loading(tmp_path, quant):
-    """FSDP + 4-bit loads shard by shard: each rank holds half the 4-bit weights, with the logits, LoRA
-    initialisation, per-step losses and trained adapter of the model loaded whole (fp32 on a CPU: to 1e-5),
-    the adapter FSDP-managed and trained, and saved whole as a normal PEFT folder."""
-    import functools
-
+def test_fsdp_sharded_loading_matches_whole_loading(tmp_path):
+    """FSDP + 4-bit (nf4 and fp4) loads shard by shard: each rank holds half the 4-bit weights, with the
+    logits, LoRA initialisation, per-step losses and trained adapter of the model loaded whole (fp32 on a CPU:
+    to 1e-5), the adapter FSDP-managed and trained, and saved whole as a normal PEFT folder."""
     from safetensors.torch import load_file
 
-    result = on_two_gloo_ranks(functools.partial(_sharded_against_whole, quant=quant), tmp_path)
-    assert result.pop("bytes_ratio") == pytest.approx(0.5, abs=0.01)
-    assert result.pop("max_logit_diff") < 1e-5
-    assert result.pop("max_loss_diff") < 1e-5
-    assert result.pop("adapter_max_diff") < 1e-5
-    assert result == {
-        "most_whole_4bit_weights": 7,
-        "whole_4bit_weights_left": 0,
-        "params": True,
-        "lora_is_fsdp": True,
-        "same_lora_init": True,
-        "lora_grads": True,
-        "loss_moved": True,
-    }
-    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
-    assert len(saved) == 28 and all(t.shape[0] in (16, 64, 128) or t.shape[1] == 16 for t in saved.values())
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 16
+    results = on_two_gloo_ranks(_sharded_against_whole, tmp_path)
+    assert list(results) == ["nf4", "fp4"]
+    for quant, result in results.items():
+        assert result.pop("bytes_ratio") == pytest.approx(0.5, abs=0.01), quant
+        assert result.pop("max_logit_diff") < 1e-5, quant
+        assert result.pop("max_loss_diff") < 1e-5, quant
+        assert result.pop("adapter_max_diff") < 1e-5, quant
+        assert result == {
+            "most_whole_4bit_weights": 7,
+            "whole_4bit_weights_left": 0,
+            "params": True,
+            "lora_is_fsdp": True,
+            "same_lora_init": True,
+            "lora_grads": True,
+            "loss_moved": True,
+        }, quant
+        adapter = tmp_path / quant / "adapter"
+        saved = load_file(adapter / "adapter_model.safetensors")
+        assert len(saved) == 28 and all(
+            t.shape[0] in (16, 64, 128) or t.shape[1] == 16 for t in saved.values()
+        )
+        assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 16
 
 
 def _random_in_memory(rank: int, port: int, out: str) -> None:
