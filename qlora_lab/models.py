@@ -683,30 +683,6 @@ def liger_kernels(cfg: Config, model_type: str | None = None) -> bool:
     return True
 
 
-def gather_lm_head_for_fused_loss(model) -> None:
-    """Liger's fused cross-entropy reads `lm_head.weight` without calling the LM head, so under FSDP2 (which
-    gathers a sharded module's weights only when the module itself runs) it would get the local shard. Gather
-    the LM head for the causal LM's forward and free it after: the loss computes its input gradient in the
-    forward, and the LM head is frozen, so the backward needs no weight."""
-    from torch.distributed.fsdp import FSDPModule
-
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = causal_lm.get_output_embeddings()
-
-    def gather(module, args):
-        if isinstance(
-            head, FSDPModule
-        ):  # sharded by the Trainer's prepare, after these hooks were registered
-            head.unshard()
-
-    def free(module, args, output):
-        if isinstance(head, FSDPModule):
-            head.reshard()
-
-    causal_lm.register_forward_pre_hook(gather)
-    causal_lm.register_forward_hook(free)
-
-
 def count_params(model) -> tuple[int, int]:
     trainable, total = model.get_nb_trainable_parameters()
     return int(trainable), int(total)

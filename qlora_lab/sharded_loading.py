@@ -2,20 +2,18 @@
 fsdp_qlora).
 
 transformers places a bitsandbytes-quantized model whole on each rank's GPU, and FSDP shards it only
-afterwards (in accelerate's prepare): a 4-bit 70B (~37 GiB) never fits a 24 GiB GPU that way. Here each rank
-instead
+afterwards
+(in accelerate's prepare): a 4-bit 70B (~37 GiB) never fits a 24 GiB GPU that way. Here each rank instead
 1. builds the skeleton on the meta device (no memory), its Linear layers made bitsandbytes Linear4bit by
-transformers'
-   own quantizer, and PEFT's LoRA layers attached, still on meta;
+   transformers' own quantizer, and PEFT's LoRA layers attached, still on meta;
 2. materializes one decoder layer at a time on its device: the base weights read from the checkpoint (only
-that
-   layer's tensors) or drawn in memory (model.random_in_memory), quantized to 4 bits as transformers does it,
-   the LoRA layers built by PEFT's own `update_layer` (so initialised as `get_peft_model` does, in the same
-   order), then `fully_shard(layer)`: the rank keeps its shard and frees the rest before the next layer;
-3. ends with the embeddings, final norm and LM head (accelerate's grouping) and `fully_shard` of the whole
-model. accelerate's prepare returns a model that is already FSDP-sharded unchanged, so the Trainer runs as
-before. Per-rank load peak: about (the 4-bit model / world size) + one layer.
-"""
+   that layer's tensors) or drawn in memory (model.random_in_memory), quantized to 4 bits as transformers does
+   it, the LoRA layers built by PEFT's own `update_layer` (so initialised as `get_peft_model` does, in the
+   same order), then `fully_shard(layer)`: the rank keeps its shard and frees the rest before the next layer;
+3. ends with the embedding and an untied LM head, each its own unit (the training loss reads the head's shards
+   and never gathers it: sharded_loss.py), a tied one grouped with the final norm, and `fully_shard` of the
+   whole model. accelerate's prepare returns a model that is already FSDP-sharded unchanged, so the Trainer
+   runs as before. Per-rank load peak: about (the 4-bit model / world size) + one layer."""
 
 from __future__ import annotations
 
@@ -260,11 +258,14 @@ def load_sharded(path: str | None, cfg: Config):
         fully_shard(embed, **shard)
         weights.start_group(len(layers) + 1)
         materialize(rest, names, weights, prefix)
-    norm = getattr(causal_lm.get_decoder(), "norm", None)
-    tail = [
-        m for m in (norm, embed if tied else None, head) if m is not None and not isinstance(m, FSDPModule)
-    ]
-    fully_shard(tail, **shard, reshard_after_forward=False)
+    if tied:  # the LM head is the embedding, gathered for the input anyway: kept whole until the backward
+        norm = getattr(causal_lm.get_decoder(), "norm", None)
+        tail = [m for m in (norm, embed, head) if m is not None and not isinstance(m, FSDPModule)]
+        fully_shard(tail, **shard, reshard_after_forward=False)
+    elif head is not None:
+        # its own unit, which a training step never gathers: the loss reads its shards (sharded_loss.py); the
+        # final norm stays in the root's group
+        fully_shard(head, **shard)
     fully_shard(model, **shard)
     keep_one_cpu_4bit_path(model)
     if any(p.is_meta for p in model.parameters()) or any(b.is_meta for b in model.buffers()):

@@ -352,10 +352,9 @@ def test_fsdp2_adapter_is_gathered_whole(tmp_path):
     assert on_two_gloo_ranks(_shard_and_gather, tmp_path) == {"same": True, "tensors": 28}
 
 
-def _fused_loss_reads_lm_head(rank: int, port: int, out: str) -> None:
-    """One of two gloo ranks: the LM head sharded as its own FSDP2 unit (as accelerate does), and a loss that
-    reads `lm_head.weight` inside the causal LM's forward without calling the LM head, as Liger's fused
-    cross-entropy does."""
+def _sharded_head_loss(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks: the LM head sharded as its own FSDP2 unit (vocabulary 67: 34 + 33 rows) and the
+    loss from causal_lm_loss, each rank with its own number of tokens; against the same model unsharded."""
     import torch
     import torch.distributed as dist
     from peft import LoraConfig, get_peft_model
@@ -363,14 +362,16 @@ def _fused_loss_reads_lm_head(rank: int, port: int, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qlora_lab.models import gather_lm_head_for_fused_loss
+    from qlora_lab import sharded_loss
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=64,
+    sharded_loss.CHUNK_ELEMENTS = 67 * 5  # several chunks of 5 tokens
+
+    def build():
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=67,
             hidden_size=32,
             intermediate_size=64,
             num_hidden_layers=2,
@@ -378,45 +379,63 @@ def _fused_loss_reads_lm_head(rank: int, port: int, out: str) -> None:
             num_key_value_heads=2,
             tie_word_embeddings=False,
         )
-    )
-    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        return get_peft_model(LlamaForCausalLM(config), lora)
+
+    batches = [torch.arange(12).reshape(2, 6) * 5 % 67, torch.arange(9).reshape(1, 9) * 7 % 67]
+    labels = [b.clone() for b in batches]
+    labels[0][0, :2] = -100  # ignored targets (a prompt)
+    # one process with both ranks' batches: each rank's loss, and the ranks' mean gradient (what FSDP keeps)
+    whole = build()
+    losses, grads = [], []
+    for ids, lab in zip(batches, labels, strict=True):
+        whole.zero_grad()
+        loss = whole(input_ids=ids, labels=lab).loss
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in whole.named_parameters() if p.requires_grad})
+    mean_grad = {n: (grads[0][n] + grads[1][n]) / 2 for n in grads[0]}
+
+    model = build()
     causal_lm = model.get_base_model()
-    head = causal_lm.lm_head
-    fused = {}
-
-    def fused_loss(module, args, output):  # inside the causal LM's forward, where Liger computes its loss
-        fused["logits"] = output.last_hidden_state @ head.weight.T
-
-    causal_lm.model.register_forward_hook(fused_loss)
+    applied = sharded_loss.use_sharded_head_loss(model)
     mesh = init_device_mesh("cpu", (2,))
     for layer in causal_lm.model.layers:
         fully_shard(layer, mesh=mesh)
-    fully_shard(head, mesh=mesh)
+    fully_shard(causal_lm.lm_head, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    ids = torch.arange(12).reshape(2, 6)
-    result = {}
-    try:
-        model(input_ids=ids)
-        result["without_gather"] = "ran"
-    except RuntimeError as e:  # the local shard mixed with whole tensors
-        result["without_gather"] = "DTensor" if "DTensor" in str(e) else str(e)
-    gather_lm_head_for_fused_loss(model)
-    logits = model(input_ids=ids).logits
-    result["same_logits"] = bool(torch.allclose(fused["logits"], logits, atol=1e-6))
-    result["head_sharded_after"] = type(head.weight).__name__ == "DTensor"
+    loss = model(input_ids=batches[rank], labels=labels[rank]).loss
+    head_sharded_in_step = type(causal_lm.lm_head.weight).__name__ == "DTensor"
+    loss.backward()
+    both = [None, None]
+    dist.all_gather_object(both, loss.item())
+    got = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():  # without labels: the logits, through the LM head
+        logits = model(input_ids=batches[0]).logits
+        expected = whole(input_ids=batches[0]).logits
     if rank == 0:
-        Path(out).write_text(json.dumps(result))
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "applied": applied,
+                    "losses_differ": max(abs(a - b) for a, b in zip(both, losses, strict=True)),
+                    "grads_differ": max((got[n] - mean_grad[n]).abs().max().item() for n in got),
+                    "grads": len(got),
+                    "head_sharded_in_step": head_sharded_in_step,
+                    "logits_differ": (logits - expected).abs().max().item(),
+                }
+            )
+        )
     dist.destroy_process_group()
 
 
-def test_fsdp2_fused_loss_gets_the_whole_lm_head(tmp_path):
-    """Liger's fused cross-entropy under FSDP2: the LM head is gathered for the causal LM's forward (else the
-    loss reads a shard: the GPU run failed with `mixed torch.Tensor and DTensor`) and freed after it."""
-    assert on_two_gloo_ranks(_fused_loss_reads_lm_head, tmp_path) == {
-        "without_gather": "DTensor",
-        "same_logits": True,
-        "head_sharded_after": True,
-    }
+def test_fsdp2_loss_over_the_sharded_lm_head(tmp_path):
+    """Under FSDP2 the loss never gathers the LM head (on 70B the whole head was 1.96 GiB over a 24 GiB card):
+    each rank's loss and the averaged adapter gradients equal the unsharded model's, with uneven shards of the
+    vocabulary and a different number of tokens on each rank."""
+    result = on_two_gloo_ranks(_sharded_head_loss, tmp_path)
+    assert result["applied"] and result["head_sharded_in_step"] and result["grads"] == 8
+    assert result["losses_differ"] < 1e-5 and result["grads_differ"] < 1e-5 and result["logits_differ"] < 1e-5
 
 
 def _sharded_against_whole(rank: int, port: int, out: str) -> None:
@@ -570,13 +589,39 @@ def test_fsdp_sharded_loading_matches_whole_loading(tmp_path):
         assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 16
 
 
+@pytest.mark.parametrize("num_items", [None, 7])
+def test_loss_in_vocabulary_chunks_is_transformers_causal_lm_loss(monkeypatch, num_items):
+    """One process, the head whole, logits in chunks of 3 tokens: transformers' loss and input gradient
+    (ignored targets, a mean or a sum over num_items_in_batch), and what bf16 computes within bf16's step."""
+    import torch
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from qlora_lab import sharded_loss
+
+    monkeypatch.setattr(sharded_loss, "CHUNK_ELEMENTS", 50 * 3)
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 5, 16), torch.randn(50, 16)
+    labels = torch.randint(0, 50, (2, 5))
+    labels[0, :2] = -100
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        h = hidden.to(dtype).clone().requires_grad_()
+        got = sharded_loss.causal_lm_loss(h, weight.to(dtype), labels, num_items)
+        got.backward()
+        ref_h = hidden.to(dtype).clone().requires_grad_()
+        expected = ForCausalLMLoss(ref_h @ weight.to(dtype).T, labels, 50, num_items)
+        expected.backward()
+        assert abs(got.item() - expected.item()) < tolerance, dtype
+        assert torch.allclose(h.grad.float(), ref_h.grad.float(), atol=tolerance), dtype
+
+
 def _random_in_memory(rank: int, port: int, out: str) -> None:
     """One of two gloo ranks under FSDP: the tiny nf4 model with its random weights drawn in memory, twice."""
     import torch
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule
+    from transformers.loss.loss_utils import ForCausalLMLoss
 
-    from qlora_lab.models import gather_lm_head_for_fused_loss
+    from qlora_lab import sharded_loss
     from qlora_lab.sharded_loading import load_sharded
 
     from .conftest import make_cfg
@@ -591,7 +636,7 @@ def _random_in_memory(rank: int, port: int, out: str) -> None:
         ACCELERATE_USE_FSDP="true",
     )
     torch.set_num_threads(1)
-    # untied, as Llama-3: the embedding is sharded on its own, the LM head with the final norm
+    # untied, as Llama-3: the embedding and the LM head are sharded on their own
     tiny = [
         *TINY,
         "quantization=nf4",
@@ -605,18 +650,16 @@ def _random_in_memory(rank: int, port: int, out: str) -> None:
         model, _, _ = load_sharded(None, cfg)
         with torch.no_grad():
             logits.append(model(input_ids=ids).logits)
-    # Liger's fused loss reads the LM head's weight inside the causal LM's forward: gathered whole for it
+    # the loss over the LM head's shards (its own FSDP unit, which the training forward never gathers) equals
+    # the loss of the logits the whole head gives
     causal_lm = model.get_base_model()
-    fused = {}
-
-    def fused_loss(module, args, output):
-        fused["logits"] = output.last_hidden_state @ causal_lm.lm_head.weight.T
-
-    causal_lm.model.register_forward_hook(fused_loss)
-    gather_lm_head_for_fused_loss(model)
+    sharded_loss.use_sharded_head_loss(model)
     with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+        head_left_sharded = type(causal_lm.lm_head.weight).__name__ == "DTensor"
         whole_head_logits = model(input_ids=ids).logits
-    same_fused = bool(torch.allclose(fused["logits"], whole_head_logits, atol=1e-6))
+    expected = ForCausalLMLoss(whole_head_logits, ids, whole_head_logits.shape[-1])
+    same_loss = abs(loss.item() - expected.item()) < 1e-5
     for module in model.modules():  # the tail group stays unsharded after a forward
         if isinstance(module, FSDPModule):
             module.reshard()
@@ -636,7 +679,7 @@ def _random_in_memory(rank: int, port: int, out: str) -> None:
                     "norms_ones": bool(torch.equal(norm, torch.ones_like(norm))),
                     "finite": bool(logits[0].isfinite().all()),
                     "untied": causal_lm.lm_head.weight is not causal_lm.get_input_embeddings().weight,
-                    "fused_loss_gets_whole_head": same_fused,
+                    "loss_over_the_head_shards": same_loss and head_left_sharded,
                 }
             )
         )
@@ -646,7 +689,7 @@ def _random_in_memory(rank: int, port: int, out: str) -> None:
 def test_fsdp_random_weights_drawn_in_memory_per_layer(tmp_path):
     """model.random_in_memory: no checkpoint folder; every rank draws the same weights (as transformers
     initialises the architecture: N(0, 0.02) matrices, ones for the norms), the same again on every load.
-    Untied LM head: Liger's fused loss gets it whole."""
+    Untied LM head: the training loss reads its shards, and equals the whole head's."""
     assert on_two_gloo_ranks(_random_in_memory, tmp_path) == {
         "same_on_both_ranks": True,
         "same_when_drawn_again": True,
@@ -654,5 +697,5 @@ def test_fsdp_random_weights_drawn_in_memory_per_layer(tmp_path):
         "norms_ones": True,
         "finite": True,
         "untied": True,
-        "fused_loss_gets_whole_head": True,
+        "loss_over_the_head_shards": True,
     }

@@ -23,7 +23,6 @@ from ..layout import RunLayout
 from ..models import (
     attach_lora,
     count_params,
-    gather_lm_head_for_fused_loss,
     liger_kernels,
     load_model,
     load_tokenizer,
@@ -35,6 +34,7 @@ from ..perf import flops_per_token, peak_tflops, step_time_spread
 from ..resume import Progress, last_checkpoint
 from ..rundir import Run, peak_memory_gib, reset_peak_memory
 from ..sharded_loading import load_sharded, sharded_loading
+from ..sharded_loss import use_sharded_head_loss
 
 log = logging.getLogger(__name__)
 PROFILE_STEPS = 3  # train.profile: optimizer steps recorded
@@ -362,8 +362,14 @@ def run(cfg: Config, run: Run):
     # across their boundaries (recent Trainers set this too)
     model.config.use_cache = False
     liger = liger_kernels(cfg, model.config.model_type)
-    if liger and fsdp_enabled():
-        gather_lm_head_for_fused_loss(model)
+    # Under FSDP the loss reads the LM head's shards, never the whole head (Liger's fused loss would need it
+    # gathered on every rank: 1.96 GiB on 70B)
+    head_loss = fsdp_enabled() and use_sharded_head_loss(model)
+    kernels = (
+        f"Liger (RMSNorm, RoPE, SwiGLU{'' if head_loss else ', fused linear cross-entropy'})"
+        if liger
+        else "transformers"
+    ) + (" with the loss over the LM head's shards" if head_loss else "")
     unfused = lora_unfused_reason(cfg)
     # under per-layer checkpointing a fused 4-bit layer keeps its dequantized weight from recompute to
     # backward
@@ -382,7 +388,7 @@ def run(cfg: Config, run: Run):
         f"recipe {cfg.recipe}: attention {attention}, k-bit preparation "
         f"{cfg.quantization.preparation.value if quantized else 'n/a (not quantized)'}, optimizer "
         f"{optimizer(t.optim)}, kernels "
-        f"{'Liger (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy)' if liger else 'transformers'}, LoRA "
+        f"{kernels}, LoRA "
         f"layers {f'fused ({fused})' if unfused is None else f'peft ({unfused})'}, autocast "
         f"{'on' if t.autocast else 'off'}, gradient checkpointing "
         f"{'on' if t.gradient_checkpointing else 'off'}",
@@ -429,6 +435,8 @@ def run(cfg: Config, run: Run):
         report_to=list(t.report_to),
         include_num_input_tokens_seen="all" if varlen else "non_padding",
         use_liger_kernel=liger,
+        liger_kernel_config={"fused_linear_cross_entropy": False} if head_loss else None,
+        prediction_loss_only=True,  # the evaluation needs the loss alone, not every token's logits gathered
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         remove_unused_columns=False,
