@@ -9,7 +9,7 @@
 #   bash experiments/gpu.sh variants    # +experiment=qlora_variants on the real SmolLM2-135M-Instruct, 3 seeds
 #   bash experiments/gpu.sh multi       # 2 GPUs: one GPU vs DDP vs FSDP, 8B QLoRA (experiments/multi_gpu)
 #   bash experiments/gpu.sh sweep2      # 2 GPUs: the 8B LoRA-vs-QLoRA sweep one job at a time vs one job per GPU
-#   bash experiments/gpu.sh fsdp70b     # 2 GPUs: FSDP + 4-bit loaded shard by shard, 8B, then 70B shapes at 24 GiB a GPU
+#   bash experiments/gpu.sh fsdp70b     # 2 GPUs: FSDP + 4-bit loaded shard by shard, 8B against 1 GPU, then 70B at 24 GiB a GPU
 # Results go to $OUT (default /tmp/gpu-out): logs, reference_*.jsonl and one .tgz per sweep.
 set -uo pipefail
 stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality|variants|decision|decision2|multi|multi2|before|fsdpmem|fsdp8b|fsdp70b|fsdp70b_short|sweep2}
@@ -193,19 +193,23 @@ case $stage in
     CUDA_VISIBLE_DEVICES=0 one single_8b +experiment=multi_gpu_8b
     CUDA_VISIBLE_DEVICES=0 python3 experiments/multi_gpu/same_adapter_layout.py /root/runs/single_8b/adapter /root/runs/fsdp_8b/adapter | tee -a "$OUT/runs.jsonl"
     tar czf "$OUT/runs_fsdp8b.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard --exclude=merged -C /root runs ;;
-  fsdp70b)  # a model larger than one GPU: FSDP + 4-bit loads the base shard by shard (qlora_lab/sharded_loading.py).
-    # 8B on 2 GPUs (each rank's load peak against the whole 4-bit base, model/footprint_gib), then Llama-3-70B shapes
-    # (weights drawn in memory) with each GPU capped at 24 GiB; if that run runs out of memory, 3 steps without the
-    # cap and without the activation offload (untried under FSDP) measure what it needs. Within one 10-minute call
+  fsdp70b)  # FSDP + 4-bit, the base loaded shard by shard and the loss over the LM head's shards (sharded_loss.py):
+    # 8B on 2 GPUs against one GPU (per-GPU peak, per-step losses), then Llama-3-70B shapes (weights drawn in memory)
+    # with each GPU capped at 24 GiB, the allocator's expandable segments on (the capped run of call 6 failed with
+    # 1 GiB reserved but unused); if that run runs out of memory, 3 steps without the cap measure what it needs
     m=$(model_dir +experiment=multi_gpu_8b)
-    CUDA_VISIBLE_DEVICES=0 python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference_fsdp70b.jsonl"
-    LAUNCH=accelerate/fsdp_2gpu.yaml RUN_TIMEOUT=150 one fsdp_8b_sharded +experiment=multi_gpu_8b train.max_steps=10
+    CUDA_VISIBLE_DEVICES=0 python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference.jsonl"
+    LAUNCH=accelerate/fsdp_2gpu.yaml RUN_TIMEOUT=200 one fsdp_8b +experiment=multi_gpu_8b
+    CUDA_VISIBLE_DEVICES=0 RUN_TIMEOUT=150 one single_8b +experiment=multi_gpu_8b
+    CUDA_VISIBLE_DEVICES=0 python3 experiments/multi_gpu/same_adapter_layout.py /root/runs/single_8b/adapter /root/runs/fsdp_8b/adapter | tee -a "$OUT/runs.jsonl"
+    export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
     LAUNCH=accelerate/fsdp_2gpu.yaml RUN_TIMEOUT=240 one fsdp_70b +experiment=multi_gpu_70b
     python3 -c "import json,sys; sys.exit(0 if json.load(open('/root/runs/fsdp_70b/metrics.json')).get('train/tokens_per_s') else 1)" 2>/dev/null ||
       ! grep -qE "OutOfMemoryError|out of memory" "$OUT/runs.log" || {
       grep -E "OutOfMemoryError|out of memory" "$OUT/runs.log" | tail -n 2
       LAUNCH=accelerate/fsdp_2gpu.yaml RUN_TIMEOUT=150 one fsdp_70b_uncapped +experiment=multi_gpu_70b train.gpu_memory_cap_gib=null \
-        train.activation_offload=false train.max_steps=3; }
+        train.max_steps=3; }
+    unset PYTORCH_CUDA_ALLOC_CONF
     tar czf "$OUT/runs_fsdp70b.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard -C /root runs ;;
   decision)  # issue 23 on the real SmolLM2 (its GGUF reassembled from the parts that earlier `parts` calls left):
     # the GSM8K decision sweep, one seed per sweep folder (seeds as arguments: `decision 42 43`, then `decision 44`
