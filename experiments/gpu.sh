@@ -12,7 +12,7 @@
 #   bash experiments/gpu.sh fsdp70b     # 2 GPUs: FSDP + 4-bit loaded shard by shard, 8B against 1 GPU, then 70B at 24 GiB a GPU
 # Results go to $OUT (default /tmp/gpu-out): logs, reference_*.jsonl and one .tgz per sweep.
 set -uo pipefail
-stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality|variants|decision|decision2|multi|multi2|before|fsdpmem|fsdp8b|fsdp70b|fsdp70b_short|sweep2}
+stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality|variants|decision|decision2|multi|multi2|before|fsdpmem|fsdp8b|ckpt24|fsdp70b|fsdp70b_short|sweep2}
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT" /root/smolparts
 cp .gpu/smolpart.* /root/smolparts/ 2>/dev/null  # the SmolLM2 GGUF travels in parts, one per call (64 MiB a call)
@@ -193,6 +193,15 @@ case $stage in
     CUDA_VISIBLE_DEVICES=0 one single_8b +experiment=multi_gpu_8b
     CUDA_VISIBLE_DEVICES=0 python3 experiments/multi_gpu/same_adapter_layout.py /root/runs/single_8b/adapter /root/runs/fsdp_8b/adapter | tee -a "$OUT/runs.jsonl"
     tar czf "$OUT/runs_fsdp8b.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard --exclude=merged -C /root runs ;;
+  ckpt24)  # issue 24 on one GPU: 8B fast QLoRA and LoRA over >= 100 timed steps (epochs of the 900 examples
+    # repeat), and QLoRA with every second decoder layer checkpointed; the reference loop first
+    m=$(model_dir +experiment=multi_gpu_8b)
+    CUDA_VISIBLE_DEVICES=0 python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference.jsonl"
+    long=(+experiment=multi_gpu_8b train.max_steps=110 train.speed_skip_steps=10 train.logging_steps=10)
+    CUDA_VISIBLE_DEVICES=0 RUN_TIMEOUT=150 one qlora_110 "${long[@]}"
+    CUDA_VISIBLE_DEVICES=0 RUN_TIMEOUT=150 one lora_110 "${long[@]}" quantization=none
+    CUDA_VISIBLE_DEVICES=0 RUN_TIMEOUT=150 one qlora_110_every2 "${long[@]}" train.checkpoint_every_n_layers=2
+    tar czf "$OUT/runs_ckpt24.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard -C /root runs ;;
   fsdp70b)  # FSDP + 4-bit, the base loaded shard by shard and the loss over the LM head's shards (sharded_loss.py):
     # 8B on 2 GPUs against one GPU (per-GPU peak, per-step losses), then Llama-3-70B shapes (weights drawn in memory)
     # with each GPU capped at 24 GiB, the allocator's expandable segments on (the capped run of call 6 failed with
