@@ -481,6 +481,8 @@ def run(cfg: Config, run: Run):
     # ---- loop
     if checkpoint:
         print(f"resuming from {checkpoint}", flush=True)
+    if torch.cuda.is_available():  # what the rank holds before the first step: weights, shards, constants
+        run.log({"memory/before_train_gib": torch.cuda.memory_allocated() / 2**30})
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if t.eval_before:
         # The step-0 evaluation: the base model where B starts at zero (lora.init=loftq starts closer to W).
