@@ -18,7 +18,7 @@ import types
 
 import torch
 
-from .config import Config, ConfigError, LoraLayers, LoraVariant, QuantMethod
+from .config import Config, ConfigError, GroupProjections, LoraLayers, LoraVariant, QuantMethod
 from .distributed import fsdp_enabled
 
 
@@ -59,6 +59,22 @@ def lora_unfused_reason(cfg: Config) -> str | None:
         if blocker
         else None
     )
+
+
+def projections_ungrouped_reason(cfg: Config) -> str | None:
+    """Why a decoder layer's projections run one fused node each, or None when they are grouped
+    (train.group_projections): `on` where the LoRA layers are not fused is refused."""
+    choice, unfused = cfg.train.group_projections, lora_unfused_reason(cfg)
+    if choice is GroupProjections.off:
+        return "train.group_projections=off"
+    if unfused is None:
+        return None
+    if choice is GroupProjections.on:
+        raise ConfigError(
+            f"train.group_projections=on needs the fused LoRA layers, which are not used here ({unfused}); "
+            f"set train.lora_layers=fused where it can run, or train.group_projections=auto."
+        )
+    return "LoRA layers not fused"
 
 
 def base_weight(weight, quant_state, dtype: torch.dtype):

@@ -319,6 +319,141 @@ def test_fused_lora_training_steps_equal_peft_ones(tmp_path):
     assert len(losses["fused"]) == 3 and losses["fused"] == pytest.approx(losses["peft"], abs=1e-5)
 
 
+@pytest.mark.parametrize(
+    "quantization, double_quant, dropout",
+    [
+        ("nf4", True, 0.0),
+        ("nf4", False, 0.0),
+        ("fp4", True, 0.0),
+        ("fp4", False, 0.0),
+        ("none", None, 0.0),
+        ("nf4", True, 0.1),
+    ],
+)
+def test_grouped_projections_compute_what_fused_and_peft_layers_do(
+    quantization, double_quant, dropout, monkeypatch
+):
+    """q/k/v and gate/up as one node each, one dequantization per group (qlora_lab/fused_lora.py
+    ProjectionGroup), against the per-layer fused path and PEFT's modules on the same weights: same loss and
+    adapter gradients, with and without gradient checkpointing, in fp32 on a CPU. Not bit-identical: the
+    concatenated A matmul and the summed input gradient add in another order (differences ~1e-8)."""
+    from qlora_lab import fused_lora
+    from qlora_lab.models import attach_lora
+
+    cfg = make_cfg(
+        [
+            "model=tiny_random",
+            f"quantization={quantization}",
+            "model.dtype=float32",
+            f"lora.dropout={dropout}",
+            *([f"quantization.double_quant={double_quant}"] if double_quant is not None else []),
+        ]
+    )
+    torch.manual_seed(0)
+    model = attach_lora(load_model(model_path(cfg), cfg), cfg)
+    model.config.use_cache = False
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give the adapter something to contribute
+            torch.nn.init.normal_(param, std=0.05)
+    model.train()
+    ids = torch.randint(3, 1000, (2, 24))
+    calls = {"group": 0, "layer": 0}
+    group_weight, layer_forward = fused_lora.ProjectionGroup.base_weight, fused_lora.LoRALinear.forward
+
+    def count(kind, fn):
+        def counted(*args, **kwargs):
+            calls[kind] += 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+    monkeypatch.setattr(fused_lora.ProjectionGroup, "base_weight", count("group", group_weight))
+    monkeypatch.setattr(fused_lora.LoRALinear, "forward", staticmethod(count("layer", layer_forward)))
+
+    def step():
+        model.zero_grad()
+        calls.update(group=0, layer=0)
+        torch.manual_seed(1)  # the same dropout masks, drawn in the same order
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    peft_loss, peft_grads = step()
+    with torch.no_grad():
+        peft_eval = model.eval()(input_ids=ids, labels=ids).loss.item()  # no dropout
+    model.train()
+    assert fused_lora.fuse_lora(model) == 2 * 7
+    fused_loss, fused_grads = step()
+    assert calls == {"group": 0, "layer": 14}
+    qkv = model.base_model.model.model.layers[0].self_attn
+    weights_before = [getattr(qkv, n).base_layer.weight.data.clone() for n in ("q_proj", "k_proj", "v_proj")]
+    assert fused_lora.group_projections(model) == 2 * 2  # q/k/v and gate/up in both decoder layers
+    # the modules' own weights are now views of the group's buffer, with the same contents
+    group = qkv.q_proj._lora_group
+    for name, before in zip(("q_proj", "k_proj", "v_proj"), weights_before, strict=True):
+        weight = getattr(qkv, name).base_layer.weight
+        assert weight.untyped_storage().data_ptr() == group.weight.untyped_storage().data_ptr()
+        assert torch.equal(weight.data.view(torch.uint8), before.view(torch.uint8))  # the same bits
+    quantized = quantization != "none"
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        grouped_loss, grouped_grads = step()
+        # o_proj and down_proj stay per layer; each group dequantizes once in the forward, again in the
+        # recomputation, and once in the backward, except the first layer's q/k/v without checkpointing (its
+        # input, the embedding's output, needs no gradient)
+        assert calls == {"group": 12 if checkpointing else 7, "layer": 8 if checkpointing else 4}
+        assert all(
+            m._lora_group.pending is None
+            for m in fused_lora.fusable_layers(model)
+            if hasattr(m, "_lora_group")
+        )
+        assert grouped_loss == pytest.approx(fused_loss, abs=1e-6)
+        assert grouped_loss == pytest.approx(peft_loss, abs=1e-6)
+        for name, grad in peft_grads.items():
+            assert torch.allclose(grouped_grads[name], fused_grads[name], rtol=1e-5, atol=1e-7), name
+            assert torch.allclose(grouped_grads[name], grad, rtol=1e-4, atol=1e-7), name
+    assert quantized == (group.quant_state is not None)
+    # eval under no_grad: the group again; a call it does not cover (adapter off) takes PEFT's path
+    model.eval()
+    with torch.no_grad():
+        assert model(input_ids=ids, labels=ids).loss.item() == pytest.approx(peft_eval, abs=1e-6)
+        with model.disable_adapter():
+            base = model(input_ids=ids, labels=ids).loss.item()
+    assert base != pytest.approx(peft_eval, abs=1e-4)
+
+
+def test_grouped_projection_training_steps_equal_per_layer_ones(tmp_path, capsys):
+    """The train stage, gradient checkpointing on (the backward keeps the group's dequantized weight): the
+    same per-step losses with group_projections off and on; the log says how many groups were formed."""
+    losses = {}
+    for mode in ("off", "on"):
+        losses[mode] = _train(
+            tmp_path / mode,
+            [
+                "model=tiny_random",
+                "quantization=nf4",
+                "model.dtype=float32",
+                "train.precision=fp32",
+                "dataset.size=8",
+                "dataset.eval_size=4",
+                "dataset.max_seq_length=96",
+                "train.max_steps=3",
+                "train.batch_size=2",
+                "train.learning_rate=5e-3",
+                "train.report_to=[]",
+                "train.logging_steps=1",
+                "train.eval_before=false",
+                "train.gradient_checkpointing=true",
+                "train.lora_layers=fused",
+                f"train.group_projections={mode}",
+            ],
+        )[1]  # lora.dropout 0.05
+        assert f"LoRA layers fused (14, {4 if mode == 'on' else 0} groups)" in capsys.readouterr().out
+    assert len(losses["on"]) == 3 and losses["on"] == pytest.approx(losses["off"], abs=1e-5)
+
+
 def test_recipes_compose_and_validate():
     fast, paper = make_cfg([]), make_cfg(["recipe=paper"])
     validate(fast), validate(paper)
@@ -352,6 +487,7 @@ def test_liger_requested_where_it_cannot_run_is_one_sentence():
         (["train.packed_attention=varlen"], "train.packed_attention"),
         (["train.lora_layers=fused", "recipe=paper"], "train.autocast"),
         (["train.lora_layers=fused", "quantization=int8"], "quantization=int8"),
+        (["train.group_projections=on"], "train.group_projections"),  # on a CPU: LoRA layers not fused
     ],
 )
 def test_fast_path_options_are_checked(overrides, field):
