@@ -262,7 +262,7 @@ class ProjectionGroup:
     adapter and every other stage see the same modules). Under double quantization each weight's 8-bit block
     scales have their own second-level scales and offset, so the group keeps them dequantized in fp32:
     4 bytes per `blocksize` parameters (on Llama-3-8B: 4,563,402,752 grouped parameters / 64 × 4 B =
-    272 MiB, against the ~71 MiB of their 8-bit scales, which stay for the per-layer path). Without double
+    272 MiB, against the 68 MiB of their 8-bit scales, which stay for the per-layer path). Without double
     quantization the fp32 scales are concatenated and viewed the same way as the bytes: no extra memory.
     Plain LoRA: the bf16 weights are concatenated and viewed likewise, so the group costs nothing to keep.
     """
