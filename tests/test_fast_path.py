@@ -356,7 +356,7 @@ def test_grouped_projections_compute_what_fused_and_peft_layers_do(
         if "lora_B" in name:  # B starts at zero: give the adapter something to contribute
             torch.nn.init.normal_(param, std=0.05)
     model.train()
-    ids = torch.randint(3, 1000, (2, 24))
+    ids = torch.randint(3, 1000, (2, 24), device=model.device)  # on CUDA too (gpu.sh step24 runs this test)
     calls = {"group": 0, "layer": 0}
     group_weight, layer_forward = fused_lora.ProjectionGroup.base_weight, fused_lora.LoRALinear.forward
 
