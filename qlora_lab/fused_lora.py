@@ -408,11 +408,11 @@ class GroupedLoRALinear(torch.autograd.Function):
         lora_a, lora_b = [p.to(dtype) for p in params[:n]], [p.to(dtype) for p in params[n:]]
         w = group.base_weight(dtype)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        ranks = [a.shape[0] for a in lora_a]
+        ctx.ranks = [a.shape[0] for a in lora_a]
         if all(p == 0 for _, p, _ in specs):
             a_cat = torch.cat(lora_a)
-            xas = list(torch.mm(x2, a_cat.t()).split(ranks, dim=1))
-            xds, masks = [x2] * n, [None] * n
+            xa_cat = torch.mm(x2, a_cat.t())
+            xas = xa_cat.split(ctx.ranks, dim=1)
         else:  # each layer draws its own dropout mask, in order, as PEFT's layers do
             a_cat = None
             xds, masks = zip(
@@ -429,19 +429,26 @@ class GroupedLoRALinear(torch.autograd.Function):
         ctx.group, ctx.specs, ctx.kept, ctx.n = group, specs, kept, n
         ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
         ctx.param_dtypes = [p.dtype for p in params]
-        # kept (LoRALinear's keep_weight): the backward reuses this dequantized weight, else dequantizes again
-        saved = [w if kept else None, a_cat]
-        ctx.save_for_backward(*saved, *xds, *xas, *lora_a, *lora_b, *[m for m in masks if m is not None])
-        ctx.has_mask = [m is not None for m in masks]
+        # kept (LoRALinear's keep_weight): the backward reuses this dequantized weight, else dequantizes
+        # again. Each tensor is saved once: activation offload copies every saved tensor to the host.
+        if a_cat is not None:
+            ctx.save_for_backward(w if kept else None, a_cat, x2, xa_cat, *lora_b)
+        else:
+            ctx.has_mask = [m is not None for m in masks]
+            masks = [m for m in masks if m is not None]
+            ctx.save_for_backward(w if kept else None, None, *xds, *xas, *lora_a, *lora_b, *masks)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        n, saved = ctx.n, list(ctx.saved_tensors)
-        weight, a_cat = saved.pop(0), saved.pop(0)
-        xds, xas, lora_a, lora_b = (saved[i * n : (i + 1) * n] for i in range(4))
-        masks = iter(saved[4 * n :])
-        masks = [next(masks) if has else None for has in ctx.has_mask]
+        n, (weight, a_cat, *saved) = ctx.n, ctx.saved_tensors
+        if a_cat is not None:
+            x2, xa_cat, *lora_b = saved
+            xds, xas, masks = [x2] * n, xa_cat.split(ctx.ranks, dim=1), [None] * n
+        else:
+            xds, xas, lora_a, lora_b = (saved[i * n : (i + 1) * n] for i in range(4))
+            masks = iter(saved[4 * n :])
+            masks = [next(masks) if has else None for has in ctx.has_mask]
         dtype = xds[0].dtype
         gs = [g.reshape(-1, g.shape[-1]).to(dtype) for g in grads]
         scales = [s for s, _, _ in ctx.specs]
@@ -450,7 +457,7 @@ class GroupedLoRALinear(torch.autograd.Function):
         grad_a, grad_b = [None] * n, [None] * n
         if any(ctx.needs_input_grad[4 : 4 + n]):
             if a_cat is not None:
-                grad_a = list(torch.mm(gxa_cat.t(), xds[0]).split([a.shape[0] for a in lora_a]))
+                grad_a = list(torch.mm(gxa_cat.t(), xds[0]).split(ctx.ranks))
             else:
                 grad_a = [torch.mm(gxa.t(), xd) for gxa, xd in zip(gxas, xds, strict=True)]
             grad_a = [g.to(d) for g, d in zip(grad_a, ctx.param_dtypes[:n], strict=True)]
