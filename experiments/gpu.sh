@@ -267,8 +267,10 @@ case $stage in
     t_stage=$SECONDS
     m=$(model_dir +experiment=lora_vs_qlora_gpu_8b)
     python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference_step24.jsonl"
-    # the grouped path against the per-layer one and PEFT's on this GPU's bitsandbytes kernels (tiny model)
-    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py -k grouped_projections_compute 2>&1 |
+    # the grouped path against the per-layer one and PEFT's on this GPU's bitsandbytes kernels, and a tiny fast
+    # recipe run through the CLI (Liger, varlen, grouped projections)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py \
+      -k "grouped_projections_compute or liger_and_fused" 2>&1 |
       tail -n 3 | tee "$OUT/pytest_grouped.txt"
     # 935 training examples make ~45 packed rows of 2 x 2048 tokens: max_steps cycles through them again
     b=(+experiment=lora_vs_qlora_gpu_8b quantization=nf4 dataset.size=900 train.max_steps=105 train.speed_skip_steps=5

@@ -547,6 +547,6 @@ def test_fast_recipe_on_cuda_uses_liger_and_fused_adamw(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "optimizer adamw_torch_fused" in out.stdout
     assert "kernels Liger" in out.stdout
-    assert "attention varlen" in out.stdout and "LoRA layers fused (14)" in out.stdout
+    assert "attention varlen" in out.stdout and "LoRA layers fused (14, 4 groups)" in out.stdout
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert 0 < metrics["perf/mfu"] < 1 and metrics["memory/peak_reserved_gib"] >= metrics["memory/peak_gib"]
