@@ -424,6 +424,21 @@ def test_grouped_projections_compute_what_fused_and_peft_layers_do(
     assert base != pytest.approx(peft_eval, abs=1e-4)
 
 
+def test_projections_that_cannot_share_one_buffer_stay_per_layer():
+    """Weights quantized differently (here another blocksize: blocks would straddle the weights' boundaries
+    in a shared buffer) are not grouped; their siblings elsewhere still are."""
+    from qlora_lab.fused_lora import fuse_lora, group_projections
+    from qlora_lab.models import attach_lora
+
+    cfg = make_cfg(["model=tiny_random", "quantization=nf4", "model.dtype=float32"])
+    model = attach_lora(load_model(model_path(cfg), cfg), cfg)
+    fuse_lora(model)
+    attn = model.base_model.model.model.layers[0].self_attn
+    attn.k_proj.base_layer.weight.quant_state.blocksize *= 2
+    assert group_projections(model) == 3  # layer 0's gate/up, layer 1's q/k/v and gate/up
+    assert not any(hasattr(getattr(attn, n), "_lora_group") for n in ("q_proj", "k_proj", "v_proj"))
+
+
 def test_grouped_projection_training_steps_equal_per_layer_ones(tmp_path, capsys):
     """The train stage, gradient checkpointing on (the backward keeps the group's dequantized weight): the
     same per-step losses with group_projections off and on; the log says how many groups were formed."""
