@@ -380,15 +380,17 @@ def _grouped_forward(self, x, *args, **kwargs):
         return out
     group.pending = None
     calls = [_fused_call(m, x, args, kwargs) for m in group.members]
+    if any(c is None for c in calls) or len({c[3] for c in calls}) > 1:
+        return _fused_forward(self, x, *args, **kwargs)
+    lora_a = [m.lora_A[c[0]].weight for m, c in zip(group.members, calls, strict=True)]
+    lora_b = [m.lora_B[c[0]].weight for m, c in zip(group.members, calls, strict=True)]
     if (
-        any(c is None for c in calls)
-        or len({c[3] for c in calls}) > 1
+        len({a.dtype for a in lora_a}) > 1
+        or len({b.dtype for b in lora_b}) > 1
         or [m.base_layer.weight.data_ptr() for m in group.members] != group.ptrs  # weights moved: not views
     ):
         return _fused_forward(self, x, *args, **kwargs)
-    params = [m.lora_A[c[0]].weight for m, c in zip(group.members, calls, strict=True)] + [
-        m.lora_B[c[0]].weight for m, c in zip(group.members, calls, strict=True)
-    ]
+    params = lora_a + lora_b
     specs = [(m.scaling[c[0]], c[1], m.base_layer.bias) for m, c in zip(group.members, calls, strict=True)]
     outs = GroupedLoRALinear.apply(x, group, specs, calls[0][3], *params)
     group.pending = (x, torch.is_grad_enabled(), {i: o for i, o in enumerate(outs) if i != index})
@@ -405,16 +407,16 @@ class GroupedLoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, specs, dtype, *params):
         n = len(specs)
-        lora_a, lora_b = [p.to(dtype) for p in params[:n]], [p.to(dtype) for p in params[n:]]
+        ctx.ranks = [p.shape[0] for p in params[:n]]
+        a_cat = torch.cat(params[:n]).to(dtype)  # one cast for all A's (fp32 adapters: 2 kernels, not n)
+        lora_a, lora_b = a_cat.split(ctx.ranks), [p.to(dtype) for p in params[n:]]
         w = group.base_weight(dtype)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        ctx.ranks = [a.shape[0] for a in lora_a]
-        if all(p == 0 for _, p, _ in specs):
-            a_cat = torch.cat(lora_a)
+        ctx.dropout = any(p for _, p, _ in specs)
+        if not ctx.dropout:
             xa_cat = torch.mm(x2, a_cat.t())
             xas = xa_cat.split(ctx.ranks, dim=1)
         else:  # each layer draws its own dropout mask, in order, as PEFT's layers do
-            a_cat = None
             xds, masks = zip(
                 *(torch.native_dropout(x2, p, True) if p else (x2, None) for _, p, _ in specs), strict=True
             )
@@ -428,43 +430,44 @@ class GroupedLoRALinear(torch.autograd.Function):
         kept = group.keep_weight and group.quant_state is not None
         ctx.group, ctx.specs, ctx.kept, ctx.n = group, specs, kept, n
         ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
-        ctx.param_dtypes = [p.dtype for p in params]
+        ctx.param_dtypes = params[0].dtype, params[n].dtype  # the A's, the B's (one dtype each)
         # kept (LoRALinear's keep_weight): the backward reuses this dequantized weight, else dequantizes
         # again. Each tensor is saved once: activation offload copies every saved tensor to the host.
-        if a_cat is not None:
-            ctx.save_for_backward(w if kept else None, a_cat, x2, xa_cat, *lora_b)
+        saved = [w if kept else None, a_cat, *lora_b]
+        if not ctx.dropout:
+            ctx.save_for_backward(*saved, x2, xa_cat)
         else:
             ctx.has_mask = [m is not None for m in masks]
-            masks = [m for m in masks if m is not None]
-            ctx.save_for_backward(w if kept else None, None, *xds, *xas, *lora_a, *lora_b, *masks)
+            ctx.save_for_backward(*saved, *xds, *xas, *[m for m in masks if m is not None])
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
         n, (weight, a_cat, *saved) = ctx.n, ctx.saved_tensors
-        if a_cat is not None:
-            x2, xa_cat, *lora_b = saved
-            xds, xas, masks = [x2] * n, xa_cat.split(ctx.ranks, dim=1), [None] * n
+        lora_b, saved = saved[:n], saved[n:]
+        if not ctx.dropout:
+            x2, xa_cat = saved
+            xds, xas = [x2] * n, xa_cat.split(ctx.ranks, dim=1)
         else:
-            xds, xas, lora_a, lora_b = (saved[i * n : (i + 1) * n] for i in range(4))
-            masks = iter(saved[4 * n :])
+            xds, xas, masks = saved[:n], saved[n : 2 * n], iter(saved[2 * n :])
             masks = [next(masks) if has else None for has in ctx.has_mask]
         dtype = xds[0].dtype
         gs = [g.reshape(-1, g.shape[-1]).to(dtype) for g in grads]
         scales = [s for s, _, _ in ctx.specs]
         gxas = [torch.mm(g, b).mul_(s) for g, b, s in zip(gs, lora_b, scales, strict=True)]  # d loss / d x·Aᵀ
-        gxa_cat = torch.cat(gxas, dim=1) if a_cat is not None else None
+        gxa_cat = None if ctx.dropout else torch.cat(gxas, dim=1)
         grad_a, grad_b = [None] * n, [None] * n
         if any(ctx.needs_input_grad[4 : 4 + n]):
-            if a_cat is not None:
-                grad_a = list(torch.mm(gxa_cat.t(), xds[0]).split(ctx.ranks))
-            else:
-                grad_a = [torch.mm(gxa.t(), xd) for gxa, xd in zip(gxas, xds, strict=True)]
-            grad_a = [g.to(d) for g, d in zip(grad_a, ctx.param_dtypes[:n], strict=True)]
+            grad_a_cat = (
+                torch.cat([torch.mm(gxa.t(), xd) for gxa, xd in zip(gxas, xds, strict=True)])
+                if ctx.dropout
+                else torch.mm(gxa_cat.t(), x2)
+            )
+            grad_a = grad_a_cat.to(ctx.param_dtypes[0]).split(ctx.ranks)
         if any(ctx.needs_input_grad[4 + n :]):
             grad_b = [
-                torch.mm(g.t(), xa).mul_(s).to(d)
-                for g, xa, s, d in zip(gs, xas, scales, ctx.param_dtypes[n:], strict=True)
+                torch.mm(g.t(), xa).mul_(s).to(ctx.param_dtypes[1])
+                for g, xa, s in zip(gs, xas, scales, strict=True)
             ]
         grad_x = None
         if ctx.needs_input_grad[0]:
@@ -473,9 +476,10 @@ class GroupedLoRALinear(torch.autograd.Function):
             grad_x = torch.mm(gs[0], rows[0])
             for g, w_i in zip(gs[1:], rows[1:], strict=True):
                 grad_x.addmm_(g, w_i)
-            if a_cat is not None:
+            if not ctx.dropout:
                 grad_x.addmm_(gxa_cat, a_cat)
             else:
+                lora_a = a_cat.split(ctx.ranks)
                 for gxa, a, mask, (_, p, _) in zip(gxas, lora_a, masks, ctx.specs, strict=True):
                     if mask is None:
                         grad_x.addmm_(gxa, a)
