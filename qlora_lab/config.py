@@ -91,7 +91,7 @@ class LoraLayers(Enum):
 
 class GroupProjections(Enum):
     # With fused LoRA layers: a decoder layer's projections of one input (q/k/v, gate/up) as one node, their
-    # 4-bit weights dequantized once per group and pass instead of once per weight (3 + 2 calls become 2),
+    # 4-bit weights dequantized once per group and pass instead of once per weight (5 times become 2),
     # their adapters' A matmuls as one. Same function; costs ~4 bytes per 64 grouped parameters under double
     # quantization (cached fp32 block scales: 272 MiB on Llama-3-8B), nothing otherwise.
     auto = "auto"  # on wherever the LoRA layers are fused (train.lora_layers)
