@@ -487,9 +487,10 @@ def test_projections_that_cannot_share_one_buffer_stay_per_layer():
     assert not any(hasattr(getattr(attn, n), "_lora_group") for n in ("q_proj", "k_proj", "v_proj"))
 
 
-def test_grouped_projection_training_steps_equal_per_layer_ones(tmp_path, capsys):
-    """The train stage, gradient checkpointing on (the backward keeps the group's dequantized weight): the
-    same per-step losses with group_projections off and on; the log says how many groups were formed."""
+def test_grouped_projection_training_steps_equal_per_layer_ones(cpu_varlen, tmp_path, capsys):
+    """The train stage as on a GPU (packed rows through the varlen path, gradient checkpointing on, so the
+    backward keeps the group's dequantized weight): the same per-step losses with group_projections off and
+    on; the log says how many groups were formed."""
     losses = {}
     for mode in ("off", "on"):
         losses[mode] = _train(
@@ -501,7 +502,9 @@ def test_grouped_projection_training_steps_equal_per_layer_ones(tmp_path, capsys
                 "train.precision=fp32",
                 "dataset.size=8",
                 "dataset.eval_size=4",
-                "dataset.max_seq_length=96",
+                "dataset.max_seq_length=128",
+                "dataset.pack=true",
+                "train.packed_attention=varlen",
                 "train.max_steps=3",
                 "train.batch_size=2",
                 "train.learning_rate=5e-3",
@@ -513,7 +516,11 @@ def test_grouped_projection_training_steps_equal_per_layer_ones(tmp_path, capsys
                 f"train.group_projections={mode}",
             ],
         )[1]  # lora.dropout 0.05
-        assert f"LoRA layers fused (14, {4 if mode == 'on' else 0} groups)" in capsys.readouterr().out
+        printed = capsys.readouterr().out
+        assert (
+            "attention varlen" in printed
+            and f"LoRA layers fused (14, {4 if mode == 'on' else 0} groups)" in printed
+        )
     assert len(losses["on"]) == 3 and losses["on"] == pytest.approx(losses["off"], abs=1e-5)
 
 
