@@ -10,6 +10,9 @@ dtype (bf16), as it does under the paper recipe's autocast, and its gradients la
 Written by hand because neither PEFT nor bitsandbytes has a fused LoRA layer (Unsloth has its own). Used only
 where it computes what PEFT's layer does: one active plain-LoRA adapter (no DoRA, no adapter bias), unmerged,
 and no autocast; any other call takes PEFT's own forward.
+
+Grouped projections (train.group_projections, below): the layers a decoder layer calls on one input (q/k/v,
+gate/up) as one node, their weights in one buffer dequantized once per group and pass.
 """
 
 from __future__ import annotations
