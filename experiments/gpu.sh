@@ -9,10 +9,11 @@
 #   bash experiments/gpu.sh variants    # +experiment=qlora_variants on the real SmolLM2-135M-Instruct, 3 seeds
 #   bash experiments/gpu.sh multi       # 2 GPUs: one GPU vs DDP vs FSDP, 8B QLoRA (experiments/multi_gpu)
 #   bash experiments/gpu.sh sweep2      # 2 GPUs: the 8B LoRA-vs-QLoRA sweep one job at a time vs one job per GPU
+#   bash experiments/gpu.sh step24      # 1 GPU: 8B QLoRA with grouped projections off / on (issue 24), ~8 min
 #   bash experiments/gpu.sh fsdp70b     # 2 GPUs: FSDP + 4-bit loaded shard by shard, 8B against 1 GPU, then 70B at 24 GiB a GPU
 # Results go to $OUT (default /tmp/gpu-out): logs, reference_*.jsonl and one .tgz per sweep.
 set -uo pipefail
-stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality|variants|decision|decision2|multi|multi2|before|fsdpmem|fsdp8b|ckpt24|fsdp70b|fsdp70b_short|sweep2}
+stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality|variants|decision|decision2|multi|multi2|before|fsdpmem|fsdp8b|ckpt24|fsdp70b|fsdp70b_short|sweep2|step24}
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT" /root/smolparts
 cp .gpu/smolpart.* /root/smolparts/ 2>/dev/null  # the SmolLM2 GGUF travels in parts, one per call (64 MiB a call)
@@ -272,5 +273,49 @@ case $stage in
       sweep sweep_njobs_$n +experiment=lora_vs_qlora_gpu_8b recipe=fast hydra.launcher.n_jobs=$n
       echo "{\"n_jobs\": \"$n\", \"wall_s\": $((SECONDS - t0))}" | tee -a "$OUT/sweep_wall.jsonl"
     done ;;
+  step24)  # issue 24 on ONE GPU, within ~8 minutes: the reference loop, then 8B QLoRA nf4 (fast recipe, 100 timed
+    # steps) with train.group_projections off and on; then, while time is left, the grouped CPU tests on this GPU
+    # and grouped + checkpointing every 2nd layer. Each run has its own timeout: one that fails or hangs leaves
+    # the rest of the stage running.
+    export CUDA_VISIBLE_DEVICES=0
+    t_stage=$SECONDS
+    left() { echo $((${STAGE_S:-470} - (SECONDS - t_stage))); }
+    m=$(model_dir +experiment=lora_vs_qlora_gpu_8b)
+    python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference_step24.jsonl"
+    # 935 training examples make ~45 packed rows of 2 x 2048 tokens: max_steps cycles through them again
+    b=(+experiment=lora_vs_qlora_gpu_8b quantization=nf4 dataset.size=900 train.max_steps=105 train.speed_skip_steps=5
+       train.save_steps=null)
+    RUN_TIMEOUT=190 one grouped_off "${b[@]}" train.group_projections=off
+    RUN_TIMEOUT=190 one grouped_on "${b[@]}" train.group_projections=on
+    # the grouped path against the per-layer one and PEFT's on this GPU's bitsandbytes kernels, and a tiny fast
+    # recipe run through the CLI (Liger, varlen, grouped projections)
+    if [ "$(left)" -gt 60 ]; then
+      timeout $(($(left) < 120 ? $(left) : 120)) python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py \
+        -k "grouped_projections_compute or liger_and_fused" 2>&1 | tail -n 3 | tee "$OUT/pytest_grouped.txt"
+    else echo "skipped the GPU tests: $(left) s left"; fi
+    if [ "$(left)" -gt 150 ]; then
+      RUN_TIMEOUT=$(left) one grouped_every2 "${b[@]}" train.group_projections=on train.checkpoint_every_n_layers=2
+    else echo "skipped grouped_every2: $(left) s left"; fi
+    python3 - "$OUT/reference_step24.jsonl" <<'PY'
+import json, sys
+from pathlib import Path
+ref = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
+ref_tps = ref[0]["tokens_per_s"] if ref else None
+print(f"reference fast_qlora (same call): {ref[0] if ref else 'missing'}")
+for name in ("grouped_off", "grouped_on", "grouped_every2"):
+    f = Path(f"/root/runs/{name}/metrics.json")
+    if not f.exists():
+        print(f"{name}: no metrics.json (failed, timed out or skipped: see runs.log)")
+        continue
+    m = json.loads(f.read_text())
+    tps, losses = m.get("train/tokens_per_s"), m.get("train/losses") or [None]
+    print(f"{name}: {tps and round(tps)} tok/s ({tps and ref_tps and round(tps / ref_tps, 2)}x the reference), "
+          f"median step {m.get('train/step_time_median_s')} s over {m.get('train/timed_steps')} timed steps, "
+          f"training peak {m.get('memory/train_peak_gib')} GiB (job {m.get('memory/peak_gib')}, reserved "
+          f"{m.get('memory/peak_reserved_gib')}); losses first/last {losses[0]} / {losses[-1]}, "
+          f"eval {m.get('eval/loss')}")
+PY
+    echo "stage took $((SECONDS - t_stage)) s"
+    tar czf "$OUT/runs_step24.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard -C /root runs ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -18,7 +18,7 @@ from .config import Config, ConfigError, InferenceMode, MergeBase, QuantMethod, 
 def validate(cfg: Config) -> None:
     """Raise ConfigError for the first rule `cfg` breaks."""
     from .attention import packed_varlen
-    from .fused_lora import lora_unfused_reason
+    from .fused_lora import lora_unfused_reason, projections_ungrouped_reason
     from .models import check_lora_variant, check_model, check_quantization, liger_kernels, resolve_dtype
     from .sharded_loading import check_sharded_loading
 
@@ -29,6 +29,7 @@ def validate(cfg: Config) -> None:
     # the training knobs: each resolver refuses an explicit choice that cannot run here
     liger_kernels(cfg)
     lora_unfused_reason(cfg)
+    projections_ungrouped_reason(cfg)
     packed_varlen(cfg, resolve_dtype(cfg.model.dtype))
     check_counts(cfg)
     check_lora_variant(cfg)

@@ -321,6 +321,11 @@ BAD_INPUTS = [
         ["train.lora_layers=fused", "lora.variant=dora"],
         ["train.lora_layers=fused", "lora.variant=dora has no fused form", "train.lora_layers=auto"],
     ),
+    (
+        "grouped projections without fused LoRA layers",
+        ["train.group_projections=on", "train.lora_layers=peft"],
+        ["train.group_projections=on", "train.lora_layers=peft", "train.group_projections=auto"],
+    ),
     ("negative GPU memory cap", ["train.gpu_memory_cap_gib=-1"], ["train.gpu_memory_cap_gib", "positive"]),
     (
         "random weights in memory without FSDP",

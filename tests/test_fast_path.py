@@ -319,6 +319,211 @@ def test_fused_lora_training_steps_equal_peft_ones(tmp_path):
     assert len(losses["fused"]) == 3 and losses["fused"] == pytest.approx(losses["peft"], abs=1e-5)
 
 
+@pytest.mark.parametrize(
+    "quantization, double_quant, dropout",
+    [
+        ("nf4", True, 0.0),
+        ("nf4", False, 0.0),
+        ("fp4", True, 0.0),
+        ("fp4", False, 0.0),
+        ("none", None, 0.0),
+        ("nf4", True, 0.1),
+    ],
+)
+def test_grouped_projections_compute_what_fused_and_peft_layers_do(
+    quantization, double_quant, dropout, monkeypatch
+):
+    """q/k/v and gate/up as one node each, one dequantization per group (qlora_lab/fused_lora.py
+    ProjectionGroup), against the per-layer fused path and PEFT's modules on the same weights: same loss and
+    adapter gradients, with and without gradient checkpointing, in fp32 on a CPU. Not bit-identical: the
+    concatenated A matmul and the summed input gradient add in another order (differences ~1e-8)."""
+    from qlora_lab import fused_lora
+    from qlora_lab.models import attach_lora
+
+    cfg = make_cfg(
+        [
+            "model=tiny_random",
+            f"quantization={quantization}",
+            "model.dtype=float32",
+            f"lora.dropout={dropout}",
+            *([f"quantization.double_quant={double_quant}"] if double_quant is not None else []),
+        ]
+    )
+    torch.manual_seed(0)
+    model = attach_lora(load_model(model_path(cfg), cfg), cfg)
+    model.config.use_cache = False
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give the adapter something to contribute
+            torch.nn.init.normal_(param, std=0.05)
+    model.train()
+    ids = torch.randint(3, 1000, (2, 24), device=model.device)  # on CUDA too (gpu.sh step24 runs this test)
+    calls = {"group": 0, "layer": 0}
+    group_weight, layer_forward = fused_lora.ProjectionGroup.base_weight, fused_lora.LoRALinear.forward
+
+    def count(kind, fn):
+        def counted(*args, **kwargs):
+            calls[kind] += 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+    monkeypatch.setattr(fused_lora.ProjectionGroup, "base_weight", count("group", group_weight))
+    monkeypatch.setattr(fused_lora.LoRALinear, "forward", staticmethod(count("layer", layer_forward)))
+
+    def step():
+        model.zero_grad()
+        calls.update(group=0, layer=0)
+        torch.manual_seed(1)  # the same dropout masks, drawn in the same order
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    peft_loss, peft_grads = step()
+    with torch.no_grad():
+        peft_eval = model.eval()(input_ids=ids, labels=ids).loss.item()  # no dropout
+    model.train()
+    assert fused_lora.fuse_lora(model) == 2 * 7
+    fused_loss, fused_grads = step()
+    assert calls == {"group": 0, "layer": 14}
+    qkv = model.base_model.model.model.layers[0].self_attn
+    weights_before = [getattr(qkv, n).base_layer.weight.data.clone() for n in ("q_proj", "k_proj", "v_proj")]
+    assert fused_lora.group_projections(model) == 2 * 2  # q/k/v and gate/up in both decoder layers
+    # the modules' own weights are now views of the group's buffer, with the same contents
+    group = qkv.q_proj._lora_group
+    for name, before in zip(("q_proj", "k_proj", "v_proj"), weights_before, strict=True):
+        weight = getattr(qkv, name).base_layer.weight
+        assert weight.untyped_storage().data_ptr() == group.weight.untyped_storage().data_ptr()
+        assert torch.equal(weight.data.view(torch.uint8), before.view(torch.uint8))  # the same bits
+    quantized = quantization != "none"
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        grouped_loss, grouped_grads = step()
+        # o_proj and down_proj stay per layer; each group dequantizes once in the forward, again in the
+        # recomputation, and once in the backward, except the first layer's q/k/v without checkpointing (its
+        # input, the embedding's output, needs no gradient)
+        assert calls == {"group": 12 if checkpointing else 7, "layer": 8 if checkpointing else 4}
+        assert all(
+            m._lora_group.pending is None
+            for m in fused_lora.fusable_layers(model)
+            if hasattr(m, "_lora_group")
+        )
+        assert grouped_loss == pytest.approx(fused_loss, abs=1e-6)
+        assert grouped_loss == pytest.approx(peft_loss, abs=1e-6)
+        for name, grad in peft_grads.items():
+            assert torch.allclose(grouped_grads[name], fused_grads[name], rtol=1e-5, atol=1e-7), name
+            assert torch.allclose(grouped_grads[name], grad, rtol=1e-4, atol=1e-7), name
+    assert quantized == (group.quant_state is not None)
+    # eval under no_grad: the group again; a call it does not cover (adapter off) takes PEFT's path
+    model.eval()
+    with torch.no_grad():
+        assert model(input_ids=ids, labels=ids).loss.item() == pytest.approx(peft_eval, abs=1e-6)
+        with model.disable_adapter():
+            base = model(input_ids=ids, labels=ids).loss.item()
+    assert base != pytest.approx(peft_eval, abs=1e-4)
+
+
+def test_grouped_projections_compute_in_bf16_and_answer_in_the_input_dtype():
+    """The GPU's case on a CPU: a 4-bit base computing in bf16, fp32 adapters. q/k/v through the group give
+    the per-layer fused layers' outputs and adapter gradients (measured: identical), in the input's dtype;
+    the input's gradient within one bf16 rounding (measured 0.35% of its largest entry): the group adds the
+    three projections' terms in bf16 matmuls, the per-layer path in fp32 (autograd's sum, fp32 input)."""
+    from qlora_lab.fused_lora import fuse_lora, group_projections
+    from qlora_lab.models import attach_lora
+
+    cfg = make_cfg(
+        [
+            "model=tiny_random",
+            "quantization=nf4",
+            "model.dtype=float32",
+            "quantization.compute_dtype=bfloat16",
+            "lora.dropout=0",
+        ]
+    )
+    torch.manual_seed(0)
+    model = attach_lora(load_model(model_path(cfg), cfg), cfg).train()
+    attn = model.base_model.model.model.layers[0].self_attn
+    layers = [attn.q_proj, attn.k_proj, attn.v_proj]
+    for layer in layers:
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
+    x = torch.randn(2, 5, attn.q_proj.in_features)
+
+    def run():
+        xi = x.clone().requires_grad_()
+        outs = [layer(xi) for layer in layers]
+        sum((o * torch.linspace(-1, 1, o.shape[-1])).sum() for o in outs).backward()
+        grads = [
+            p.grad.clone()
+            for layer in layers
+            for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+        ]
+        model.zero_grad()
+        return outs, xi.grad, grads
+
+    fuse_lora(model)
+    per_layer = run()
+    assert group_projections(model) == 4
+    grouped = run()
+    for got, expected in zip(
+        [*grouped[0], grouped[1], *grouped[2]], [*per_layer[0], per_layer[1], *per_layer[2]], strict=True
+    ):
+        assert got.dtype == expected.dtype == torch.float32
+        assert torch.allclose(got, expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+
+
+def test_projections_that_cannot_share_one_buffer_stay_per_layer():
+    """Weights quantized differently (here another blocksize: blocks would straddle the weights' boundaries
+    in a shared buffer) are not grouped; their siblings elsewhere still are."""
+    from qlora_lab.fused_lora import fuse_lora, group_projections
+    from qlora_lab.models import attach_lora
+
+    cfg = make_cfg(["model=tiny_random", "quantization=nf4", "model.dtype=float32"])
+    model = attach_lora(load_model(model_path(cfg), cfg), cfg)
+    fuse_lora(model)
+    attn = model.base_model.model.model.layers[0].self_attn
+    attn.k_proj.base_layer.weight.quant_state.blocksize *= 2
+    assert group_projections(model) == 3  # layer 0's gate/up, layer 1's q/k/v and gate/up
+    assert not any(hasattr(getattr(attn, n), "_lora_group") for n in ("q_proj", "k_proj", "v_proj"))
+
+
+def test_grouped_projection_training_steps_equal_per_layer_ones(cpu_varlen, tmp_path, capsys):
+    """The train stage as on a GPU (packed rows through the varlen path, gradient checkpointing on, so the
+    backward keeps the group's dequantized weight): the same per-step losses with group_projections off and
+    on; the log says how many groups were formed."""
+    losses = {}
+    for mode in ("off", "on"):
+        losses[mode] = _train(
+            tmp_path / mode,
+            [
+                "model=tiny_random",
+                "quantization=nf4",
+                "model.dtype=float32",
+                "train.precision=fp32",
+                "dataset.size=8",
+                "dataset.eval_size=4",
+                "dataset.max_seq_length=128",
+                "dataset.pack=true",
+                "train.packed_attention=varlen",
+                "train.max_steps=3",
+                "train.batch_size=2",
+                "train.learning_rate=5e-3",
+                "train.report_to=[]",
+                "train.logging_steps=1",
+                "train.eval_before=false",
+                "train.gradient_checkpointing=true",
+                "train.lora_layers=fused",
+                f"train.group_projections={mode}",
+            ],
+        )[1]  # lora.dropout 0.05
+        printed = capsys.readouterr().out
+        assert (
+            "attention varlen" in printed
+            and f"LoRA layers fused (14, {4 if mode == 'on' else 0} groups)" in printed
+        )
+    assert len(losses["on"]) == 3 and losses["on"] == pytest.approx(losses["off"], abs=1e-5)
+
+
 def test_recipes_compose_and_validate():
     fast, paper = make_cfg([]), make_cfg(["recipe=paper"])
     validate(fast), validate(paper)
@@ -352,6 +557,7 @@ def test_liger_requested_where_it_cannot_run_is_one_sentence():
         (["train.packed_attention=varlen"], "train.packed_attention"),
         (["train.lora_layers=fused", "recipe=paper"], "train.autocast"),
         (["train.lora_layers=fused", "quantization=int8"], "quantization=int8"),
+        (["train.group_projections=on"], "train.group_projections"),  # on a CPU: LoRA layers not fused
     ],
 )
 def test_fast_path_options_are_checked(overrides, field):
@@ -411,6 +617,6 @@ def test_fast_recipe_on_cuda_uses_liger_and_fused_adamw(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "optimizer adamw_torch_fused" in out.stdout
     assert "kernels Liger" in out.stdout
-    assert "attention varlen" in out.stdout and "LoRA layers fused (14)" in out.stdout
+    assert "attention varlen" in out.stdout and "LoRA layers fused (14, 4 groups)" in out.stdout
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert 0 < metrics["perf/mfu"] < 1 and metrics["memory/peak_reserved_gib"] >= metrics["memory/peak_gib"]

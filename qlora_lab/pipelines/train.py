@@ -18,7 +18,7 @@ from ..attention import packed_varlen, use_varlen
 from ..config import Config, ConfigError, LoraInit, Precision, QuantMethod
 from ..data import PackedCollator, file_sha256, load_splits, mean_context, tokenize_split
 from ..distributed import cap_gpu_memory, fsdp_enabled, is_main_process, one_gpu_per_process
-from ..fused_lora import fuse_lora, lora_unfused_reason
+from ..fused_lora import fuse_lora, group_projections, lora_unfused_reason, projections_ungrouped_reason
 from ..layout import RunLayout
 from ..models import (
     attach_lora,
@@ -375,6 +375,7 @@ def run(cfg: Config, run: Run):
     # backward
     keep_weight = t.gradient_checkpointing and t.checkpoint_every_n_layers == 1 and not t.activation_offload
     fused = fuse_lora(model, keep_weight) if unfused is None else 0
+    grouped = group_projections(model, keep_weight) if projections_ungrouped_reason(cfg) is None else 0
     varlen = packed_varlen(cfg, model.dtype)
     if varlen:
         use_varlen(model)
@@ -389,7 +390,8 @@ def run(cfg: Config, run: Run):
         f"{cfg.quantization.preparation.value if quantized else 'n/a (not quantized)'}, optimizer "
         f"{optimizer(t.optim)}, kernels "
         f"{kernels}, LoRA "
-        f"layers {f'fused ({fused})' if unfused is None else f'peft ({unfused})'}, autocast "
+        f"layers {f'fused ({fused}, {grouped} groups)' if unfused is None else f'peft ({unfused})'}"
+        ", autocast "
         f"{'on' if t.autocast else 'off'}, gradient checkpointing "
         f"{'on' if t.gradient_checkpointing else 'off'}",
         flush=True,
