@@ -274,7 +274,7 @@ case $stage in
       echo "{\"n_jobs\": \"$n\", \"wall_s\": $((SECONDS - t0))}" | tee -a "$OUT/sweep_wall.jsonl"
     done ;;
   step24)  # issue 24 on ONE GPU, within ~8 minutes: the reference loop, then 8B QLoRA nf4 (fast recipe, 100 timed
-    # steps) with train.group_projections off and on; then, while time is left, the grouped CPU tests on this GPU
+    # steps) with train.group_projections off and on, LoRA with it on; then, while time is left, the grouped CPU tests on this GPU
     # and grouped + checkpointing every 2nd layer. Each run has its own timeout: one that fails or hangs leaves
     # the rest of the stage running.
     export CUDA_VISIBLE_DEVICES=0
@@ -287,6 +287,7 @@ case $stage in
        train.save_steps=null)
     RUN_TIMEOUT=190 one grouped_off "${b[@]}" train.group_projections=off
     RUN_TIMEOUT=190 one grouped_on "${b[@]}" train.group_projections=on
+    RUN_TIMEOUT=190 one lora_grouped_on "${b[@]}" quantization=none train.group_projections=on  # QLoRA / LoRA
     # the grouped path against the per-layer one and PEFT's on this GPU's bitsandbytes kernels, and a tiny fast
     # recipe run through the CLI (Liger, varlen, grouped projections)
     if [ "$(left)" -gt 60 ]; then
@@ -302,7 +303,7 @@ from pathlib import Path
 ref = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
 ref_tps = ref[0]["tokens_per_s"] if ref else None
 print(f"reference fast_qlora (same call): {ref[0] if ref else 'missing'}")
-for name in ("grouped_off", "grouped_on", "grouped_every2"):
+for name in ("grouped_off", "grouped_on", "lora_grouped_on", "grouped_every2"):
     f = Path(f"/root/runs/{name}/metrics.json")
     if not f.exists():
         print(f"{name}: no metrics.json (failed, timed out or skipped: see runs.log)")
