@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -10,6 +11,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from qlora_lab.config import InferenceMode
+from qlora_lab.inference import load_for_inference
 from qlora_lab.pipelines import evaluate, train
 from qlora_lab.rundir import Run
 
@@ -103,3 +106,45 @@ def test_cli_evaluate_on_a_run_dir(trained_gsm8k, tmp_path):
     assert "| perplexity |" in result.stdout and "ROUGE-1" in result.stdout
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["eval/perplexity"] < metrics["eval_base/perplexity"]
+
+
+def test_one_generation_batch_same_answers_fewer_decode_steps(trained_gsm8k, tmp_path, monkeypatch):
+    """eval.generation_batch_size: the 6 prompts in one generate() call instead of batches of eval.batch_size.
+    The greedy answers are the same; the model runs one forward per generated position of the longest answer
+    (prefill included) instead of one per batch; each answer is turned into text once, after generation (no
+    per-step decoding of the sequences)."""
+    cfg, run_dir = trained_gsm8k
+    cfg = copy.deepcopy(cfg)
+    cfg.eval.modes, cfg.eval.metrics = ["adapter"], ["accuracy"]
+    cfg.eval.max_samples, cfg.eval.batch_size, cfg.generation.max_new_tokens = 6, 2, 8
+    calls = {}
+
+    def counted(cfg, source, mode):
+        model, tokenizer = load_for_inference(cfg, source, mode)
+        model.get_base_model().register_forward_hook(lambda *_: calls.update(forward=calls["forward"] + 1))
+        decode = tokenizer.decode
+
+        def counted_decode(*args, **kwargs):
+            calls["decode"] += 1
+            return decode(*args, **kwargs)
+
+        tokenizer.decode = counted_decode
+        return model, tokenizer
+
+    monkeypatch.setattr(evaluate, "load_for_inference", counted)
+    answers = {}
+    for generation_batch in (None, 6):
+        calls.update(forward=0, decode=0)
+        cfg.eval.generation_batch_size = generation_batch
+        folder = tmp_path / str(generation_batch)
+        folder.mkdir()
+        run = Run(dir=folder, source=run_dir)
+        run.start(cfg)
+        _, generations = evaluate.evaluate_mode(cfg, run, InferenceMode.adapter, list(cfg.eval.metrics))
+        lengths = [g["new_tokens"] for g in generations]
+        answers[generation_batch] = [g["output"] for g in generations]
+        batches = [lengths[i : i + (generation_batch or 2)] for i in range(0, 6, generation_batch or 2)]
+        assert calls["forward"] == sum(max(b) for b in batches), (generation_batch, lengths)
+        assert calls["decode"] == 6
+    assert answers[6] == answers[None]
+    assert max(len(a) for a in answers[6]) > 0
