@@ -7,7 +7,7 @@ is left is the per-step dispatch that a GPU cannot hide for a 135M model. Prints
 decode step and the milliseconds per step at several batch sizes, with generation under no_grad and under
 inference_mode. From the checkout root (one thread: the 2 shared cores make multi-thread timings noise):
 
-    OMP_NUM_THREADS=1 .venv/bin/python experiments/decision/decode_overhead.py
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/decision/decode_overhead.py [--real] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -32,12 +32,16 @@ from qlora_lab.models import load_tokenizer, lora_config, model_path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def twin(cfg, dtype):
-    config = AutoConfig.from_pretrained(model_path(cfg))
-    config.hidden_size, config.intermediate_size, config.head_dim = 72, 128, 8
+def twin(cfg, dtype, real: bool):
+    """The twin, or with `real` SmolLM2 itself; either with a fresh (unmerged) LoRA adapter."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    return get_peft_model(model, lora_config(cfg)).eval()
+    if real:
+        model = AutoModelForCausalLM.from_pretrained(model_path(cfg), dtype=dtype)
+    else:
+        config = AutoConfig.from_pretrained(model_path(cfg))
+        config.hidden_size, config.intermediate_size, config.head_dim = 72, 128, 8
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return get_peft_model(model.eval(), lora_config(cfg)).eval()
 
 
 def ops_per_step(model, tokenizer, prompts, gen) -> collections.Counter:
@@ -72,14 +76,16 @@ def ms_per_step(model, tokenizer, prompts, gen, steps: int = 33, repeats: int = 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 64, 440])
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    # bfloat16: the casts a GPU run makes (counts only: bf16 arithmetic is slow on our CPUs)
+    parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"])
+    parser.add_argument("--real", action="store_true", help="SmolLM2-135M itself instead of the twin")
     args = parser.parse_args()
     register()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["+experiment=decision_gsm8k"])
     tokenizer = load_tokenizer(model_path(cfg))
     tokenizer.padding_side = "left"
-    model = twin(cfg, getattr(torch, args.dtype))
+    model = twin(cfg, getattr(torch, args.dtype), args.real)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     prompts = [e["prompt"] for e in eval_prompts(cfg, tokenizer, max(args.batches))]
     prompts = [tokenizer.decode(tokenizer(p)["input_ids"][-16:]) for p in prompts]
@@ -88,7 +94,9 @@ def main():
 
     ops = ops_per_step(model, tokenizer, prompts[:8], gen)
     top = ", ".join(f"{k[6:]} {v:.0f}" for k, v in ops.most_common(8))
-    print(f"{args.dtype} twin, adapter unmerged: {sum(ops.values()):.0f} aten calls per decode step ({top})")
+    what = "SmolLM2-135M" if args.real else "twin"
+    calls = sum(ops.values())
+    print(f"{args.dtype} {what}, adapter unmerged: {calls:.0f} aten calls per decode step ({top})")
     with model.disable_adapter():
         base = sum(ops_per_step(model, tokenizer, prompts[:8], gen).values())
     print(f"the same model without its adapter: {base:.0f} aten calls per decode step")
