@@ -122,19 +122,20 @@ def test_one_generation_batch_same_answers_fewer_decode_steps(trained_gsm8k, tmp
     def counted(cfg, source, mode):
         model, tokenizer = load_for_inference(cfg, source, mode)
         model.get_base_model().register_forward_hook(lambda *_: calls.update(forward=calls["forward"] + 1))
-        decode = tokenizer.decode
+        for name in ("decode", "batch_decode"):
+            original = getattr(tokenizer, name)
 
-        def counted_decode(*args, **kwargs):
-            calls["decode"] += 1
-            return decode(*args, **kwargs)
+            def counted_decode(*args, _name=name, _original=original, **kwargs):
+                calls[_name] += 1
+                return _original(*args, **kwargs)
 
-        tokenizer.decode = counted_decode
+            setattr(tokenizer, name, counted_decode)
         return model, tokenizer
 
     monkeypatch.setattr(evaluate, "load_for_inference", counted)
     answers = {}
     for generation_batch in (None, 6):
-        calls.update(forward=0, decode=0)
+        calls.update(forward=0, decode=0, batch_decode=0)
         cfg.eval.generation_batch_size = generation_batch
         folder = tmp_path / str(generation_batch)
         folder.mkdir()
@@ -145,6 +146,6 @@ def test_one_generation_batch_same_answers_fewer_decode_steps(trained_gsm8k, tmp
         answers[generation_batch] = [g["output"] for g in generations]
         batches = [lengths[i : i + (generation_batch or 2)] for i in range(0, 6, generation_batch or 2)]
         assert calls["forward"] == sum(max(b) for b in batches), (generation_batch, lengths)
-        assert calls["decode"] == 6
+        assert calls["decode"] == 6 and calls["batch_decode"] == 0
     assert answers[6] == answers[None]
     assert max(len(a) for a in answers[6]) > 0
