@@ -6,8 +6,10 @@ import copy
 import csv
 import json
 import math
+from unittest import mock
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
@@ -109,10 +111,11 @@ def test_cli_evaluate_on_a_run_dir(trained_gsm8k, tmp_path):
 
 
 def test_one_generation_batch_same_answers_fewer_decode_steps(trained_gsm8k, tmp_path, monkeypatch):
-    """eval.generation_batch_size: the 6 prompts in one generate() call instead of batches of eval.batch_size.
-    The greedy answers are the same; the model runs one forward per generated position of the longest answer
-    (prefill included) instead of one per batch; each answer is turned into text once, after generation (no
-    per-step decoding of the sequences)."""
+    """eval.generation_batch_size: the 6 prompts in one generate() call (under inference_mode) instead of
+    batches of eval.batch_size (under no_grad, as before). The greedy answers are the same; the model
+    runs one forward per generated position of the longest answer (prefill included) instead of one per
+    batch; each answer is turned into text once, after generation (no per-step decoding of the
+    sequences)."""
     cfg, run_dir = trained_gsm8k
     cfg = copy.deepcopy(cfg)
     cfg.eval.modes, cfg.eval.metrics = ["adapter"], ["accuracy"]
@@ -134,14 +137,16 @@ def test_one_generation_batch_same_answers_fewer_decode_steps(trained_gsm8k, tmp
 
     monkeypatch.setattr(evaluate, "load_for_inference", counted)
     answers = {}
-    for generation_batch in (None, 6):
+    # generation as it was (batches of eval.batch_size, under no_grad), then in one batch under inference_mode
+    for generation_batch, context in ((None, torch.no_grad), (6, torch.inference_mode)):
         calls.update(forward=0, decode=0, batch_decode=0)
         cfg.eval.generation_batch_size = generation_batch
         folder = tmp_path / str(generation_batch)
         folder.mkdir()
         run = Run(dir=folder, source=run_dir)
         run.start(cfg)
-        _, generations = evaluate.evaluate_mode(cfg, run, InferenceMode.adapter, list(cfg.eval.metrics))
+        with mock.patch.object(torch, "inference_mode", context):
+            _, generations = evaluate.evaluate_mode(cfg, run, InferenceMode.adapter, list(cfg.eval.metrics))
         lengths = [g["new_tokens"] for g in generations]
         answers[generation_batch] = [g["output"] for g in generations]
         batches = [lengths[i : i + (generation_batch or 2)] for i in range(0, 6, generation_batch or 2)]
