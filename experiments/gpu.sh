@@ -237,18 +237,25 @@ case $stage in
   decision2)  # issue 23 on 2 GPUs, one seed's sweep per GPU, each one job at a time: `decision2 42 43` (seed 42 on
     # GPU 0, 43 on GPU 1), then `decision2 44` (seed 44 on GPU 0 beside +experiment=qlora_variants, issue 25, on
     # GPU 1); the plain reference loop on GPU 0 after them, same call. Merge the seed folders afterwards.
-    # EXTRA: more overrides for the decision sweeps, e.g. EXTRA=dataset.size=3000,7473 for the cells left to run
+    # EXTRA: more overrides for the decision sweeps, e.g. EXTRA=dataset.size=3000,7473 for the cells left to run.
+    # SIZES="3000 7473": one sweep per seed and size instead, each on its own GPU (seed42_n3000, ...): the 2 jobs
+    # of a 7,473 cell take ~6.5 min of one GPU, 4 jobs (both sizes) ~10.5 min, more than one call (README of
+    # experiments/decision). Every sweep stops SWEEP_TIMEOUT s after the first started; the call takes ~70 s more.
     real_smollm2
     rm -rf /root/sw
-    gpu=0
+    gpu=0 t0=$SECONDS
     for seed in "${@:2}"; do
-      CUDA_VISIBLE_DEVICES=$gpu timeout ${SWEEP_TIMEOUT:-450} python3 -m qlora_lab -m +experiment=decision_gsm8k \
-        sweep.repeats=1 train.seed=$seed eval.batch_size=${EVAL_BATCH:-440} ${EXTRA:-} hydra.sweep.dir=/root/sw/seed$seed \
-        > "$OUT/sweep_seed$seed.log" 2>&1 &
-      gpu=$((gpu + 1))
-      sleep 20  # the first sweep converts the GGUF into the cache before the second needs it
+      for size in ${SIZES:-all}; do
+        name=seed$seed${SIZES:+_n$size}
+        CUDA_VISIBLE_DEVICES=$gpu timeout $(( ${SWEEP_TIMEOUT:-450} - (SECONDS - t0) )) python3 -m qlora_lab -m \
+          +experiment=decision_gsm8k sweep.repeats=1 train.seed=$seed eval.batch_size=${EVAL_BATCH:-440} \
+          ${SIZES:+dataset.size=$size} ${EXTRA:-} hydra.sweep.dir=/root/sw/$name > "$OUT/sweep_$name.log" 2>&1 &
+        # the first sweep converts the GGUF into the cache before the others need it
+        [ $gpu -eq 0 ] && sleep 20
+        gpu=$((gpu + 1))
+      done
     done
-    [ $# -eq 2 ] && CUDA_VISIBLE_DEVICES=1 timeout ${SWEEP_TIMEOUT:-450} python3 -m qlora_lab -m +experiment=qlora_variants \
+    [ $# -eq 2 ] && [ $gpu -eq 1 ] && CUDA_VISIBLE_DEVICES=1 timeout ${SWEEP_TIMEOUT:-450} python3 -m qlora_lab -m +experiment=qlora_variants \
       dataset.size=256 dataset.max_seq_length=512 sweep.repeats=3 hydra.sweep.dir=/root/sw/variants \
       > "$OUT/sweep_variants.log" 2>&1 &
     wait

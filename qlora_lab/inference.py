@@ -175,7 +175,9 @@ def generate(model, tokenizer, prompts: list[str], gen: GenerationConfig, batch_
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.no_grad():
+        # inference_mode: no autograd bookkeeping on any of the ~3,000 ops of each decode step (no_grad keeps
+        # some); the answers are the same
+        with torch.inference_mode():
             out = model.generate(**enc, generation_config=config, streamer=clock)
         if torch.cuda.is_available():
             torch.cuda.synchronize()

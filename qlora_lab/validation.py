@@ -210,12 +210,14 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"generation.top_p must be in (0, 1] (got {g.top_p}).")
     if not g.repetition_penalty > 0:
         raise ConfigError(f"generation.repetition_penalty must be positive (got {g.repetition_penalty}).")
+    e = cfg.eval
     for key, value in (
         ("generation.max_new_tokens", g.max_new_tokens),
         ("inference.batch_size", cfg.inference.batch_size),
         ("inference.num_prompts", cfg.inference.num_prompts),
         ("eval.batch_size", cfg.eval.batch_size),
         ("eval.max_samples", cfg.eval.max_samples),
+        ("eval.generation_batch_size", 1 if e.generation_batch_size is None else e.generation_batch_size),
     ):
         if value < 1:
             raise ConfigError(f"{key} must be a positive integer (got {value}).")

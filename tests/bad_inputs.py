@@ -337,6 +337,7 @@ BAD_INPUTS = [
         ["model.random_init=null", "model.random_in_memory=true"],
         ["model.random_in_memory", "no random_init"],
     ),
+    ("zero generation batch", ["eval.generation_batch_size=0"], ["eval.generation_batch_size", "positive"]),
 ]
 
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
+from unittest import mock
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from qlora_lab.config import InferenceMode
+from qlora_lab.inference import load_for_inference
 from qlora_lab.pipelines import evaluate, train
 from qlora_lab.rundir import Run
 
@@ -103,3 +108,49 @@ def test_cli_evaluate_on_a_run_dir(trained_gsm8k, tmp_path):
     assert "| perplexity |" in result.stdout and "ROUGE-1" in result.stdout
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["eval/perplexity"] < metrics["eval_base/perplexity"]
+
+
+def test_one_generation_batch_same_answers_fewer_decode_steps(trained_gsm8k, tmp_path, monkeypatch):
+    """eval.generation_batch_size: the 6 prompts in one generate() call (under inference_mode) instead of
+    batches of eval.batch_size (under no_grad, as before). The greedy answers are the same; the model
+    runs one forward per generated position of the longest answer (prefill included) instead of one per
+    batch; each answer is turned into text once, after generation (no per-step decoding of the
+    sequences)."""
+    cfg, run_dir = trained_gsm8k
+    cfg = copy.deepcopy(cfg)
+    cfg.eval.modes, cfg.eval.metrics = ["adapter"], ["accuracy"]
+    cfg.eval.max_samples, cfg.eval.batch_size, cfg.generation.max_new_tokens = 6, 2, 8
+    calls = {}
+
+    def counted(cfg, source, mode):
+        model, tokenizer = load_for_inference(cfg, source, mode)
+        model.get_base_model().register_forward_hook(lambda *_: calls.update(forward=calls["forward"] + 1))
+        for name in ("decode", "batch_decode"):
+            original = getattr(tokenizer, name)
+
+            def counted_decode(*args, _name=name, _original=original, **kwargs):
+                calls[_name] += 1
+                return _original(*args, **kwargs)
+
+            setattr(tokenizer, name, counted_decode)
+        return model, tokenizer
+
+    monkeypatch.setattr(evaluate, "load_for_inference", counted)
+    answers = {}
+    # generation as it was (batches of eval.batch_size, under no_grad), then in one batch under inference_mode
+    for generation_batch, context in ((None, torch.no_grad), (6, torch.inference_mode)):
+        calls.update(forward=0, decode=0, batch_decode=0)
+        cfg.eval.generation_batch_size = generation_batch
+        folder = tmp_path / str(generation_batch)
+        folder.mkdir()
+        run = Run(dir=folder, source=run_dir)
+        run.start(cfg)
+        with mock.patch.object(torch, "inference_mode", context):
+            _, generations = evaluate.evaluate_mode(cfg, run, InferenceMode.adapter, list(cfg.eval.metrics))
+        lengths = [g["new_tokens"] for g in generations]
+        answers[generation_batch] = [g["output"] for g in generations]
+        batches = [lengths[i : i + (generation_batch or 2)] for i in range(0, 6, generation_batch or 2)]
+        assert calls["forward"] == sum(max(b) for b in batches), (generation_batch, lengths)
+        assert calls["decode"] == 6 and calls["batch_decode"] == 0
+    assert answers[6] == answers[None]
+    assert max(len(a) for a in answers[6]) > 0

@@ -59,9 +59,8 @@ def evaluate_mode(
     if {EvalMetric.rouge, EvalMetric.bleu, EvalMetric.accuracy} & set(metrics):
         examples = eval_prompts(cfg, tokenizer, cfg.eval.max_samples)
         t0 = time.perf_counter()
-        outputs = generate(
-            model, tokenizer, [e["prompt"] for e in examples], cfg.generation, cfg.eval.batch_size
-        )
+        batch = cfg.eval.generation_batch_size or cfg.eval.batch_size
+        outputs = generate(model, tokenizer, [e["prompt"] for e in examples], cfg.generation, batch)
         scores["generation_s"] = time.perf_counter() - t0
         scores["generated_tokens"] = sum(o["new_tokens"] for o in outputs)
         predictions = [o["output"] for o in outputs]
