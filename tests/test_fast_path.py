@@ -447,12 +447,12 @@ def test_grouped_projections_compute_in_bf16_and_answer_in_the_input_dtype():
     layers = [attn.q_proj, attn.k_proj, attn.v_proj]
     for layer in layers:
         torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
-    x = torch.randn(2, 5, attn.q_proj.in_features)
+    x = torch.randn(2, 5, attn.q_proj.in_features).to(attn.q_proj.lora_A["default"].weight.device)
 
     def run():
         xi = x.clone().requires_grad_()
         outs = [layer(xi) for layer in layers]
-        sum((o * torch.linspace(-1, 1, o.shape[-1])).sum() for o in outs).backward()
+        sum((o * torch.linspace(-1, 1, o.shape[-1], device=o.device)).sum() for o in outs).backward()
         grads = [
             p.grad.clone()
             for layer in layers
