@@ -14,7 +14,7 @@ import pytest
 
 from qlora_lab.config import ConfigError
 
-from .conftest import ROOT, TINY, assert_refused, cli, run_main, saved_run_config
+from .conftest import ROOT, TINY, assert_refused, run_main, saved_run_config
 
 HOLD = """
 import sys, time
@@ -290,7 +290,7 @@ def small_disk(tmp_path):
 
 def test_a_really_full_disk_during_training_then_resume_once_space_is_freed(small_disk):
     run_dir = small_disk / "run"
-    result = cli(
+    result = run_main(
         *TINY,
         "quantization=none",
         "train.save_steps=2",
@@ -331,7 +331,7 @@ def test_a_really_full_disk_in_merge_and_export_leaves_no_partial_files(small_di
     run = small_disk / "run"
     shutil.copytree(trained, run)  # 3.6 MiB of the 6: the merged model (12 MiB) cannot fit
 
-    merge = cli("pipeline=merge", f"run_dir={run}", f"hydra.run.dir={tmp_path / 'merge'}")
+    merge = run_main("pipeline=merge", f"run_dir={run}", f"hydra.run.dir={tmp_path / 'merge'}")
     assert_refused(
         merge,
         [
@@ -349,7 +349,7 @@ def test_a_really_full_disk_in_merge_and_export_leaves_no_partial_files(small_di
     )
     used = shutil.disk_usage(small_disk).used  # now leave 1 MiB: the q8_0 GGUF (~3.4 MiB) cannot fit
     subprocess.run(["mount", "-o", f"remount,size={used + (1 << 20)}", str(small_disk)], check=True)
-    export = cli(
+    export = run_main(
         "pipeline=export", f"run_dir={run}", "export.measure=false", f"hydra.run.dir={tmp_path / 'export'}"
     )
     assert_refused(
