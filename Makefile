@@ -34,12 +34,15 @@ quickstart: setup
 	$(PY) -m qlora_lab +experiment=quickstart
 
 # Two worker processes (pytest-xdist): the suite keeps one core busy, the machine has two. --dist loadscope gives
-# each worker whole modules, so a module's fixtures (the real sweep, the web app, the export) are built once.
+# each worker whole modules, so a module's fixtures (the real sweep, the web app, the export) are built once;
+# --no-loadscope-reorder hands them out in collection order (tests/conftest.py: the slowest first) instead of
+# by number of tests.
+XDIST := -n 2 --dist loadscope --no-loadscope-reorder
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadscope
+	$(PY) -m pytest -q $(XDIST)
 
 test-fast: setup
-	$(PY) -m pytest -q -n 2 --dist loadscope -m "not slow"
+	$(PY) -m pytest -q $(XDIST) -m "not slow"
 
 # ruff (a dev dependency): the lint rules and the formatter, both set in pyproject.toml's [tool.ruff].
 lint: setup

@@ -255,20 +255,25 @@ def tokenizer():
     return load_tokenizer(tokenizer_path(make_cfg()))
 
 
-# The modules that take longest on 2 cores (measured with --durations), handed out first: `make test` gives
-# each xdist worker whole modules (--dist loadscope), and starting with the longest lets the two finish
+# The modules by the time they take on 2 cores (measured with --durations), the longest first; the others
+# (short) follow in file order. `make test` gives each xdist worker whole modules (--dist
+# loadscope) in this order (--no-loadscope-reorder), so that the two workers end with short modules and finish
 # together.
 SLOWEST_FIRST = [
     "test_distributed.py",
     "test_decision.py",
-    "test_faults.py",
     "test_sweep.py",
     "test_web.py",
-    "test_cli.py",
     "test_export.py",
-    "test_resume.py",
+    "test_cli.py",
+    "test_faults.py",
     "test_bad_inputs.py",
+    "test_resume.py",
     "test_lora_variants.py",
+    "test_fast_path.py",
+    "test_inference.py",
+    "test_conversations.py",
+    "test_train.py",
 ]
 
 

@@ -1,5 +1,5 @@
 """The command line (in-process through its entry, `run_main`): bad input gets one clear sentence and a
-non-zero exit; a real run on SmolLM2 as a real subprocess."""
+non-zero exit; a real run on SmolLM2 through every stage of the quickstart."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from .conftest import TINY, assert_one_sentence_error, cli, run_main
+from .conftest import TINY, assert_one_sentence_error, run_main
 
 
 @pytest.mark.parametrize(
@@ -78,7 +78,7 @@ def test_existing_run_dir_is_never_overwritten(tmp_path):
 def test_real_short_run_on_smollm2(tmp_path):
     run_dir = tmp_path / "run"
     # every stage of the quickstart on the real model, kept small: 3 steps of 2 examples, short generations
-    result = cli(
+    result = run_main(
         "+experiment=quickstart",
         "dataset.size=6",
         "dataset.eval_size=4",

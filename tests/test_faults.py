@@ -3,8 +3,10 @@ a full disk. Each ends in one sentence, and what was written stays safe."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +14,7 @@ import pytest
 
 from qlora_lab.config import ConfigError
 
-from .conftest import ROOT, TINY, assert_refused, cli, run_main, saved_run_config
+from .conftest import ROOT, TINY, assert_refused, run_main, saved_run_config
 
 HOLD = """
 import sys, time
@@ -131,17 +133,18 @@ def test_ctrl_c_on_a_sweep_stops_it_with_one_line(tmp_path, launcher):
 
 # ---------------------------------------------------------------- a full disk
 
-# Runs the real CLI with a full disk faked where FAULT says: `start` (no space at all), `checkpoint:N` (the
-# save of checkpoint N writes part of its folder, then the disk is full).
-FAULTY = """
-import errno, os, runpy, shutil, sys
-fault = os.environ["FAULT"]
-if fault == "start":
+
+# The real CLI (in this process: `run_main`) with a full disk faked: no space at all, or the save of
+# checkpoint N writing part of its folder before the disk is full.
+def no_space_at_all(monkeypatch):
     usage = shutil.disk_usage
-    shutil.disk_usage = lambda path: usage(path)._replace(free=0)
-else:
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(path)._replace(free=0))
+
+
+def disk_full_at_checkpoint(monkeypatch, step: int):
     import transformers
-    step, original = int(fault.split(":")[1]), transformers.Trainer._save_checkpoint
+
+    original = transformers.Trainer._save_checkpoint
 
     def save(self, model, trial):
         if self.state.global_step == step:
@@ -151,34 +154,22 @@ else:
             raise OSError(errno.ENOSPC, "No space left on device")
         return original(self, model, trial)
 
-    transformers.Trainer._save_checkpoint = save
-sys.argv = ["qlora_lab", *sys.argv[1:]]
-runpy.run_module("qlora_lab", run_name="__main__", alter_sys=True)
-"""
+    monkeypatch.setattr(transformers.Trainer, "_save_checkpoint", save)
 
 
-def faulty_cli(tmp_path, fault: str, *args: str) -> subprocess.CompletedProcess:
-    script = tmp_path / "faulty.py"
-    script.write_text(FAULTY)
-    env = dict(
-        os.environ, FAULT=fault, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false"
-    )
-    return subprocess.run(
-        [sys.executable, str(script), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-
-
-def test_no_space_at_start_is_one_sentence_before_anything_is_written(tmp_path):
+def test_no_space_at_start_is_one_sentence_before_anything_is_written(tmp_path, monkeypatch):
     run_dir = tmp_path / "out" / "run"
-    result = faulty_cli(tmp_path, "start", *TINY, f"hydra.run.dir={run_dir}")
+    no_space_at_all(monkeypatch)
+    result = run_main(*TINY, f"hydra.run.dir={run_dir}")
     assert_refused(result, [f"no space left on the disk holding {run_dir} (0 bytes free)", "free some space"])
     assert not run_dir.exists()
 
 
-def test_disk_full_while_training_is_one_sentence_and_the_run_resumes(tmp_path):
+def test_disk_full_while_training_is_one_sentence_and_the_run_resumes(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     args = [*TINY, "quantization=none", "train.save_steps=2", "train.eval_before=false"]
-    result = faulty_cli(tmp_path, "checkpoint:4", *args, f"hydra.run.dir={run_dir}")
+    disk_full_at_checkpoint(monkeypatch, 4)
+    result = run_main(*args, f"hydra.run.dir={run_dir}")
     assert_refused(
         result,
         [
@@ -193,7 +184,8 @@ def test_disk_full_while_training_is_one_sentence_and_the_run_resumes(tmp_path):
         run_dir / "checkpoints" / "checkpoint-4"
     ).is_dir()  # left unmarked: resuming ignores and removes it
 
-    again = run_main("train.resume=true", f"run_dir={run_dir}")  # once space is freed
+    monkeypatch.undo()  # space freed
+    again = run_main("train.resume=true", f"run_dir={run_dir}")
     assert again.returncode == 0, again.stderr[-3000:]
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "completed" and info["attempts"][-1]["status"] == "failed"
@@ -298,7 +290,7 @@ def small_disk(tmp_path):
 
 def test_a_really_full_disk_during_training_then_resume_once_space_is_freed(small_disk):
     run_dir = small_disk / "run"
-    result = cli(
+    result = run_main(
         *TINY,
         "quantization=none",
         "train.save_steps=2",
@@ -339,7 +331,7 @@ def test_a_really_full_disk_in_merge_and_export_leaves_no_partial_files(small_di
     run = small_disk / "run"
     shutil.copytree(trained, run)  # 3.6 MiB of the 6: the merged model (12 MiB) cannot fit
 
-    merge = cli("pipeline=merge", f"run_dir={run}", f"hydra.run.dir={tmp_path / 'merge'}")
+    merge = run_main("pipeline=merge", f"run_dir={run}", f"hydra.run.dir={tmp_path / 'merge'}")
     assert_refused(
         merge,
         [
@@ -357,7 +349,7 @@ def test_a_really_full_disk_in_merge_and_export_leaves_no_partial_files(small_di
     )
     used = shutil.disk_usage(small_disk).used  # now leave 1 MiB: the q8_0 GGUF (~3.4 MiB) cannot fit
     subprocess.run(["mount", "-o", f"remount,size={used + (1 << 20)}", str(small_disk)], check=True)
-    export = cli(
+    export = run_main(
         "pipeline=export", f"run_dir={run}", "export.measure=false", f"hydra.run.dir={tmp_path / 'export'}"
     )
     assert_refused(

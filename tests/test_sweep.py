@@ -14,7 +14,7 @@ import pytest
 from qlora_lab.report import main as report_main
 from qlora_lab.report import write_report
 
-from .conftest import ROOT, cli, run_main
+from .conftest import ROOT, run_main
 
 # 2 modes x 2 sizes on the tiny model, plus a size the data cannot supply: a job that fails at run time.
 SWEEP = [
@@ -42,7 +42,8 @@ def metrics(sweep_dir, job):
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     sweep_dir = tmp_path_factory.mktemp("sweeps") / "lora_vs_qlora"
-    result = cli(*SWEEP, f"hydra.sweep.dir={sweep_dir}")
+    # launched in this process; the isolated launcher still runs each job in a fresh one
+    result = run_main(*SWEEP, f"hydra.sweep.dir={sweep_dir}")
     # a sweep with failed jobs fails, and says which and why
     assert result.returncode == 1, result.stderr[-3000:]
     assert "error: 2 of 6 jobs did not complete:" in result.stderr
@@ -97,7 +98,7 @@ def test_submitit_local_launcher_gives_the_same_jobs_and_summary(sweep, tmp_path
     isolated_dir, _ = sweep
     submitit_dir = tmp_path / "submitit"
     args = [a for a in SWEEP if not a.startswith(("quantization=", "dataset.size="))]
-    result = cli(
+    result = run_main(
         *args,
         "hydra/launcher=submitit_local",
         "quantization=none",
@@ -181,12 +182,10 @@ def test_report_shows_evaluate_metrics_when_jobs_have_them(sweep, tmp_path):
     assert "## Quality" in summary and "| base accuracy |" in summary
 
 
-def test_report_command_rejects_a_folder_without_jobs(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "qlora_lab.report", str(tmp_path)], cwd=ROOT, capture_output=True, text=True
-    )
-    assert out.returncode == 2 and out.stderr.startswith("error: ") and "no Hydra job folders" in out.stderr
-    assert "Traceback" not in out.stderr
+def test_report_command_rejects_a_folder_without_jobs(tmp_path, capsys):
+    assert report_main([str(tmp_path)]) == 2  # `python -m qlora_lab.report DIR`
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no Hydra job folders" in err and "Traceback" not in err
 
 
 TOY_APP = """
