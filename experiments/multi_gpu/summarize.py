@@ -36,7 +36,7 @@ def rows(call: Path):
         peak = max(r.get("memory/peak_gib_per_rank") or [r["memory/peak_gib"]])
         eff = (
             f"{r['train/tokens_per_s'] / (gpus * one['train/tokens_per_s']):.2f}"
-            if one and gpus > 1
+            if one and gpus > 1 and "70b" not in name  # 70B has no one-GPU run to scale from
             else "n/a"
         )
         other = runs.get(COMPARE.get(name, ""))
