@@ -10,29 +10,22 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, TINY
+from .conftest import ROOT, TINY, run_main
 
 # FSDP on CPU processes, for tests (see its sitecustomize.py)
 CPU_FSDP = ROOT / "tests" / "fixtures" / "cpu_fsdp"
 
 
-def launch(run_dir: Path, *args: str, processes: int = 2, fsdp: bool = False) -> subprocess.CompletedProcess:
+def launch(run_dir: Path, *args: str, fsdp: bool = False) -> subprocess.CompletedProcess:
+    """`accelerate launch` of the tiny run on 2 CPU processes (DDP, or FSDP through the test shim)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     if fsdp:
         env |= {"QLORA_LAB_TEST_CPU_FSDP": "1", "PYTHONPATH": os.pathsep.join([str(CPU_FSDP), str(ROOT)])}
     config = CPU_FSDP / "fsdp_2proc.yaml" if fsdp else ROOT / "accelerate" / "cpu_ddp_2proc.yaml"
-    command = [sys.executable, "-m", "qlora_lab"]
-    if processes > 1:
-        command = [
-            str(Path(sys.executable).with_name("accelerate")),
-            "launch",
-            "--config_file",
-            str(config),
-            "--num_processes",
-            str(processes),
-            "-m",
-            "qlora_lab",
-        ]
+    command = [
+        str(Path(sys.executable).with_name("accelerate")),
+        *("launch", "--config_file", str(config), "--num_processes", "2", "-m", "qlora_lab"),
+    ]
     return subprocess.run(
         [*command, *TINY, *args, f"hydra.run.dir={run_dir}"],
         cwd=ROOT,
@@ -75,12 +68,11 @@ def test_two_process_ddp_ranks_agree(tmp_path, quant, request):
         # DDP is one process with the global batch: 2 ranks x 2 rows give the per-step losses of 1 process x 4
         # rows (without dropout, whose masks each rank draws from its own random stream)
         single = tmp_path / "single"
-        assert (
-            launch(
-                single, "quantization=none", "train.batch_size=4", "lora.dropout=0", processes=1
-            ).returncode
-            == 0
+        # one process: this one (the same run as `python -m qlora_lab`, without another interpreter start-up)
+        alone_run = run_main(
+            *TINY, "quantization=none", "train.batch_size=4", "lora.dropout=0", f"hydra.run.dir={single}"
         )
+        assert alone_run.returncode == 0, alone_run.stderr[-3000:]
         alone = json.loads((single / "metrics.json").read_text())
         assert len(metrics["train/losses"]) == len(alone["train/losses"]) == 8
         assert metrics["train/losses"] == pytest.approx(alone["train/losses"], abs=1e-5)
