@@ -22,6 +22,20 @@ from qlora_lab.validation import validate
 
 from .conftest import TINY, make_cfg
 
+# The short fp32 train-stage run that the step-by-step comparisons below share (each adds what it compares)
+SHORT_FP32_RUN = [
+    "model=tiny_random",
+    "model.dtype=float32",
+    "train.precision=fp32",
+    "dataset.size=8",
+    "dataset.eval_size=4",
+    "train.batch_size=2",
+    "train.learning_rate=5e-3",
+    "train.report_to=[]",
+    "train.logging_steps=1",
+    "train.eval_before=false",
+]
+
 
 def test_pack_examples_fills_rows_in_order_without_splitting_examples():
     from datasets import Dataset
@@ -188,20 +202,11 @@ def test_varlen_training_steps_equal_masked_ones(cpu_varlen, tmp_path):
         run, losses = _train(
             tmp_path / mode,
             [
-                "model=tiny_random",
+                *SHORT_FP32_RUN,
                 "quantization=none",
-                "model.dtype=float32",
-                "train.precision=fp32",
-                "dataset.size=8",
-                "dataset.eval_size=4",
                 "dataset.max_seq_length=768",
                 "dataset.pack=true",
                 "train.max_steps=2",
-                "train.batch_size=2",
-                "train.learning_rate=5e-3",
-                "train.report_to=[]",
-                "train.logging_steps=1",
-                "train.eval_before=false",
                 "train.gradient_checkpointing=true",
                 "lora.dropout=0",
                 f"train.packed_attention={mode}",
@@ -300,19 +305,10 @@ def test_fused_lora_training_steps_equal_peft_ones(tmp_path):
         losses[mode] = _train(
             tmp_path / mode,
             [
-                "model=tiny_random",
+                *SHORT_FP32_RUN,
                 "quantization=nf4",
-                "model.dtype=float32",
-                "train.precision=fp32",
-                "dataset.size=8",
-                "dataset.eval_size=4",
                 "dataset.max_seq_length=96",
                 "train.max_steps=3",
-                "train.batch_size=2",
-                "train.learning_rate=5e-3",
-                "train.report_to=[]",
-                "train.logging_steps=1",
-                "train.eval_before=false",
                 f"train.lora_layers={mode}",
             ],
         )[1]  # lora.dropout 0.05
@@ -496,21 +492,12 @@ def test_grouped_projection_training_steps_equal_per_layer_ones(cpu_varlen, tmp_
         losses[mode] = _train(
             tmp_path / mode,
             [
-                "model=tiny_random",
+                *SHORT_FP32_RUN,
                 "quantization=nf4",
-                "model.dtype=float32",
-                "train.precision=fp32",
-                "dataset.size=8",
-                "dataset.eval_size=4",
                 "dataset.max_seq_length=128",
                 "dataset.pack=true",
                 "train.packed_attention=varlen",
                 "train.max_steps=3",
-                "train.batch_size=2",
-                "train.learning_rate=5e-3",
-                "train.report_to=[]",
-                "train.logging_steps=1",
-                "train.eval_before=false",
                 "train.gradient_checkpointing=true",
                 "train.lora_layers=fused",
                 f"train.group_projections={mode}",
