@@ -13,7 +13,7 @@
 #   bash experiments/gpu.sh fsdp70b     # 2 GPUs: FSDP + 4-bit loaded shard by shard, 8B against 1 GPU, then 70B at 24 GiB a GPU
 # Results go to $OUT (default /tmp/gpu-out): logs, reference_*.jsonl and one .tgz per sweep.
 set -uo pipefail
-stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality|variants|decision|decision2|multi|multi2|before|fsdpmem|fsdp8b|ckpt24|fsdp70b|fsdp70b_short|sweep2|step24}
+stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality|variants|decision|decision2|multi|multi2|before|fsdpmem|fsdp8b|ckpt24|fsdp70b|fsdp70b_short|sweep2|step24|seed_variants}
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT" /root/smolparts
 cp .gpu/smolpart.* /root/smolparts/ 2>/dev/null  # the SmolLM2 GGUF travels in parts, one per call (64 MiB a call)
@@ -238,7 +238,7 @@ case $stage in
     # GPU 0, 43 on GPU 1), then `decision2 44` (seed 44 on GPU 0 beside +experiment=qlora_variants, issue 25, on
     # GPU 1); the plain reference loop on GPU 0 after them, same call. Merge the seed folders afterwards.
     # EXTRA: more overrides for the decision sweeps, e.g. EXTRA=dataset.size=3000,7473 for the cells left to run.
-    # SIZES="3000 7473": one sweep per seed and size instead, each on its own GPU (seed42_n3000, ...): the 2 jobs
+    # NO_VARIANTS=1: leave GPU 1 to another command. SIZES="3000 7473": one sweep per seed and size instead, each on its own GPU (seed42_n3000, ...): the 2 jobs
     # of a 7,473 cell take ~6.5 min of one GPU, 4 jobs (both sizes) ~10.5 min, more than one call (README of
     # experiments/decision). Every sweep stops SWEEP_TIMEOUT s after the first started; the call takes ~70 s more.
     real_smollm2
@@ -255,7 +255,7 @@ case $stage in
         gpu=$((gpu + 1))
       done
     done
-    [ $# -eq 2 ] && [ $gpu -eq 1 ] && CUDA_VISIBLE_DEVICES=1 timeout ${SWEEP_TIMEOUT:-450} python3 -m qlora_lab -m +experiment=qlora_variants \
+    [ -z "${NO_VARIANTS:-}" ] && [ $# -eq 2 ] && [ $gpu -eq 1 ] && CUDA_VISIBLE_DEVICES=1 timeout ${SWEEP_TIMEOUT:-450} python3 -m qlora_lab -m +experiment=qlora_variants \
       dataset.size=256 dataset.max_seq_length=512 sweep.repeats=3 hydra.sweep.dir=/root/sw/variants \
       > "$OUT/sweep_variants.log" 2>&1 &
     wait
@@ -263,6 +263,26 @@ case $stage in
     CUDA_VISIBLE_DEVICES=0 python3 experiments/lora_vs_qlora/reference_loop.py "$QLORA_LAB_CACHE/models/SmolLM2-135M-Instruct" \
       --recipes fast_qlora,fast_lora --batch 8 --seq 1024 | tee "$OUT/reference.jsonl"
     tar czf "$OUT/sweeps_${2}.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard --exclude=merged -C /root/sw . ;;
+  seed_variants)  # 2 GPUs: `SIZES=7473 seed_variants 44`: that seed's decision sweep on GPU 0 (decision2, then the
+    # grouped-projection GPU tests there); on GPU 1 QLoRA + DoRA for seed 44, QLoRA + rsLoRA for 3 seeds (issue 25),
+    # then the recipe-quality check (paper vs fast, issue 24). One call after the three SmolLM2 `parts` calls.
+    (NO_VARIANTS=1 bash experiments/gpu.sh decision2 "$2" > "$OUT/decision2.txt" 2>&1
+     CUDA_VISIBLE_DEVICES=0 timeout 90 python3 -m pytest -q -m gpu tests/test_fast_path.py -k grouped 2>&1 |
+       tail -n 4 > "$OUT/pytest_grouped.txt") &
+    sleep 30  # decision2 reassembles the GGUF; its first job converts it (under a file lock)
+    real_smollm2
+    export CUDA_VISIBLE_DEVICES=1
+    t0=$SECONDS v=(+experiment=qlora_variants dataset.size=256 dataset.max_seq_length=512)
+    timeout 150 python3 -m qlora_lab -m "${v[@]}" sweep.repeats=1 train.seed=44 +qlora_variant=qlora_dora \
+      hydra.sweep.dir=/root/sw1/variants_dora44 > "$OUT/variants_dora44.log" 2>&1
+    timeout 170 python3 -m qlora_lab -m "${v[@]}" sweep.repeats=3 +qlora_variant=qlora_rslora \
+      hydra.sweep.dir=/root/sw1/variants_rslora > "$OUT/variants_rslora.log" 2>&1
+    timeout $(( ${STAGE_S:-520} - (SECONDS - t0) )) python3 -m qlora_lab -m +experiment=recipe_quality \
+      hydra.sweep.dir=/root/sw1/recipe_quality > "$OUT/recipe_quality.log" 2>&1
+    wait
+    tar czf "$OUT/sweeps_gpu1.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard --exclude=merged -C /root/sw1 .
+    for f in "$OUT"/variants_*.log "$OUT"/recipe_quality.log; do echo "== $f"; grep -E "^\| |rror" "$f" | tail -n 8; done
+    cat "$OUT/pytest_grouped.txt"; tail -n 3 "$OUT/decision2.txt" ;;
   fsdp70b_short)  # fsdp70b for a short lease: 70B under the 24 GiB cap first, then the reference loop and the
     # shard-by-shard loading on Llama-3.2-1B shapes (per-rank load peak against the whole 4-bit base)
     LAUNCH=accelerate/fsdp_2gpu.yaml RUN_TIMEOUT=${RUN70:-170} one fsdp_70b +experiment=multi_gpu_70b
