@@ -13,7 +13,7 @@
 #   bash experiments/gpu.sh fsdp70b     # 2 GPUs: FSDP + 4-bit loaded shard by shard, 8B against 1 GPU, then 70B at 24 GiB a GPU
 # Results go to $OUT (default /tmp/gpu-out): logs, reference_*.jsonl and one .tgz per sweep.
 set -uo pipefail
-stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality|variants|decision|decision2|multi|multi2|before|fsdpmem|fsdp8b|ckpt24|fsdp70b|fsdp70b_short|sweep2|step24|seed_variants}
+stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality|variants|decision|decision2|multi|multi2|before|fsdpmem|fsdp8b|ckpt24|fsdp70b|fsdp70b_short|sweep2|step24|seed_variants|graphs24}
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT" /root/smolparts
 cp .gpu/smolpart.* /root/smolparts/ 2>/dev/null  # the SmolLM2 GGUF travels in parts, one per call (64 MiB a call)
@@ -53,8 +53,8 @@ one() {  # one NAME [overrides...]: a single run (LAUNCH=accelerate config for a
   [ -n "${LAUNCH:-}" ] && cmd=(python3 -m accelerate.commands.launch --config_file "$LAUNCH" -m qlora_lab)
   local t0=$SECONDS; rm -rf /root/runs/$name  # a repeated call starts the run afresh
   echo "=== $name: ${cmd[*]} $*" >> "$OUT/runs.log"
-  timeout ${RUN_TIMEOUT:-400} "${cmd[@]}" "$@" hydra.run.dir=/root/runs/$name 2>&1 | tee -a "$OUT/runs.log" | grep -E "recipe|eval loss|error|GPUs visible|Error" | tail -n 5
-  python3 -c "import json,sys; m=json.load(open('/root/runs/$name/metrics.json')); print(json.dumps({'run': '$name', 'wall_s': $SECONDS - $t0, **{k: m.get(k) for k in ['train/batch_size','train/steps','train/tokens_per_s','train/tokens_per_s_per_gpu','train/step_time_min_s','train/step_time_median_s','train/step_time_max_s','perf/mfu','memory/peak_gib','memory/peak_gib_per_rank','memory/peak_reserved_gib','distributed/world_size','distributed/strategy','distributed/adapters_identical','data/train_tokens','eval/loss','eval/loss_before','train/losses','model/footprint_gib','model/load_s','memory/load_peak_gib_per_rank','memory/before_train_gib','train/gpu_memory_cap_gib']}}))" | tee -a "$OUT/runs.jsonl"
+  timeout ${RUN_TIMEOUT:-400} "${cmd[@]}" "$@" hydra.run.dir=/root/runs/$name 2>&1 | tee -a "$OUT/runs.log" | grep -E "recipe|eval loss|error|GPUs visible|Error|CUDA graphs" | tail -n 6
+  python3 -c "import json,sys; m=json.load(open('/root/runs/$name/metrics.json')); print(json.dumps({'run': '$name', 'wall_s': $SECONDS - $t0, **{k: m.get(k) for k in ['train/batch_size','train/steps','train/tokens_per_s','train/tokens_per_s_per_gpu','train/step_time_min_s','train/step_time_median_s','train/step_time_max_s','perf/mfu','memory/peak_gib','memory/peak_gib_per_rank','memory/peak_reserved_gib','distributed/world_size','distributed/strategy','distributed/adapters_identical','data/train_tokens','eval/loss','eval/loss_before','train/losses','model/footprint_gib','model/load_s','memory/load_peak_gib_per_rank','memory/before_train_gib','train/gpu_memory_cap_gib','train/cuda_graphs']}}))" | tee -a "$OUT/runs.jsonl"
 }
 
 case $stage in
@@ -263,6 +263,22 @@ case $stage in
     CUDA_VISIBLE_DEVICES=0 python3 experiments/lora_vs_qlora/reference_loop.py "$QLORA_LAB_CACHE/models/SmolLM2-135M-Instruct" \
       --recipes fast_qlora,fast_lora --batch 8 --seq 1024 | tee "$OUT/reference.jsonl"
     tar czf "$OUT/sweeps_${2}.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard --exclude=merged -C /root/sw . ;;
+  graphs24)  # issue 24 on ONE GPU: 8B QLoRA nf4 (fast recipe, grouped projections, 100 timed steps, LoRA dropout 0)
+    # with train.cuda_graphs on and off, the reference loop first; then, while time is left, LoRA with graphs
+    # (QLoRA / LoRA) and the graphs' GPU test on the tiny model
+    export CUDA_VISIBLE_DEVICES=0
+    t_stage=$SECONDS
+    left() { echo $((${STAGE_S:-400} - (SECONDS - t_stage))); }
+    m=$(model_dir +experiment=lora_vs_qlora_gpu_8b)
+    python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference_graphs24.jsonl"
+    b=(+experiment=lora_vs_qlora_gpu_8b quantization=nf4 dataset.size=900 train.max_steps=105 train.speed_skip_steps=5
+       train.save_steps=null lora.dropout=0)
+    RUN_TIMEOUT=190 one graphs_on "${b[@]}" train.cuda_graphs=true
+    RUN_TIMEOUT=150 one graphs_off "${b[@]}"
+    [ "$(left)" -gt 100 ] && RUN_TIMEOUT=$(( $(left) - 5 )) one lora_graphs_on "${b[@]}" quantization=none train.cuda_graphs=true
+    [ "$(left)" -gt 40 ] && timeout "$(left)" python3 -m pytest -q -m gpu tests/test_fast_path.py -k cuda_graphs 2>&1 |
+      tail -n 15 | tee "$OUT/pytest_graphs.txt"
+    tar czf "$OUT/runs_graphs24.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard -C /root runs ;;
   seed_variants)  # 2 GPUs: `SIZES=7473 seed_variants 44`: that seed's decision sweep on GPU 0 (decision2, then the
     # grouped-projection GPU tests there); on GPU 1 QLoRA + DoRA for seed 44, QLoRA + rsLoRA for 3 seeds (issue 25),
     # then the recipe-quality check (paper vs fast, issue 24). One call after the three SmolLM2 `parts` calls.

@@ -318,6 +318,11 @@ class TrainConfig:
     packed_attention: PackedAttention = PackedAttention.auto
     lora_layers: LoraLayers = LoraLayers.auto
     group_projections: GroupProjections = GroupProjections.auto
+    # CUDA graphs of each checkpointed decoder layer (qlora_lab/layer_graphs.py): a step launches 2 graphs a
+    # layer instead of ~200 kernels from Python, which bounds the fast recipe's step on one GPU. Costs one
+    # memory pool (about one layer's recomputation) and pads every train batch to batch_size x max_seq_length
+    # tokens; needs one GPU, checkpointing of every layer, packed varlen rows, fused LoRA, lora.dropout=0.
+    cuda_graphs: bool = False
     peak_tflops: float | None = None  # for MFU; None: the datasheet's dense bf16 figure for known GPUs
     profile: bool = (
         False  # torch.profiler over 3 steps after the warm-up: profile.txt + a Chrome trace in the run dir

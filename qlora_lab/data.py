@@ -640,14 +640,21 @@ class PackedCollator:
       length fell back to the unfused kernel (measured on 8B shapes: 0.99 s steps instead of 0.69 s). The
       extension continues the last example with `pad_id` tokens, labelled -100: causal attention keeps them
       out of every real token's view, so no real loss changes, and the Trainer's non-padding count leaves them
-      out."""
+      out.
+
+    `static=(tokens, examples, max_len)` (varlen only, for train.cuda_graphs): every batch gets the same
+    shape, `tokens` tokens and `examples` boundaries, which a CUDA graph needs. The missing tokens become
+    padding examples of at most `max_len` pad tokens (labelled -100, so no loss changes; not counted as
+    tokens seen: the batch says how many in PADDING_KEY), the missing boundaries empty examples at the end,
+    and max_length_q/k is `max_len`."""
 
     ALIGN = 64
+    PADDING_KEY = "qlora_lab_padding_tokens"
 
-    def __init__(self, pad_id: int, varlen: bool = False):
+    def __init__(self, pad_id: int, varlen: bool = False, static: tuple[int, int, int] | None = None):
         from transformers import DataCollatorWithFlattening
 
-        self.pad_id, self.varlen = pad_id, varlen
+        self.pad_id, self.varlen, self.static = pad_id, varlen, static if varlen else None
         self.flatten = DataCollatorWithFlattening(
             return_position_ids=True, separator_id=IGNORE_INDEX, return_flash_attn_kwargs=varlen
         )
@@ -667,6 +674,8 @@ class PackedCollator:
                 )
                 start += n
         batch = self.flatten(examples)
+        if self.static:
+            return self.pad_to_static(batch)
         extra = -batch["input_ids"].shape[1] % self.ALIGN
         if extra and not self.varlen:
             last = batch["position_ids"][0, -1].item()
@@ -675,6 +684,25 @@ class PackedCollator:
             batch["position_ids"] = torch.cat(
                 [batch["position_ids"], last + 1 + torch.arange(extra)[None]], 1
             )
+        return batch
+
+    def pad_to_static(self, batch: dict) -> dict:
+        import torch
+
+        tokens, examples, max_len = self.static
+        extra = tokens - batch["input_ids"].shape[1]
+        pads = [max_len] * (extra // max_len) + ([extra % max_len] if extra % max_len else [])
+        cu = batch["cu_seq_lens_q"].tolist()
+        if extra < 0 or len(cu) - 1 + len(pads) > examples:  # never for the rows it was sized for
+            return batch
+        ends = [cu[-1] + sum(pads[: i + 1]) for i in range(len(pads))]
+        cu = torch.tensor(cu + ends + [tokens] * (examples + 1 - len(cu) - len(ends)), dtype=torch.int32)
+        batch["input_ids"] = torch.cat([batch["input_ids"], torch.full((1, extra), self.pad_id)], 1)
+        batch["labels"] = torch.cat([batch["labels"], torch.full((1, extra), IGNORE_INDEX)], 1)
+        batch["position_ids"] = torch.cat([batch["position_ids"], *(torch.arange(n)[None] for n in pads)], 1)
+        batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu
+        batch["max_length_q"] = batch["max_length_k"] = max_len
+        batch[self.PADDING_KEY] = extra
         return batch
 
 

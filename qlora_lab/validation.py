@@ -19,6 +19,7 @@ def validate(cfg: Config) -> None:
     """Raise ConfigError for the first rule `cfg` breaks."""
     from .attention import packed_varlen
     from .fused_lora import lora_unfused_reason, projections_ungrouped_reason
+    from .layer_graphs import check_cuda_graphs
     from .models import check_lora_variant, check_model, check_quantization, liger_kernels, resolve_dtype
     from .sharded_loading import check_sharded_loading
 
@@ -31,6 +32,7 @@ def validate(cfg: Config) -> None:
     lora_unfused_reason(cfg)
     projections_ungrouped_reason(cfg)
     packed_varlen(cfg, resolve_dtype(cfg.model.dtype))
+    check_cuda_graphs(cfg)
     check_counts(cfg)
     check_lora_variant(cfg)
     check_sharded_loading(cfg)

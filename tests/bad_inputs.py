@@ -328,6 +328,11 @@ BAD_INPUTS = [
     ),
     ("negative GPU memory cap", ["train.gpu_memory_cap_gib=-1"], ["train.gpu_memory_cap_gib", "positive"]),
     (
+        "CUDA graphs without checkpointing",
+        ["train.cuda_graphs=true"],
+        ["train.cuda_graphs=true", "train.gradient_checkpointing=true", "train.cuda_graphs=false"],
+    ),
+    (
         "random weights in memory without FSDP",
         ["quantization=nf4", "model.random_in_memory=true"],
         ["model.random_in_memory", "accelerate/fsdp_2gpu.yaml", "drop model.random_in_memory"],

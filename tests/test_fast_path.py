@@ -121,7 +121,8 @@ def segment_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(
     assert window_size == (-1, 0) and enable_gqa and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
     k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     bounds = cu_q.tolist()
-    assert max_q == max_k == max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+    # an upper bound on the segments' lengths, as FlashAttention takes it
+    assert max_q == max_k >= max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
     out = [
         torch.nn.functional.scaled_dot_product_attention(
             *(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True, scale=scale
@@ -174,6 +175,41 @@ def test_varlen_packed_losses_equal_unpacked_per_example(cpu_varlen):
         alone_losses += _per_example_losses(logits, labels[start : start + n], [n])
         start += n
     assert _per_example_losses(packed, labels, lengths) == pytest.approx(alone_losses, abs=1e-5)
+
+
+def test_static_batches_pad_with_examples_that_change_no_loss(cpu_varlen):
+    """train.cuda_graphs' collator: every batch gets one shape (tokens, boundaries, max length). The padding
+    is examples of pad tokens labelled -100 and empty examples at the end, so every real token's logits are
+    those of the unpadded batch, and the batch says how many tokens are padding."""
+    from qlora_lab.attention import use_varlen
+
+    cfg = make_cfg([*TINY, "quantization=none", "dataset.pack=true", "dataset.max_seq_length=256"])
+    tokenizer = load_tokenizer(tokenizer_path(cfg))
+    rows, _ = tokenize_split(load_splits(cfg).train[:12], tokenizer, cfg.dataset, "train")
+    most = max(len(lengths) for lengths in rows["lengths"])
+    rows = list(rows.select(range(2)))
+    plain = PackedCollator(tokenizer.pad_token_id, varlen=True)(rows)
+    static = PackedCollator(tokenizer.pad_token_id, True, (3 * 256, 3 * (most + 1), 256))(rows)
+    n = plain["input_ids"].shape[1]
+    assert static["input_ids"].shape == (1, 768) and static[PackedCollator.PADDING_KEY] == 768 - n > 256
+    assert static["cu_seq_lens_q"].shape == (3 * (most + 1) + 1,) and static["max_length_q"] == 256
+    real = plain["cu_seq_lens_q"].tolist()
+    bounds = static["cu_seq_lens_q"].tolist()
+    pads = [b - a for a, b in zip(bounds[len(real) - 1 : -1], bounds[len(real) :], strict=True)]
+    assert bounds[: len(real)] == real and bounds[-1] == 768 and 0 < max(pads) <= 256 and pads[-1] == 0
+    assert torch.equal(static["input_ids"][:, :n], plain["input_ids"])
+    assert (static["labels"][0, n:] == -100).all() and (
+        static["input_ids"][0, n:] == tokenizer.pad_token_id
+    ).all()
+    torch.manual_seed(0)
+    model = load_model(model_path(cfg), cfg).float().eval()
+    use_varlen(model)
+    with torch.no_grad():
+        logits = [
+            model(**{k: v for k, v in b.items() if k not in ("labels", PackedCollator.PADDING_KEY)}).logits[0]
+            for b in (plain, static)
+        ]
+    assert torch.allclose(logits[1][:n], logits[0], atol=1e-5)
 
 
 def _train(run_dir, overrides: list[str]):
@@ -527,6 +563,22 @@ def test_recipes_compose_and_validate():
     assert make_cfg(["recipe=paper", "train.optim=adamw_torch_fused"]).train.optim == "adamw_torch_fused"
 
 
+GRAPHABLE = [
+    "train.cuda_graphs=true",
+    "train.gradient_checkpointing=true",
+    "dataset.pack=true",
+    "lora.dropout=0",
+]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message")
+def test_cuda_graphs_on_a_cpu_is_one_sentence():
+    with pytest.raises(
+        ConfigError, match=r"^train\.cuda_graphs=true needs a CUDA GPU; set train\.cuda_graphs=false\.$"
+    ):
+        validate(make_cfg(GRAPHABLE))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU / no-package message")
 def test_liger_requested_where_it_cannot_run_is_one_sentence():
     with pytest.raises(ConfigError, match=r"^train\.kernels=liger needs .*train\.kernels=auto"):
@@ -545,6 +597,17 @@ def test_liger_requested_where_it_cannot_run_is_one_sentence():
         (["train.lora_layers=fused", "recipe=paper"], "train.autocast"),
         (["train.lora_layers=fused", "quantization=int8"], "quantization=int8"),
         (["train.group_projections=on"], "train.group_projections"),  # on a CPU: LoRA layers not fused
+        (["train.cuda_graphs=true"], "train.gradient_checkpointing=true"),
+        (["train.cuda_graphs=true", "train.gradient_checkpointing=true"], "dataset.pack=true"),
+        (
+            ["train.cuda_graphs=true", "train.gradient_checkpointing=true", "dataset.pack=true"],
+            "lora.dropout=0",
+        ),
+        (
+            [*GRAPHABLE, "train.checkpoint_every_n_layers=2"],
+            "train.checkpoint_every_n_layers=1",
+        ),
+        ([*GRAPHABLE, "train.batch_size=auto"], "train.batch_size"),
     ],
 )
 def test_fast_path_options_are_checked(overrides, field):
@@ -590,6 +653,32 @@ def test_batch_size_auto_and_speed_figures_on_cpu(tmp_path):
     assert "perf/mfu" not in metrics  # no peak figure for a CPU
     assert "recipe fast: attention sdpa" in out.stdout and "kernels transformers" in out.stdout
     assert len(metrics["train/step_times_s"]) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_give_the_eager_steps(tmp_path):
+    """train.cuda_graphs on the tiny model, fast recipe (nf4, packed varlen rows, checkpointing, grouped
+    projections): every layer captured and replayed, the same per-step losses and tokens seen as eager."""
+    runs = {}
+    for graphs in ("false", "true"):
+        runs[graphs] = _train(
+            tmp_path / graphs,
+            [
+                *TINY,
+                "quantization=nf4",
+                "dataset.pack=true",
+                "dataset.max_seq_length=256",
+                "train.max_steps=4",
+                "train.gradient_checkpointing=true",
+                "lora.dropout=0",
+                f"train.cuda_graphs={graphs}",
+            ],
+        )
+    (eager, eager_losses), (graphed, graphed_losses) = runs["false"], runs["true"]
+    assert graphed.metrics["train/cuda_graphs"].startswith("2 layers captured")
+    assert graphed_losses == pytest.approx(eager_losses, rel=2e-3) and len(graphed_losses) == 4
+    assert graphed.metrics["train/tokens_seen"] == eager.metrics["train/tokens_seen"]
 
 
 @pytest.mark.gpu

@@ -17,8 +17,10 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 from ..attention import packed_varlen, use_varlen
 from ..config import Config, ConfigError, LoraInit, Precision, QuantMethod
 from ..data import PackedCollator, file_sha256, load_splits, mean_context, tokenize_split
-from ..distributed import cap_gpu_memory, fsdp_enabled, is_main_process, one_gpu_per_process
+from ..distributed import cap_gpu_memory, fsdp_enabled, is_main_process, one_gpu_per_process, world_size
 from ..fused_lora import fuse_lora, group_projections, lora_unfused_reason, projections_ungrouped_reason
+from ..layer_graphs import cuda_graphs_unusable
+from ..layer_graphs import install as install_layer_graphs
 from ..layout import RunLayout
 from ..models import (
     attach_lora,
@@ -268,12 +270,34 @@ class LabTrainer(Trainer):
     def floating_point_ops(self, inputs) -> int:
         return 0
 
+    def _track_num_input_tokens(self, inputs):
+        # the padding a static batch carries (train.cuda_graphs) is not a token seen
+        padding = inputs.pop(PackedCollator.PADDING_KEY, 0)
+        super()._track_num_input_tokens(inputs)
+        if self.args.include_num_input_tokens_seen != "no":
+            self.state.num_input_tokens_seen -= padding
+
+    def _prepare_inputs(self, inputs):
+        inputs.pop(PackedCollator.PADDING_KEY, None)
+        return super()._prepare_inputs(inputs)
+
     def _clip_grad_norm(self, model):
         if self.is_fsdp_enabled:
             return super()._clip_grad_norm(model)
         if not hasattr(self, "_trainable_params"):
             self._trainable_params = [p for p in model.parameters() if p.requires_grad]
         return self.accelerator.clip_grad_norm_(self._trainable_params, self.args.max_grad_norm)
+
+
+def static_batch(train_ds, batch_size, cfg: Config) -> tuple[int, int, int] | None:
+    """train.cuda_graphs: the one shape of every train batch, (tokens, examples, longest example), from the
+    packed rows: `batch_size` rows of max_seq_length tokens, and room for the most examples any rows can bring
+    plus one padding example per row."""
+    if not cfg.train.cuda_graphs:
+        return None
+    most = max(len(lengths) for lengths in train_ds["lengths"])
+    length = cfg.dataset.max_seq_length
+    return batch_size * length, batch_size * (most + 1), length
 
 
 def optimizer(name: str) -> str:
@@ -379,6 +403,14 @@ def run(cfg: Config, run: Run):
     varlen = packed_varlen(cfg, model.dtype)
     if varlen:
         use_varlen(model)
+    graphs = None
+    if t.cuda_graphs:
+        unusable = cuda_graphs_unusable(fused, varlen, world_size())
+        if unusable:
+            raise ConfigError(
+                f"train.cuda_graphs=true cannot run here: {unusable}; set train.cuda_graphs=false."
+            )
+        graphs = install_layer_graphs(model)
     attention = (
         "varlen (PyTorch FlashAttention) for packed rows"
         if varlen
@@ -393,7 +425,8 @@ def run(cfg: Config, run: Run):
         f"layers {f'fused ({fused}, {grouped} groups)' if unfused is None else f'peft ({unfused})'}"
         ", autocast "
         f"{'on' if t.autocast else 'off'}, gradient checkpointing "
-        f"{'on' if t.gradient_checkpointing else 'off'}",
+        f"{'on' if t.gradient_checkpointing else 'off'}"
+        f"{', CUDA graphs per decoder layer' if graphs else ''}",
         flush=True,
     )
 
@@ -466,7 +499,9 @@ def run(cfg: Config, run: Run):
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        data_collator=PackedCollator(tokenizer.pad_token_id, varlen)
+        data_collator=PackedCollator(
+            tokenizer.pad_token_id, varlen, static_batch(train_ds, t.batch_size, cfg)
+        )
         if cfg.dataset.pack
         else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         callbacks=[timer, curve, Progress(run), LossGuard()]
@@ -515,6 +550,9 @@ def run(cfg: Config, run: Run):
         | timer.summary(t.speed_skip_steps, batch * t.grad_accum * world, world)
     )
     run.log(utilisation(run.metrics, model, trainable, mean_context(train_ds), t.peak_tflops))
+    if graphs:
+        run.log({"train/cuda_graphs": graphs.status()})
+        print(f"CUDA graphs: {graphs.status()}", flush=True)
     if cap:  # the batch found under the cap, and the larger ones that went over it
         run.log({"train/memory_cap_gib": t.memory_cap_gib, "train/batch_over_cap": cap.over})
     if trainer.accelerator.num_processes > 1:

@@ -1,0 +1,252 @@
+"""CUDA graphs of the checkpointed decoder layers (train.cuda_graphs).
+
+On one GPU the fast recipe's step is issued from Python kernel by kernel: on Llama-3-8B shapes (batch 2 x 2048
+packed tokens, QLoRA nf4) ~6,000 kernels a step, 0.29 s of GPU work in a 0.5-0.6 s step (torch.profiler,
+experiments/fast_path/README.md). Here each decoder layer is captured twice for the batch shape it trains on:
+its forward without gradients (what checkpointing runs first) and its recomputation followed by its backward
+(what checkpointing runs in the backward pass). A training step then launches two graphs a layer instead of
+their kernels one by one. Memory stays that of checkpointing: a layer's input is kept from one graph to the
+other, everything else lives in one memory pool the graphs share (they run one at a time), about one layer's
+recomputation and backward.
+
+Written by hand: torch.cuda.make_graphed_callables graphs a module's forward and backward but keeps each
+layer's activations from one to the other (no checkpointing: ~0.45 GiB a layer more on 8B), and torch.compile
+of a decoder layer broke its graph at the 4-bit matmuls and PEFT's code (experiments/fast_path/README.md).
+
+A graph replays fixed addresses and shapes, so it is used only for what it was captured for: training mode
+with gradients on, a batch of the captured shape (the collator pads train batches to batch x max_seq_length
+tokens and a fixed number of examples: data.PackedCollator), the same varlen maximum length and keyword
+values. Anything else (evaluation, a shorter batch, no gradients) runs the layer as before, checkpointed and
+eager. What the graphs read besides the layer's input (rotary tables, position ids, sequence boundaries) is
+copied once a step into buffers they share.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from .config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+# the keyword tensors a decoder layer reads from the batch: each has a buffer the graphs read
+BATCH_TENSORS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k")
+# what the Trainer passes down through the model to every layer for the loss, which no layer reads
+UNREAD = ("num_items_in_batch",)
+
+
+def check_cuda_graphs(cfg: Config) -> None:
+    """train.cuda_graphs=true and what it needs, refused before any model loads (the runtime half, which
+    needs the loaded model and GPU, is in `cuda_graphs_unusable`)."""
+    t, d = cfg.train, cfg.dataset
+    if not t.cuda_graphs:
+        return
+    needs = (
+        "train.gradient_checkpointing=true (the graphs are the checkpointed layer's two passes)"
+        if not t.gradient_checkpointing
+        else "train.checkpoint_every_n_layers=1"
+        if t.checkpoint_every_n_layers != 1
+        else "train.activation_offload=false"
+        if t.activation_offload
+        else "dataset.pack=true (packed rows give every batch the same shape)"
+        if not d.pack
+        else "a fixed train.batch_size, not auto"
+        if t.batch_size == "auto"
+        else "lora.dropout=0 (a graph replays the same dropout mask)"
+        if cfg.lora.dropout
+        else None
+    )
+    if needs:
+        raise ConfigError(f"train.cuda_graphs=true needs {needs}; set that or train.cuda_graphs=false.")
+    if not torch.cuda.is_available():
+        raise ConfigError("train.cuda_graphs=true needs a CUDA GPU; set train.cuda_graphs=false.")
+
+
+def cuda_graphs_unusable(fused: int, varlen: bool, world_size: int) -> str | None:
+    """Why the loaded model cannot take the graphs (ConfigError at the start of the train stage)."""
+    if not fused:
+        return "the LoRA layers are not fused (train.lora_layers)"
+    if not varlen:
+        return "packed rows do not use the varlen attention (train.packed_attention)"
+    if world_size > 1:
+        return "more than one process trains (the graphs are tried on one GPU only)"
+    return None
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated blocks of a causal LM (`model.layers` of transformers' decoder models), under PEFT."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(inner, "model", None), "layers", None)
+    if layers is None:
+        raise ConfigError(
+            f"train.cuda_graphs=true: {type(inner).__name__} has no model.layers to graph; set "
+            f"train.cuda_graphs=false."
+        )
+    return list(layers)
+
+
+class LayerGraphs:
+    """The two graphs of every decoder layer for one batch shape, the buffers they read and write, and the
+    memory pool they share."""
+
+    def __init__(self, layers: list[torch.nn.Module]):
+        self.layers = layers
+        self.params = [[p for p in layer.parameters() if p.requires_grad] for layer in layers]
+        self.key = None  # the batch form the graphs are captured for: the first eligible one
+        self.failed: str | None = None  # why capturing failed; every later call runs eager
+        self.forward_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.backward_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.param_grads: dict[int, list[torch.Tensor]] = {}
+        self.pool = None
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.loaded_from = None  # the rotary tables last copied into the buffers (one copy a step)
+        self.replays = 0
+        for i, layer in enumerate(layers):
+            layer.forward = functools.partial(self.call, i, layer.forward)
+
+    def status(self) -> str:
+        if self.failed:
+            return f"off (capture failed: {self.failed})"
+        return f"{len(self.backward_graphs)} layers captured, {self.replays} replays"
+
+    def form(self, layer, hidden, kwargs) -> tuple | None:
+        """What a graph bakes in about this call, or None for a call the graphs never take."""
+        if not (layer.training and torch.is_grad_enabled() and hidden.is_cuda):
+            return None
+        if kwargs.get("attention_mask") is not None or kwargs.get("cache") is not None:
+            return None
+        rope = kwargs.get("position_embeddings")
+        if not (isinstance(rope, tuple) and len(rope) == 2 and all(torch.is_tensor(r) for r in rope)):
+            return None
+        if any(not torch.is_tensor(kwargs.get(name)) for name in BATCH_TENSORS):
+            return None
+        rest = {k: v for k, v in kwargs.items() if k not in (*BATCH_TENSORS, *UNREAD, "position_embeddings")}
+        if any(torch.is_tensor(v) for v in rest.values()):
+            return None
+        shapes = tuple((t.shape, t.dtype) for t in (hidden, *rope, *(kwargs[n] for n in BATCH_TENSORS)))
+        return shapes, tuple(sorted(rest.items(), key=lambda kv: kv[0]))
+
+    def call(self, index: int, eager, hidden, *args, **kwargs):
+        """The layer's forward: a graph replay where one fits the call, its own forward otherwise."""
+        layer = self.layers[index]
+        form = None if args or self.failed else self.form(layer, hidden, kwargs)
+        if form is None or (self.key is not None and form != self.key):
+            return eager(hidden, *args, **kwargs)
+        self.key = form
+        self.load(kwargs)
+        if index not in self.backward_graphs:
+            try:
+                self.capture(index, eager, kwargs)
+            except Exception as error:  # a kernel that cannot be captured: the run goes on without graphs
+                self.failed = f"layer {index}: {type(error).__name__}: {error}".splitlines()[0]
+                log.warning("train.cuda_graphs: capture failed, training on without graphs: %s", self.failed)
+                torch.cuda.synchronize()
+                return eager(hidden, *args, **kwargs)
+        self.replays += 1
+        return GraphedLayer.apply(self, index, hidden, *self.params[index])
+
+    def load(self, kwargs) -> None:
+        """Copy this batch's rotary tables, position ids and boundaries into the graphs' buffers, once a step
+        (every layer of a forward gets the same tensors)."""
+        cos, sin = kwargs["position_embeddings"]
+        if self.loaded_from is cos:
+            return
+        sources = {"cos": cos, "sin": sin, **{n: kwargs[n] for n in BATCH_TENSORS}}
+        if not self.buffers:
+            self.buffers = {name: t.detach().clone() for name, t in sources.items()}
+        else:
+            for name, t in sources.items():
+                self.buffers[name].copy_(t)
+        self.loaded_from = cos
+
+    def graph_kwargs(self, kwargs) -> dict:
+        b = self.buffers
+        return {
+            **{k: v for k, v in kwargs.items() if k not in UNREAD},
+            "position_embeddings": (b["cos"], b["sin"]),
+            **{n: b[n] for n in BATCH_TENSORS},
+        }
+
+    def capture(self, index: int, eager, kwargs) -> None:
+        """Capture layer `index`'s two graphs (after one eager run of each on a side stream, which compiles
+        Triton kernels and sets up cuBLAS outside the capture)."""
+        layer, params = self.layers[index], self.params[index]
+        kw = self.graph_kwargs(kwargs)
+        if "hidden" not in self.buffers:
+            like = kw["position_embeddings"][0]
+            shape = self.key[0][0][0]
+            dtype = self.key[0][0][1]
+            for name in ("hidden", "out", "grad", "grad_hidden"):
+                self.buffers[name] = torch.zeros(shape, dtype=dtype, device=like.device)
+        b = self.buffers
+        grads = [torch.zeros_like(p) for p in params]
+
+        def forward():
+            with torch.no_grad():
+                b["out"].copy_(eager(b["hidden"], **kw))
+
+        def backward():
+            with torch.enable_grad():
+                hidden = b["hidden"].detach().requires_grad_(True)
+                out = eager(hidden, **kw)
+                got = torch.autograd.grad(out, [hidden, *params], b["grad"], allow_unused=True)
+            b["grad_hidden"].copy_(got[0])
+            for buffer, g in zip(grads, got[1:], strict=True):
+                if g is not None:
+                    buffer.copy_(g)
+
+        # the graphs are the checkpointed passes themselves: the layer runs plainly inside them
+        checkpointing, layer.gradient_checkpointing = getattr(layer, "gradient_checkpointing", False), False
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                forward()
+                backward()
+            torch.cuda.current_stream().wait_stream(side)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            with torch.cuda.graph(fwd, pool=self.pool):
+                forward()
+            with torch.cuda.graph(bwd, pool=self.pool):
+                backward()
+        finally:
+            layer.gradient_checkpointing = checkpointing
+        self.forward_graphs[index], self.backward_graphs[index] = fwd, bwd
+        self.param_grads[index] = grads
+        if len(self.backward_graphs) == len(self.layers):
+            # the eager warm-ups' blocks stay cached outside the graphs' pool: give them back
+            torch.cuda.empty_cache()
+
+
+class GraphedLayer(torch.autograd.Function):
+    """One decoder layer as its two graphs: the forward replays the no-gradient pass and keeps the input, the
+    backward replays the recomputation and backward on it. The adapters' gradients come back through autograd
+    (it adds them to .grad, or copies them there: the buffers are never handed over)."""
+
+    @staticmethod
+    def forward(ctx, graphs: LayerGraphs, index: int, hidden, *params):
+        b = graphs.buffers
+        b["hidden"].copy_(hidden)
+        graphs.forward_graphs[index].replay()
+        ctx.graphs, ctx.index = graphs, index
+        ctx.save_for_backward(hidden)
+        return b["out"].clone()  # the next layer overwrites the buffer
+
+    @staticmethod
+    def backward(ctx, grad):
+        (hidden,) = ctx.saved_tensors
+        graphs, b = ctx.graphs, ctx.graphs.buffers
+        b["hidden"].copy_(hidden)
+        b["grad"].copy_(grad)
+        graphs.backward_graphs[ctx.index].replay()
+        return (None, None, b["grad_hidden"].clone(), *graphs.param_grads[ctx.index])
+
+
+def install(model) -> LayerGraphs:
+    """Route every decoder layer of `model` through graphs (captured at the first training step)."""
+    return LayerGraphs(decoder_layers(model))
