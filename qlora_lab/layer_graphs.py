@@ -61,7 +61,7 @@ def check_cuda_graphs(cfg: Config) -> None:
     )
     if needs:
         raise ConfigError(f"train.cuda_graphs=true needs {needs}; set that or train.cuda_graphs=false.")
-    if not torch.cuda.is_available():
+    if not gpu_available():
         raise ConfigError("train.cuda_graphs=true needs a CUDA GPU; set train.cuda_graphs=false.")
 
 
@@ -114,7 +114,7 @@ class LayerGraphs:
 
     def form(self, layer, hidden, kwargs) -> tuple | None:
         """What a graph bakes in about this call, or None for a call the graphs never take."""
-        if not (layer.training and torch.is_grad_enabled() and hidden.is_cuda):
+        if not (layer.training and torch.is_grad_enabled() and on_gpu(hidden)):
             return None
         if kwargs.get("attention_mask") is not None or kwargs.get("cache") is not None:
             return None
@@ -143,7 +143,6 @@ class LayerGraphs:
             except Exception as error:  # a kernel that cannot be captured: the run goes on without graphs
                 self.failed = f"layer {index}: {type(error).__name__}: {error}".splitlines()[0]
                 log.warning("train.cuda_graphs: capture failed, training on without graphs: %s", self.failed)
-                torch.cuda.synchronize()
                 return eager(hidden, *args, **kwargs)
         self.replays += 1
         return GraphedLayer.apply(self, index, hidden, *self.params[index])
@@ -201,26 +200,52 @@ class LayerGraphs:
         # the graphs are the checkpointed passes themselves: the layer runs plainly inside them
         checkpointing, layer.gradient_checkpointing = getattr(layer, "gradient_checkpointing", False), False
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                forward()
-                backward()
-            torch.cuda.current_stream().wait_stream(side)
+            warm_up(forward, backward)
             if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
-            fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-            with torch.cuda.graph(fwd, pool=self.pool):
-                forward()
-            with torch.cuda.graph(bwd, pool=self.pool):
-                backward()
+                self.pool = new_pool()
+            fwd, bwd = record(forward, self.pool), record(backward, self.pool)
         finally:
             layer.gradient_checkpointing = checkpointing
         self.forward_graphs[index], self.backward_graphs[index] = fwd, bwd
         self.param_grads[index] = grads
         if len(self.backward_graphs) == len(self.layers):
-            # the eager warm-ups' blocks stay cached outside the graphs' pool: give them back
-            torch.cuda.empty_cache()
+            release_cached()
+
+
+# The CUDA calls, one function each (tests replace them to run the rest on a CPU)
+def gpu_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def on_gpu(t: torch.Tensor) -> bool:
+    return t.is_cuda
+
+
+def warm_up(*passes) -> None:
+    """Run each pass once on a side stream before capturing it: Triton compiles, cuBLAS sets up there."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for run in passes:
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def new_pool():
+    return torch.cuda.graph_pool_handle()
+
+
+def record(run, pool) -> torch.cuda.CUDAGraph:
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        run()
+    return graph
+
+
+def release_cached() -> None:
+    """The eager warm-ups' blocks stay cached outside the graphs' pool once every layer is captured: give
+    them back."""
+    torch.cuda.empty_cache()
 
 
 class GraphedLayer(torch.autograd.Function):

@@ -547,6 +547,57 @@ def test_grouped_projection_training_steps_equal_per_layer_ones(cpu_varlen, tmp_
     assert len(losses["on"]) == 3 and losses["on"] == pytest.approx(losses["off"], abs=1e-5)
 
 
+class ReplayedPass:
+    """The CPU stand-in for a captured CUDA graph: replaying runs the captured pass again on the same
+    buffers, as a graph replays its kernels on the addresses it captured."""
+
+    def __init__(self, run):
+        self.replay = run
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch, cpu_varlen):
+    """train.cuda_graphs on a CPU: everything but the capture itself (the dispatch, the static batches, the
+    buffers the passes share, the gradients through autograd) runs as on a GPU."""
+    import qlora_lab.layer_graphs as graphs
+
+    monkeypatch.setattr(graphs, "gpu_available", lambda: True)
+    monkeypatch.setattr(graphs, "on_gpu", lambda t: True)
+    monkeypatch.setattr(graphs, "warm_up", lambda *passes: [run() for run in passes])
+    monkeypatch.setattr(graphs, "new_pool", lambda: None)
+    monkeypatch.setattr(graphs, "record", lambda run, pool: ReplayedPass(run))
+    monkeypatch.setattr(graphs, "release_cached", lambda: None)
+
+
+def test_graphed_layers_train_as_eager_ones(cpu_graphs, tmp_path, capsys):
+    """The train stage with train.cuda_graphs (nf4, fused and grouped LoRA layers, packed varlen rows,
+    checkpointing): each layer captured once, replayed every step after, and the same per-step losses and
+    tokens seen as the eager layers; evaluation stays eager."""
+    runs = {}
+    for graphs in ("false", "true"):
+        runs[graphs] = _train(
+            tmp_path / graphs,
+            [
+                *SHORT_FP32_RUN,
+                "quantization=nf4",
+                "dataset.max_seq_length=128",
+                "dataset.pack=true",
+                "train.packed_attention=varlen",
+                "train.max_steps=3",
+                "train.gradient_checkpointing=true",
+                "train.lora_layers=fused",
+                "lora.dropout=0",
+                f"train.cuda_graphs={graphs}",
+            ],
+        )
+    (eager, eager_losses), (graphed, graphed_losses) = runs["false"], runs["true"]
+    assert "CUDA graphs per decoder layer" in capsys.readouterr().out
+    assert graphed.metrics["train/cuda_graphs"] == "2 layers captured, 6 replays"  # 3 steps x 2 layers
+    assert len(graphed_losses) == 3 and graphed_losses == pytest.approx(eager_losses, abs=1e-5)
+    assert graphed.metrics["train/tokens_seen"] == eager.metrics["train/tokens_seen"]  # padding not counted
+    assert graphed.metrics["eval/loss"] == pytest.approx(eager.metrics["eval/loss"], abs=1e-5)
+
+
 def test_recipes_compose_and_validate():
     fast, paper = make_cfg([]), make_cfg(["recipe=paper"])
     validate(fast), validate(paper)

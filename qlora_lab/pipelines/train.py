@@ -270,16 +270,16 @@ class LabTrainer(Trainer):
     def floating_point_ops(self, inputs) -> int:
         return 0
 
+    # A static batch (train.cuda_graphs) says how many of its tokens are padding: not for the model (the step
+    # gets the batch without it), and not a token seen (counted after the step).
+    def _prepare_inputs(self, inputs):
+        return super()._prepare_inputs({k: v for k, v in inputs.items() if k != PackedCollator.PADDING_KEY})
+
     def _track_num_input_tokens(self, inputs):
-        # the padding a static batch carries (train.cuda_graphs) is not a token seen
         padding = inputs.pop(PackedCollator.PADDING_KEY, 0)
         super()._track_num_input_tokens(inputs)
         if self.args.include_num_input_tokens_seen != "no":
             self.state.num_input_tokens_seen -= padding
-
-    def _prepare_inputs(self, inputs):
-        inputs.pop(PackedCollator.PADDING_KEY, None)
-        return super()._prepare_inputs(inputs)
 
     def _clip_grad_norm(self, model):
         if self.is_fsdp_enabled:
