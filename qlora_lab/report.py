@@ -276,9 +276,11 @@ def add_groups_and_ratios(rows: list[dict]) -> None:
     cell)."""
     base = [r for r in rows if not r.get("equal_memory")] or rows
     keys = {k for r in base for k in r["_overrides"]}
+    # sweep.repeats says how many seeds a sweep ran, not what a job trained: sweeps of one cell merged into
+    # one folder (seeds run in different calls) stay one cell
     varying = sorted(
         k
-        for k in keys - {"quantization", "dataset.size", "train.memory_cap_gib"}
+        for k in keys - {"quantization", "dataset.size", "train.memory_cap_gib", "sweep.repeats"}
         if len({r["_overrides"].get(k) for r in base}) > 1
     )
     for r in rows:

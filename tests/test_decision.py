@@ -88,6 +88,19 @@ def test_pairs_are_made_by_seed_and_a_failed_job_drops_its_pair(tmp_path):
     assert "| QLoRA nf4 | 2 |" in row and "| within noise |" in row and "10_" not in row
 
 
+def test_sweeps_of_one_cell_merged_into_one_folder_stay_one_cell(tmp_path):
+    """Seeds 42 and 43 from a sweep with sweep.repeats=2, seed 44 from a later one with sweep.repeats=1: one
+    cell of three pairs, not two cells."""
+    fake_sweep(tmp_path, {8: [0.10, 0.12, 0.11]})
+    for overrides in tmp_path.glob("*/.hydra/overrides.yaml"):
+        listed = yaml.safe_load(overrides.read_text())
+        repeats = 1 if "train.seed=44" in listed else 2
+        overrides.write_text(yaml.safe_dump([*listed, f"sweep.repeats={repeats}"]))
+    card = write_report(tmp_path) and (tmp_path / "decision.md").read_text()
+    rows = [line for line in card.splitlines() if line.startswith("| 8")]
+    assert len(rows) == 1 and "| QLoRA nf4 | 3 |" in rows[0] and "| worse |" in rows[0]
+
+
 def curve(*losses: float) -> list[dict]:
     """A learning curve as train.py records it: one evaluation per 100 tokens and 2 s of training."""
     return [{"step": i, "tokens": 100 * i, "train_s": 2.0 * i, "loss": loss} for i, loss in enumerate(losses)]
