@@ -28,7 +28,10 @@ import logging
 
 import torch
 
+from .attention import packed_varlen
 from .config import Config, ConfigError
+from .distributed import world_size
+from .fused_lora import lora_unfused_reason
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +42,9 @@ UNREAD = ("num_items_in_batch",)
 
 
 def check_cuda_graphs(cfg: Config) -> None:
-    """train.cuda_graphs=true and what it needs, refused before any model loads (the runtime half, which
-    needs the loaded model and GPU, is in `cuda_graphs_unusable`)."""
+    """train.cuda_graphs=true and what it needs, refused before any model loads."""
+    from .models import resolve_dtype  # models imports transformers: only when graphs are asked for
+
     t, d = cfg.train, cfg.dataset
     if not t.cuda_graphs:
         return
@@ -63,17 +67,18 @@ def check_cuda_graphs(cfg: Config) -> None:
         raise ConfigError(f"train.cuda_graphs=true needs {needs}; set that or train.cuda_graphs=false.")
     if not gpu_available():
         raise ConfigError("train.cuda_graphs=true needs a CUDA GPU; set train.cuda_graphs=false.")
-
-
-def cuda_graphs_unusable(fused: int, varlen: bool, world_size: int) -> str | None:
-    """Why the loaded model cannot take the graphs (ConfigError at the start of the train stage)."""
-    if not fused:
-        return "the LoRA layers are not fused (train.lora_layers)"
-    if not varlen:
-        return "packed rows do not use the varlen attention (train.packed_attention)"
-    if world_size > 1:
-        return "more than one process trains (the graphs are tried on one GPU only)"
-    return None
+    unfused = lora_unfused_reason(cfg)
+    cannot = (
+        f"the LoRA layers are not fused ({unfused})"
+        if unfused
+        else "packed rows do not use the varlen attention (train.packed_attention)"
+        if not packed_varlen(cfg, resolve_dtype(cfg.model.dtype))
+        else "more than one process trains (the graphs are tried on one GPU only)"
+        if world_size() > 1
+        else None
+    )
+    if cannot:
+        raise ConfigError(f"train.cuda_graphs=true cannot run here: {cannot}; set train.cuda_graphs=false.")
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
@@ -272,6 +277,12 @@ class GraphedLayer(torch.autograd.Function):
         return (None, None, b["grad_hidden"].clone(), *graphs.param_grads[ctx.index])
 
 
-def install(model) -> LayerGraphs:
-    """Route every decoder layer of `model` through graphs (captured at the first training step)."""
+def install(model, fused: int) -> LayerGraphs:
+    """Route every decoder layer of `model` through graphs (captured at the first training step); `fused`: how
+    many LoRA layers the fused path took (validate() has checked that it takes them)."""
+    if not fused:
+        raise ConfigError(
+            "train.cuda_graphs=true cannot run here: this model has no LoRA layer the fused path covers; set "
+            "train.cuda_graphs=false."
+        )
     return LayerGraphs(decoder_layers(model))

@@ -569,6 +569,24 @@ def cpu_graphs(monkeypatch, cpu_varlen):
     monkeypatch.setattr(graphs, "release_cached", lambda: None)
 
 
+@pytest.mark.parametrize(
+    "overrides, reason",
+    [
+        (["train.lora_layers=peft"], "the LoRA layers are not fused (train.lora_layers=peft)"),
+        (
+            ["train.lora_layers=fused", "train.packed_attention=mask"],
+            "packed rows do not use the varlen attention (train.packed_attention)",
+        ),
+    ],
+)
+def test_cuda_graphs_where_the_step_cannot_take_them_are_refused_up_front(cpu_graphs, overrides, reason):
+    with pytest.raises(ConfigError) as error:
+        validate(make_cfg([*GRAPHABLE, *overrides]))
+    assert str(error.value) == (
+        f"train.cuda_graphs=true cannot run here: {reason}; set train.cuda_graphs=false."
+    )
+
+
 def test_graphed_layers_train_as_eager_ones(cpu_graphs, tmp_path, capsys):
     """The train stage with train.cuda_graphs (nf4, fused and grouped LoRA layers, packed varlen rows,
     checkpointing): each layer captured once, replayed every step after, and the same per-step losses and

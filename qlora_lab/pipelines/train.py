@@ -17,9 +17,8 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 from ..attention import packed_varlen, use_varlen
 from ..config import Config, ConfigError, LoraInit, Precision, QuantMethod
 from ..data import PackedCollator, file_sha256, load_splits, mean_context, tokenize_split
-from ..distributed import cap_gpu_memory, fsdp_enabled, is_main_process, one_gpu_per_process, world_size
+from ..distributed import cap_gpu_memory, fsdp_enabled, is_main_process, one_gpu_per_process
 from ..fused_lora import fuse_lora, group_projections, lora_unfused_reason, projections_ungrouped_reason
-from ..layer_graphs import cuda_graphs_unusable
 from ..layer_graphs import install as install_layer_graphs
 from ..layout import RunLayout
 from ..models import (
@@ -403,14 +402,7 @@ def run(cfg: Config, run: Run):
     varlen = packed_varlen(cfg, model.dtype)
     if varlen:
         use_varlen(model)
-    graphs = None
-    if t.cuda_graphs:
-        unusable = cuda_graphs_unusable(fused, varlen, world_size())
-        if unusable:
-            raise ConfigError(
-                f"train.cuda_graphs=true cannot run here: {unusable}; set train.cuda_graphs=false."
-            )
-        graphs = install_layer_graphs(model)
+    graphs = install_layer_graphs(model, fused) if t.cuda_graphs else None
     attention = (
         "varlen (PyTorch FlashAttention) for packed rows"
         if varlen
