@@ -56,6 +56,17 @@ one() {  # one NAME [overrides...]: a single run (LAUNCH=accelerate config for a
   timeout ${RUN_TIMEOUT:-400} "${cmd[@]}" "$@" hydra.run.dir=/root/runs/$name 2>&1 | tee -a "$OUT/runs.log" | grep -E "recipe|eval loss|error|GPUs visible|Error|CUDA graphs" | tail -n 6
   python3 -c "import json,sys; m=json.load(open('/root/runs/$name/metrics.json')); print(json.dumps({'run': '$name', 'wall_s': $SECONDS - $t0, **{k: m.get(k) for k in ['train/batch_size','train/steps','train/tokens_per_s','train/tokens_per_s_per_gpu','train/step_time_min_s','train/step_time_median_s','train/step_time_max_s','perf/mfu','memory/peak_gib','memory/peak_gib_per_rank','memory/peak_reserved_gib','distributed/world_size','distributed/strategy','distributed/adapters_identical','data/train_tokens','eval/loss','eval/loss_before','train/losses','model/footprint_gib','model/load_s','memory/load_peak_gib_per_rank','memory/before_train_gib','train/gpu_memory_cap_gib','train/cuda_graphs']}}))" | tee -a "$OUT/runs.jsonl"
 }
+start_8b_stage() {  # start_8b_stage NAME SECONDS: GPU 0, the reference loop on the 8B shapes into
+  # reference_NAME.jsonl, `left` (seconds left of the stage's SECONDS, or STAGE_S) and `b`, the 100-timed-step
+  # 8B QLoRA run's overrides (935 training examples make ~45 packed rows of 2 x 2048 tokens: max_steps cycles)
+  export CUDA_VISIBLE_DEVICES=0
+  t_stage=$SECONDS stage_s=${STAGE_S:-$2}
+  m=$(model_dir +experiment=lora_vs_qlora_gpu_8b)
+  python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference_$1.jsonl"
+  b=(+experiment=lora_vs_qlora_gpu_8b quantization=nf4 dataset.size=900 train.max_steps=105 train.speed_skip_steps=5
+     train.save_steps=null)
+}
+left() { echo $((stage_s - (SECONDS - t_stage))); }
 
 case $stage in
   bench8b|bench1b)
@@ -266,13 +277,8 @@ case $stage in
   graphs24)  # issue 24 on ONE GPU: 8B QLoRA nf4 (fast recipe, grouped projections, 100 timed steps, LoRA dropout 0)
     # with train.cuda_graphs on and off, the reference loop first; then, while time is left, LoRA with graphs
     # (QLoRA / LoRA) and the graphs' GPU test on the tiny model
-    export CUDA_VISIBLE_DEVICES=0
-    t_stage=$SECONDS
-    left() { echo $((${STAGE_S:-400} - (SECONDS - t_stage))); }
-    m=$(model_dir +experiment=lora_vs_qlora_gpu_8b)
-    python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference_graphs24.jsonl"
-    b=(+experiment=lora_vs_qlora_gpu_8b quantization=nf4 dataset.size=900 train.max_steps=105 train.speed_skip_steps=5
-       train.save_steps=null lora.dropout=0)
+    start_8b_stage graphs24 400
+    b+=(lora.dropout=0)
     RUN_TIMEOUT=190 one graphs_on "${b[@]}" train.cuda_graphs=true
     RUN_TIMEOUT=150 one graphs_off "${b[@]}"
     [ "$(left)" -gt 100 ] && RUN_TIMEOUT=$(( $(left) - 5 )) one lora_graphs_on "${b[@]}" quantization=none train.cuda_graphs=true
@@ -320,14 +326,7 @@ case $stage in
     # steps) with train.group_projections off and on, LoRA with it on; then, while time is left, the grouped CPU tests on this GPU
     # and grouped + checkpointing every 2nd layer. Each run has its own timeout: one that fails or hangs leaves
     # the rest of the stage running.
-    export CUDA_VISIBLE_DEVICES=0
-    t_stage=$SECONDS
-    left() { echo $((${STAGE_S:-470} - (SECONDS - t_stage))); }
-    m=$(model_dir +experiment=lora_vs_qlora_gpu_8b)
-    python3 experiments/lora_vs_qlora/reference_loop.py "$m" --recipes fast_qlora | tee "$OUT/reference_step24.jsonl"
-    # 935 training examples make ~45 packed rows of 2 x 2048 tokens: max_steps cycles through them again
-    b=(+experiment=lora_vs_qlora_gpu_8b quantization=nf4 dataset.size=900 train.max_steps=105 train.speed_skip_steps=5
-       train.save_steps=null)
+    start_8b_stage step24 470
     RUN_TIMEOUT=190 one grouped_off "${b[@]}" train.group_projections=off
     RUN_TIMEOUT=190 one grouped_on "${b[@]}" train.group_projections=on
     RUN_TIMEOUT=190 one lora_grouped_on "${b[@]}" quantization=none train.group_projections=on  # QLoRA / LoRA

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -695,7 +696,7 @@ class PackedCollator:
         cu = batch["cu_seq_lens_q"].tolist()
         if extra < 0 or len(cu) - 1 + len(pads) > examples:  # never for the rows it was sized for
             return batch
-        ends = [cu[-1] + sum(pads[: i + 1]) for i in range(len(pads))]
+        ends = list(itertools.accumulate(pads, initial=cu[-1]))[1:]
         cu = torch.tensor(cu + ends + [tokens] * (examples + 1 - len(cu) - len(ends)), dtype=torch.int32)
         batch["input_ids"] = torch.cat([batch["input_ids"], torch.full((1, extra), self.pad_id)], 1)
         batch["labels"] = torch.cat([batch["labels"], torch.full((1, extra), IGNORE_INDEX)], 1)

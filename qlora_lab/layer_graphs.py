@@ -144,7 +144,7 @@ class LayerGraphs:
         self.load(kwargs)
         if index not in self.backward_graphs:
             try:
-                self.capture(index, eager, kwargs)
+                self.capture(index, eager, hidden, kwargs)
             except Exception as error:  # a kernel that cannot be captured: the run goes on without graphs
                 self.failed = f"layer {index}: {type(error).__name__}: {error}".splitlines()[0]
                 log.warning("train.cuda_graphs: capture failed, training on without graphs: %s", self.failed)
@@ -174,17 +174,14 @@ class LayerGraphs:
             **{n: b[n] for n in BATCH_TENSORS},
         }
 
-    def capture(self, index: int, eager, kwargs) -> None:
+    def capture(self, index: int, eager, hidden, kwargs) -> None:
         """Capture layer `index`'s two graphs (after one eager run of each on a side stream, which compiles
         Triton kernels and sets up cuBLAS outside the capture)."""
         layer, params = self.layers[index], self.params[index]
         kw = self.graph_kwargs(kwargs)
-        if "hidden" not in self.buffers:
-            like = kw["position_embeddings"][0]
-            shape = self.key[0][0][0]
-            dtype = self.key[0][0][1]
+        if "hidden" not in self.buffers:  # the layers' input, output and their gradients: one shape
             for name in ("hidden", "out", "grad", "grad_hidden"):
-                self.buffers[name] = torch.zeros(shape, dtype=dtype, device=like.device)
+                self.buffers[name] = torch.zeros_like(hidden, requires_grad=False)
         b = self.buffers
         grads = [torch.zeros_like(p) for p in params]
 

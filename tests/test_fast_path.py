@@ -36,6 +36,18 @@ SHORT_FP32_RUN = [
     "train.eval_before=false",
 ]
 
+# the train stage as on a GPU: packed varlen rows (cpu_varlen), fused 4-bit LoRA layers, checkpointing
+PACKED_NF4_FUSED_RUN = [
+    *SHORT_FP32_RUN,
+    "quantization=nf4",
+    "dataset.max_seq_length=128",
+    "dataset.pack=true",
+    "train.packed_attention=varlen",
+    "train.max_steps=3",
+    "train.gradient_checkpointing=true",
+    "train.lora_layers=fused",
+]
+
 
 def test_pack_examples_fills_rows_in_order_without_splitting_examples():
     from datasets import Dataset
@@ -528,14 +540,7 @@ def test_grouped_projection_training_steps_equal_per_layer_ones(cpu_varlen, tmp_
         losses[mode] = _train(
             tmp_path / mode,
             [
-                *SHORT_FP32_RUN,
-                "quantization=nf4",
-                "dataset.max_seq_length=128",
-                "dataset.pack=true",
-                "train.packed_attention=varlen",
-                "train.max_steps=3",
-                "train.gradient_checkpointing=true",
-                "train.lora_layers=fused",
+                *PACKED_NF4_FUSED_RUN,
                 f"train.group_projections={mode}",
             ],
         )[1]  # lora.dropout 0.05
@@ -596,14 +601,7 @@ def test_graphed_layers_train_as_eager_ones(cpu_graphs, tmp_path, capsys):
         runs[graphs] = _train(
             tmp_path / graphs,
             [
-                *SHORT_FP32_RUN,
-                "quantization=nf4",
-                "dataset.max_seq_length=128",
-                "dataset.pack=true",
-                "train.packed_attention=varlen",
-                "train.max_steps=3",
-                "train.gradient_checkpointing=true",
-                "train.lora_layers=fused",
+                *PACKED_NF4_FUSED_RUN,
                 "lora.dropout=0",
                 f"train.cuda_graphs={graphs}",
             ],
