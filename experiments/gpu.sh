@@ -13,7 +13,7 @@
 #   bash experiments/gpu.sh fsdp70b     # 2 GPUs: FSDP + 4-bit loaded shard by shard, 8B against 1 GPU, then 70B at 24 GiB a GPU
 # Results go to $OUT (default /tmp/gpu-out): logs, reference_*.jsonl and one .tgz per sweep.
 set -uo pipefail
-stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality|variants|decision|decision2|multi|multi2|before|fsdpmem|fsdp8b|ckpt24|fsdp70b|fsdp70b_short|sweep2|step24|seed_variants|graphs24}
+stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality|variants|decision|decision2|multi|multi2|before|fsdpmem|fsdp8b|ckpt24|fsdp70b|fsdp70b_short|sweep2|step24|seed_variants|graphs24|diag24}
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT" /root/smolparts
 cp .gpu/smolpart.* /root/smolparts/ 2>/dev/null  # the SmolLM2 GGUF travels in parts, one per call (64 MiB a call)
@@ -285,6 +285,22 @@ case $stage in
     [ "$(left)" -gt 40 ] && timeout "$(left)" python3 -m pytest -q -m gpu tests/test_fast_path.py -k cuda_graphs 2>&1 |
       tail -n 15 | tee "$OUT/pytest_graphs.txt"
     tar czf "$OUT/runs_graphs24.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard -C /root runs ;;
+  diag24)  # issue 24 on ONE GPU: where the graphed 8B QLoRA step's time and memory go, and what removing the
+    # per-step synchronizes buys: the reference loop; graphs on (this tree); a 14-step run with the diagnostics
+    # (experiments/fast_path/diag: memory by pool and stream after the capturing step, the synchronizes of steps
+    # 4-5) and train.profile (steps 10-12, summarised by trace_gaps.py); then the same graphs-on run with the
+    # package of the commit before (.gpu/old: `git archive <commit> qlora_lab conf hydra_plugins`).
+    start_8b_stage diag24 480
+    b+=(lora.dropout=0 train.cuda_graphs=true)
+    RUN_TIMEOUT=150 one graphs_on "${b[@]}"
+    PYTHONPATH=$PWD/experiments/fast_path/diag:$PYTHONPATH RUN_TIMEOUT=120 one graphs_profile "${b[@]}" \
+      dataset.size=400 train.max_steps=14 train.speed_skip_steps=8 train.profile=true
+    grep "^\[diag\]" "$OUT/runs.log" > "$OUT/diag.txt"
+    python3 experiments/fast_path/trace_gaps.py /root/runs/graphs_profile/profile_trace.json > "$OUT/gaps.txt" 2>&1
+    [ -d .gpu/old ] && [ "$(left)" -gt 90 ] &&
+      (cd .gpu/old && PYTHONPATH=/tmp/site:$PWD RUN_TIMEOUT=$(( $(left) - 5 )) one graphs_before "${b[@]}")
+    tar czf "$OUT/runs_diag24.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard \
+      --exclude=profile_trace.json -C /root runs ;;
   seed_variants)  # 2 GPUs: `SIZES=7473 seed_variants 44`: that seed's decision sweep on GPU 0 (decision2, then the
     # grouped-projection GPU tests there); on GPU 1 QLoRA + DoRA for seed 44, QLoRA + rsLoRA for 3 seeds (issue 25),
     # then the recipe-quality check (paper vs fast, issue 24). One call after the three SmolLM2 `parts` calls.

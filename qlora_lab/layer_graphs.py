@@ -105,7 +105,8 @@ class LayerGraphs:
         self.forward_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.backward_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.param_grads: dict[int, list[torch.Tensor]] = {}
-        self.pool = None
+        self.pool = None  # (memory pool, side stream): see new_pool
+        self.pool_gib: float | None = None  # what the pool holds once every layer is captured
         self.buffers: dict[str, torch.Tensor] = {}
         self.loaded_from = None  # the rotary tables last copied into the buffers (one copy a step)
         self.replays = 0
@@ -115,7 +116,8 @@ class LayerGraphs:
     def status(self) -> str:
         if self.failed:
             return f"off (capture failed: {self.failed})"
-        return f"{len(self.backward_graphs)} layers captured, {self.replays} replays"
+        pool = f", pool {self.pool_gib:.2f} GiB" if self.pool_gib is not None else ""
+        return f"{len(self.backward_graphs)} layers captured, {self.replays} replays{pool}"
 
     def form(self, layer, hidden, kwargs) -> tuple | None:
         """What a graph bakes in about this call, or None for a call the graphs never take."""
@@ -202,9 +204,9 @@ class LayerGraphs:
         # the graphs are the checkpointed passes themselves: the layer runs plainly inside them
         checkpointing, layer.gradient_checkpointing = getattr(layer, "gradient_checkpointing", False), False
         try:
-            warm_up(forward, backward)
             if self.pool is None:
                 self.pool = new_pool()
+            warm_up(self.pool, forward, backward)
             fwd, bwd = record(forward, self.pool), record(backward, self.pool)
         finally:
             layer.gradient_checkpointing = checkpointing
@@ -212,6 +214,7 @@ class LayerGraphs:
         self.param_grads[index] = grads
         if len(self.backward_graphs) == len(self.layers):
             release_cached()
+            self.pool_gib = pool_bytes(self.pool) / 2**30
 
 
 # The CUDA calls, one function each (tests replace them to run the rest on a CPU)
@@ -223,9 +226,9 @@ def on_gpu(t: torch.Tensor) -> bool:
     return t.is_cuda
 
 
-def warm_up(*passes) -> None:
-    """Run each pass once on a side stream before capturing it: Triton compiles, cuBLAS sets up there."""
-    side = torch.cuda.Stream()
+def warm_up(pool, *passes) -> None:
+    """Run each pass once on the capture stream before capturing it: Triton compiles, cuBLAS sets up there."""
+    side = pool[1]
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for run in passes:
@@ -234,14 +237,21 @@ def warm_up(*passes) -> None:
 
 
 def new_pool():
-    return torch.cuda.graph_pool_handle()
+    """The graphs' memory pool, and the one side stream every layer is warmed up and captured on: cuBLAS keeps
+    a workspace for every stream it runs on for the whole run, so a stream per layer would hold one per layer."""
+    return torch.cuda.graph_pool_handle(), torch.cuda.Stream()
 
 
 def record(run, pool) -> torch.cuda.CUDAGraph:
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph, pool=pool[0], stream=pool[1]):
         run()
     return graph
+
+
+def pool_bytes(pool) -> int:
+    """GPU memory the graphs' pool holds (its segments; free between replays, but no other tensor can use it)."""
+    return sum(s["total_size"] for s in torch.cuda.memory_snapshot() if s.get("segment_pool_id") == pool[0])
 
 
 def release_cached() -> None:

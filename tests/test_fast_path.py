@@ -568,7 +568,8 @@ def cpu_graphs(monkeypatch, cpu_varlen):
 
     monkeypatch.setattr(graphs, "gpu_available", lambda: True)
     monkeypatch.setattr(graphs, "on_gpu", lambda t: True)
-    monkeypatch.setattr(graphs, "warm_up", lambda *passes: [run() for run in passes])
+    monkeypatch.setattr(graphs, "warm_up", lambda pool, *passes: [run() for run in passes])
+    monkeypatch.setattr(graphs, "pool_bytes", lambda pool: 3 * 2**29)
     monkeypatch.setattr(graphs, "new_pool", lambda: None)
     monkeypatch.setattr(graphs, "record", lambda run, pool: ReplayedPass(run))
     monkeypatch.setattr(graphs, "release_cached", lambda: None)
@@ -608,7 +609,7 @@ def test_graphed_layers_train_as_eager_ones(cpu_graphs, tmp_path, capsys):
         )
     (eager, eager_losses), (graphed, graphed_losses) = runs["false"], runs["true"]
     assert "CUDA graphs per decoder layer" in capsys.readouterr().out
-    assert graphed.metrics["train/cuda_graphs"] == "2 layers captured, 6 replays"  # 3 steps x 2 layers
+    assert graphed.metrics["train/cuda_graphs"] == "2 layers captured, 6 replays, pool 1.50 GiB"  # 3 steps x 2 layers
     assert len(graphed_losses) == 3 and graphed_losses == pytest.approx(eager_losses, abs=1e-5)
     assert graphed.metrics["train/tokens_seen"] == eager.metrics["train/tokens_seen"]  # padding not counted
     assert graphed.metrics["eval/loss"] == pytest.approx(eager.metrics["eval/loss"], abs=1e-5)

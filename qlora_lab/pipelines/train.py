@@ -42,43 +42,59 @@ PROFILE_STEPS = 3  # train.profile: optimizer steps recorded
 
 
 class StepTimer(TrainerCallback):
-    """Device-synchronized wall time and real (non-padding) tokens of every optimizer step.
+    """Wall time and real (non-padding) tokens of every optimizer step.
+
+    On a GPU each step's start and end are CUDA events on the training stream, read back only when the times
+    are asked for (an evaluation, the summary): a step time is the device's, from the moment the step's first
+    work could start to the end of its optimizer update. A synchronize at every step boundary would instead
+    leave the GPU idle while the host fetches the next batch and issues its first kernels.
 
     Written by hand because the Trainer's own train_runtime includes evaluation, logging and warm-up.
     """
 
     def __init__(self):
-        self.step_s: list[float] = []
+        self._step_s: list[float] = []
+        self._pending: list[tuple] = []  # (start, end) marks of steps not yet read back
         self.step_tokens: list[int] = []
-        self._t0 = 0.0
+        self._start = None
         self._seen = 0
 
     @staticmethod
-    def _sync():
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+    def _mark():
+        if not torch.cuda.is_available():
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    @property
+    def step_s(self) -> list[float]:
+        for start, end in self._pending:
+            if isinstance(end, float):
+                self._step_s.append(end - start)
+            else:
+                end.synchronize()
+                self._step_s.append(start.elapsed_time(end) / 1000)
+        self._pending = []
+        return self._step_s
 
     def on_train_begin(self, args, state, control, **kwargs):
         # train.batch_size=auto restarts the loop with a smaller batch after an out-of-memory error
-        self.step_s, self.step_tokens, self._seen = [], [], state.num_input_tokens_seen
+        self._step_s, self._pending, self.step_tokens = [], [], []
+        self._seen = state.num_input_tokens_seen
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._sync()
-        self._t0 = time.perf_counter()
+        self._start = self._mark()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._sync()
-        self.step_s.append(time.perf_counter() - self._t0)
+        self._pending.append((self._start, self._mark()))
         self.step_tokens.append(state.num_input_tokens_seen - self._seen)
         self._seen = state.num_input_tokens_seen
 
     def summary(self, skip: int, samples_per_step: int, world_size: int) -> dict:
         """Speed over the steps after the first `skip` (all steps if there are not more than that)."""
-        s, t = (
-            (self.step_s[skip:], self.step_tokens[skip:])
-            if len(self.step_s) > skip
-            else (self.step_s, self.step_tokens)
-        )
+        step_s = self.step_s
+        s, t = (step_s[skip:], self.step_tokens[skip:]) if len(step_s) > skip else (step_s, self.step_tokens)
         if not s:
             return {}
         return {
@@ -276,6 +292,12 @@ class LabTrainer(Trainer):
 
     def _track_num_input_tokens(self, inputs):
         padding = inputs.pop(PackedCollator.PADDING_KEY, 0)
+        if self.args.include_num_input_tokens_seen == "all" and self.accelerator.num_processes == 1:
+            # every token counts and the count is the batch's shape: the Trainer's own count goes through a
+            # device tensor and .item(), a synchronize on every step
+            main = getattr(self.model, "main_input_name", "input_ids")
+            self.state.num_input_tokens_seen += inputs[main].numel() - padding
+            return
         super()._track_num_input_tokens(inputs)
         if self.args.include_num_input_tokens_seen != "no":
             self.state.num_input_tokens_seen -= padding
@@ -463,6 +485,12 @@ def run(cfg: Config, run: Run):
         include_num_input_tokens_seen="all" if varlen else "non_padding",
         use_liger_kernel=liger,
         liger_kernel_config={"fused_linear_cross_entropy": False} if head_loss else None,
+        # a synchronize on every step (its torch.isnan(loss) check) for what LossGuard does at every log: a loss
+        # that is not finite stops the run
+        logging_nan_inf_filter=False,
+        # batches go to the GPU from pinned memory without a synchronize, so the host can issue the next step
+        # while the GPU finishes this one
+        accelerator_config={"non_blocking": True},
         prediction_loss_only=True,  # the evaluation needs the loss alone, not every token's logits gathered
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
