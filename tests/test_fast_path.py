@@ -468,6 +468,62 @@ def test_grouped_projections_compute_what_fused_and_peft_layers_do(
     assert base != pytest.approx(peft_eval, abs=1e-4)
 
 
+DEQUANT_CHECK = """
+import bitsandbytes.functional as F, torch
+from qlora_lab import dequant
+torch.manual_seed(0)
+for quant_type in ("nf4", "fp4"):
+    for shape in ((96, 128), (3, 4160)):  # one program, and a last program only partly inside
+        q, qs = F.quantize_4bit(torch.randn(shape), blocksize=64, quant_type=quant_type)
+        for dtype in (torch.float32, torch.bfloat16):
+            ref = torch.ops.bitsandbytes.dequantize_4bit.default(q, qs.absmax, 64, quant_type, qs.shape, dtype)
+            got = dequant._triton_dequantize(q, qs.absmax, 64, quant_type, tuple(qs.shape), dtype)
+            print(quant_type, shape, dtype, got.shape == ref.shape, (got.float() - ref.float()).abs().max().item(),
+                  ref.float().abs().max().item())
+"""
+
+
+def test_triton_dequantization_gives_bitsandbytes_values():
+    """qlora_lab.dequant's kernel, run in Triton's CPU interpreter: bitsandbytes' nf4 and fp4 values, the two
+    values of a byte in order, the right block scale, a last partial program. fp32 results are exact; bf16
+    ones within one bf16 step (bitsandbytes' CPU op rounds the code value before scaling, its CUDA kernel
+    after, as this kernel does: on the GPU they agree bit for bit, see the GPU test)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    out = subprocess.run(
+        [sys.executable, "-c", DEQUANT_CHECK],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
+    rows = [line.split() for line in out if line.startswith(("nf4", "fp4"))]
+    assert len(rows) == 8
+    for row in rows:
+        same_shape, diff, peak = row[-3] == "True", float(row[-2]), float(row[-1])
+        assert same_shape and (diff == 0 if row[-4] == "torch.float32" else diff <= peak * 2**-7), row
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_dequantization_on_cuda_is_bitsandbytes_bitwise():
+    import bitsandbytes.functional as F
+
+    from qlora_lab.dequant import dequantize_4bit, triton
+
+    assert triton is not None, "the GPU image has Triton (Liger needs it)"
+    torch.manual_seed(0)
+    for quant_type in ("nf4", "fp4"):
+        for shape in ((4096, 14336), (3, 4160)):
+            q, qs = F.quantize_4bit(torch.randn(shape, device="cuda"), blocksize=64, quant_type=quant_type)
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                ref = torch.ops.bitsandbytes.dequantize_4bit.default(q, qs.absmax, 64, quant_type, qs.shape, dtype)
+                assert torch.equal(dequantize_4bit(q, qs.absmax, 64, quant_type, qs.shape, dtype), ref)
+
+
 def test_grouped_projections_compute_in_bf16_and_answer_in_the_input_dtype():
     """The GPU's case on a CPU: a 4-bit base computing in bf16, fp32 adapters. q/k/v through the group give
     the per-layer fused layers' outputs and adapter gradients (measured: identical), in the input's dtype;
