@@ -27,7 +27,9 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BYTES_PER_PROGRAM = 2048  # packed bytes a program dequantizes (4,096 values)
 
 
-def dequantize_4bit(weight, absmax, blocksize: int, quant_type: str, shape, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_4bit(
+    weight, absmax, blocksize: int, quant_type: str, shape, dtype: torch.dtype
+) -> torch.Tensor:
     """bitsandbytes.functional.dequantize_4bit's result, from the packed bytes and fp32 block scales."""
     if triton is not None and weight.is_cuda and dtype in DTYPES and absmax.dtype == torch.float32:
         return _triton_dequantize(weight, absmax, blocksize, quant_type, tuple(shape), dtype)
@@ -48,13 +50,21 @@ def _triton_dequantize(weight, absmax, blocksize, quant_type, shape, dtype) -> t
     for s in shape:
         n *= s
     if n % 2 or blocksize % 2 or weight.numel() * 2 != n:
-        return torch.ops.bitsandbytes.dequantize_4bit.default(weight, absmax, blocksize, quant_type, shape, dtype)
+        return torch.ops.bitsandbytes.dequantize_4bit.default(
+            weight, absmax, blocksize, quant_type, shape, dtype
+        )
     out = torch.empty(shape, dtype=dtype, device=weight.device)
     n_bytes = n // 2
     grid = (triton.cdiv(n_bytes, BYTES_PER_PROGRAM),)
     _dequantize_kernel[grid](
-        weight, absmax, code_values(quant_type, weight.device), out, n_bytes, blocksize,
-        BYTES=BYTES_PER_PROGRAM, num_warps=8,
+        weight,
+        absmax,
+        code_values(quant_type, weight.device),
+        out,
+        n_bytes,
+        blocksize,
+        BYTES=BYTES_PER_PROGRAM,
+        num_warps=8,
     )
     return out
 
@@ -66,7 +76,9 @@ if triton is not None:
         i = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)
         inside = i < n_bytes
         byte = tl.load(packed + i, mask=inside, other=0).to(tl.int32)
-        scale = tl.load(absmax + (i * 2) // blocksize, mask=inside, other=0.0)  # a byte's two values: one block
+        scale = tl.load(
+            absmax + (i * 2) // blocksize, mask=inside, other=0.0
+        )  # a byte's two values: one block
         high = tl.load(table + (byte >> 4)) * scale
         low = tl.load(table + (byte & 15)) * scale
         j = tl.program_id(0).to(tl.int64) * (2 * BYTES) + tl.arange(0, 2 * BYTES)

@@ -237,8 +237,9 @@ def warm_up(pool, *passes) -> None:
 
 
 def new_pool():
-    """The graphs' memory pool, and the one side stream every layer is warmed up and captured on: cuBLAS keeps
-    a workspace for every stream it runs on for the whole run, so a stream per layer would hold one per layer."""
+    """The graphs' memory pool, and the one side stream every layer is warmed up and captured on: cuBLAS
+    keeps a workspace for every stream it runs on for the whole run, so a stream per layer would hold one per
+    layer."""
     return torch.cuda.graph_pool_handle(), torch.cuda.Stream()
 
 
@@ -250,7 +251,8 @@ def record(run, pool) -> torch.cuda.CUDAGraph:
 
 
 def pool_bytes(pool) -> int:
-    """GPU memory the graphs' pool holds (its segments; free between replays, but no other tensor can use it)."""
+    """GPU memory the graphs' pool holds (its segments: free between replays, but no other tensor can use
+    them)."""
     return sum(s["total_size"] for s in torch.cuda.memory_snapshot() if s.get("segment_pool_id") == pool[0])
 
 

@@ -476,10 +476,11 @@ for quant_type in ("nf4", "fp4"):
     for shape in ((96, 128), (3, 4160)):  # one program, and a last program only partly inside
         q, qs = F.quantize_4bit(torch.randn(shape), blocksize=64, quant_type=quant_type)
         for dtype in (torch.float32, torch.bfloat16):
-            ref = torch.ops.bitsandbytes.dequantize_4bit.default(q, qs.absmax, 64, quant_type, qs.shape, dtype)
-            got = dequant._triton_dequantize(q, qs.absmax, 64, quant_type, tuple(qs.shape), dtype)
-            print(quant_type, shape, dtype, got.shape == ref.shape, (got.float() - ref.float()).abs().max().item(),
-                  ref.float().abs().max().item())
+            args = (q, qs.absmax, 64, quant_type)
+            ref = torch.ops.bitsandbytes.dequantize_4bit.default(*args, qs.shape, dtype)
+            got = dequant._triton_dequantize(*args, tuple(qs.shape), dtype)
+            err = (got.float() - ref.float()).abs().max().item()
+            print(quant_type, shape, dtype, got.shape == ref.shape, err, ref.float().abs().max().item())
 """
 
 
@@ -520,7 +521,9 @@ def test_triton_dequantization_on_cuda_is_bitsandbytes_bitwise():
         for shape in ((4096, 14336), (3, 4160)):
             q, qs = F.quantize_4bit(torch.randn(shape, device="cuda"), blocksize=64, quant_type=quant_type)
             for dtype in (torch.bfloat16, torch.float16, torch.float32):
-                ref = torch.ops.bitsandbytes.dequantize_4bit.default(q, qs.absmax, 64, quant_type, qs.shape, dtype)
+                ref = torch.ops.bitsandbytes.dequantize_4bit.default(
+                    q, qs.absmax, 64, quant_type, qs.shape, dtype
+                )
                 assert torch.equal(dequantize_4bit(q, qs.absmax, 64, quant_type, qs.shape, dtype), ref)
 
 
@@ -665,7 +668,9 @@ def test_graphed_layers_train_as_eager_ones(cpu_graphs, tmp_path, capsys):
         )
     (eager, eager_losses), (graphed, graphed_losses) = runs["false"], runs["true"]
     assert "CUDA graphs per decoder layer" in capsys.readouterr().out
-    assert graphed.metrics["train/cuda_graphs"] == "2 layers captured, 6 replays, pool 1.50 GiB"  # 3 steps x 2 layers
+    assert (
+        graphed.metrics["train/cuda_graphs"] == "2 layers captured, 6 replays, pool 1.50 GiB"
+    )  # 3 steps x 2 layers
     assert len(graphed_losses) == 3 and graphed_losses == pytest.approx(eager_losses, abs=1e-5)
     assert graphed.metrics["train/tokens_seen"] == eager.metrics["train/tokens_seen"]  # padding not counted
     assert graphed.metrics["eval/loss"] == pytest.approx(eager.metrics["eval/loss"], abs=1e-5)

@@ -1,5 +1,6 @@
-"""Where a profiled training step's time goes on the GPU: busy and idle time per step, the idle gaps and what the
-host was doing when each ended, and the kernels by device time (those replayed from CUDA graphs apart).
+"""Where a profiled training step's time goes on the GPU: busy and idle time per step, the idle gaps and
+what the host was doing when each ended, and the kernels by device time (those replayed from CUDA graphs
+apart).
 
 Reads the Chrome trace that `train.profile=true` writes (profile_trace.json in the run folder):
     python experiments/fast_path/trace_gaps.py RUN_DIR/profile_trace.json [--gap-us 200]
@@ -14,7 +15,13 @@ import json
 
 GPU = ("kernel", "gpu_memcpy", "gpu_memset")
 HOST = ("cpu_op", "user_annotation", "python_function")
-SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaMemcpyAsync")
+SYNCS = (
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaEventSynchronize",
+    "cudaMemcpy",
+    "cudaMemcpyAsync",
+)
 
 
 def main() -> None:
@@ -24,7 +31,11 @@ def main() -> None:
     a = ap.parse_args()
     events = [e for e in json.load(open(a.trace))["traceEvents"] if e.get("ph") == "X"]
     gpu = sorted((e for e in events if e.get("cat") in GPU), key=lambda e: e["ts"])
-    runtime = {e["args"]["correlation"]: e for e in events if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    runtime = {
+        e["args"]["correlation"]: e
+        for e in events
+        if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})
+    }
     host = sorted((e for e in events if e.get("cat") in HOST), key=lambda e: e["ts"])
     steps = sorted((e for e in events if e["name"].startswith("ProfilerStep#")), key=lambda e: e["ts"])
     starts = [e["ts"] for e in host]
@@ -32,7 +43,9 @@ def main() -> None:
     def enclosing(ts: float, tid) -> list[str]:
         """Host ops on thread `tid` running at time ts, outermost first."""
         i = bisect.bisect_right(starts, ts)
-        found = [e for e in host[max(0, i - 4000) : i] if e["tid"] == tid and e["ts"] <= ts <= e["ts"] + e["dur"]]
+        found = [
+            e for e in host[max(0, i - 4000) : i] if e["tid"] == tid and e["ts"] <= ts <= e["ts"] + e["dur"]
+        ]
         return [e["name"][:70] for e in sorted(found, key=lambda e: (e["ts"], -e["dur"]))]
 
     for step in steps:
@@ -46,10 +59,13 @@ def main() -> None:
             end = max(end, e["ts"] + e["dur"])
         if t1 > end:
             gaps.append((t1 - end, end, None))
-        print(f"\n== {step['name']}: {step['dur'] / 1e3:.1f} ms, GPU busy {busy / 1e3:.1f} ms, idle {(step['dur'] - busy) / 1e3:.1f} ms "
-              f"in {len(gaps)} gaps ({sum(g for g, _, _ in gaps if g > a.gap_us) / 1e3:.1f} ms in gaps > {a.gap_us:.0f} us)")
+        print(
+            f"\n== {step['name']}: {step['dur'] / 1e3:.1f} ms, GPU busy {busy / 1e3:.1f} ms, "
+            f"idle {(step['dur'] - busy) / 1e3:.1f} ms in {len(gaps)} gaps "
+            f"({sum(g for g, _, _ in gaps if g > a.gap_us) / 1e3:.1f} ms in gaps > {a.gap_us:.0f} us)"
+        )
         by_cause: dict[str, float] = collections.Counter()
-        for g, at, nxt in gaps:
+        for g, _, nxt in gaps:
             launch = runtime.get(nxt["args"].get("correlation")) if nxt else None
             chain = enclosing(launch["ts"], launch["tid"]) if launch else ["(end of step)"]
             cause = " > ".join(chain[-3:]) + (f" > {launch['name']}" if launch else "")
@@ -59,7 +75,11 @@ def main() -> None:
         for g, at, nxt in sorted(gaps, key=lambda x: -x[0])[:8]:
             launch = runtime.get(nxt["args"].get("correlation")) if nxt else None
             chain = enclosing(launch["ts"], launch["tid"]) if launch else []
-            print(f"  gap {g / 1e3:6.2f} ms at +{(at - t0) / 1e3:6.1f} ms, ended by {nxt['name'][:50] if nxt else '-'}; host: {' > '.join(chain[-5:])}")
+            ended_by = nxt["name"][:50] if nxt else "-"
+            print(
+                f"  gap {g / 1e3:6.2f} ms at +{(at - t0) / 1e3:6.1f} ms, ended by {ended_by}; "
+                f"host: {' > '.join(chain[-5:])}"
+            )
         syncs = collections.Counter()
         for e in events:
             if e.get("cat") == "cuda_runtime" and e["name"] in SYNCS and t0 <= e["ts"] < t1 and e["dur"] > 50:
@@ -74,7 +94,10 @@ def main() -> None:
             k[0] += e["dur"]
             k[1] += 1
         in_graphs = sum(v[0] for n, v in kernels.items() if n.startswith("[graph]"))
-        print(f"  device time in graph replays {in_graphs / 1e3:.1f} ms, outside {(busy - in_graphs) / 1e3:.1f} ms")
+        print(
+            f"  device time in graph replays {in_graphs / 1e3:.1f} ms, "
+            f"outside {(busy - in_graphs) / 1e3:.1f} ms"
+        )
         for n, (d, c) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]:
             print(f"  {d / 1e3:7.2f} ms {c:5d}x  {n}")
 

@@ -485,8 +485,8 @@ def run(cfg: Config, run: Run):
         include_num_input_tokens_seen="all" if varlen else "non_padding",
         use_liger_kernel=liger,
         liger_kernel_config={"fused_linear_cross_entropy": False} if head_loss else None,
-        # a synchronize on every step (its torch.isnan(loss) check) for what LossGuard does at every log: a loss
-        # that is not finite stops the run
+        # the filter costs a synchronize on every step (its torch.isnan(loss) check) for what LossGuard does
+        # at every log: a loss that is not finite stops the run
         logging_nan_inf_filter=False,
         # batches go to the GPU from pinned memory without a synchronize, so the host can issue the next step
         # while the GPU finishes this one

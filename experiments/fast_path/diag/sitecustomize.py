@@ -1,7 +1,8 @@
-"""Diagnostics for a `python -m qlora_lab` training run, switched on by putting this folder first on PYTHONPATH
-(experiments/gpu.sh's `diag24` stage): after the first step (where train.cuda_graphs captures) the GPU memory by
-pool and stream, then the peak of the later steps; and every host-device synchronize of steps 4-5 with the
-Python stack that made it (torch.cuda.set_sync_debug_mode). Prints lines starting with `[diag]`."""
+"""Diagnostics for a `python -m qlora_lab` training run, switched on by putting this folder first on
+PYTHONPATH (experiments/gpu.sh's `diag24` stage): after the first step (where train.cuda_graphs captures)
+the GPU memory by pool and stream, then the peak of the later steps; and every host-device synchronize
+of steps 4-5 with the Python stack that made it (torch.cuda.set_sync_debug_mode). Prints lines starting
+with `[diag]`."""
 
 import traceback
 import warnings
@@ -16,7 +17,10 @@ def _show(message, category, filename, lineno, file=None, line=None):
     if "synchroniz" not in str(message):
         return print(f"[diag] warning: {message}")
     stack = [f for f in traceback.extract_stack()[:-2] if "warnings.py" not in f.filename]
-    frames = tuple(f"{f.filename.split('site-packages/')[-1].split('/work/')[-1]}:{f.lineno} {f.name}" for f in stack[-8:])
+    frames = tuple(
+        f"{f.filename.split('site-packages/')[-1].split('/work/')[-1]}:{f.lineno} {f.name}"
+        for f in stack[-8:]
+    )
     if frames not in _seen:
         _seen.add(frames)
         print(f"[diag] sync: {message}\n[diag]   " + "\n[diag]   ".join(frames), flush=True)
@@ -24,9 +28,12 @@ def _show(message, category, filename, lineno, file=None, line=None):
 
 def _memory(label: str) -> None:
     gib = 2**30
-    print(f"[diag] {label}: allocated {torch.cuda.memory_allocated() / gib:.2f} GiB, peak allocated "
-          f"{torch.cuda.max_memory_allocated() / gib:.2f}, reserved {torch.cuda.memory_reserved() / gib:.2f}, peak "
-          f"reserved {torch.cuda.max_memory_reserved() / gib:.2f}", flush=True)
+    print(
+        f"[diag] {label}: allocated {torch.cuda.memory_allocated() / gib:.2f} GiB, peak allocated "
+        f"{torch.cuda.max_memory_allocated() / gib:.2f}, reserved {torch.cuda.memory_reserved() / gib:.2f}, "
+        f"peak reserved {torch.cuda.max_memory_reserved() / gib:.2f}",
+        flush=True,
+    )
     groups: dict = {}
     for s in torch.cuda.memory_snapshot():
         key = (str(s.get("segment_pool_id")), s["stream"])
@@ -37,8 +44,11 @@ def _memory(label: str) -> None:
         g[3] += [b["size"] for b in s["blocks"] if b["state"] == "active_allocated"]
     for (pool, stream), (total, alloc, n, blocks) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
         big = sorted(blocks, reverse=True)[:8]
-        print(f"[diag]   pool {pool} stream {stream}: {n} segments, reserved {total / gib:.2f} GiB, allocated "
-              f"{alloc / gib:.2f}; largest blocks MiB {[round(b / 2**20) for b in big]}, {len(blocks)} blocks", flush=True)
+        print(
+            f"[diag]   pool {pool} stream {stream}: {n} segments, reserved {total / gib:.2f} GiB, allocated "
+            f"{alloc / gib:.2f}; largest blocks MiB {[round(b / 2**20) for b in big]}, {len(blocks)} blocks",
+            flush=True,
+        )
 
 
 class Diag(transformers.TrainerCallback):
