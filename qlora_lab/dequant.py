@@ -45,11 +45,19 @@ def code_values(quant_type: str, device: torch.device) -> torch.Tensor:
     return torch.ops.bitsandbytes.dequantize_4bit.default(packed, ones, 64, quant_type, (16,), torch.float32)
 
 
+def packed_bytes(weight: torch.Tensor) -> torch.Tensor:
+    """The packed 4-bit weight as flat bytes, whatever container holds them (quantization.storage_dtype:
+    uint8, or bf16/fp32 tensors of 4 or 8 values an element: the same bytes in the same order)."""
+    flat = weight.reshape(-1)
+    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
 def _triton_dequantize(weight, absmax, blocksize, quant_type, shape, dtype) -> torch.Tensor:
     n = 1
     for s in shape:
         n *= s
-    if n % 2 or blocksize % 2 or weight.numel() * 2 != n:
+    packed = packed_bytes(weight) if weight.is_contiguous() else None
+    if n % 2 or blocksize % 2 or packed is None or packed.numel() * 2 != n:
         return torch.ops.bitsandbytes.dequantize_4bit.default(
             weight, absmax, blocksize, quant_type, shape, dtype
         )
@@ -57,7 +65,7 @@ def _triton_dequantize(weight, absmax, blocksize, quant_type, shape, dtype) -> t
     n_bytes = n // 2
     grid = (triton.cdiv(n_bytes, BYTES_PER_PROGRAM),)
     _dequantize_kernel[grid](
-        weight,
+        packed,
         absmax,
         code_values(quant_type, weight.device),
         out,

@@ -471,24 +471,45 @@ def test_grouped_projections_compute_what_fused_and_peft_layers_do(
 DEQUANT_CHECK = """
 import bitsandbytes.functional as F, torch
 from qlora_lab import dequant
+
+launches = 0
+kernel = dequant._dequantize_kernel
+
+
+class Counted:  # counts the kernel's launches: a fallback to bitsandbytes' op would give the same values
+    def __getitem__(self, grid):
+        global launches
+        launches += 1
+        return kernel[grid]
+
+
+dequant._dequantize_kernel = Counted()
 torch.manual_seed(0)
 for quant_type in ("nf4", "fp4"):
     for shape in ((96, 128), (3, 4160)):  # one program, and a last program only partly inside
         q, qs = F.quantize_4bit(torch.randn(shape), blocksize=64, quant_type=quant_type)
-        for dtype in (torch.float32, torch.bfloat16):
-            args = (q, qs.absmax, 64, quant_type)
-            ref = torch.ops.bitsandbytes.dequantize_4bit.default(*args, qs.shape, dtype)
-            got = dequant._triton_dequantize(*args, tuple(qs.shape), dtype)
-            err = (got.float() - ref.float()).abs().max().item()
-            print(quant_type, shape, dtype, got.shape == ref.shape, err, ref.float().abs().max().item())
+        # the packed bytes in bitsandbytes' uint8 tensor, then in bf16 and fp32 containers
+        # (quantization.storage_dtype), which hold the same bytes
+        for storage, dtypes in ((torch.uint8, (torch.float32, torch.bfloat16)),
+                                (torch.bfloat16, (torch.float32,)), (torch.float32, (torch.float32,))):
+            packed = q.reshape(-1).view(storage).reshape(-1, 1)
+            for dtype in dtypes:
+                args = (q, qs.absmax, 64, quant_type)
+                ref = torch.ops.bitsandbytes.dequantize_4bit.default(*args, qs.shape, dtype)
+                got = dequant._triton_dequantize(packed, *args[1:], tuple(qs.shape), dtype)
+                err = (got.float() - ref.float()).abs().max().item()
+                peak = ref.float().abs().max().item()
+                print(quant_type, shape, storage, dtype, got.shape == ref.shape, err, peak)
+print("launches", launches)
 """
 
 
 def test_triton_dequantization_gives_bitsandbytes_values():
     """qlora_lab.dequant's kernel, run in Triton's CPU interpreter: bitsandbytes' nf4 and fp4 values, the two
-    values of a byte in order, the right block scale, a last partial program. fp32 results are exact; bf16
-    ones within one bf16 step (bitsandbytes' CPU op rounds the code value before scaling, its CUDA kernel
-    after, as this kernel does: on the GPU they agree bit for bit, see the GPU test)."""
+    values of a byte in order, the right block scale, a last partial program, the bytes read the same from
+    every storage container. fp32 results are exact; bf16 ones within one bf16 step (bitsandbytes' CPU op
+    rounds the code value before scaling, its CUDA kernel after, as this kernel does: on the GPU they agree
+    bit for bit, see the GPU test)."""
     import os
     import subprocess
     import sys
@@ -502,7 +523,7 @@ def test_triton_dequantization_gives_bitsandbytes_values():
         check=True,
     ).stdout.split("\n")
     rows = [line.split() for line in out if line.startswith(("nf4", "fp4"))]
-    assert len(rows) == 8
+    assert len(rows) == 16 and "launches 16" in out  # every call ran the kernel, none fell back
     for row in rows:
         same_shape, diff, peak = row[-3] == "True", float(row[-2]), float(row[-1])
         assert same_shape and (diff == 0 if row[-4] == "torch.float32" else diff <= peak * 2**-7), row
@@ -512,19 +533,34 @@ def test_triton_dequantization_gives_bitsandbytes_values():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_triton_dequantization_on_cuda_is_bitsandbytes_bitwise():
     import bitsandbytes.functional as F
+    from torch.profiler import ProfilerActivity, profile
 
     from qlora_lab.dequant import dequantize_4bit, triton
 
     assert triton is not None, "the GPU image has Triton (Liger needs it)"
     torch.manual_seed(0)
-    for quant_type in ("nf4", "fp4"):
-        for shape in ((4096, 14336), (3, 4160)):
-            q, qs = F.quantize_4bit(torch.randn(shape, device="cuda"), blocksize=64, quant_type=quant_type)
-            for dtype in (torch.bfloat16, torch.float16, torch.float32):
-                ref = torch.ops.bitsandbytes.dequantize_4bit.default(
-                    q, qs.absmax, 64, quant_type, qs.shape, dtype
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for quant_type in ("nf4", "fp4"):
+            for shape in ((4096, 14336), (3, 4160)):
+                q, qs = F.quantize_4bit(
+                    torch.randn(shape, device="cuda"), blocksize=64, quant_type=quant_type
                 )
-                assert torch.equal(dequantize_4bit(q, qs.absmax, 64, quant_type, qs.shape, dtype), ref)
+                refs = {
+                    dtype: torch.ops.bitsandbytes.dequantize_4bit.default(
+                        q, qs.absmax, 64, quant_type, qs.shape, dtype
+                    )
+                    for dtype in (torch.bfloat16, torch.float16, torch.float32)
+                }
+                # nf4/fp4 configs store the bytes in bf16 tensors (quantization.storage_dtype: auto)
+                for storage in (torch.uint8, torch.bfloat16):
+                    packed = q.reshape(-1).view(storage).reshape(-1, 1)
+                    for dtype, ref in refs.items():
+                        got = dequantize_4bit(packed, qs.absmax, 64, quant_type, qs.shape, dtype)
+                        assert torch.equal(got, ref), (quant_type, shape, storage, dtype)
+    launched = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # 2 types x 2 shapes x 2 storages x 3 dtypes through the kernel; bitsandbytes' only for the references
+    assert sum(n == "_dequantize_kernel" for n in launched) == 24
+    assert sum("kDequantizeBlockwise" in n for n in launched) == 12 + 2  # + code_values, once per type
 
 
 def test_grouped_projections_compute_in_bf16_and_answer_in_the_input_dtype():
