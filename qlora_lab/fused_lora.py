@@ -236,6 +236,20 @@ def fusable_layers(model) -> list:
     ]  # exactly: torchao's and others' subclasses stay PEFT's
 
 
+def keep_no_weight_unless_checkpointed(layers) -> None:
+    """A decoder layer that is not recomputed (train.checkpoint_every_n_layers, train.uncheckpointed_layers)
+    holds what its forward saves until its backward: a kept weight there would stay for all that time, so its
+    fused layers and groups dequantize again in the backward instead."""
+    for layer in layers:
+        if getattr(layer, "gradient_checkpointing", False):
+            continue
+        for module in layer.modules():
+            if hasattr(module, "_keep_weight"):
+                module._keep_weight = False
+            if hasattr(module, "_lora_group"):
+                module._lora_group.keep_weight = False
+
+
 def fuse_lora(model, keep_weight: bool = False) -> int:
     """Route every fusable LoRA layer through LoRALinear; returns how many. keep_weight: only when every
     decoder layer is checkpointed (see LoRALinear.forward); else each kept weight would live from forward to

@@ -294,4 +294,11 @@ def install(model, fused: int) -> LayerGraphs:
             "train.cuda_graphs=true cannot run here: this model has no LoRA layer the fused path covers; set "
             "train.cuda_graphs=false."
         )
-    return LayerGraphs(decoder_layers(model))
+    # layers left uncheckpointed (train.uncheckpointed_layers) keep their activations and run eagerly
+    layers = [layer for layer in decoder_layers(model) if getattr(layer, "gradient_checkpointing", True)]
+    if not layers:
+        raise ConfigError(
+            "train.cuda_graphs=true graphs the checkpointed decoder layers and train.uncheckpointed_layers "
+            "leaves none; lower it or set train.cuda_graphs=false."
+        )
+    return LayerGraphs(layers)

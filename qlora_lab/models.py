@@ -627,6 +627,8 @@ def attach_lora(model, cfg: Config, on_meta: bool = False):
         # Recompute each layer in the backward pass instead of keeping its activations; non-reentrant, so that
         # frozen inputs need no requires_grad trick. Also turns on input grads (the embedding is frozen).
         model.activation_checkpointing_enable(**checkpointing)
+        if t.uncheckpointed_layers:
+            uncheckpoint_last_layers(model, t.uncheckpointed_layers)
     try:
         model = get_peft_model(model, lora_config(cfg), low_cpu_mem_usage=on_meta)
     except ValueError as e:
@@ -642,6 +644,26 @@ def attach_lora(model, cfg: Config, on_meta: bool = False):
             flush=True,
         )
     return model
+
+
+def checkpointing_layers(model) -> list:
+    """The decoder layers transformers checkpoints one by one (its GradientCheckpointingLayer), in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def uncheckpoint_last_layers(model, n: int) -> None:
+    """train.uncheckpointed_layers: the last n decoder layers keep their activations. The last ones, because
+    the backward reaches them first: what they keep is freed earliest."""
+    layers = checkpointing_layers(model)
+    if n > len(layers):
+        raise ConfigError(
+            f"train.uncheckpointed_layers={n} but the model has {len(layers)} decoder layers; set at most "
+            f"{len(layers)}."
+        )
+    for layer in layers[len(layers) - n :]:
+        layer.gradient_checkpointing = False
 
 
 def liger_kernels(cfg: Config, model_type: str | None = None) -> bool:

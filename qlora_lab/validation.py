@@ -56,6 +56,22 @@ def check_sizes(cfg: Config) -> None:
     ):
         if value < 1:
             raise ConfigError(f"{key} must be a positive integer (got {value}).")
+    t = cfg.train
+    if isinstance(t.uncheckpointed_layers, bool) or t.uncheckpointed_layers < 0:
+        raise ConfigError(
+            "train.uncheckpointed_layers must be 0 or a positive number of layers "
+            f"(got {t.uncheckpointed_layers})."
+        )
+    if t.uncheckpointed_layers and not t.gradient_checkpointing:
+        raise ConfigError(
+            "train.uncheckpointed_layers exempts layers from gradient checkpointing, so it needs "
+            "train.gradient_checkpointing=true; set that or drop train.uncheckpointed_layers."
+        )
+    if t.uncheckpointed_layers and (t.checkpoint_every_n_layers != 1 or t.activation_offload):
+        raise ConfigError(
+            "train.uncheckpointed_layers is one way to choose the checkpointed layers and "
+            "train.checkpoint_every_n_layers/train.activation_offload another; keep one of them."
+        )
     if cfg.train.activation_offload and not cfg.train.gradient_checkpointing:
         raise ConfigError(
             "train.activation_offload moves the checkpointed activations to the host, so it needs "

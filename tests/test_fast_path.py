@@ -693,16 +693,14 @@ def test_graphed_layers_train_as_eager_ones(cpu_graphs, tmp_path, capsys):
     checkpointing): each layer captured once, replayed every step after, and the same per-step losses and
     tokens seen as the eager layers; evaluation stays eager."""
     runs = {}
-    for graphs in ("false", "true"):
-        runs[graphs] = _train(
-            tmp_path / graphs,
-            [
-                *PACKED_NF4_FUSED_RUN,
-                "lora.dropout=0",
-                f"train.cuda_graphs={graphs}",
-            ],
-        )
-    (eager, eager_losses), (graphed, graphed_losses) = runs["false"], runs["true"]
+    for name, extra in (
+        ("eager", ["train.cuda_graphs=false"]),
+        ("graphed", ["train.cuda_graphs=true"]),
+        # the last layer keeps its activations and runs eagerly; the first is graphed
+        ("last_uncheckpointed", ["train.cuda_graphs=true", "train.uncheckpointed_layers=1"]),
+    ):
+        runs[name] = _train(tmp_path / name, [*PACKED_NF4_FUSED_RUN, "lora.dropout=0", *extra])
+    (eager, eager_losses), (graphed, graphed_losses) = runs["eager"], runs["graphed"]
     assert "CUDA graphs per decoder layer" in capsys.readouterr().out
     assert (
         graphed.metrics["train/cuda_graphs"] == "2 layers captured, 6 replays, pool 1.50 GiB"
@@ -710,6 +708,33 @@ def test_graphed_layers_train_as_eager_ones(cpu_graphs, tmp_path, capsys):
     assert len(graphed_losses) == 3 and graphed_losses == pytest.approx(eager_losses, abs=1e-5)
     assert graphed.metrics["train/tokens_seen"] == eager.metrics["train/tokens_seen"]  # padding not counted
     assert graphed.metrics["eval/loss"] == pytest.approx(eager.metrics["eval/loss"], abs=1e-5)
+    mixed, mixed_losses = runs["last_uncheckpointed"]
+    assert mixed.metrics["train/cuda_graphs"] == "1 layers captured, 3 replays, pool 1.50 GiB"
+    assert mixed_losses == pytest.approx(eager_losses, abs=1e-5)
+
+
+def test_uncheckpointed_layers_are_the_last_and_keep_no_dequantized_weight():
+    """train.uncheckpointed_layers=1 on the 2-layer nf4 model: layer 1 keeps its activations, so its fused
+    and grouped LoRA layers dequantize again in the backward rather than hold a bf16 weight from forward to
+    backward; layer 0 stays checkpointed and keeps its weight from recomputation to backward."""
+    from qlora_lab.fused_lora import fuse_lora, group_projections, keep_no_weight_unless_checkpointed
+    from qlora_lab.models import attach_lora, checkpointing_layers
+
+    overrides = ["model=tiny_random", "quantization=nf4", "train.gradient_checkpointing=true"]
+    cfg = make_cfg([*overrides, "train.uncheckpointed_layers=1"])
+    model = attach_lora(load_model(model_path(cfg), cfg), cfg)
+    fuse_lora(model, keep_weight=True), group_projections(model, keep_weight=True)
+    layers = checkpointing_layers(model)
+    keep_no_weight_unless_checkpointed(layers)
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False]
+    for layer, keeps in zip(layers, (True, False), strict=True):
+        attn, mlp = layer.self_attn, layer.mlp
+        assert attn.o_proj._keep_weight is mlp.down_proj._keep_weight is keeps  # per-layer fused
+        assert attn.q_proj._lora_group.keep_weight is mlp.gate_proj._lora_group.keep_weight is keeps
+    with pytest.raises(
+        ConfigError, match=r"^train\.uncheckpointed_layers=3 but the model has 2 decoder layers"
+    ):
+        attach_lora(load_model(model_path(cfg), cfg), make_cfg([*overrides, "train.uncheckpointed_layers=3"]))
 
 
 def test_recipes_compose_and_validate():
@@ -773,6 +798,16 @@ def test_liger_requested_where_it_cannot_run_is_one_sentence():
             "train.checkpoint_every_n_layers=1",
         ),
         ([*GRAPHABLE, "train.batch_size=auto"], "train.batch_size"),
+        (["train.uncheckpointed_layers=-1"], "must be 0 or a positive number"),
+        (["train.uncheckpointed_layers=2"], "needs train.gradient_checkpointing=true"),
+        (
+            [
+                "train.gradient_checkpointing=true",
+                "train.uncheckpointed_layers=2",
+                "train.activation_offload=true",
+            ],
+            "keep one of them",
+        ),
     ],
 )
 def test_fast_path_options_are_checked(overrides, field):

@@ -18,11 +18,18 @@ from ..attention import packed_varlen, use_varlen
 from ..config import Config, ConfigError, LoraInit, Precision, QuantMethod
 from ..data import PackedCollator, file_sha256, load_splits, mean_context, tokenize_split
 from ..distributed import cap_gpu_memory, fsdp_enabled, is_main_process, one_gpu_per_process
-from ..fused_lora import fuse_lora, group_projections, lora_unfused_reason, projections_ungrouped_reason
+from ..fused_lora import (
+    fuse_lora,
+    group_projections,
+    keep_no_weight_unless_checkpointed,
+    lora_unfused_reason,
+    projections_ungrouped_reason,
+)
 from ..layer_graphs import install as install_layer_graphs
 from ..layout import RunLayout
 from ..models import (
     attach_lora,
+    checkpointing_layers,
     count_params,
     liger_kernels,
     load_model,
@@ -416,11 +423,11 @@ def run(cfg: Config, run: Run):
         else "transformers"
     ) + (" with the loss over the LM head's shards" if head_loss else "")
     unfused = lora_unfused_reason(cfg)
-    # under per-layer checkpointing a fused 4-bit layer keeps its dequantized weight from recompute to
-    # backward
-    keep_weight = t.gradient_checkpointing and t.checkpoint_every_n_layers == 1 and not t.activation_offload
+    # in a checkpointed layer a fused 4-bit layer keeps its dequantized weight from recompute to backward
+    keep_weight = t.gradient_checkpointing and not t.activation_offload
     fused = fuse_lora(model, keep_weight) if unfused is None else 0
     grouped = group_projections(model, keep_weight) if projections_ungrouped_reason(cfg) is None else 0
+    keep_no_weight_unless_checkpointed(checkpointing_layers(model))
     varlen = packed_varlen(cfg, model.dtype)
     if varlen:
         use_varlen(model)
