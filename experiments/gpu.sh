@@ -400,7 +400,7 @@ PY
     tar czf "$OUT/runs_step24.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard -C /root runs ;;
   speed24)  # issue 24 on ONE GPU, one call of the final measurements (`speed24 1`, `speed24 2`: the same runs
     # in two calls on one warm machine, for the median over calls): the dequantization kernels alone (call 1),
-    # the reference loop, 8B QLoRA and LoRA graphed, QLoRA graphed with the last 2 and 3 decoder layers left
+    # the reference loop, 8B QLoRA and LoRA graphed, QLoRA graphed with the last 3 decoder layers left
     # uncheckpointed; call 1 also profiles the graphed QLoRA step and runs the GPU tests.
     call=${2:-1}
     [ "$call" = 1 ] && python3 experiments/fast_path/bench_dequant.py | tee "$OUT/dequant_bench.jsonl"
@@ -409,7 +409,6 @@ PY
     RUN_TIMEOUT=150 one qlora_graphs "${b[@]}"
     RUN_TIMEOUT=150 one lora_graphs "${b[@]}" quantization=none
     RUN_TIMEOUT=150 one qlora_graphs_unckpt3 "${b[@]}" train.uncheckpointed_layers=3
-    [ "$(left)" -gt 80 ] && RUN_TIMEOUT=$(( $(left) - 5 )) one qlora_graphs_unckpt2 "${b[@]}" train.uncheckpointed_layers=2
     if [ "$call" = 1 ]; then
       [ "$(left)" -gt 45 ] && RUN_TIMEOUT=$(( $(left) - 5 )) one qlora_graphs_profile "${b[@]}" dataset.size=400 \
         train.max_steps=14 train.speed_skip_steps=8 train.profile=true &&
@@ -421,10 +420,9 @@ PY
     tar czf "$OUT/runs_speed24_call$call.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard \
       --exclude=profile_trace.json -C /root runs ;;
   quality24)  # issue 24: the recipe-quality check on the real SmolLM2 (the GGUF's last part travels in this
-    # call): paper and fast recipes as shipped, then the fast recipe graphed (checkpointing on, as the graphs
-    # need), same seed, data and order; the reference loop on the same folder last.
+    # call): the fast recipe graphed (checkpointing on, as the graphs need), the same seed, data and order as
+    # the paper and fast jobs of experiments/fast_path/quality; the reference loop on the same folder last.
     real_smollm2
-    sweep recipe_quality +experiment=recipe_quality
     RUN_TIMEOUT=300 one quality_fast_graphs +experiment=recipe_quality recipe=fast train.gradient_checkpointing=true \
       train.cuda_graphs=true
     python3 experiments/lora_vs_qlora/reference_loop.py "$QLORA_LAB_CACHE/models/SmolLM2-135M-Instruct" \
