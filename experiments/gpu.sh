@@ -13,7 +13,7 @@
 #   bash experiments/gpu.sh fsdp70b     # 2 GPUs: FSDP + 4-bit loaded shard by shard, 8B against 1 GPU, then 70B at 24 GiB a GPU
 # Results go to $OUT (default /tmp/gpu-out): logs, reference_*.jsonl and one .tgz per sweep.
 set -uo pipefail
-stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality|variants|decision|decision2|multi|multi2|before|fsdpmem|fsdp8b|ckpt24|fsdp70b|fsdp70b_short|sweep2|step24|seed_variants|graphs24|diag24|dequant24|speed24|quality24}
+stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality|variants|decision|decision2|multi|multi2|before|fsdpmem|fsdp8b|ckpt24|fsdp70b|fsdp70b_short|sweep2|step24|seed_variants|graphs24|diag24|speed24|unckpt24|quality24}
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT" /root/smolparts
 cp .gpu/smolpart.* /root/smolparts/ 2>/dev/null  # the SmolLM2 GGUF travels in parts, one per call (64 MiB a call)
@@ -307,22 +307,6 @@ case $stage in
       (cd .gpu/old && PYTHONPATH=/tmp/site:$PWD RUN_TIMEOUT=$(( $(left) - 5 )) one graphs_before "${b[@]}")
     tar czf "$OUT/runs_diag24.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard \
       --exclude=profile_trace.json -C /root runs ;;
-  dequant24)  # issue 24 on ONE GPU: 8B QLoRA graphed with qlora_lab.dequant's kernel against the package of the
-    # commit before (.gpu/old, bitsandbytes' kernel), LoRA graphed (QLoRA / LoRA), a profiled run summarised by
-    # trace_gaps.py, then the GPU tests of the kernel and the graphs.
-    start_8b_stage dequant24 430
-    b+=(lora.dropout=0 train.cuda_graphs=true)
-    RUN_TIMEOUT=150 one graphs_on "${b[@]}"
-    RUN_TIMEOUT=150 one lora_graphs_on "${b[@]}" quantization=none
-    RUN_TIMEOUT=100 one graphs_profile "${b[@]}" dataset.size=400 train.max_steps=14 train.speed_skip_steps=8 \
-      train.profile=true
-    python3 experiments/fast_path/trace_gaps.py /root/runs/graphs_profile/profile_trace.json > "$OUT/gaps.txt" 2>&1
-    [ -d .gpu/old ] && [ "$(left)" -gt 80 ] && ln -sfn "$PWD/data" .gpu/old/data &&
-      (cd .gpu/old && PYTHONPATH=/tmp/site:$PWD RUN_TIMEOUT=$(( $(left) - 5 )) one graphs_before "${b[@]}")
-    [ "$(left)" -gt 30 ] && timeout "$(left)" python3 -m pytest -q -m gpu tests/test_fast_path.py \
-      -k "cuda_graphs or triton" 2>&1 | tail -n 15 | tee "$OUT/pytest_gpu.txt"
-    tar czf "$OUT/runs_dequant24.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard \
-      --exclude=profile_trace.json -C /root runs ;;
   seed_variants)  # 2 GPUs: `SIZES=7473 seed_variants 44`: that seed's decision sweep on GPU 0 (decision2, then the
     # grouped-projection GPU tests there); on GPU 1 QLoRA + DoRA for seed 44, QLoRA + rsLoRA for 3 seeds (issue 25),
     # then the recipe-quality check (paper vs fast, issue 24). One call after the three SmolLM2 `parts` calls.
@@ -399,11 +383,9 @@ PY
     echo "stage took $((SECONDS - t_stage)) s"
     tar czf "$OUT/runs_step24.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard -C /root runs ;;
   speed24)  # issue 24 on ONE GPU, one call of the final measurements (`speed24 1`, `speed24 2`: the same runs
-    # in two calls on one warm machine, for the median over calls): the dequantization kernels alone (call 1),
-    # the reference loop, 8B QLoRA and LoRA graphed, QLoRA graphed with the last 3 decoder layers left
+    # in two calls on one warm machine, for the median over calls): the reference loop, 8B QLoRA and LoRA graphed, QLoRA graphed with the last 3 decoder layers left
     # uncheckpointed; call 1 also profiles the graphed QLoRA step and runs the GPU tests.
     call=${2:-1}
-    [ "$call" = 1 ] && python3 experiments/fast_path/bench_dequant.py | tee "$OUT/dequant_bench.jsonl"
     start_8b_stage speed24_call$call "${STAGE_S:-560}"
     b+=(lora.dropout=0 train.cuda_graphs=true)
     RUN_TIMEOUT=150 one qlora_graphs "${b[@]}"
@@ -414,11 +396,15 @@ PY
         train.max_steps=14 train.speed_skip_steps=8 train.profile=true &&
         python3 experiments/fast_path/trace_gaps.py /root/runs/qlora_graphs_profile/profile_trace.json > "$OUT/gaps.txt" 2>&1
       [ "$(left)" -gt 30 ] && timeout "$(left)" python3 -m pytest -q -m gpu tests/test_fast_path.py \
-        -k "cuda_graphs or triton" 2>&1 | tail -n 15 | tee "$OUT/pytest_gpu.txt"
+        -k cuda_graphs 2>&1 | tail -n 15 | tee "$OUT/pytest_gpu.txt"
     fi
     echo "stage took $((SECONDS - t_stage)) s"
     tar czf "$OUT/runs_speed24_call$call.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard \
       --exclude=profile_trace.json -C /root runs ;;
+  unckpt24)  # issue 24: the reference loop, then 8B QLoRA graphed with the last 4 decoder layers uncheckpointed
+    start_8b_stage unckpt24 200
+    b+=(lora.dropout=0 train.cuda_graphs=true)
+    RUN_TIMEOUT=150 one qlora_graphs_unckpt4 "${b[@]}" train.uncheckpointed_layers=4 ;;
   quality24)  # issue 24: the recipe-quality check on the real SmolLM2 (the GGUF's last part travels in this
     # call): the fast recipe graphed (checkpointing on, as the graphs need), the same seed, data and order as
     # the paper and fast jobs of experiments/fast_path/quality; the reference loop on the same folder last.

@@ -22,7 +22,6 @@ import types
 import torch
 
 from .config import Config, ConfigError, GroupProjections, LoraLayers, LoraVariant, QuantMethod
-from .dequant import dequantize_4bit
 from .distributed import fsdp_enabled
 
 
@@ -82,8 +81,8 @@ def projections_ungrouped_reason(cfg: Config) -> str | None:
 
 
 def base_weight(weight, quant_state, dtype: torch.dtype):
-    """The base layer's weight [out, in] in `dtype`: dequantized from 4 bits when quant_state is set, as
-    bitsandbytes.functional.dequantize_4bit does, less its checks (the values by qlora_lab.dequant)."""
+    """The base layer's weight [out, in] in `dtype`: dequantized from 4 bits when quant_state is set.
+    bitsandbytes' own ops, called as bitsandbytes.functional.dequantize_4bit calls them, less its checks."""
     if quant_state is None:
         return weight.to(dtype)
     qs, absmax = quant_state, quant_state.absmax
@@ -91,7 +90,9 @@ def base_weight(weight, quant_state, dtype: torch.dtype):
         absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
             absmax, qs.state2.absmax, qs.state2.code, qs.state2.blocksize, torch.float32
         ).add_(qs.offset)
-    return dequantize_4bit(weight, absmax, qs.blocksize, qs.quant_type, qs.shape, dtype)
+    return torch.ops.bitsandbytes.dequantize_4bit.default(
+        weight, absmax, qs.blocksize, qs.quant_type, qs.shape, dtype
+    )
 
 
 class LoRALinear(torch.autograd.Function):
@@ -318,7 +319,9 @@ class ProjectionGroup:
         if self.quant_state is None:
             return self.weight.to(dtype)
         qs = self.quant_state
-        return dequantize_4bit(self.weight, self.absmax, qs.blocksize, qs.quant_type, self.shape, dtype)
+        return torch.ops.bitsandbytes.dequantize_4bit.default(
+            self.weight, self.absmax, qs.blocksize, qs.quant_type, self.shape, dtype
+        )
 
 
 def _fp32_absmax(qs) -> torch.Tensor:
