@@ -348,6 +348,13 @@ def precision_flags(precision: Precision, autocast: bool) -> dict:
     return {"bf16": precision is Precision.bf16, "fp16": precision is Precision.fp16}
 
 
+def uncheckpointed(n: int) -> str:
+    """The recipe line's note on train.uncheckpointed_layers."""
+    if n == 0:
+        return ""
+    return " (not the last layer)" if n == 1 else f" (not the last {n} layers)"
+
+
 def run(cfg: Config, run: Run):
     """Train and save the adapter; returns the trained PEFT model (for in-process callers and tests)."""
     t = cfg.train
@@ -447,6 +454,7 @@ def run(cfg: Config, run: Run):
         ", autocast "
         f"{'on' if t.autocast else 'off'}, gradient checkpointing "
         f"{'on' if t.gradient_checkpointing else 'off'}"
+        f"{uncheckpointed(t.uncheckpointed_layers)}"
         f"{', CUDA graphs per decoder layer' if graphs else ''}",
         flush=True,
     )
