@@ -13,7 +13,7 @@
 #   bash experiments/gpu.sh fsdp70b     # 2 GPUs: FSDP + 4-bit loaded shard by shard, 8B against 1 GPU, then 70B at 24 GiB a GPU
 # Results go to $OUT (default /tmp/gpu-out): logs, reference_*.jsonl and one .tgz per sweep.
 set -uo pipefail
-stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality|variants|decision|decision2|multi|multi2|before|fsdpmem|fsdp8b|ckpt24|fsdp70b|fsdp70b_short|sweep2|step24|seed_variants|graphs24|diag24|speed24|unckpt24|quality24}
+stage=${1:?usage: bash experiments/gpu.sh bench8b|bench1b|probe|diagnose|profile|packing|padded|quality|variants|decision|decision2|multi|multi2|before|fsdpmem|fsdp8b|ckpt24|fsdp70b|fsdp70b_short|sweep2|step24|seed_variants|graphs24|diag24|speed24|unckpt24|quality24|runs24}
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT" /root/smolparts
 cp .gpu/smolpart.* /root/smolparts/ 2>/dev/null  # the SmolLM2 GGUF travels in parts, one per call (64 MiB a call)
@@ -415,5 +415,23 @@ PY
     python3 experiments/lora_vs_qlora/reference_loop.py "$QLORA_LAB_CACHE/models/SmolLM2-135M-Instruct" \
       --recipes paper_qlora,fast_qlora --batch 4 --seq 1024 | tee "$OUT/reference_quality24.jsonl"
     tar czf "$OUT/runs_quality24.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard -C /root runs ;;
+  runs24)  # issue 24 on ONE GPU: `runs24 CALL NAME:OVERRIDE,OVERRIDE ...`: the reference loop, then one 8B run
+    # (graphed fast recipe, QLoRA nf4 unless an override says otherwise, 100 timed steps) per NAME with its
+    # overrides, in order, each within what is left of STAGE_S; HEAD_BENCH=1 first times the LM head's fused loss
+    # at each Liger chunk size (bench_head_loss.py).
+    call=${2:?runs24 needs a call name}
+    start_8b_stage runs24_$call "${STAGE_S:-560}"
+    b+=(lora.dropout=0 train.cuda_graphs=true)
+    [ -n "${HEAD_BENCH:-}" ] && python3 experiments/fast_path/bench_head_loss.py | tee "$OUT/head_loss_$call.jsonl"
+    for spec in "${@:3}"; do
+      IFS=, read -ra extra <<< "${spec#*:}"
+      [ "${spec#*:}" = "$spec" ] && extra=()
+      if [ "$(left)" -gt 80 ]; then
+        RUN_TIMEOUT=$(( $(left) < 150 ? $(left) : 150 )) one "${spec%%:*}" "${b[@]}" "${extra[@]}"
+      else echo "skipped ${spec%%:*}: $(left) s left" | tee -a "$OUT/runs.log"; fi
+    done
+    echo "stage took $((SECONDS - t_stage)) s"
+    tar czf "$OUT/runs_runs24_$call.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard \
+      --exclude=profile_trace.json -C /root runs ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -314,9 +314,9 @@ class TrainConfig:
     # with gradient_checkpointing: the last n decoder layers keep their activations instead of recomputing
     # them; each is faster and costs its activations (~0.45 GiB at 2 x 2048 tokens on 8B shapes)
     uncheckpointed_layers: int = 0
-    activation_offload: bool = (
-        False  # with gradient_checkpointing: keep the checkpointed inputs in host memory
-    )
+    # with gradient_checkpointing: keep the checkpointed layers' inputs in host memory (~32 MiB a layer at
+    # 2 x 2048 tokens on 8B) instead of on the GPU; under train.cuda_graphs the copies overlap the layers
+    activation_offload: bool = False
     kernels: Kernels = Kernels.auto
     packed_attention: PackedAttention = PackedAttention.auto
     lora_layers: LoraLayers = LoraLayers.auto
@@ -324,7 +324,7 @@ class TrainConfig:
     # CUDA graphs of each checkpointed decoder layer (qlora_lab/layer_graphs.py): a step launches 2 graphs a
     # layer instead of ~200 kernels from Python, which bounds the fast recipe's step on one GPU. Costs one
     # memory pool (about one layer's recomputation) and pads every train batch to batch_size x max_seq_length
-    # tokens; needs one GPU, gradient checkpointing (not every n-th layer, no offload: layers left out by
+    # tokens; needs one GPU, gradient checkpointing (not every n-th layer; layers left out by
     # train.uncheckpointed_layers run eagerly), packed varlen rows, fused LoRA, lora.dropout=0.
     cuda_graphs: bool = False
     peak_tflops: float | None = None  # for MFU; None: the datasheet's dense bf16 figure for known GPUs

@@ -19,6 +19,11 @@ tokens and a fixed number of examples: data.PackedCollator), the same varlen max
 values. Anything else (evaluation, a shorter batch, no gradients) runs the layer as before, checkpointed and
 eager. What the graphs read besides the layer's input (rotary tables, position ids, sequence boundaries) is
 copied once a step into buffers they share.
+
+With train.activation_offload the input each graphed layer keeps for its backward (32 MiB a layer on 8B at
+2 x 2048 tokens) waits in pinned host memory instead (HostCopies): copied out on a side stream while the next
+layers run and copied back one layer ahead of the backward, so neither copy holds up the layers. transformers'
+offload (torch's save_on_cpu) copies on the compute stream and would add every copy to the step.
 """
 
 from __future__ import annotations
@@ -53,8 +58,6 @@ def check_cuda_graphs(cfg: Config) -> None:
         if not t.gradient_checkpointing
         else "train.checkpoint_every_n_layers=1"
         if t.checkpoint_every_n_layers != 1
-        else "train.activation_offload=false"
-        if t.activation_offload
         else "dataset.pack=true (packed rows give every batch the same shape)"
         if not d.pack
         else "a fixed train.batch_size, not auto"
@@ -97,8 +100,10 @@ class LayerGraphs:
     """The two graphs of every decoder layer for one batch shape, the buffers they read and write, and the
     memory pool they share."""
 
-    def __init__(self, layers: list[torch.nn.Module]):
+    def __init__(self, layers: list[torch.nn.Module], offload: bool = False):
         self.layers = layers
+        # train.activation_offload: every graphed layer's input but the last one's (its backward comes first)
+        self.host = HostCopies() if offload and len(layers) > 1 else None
         self.params = [[p for p in layer.parameters() if p.requires_grad] for layer in layers]
         self.key = None  # the batch form the graphs are captured for: the first eligible one
         self.failed: str | None = None  # why capturing failed; every later call runs eager
@@ -117,7 +122,8 @@ class LayerGraphs:
         if self.failed:
             return f"off (capture failed: {self.failed})"
         pool = f", pool {self.pool_gib:.2f} GiB" if self.pool_gib is not None else ""
-        return f"{len(self.backward_graphs)} layers captured, {self.replays} replays{pool}"
+        host = f", {len(self.layers) - 1} layer inputs kept in host memory" if self.host else ""
+        return f"{len(self.backward_graphs)} layers captured, {self.replays} replays{pool}{host}"
 
     def form(self, layer, hidden, kwargs) -> tuple | None:
         """What a graph bakes in about this call, or None for a call the graphs never take."""
@@ -256,6 +262,35 @@ def pool_bytes(pool) -> int:
     return sum(s["total_size"] for s in torch.cuda.memory_snapshot() if s.get("segment_pool_id") == pool[0])
 
 
+def new_copy_stream():
+    return torch.cuda.Stream()
+
+
+def pinned_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+
+
+def device_of(stream) -> torch.device:
+    return stream.device
+
+
+def copy_on(stream, dst: torch.Tensor, src: torch.Tensor):
+    """dst.copy_(src) on `stream` after what the compute stream has queued so far; returns the event of its
+    end. A GPU source is kept from reuse until the copy has read it."""
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        dst.copy_(src, non_blocking=True)
+        if src.is_cuda:
+            src.record_stream(stream)
+        done = torch.cuda.Event()
+        done.record()
+    return done
+
+
+def wait_for(event) -> None:
+    torch.cuda.current_stream().wait_event(event)
+
+
 def release_cached() -> None:
     """The eager warm-ups' blocks stay cached outside the graphs' pool once every layer is captured: give
     them back."""
@@ -273,20 +308,57 @@ class GraphedLayer(torch.autograd.Function):
         b["hidden"].copy_(hidden)
         graphs.forward_graphs[index].replay()
         ctx.graphs, ctx.index = graphs, index
-        ctx.save_for_backward(hidden)
+        ctx.offloaded = graphs.host is not None and index < len(graphs.layers) - 1
+        if ctx.offloaded:
+            graphs.host.save(index, hidden)
+        else:
+            ctx.save_for_backward(hidden)
         return b["out"].clone()  # the next layer overwrites the buffer
 
     @staticmethod
     def backward(ctx, grad):
-        (hidden,) = ctx.saved_tensors
-        graphs, b = ctx.graphs, ctx.graphs.buffers
+        graphs, b, index = ctx.graphs, ctx.graphs.buffers, ctx.index
+        hidden = graphs.host.take(index) if ctx.offloaded else ctx.saved_tensors[0]
+        if graphs.host is not None and index > 0:
+            graphs.host.fetch(index - 1)  # the layer whose backward comes next: copied back during this one
         b["hidden"].copy_(hidden)
         b["grad"].copy_(grad)
-        graphs.backward_graphs[ctx.index].replay()
-        return (None, None, b["grad_hidden"].clone(), *graphs.param_grads[ctx.index])
+        graphs.backward_graphs[index].replay()
+        return (None, None, b["grad_hidden"].clone(), *graphs.param_grads[index])
 
 
-def install(model, fused: int) -> LayerGraphs:
+class HostCopies:
+    """train.activation_offload under graphs: layer inputs in pinned host memory between forward and backward,
+    copied on one side stream (its order keeps each input's copy out before its copy back)."""
+
+    def __init__(self):
+        self.stream = None  # made at the first copy, on the GPU the layers train on
+        self.host: dict[int, torch.Tensor] = {}  # layer index -> its pinned buffer, reused every step
+        self.back: dict[int, tuple] = {}  # layer index -> (its input on the GPU, the event of its copy back)
+
+    def save(self, index: int, hidden: torch.Tensor) -> None:
+        if self.stream is None:
+            self.stream = new_copy_stream()
+        if index not in self.host:
+            self.host[index] = pinned_like(hidden)
+        self.back.pop(index, None)  # a copy back that no backward took (a step that stopped early) is stale
+        copy_on(self.stream, self.host[index], hidden)
+
+    def fetch(self, index: int) -> None:
+        if index in self.host and index not in self.back:
+            # made on the compute stream, which reads it and frees it; the copy stream waits for that stream
+            host = self.host[index]
+            gpu = torch.empty(host.shape, dtype=host.dtype, device=device_of(self.stream))
+            self.back[index] = gpu, copy_on(self.stream, gpu, host)
+
+    def take(self, index: int) -> torch.Tensor:
+        self.fetch(index)  # not fetched ahead (the first offloaded backward of a step): now
+        gpu, done = self.back.pop(index)
+        wait_for(done)
+        return gpu
+
+
+def install(model, fused: int, offload: bool = False) -> LayerGraphs:
     """Route every decoder layer of `model` through graphs (captured at the first training step); `fused`: how
     many LoRA layers the fused path took (validate() has checked that it takes them)."""
     if not fused:
@@ -301,4 +373,4 @@ def install(model, fused: int) -> LayerGraphs:
             "train.cuda_graphs=true graphs the checkpointed decoder layers and train.uncheckpointed_layers "
             "leaves none; lower it or set train.cuda_graphs=false."
         )
-    return LayerGraphs(layers)
+    return LayerGraphs(layers, offload)

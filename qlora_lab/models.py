@@ -616,7 +616,8 @@ def attach_lora(model, cfg: Config, on_meta: bool = False):
     checkpointing = {
         "activation_checkpointing_kwargs": {"use_reentrant": False},
         "every_n_layers": t.checkpoint_every_n_layers,
-        "offload": t.activation_offload,
+        # under train.cuda_graphs the graphs move the layers' inputs to the host themselves
+        "offload": t.activation_offload and not t.cuda_graphs,
     }
     quantized = cfg.quantization.method is not QuantMethod.none
     paper = cfg.quantization.preparation is KbitPreparation.fp32_upcast

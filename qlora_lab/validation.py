@@ -67,10 +67,10 @@ def check_sizes(cfg: Config) -> None:
             "train.uncheckpointed_layers exempts layers from gradient checkpointing, so it needs "
             "train.gradient_checkpointing=true; set that or drop train.uncheckpointed_layers."
         )
-    if t.uncheckpointed_layers and (t.checkpoint_every_n_layers != 1 or t.activation_offload):
+    if t.uncheckpointed_layers and t.checkpoint_every_n_layers != 1:
         raise ConfigError(
             "train.uncheckpointed_layers is one way to choose the checkpointed layers and "
-            "train.checkpoint_every_n_layers/train.activation_offload another; keep one of them."
+            "train.checkpoint_every_n_layers another; keep one of them."
         )
     if t.activation_offload and not t.gradient_checkpointing:
         raise ConfigError(

@@ -573,6 +573,12 @@ def cpu_graphs(monkeypatch, cpu_varlen):
     monkeypatch.setattr(graphs, "new_pool", lambda: None)
     monkeypatch.setattr(graphs, "record", lambda run, pool: ReplayedPass(run))
     monkeypatch.setattr(graphs, "release_cached", lambda: None)
+    # train.activation_offload: "host memory" is another CPU tensor, each copy done when it is issued
+    monkeypatch.setattr(graphs, "new_copy_stream", lambda: "copy stream")
+    monkeypatch.setattr(graphs, "pinned_like", lambda t: torch.full_like(t, float("nan")))
+    monkeypatch.setattr(graphs, "device_of", lambda stream: torch.device("cpu"))
+    monkeypatch.setattr(graphs, "copy_on", lambda stream, dst, src: dst.copy_(src))
+    monkeypatch.setattr(graphs, "wait_for", lambda event: None)
 
 
 @pytest.mark.parametrize(
@@ -603,6 +609,8 @@ def test_graphed_layers_train_as_eager_ones(cpu_graphs, tmp_path, capsys):
         ("graphed", ["train.cuda_graphs=true"]),
         # the last layer keeps its activations and runs eagerly; the first is graphed
         ("last_uncheckpointed", ["train.cuda_graphs=true", "train.uncheckpointed_layers=1"]),
+        # the first layer's input waits for its backward in host memory (the last one's is needed first)
+        ("offloaded", ["train.cuda_graphs=true", "train.activation_offload=true"]),
     ):
         runs[name] = _train(tmp_path / name, [*PACKED_NF4_FUSED_RUN, "lora.dropout=0", *extra])
     (eager, eager_losses), (graphed, graphed_losses) = runs["eager"], runs["graphed"]
@@ -618,6 +626,33 @@ def test_graphed_layers_train_as_eager_ones(cpu_graphs, tmp_path, capsys):
     mixed, mixed_losses = runs["last_uncheckpointed"]
     assert mixed.metrics["train/cuda_graphs"] == "1 layers captured, 3 replays, pool 1.50 GiB"
     assert mixed_losses == pytest.approx(eager_losses, abs=1e-5)
+    offloaded, offloaded_losses = runs["offloaded"]
+    assert offloaded.metrics["train/cuda_graphs"] == (
+        "2 layers captured, 6 replays, pool 1.50 GiB, 1 layer inputs kept in host memory"
+    )
+    assert offloaded_losses == pytest.approx(eager_losses, abs=1e-5)
+
+
+def test_offloaded_layer_inputs_come_back_in_order(cpu_graphs):
+    """HostCopies over three steps of a 4-layer forward and backward: each backward gets back the input its
+    forward saved (the host buffers reused step after step), the next one fetched during it."""
+    from qlora_lab.layer_graphs import HostCopies
+
+    host = HostCopies()
+    for step in range(3):
+        inputs = {i: torch.full((2, 3), 10.0 * step + i) for i in range(3)}  # layers 0-2; 3 keeps its own
+        for i, hidden in inputs.items():
+            host.save(i, hidden)
+        host.fetch(2)  # as layer 3's backward does
+        for i in (2, 1, 0):
+            assert set(host.back) == {i}  # only the layer whose backward comes next is on its way back
+            assert torch.equal(host.take(i), inputs[i])
+            if i:
+                host.fetch(i - 1)
+        assert len(host.host) == 3 and not host.back
+    # a step that stopped before its backward took what it fetched
+    host.save(0, torch.ones(2, 3)), host.fetch(0), host.save(0, torch.zeros(2, 3))
+    assert torch.equal(host.take(0), torch.zeros(2, 3))
 
 
 def test_uncheckpointed_layers_are_the_last_and_keep_no_dequantized_weight():
@@ -711,7 +746,7 @@ def test_liger_requested_where_it_cannot_run_is_one_sentence():
             [
                 "train.gradient_checkpointing=true",
                 "train.uncheckpointed_layers=2",
-                "train.activation_offload=true",
+                "train.checkpoint_every_n_layers=2",
             ],
             "keep one of them",
         ),
@@ -768,9 +803,13 @@ def test_cuda_graphs_give_the_eager_steps(tmp_path):
     """train.cuda_graphs on the tiny model, fast recipe (nf4, packed varlen rows, checkpointing, grouped
     projections): every layer captured and replayed, the same per-step losses and tokens seen as eager."""
     runs = {}
-    for graphs in ("false", "true"):
-        runs[graphs] = _train(
-            tmp_path / graphs,
+    for name, extra in (
+        ("eager", ["train.cuda_graphs=false"]),
+        ("graphed", ["train.cuda_graphs=true"]),
+        ("offloaded", ["train.cuda_graphs=true", "train.activation_offload=true"]),
+    ):
+        runs[name] = _train(
+            tmp_path / name,
             [
                 *TINY,
                 "quantization=nf4",
@@ -779,13 +818,17 @@ def test_cuda_graphs_give_the_eager_steps(tmp_path):
                 "train.max_steps=4",
                 "train.gradient_checkpointing=true",
                 "lora.dropout=0",
-                f"train.cuda_graphs={graphs}",
+                *extra,
             ],
         )
-    (eager, eager_losses), (graphed, graphed_losses) = runs["false"], runs["true"]
+    (eager, eager_losses), (graphed, graphed_losses) = runs["eager"], runs["graphed"]
     assert graphed.metrics["train/cuda_graphs"].startswith("2 layers captured")
     assert graphed_losses == pytest.approx(eager_losses, rel=2e-3) and len(graphed_losses) == 4
     assert graphed.metrics["train/tokens_seen"] == eager.metrics["train/tokens_seen"]
+    # the copies to the host and back on their own stream: the graphed losses exactly
+    offloaded, offloaded_losses = runs["offloaded"]
+    assert offloaded.metrics["train/cuda_graphs"].endswith("1 layer inputs kept in host memory")
+    assert offloaded_losses == graphed_losses
 
 
 @pytest.mark.gpu

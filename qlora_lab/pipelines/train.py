@@ -431,14 +431,15 @@ def run(cfg: Config, run: Run):
     ) + (" with the loss over the LM head's shards" if head_loss else "")
     unfused = lora_unfused_reason(cfg)
     # in a checkpointed layer a fused 4-bit layer keeps its dequantized weight from recompute to backward
-    keep_weight = t.gradient_checkpointing and not t.activation_offload
+    # (not under torch's offload; the graphs' own offload moves only the layers' inputs)
+    keep_weight = t.gradient_checkpointing and (t.cuda_graphs or not t.activation_offload)
     fused = fuse_lora(model, keep_weight) if unfused is None else 0
     grouped = group_projections(model, keep_weight) if projections_ungrouped_reason(cfg) is None else 0
     keep_no_weight_unless_checkpointed(checkpointing_layers(model))
     varlen = packed_varlen(cfg, model.dtype)
     if varlen:
         use_varlen(model)
-    graphs = install_layer_graphs(model, fused) if t.cuda_graphs else None
+    graphs = install_layer_graphs(model, fused, t.activation_offload) if t.cuda_graphs else None
     attention = (
         "varlen (PyTorch FlashAttention) for packed rows"
         if varlen
