@@ -409,11 +409,14 @@ PY
   quality24)  # issue 24: the recipe-quality check on the real SmolLM2 (the GGUF's last part travels in this
     # call): the fast recipe graphed (checkpointing on, as the graphs need), the same seed, data and order as
     # the paper and fast jobs of experiments/fast_path/quality; the reference loop on the same folder last.
+    # Further overrides for the fast job: `quality24 NAME OVERRIDE...` (NAME: the run's name); SKIP_REF=1 when
+    # the `quality` stage has just run the reference loop in the same call.
     real_smollm2
-    RUN_TIMEOUT=300 one quality_fast_graphs +experiment=recipe_quality recipe=fast train.gradient_checkpointing=true \
-      train.cuda_graphs=true
-    python3 experiments/lora_vs_qlora/reference_loop.py "$QLORA_LAB_CACHE/models/SmolLM2-135M-Instruct" \
-      --recipes paper_qlora,fast_qlora --batch 4 --seq 1024 | tee "$OUT/reference_quality24.jsonl"
+    RUN_TIMEOUT=300 one "${2:-quality_fast_graphs}" +experiment=recipe_quality recipe=fast \
+      train.gradient_checkpointing=true train.cuda_graphs=true "${@:3}"
+    [ -n "${SKIP_REF:-}" ] || python3 experiments/lora_vs_qlora/reference_loop.py \
+      "$QLORA_LAB_CACHE/models/SmolLM2-135M-Instruct" --recipes paper_qlora,fast_qlora --batch 4 --seq 1024 |
+      tee "$OUT/reference_quality24.jsonl"
     tar czf "$OUT/runs_quality24.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard -C /root runs ;;
   runs24)  # issue 24 on ONE GPU: `runs24 CALL NAME:OVERRIDE,OVERRIDE ...`: the reference loop, then one 8B run
     # (graphed fast recipe, QLoRA nf4 unless an override says otherwise, 100 timed steps) per NAME with its

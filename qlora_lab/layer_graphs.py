@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 # the keyword tensors a decoder layer reads from the batch: each has a buffer the graphs read
 BATCH_TENSORS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k")
 # what the Trainer passes down through the model to every layer for the loss, which no layer reads
-UNREAD = ("num_items_in_batch",)
+UNREAD = ("num_items_in_batch", "chunk_mem_const")
 
 
 def check_cuda_graphs(cfg: Config) -> None:

@@ -52,6 +52,7 @@ def check_sizes(cfg: Config) -> None:
         ("lora.r", cfg.lora.r),
         ("train.grad_accum", cfg.train.grad_accum),
         ("train.checkpoint_every_n_layers", cfg.train.checkpoint_every_n_layers),
+        ("train.loss_chunk_mem", cfg.train.loss_chunk_mem),
         ("dataset.max_seq_length", cfg.dataset.max_seq_length),
     ):
         if value < 1:

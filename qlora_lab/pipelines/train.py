@@ -289,13 +289,18 @@ class LabTrainer(Trainer):
       gradients, so clip over those (the same norm, the same clipping). FSDP keeps its own sharded
       clipping."""
 
+    # Keyword arguments for the loss, which reach it through the model's forward as num_items_in_batch does:
+    # Liger's fused loss takes its chunk size so (train.loss_chunk_mem)
+    head_loss_kwargs: dict = {}
+
     def floating_point_ops(self, inputs) -> int:
         return 0
 
     # A static batch (train.cuda_graphs) says how many of its tokens are padding: not for the model (the step
     # gets the batch without it), and not a token seen (counted after the step).
     def _prepare_inputs(self, inputs):
-        return super()._prepare_inputs({k: v for k, v in inputs.items() if k != PackedCollator.PADDING_KEY})
+        inputs = {k: v for k, v in inputs.items() if k != PackedCollator.PADDING_KEY}
+        return {**super()._prepare_inputs(inputs), **self.head_loss_kwargs}
 
     def _track_num_input_tokens(self, inputs):
         padding = inputs.pop(PackedCollator.PADDING_KEY, 0)
@@ -544,6 +549,8 @@ def run(cfg: Config, run: Run):
         + ([cap] if cap else [])
         + ([StepProfiler(run.dir, t.speed_skip_steps)] if t.profile else []),
     )
+    if liger and not head_loss:
+        trainer.head_loss_kwargs = {"chunk_mem_const": t.loss_chunk_mem}
 
     if sharded_loading(cfg):
         # Sharded already, which accelerate's prepare leaves as it is; but first it looks the decoder layer's
