@@ -53,10 +53,11 @@ sweep() {  # sweep NAME [overrides...]: run it, keep its report and every job's 
   python3 -m qlora_lab -m "$@" hydra.sweep.dir=/root/sw/$name 2>&1 | tee "$OUT/$name.log" | grep -E "^\| |error" | tail -n 40
   tar czf "$OUT/$name.tgz" -C /root/sw --exclude=adapter --exclude=checkpoints --exclude=tensorboard "$name"
 }
-one() {  # one NAME [overrides...]: a single run (LAUNCH=accelerate config for a run on several GPUs)
+one() {  # one NAME [overrides...]: a single run (LAUNCH=accelerate config for a run on several GPUs; RUN_ENV:
+  # VAR=value settings for this run only)
   local name=$1; shift
-  local cmd=(python3 -m qlora_lab)
-  [ -n "${LAUNCH:-}" ] && cmd=(python3 -m accelerate.commands.launch --config_file "$LAUNCH" -m qlora_lab)
+  local cmd=(env ${RUN_ENV:-} python3 -m qlora_lab)
+  [ -n "${LAUNCH:-}" ] && cmd=(env ${RUN_ENV:-} python3 -m accelerate.commands.launch --config_file "$LAUNCH" -m qlora_lab)
   local t0=$SECONDS; rm -rf /root/runs/$name  # a repeated call starts the run afresh
   echo "=== $name: ${cmd[*]} $*" >> "$OUT/runs.log"
   timeout ${RUN_TIMEOUT:-400} "${cmd[@]}" "$@" hydra.run.dir=/root/runs/$name 2>&1 | tee -a "$OUT/runs.log" | grep -E "recipe|eval loss|error|GPUs visible|Error|CUDA graphs" | tail -n 6
