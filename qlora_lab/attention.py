@@ -133,4 +133,31 @@ def use_varlen(model) -> None:
 
     AttentionInterface.register(NAME, varlen_attention_forward)
     AttentionMaskInterface.register(NAME, varlen_mask)
+    skip_packed_sequence_detection()
     model.set_attn_implementation(NAME)
+
+
+def skip_packed_sequence_detection() -> None:
+    """Before building a mask, transformers looks for packed sequences in the position ids whenever no 2D mask
+    is given, and its test of what it found (`.all()` on a GPU tensor) is a synchronize at every forward: the
+    host waits for the GPU to finish the step before, which then waits for the host. Under this attention
+    there is no mask to build for such a batch (varlen_mask returns None; the boundaries travel as
+    cu_seq_lens), so the mask preparation is given no position ids and skips the search. Written by hand: no
+    transformers setting turns the search off."""
+    import transformers.masking_utils as masking
+
+    original = masking._preprocess_mask_arguments
+    if getattr(original, "skips_varlen_search", False):
+        return
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def preprocess(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        given = bound.arguments
+        if given["config"]._attn_implementation == NAME and given.get("attention_mask") is None:
+            given["position_ids"] = None
+        return original(*bound.args, **bound.kwargs)
+
+    preprocess.skips_varlen_search = True
+    masking._preprocess_mask_arguments = preprocess

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from qlora_lab.config import ConfigError, KbitPreparation, Kernels
 from qlora_lab.data import (
@@ -187,6 +188,52 @@ def test_varlen_packed_losses_equal_unpacked_per_example(cpu_varlen):
         alone_losses += _per_example_losses(logits, labels[start : start + n], [n])
         start += n
     assert _per_example_losses(packed, labels, lengths) == pytest.approx(alone_losses, abs=1e-5)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that read a tensor's value on the host (`.item()`, `bool(t)`): on a GPU, each one is a
+    synchronize."""
+
+    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def test_packed_varlen_forward_reads_nothing_on_the_host(cpu_varlen):
+    """transformers searches the position ids for packed sequences before it builds a mask, and tests what it
+    found on the host: under the varlen attention a packed batch's forward skips that search (no mask to
+    build), so nothing in it waits for the GPU; a padded batch still gets its mask from sdpa."""
+    from qlora_lab.attention import use_varlen
+
+    cfg = make_cfg([*TINY, "quantization=none", "dataset.pack=true", "dataset.max_seq_length=256"])
+    tokenizer = load_tokenizer(tokenizer_path(cfg))
+    rows, _ = tokenize_split(load_splits(cfg).train[:12], tokenizer, cfg.dataset, "train")
+    model = load_model(model_path(cfg), cfg).float().eval()
+    batch = PackedCollator(tokenizer.pad_token_id, varlen=True)(list(rows.select(range(2))))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        plain = HostReads()
+        with plain:
+            model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False)
+        assert plain.count >= 1  # sdpa: the search and its test on the host
+        use_varlen(model)
+        reads = HostReads()
+        with reads:
+            model(**inputs, use_cache=False)
+        assert reads.count == 0
+        # two padded rows, the second half padding: its mask still keeps the first row's tokens to themselves
+        ids = inputs["input_ids"][:, :16].repeat(2, 1)
+        mask = torch.ones_like(ids)
+        mask[1, 8:] = 0
+        padded = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        alone = model(input_ids=ids[1:, :8], use_cache=False).logits
+    assert torch.allclose(padded[1, :8], alone[0], atol=1e-5)
 
 
 def test_static_batches_pad_with_examples_that_change_no_loss(cpu_varlen):
