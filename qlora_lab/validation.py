@@ -78,6 +78,13 @@ def check_sizes(cfg: Config) -> None:
             "train.activation_offload moves the checkpointed activations to the host, so it needs "
             "train.gradient_checkpointing=true; set that or drop train.activation_offload."
         )
+    from . import layer_graphs  # its CUDA check, which the tests replace
+
+    if t.activation_offload and "train" in cfg.pipeline.stages and not layer_graphs.gpu_available():
+        raise ConfigError(
+            "train.activation_offload moves activations from a GPU to pinned host memory and this machine "
+            "has no CUDA GPU; set train.activation_offload=false."
+        )
 
 
 def check_counts(cfg: Config) -> None:

@@ -14,14 +14,19 @@ from .conftest import CONF, make_cfg
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
-# Experiments meant for `accelerate launch` with an FSDP config validate under that launcher's environment
+# Experiments meant for `accelerate launch` with an FSDP config validate under that launcher's environment,
+# on GPUs (train.activation_offload needs one)
 LAUNCH_ENV = {"multi_gpu_70b": {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"}}
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_composes_and_validates(name, monkeypatch):
+    import qlora_lab.layer_graphs
+
     for key, value in LAUNCH_ENV.get(name, {}).items():
         monkeypatch.setenv(key, value)
+    if name in LAUNCH_ENV:
+        monkeypatch.setattr(qlora_lab.layer_graphs, "gpu_available", lambda: True)
     cfg = make_cfg([f"+experiment={name}"])
     validate(cfg)
     assert cfg.pipeline.stages

@@ -758,6 +758,16 @@ def test_cuda_graphs_on_a_cpu_is_one_sentence():
         validate(make_cfg(GRAPHABLE))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message")
+def test_activation_offload_on_a_cpu_is_one_sentence():
+    with pytest.raises(
+        ConfigError,
+        match=r"^train\.activation_offload moves activations from a GPU .*no CUDA GPU; "
+        r"set train\.activation_offload=false\.$",
+    ):
+        validate(make_cfg(["train.gradient_checkpointing=true", "train.activation_offload=true"]))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU / no-package message")
 def test_liger_requested_where_it_cannot_run_is_one_sentence():
     with pytest.raises(ConfigError, match=r"^train\.kernels=liger needs .*train\.kernels=auto"):
