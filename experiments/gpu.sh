@@ -422,7 +422,8 @@ PY
   runs24)  # issue 24 on ONE GPU: `runs24 CALL NAME:OVERRIDE,OVERRIDE ...`: the reference loop, then one 8B run
     # (graphed fast recipe, QLoRA nf4 unless an override says otherwise, 100 timed steps) per NAME with its
     # overrides, in order, each within what is left of STAGE_S; HEAD_BENCH=1 first times the LM head's fused loss
-    # at each Liger chunk size (bench_head_loss.py).
+    # at each Liger chunk size (bench_head_loss.py). A profiled run (e.g. `prof:dataset.size=400,train.max_steps=14,
+    # train.speed_skip_steps=8,train.profile=true`) also leaves gaps_NAME.txt (trace_gaps.py).
     call=${2:?runs24 needs a call name}
     start_8b_stage runs24_$call "${STAGE_S:-560}"
     b+=(lora.dropout=0 train.cuda_graphs=true)
@@ -432,6 +433,9 @@ PY
       [ "${spec#*:}" = "$spec" ] && extra=()
       if [ "$(left)" -gt 80 ]; then
         RUN_TIMEOUT=$(( $(left) < 150 ? $(left) : 150 )) one "${spec%%:*}" "${b[@]}" "${extra[@]}"
+        # a run with train.profile=true: where its steps' GPU time and idle time go
+        trace=/root/runs/${spec%%:*}/profile_trace.json
+        [ -f "$trace" ] && python3 experiments/fast_path/trace_gaps.py "$trace" > "$OUT/gaps_${spec%%:*}.txt" 2>&1
       else echo "skipped ${spec%%:*}: $(left) s left" | tee -a "$OUT/runs.log"; fi
     done
     echo "stage took $((SECONDS - t_stage)) s"
