@@ -246,13 +246,16 @@ def test_fsdp_qlora_config_composes_and_validates(monkeypatch):
 
 def test_fsdp_70b_experiment_composes_and_validates(monkeypatch):
     """+experiment=multi_gpu_70b validates under the FSDP launcher (its weights drawn in memory, no folder
-    built), and a plain launch of it is refused in one sentence saying how to launch it."""
+    built), and a plain launch of it is refused in one sentence saying how to launch it (on GPUs: its
+    train.activation_offload needs one)."""
+    import qlora_lab.layer_graphs
     from qlora_lab.config import ConfigError
     from qlora_lab.sharded_loading import sharded_loading
     from qlora_lab.validation import validate
 
     from .conftest import make_cfg
 
+    monkeypatch.setattr(qlora_lab.layer_graphs, "gpu_available", lambda: True)
     cfg = make_cfg(["+experiment=multi_gpu_70b"])
     assert cfg.model.random_init.num_hidden_layers == 80 and cfg.model.random_init.hidden_size == 8192
     assert cfg.model.random_in_memory and cfg.train.gpu_memory_cap_gib == 24 and cfg.train.batch_size == 1
