@@ -56,8 +56,9 @@ sweep() {  # sweep NAME [overrides...]: run it, keep its report and every job's 
 one() {  # one NAME [overrides...]: a single run (LAUNCH=accelerate config for a run on several GPUs; RUN_ENV:
   # VAR=value settings for this run only)
   local name=$1; shift
-  local cmd=(env ${RUN_ENV:-} python3 -m qlora_lab)
-  [ -n "${LAUNCH:-}" ] && cmd=(env ${RUN_ENV:-} python3 -m accelerate.commands.launch --config_file "$LAUNCH" -m qlora_lab)
+  local cmd=(python3 -m qlora_lab)
+  [ -n "${LAUNCH:-}" ] && cmd=(python3 -m accelerate.commands.launch --config_file "$LAUNCH" -m qlora_lab)
+  cmd=(env ${RUN_ENV:-} "${cmd[@]}")
   local t0=$SECONDS; rm -rf /root/runs/$name  # a repeated call starts the run afresh
   echo "=== $name: ${cmd[*]} $*" >> "$OUT/runs.log"
   timeout ${RUN_TIMEOUT:-400} "${cmd[@]}" "$@" hydra.run.dir=/root/runs/$name 2>&1 | tee -a "$OUT/runs.log" | grep -E "recipe|eval loss|error|GPUs visible|Error|CUDA graphs" | tail -n 6
@@ -429,8 +430,8 @@ PY
     b+=(lora.dropout=0 train.cuda_graphs=true)
     [ -n "${HEAD_BENCH:-}" ] && python3 experiments/fast_path/bench_head_loss.py | tee "$OUT/head_loss_$call.jsonl"
     for spec in "${@:3}"; do
-      IFS=, read -ra extra <<< "${spec#*:}"
-      [ "${spec#*:}" = "$spec" ] && extra=()
+      extra=()
+      [[ $spec == *:* ]] && IFS=, read -ra extra <<< "${spec#*:}"
       if [ "$(left)" -gt 80 ]; then
         RUN_TIMEOUT=$(( $(left) < 150 ? $(left) : 150 )) one "${spec%%:*}" "${b[@]}" "${extra[@]}"
         # a run with train.profile=true: where its steps' GPU time and idle time go
