@@ -424,7 +424,8 @@ PY
     # (graphed fast recipe, QLoRA nf4 unless an override says otherwise, 100 timed steps) per NAME with its
     # overrides, in order, each within what is left of STAGE_S; HEAD_BENCH=1 first times the LM head's fused loss
     # at each Liger chunk size (bench_head_loss.py). A profiled run (e.g. `prof:dataset.size=400,train.max_steps=14,
-    # train.speed_skip_steps=8,train.profile=true`) also leaves gaps_NAME.txt (trace_gaps.py).
+    # train.speed_skip_steps=8,train.profile=true`) also leaves gaps_NAME.txt (trace_gaps.py). PYTEST_K: GPU tests
+    # after the runs.
     call=${2:?runs24 needs a call name}
     start_8b_stage runs24_$call "${STAGE_S:-560}"
     b+=(lora.dropout=0 train.cuda_graphs=true)
@@ -439,6 +440,9 @@ PY
         [ -f "$trace" ] && python3 experiments/fast_path/trace_gaps.py "$trace" > "$OUT/gaps_${spec%%:*}.txt" 2>&1
       else echo "skipped ${spec%%:*}: $(left) s left" | tee -a "$OUT/runs.log"; fi
     done
+    # PYTEST_K=EXPR: then the GPU tests that match it (tests/test_fast_path.py)
+    [ -n "${PYTEST_K:-}" ] && [ "$(left)" -gt 30 ] && timeout "$(left)" python3 -m pytest -q -p no:cacheprovider \
+      -m gpu tests/test_fast_path.py -k "$PYTEST_K" 2>&1 | tail -n 15 | tee "$OUT/pytest_gpu_$call.txt"
     echo "stage took $((SECONDS - t_stage)) s"
     tar czf "$OUT/runs_runs24_$call.tgz" --exclude=adapter --exclude=checkpoints --exclude=tensorboard \
       --exclude=profile_trace.json -C /root runs ;;

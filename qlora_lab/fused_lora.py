@@ -506,3 +506,119 @@ class GroupedLoRALinear(torch.autograd.Function):
                         )
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         return (grad_x, None, None, None, *grad_a, *grad_b)
+
+
+# ---- the MLP's SwiGLU and its down projection as one node
+
+
+# torch's and transformers' (ACT2FN["silu"]) modules for silu: nothing but torch.nn.functional.silu
+SILU_CLASSES = ("SiLU", "SiLUActivation")
+
+
+def fuse_swiglu_down(model, liger: bool) -> int:
+    """Compute each SwiGLU MLP's down_proj(silu(gate) * up) as one node (SwiGLULoRALinear) where down_proj is
+    a fused LoRA layer; returns how many MLPs. liger: the product by Liger's SwiGLU kernels, as Liger's MLP
+    computes it (call this after the Trainer is built: it puts Liger's MLP forward in place), else by torch,
+    as transformers' MLP does."""
+    count = 0
+    for module in model.modules():
+        down = getattr(module, "down_proj", None)
+        if (
+            hasattr(down, "_keep_weight")
+            and hasattr(module, "gate_proj")
+            and hasattr(module, "up_proj")
+            and type(getattr(module, "act_fn", None)).__name__ in SILU_CLASSES
+        ):
+            module.forward = types.MethodType(_swiglu_down_forward, module)
+            module._swiglu_liger = liger
+            count += 1
+    return count
+
+
+def _swiglu(gate, up, liger: bool) -> torch.Tensor:
+    if liger:
+        from liger_kernel.ops.swiglu import swiglu_forward
+
+        return swiglu_forward(gate, up)[2]
+    return torch.nn.functional.silu(gate) * up
+
+
+def _swiglu_down_forward(self, x):
+    """Replaces `forward` on a SwiGLU MLP: the down projection and the product before it are one node when the
+    down projection's fused call covers it without dropout (a dropout mask on the product would have to be
+    kept, which is what this node saves); otherwise the MLP as before."""
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    down = self.down_proj
+    call = _fused_call(down, gate, (), {})
+    if call is None or call[1] or gate.shape != up.shape or gate.dtype != up.dtype:
+        if self._swiglu_liger:
+            from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+            return down(LigerSiLUMulFunction.apply(gate, up))
+        return down(self.act_fn(gate) * up)
+    name, _, quant_state, dtype = call
+    base = down.base_layer
+    return SwiGLULoRALinear.apply(
+        gate.contiguous(),
+        up.contiguous(),
+        down.lora_A[name].weight,
+        down.lora_B[name].weight,
+        base.weight,
+        quant_state,
+        base.bias,
+        down.scaling[name],
+        down._keep_weight,
+        dtype,
+        self._swiglu_liger,
+    )
+
+
+class SwiGLULoRALinear(torch.autograd.Function):
+    """LoRALinear (no dropout) on p = silu(gate) * up, computing p too. The SwiGLU's backward needs gate and
+    up, and the adapter's A gradient needs p: a SwiGLU node and a LoRA node save all three, this one saves
+    gate and up and computes p again in the backward (one elementwise kernel). On Llama-3-8B at 4,096 tokens
+    p is 112 MiB, a fifth of what a decoder layer keeps when it is not checkpointed. The same kernels as the
+    two nodes it replaces: the same results to the bit."""
+
+    @staticmethod
+    def forward(ctx, gate, up, lora_a, lora_b, weight, quant_state, bias, scale, keep_weight, dtype, liger):
+        w = base_weight(weight, quant_state, dtype)
+        p = _swiglu(gate, up, liger)
+        p2 = p.reshape(-1, p.shape[-1]).to(dtype)
+        a, b = lora_a.to(w.dtype), lora_b.to(w.dtype)
+        xa = torch.mm(p2, a.t())
+        y = torch.mm(p2, w.t()).addmm_(xa, b.t(), alpha=scale)
+        if bias is not None:
+            y.add_(bias.to(y.dtype))
+        kept = keep_weight and quant_state is not None  # as LoRALinear's keep_weight
+        ctx.save_for_backward(gate, up, xa, a, b, w if kept else weight)
+        ctx.quant_state = None if kept else quant_state
+        ctx.scale, ctx.liger, ctx.dtype = scale, liger, dtype
+        ctx.param_dtypes = lora_a.dtype, lora_b.dtype
+        return y.view(*p.shape[:-1], y.shape[-1]).to(p.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up, xa, a, b, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(ctx.dtype)
+        gxa = torch.mm(g, b).mul_(ctx.scale)
+        grad_a = grad_b = grad_gate = grad_up = None
+        if ctx.needs_input_grad[2]:
+            p2 = _swiglu(gate, up, ctx.liger)
+            grad_a = torch.mm(gxa.t(), p2.reshape(-1, p2.shape[-1]).to(ctx.dtype)).to(ctx.param_dtypes[0])
+            del p2
+        if ctx.needs_input_grad[3]:
+            grad_b = torch.mm(g.t(), xa).mul_(ctx.scale).to(ctx.param_dtypes[1])
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_p = torch.mm(g, base_weight(weight, ctx.quant_state, ctx.dtype)).addmm_(gxa, a)
+            grad_p = grad_p.view(gate.shape).to(gate.dtype)
+            if (
+                ctx.liger
+            ):  # Liger's backward writes the two gradients over gate and up, which nothing reads after
+                from liger_kernel.ops.swiglu import swiglu_backward
+
+                grad_gate, grad_up = swiglu_backward(gate, up, grad_p)
+            else:  # as autograd differentiates silu(gate) * up
+                grad_up = grad_p * torch.nn.functional.silu(gate)
+                grad_gate = torch.ops.aten.silu_backward(grad_p * up, gate)
+        return grad_gate, grad_up, grad_a, grad_b, None, None, None, None, None, None, None

@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .config import Config, ConfigError, InferenceMode, MergeBase, QuantMethod, TrainConfig, WebConfig
+from .distributed import world_size
 
 
 def validate(cfg: Config) -> None:
@@ -77,6 +78,11 @@ def check_sizes(cfg: Config) -> None:
         raise ConfigError(
             "train.activation_offload moves the checkpointed activations to the host, so it needs "
             "train.gradient_checkpointing=true; set that or drop train.activation_offload."
+        )
+    if t.embedding_on_host and world_size() > 1:
+        raise ConfigError(
+            "train.embedding_on_host=true is tried on one process only (each rank would keep its own table "
+            "on the host); set train.embedding_on_host=false for a distributed run."
         )
     from . import layer_graphs  # its CUDA check, which the tests replace
 

@@ -563,6 +563,49 @@ def test_grouped_projections_compute_in_bf16_and_answer_in_the_input_dtype():
         assert torch.allclose(got, expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("quantization, dropout", [("nf4", 0.0), ("none", 0.0), ("nf4", 0.1)])
+def test_swiglu_and_down_projection_as_one_node_save_less_and_compute_the_same(quantization, dropout):
+    """down_proj(silu(gate) * up) as one node (fused_lora.SwiGLULoRALinear) against the MLP's SwiGLU and the
+    fused down projection: the same loss and adapter gradients to the bit, in fp32 on a CPU (torch's SwiGLU,
+    as without Liger), and the product is no longer saved: 2 tensors of tokens x intermediate size less per
+    layer (torch's SwiGLU saves gate, silu(gate) and up; the node saves gate and up). With dropout the down
+    projection's mask has to be kept, so the MLP stays as it was."""
+    from qlora_lab.fused_lora import fuse_lora, fuse_swiglu_down, group_projections
+    from qlora_lab.models import attach_lora
+
+    cfg = make_cfg(["model=tiny_random", f"quantization={quantization}", "model.dtype=float32"])
+    torch.manual_seed(0)
+    model = attach_lora(load_model(model_path(cfg), cfg), cfg)
+    model.config.use_cache = False
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give the adapter something to contribute
+            torch.nn.init.normal_(param, std=0.05)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = dropout
+    model.train()
+    fuse_lora(model), group_projections(model)
+    ids = torch.randint(3, 1000, (2, 24))
+
+    def step():
+        model.zero_grad()
+        saved = []
+        torch.manual_seed(1)  # the same dropout masks
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.item(), grads, sum(saved)
+
+    loss, grads, saved = step()
+    assert fuse_swiglu_down(model, liger=False) == 2
+    fused_loss, fused_grads, fused_saved = step()
+    assert fused_loss == loss
+    assert all(torch.equal(fused_grads[n], g) for n, g in grads.items())
+    product = ids.numel() * model.config.intermediate_size
+    assert saved - fused_saved == (0 if dropout else 2 * 2 * product)  # 2 layers
+
+
 def test_projections_that_cannot_share_one_buffer_stay_per_layer():
     """Weights quantized differently (here another blocksize: blocks would straddle the weights' boundaries
     in a shared buffer) are not grouped; their siblings elsewhere still are."""
@@ -594,7 +637,7 @@ def test_grouped_projection_training_steps_equal_per_layer_ones(cpu_varlen, tmp_
         printed = capsys.readouterr().out
         assert (
             "attention varlen" in printed
-            and f"LoRA layers fused (14, {4 if mode == 'on' else 0} groups)" in printed
+            and f"LoRA layers fused (14, {4 if mode == 'on' else 0} groups, 2 with their SwiGLU)" in printed
         )
     assert len(losses["on"]) == 3 and losses["on"] == pytest.approx(losses["off"], abs=1e-5)
 
@@ -678,6 +721,55 @@ def test_graphed_layers_train_as_eager_ones(cpu_graphs, tmp_path, capsys):
         "2 layers captured, 6 replays, pool 1.50 GiB, 1 layer inputs kept in host memory"
     )
     assert offloaded_losses == pytest.approx(eager_losses, abs=1e-5)
+
+
+# the 2-layer model with an LM head of its own (tiny_random ties it to the input embedding)
+UNTIED = "model.random_init.tie_word_embeddings=false"
+
+
+def test_embedding_on_host_trains_as_on_the_device(cpu_graphs, tmp_path, monkeypatch, capsys):
+    """train.embedding_on_host with the rest of the 8B settings (graphs, offload, an uncheckpointed layer):
+    the same per-step losses, tokens seen and eval loss as with the table on the device; every train batch's
+    rows come from the host table, and after training the table is back (the final evaluation looks nothing
+    up)."""
+    from qlora_lab.host_embedding import HostEmbedding
+
+    lookups = []
+    rows = HostEmbedding.rows
+    monkeypatch.setattr(HostEmbedding, "rows", lambda self, ids: lookups.append(ids.shape) or rows(self, ids))
+    settings = [
+        *PACKED_NF4_FUSED_RUN,
+        "lora.dropout=0",
+        UNTIED,
+        "train.cuda_graphs=true",
+        "train.activation_offload=true",
+        "train.uncheckpointed_layers=1",
+    ]
+    (device, device_losses), (host, host_losses) = (
+        _train(tmp_path / name, [*settings, f"train.embedding_on_host={on}"])
+        for name, on in (("device", "false"), ("host", "true"))
+    )
+    assert "CUDA graphs per decoder layer, input embedding in host memory" in capsys.readouterr().out
+    assert len(host_losses) == 3 and host_losses == device_losses
+    assert host.metrics["train/tokens_seen"] == device.metrics["train/tokens_seen"]
+    assert host.metrics["eval/loss"] == device.metrics["eval/loss"]
+    # the 3 static train batches (and one the data loader fetched ahead); none from the final evaluation,
+    # whose batches have other shapes
+    assert len(lookups) >= 3 and set(lookups) == {torch.Size([1, 256])}
+
+
+def test_embedding_on_host_where_it_cannot_work_is_one_sentence(tmp_path, monkeypatch):
+    """A model whose LM head shares the table is refused before training (the head needs it on the GPU);
+    so is a distributed run, before any model loads."""
+    with pytest.raises(ConfigError) as error:
+        _train(tmp_path / "tied", [*SHORT_FP32_RUN, "train.max_steps=1", "train.embedding_on_host=true"])
+    assert str(error.value) == (
+        "train.embedding_on_host=true cannot be used here: the model ties its input embedding to the LM "
+        "head, which needs the table on the GPU; set it to false."
+    )
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"^train\.embedding_on_host=true is tried on one process only"):
+        validate(make_cfg(["train.embedding_on_host=true"]))
 
 
 def test_offloaded_layer_inputs_come_back_in_order(cpu_graphs):
@@ -900,6 +992,38 @@ def test_fast_recipe_on_cuda_uses_liger_and_fused_adamw(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "optimizer adamw_torch_fused" in out.stdout
     assert "kernels Liger" in out.stdout
-    assert "attention varlen" in out.stdout and "LoRA layers fused (14, 4 groups)" in out.stdout
+    assert (
+        "attention varlen" in out.stdout
+        and "LoRA layers fused (14, 4 groups, 2 with their SwiGLU)" in out.stdout
+    )
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert 0 < metrics["perf/mfu"] < 1 and metrics["memory/peak_reserved_gib"] >= metrics["memory/peak_gib"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_swiglu_node_and_host_embedding_give_the_same_steps_on_cuda(tmp_path, monkeypatch):
+    """The 8B run's settings on the tiny model (Liger's SwiGLU, graphs, offload, an uncheckpointed layer): the
+    MLP's SwiGLU and down projection as one node and the embedding table on the host give the per-step losses
+    of neither, to the bit."""
+    from qlora_lab.pipelines import train
+
+    settings = [
+        *TINY,
+        UNTIED,
+        "quantization=nf4",
+        "dataset.pack=true",
+        "dataset.max_seq_length=256",
+        "train.max_steps=4",
+        "train.gradient_checkpointing=true",
+        "lora.dropout=0",
+        "train.cuda_graphs=true",
+        "train.activation_offload=true",
+        "train.uncheckpointed_layers=1",
+    ]
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "fuse_swiglu_down", lambda model, liger: 0)
+        before, before_losses = _train(tmp_path / "before", settings)
+    after, after_losses = _train(tmp_path / "after", [*settings, "train.embedding_on_host=true"])
+    assert len(after_losses) == 4 and after_losses == before_losses
+    assert after.metrics["train/tokens_seen"] == before.metrics["train/tokens_seen"]

@@ -20,11 +20,13 @@ from ..data import PackedCollator, file_sha256, load_splits, mean_context, token
 from ..distributed import cap_gpu_memory, fsdp_enabled, is_main_process, one_gpu_per_process
 from ..fused_lora import (
     fuse_lora,
+    fuse_swiglu_down,
     group_projections,
     keep_no_weight_unless_checkpointed,
     lora_unfused_reason,
     projections_ungrouped_reason,
 )
+from ..host_embedding import HostEmbedding
 from ..layer_graphs import install as install_layer_graphs
 from ..layout import RunLayout
 from ..models import (
@@ -300,6 +302,8 @@ class LabTrainer(Trainer):
     # gets the batch without it), and not a token seen (counted after the step).
     def _prepare_inputs(self, inputs):
         inputs = {k: v for k, v in inputs.items() if k != PackedCollator.PADDING_KEY}
+        if "inputs_embeds" in inputs:  # looked up on the host (train.embedding_on_host): the model takes one
+            del inputs["input_ids"]
         return {**super()._prepare_inputs(inputs), **self.head_loss_kwargs}
 
     def _track_num_input_tokens(self, inputs):
@@ -445,26 +449,6 @@ def run(cfg: Config, run: Run):
     if varlen:
         use_varlen(model)
     graphs = install_layer_graphs(model, fused, t.activation_offload) if t.cuda_graphs else None
-    attention = (
-        "varlen (PyTorch FlashAttention) for packed rows"
-        if varlen
-        else model.config._attn_implementation
-        + (" with a block-diagonal mask for packed rows" if cfg.dataset.pack else "")
-    )
-    print(
-        f"recipe {cfg.recipe}: attention {attention}, k-bit preparation "
-        f"{cfg.quantization.preparation.value if quantized else 'n/a (not quantized)'}, optimizer "
-        f"{optimizer(t.optim)}, kernels "
-        f"{kernels}, LoRA "
-        f"layers {f'fused ({fused}, {grouped} groups)' if unfused is None else f'peft ({unfused})'}"
-        ", autocast "
-        f"{'on' if t.autocast else 'off'}, gradient checkpointing "
-        f"{'on' if t.gradient_checkpointing else 'off'}"
-        f"{uncheckpointed(t.uncheckpointed_layers)}"
-        f"{', CUDA graphs per decoder layer' if graphs else ''}",
-        flush=True,
-    )
-
     # ---- trainer
     checkpoint = last_checkpoint(layout.checkpoints) if t.resume else None
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(layout.tensorboard)
@@ -533,6 +517,12 @@ def run(cfg: Config, run: Run):
         print(single, flush=True)
     timer = StepTimer()
     curve = EvalCurve(timer)
+    host_embedding = HostEmbedding(model) if t.embedding_on_host else None
+    collator = (
+        PackedCollator(tokenizer.pad_token_id, varlen, static_batch(train_ds, t.batch_size, cfg))
+        if cfg.dataset.pack
+        else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    )
     cap = MemoryCap(t.memory_cap_gib, model) if auto_batch and t.memory_cap_gib is not None else None
     trainer = LabTrainer(
         model=model,
@@ -540,17 +530,41 @@ def run(cfg: Config, run: Run):
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        data_collator=PackedCollator(
-            tokenizer.pad_token_id, varlen, static_batch(train_ds, t.batch_size, cfg)
-        )
-        if cfg.dataset.pack
-        else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        data_collator=host_embedding.collate(collator) if host_embedding else collator,
         callbacks=[timer, curve, Progress(run), LossGuard()]
+        + ([host_embedding] if host_embedding else [])
         + ([cap] if cap else [])
         + ([StepProfiler(run.dir, t.speed_skip_steps)] if t.profile else []),
     )
     if liger and not head_loss:
         trainer.head_loss_kwargs = {"chunk_mem_const": t.loss_chunk_mem}
+
+    # after the Trainer, which puts Liger's SwiGLU MLP in place
+    swiglu = fuse_swiglu_down(model, liger) if unfused is None else 0
+    lora_layers = (
+        f"fused ({fused}, {grouped} groups, {swiglu} with their SwiGLU)"
+        if unfused is None
+        else f"peft ({unfused})"
+    )
+    attention = (
+        "varlen (PyTorch FlashAttention) for packed rows"
+        if varlen
+        else model.config._attn_implementation
+        + (" with a block-diagonal mask for packed rows" if cfg.dataset.pack else "")
+    )
+    print(
+        f"recipe {cfg.recipe}: attention {attention}, k-bit preparation "
+        f"{cfg.quantization.preparation.value if quantized else 'n/a (not quantized)'}, optimizer "
+        f"{optimizer(t.optim)}, kernels "
+        f"{kernels}, LoRA layers {lora_layers}"
+        ", autocast "
+        f"{'on' if t.autocast else 'off'}, gradient checkpointing "
+        f"{'on' if t.gradient_checkpointing else 'off'}"
+        f"{uncheckpointed(t.uncheckpointed_layers)}"
+        f"{', CUDA graphs per decoder layer' if graphs else ''}"
+        f"{', input embedding in host memory' if host_embedding else ''}",
+        flush=True,
+    )
 
     if sharded_loading(cfg):
         # Sharded already, which accelerate's prepare leaves as it is; but first it looks the decoder layer's
