@@ -515,24 +515,28 @@ class GroupedLoRALinear(torch.autograd.Function):
 SILU_CLASSES = ("SiLU", "SiLUActivation")
 
 
+def swiglu_mlps(model) -> list:
+    """The SwiGLU MLPs (gate_proj, up_proj, silu, down_proj) whose down projection is a fused LoRA layer."""
+    return [
+        module
+        for module in model.modules()
+        if hasattr(getattr(module, "down_proj", None), "_keep_weight")
+        and hasattr(module, "gate_proj")
+        and hasattr(module, "up_proj")
+        and type(getattr(module, "act_fn", None)).__name__ in SILU_CLASSES
+    ]
+
+
 def fuse_swiglu_down(model, liger: bool) -> int:
-    """Compute each SwiGLU MLP's down_proj(silu(gate) * up) as one node (SwiGLULoRALinear) where down_proj is
-    a fused LoRA layer; returns how many MLPs. liger: the product by Liger's SwiGLU kernels, as Liger's MLP
-    computes it (call this after the Trainer is built: it puts Liger's MLP forward in place), else by torch,
-    as transformers' MLP does."""
-    count = 0
-    for module in model.modules():
-        down = getattr(module, "down_proj", None)
-        if (
-            hasattr(down, "_keep_weight")
-            and hasattr(module, "gate_proj")
-            and hasattr(module, "up_proj")
-            and type(getattr(module, "act_fn", None)).__name__ in SILU_CLASSES
-        ):
-            module.forward = types.MethodType(_swiglu_down_forward, module)
-            module._swiglu_liger = liger
-            count += 1
-    return count
+    """Compute each of swiglu_mlps' down_proj(silu(gate) * up) as one node (SwiGLULoRALinear); returns how
+    many MLPs. liger: the product by Liger's SwiGLU kernels, as Liger's MLP computes it, else by torch, as
+    transformers' MLP does. Under the Trainer, call it once training has begun: train() puts Liger's MLP
+    forward in place first."""
+    mlps = swiglu_mlps(model)
+    for module in mlps:
+        module.forward = types.MethodType(_swiglu_down_forward, module)
+        module._swiglu_liger = liger
+    return len(mlps)
 
 
 def _swiglu(gate, up, liger: bool) -> torch.Tensor:

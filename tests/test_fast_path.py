@@ -606,6 +606,42 @@ def test_swiglu_and_down_projection_as_one_node_save_less_and_compute_the_same(q
     assert saved - fused_saved == (0 if dropout else 2 * 2 * product)  # 2 layers
 
 
+def test_uncheckpointed_layers_compute_their_norm_outputs_again_in_the_backward():
+    """A decoder layer that keeps its activations saves its norms' inputs, not their outputs, which the
+    backward computes again (qlora_lab/recomputed_norms.py): the same loss and adapter gradients to the bit,
+    with the 2 norm outputs of each layer (saved by the q/k/v and gate/up groups) computed again; a
+    checkpointed layer is left as it is."""
+    from qlora_lab.fused_lora import fuse_lora, group_projections
+    from qlora_lab.models import attach_lora, checkpointing_layers
+    from qlora_lab.recomputed_norms import recompute_norms
+
+    overrides = ["model=tiny_random", "quantization=nf4", "model.dtype=float32", "lora.dropout=0"]
+    cfg = make_cfg([*overrides, "train.gradient_checkpointing=true", "train.uncheckpointed_layers=1"])
+    torch.manual_seed(0)
+    model = attach_lora(load_model(model_path(cfg), cfg), cfg)
+    model.config.use_cache = False
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give the adapter something to contribute
+            torch.nn.init.normal_(param, std=0.05)
+    model.train()
+    fuse_lora(model), group_projections(model)
+    ids = torch.randint(3, 1000, (2, 24))
+
+    def step():
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, grads = step()
+    hooks = recompute_norms(checkpointing_layers(model))
+    assert len(hooks) == 1  # the last layer; the first is checkpointed
+    again_loss, again_grads = step()
+    assert again_loss == loss
+    assert all(torch.equal(again_grads[n], g) for n, g in grads.items())
+    assert hooks[0].recomputed == 2 and not hooks[0].outputs
+
+
 def test_projections_that_cannot_share_one_buffer_stay_per_layer():
     """Weights quantized differently (here another blocksize: blocks would straddle the weights' boundaries
     in a shared buffer) are not grouped; their siblings elsewhere still are."""
@@ -1005,7 +1041,9 @@ def test_fast_recipe_on_cuda_uses_liger_and_fused_adamw(tmp_path):
 def test_swiglu_node_and_host_embedding_give_the_same_steps_on_cuda(tmp_path, monkeypatch):
     """The 8B run's settings on the tiny model (Liger's SwiGLU, graphs, offload, an uncheckpointed layer): the
     MLP's SwiGLU and down projection as one node and the embedding table on the host give the per-step losses
-    of neither, to the bit."""
+    of neither, to the bit. The node is in place over Liger's MLP, which the Trainer sets when training
+    begins."""
+    from qlora_lab import fused_lora
     from qlora_lab.pipelines import train
 
     settings = [
@@ -1024,6 +1062,11 @@ def test_swiglu_node_and_host_embedding_give_the_same_steps_on_cuda(tmp_path, mo
     with monkeypatch.context() as patch:
         patch.setattr(train, "fuse_swiglu_down", lambda model, liger: 0)
         before, before_losses = _train(tmp_path / "before", settings)
+    calls, forward = [], fused_lora.SwiGLULoRALinear.forward
+    monkeypatch.setattr(
+        fused_lora.SwiGLULoRALinear, "forward", staticmethod(lambda *a: calls.append(1) or forward(*a))
+    )
     after, after_losses = _train(tmp_path / "after", [*settings, "train.embedding_on_host=true"])
+    assert calls  # every MLP's forward went through the node
     assert len(after_losses) == 4 and after_losses == before_losses
     assert after.metrics["train/tokens_seen"] == before.metrics["train/tokens_seen"]

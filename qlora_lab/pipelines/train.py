@@ -25,6 +25,7 @@ from ..fused_lora import (
     keep_no_weight_unless_checkpointed,
     lora_unfused_reason,
     projections_ungrouped_reason,
+    swiglu_mlps,
 )
 from ..host_embedding import HostEmbedding
 from ..layer_graphs import install as install_layer_graphs
@@ -41,6 +42,7 @@ from ..models import (
     tokenizer_path,
 )
 from ..perf import flops_per_token, peak_tflops, step_time_spread
+from ..recomputed_norms import recompute_norms
 from ..resume import Progress, last_checkpoint
 from ..rundir import Run, peak_memory_gib, reset_peak_memory
 from ..sharded_loading import load_sharded, sharded_loading
@@ -262,6 +264,17 @@ def full_adapter_state(model) -> dict:
     }
 
 
+class FuseSwiGLU(TrainerCallback):
+    """fuse_swiglu_down once training begins: the Trainer applies Liger's kernels at the start of train(),
+    over any MLP forward set before."""
+
+    def __init__(self, model, liger: bool):
+        self.model, self.liger, self.mlps = model, liger, swiglu_mlps(model)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        fuse_swiglu_down(self.model, self.liger)
+
+
 class LossGuard(TrainerCallback):
     """Stops a run whose logged loss is 0 or not finite: a broken computation, not learning. FSDP with a 4-bit
     base is known to train on like this without an error (accelerate issues 3983 and 3874)."""
@@ -449,6 +462,8 @@ def run(cfg: Config, run: Run):
     if varlen:
         use_varlen(model)
     graphs = install_layer_graphs(model, fused, t.activation_offload) if t.cuda_graphs else None
+    if t.gradient_checkpointing:  # the layers it leaves out keep their norms' inputs, not their outputs
+        recompute_norms(checkpointing_layers(model))
     # ---- trainer
     checkpoint = last_checkpoint(layout.checkpoints) if t.resume else None
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(layout.tensorboard)
@@ -539,10 +554,11 @@ def run(cfg: Config, run: Run):
     if liger and not head_loss:
         trainer.head_loss_kwargs = {"chunk_mem_const": t.loss_chunk_mem}
 
-    # after the Trainer, which puts Liger's SwiGLU MLP in place
-    swiglu = fuse_swiglu_down(model, liger) if unfused is None else 0
+    swiglu = FuseSwiGLU(model, liger) if unfused is None else None
+    if swiglu:
+        trainer.add_callback(swiglu)
     lora_layers = (
-        f"fused ({fused}, {grouped} groups, {swiglu} with their SwiGLU)"
+        f"fused ({fused}, {grouped} groups, {len(swiglu.mlps) if swiglu else 0} with their SwiGLU)"
         if unfused is None
         else f"peft ({unfused})"
     )
