@@ -513,6 +513,9 @@ class GroupedLoRALinear(torch.autograd.Function):
 
 # torch's and transformers' (ACT2FN["silu"]) modules for silu: nothing but torch.nn.functional.silu
 SILU_CLASSES = ("SiLU", "SiLUActivation")
+# Liger's SwiGLU MLP (silu only), which keeps no act_fn: once Liger has patched a model class in a process,
+# every later model of that class is built with it
+LIGER_SWIGLU = "LigerSwiGLUMLP"
 
 
 def swiglu_mlps(model) -> list:
@@ -523,7 +526,10 @@ def swiglu_mlps(model) -> list:
         if hasattr(getattr(module, "down_proj", None), "_keep_weight")
         and hasattr(module, "gate_proj")
         and hasattr(module, "up_proj")
-        and type(getattr(module, "act_fn", None)).__name__ in SILU_CLASSES
+        and (
+            type(getattr(module, "act_fn", None)).__name__ in SILU_CLASSES
+            or type(module).__name__ == LIGER_SWIGLU  # made after Liger replaced transformers' class
+        )
     ]
 
 
@@ -535,7 +541,7 @@ def fuse_swiglu_down(model, liger: bool) -> int:
     mlps = swiglu_mlps(model)
     for module in mlps:
         module.forward = types.MethodType(_swiglu_down_forward, module)
-        module._swiglu_liger = liger
+        module._swiglu_liger = liger or type(module).__name__ == LIGER_SWIGLU
     return len(mlps)
 
 
@@ -559,7 +565,7 @@ def _swiglu_down_forward(self, x):
             from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
             return down(LigerSiLUMulFunction.apply(gate, up))
-        return down(self.act_fn(gate) * up)
+        return down(torch.nn.functional.silu(gate) * up)  # what the silu modules compute
     name, _, quant_state, dtype = call
     base = down.base_layer
     return SwiGLULoRALinear.apply(
