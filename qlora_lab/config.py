@@ -312,7 +312,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     checkpoint_every_n_layers: int = 1  # with gradient_checkpointing: recompute only every n-th decoder layer
     # with gradient_checkpointing: the last n decoder layers keep their activations instead of recomputing
-    # them; each saves ~3.5 ms a step and costs its activations (~0.5 GiB) at 2 x 2048 tokens on 8B shapes
+    # them; each saves ~3.5 ms a step and costs its activations (0.36 GiB) at 2 x 2048 tokens on 8B shapes
     uncheckpointed_layers: int = 0
     # with gradient_checkpointing: keep the checkpointed layers' inputs in host memory (~32 MiB a layer at
     # 2 x 2048 tokens on 8B) instead of on the GPU; under train.cuda_graphs the copies overlap the layers
