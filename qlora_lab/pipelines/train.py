@@ -464,6 +464,34 @@ def run(cfg: Config, run: Run):
     graphs = install_layer_graphs(model, fused, t.activation_offload) if t.cuda_graphs else None
     if t.gradient_checkpointing:  # the layers it leaves out keep their norms' inputs, not their outputs
         recompute_norms(checkpointing_layers(model))
+    # the MLPs' SwiGLU node goes in when training begins (FuseSwiGLU); the embedding moves to the host then
+    swiglu = FuseSwiGLU(model, liger) if unfused is None else None
+    host_embedding = HostEmbedding(model) if t.embedding_on_host else None
+    lora_layers = (
+        f"fused ({fused}, {grouped} groups, {len(swiglu.mlps) if swiglu else 0} with their SwiGLU)"
+        if unfused is None
+        else f"peft ({unfused})"
+    )
+    attention = (
+        "varlen (PyTorch FlashAttention) for packed rows"
+        if varlen
+        else model.config._attn_implementation
+        + (" with a block-diagonal mask for packed rows" if cfg.dataset.pack else "")
+    )
+    print(
+        f"recipe {cfg.recipe}: attention {attention}, k-bit preparation "
+        f"{cfg.quantization.preparation.value if quantized else 'n/a (not quantized)'}, optimizer "
+        f"{optimizer(t.optim)}, kernels "
+        f"{kernels}, LoRA layers {lora_layers}"
+        ", autocast "
+        f"{'on' if t.autocast else 'off'}, gradient checkpointing "
+        f"{'on' if t.gradient_checkpointing else 'off'}"
+        f"{uncheckpointed(t.uncheckpointed_layers)}"
+        f"{', CUDA graphs per decoder layer' if graphs else ''}"
+        f"{', input embedding in host memory' if host_embedding else ''}",
+        flush=True,
+    )
+
     # ---- trainer
     checkpoint = last_checkpoint(layout.checkpoints) if t.resume else None
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(layout.tensorboard)
@@ -532,7 +560,6 @@ def run(cfg: Config, run: Run):
         print(single, flush=True)
     timer = StepTimer()
     curve = EvalCurve(timer)
-    host_embedding = HostEmbedding(model) if t.embedding_on_host else None
     collator = (
         PackedCollator(tokenizer.pad_token_id, varlen, static_batch(train_ds, t.batch_size, cfg))
         if cfg.dataset.pack
@@ -547,40 +574,12 @@ def run(cfg: Config, run: Run):
         processing_class=tokenizer,
         data_collator=host_embedding.collate(collator) if host_embedding else collator,
         callbacks=[timer, curve, Progress(run), LossGuard()]
-        + ([host_embedding] if host_embedding else [])
+        + [c for c in (swiglu, host_embedding) if c]
         + ([cap] if cap else [])
         + ([StepProfiler(run.dir, t.speed_skip_steps)] if t.profile else []),
     )
     if liger and not head_loss:
         trainer.head_loss_kwargs = {"chunk_mem_const": t.loss_chunk_mem}
-
-    swiglu = FuseSwiGLU(model, liger) if unfused is None else None
-    if swiglu:
-        trainer.add_callback(swiglu)
-    lora_layers = (
-        f"fused ({fused}, {grouped} groups, {len(swiglu.mlps) if swiglu else 0} with their SwiGLU)"
-        if unfused is None
-        else f"peft ({unfused})"
-    )
-    attention = (
-        "varlen (PyTorch FlashAttention) for packed rows"
-        if varlen
-        else model.config._attn_implementation
-        + (" with a block-diagonal mask for packed rows" if cfg.dataset.pack else "")
-    )
-    print(
-        f"recipe {cfg.recipe}: attention {attention}, k-bit preparation "
-        f"{cfg.quantization.preparation.value if quantized else 'n/a (not quantized)'}, optimizer "
-        f"{optimizer(t.optim)}, kernels "
-        f"{kernels}, LoRA layers {lora_layers}"
-        ", autocast "
-        f"{'on' if t.autocast else 'off'}, gradient checkpointing "
-        f"{'on' if t.gradient_checkpointing else 'off'}"
-        f"{uncheckpointed(t.uncheckpointed_layers)}"
-        f"{', CUDA graphs per decoder layer' if graphs else ''}"
-        f"{', input embedding in host memory' if host_embedding else ''}",
-        flush=True,
-    )
 
     if sharded_loading(cfg):
         # Sharded already, which accelerate's prepare leaves as it is; but first it looks the decoder layer's
