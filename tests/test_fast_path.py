@@ -315,13 +315,26 @@ def test_varlen_training_steps_equal_masked_ones(cpu_varlen, tmp_path):
     assert varlen_seen > mask_seen  # the masked count leaves out EOS, SmolLM2's pad token
 
 
+def adapted_model(cfg):
+    """cfg's model with its LoRA adapter, in training mode, B drawn from N(0, 0.05) instead of zeros (so that
+    the adapter contributes), seed 0, no KV cache."""
+    from qlora_lab.models import attach_lora
+
+    torch.manual_seed(0)
+    model = attach_lora(load_model(model_path(cfg), cfg), cfg)
+    model.config.use_cache = False
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    return model.train()
+
+
 @pytest.mark.parametrize("quantization, dropout", [("nf4", 0.0), ("none", 0.0), ("nf4", 0.1)])
 def test_fused_lora_layers_compute_what_peft_does(quantization, dropout):
     """The fused LoRA layer (qlora_lab/fused_lora.py) against PEFT's modules on the same weights: same loss,
     same adapter gradients (fp32 on a CPU); calls it does not cover (adapter disabled) still take PEFT's
     path."""
     from qlora_lab.fused_lora import fuse_lora
-    from qlora_lab.models import attach_lora
 
     cfg = make_cfg(
         [
@@ -332,13 +345,7 @@ def test_fused_lora_layers_compute_what_peft_does(quantization, dropout):
             "train.gradient_checkpointing=true",
         ]
     )
-    torch.manual_seed(0)
-    model = attach_lora(load_model(model_path(cfg), cfg), cfg)
-    model.config.use_cache = False
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # B starts at zero: give the adapter something to contribute
-            torch.nn.init.normal_(param, std=0.05)
-    model.train()
+    model = adapted_model(cfg)
     ids = torch.randint(3, 1000, (2, 24))
 
     def step():
@@ -429,7 +436,6 @@ def test_grouped_projections_compute_what_fused_and_peft_layers_do(
     adapter gradients, with and without gradient checkpointing, in fp32 on a CPU. Not bit-identical: the
     concatenated A matmul and the summed input gradient add in another order (differences ~1e-8)."""
     from qlora_lab import fused_lora
-    from qlora_lab.models import attach_lora
 
     cfg = make_cfg(
         [
@@ -440,13 +446,7 @@ def test_grouped_projections_compute_what_fused_and_peft_layers_do(
             *([f"quantization.double_quant={double_quant}"] if double_quant is not None else []),
         ]
     )
-    torch.manual_seed(0)
-    model = attach_lora(load_model(model_path(cfg), cfg), cfg)
-    model.config.use_cache = False
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # B starts at zero: give the adapter something to contribute
-            torch.nn.init.normal_(param, std=0.05)
-    model.train()
+    model = adapted_model(cfg)
     ids = torch.randint(3, 1000, (2, 24), device=model.device)  # on CUDA too (gpu.sh step24 runs this test)
     calls = {"group": 0, "layer": 0}
     group_weight, layer_forward = fused_lora.ProjectionGroup.base_weight, fused_lora.LoRALinear.forward
@@ -571,19 +571,12 @@ def test_swiglu_and_down_projection_as_one_node_save_less_and_compute_the_same(q
     layer (torch's SwiGLU saves gate, silu(gate) and up; the node saves gate and up). With dropout the down
     projection's mask has to be kept, so the MLP stays as it was."""
     from qlora_lab.fused_lora import fuse_lora, fuse_swiglu_down, group_projections
-    from qlora_lab.models import attach_lora
 
     cfg = make_cfg(["model=tiny_random", f"quantization={quantization}", "model.dtype=float32"])
-    torch.manual_seed(0)
-    model = attach_lora(load_model(model_path(cfg), cfg), cfg)
-    model.config.use_cache = False
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # B starts at zero: give the adapter something to contribute
-            torch.nn.init.normal_(param, std=0.05)
+    model = adapted_model(cfg)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = dropout
-    model.train()
     fuse_lora(model), group_projections(model)
     ids = torch.randint(3, 1000, (2, 24))
 
@@ -612,18 +605,12 @@ def test_uncheckpointed_layers_compute_their_norm_outputs_again_in_the_backward(
     with the 2 norm outputs of each layer (saved by the q/k/v and gate/up groups) computed again; a
     checkpointed layer is left as it is."""
     from qlora_lab.fused_lora import fuse_lora, group_projections
-    from qlora_lab.models import attach_lora, checkpointing_layers
+    from qlora_lab.models import checkpointing_layers
     from qlora_lab.recomputed_norms import recompute_norms
 
     overrides = ["model=tiny_random", "quantization=nf4", "model.dtype=float32", "lora.dropout=0"]
     cfg = make_cfg([*overrides, "train.gradient_checkpointing=true", "train.uncheckpointed_layers=1"])
-    torch.manual_seed(0)
-    model = attach_lora(load_model(model_path(cfg), cfg), cfg)
-    model.config.use_cache = False
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # B starts at zero: give the adapter something to contribute
-            torch.nn.init.normal_(param, std=0.05)
-    model.train()
+    model = adapted_model(cfg)
     fuse_lora(model), group_projections(model)
     ids = torch.randint(3, 1000, (2, 24))
 
