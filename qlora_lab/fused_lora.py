@@ -203,18 +203,19 @@ def _fused_forward(self, x, *args, **kwargs):
     if call is None:
         return type(self).forward(self, x, *args, **kwargs)
     name, dropout, quant_state, dtype = call
-    base = self.base_layer
-    return LoRALinear.apply(
-        x,
-        self.lora_A[name].weight,
-        self.lora_B[name].weight,
+    return LoRALinear.apply(x, *_layer_tensors(self, name, quant_state), dropout, self._keep_weight, dtype)
+
+
+def _layer_tensors(module, name: str, quant_state) -> tuple:
+    """What a fused node reads of one PEFT LoRA layer: A, B, the base weight, its quant_state, bias, scale."""
+    base = module.base_layer
+    return (
+        module.lora_A[name].weight,
+        module.lora_B[name].weight,
         base.weight,
         quant_state,
         base.bias,
-        self.scaling[name],
-        dropout,
-        self._keep_weight,
-        dtype,
+        module.scaling[name],
     )
 
 
@@ -567,16 +568,10 @@ def _swiglu_down_forward(self, x):
             return down(LigerSiLUMulFunction.apply(gate, up))
         return down(torch.nn.functional.silu(gate) * up)  # what the silu modules compute
     name, _, quant_state, dtype = call
-    base = down.base_layer
     return SwiGLULoRALinear.apply(
         gate.contiguous(),
         up.contiguous(),
-        down.lora_A[name].weight,
-        down.lora_B[name].weight,
-        base.weight,
-        quant_state,
-        base.bias,
-        down.scaling[name],
+        *_layer_tensors(down, name, quant_state),
         down._keep_weight,
         dtype,
         self._swiglu_liger,

@@ -40,7 +40,7 @@ class HostEmbedding(TrainerCallback):
                 f"train.embedding_on_host=true cannot be used here: {blocker}; set it to false."
             )
         self.embedding = embedding
-        self.device = embedding.weight.device
+        self.device = None  # where the table lives outside training (set when training begins)
         self.table: torch.Tensor | None = None  # the host copy, while training
 
     def on_train_begin(self, args, state, control, **kwargs):

@@ -34,12 +34,12 @@ class RecomputedNorms:
     replaced forward: the Trainer puts Liger's norm forward in place when training begins)."""
 
     def __init__(self, layer):
-        self.norms = [getattr(layer, name) for name in NORMS if hasattr(layer, name)]
         self.outputs: list[tuple[weakref.ref, torch.Tensor, torch.nn.Module]] = []
         self.recomputing = False
         self.recomputed = 0  # how many saved outputs the backward computed again (tests)
-        for norm in self.norms:
-            norm.register_forward_hook(self.seen)
+        for name in NORMS:
+            if hasattr(layer, name):
+                getattr(layer, name).register_forward_hook(self.seen)
         forward = layer.forward
 
         def run(*args, **kwargs):
